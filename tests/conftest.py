@@ -1,0 +1,176 @@
+"""Fixtures for tests that run the real daemon.
+
+Privilege: tests marked ``root`` need uid 0, /dev/fuse, loop devices and (for
+swap tests) cgroup-v1 memory.  They run in CI as root.  Every fixture undoes
+what it did even when the test fails: swapoff, loop detach, FUSE abort and
+unmount, cgroup removal, process kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from zswapd.control import request
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    # Outside CI a non-root developer still gets the pure tests; CI is root.
+    if os.environ.get("CI"):
+        raise pytest.UsageError("CI must run the tests as root: the root-marked tests may not be skipped")
+    skip = pytest.mark.skip(reason="needs root (FUSE mount, loop devices, swap)")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    config: Path
+    mountpoint: Path
+    socket: str
+    log: Path
+
+    @property
+    def file(self) -> str:
+        return str(self.mountpoint / "swap")
+
+    def call(self, cmd: str, **kw: object) -> dict[str, object]:
+        return request(self.socket, {"cmd": cmd, **kw})
+
+    def stats(self) -> dict[str, object]:
+        s = self.call("stats")
+        assert s["ok"], s
+        return s
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def write_config(path: Path, mountpoint: Path, socket: str, **sections: dict[str, object]) -> None:
+    base: dict[str, dict[str, object]] = {
+        "device": {"size": "256M", "mountpoint": str(mountpoint)},
+        "swap": {"enable": False},
+        "control": {"socket": socket},
+        "compaction": {"background": False},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fuse_connections_for(mountpoint: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == mountpoint:
+                dev = parts[2]  # major:minor; the connection id is the minor
+                out.append(dev.split(":")[1])
+    return out
+
+
+def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Undo whatever a daemon left behind, in the safe order."""
+    target = os.path.join(mountpoint, "swap")
+    loops = []
+    out = subprocess.run(["losetup", "-j", target], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        loops.append(line.split(":")[0])
+    for loop in loops:
+        subprocess.run(["swapoff", loop], capture_output=True)
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+    for conn in _fuse_connections_for(mountpoint):
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/fuse/connections/{conn}/abort").write_text("1")
+    subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+
+
+@contextlib.contextmanager
+def run_daemon(tmp: Path, name: str = "d", ready: bool = True, **sections: dict[str, object]) -> Iterator[Daemon]:
+    mountpoint = tmp / f"{name}-mnt"
+    sock = str(tmp / f"{name}-ctl" / "control.sock")
+    config = tmp / f"{name}.toml"
+    write_config(config, mountpoint, sock, **sections)
+    log = tmp / f"{name}.log"
+    logf = open(log, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "zswapd", "run", "--config", str(config)], stdout=logf, stderr=logf)
+    d = Daemon(proc, config, mountpoint, sock, log)
+    try:
+        if ready:
+            deadline = time.monotonic() + 60
+            while "ready:" not in d.logtext():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start:\n{d.logtext()}")
+                time.sleep(0.05)
+        yield d
+    finally:
+        try:
+            if proc.poll() is None:
+                d.stop()
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            force_cleanup(str(mountpoint), proc)
+            logf.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    with run_daemon(tmp_path) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
+    """A cgroup-v1 memory cgroup (or v2 where that is what the machine has)."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    if v1.is_dir():
+        path = v1 / name
+        path.mkdir(exist_ok=True)
+        (path / "memory.limit_in_bytes").write_text(str(limit))
+    else:
+        path = Path("/sys/fs/cgroup") / name
+        path.mkdir(exist_ok=True)
+        (path / "memory.max").write_text(str(limit))
+    try:
+        yield path
+    finally:
+        procs = path / "cgroup.procs"
+        for _ in range(100):
+            pids = [int(p) for p in procs.read_text().split()] if procs.exists() else []
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            path.rmdir()

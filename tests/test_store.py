@@ -1,0 +1,186 @@
+"""The page store against a plain model: nothing written is ever lost."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from zswapd.codec import Codec
+from zswapd.pool import CLASSES, FRAME_SIZE
+from zswapd.store import Store, StoreError, StoreFull
+
+PAGE = 4096
+NPAGES = 24
+SIZE = NPAGES * PAGE
+
+
+def page_content(kind: int, seed: int, n: int) -> bytes:
+    """Data that exercises every encoding: same-filled, compressible, random."""
+    if kind == 0:
+        return bytes([seed % 256]) * n
+    if kind == 1:
+        return (b"zswapd %d page " % seed * (n // 8 + 1))[:n]
+    return bytes((seed * 7919 + i * 104729 + (i * i >> 3)) % 251 for i in range(n))
+
+
+class StoreModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = Store(SIZE, Codec("lz4"), reserve_frames=2)
+        self.model = bytearray(SIZE)  # the dict model, flattened: offset -> byte
+
+    offsets = st.integers(0, SIZE - 1)
+
+    @rule(offset=offsets, length=st.integers(1, 3 * PAGE), kind=st.integers(0, 2), seed=st.integers(0, 1000))
+    def write(self, offset: int, length: int, kind: int, seed: int) -> None:
+        length = min(length, SIZE - offset)
+        data = page_content(kind, seed, length)
+        self.store.write(offset, data)
+        self.model[offset : offset + length] = data
+
+    @rule(page=st.integers(0, NPAGES - 1), kind=st.integers(0, 2), seed=st.integers(0, 1000))
+    def write_page(self, page: int, kind: int, seed: int) -> None:
+        data = page_content(kind, seed, PAGE)
+        self.store.write(page * PAGE, data)
+        self.model[page * PAGE : (page + 1) * PAGE] = data
+
+    @rule(offset=offsets, length=st.integers(0, 4 * PAGE))
+    def discard(self, offset: int, length: int) -> None:
+        length = min(length, SIZE - offset)
+        self.store.discard(offset, length)
+        self.model[offset : offset + length] = bytes(length)
+
+    @rule(offset=offsets, length=st.integers(0, 3 * PAGE))
+    def read(self, offset: int, length: int) -> None:
+        length = min(length, SIZE - offset)
+        assert self.store.read(offset, length) == bytes(self.model[offset : offset + length])
+
+    @rule()
+    def compact(self) -> None:
+        self.store.compact()
+        assert all(self.store.pool.freeable(i) == 0 for i in range(len(CLASSES)))
+
+    @rule(k=st.integers(1, 5))
+    def compact_steps(self, k: int) -> None:
+        assert self.store.compact(max_moves=k) <= k
+
+    @precondition(lambda self: self.store.c.pages_stored > 0)
+    @rule(limit_frames=st.integers(1, 40))
+    def tight_limit_write(self, limit_frames: int) -> None:
+        """Under a tight limit a write may fail, but never loses old data."""
+        self.store.set_limit(limit_frames * FRAME_SIZE)
+        try:
+            self.store.write(0, page_content(2, limit_frames, PAGE))
+            self.model[0:PAGE] = page_content(2, limit_frames, PAGE)
+        except StoreFull:
+            pass
+        self.store.set_limit(0)
+
+    @invariant()
+    def everything_reads_back(self) -> None:
+        assert self.store.read(0, SIZE) == bytes(self.model)
+
+    @invariant()
+    def accounting(self) -> None:
+        s = self.store.stats()
+        pool = self.store.pool
+        assert s["mem_used_total"] == pool.frames_used * FRAME_SIZE
+        assert s["compr_data_size"] <= s["mem_used_total"]  # type: ignore[operator]
+        stored = sum(1 for i in range(NPAGES) if self.store.table[i] & 3)
+        assert s["pages_stored"] == stored
+        assert s["orig_data_size"] == stored * PAGE
+
+
+TestStoreModel = StoreModel.TestCase
+TestStoreModel.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def test_bad_ranges_are_clear_errors() -> None:
+    s = Store(16 * PAGE)
+    with pytest.raises(StoreError, match="beyond the device size"):
+        s.write(16 * PAGE - 1, b"ab")
+    with pytest.raises(StoreError, match="negative"):
+        s.write(-1, b"a")
+    with pytest.raises(StoreError, match="beyond"):
+        s.read(0, 16 * PAGE + 1)
+    with pytest.raises(StoreError, match="multiple of 4096"):
+        Store(4097)
+
+
+def test_same_filled_costs_no_pool_memory() -> None:
+    s = Store(64 * PAGE)
+    for i in range(64):
+        s.write(i * PAGE, bytes([i + 1]) * PAGE)
+    st_ = s.stats()
+    assert st_["same_pages"] == 64 and st_["mem_used_total"] == 0
+    assert s.read(5 * PAGE, PAGE) == bytes([6]) * PAGE
+
+
+def test_incompressible_pages_are_stored_raw() -> None:
+    import os
+
+    s = Store(8 * PAGE)
+    data = os.urandom(PAGE)
+    s.write(PAGE, data)
+    assert s.stats()["huge_pages"] == 1
+    assert s.read(PAGE, PAGE) == data
+
+
+def test_discard_frees_whole_pages_and_zeroes_partial_ends() -> None:
+    s = Store(8 * PAGE)
+    data = page_content(1, 3, 8 * PAGE)
+    s.write(0, data)
+    freed = s.discard(100, 3 * PAGE)
+    assert freed == 2  # pages 1 and 2; pages 0 and 3 only partly covered
+    expect = bytearray(data)
+    expect[100 : 100 + 3 * PAGE] = bytes(3 * PAGE)
+    assert s.read(0, 8 * PAGE) == expect
+    assert s.stats()["notify_free"] == 2
+
+
+def test_failed_write_keeps_old_page_and_counts() -> None:
+    s = Store(256 * PAGE, memory_limit=8 * FRAME_SIZE)
+    written = {}
+    with pytest.raises(StoreFull):
+        for i in range(256):
+            d = page_content(2, i, PAGE)
+            s.write(i * PAGE, d)
+            written[i] = d
+    assert s.c.failed_writes == 1 and s.full
+    for i, d in written.items():
+        assert s.read(i * PAGE, PAGE) == d
+    # hysteresis: while full, even a store that would fit is refused
+    s.discard(0, PAGE)
+    with pytest.raises(StoreFull):
+        s.write(0, page_content(1, 1, PAGE))
+    # below the accept threshold stores are accepted again
+    s.discard(0, 200 * PAGE)
+    assert not s.full
+    s.write(0, page_content(1, 1, PAGE))
+
+
+def test_compaction_before_full_makes_room() -> None:
+    """Writes that fit only after compaction succeed, and count pages_compacted."""
+    codec = Codec("lz4")
+    big = [page_content(2, i, 2000) + page_content(1, i, PAGE - 2000) for i in range(600)]
+    s = Store(2048 * PAGE, codec)
+    for i, p in enumerate(big):
+        s.write(i * PAGE, p)
+    used = s.pool.mem_used_total
+    for i in range(0, 600, 2):
+        s.discard(i * PAGE, PAGE)
+    s.set_limit(used)
+    assert s.pool.mem_used_total == used  # holes, but no frame freed yet
+    small = [page_content(1, i, PAGE) for i in range(400)]
+    room_without = (used - s.pool.mem_used_total) // PAGE
+    for i, p in enumerate(small):
+        s.write((1000 + i) * PAGE, p)
+    assert s.pool.pages_compacted > 0 and s.c.failed_writes == 0 and room_without == 0
+    for i in range(1, 600, 2):
+        assert s.read(i * PAGE, PAGE) == big[i]
+    for i, p in enumerate(small):
+        assert s.read((1000 + i) * PAGE, PAGE) == p

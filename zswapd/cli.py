@@ -1,0 +1,228 @@
+"""Command line: `zswapd run` starts the daemon; the rest talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_PATH, ConfigError, load
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return str(n)
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"zswapd: {e}", file=sys.stderr)
+        sys.exit(2)
+    return cfg.control.socket
+
+
+def _call(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any]:
+    from .control import request
+
+    path = _socket_path(args)
+    try:
+        reply = request(path, req)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"zswapd: the daemon is not running (no control socket at {path})", file=sys.stderr)
+        sys.exit(1)
+    except PermissionError:
+        print(f"zswapd: permission denied on {path} (run as root or as a member of [control] group)", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, ValueError) as e:
+        print(f"zswapd: control socket {path}: {e}", file=sys.stderr)
+        sys.exit(1)
+    if not reply.get("ok"):
+        print(f"zswapd: {reply.get('error', 'unknown error')}", file=sys.stderr)
+        sys.exit(1)
+    return reply
+
+
+def format_stats(s: dict[str, Any], classes: bool = False) -> str:
+    dev = s.get("device", {})
+    used, data, compr = s["mem_used_total"], s["orig_data_size"], s["compr_data_size"]
+    limit = s["mem_limit"]
+    ratio = data / used if used else 0.0
+    fill = f"{100 * used / limit:.1f}%" if limit else "-"
+    head = ("NAME", "DISKSIZE", "DATA", "COMPR", "TOTAL", "RATIO", "LIMIT", "FILL", "ALGORITHM")
+    row = (
+        dev.get("loop") or dev.get("path", "?"),
+        _human(dev.get("size", 0)),
+        _human(data),
+        _human(compr),
+        _human(used),
+        f"{ratio:.2f}",
+        _human(limit) if limit else "none",
+        fill,
+        s["algorithm"],
+    )
+    widths = [max(len(a), len(b)) for a, b in zip(head, row)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join(r.ljust(w) for r, w in zip(row, widths))]
+    lines.append(
+        f"pages {s['pages_stored']} (same {s['same_pages']}, huge {s['huge_pages']}); "
+        f"freed by discard {s['notify_free']}; compacted {s['pages_compacted']} frames; "
+        f"failed writes {s['failed_writes']}; metadata {_human(s['metadata_bytes'])}"
+        + ("; FULL" if s.get("full") else "")
+    )
+    if classes:
+        cols = (
+            "size",
+            "frames_per_zspage",
+            "objs_per_zspage",
+            "obj_allocated",
+            "obj_used",
+            "zspages",
+            "frames_used",
+            "freeable",
+        )
+        lines.append("")
+        lines.append(" ".join(f"{c:>17}" if i else f"{c:>6}" for i, c in enumerate(cols)))
+        for c in s["classes"]:
+            if c["zspages"]:
+                lines.append(" ".join(f"{c[k]:>17}" if i else f"{c[k]:>6}" for i, k in enumerate(cols)))
+    return "\n".join(lines)
+
+
+def prometheus(s: dict[str, Any]) -> str:
+    """Prometheus text exposition of the stats reply."""
+    out: list[str] = []
+    gauges = {
+        "orig_data_size": "Bytes of pages stored, uncompressed (zram mm_stat)",
+        "compr_data_size": "Bytes of compressed payload stored",
+        "mem_used_total": "Bytes of pool frames in use",
+        "mem_limit": "Memory limit in bytes (0 = none)",
+        "mem_used_max": "Peak of mem_used_total",
+        "same_pages": "Same-filled pages stored",
+        "huge_pages": "Incompressible pages stored raw",
+        "pages_stored": "Pages stored",
+        "metadata_bytes": "Bytes of metadata (page table, handles, zspages)",
+        "full": "1 while the pool refuses stores",
+    }
+    counters = {
+        "pages_compacted": "Frames freed by compaction",
+        "failed_reads": "Failed reads",
+        "failed_writes": "Failed writes",
+        "notify_free": "Pages freed by discard",
+        "compactions": "Compaction runs",
+        "limit_hits": "Stores that hit the memory limit",
+    }
+    for name, help_ in gauges.items():
+        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {int(s[name])}"]
+    for name, help_ in counters.items():
+        out += [
+            f"# HELP zswapd_{name}_total {help_}",
+            f"# TYPE zswapd_{name}_total counter",
+            f"zswapd_{name}_total {int(s[name])}",
+        ]
+    out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
+    for c in s["classes"]:
+        out.append(f'zswapd_class_frames_used{{size="{c["size"]}"}} {c["frames_used"]}')
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zswapd", description="userspace compressed swap daemon")
+    parser.add_argument("--version", action="version", version=f"zswapd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help=f"config file (default {DEFAULT_PATH} if present)")
+        p.add_argument("--socket", help="control socket path (overrides the config)")
+
+    p_run = sub.add_parser("run", help="run the daemon in the foreground")
+    p_run.add_argument("--config", help=f"config file (default {DEFAULT_PATH} if present, else built-in defaults)")
+    p_run.add_argument("-v", "--verbose", action="store_true")
+    p_stats = sub.add_parser("stats", help="show compression and memory statistics")
+    with_target(p_stats)
+    p_stats.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p_stats.add_argument("--classes", action="store_true", help="add the per-class table")
+    p_stats.add_argument("--prometheus", action="store_true", help="print Prometheus text-format metrics")
+    p_compact = sub.add_parser("compact", help="run a full compaction now")
+    with_target(p_compact)
+    p_set = sub.add_parser("set", help="change a runtime setting, e.g. memory_limit=1G")
+    with_target(p_set)
+    p_set.add_argument("assignment", help="KEY=VALUE")
+    p_reset = sub.add_parser("reset-max", help="reset mem_used_max")
+    with_target(p_reset)
+    p_check = sub.add_parser("check-config", help="validate a config file and print the result")
+    p_check.add_argument("--config")
+    p_bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    p_bench.add_argument("what", nargs="?", default="pool", choices=["pool"])
+    p_bench.add_argument("--pages", type=int, default=20000)
+    p_bench.add_argument("--json", action="store_true")
+
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        from .daemon import main_run, setup_logging
+
+        setup_logging(args.verbose)
+        try:
+            cfg = load(args.config)
+        except ConfigError as e:
+            print(f"zswapd: {e}", file=sys.stderr)
+            return 2
+        return main_run(cfg)
+    if args.command == "check-config":
+        try:
+            cfg = load(args.config)
+        except ConfigError as e:
+            print(f"zswapd: {e}", file=sys.stderr)
+            return 2
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    if args.command == "stats":
+        s = _call(args, {"cmd": "stats"})
+        if args.json:
+            print(json.dumps(s, indent=2))
+        elif args.prometheus:
+            sys.stdout.write(prometheus(s))
+        else:
+            print(format_stats(s, args.classes))
+        return 0
+    if args.command == "compact":
+        r = _call(args, {"cmd": "compact"})
+        freed = r["frames_freed"]
+        print(
+            f"freed {freed} frames ({_human(freed * 4096)}), moved {r['objects_moved']} objects in {r['seconds']:.3f}s"
+        )
+        return 0
+    if args.command == "set":
+        key, sep, value = args.assignment.partition("=")
+        if not sep:
+            print("zswapd: expected KEY=VALUE, e.g. memory_limit=1G", file=sys.stderr)
+            return 2
+        val: Any = int(value) if value.isdigit() else value
+        r = _call(args, {"cmd": "set", "key": key.strip(), "value": val})
+        print(f"{r['key']} = {r['value']}")
+        if r.get("warning"):
+            print(f"warning: {r['warning']}", file=sys.stderr)
+        return 0
+    if args.command == "reset-max":
+        r = _call(args, {"cmd": "reset_max"})
+        print(f"mem_used_max = {r['mem_used_max']}")
+        return 0
+    if args.command == "bench":
+        from .bench import bench_pool
+
+        return bench_pool(args.pages, args.json)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Exceptions shared by the device (the store) and the FUSE backends."""
+
+
+class DeviceFull(Exception):
+    """No room under the memory limit, even after compaction (ENOSPC)."""
+
+
+class BadRequest(ValueError):
+    """A range the device cannot take: negative or beyond its end (EINVAL)."""

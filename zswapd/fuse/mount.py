@@ -1,0 +1,58 @@
+"""mount(2) and umount2(2) for a FUSE connection, through libc."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def open_fuse() -> int:
+    """A non-blocking /dev/fuse fd (trio waits on it with wait_readable)."""
+    return os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def mount(fd: int, mountpoint: str, fsname: str = "zswapd", subtype: str = "zswapd") -> None:
+    # default_permissions makes the kernel enforce the file's 0600 root mode;
+    # allow_other is deliberately absent: the file holds swapped-out memory.
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
+    rc = _libc.mount(
+        fsname.encode(), mountpoint.encode(), f"fuse.{subtype}".encode(), MS_NOSUID | MS_NODEV, opts.encode()
+    )
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {mountpoint}: {os.strerror(e)}")
+
+
+def unmount(mountpoint: str) -> bool:
+    """Unmount; if the file is still busy, detach lazily.  True if it was
+    unmounted at once, False if lazily."""
+    if _libc.umount2(mountpoint.encode(), 0) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e == errno.EBUSY:
+        if _libc.umount2(mountpoint.encode(), MNT_DETACH) == 0:
+            return False
+        e = ctypes.get_errno()
+    if e == errno.EINVAL:  # not mounted (any more)
+        return True
+    raise OSError(e, f"umount {mountpoint}: {os.strerror(e)}")
+
+
+def is_mountpoint(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == target:
+                return True
+    return False

@@ -1,0 +1,49 @@
+"""The trio loop that moves requests between /dev/fuse and a FuseFS."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import trio
+
+from .protocol import READ_BUFFER, FuseFS
+
+log = logging.getLogger("zswapd.fuse")
+
+# Requests served between yields to other tasks (control, compaction).
+_BATCH = 16
+
+
+async def serve(fd: int, fs: FuseFS) -> None:
+    """Serve until the connection goes away (ENODEV) or DESTROY arrives."""
+    buf = bytearray(READ_BUFFER)  # one buffer for the life of the session
+    view = memoryview(buf)
+    served = 0
+    while not fs.destroyed:
+        try:
+            n = os.readv(fd, [buf])
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        except InterruptedError:
+            continue
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # unmounted and the last user gone
+                log.info("FUSE connection closed")
+                return
+            if e.errno == errno.ENOENT:  # the request was interrupted away
+                continue
+            raise
+        out = fs.handle(view[:n])
+        if out is not None:
+            try:
+                os.write(fd, out)
+            except OSError as e:
+                # ENOENT: the kernel dropped an interrupted request; fine.
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.error("reply failed: %s", e)
+        served += 1
+        if served % _BATCH == 0:
+            await trio.sleep(0)

@@ -1,0 +1,320 @@
+"""The page store: the device as a page table over the pool, plus the memory
+limit and the compaction policy.
+
+Glossary (shared with pool.py and codec.py):
+
+page         4096 bytes of the device, numbered from 0.
+page table   one packed 64-bit entry per page, in an mmap-backed table:
+               bits 0-1   kind: 0 empty (reads as zeros), 1 same-filled,
+                          2 compressed, 3 huge (raw page)
+               bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
+               bits 4-16  payload length in bytes
+               bits 32-62 handle in the pool (for a same-filled page, the
+                          handle holds the fill word and owns no frames)
+limit        the most frames the pool may use (``mem_used_total``, as zram's
+             ``mem_limit``); 0 means no limit.
+full         set when a store could not fit even after compaction; stores are
+             then refused until usage falls below ``accept_percent`` of the
+             limit (zswap's accept threshold), so the edge does not thrash.
+
+No I/O here: everything is in memory and deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codec import KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .errors import BadRequest, DeviceFull
+from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, Pool, PoolFull, table
+
+_KIND_MASK = 0x3
+_LEN_SHIFT = 4
+_LEN_MASK = 0x1FFF
+_HANDLE_SHIFT = 32
+_ZERO_PAGE = bytes(PAGE_SIZE)
+# Bound on objects moved by one synchronous compaction on the write path.
+SYNC_COMPACT_MOVES = 1 << 14
+
+
+StoreError = BadRequest
+StoreFull = DeviceFull
+
+
+@dataclass
+class Counters:
+    failed_reads: int = 0
+    failed_writes: int = 0
+    notify_free: int = 0
+    same_pages: int = 0
+    huge_pages: int = 0
+    pages_stored: int = 0
+    mem_used_max: int = 0
+    compactions: int = 0
+    limit_hits: int = 0
+
+
+class Store:
+    def __init__(
+        self,
+        size: int,
+        codec: Codec | None = None,
+        memory_limit: int = 0,
+        accept_percent: int = 90,
+        reserve_frames: int = 64,
+    ) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise StoreError(f"device size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        if not 0 < accept_percent <= 100:
+            raise StoreError(f"accept_percent must be in 1..100, got {accept_percent}")
+        self.size = size
+        self.npages = size // PAGE_SIZE
+        self.codec = codec or Codec()
+        # The pool never needs more frames than the device has pages, plus the
+        # partly filled zspages each class may hold; beyond that compaction
+        # always finds room.
+        slack = len(CLASSES) * MAX_FRAMES_PER_ZSPAGE + reserve_frames
+        self.pool = Pool(self.npages + slack, self.npages + 64, reserve_frames=reserve_frames)
+        self._m_pt, self.table = table(self.npages, "Q")
+        self.c = Counters()
+        self.accept_percent = accept_percent
+        self.full = False
+        self.memory_limit = 0
+        self.set_limit(memory_limit)
+
+    # -- limit ----------------------------------------------------------------
+
+    def set_limit(self, nbytes: int) -> dict[str, int | bool]:
+        """Change the memory limit.  Never drops data: a limit below what is
+        stored is kept, compaction runs, and new stores fail until it fits."""
+        if nbytes < 0:
+            raise StoreError(f"memory limit must be >= 0, got {nbytes}")
+        self.memory_limit = nbytes
+        self.pool.frame_limit = -(-nbytes // FRAME_SIZE) if nbytes else 0
+        moved = 0
+        if nbytes and self.pool.mem_used_total > nbytes:
+            moved = self.compact()
+        met = not nbytes or self.pool.mem_used_total <= nbytes
+        self._update_full()
+        return {"memory_limit": nbytes, "met": met, "objects_moved": moved}
+
+    def _update_full(self) -> None:
+        if self.full and (
+            not self.memory_limit or self.pool.mem_used_total * 100 < self.memory_limit * self.accept_percent
+        ):
+            self.full = False
+
+    def compact(self, max_moves: int | None = None) -> int:
+        self.c.compactions += 1
+        moved = self.pool.compact(max_moves)
+        self._update_full()
+        return moved
+
+    # -- range checks ---------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise StoreError(f"negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            raise StoreError(f"range {offset}+{length} is beyond the device size {self.size}")
+
+    # -- page level -----------------------------------------------------------
+
+    def _release(self, entry: int) -> None:
+        kind = entry & _KIND_MASK
+        if not kind:
+            return
+        h = entry >> _HANDLE_SHIFT
+        self.c.pages_stored -= 1
+        if kind == KIND_SAME:
+            self.pool.free_word(h)
+            self.c.same_pages -= 1
+        else:
+            self.pool.free(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
+            if kind == KIND_HUGE:
+                self.c.huge_pages -= 1
+
+    def _alloc(self, kind: int, payload: Buffer | int) -> int:
+        if isinstance(payload, int):
+            return self.pool.store_word(payload)
+        return self.pool.store(payload)
+
+    def _store_page(self, idx: int, page: Buffer) -> None:
+        kind, algo, payload = self.codec.encode(page, self.pool.huge_threshold)
+        if self.full and kind != KIND_SAME:
+            self._update_full()
+            if self.full:
+                self.c.failed_writes += 1
+                raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
+        try:
+            h = self._alloc(kind, payload)
+        except PoolFull:
+            self.c.limit_hits += 1
+            self._make_room()
+            try:
+                h = self._alloc(kind, payload)
+            except PoolFull:
+                self.full = True
+                self.c.failed_writes += 1
+                raise StoreFull("pool is full and compaction cannot make room") from None
+        length = 0 if isinstance(payload, int) else len(payload)
+        old = self.table[idx]
+        self.table[idx] = h << _HANDLE_SHIFT | length << _LEN_SHIFT | algo << 2 | kind
+        self._release(old)
+        self.c.pages_stored += 1
+        if kind == KIND_SAME:
+            self.c.same_pages += 1
+        elif kind == KIND_HUGE:
+            self.c.huge_pages += 1
+        used = self.pool.mem_used_total
+        if used > self.c.mem_used_max:
+            self.c.mem_used_max = used
+
+    def _make_room(self) -> None:
+        """Synchronous, bounded compaction until a new zspage fits."""
+        self.c.compactions += 1
+        budget = SYNC_COMPACT_MOVES
+        while budget > 0 and self.pool.frame_room() < MAX_FRAMES_PER_ZSPAGE and self.pool.freeable_frames():
+            moved = self.pool.compact(min(budget, 512))
+            if not moved:
+                break
+            budget -= moved
+
+    def _load_page(self, idx: int) -> Buffer:
+        entry = self.table[idx]
+        kind = entry & _KIND_MASK
+        if not kind:
+            return _ZERO_PAGE
+        h = entry >> _HANDLE_SHIFT
+        if kind == KIND_SAME:
+            return fill_page(self.pool.word(h))
+        length = (entry >> _LEN_SHIFT) & _LEN_MASK
+        data = self.pool.load(h, length)
+        if kind == KIND_HUGE:
+            return data
+        try:
+            return self.codec.decompress((entry >> 2) & 0x3, data)
+        except Exception:
+            self.c.failed_reads += 1
+            raise
+
+    def _drop_page(self, idx: int) -> None:
+        old = self.table[idx]
+        if old & _KIND_MASK:
+            self.table[idx] = 0
+            self._release(old)
+            self.c.notify_free += 1
+
+    # -- byte level -----------------------------------------------------------
+
+    def write(self, offset: int, data: Buffer) -> int:
+        """Write ``data`` at byte ``offset``; partial pages read-modify-write.
+        On StoreFull, pages before the failing one are written and the failing
+        page keeps its old contents."""
+        n = len(data)
+        self._check(offset, n)
+        mv = memoryview(data).cast("B")
+        pos = 0
+        while pos < n:
+            idx, within = divmod(offset + pos, PAGE_SIZE)
+            take = min(PAGE_SIZE - within, n - pos)
+            if take == PAGE_SIZE:
+                self._store_page(idx, mv[pos : pos + PAGE_SIZE])
+            else:
+                page = bytearray(self._load_page(idx))
+                page[within : within + take] = mv[pos : pos + take]
+                self._store_page(idx, page)
+            pos += take
+        return n
+
+    def readinto(self, offset: int, out: memoryview) -> int:
+        n = len(out)
+        self._check(offset, n)
+        pos = 0
+        while pos < n:
+            idx, within = divmod(offset + pos, PAGE_SIZE)
+            take = min(PAGE_SIZE - within, n - pos)
+            page = self._load_page(idx)
+            out[pos : pos + take] = page[within : within + take]
+            pos += take
+        return n
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def discard(self, offset: int, length: int) -> int:
+        """Free the whole pages in the range; zero partial pages at its ends.
+        Returns the number of pages freed."""
+        self._check(offset, length)
+        end = offset + length
+        first = -(-offset // PAGE_SIZE)
+        last = end // PAGE_SIZE
+        if first >= last:
+            self._zero_bytes(offset, length)
+            return 0
+        if offset < first * PAGE_SIZE:
+            self._zero_bytes(offset, first * PAGE_SIZE - offset)
+        if end > last * PAGE_SIZE:
+            self._zero_bytes(last * PAGE_SIZE, end - last * PAGE_SIZE)
+        before = self.c.notify_free
+        for idx in range(first, last):
+            self._drop_page(idx)
+        self._update_full()
+        return self.c.notify_free - before
+
+    def _zero_bytes(self, offset: int, length: int) -> None:
+        """Zero part of the device, skipping pages that are already empty."""
+        end = offset + length
+        while offset < end:
+            take = min(end, (offset // PAGE_SIZE + 1) * PAGE_SIZE) - offset
+            if self.table[offset // PAGE_SIZE] & _KIND_MASK:
+                self.write(offset, bytes(take))
+            offset += take
+
+    zero_range = discard  # empty pages read as zeros, so zeroing is freeing
+
+    # -- stats ------------------------------------------------------------------
+
+    def free_bytes_estimate(self) -> int:
+        """Bytes still writable: empty device pages, or, under a limit, the
+        room left at the current compression ratio, whichever is less."""
+        empty = (self.npages - self.c.pages_stored) * PAGE_SIZE
+        if not self.memory_limit:
+            return empty
+        used = self.pool.mem_used_total
+        room = max(0, self.memory_limit - used)
+        ratio = (self.c.pages_stored * PAGE_SIZE / used) if used else 1.0
+        return min(empty, int(room * max(ratio, 1.0)))
+
+    def metadata_bytes(self) -> int:
+        return self.pool.metadata_bytes() + self.npages * 8
+
+    def stats(self) -> dict[str, object]:
+        pool = self.pool
+        return {
+            "orig_data_size": self.c.pages_stored * PAGE_SIZE,
+            "compr_data_size": pool.obj_bytes,
+            "mem_used_total": pool.mem_used_total,
+            "mem_limit": self.memory_limit,
+            "mem_used_max": self.c.mem_used_max,
+            "same_pages": self.c.same_pages,
+            "pages_compacted": pool.pages_compacted,
+            "huge_pages": self.c.huge_pages,
+            "failed_reads": self.c.failed_reads,
+            "failed_writes": self.c.failed_writes,
+            "notify_free": self.c.notify_free,
+            "pages_stored": self.c.pages_stored,
+            "metadata_bytes": self.metadata_bytes(),
+            "reserve_bytes": pool.reserve_bytes,
+            "algorithm": self.codec.algorithm,
+            "compactions": self.c.compactions,
+            "limit_hits": self.c.limit_hits,
+            "full": self.full,
+            "freeable_bytes": pool.freeable_frames() * FRAME_SIZE,
+            "classes": pool.class_stats(),
+        }
+
+    def reset_max(self) -> None:
+        self.c.mem_used_max = self.pool.mem_used_total

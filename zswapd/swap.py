@@ -1,0 +1,149 @@
+"""Loop device, mkswap, swapon and swapoff: the swap lifecycle over the file.
+
+Linux cannot swapon a FUSE file (FUSE has no bmap), so the file is attached to
+a loop device with direct I/O and that device becomes the swap.  Every step
+that touches the file needs the daemon to answer FUSE requests, so each runs
+while the session serves: util-linux tools as trio subprocesses, and the
+attach ioctl (its open() of the file goes through FUSE) in a worker thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+
+import trio
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CLR_FD = 0x4C01
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
+# struct loop_config: fd, block_size, loop_info64 (232 bytes), 8 reserved u64.
+# lo_flags sits at byte 52 of loop_info64.
+_CONFIG_SIZE = 4 + 4 + 232 + 64
+_FLAGS_AT = 8 + 52
+TOOLS = ("mkswap", "swapon", "swapoff")
+
+
+class SwapError(Exception):
+    pass
+
+
+def preflight() -> None:
+    """Fail before mounting if swap cannot possibly be set up."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        raise SwapError(f"{', '.join(missing)} not found in PATH (install util-linux)")
+    try:
+        fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise SwapError(f"/dev/loop-control: {e.strerror} (is the loop module loaded?)") from None
+    try:
+        fcntl.ioctl(fd, LOOP_CTL_GET_FREE)
+    except OSError as e:
+        raise SwapError(f"no free loop device: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Loop:
+    path: str
+    fd: int  # held open: with autoclear, the device detaches when it closes
+
+
+def _attach_blocking(backing: str) -> Loop:
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(16):
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            path = f"/dev/loop{n}"
+            lfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            ffd = os.open(backing, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                cfg = bytearray(_CONFIG_SIZE)
+                struct.pack_into("<II", cfg, 0, ffd, 0)
+                struct.pack_into("<I", cfg, _FLAGS_AT, LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO)
+                fcntl.ioctl(lfd, LOOP_CONFIGURE, bytes(cfg))
+                return Loop(path, lfd)
+            except OSError as e:
+                os.close(lfd)
+                if e.errno != 16:  # EBUSY: another process took it first
+                    raise SwapError(f"attaching {backing} to {path}: {e.strerror}") from None
+            finally:
+                os.close(ffd)
+        raise SwapError("no free loop device after 16 tries")
+    finally:
+        os.close(ctl)
+
+
+async def attach(backing: str) -> Loop:
+    # A worker thread, because open() of the FUSE file must be answered by
+    # this very process's session task.
+    loop: Loop = await trio.to_thread.run_sync(_attach_blocking, backing)
+    return loop
+
+
+def dio_enabled(loop: Loop) -> bool:
+    name = os.path.basename(loop.path)
+    try:
+        with open(f"/sys/block/{name}/loop/dio") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def backing_file(loop_path: str) -> str | None:
+    name = os.path.basename(loop_path)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+async def _run(*argv: str) -> None:
+    result = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        msg = (result.stderr or result.stdout).decode(errors="replace").strip()
+        raise SwapError(f"{' '.join(argv)} failed ({result.returncode}): {msg}")
+
+
+async def mkswap(device: str) -> None:
+    await _run("mkswap", "--label", "zswapd", device)
+
+
+async def swapon(device: str, priority: int, discard: str) -> None:
+    argv = ["swapon", "--priority", str(priority)]
+    if discard != "none":
+        argv.append(f"--discard={discard}")
+    await _run(*argv, device)
+
+
+async def swapoff(device: str) -> None:
+    await _run("swapoff", device)
+
+
+def swap_active(device: str) -> bool:
+    real = os.path.realpath(device)
+    with open("/proc/swaps") as f:
+        next(f)
+        return any(line.split()[0] == real for line in f if line.strip())
+
+
+async def detach(loop: Loop) -> None:
+    """Release the loop device; autoclear detaches it once nobody holds it.
+    Waits (briefly) until the kernel has let go of the file."""
+    try:
+        fcntl.ioctl(loop.fd, LOOP_CLR_FD)
+    except OSError:
+        pass  # already detaching through autoclear
+    os.close(loop.fd)
+    loop.fd = -1
+    with trio.move_on_after(10):
+        while backing_file(loop.path) is not None:
+            await trio.sleep(0.05)
