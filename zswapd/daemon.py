@@ -311,11 +311,16 @@ class Daemon:
 def main_run(cfg: Config) -> int:
     try:
         preflight(cfg)
-        check_mountpoint(cfg.device.mountpoint)
         lock = InstanceLock([cfg.device.mountpoint.rstrip("/") + ".lock", cfg.control.socket + ".lock"])
         lock.acquire()
     except (StartupError, ConfigError) as e:
         log.error("%s", e)
+        return 2
+    try:
+        check_mountpoint(cfg.device.mountpoint)
+    except StartupError as e:
+        log.error("%s", e)
+        lock.release()
         return 2
     try:
         daemon = Daemon(cfg)
