@@ -43,6 +43,8 @@ StoreFull = DeviceFull
 
 @dataclass
 class Counters:
+    num_reads: int = 0
+    num_writes: int = 0
     failed_reads: int = 0
     failed_writes: int = 0
     notify_free: int = 0
@@ -213,6 +215,7 @@ class Store:
         page keeps its old contents."""
         n = len(data)
         self._check(offset, n)
+        self.c.num_writes += 1
         mv = memoryview(data).cast("B")
         pos = 0
         while pos < n:
@@ -230,6 +233,7 @@ class Store:
     def readinto(self, offset: int, out: memoryview) -> int:
         n = len(out)
         self._check(offset, n)
+        self.c.num_reads += 1
         pos = 0
         while pos < n:
             idx, within = divmod(offset + pos, PAGE_SIZE)
@@ -302,6 +306,8 @@ class Store:
             "same_pages": self.c.same_pages,
             "pages_compacted": pool.pages_compacted,
             "huge_pages": self.c.huge_pages,
+            "num_reads": self.c.num_reads,
+            "num_writes": self.c.num_writes,
             "failed_reads": self.c.failed_reads,
             "failed_writes": self.c.failed_writes,
             "notify_free": self.c.notify_free,
