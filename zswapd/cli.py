@@ -9,6 +9,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_PATH, ConfigError, load
+from .control import prometheus
 
 
 def _human(n: float) -> str:
@@ -94,43 +95,6 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
             if c["zspages"]:
                 lines.append(" ".join(f"{c[k]:>17}" if i else f"{c[k]:>6}" for i, k in enumerate(cols)))
     return "\n".join(lines)
-
-
-def prometheus(s: dict[str, Any]) -> str:
-    """Prometheus text exposition of the stats reply."""
-    out: list[str] = []
-    gauges = {
-        "orig_data_size": "Bytes of pages stored, uncompressed (zram mm_stat)",
-        "compr_data_size": "Bytes of compressed payload stored",
-        "mem_used_total": "Bytes of pool frames in use",
-        "mem_limit": "Memory limit in bytes (0 = none)",
-        "mem_used_max": "Peak of mem_used_total",
-        "same_pages": "Same-filled pages stored",
-        "huge_pages": "Incompressible pages stored raw",
-        "pages_stored": "Pages stored",
-        "metadata_bytes": "Bytes of metadata (page table, handles, zspages)",
-        "full": "1 while the pool refuses stores",
-    }
-    counters = {
-        "pages_compacted": "Frames freed by compaction",
-        "failed_reads": "Failed reads",
-        "failed_writes": "Failed writes",
-        "notify_free": "Pages freed by discard",
-        "compactions": "Compaction runs",
-        "limit_hits": "Stores that hit the memory limit",
-    }
-    for name, help_ in gauges.items():
-        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {int(s[name])}"]
-    for name, help_ in counters.items():
-        out += [
-            f"# HELP zswapd_{name}_total {help_}",
-            f"# TYPE zswapd_{name}_total counter",
-            f"zswapd_{name}_total {int(s[name])}",
-        ]
-    out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
-    for c in s["classes"]:
-        out.append(f'zswapd_class_frames_used{{size="{c["size"]}"}} {c["frames_used"]}')
-    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

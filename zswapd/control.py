@@ -182,7 +182,7 @@ class ControlServer:
             os.chmod(self.path, 0o660)
         else:
             os.chmod(self.path, 0o600)
-        sock.listen(128)
+        sock.listen(1024)  # bursts of clients must not see EAGAIN
         return sock
 
     async def serve(self, sock: trio.socket.SocketType, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -224,6 +224,74 @@ class ControlServer:
             self.clients -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+def prometheus(s: dict[str, Any]) -> str:
+    """Prometheus text exposition of the stats reply."""
+    out: list[str] = []
+    gauges = {
+        "orig_data_size": "Bytes of pages stored, uncompressed (zram mm_stat)",
+        "compr_data_size": "Bytes of compressed payload stored",
+        "mem_used_total": "Bytes of pool frames in use",
+        "mem_limit": "Memory limit in bytes (0 = none)",
+        "mem_used_max": "Peak of mem_used_total",
+        "same_pages": "Same-filled pages stored",
+        "huge_pages": "Incompressible pages stored raw",
+        "pages_stored": "Pages stored",
+        "metadata_bytes": "Bytes of metadata (page table, handles, zspages)",
+        "full": "1 while the pool refuses stores",
+    }
+    counters = {
+        "pages_compacted": "Frames freed by compaction",
+        "failed_reads": "Failed reads",
+        "failed_writes": "Failed writes",
+        "notify_free": "Pages freed by discard",
+        "compactions": "Compaction runs",
+        "limit_hits": "Stores that hit the memory limit",
+    }
+    for name, help_ in gauges.items():
+        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {int(s[name])}"]
+    for name, help_ in counters.items():
+        out += [
+            f"# HELP zswapd_{name}_total {help_}",
+            f"# TYPE zswapd_{name}_total counter",
+            f"zswapd_{name}_total {int(s[name])}",
+        ]
+    out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
+    for c in s["classes"]:
+        out.append(f'zswapd_class_frames_used{{size="{c["size"]}"}} {c["frames_used"]}')
+    return "\n".join(out) + "\n"
+
+
+async def serve_metrics(controller: Controller, listen: str, render: Callable[[dict[str, Any]], str]) -> None:
+    """A minimal HTTP/1.0 endpoint for Prometheus: any GET gets the metrics."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(IDLE_TIMEOUT):
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                if not head.startswith(b"GET "):
+                    await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                    return
+                body = render(controller.stats()).encode()
+                await stream.send_all(
+                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+    await trio.serve_tcp(handler, int(port), host=host or None)
 
 
 def request(path: str, cmd: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

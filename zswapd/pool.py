@@ -198,6 +198,9 @@ class Pool:
         self.huge_objects = 0
         self.obj_bytes = 0  # payload bytes stored, headers excluded
         self.pages_compacted = 0  # frames freed by compaction
+        # Classes that may have freeable zspages.  Only a free can make a
+        # class freeable, so compaction looks at these alone.
+        self._fragmented: set[int] = set()
         self._madvise = MADV_DONTNEED_LOCKED
 
     # -- frames -------------------------------------------------------------
@@ -423,6 +426,7 @@ class Pool:
             self._free_zspage(z, cls)
         else:
             self._regroup(z, cls)
+            self._fragmented.add(cls)
 
     def _target_zspage(self, cls: int) -> int:
         mask = self._nonempty[cls]
@@ -564,19 +568,20 @@ class Pool:
         """Move objects out of sparse zspages, freeing those it empties.
         Classes that can free the most go first.  Returns objects moved."""
         budget = max_moves if max_moves is not None else 1 << 62
-        order = sorted(
-            (i for i in range(len(self.classes)) if self.freeable(i)),
-            key=lambda i: -self.freeable(i) * self.classes[i].frames_per_zspage,
-        )
+        for cls in [c for c in self._fragmented if not self.freeable(c)]:
+            self._fragmented.discard(cls)
+        order = sorted(self._fragmented, key=lambda i: -self.freeable(i) * self.classes[i].frames_per_zspage)
         moved = 0
         for cls in order:
             if moved >= budget:
                 break
             moved += self._compact_class(cls, budget - moved)
+            if not self.freeable(cls):
+                self._fragmented.discard(cls)
         return moved
 
     def freeable_frames(self) -> int:
-        return sum(self.freeable(i) * c.frames_per_zspage for i, c in enumerate(self.classes))
+        return sum(self.freeable(i) * self.classes[i].frames_per_zspage for i in self._fragmented)
 
     # -- stats --------------------------------------------------------------
 
