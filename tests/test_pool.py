@@ -166,13 +166,17 @@ def test_compact_in_bounded_steps() -> None:
     assert pool.freeable_frames() == 0
 
 
-def test_reserve_keeps_freed_frames_hot_then_drops() -> None:
-    pool = Pool(256, 256, reserve_frames=4)
-    hs = [pool.store(bytes([7]) * FRAME_SIZE) for _ in range(10)]
+def test_freed_frames_stay_hot_until_trim_then_leave_rss() -> None:
+    pool = Pool(4096, 4096, reserve_frames=4)
+    hs = [pool.store(bytes([7]) * FRAME_SIZE) for _ in range(2000)]
     for h in hs:
         pool.free(h, FRAME_SIZE)
+    assert pool.frames_used == 0 and pool.reserve_bytes == 2000 * FRAME_SIZE
+    rss = _rss_kib()
+    assert pool.trim() == 1996
     assert pool.reserve_bytes == 4 * FRAME_SIZE
-    assert pool.frames_used == 0
+    assert rss - _rss_kib() >= 1996 * 4 * 0.8
+    # reuse: hot frames first, then dropped ones, then fresh
     hs = [pool.store(bytes([9]) * FRAME_SIZE) for _ in range(12)]
-    assert pool.frames_used == 12
+    assert pool.frames_used == 12 and pool.reserve_bytes == 0
     assert pool.refill_reserve() == 4

@@ -44,16 +44,29 @@ def run_in_cgroup(cg: Path, argv: list[str], **kw: object) -> subprocess.Popen[s
     return subprocess.Popen(argv, preexec_fn=enter, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload, no-any-return]
 
 
-def wait_drained(d: Daemon, peak: int, timeout: float = 30) -> int:
-    """Wait until discards have freed (nearly) all pages; return what is left."""
+def swap_used_pages(loop: str) -> int:
+    with open("/proc/swaps") as f:
+        for line in f:
+            parts = line.split()
+            if parts[0] == loop:
+                return int(parts[3]) // 4  # KiB -> pages
+    return 0
+
+
+def wait_drained(d: Daemon, loop: str, peak: int, timeout: float = 30) -> tuple[int, int]:
+    """Wait until the pool holds no more than what swap still uses.
+
+    Returns (pages in the pool, pages swap uses).  Swap may legitimately hold
+    other processes' pages: this VM runs DAMON proactive reclaim (kdamond),
+    which pages cold memory out to any swap there is.  Slots are discarded a
+    2 MiB cluster at a time, so a little slack is allowed on top."""
     deadline = time.monotonic() + timeout
-    left = int(d.stats()["pages_stored"])  # type: ignore[arg-type]
-    while time.monotonic() < deadline:
-        left = int(d.stats()["pages_stored"])  # type: ignore[arg-type]
-        if left <= max(512, peak // 50):
-            break
+    while True:
+        left = int(d.stats()["pages_stored"])  # type: ignore[call-overload]
+        used = swap_used_pages(loop)
+        if left <= used + max(512, peak // 50) or time.monotonic() > deadline:
+            return left, used
         time.sleep(0.2)
-    return left
 
 
 def assert_clean(loop: str | None, mountpoint: Path) -> None:
@@ -83,15 +96,15 @@ def test_swap_under_memory_pressure_verifies_every_byte(tmp_path: Path) -> None:
                 swapped_in = v1["pswpin"] - v0["pswpin"]
                 writes = int(s1["num_writes"]) - int(s0["num_writes"])  # type: ignore[call-overload]
                 reads = int(s1["num_reads"]) - int(s0["num_reads"])  # type: ignore[call-overload]
-                left = wait_drained(d, swapped_out)
+                left, used = wait_drained(d, loop, swapped_out)
                 print(
                     f"round {rnd}: pswpout +{swapped_out} pswpin +{swapped_in}; daemon writes +{writes} reads +{reads};"
-                    f" peak {s1['mem_used_max']} B; pages left after exit {left}; ratio "
+                    f" peak {s1['mem_used_max']} B; after exit: pool {left} pages, swap uses {used}; ratio "
                     f"{s1['orig_data_size'] / max(1, s1['mem_used_total']):.2f}"  # type: ignore[operator]
                 )
                 assert swapped_out > 20000 and swapped_in > 10000  # real swap traffic
                 assert writes > 0 and reads > 0
-                assert left <= max(512, swapped_out // 50), "discards did not free the pool"
+                assert left <= used + max(512, swapped_out // 50), "discards did not free the pool"
         s = d.stats()
         assert s["failed_writes"] == 0 and s["failed_reads"] == 0 and s["fuse_errors"] == 0
         assert d.stop() == 0, d.logtext()
@@ -120,30 +133,41 @@ def test_stress_ng_vm_verify(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_pressure_loses_nothing(tmp_path: Path) -> None:
-    """SIGTERM mid-run: swapoff either brings every page back, or fails
-    (the owner's cgroup is full) and the daemon keeps serving until a later
-    SIGTERM.  Either way the worker verifies every byte and nothing leaks."""
+    """SIGTERM mid-run.  swapoff must charge every returning page to the
+    owner's full cgroup, so it fails (ENOMEM: the OOM killer is disabled for
+    the cgroup, as an operator would do to protect it).  The daemon must say
+    so and keep serving with swap on.  Once the cgroup has room, the worker
+    verifies every byte and a second SIGTERM shuts down cleanly."""
     with run_daemon(tmp_path, **SWAP) as d, memory_cgroup("zswapd-test-term", CG_LIMIT) as cg:  # type: ignore[arg-type]
-        loop = d.stats()["device"]["loop"]  # type: ignore[index]
+        loop = str(d.stats()["device"]["loop"])  # type: ignore[index]
         oom = cg / "memory.oom_control"
         if oom.exists():
             oom.write_text("1")  # swapoff gets ENOMEM instead of the OOM killer
         w = run_in_cgroup(cg, [sys.executable, WORKER, "200", "4"])
         assert w.stdout is not None
         assert w.stdout.readline().strip() == "filled"
-        time.sleep(1)
+        assert swap_used_pages(loop) > 10000  # the worker really is in swap
         d.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while d.proc.poll() is None and "still serving" not in d.logtext() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first_failed = d.proc.poll() is None
+        if first_failed:
+            assert "still serving" in d.logtext()
+            assert loop in open("/proc/swaps").read()  # never exits with swap active
+            assert d.stats()["ok"]
+        # Room for the worker; a limit change also wakes tasks waiting on memcg OOM.
+        limit = cg / "memory.limit_in_bytes"
+        (limit if limit.exists() else cg / "memory.max").write_text(str(2 << 30))
         out, _ = w.communicate(timeout=600)
         assert w.returncode == 0, out
         assert out.count(": 0 bad pages") == 4, out
-        deadline = time.monotonic() + 60
-        while d.proc.poll() is None and time.monotonic() < deadline:
-            d.proc.send_signal(signal.SIGTERM)  # retry until swapoff succeeds
-            time.sleep(2)
-        assert d.proc.wait(60) == 0, d.logtext()
-        log = d.logtext()
-        print(log[-3000:])
-        assert "stopped" in log
+        if first_failed:
+            d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(120) == 0, d.logtext()
+        print(f"first swapoff failed: {first_failed}")
+        print(d.logtext()[-2000:])
+        assert "stopped" in d.logtext()
     assert_clean(loop, d.mountpoint)
 
 

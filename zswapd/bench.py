@@ -1,21 +1,41 @@
 """`zswapd bench`: figures as ratios against a baseline measured in the same run.
 
-``bench pool`` stores and loads 4 KiB pages through the store (codec + pool +
-page table) and compares with bare ``lz4.block`` on the same pages.
+``bench pool``    store/load through the store (codec + pool + page table)
+                  against bare ``lz4.block`` on the same pages.
+``bench device``  the same corpus of real memory pages through (a) zswapd via a
+                  loop device on its file, (b) the kernel's zram with the same
+                  algorithm, and (c) a loop device on a tmpfs file (the cost of
+                  the loop layer alone); the same tools (dd, fio) for all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import random
+import shutil
 import statistics
+import struct
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import lz4.block
+import zstandard
 
-from .codec import Codec
+from .codec import Codec, fill_word
 from .store import Store
 
 PAGE = 4096
+MIB = 1 << 20
+BLKDISCARD = 0x1277
 
 
 def sample_pages(n: int) -> list[bytes]:
@@ -32,11 +52,11 @@ def sample_pages(n: int) -> list[bytes]:
     return pages
 
 
-def _median_rate(fn: object, nbytes: int, repeat: int = 5) -> float:
+def _median_rate(fn: Callable[[], object], nbytes: int, repeat: int = 5) -> float:
     rates = []
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         rates.append(nbytes / (time.perf_counter() - t) / 1e6)
     return statistics.median(rates)
 
@@ -46,8 +66,7 @@ def bench_pool(npages: int = 20000, as_json: bool = False) -> int:
     nbytes = npages * PAGE
     results: dict[str, float] = {}
     for algo in ("lz4", "zstd"):
-        codec = Codec(algo)
-        store = Store(npages * PAGE, codec)
+        store = Store(npages * PAGE, Codec(algo))
 
         def store_all(store: Store = store) -> None:
             for i, p in enumerate(pages):
@@ -78,3 +97,446 @@ def bench_pool(npages: int = 20000, as_json: bool = False) -> int:
         for k, v in results.items():
             print(f"  {k:32} {v:10.2f}")
     return 0
+
+
+# -- corpus of real memory ------------------------------------------------------
+
+_WORKLOADS = {
+    "python-dicts": (
+        "import sys, time\n"
+        "d = {f'key{i}': ('value %d ' % i) * (i % 40 + 1) for i in range(300000)}\n"
+        "l = [str(i) * 3 for i in range(600000)]\n"
+        "objs = [{'id': i, 'name': 'user%d' % i, 'tags': ['a', 'b', str(i % 7)]} for i in range(150000)]\n"
+        "print('ready', flush=True); time.sleep(600)\n"
+    ),
+    "sqlite": (
+        "import sqlite3, time\n"
+        "db = sqlite3.connect(':memory:')\n"
+        "db.execute('create table t (id integer primary key, name text, email text, score real, body text)')\n"
+        "db.executemany('insert into t values (?, ?, ?, ?, ?)', ((i, 'name%d' % i, 'u%d@example.org' % i,"
+        " i * 0.37, 'lorem ipsum dolor sit amet %d ' % (i % 1000) * 4) for i in range(200000)))\n"
+        "db.execute('create index ix on t (name)'); db.commit()\n"
+        "print('ready', flush=True); time.sleep(600)\n"
+    ),
+    "numpy": (
+        "import time\n"
+        "import numpy as np\n"
+        "rng = np.random.default_rng(1)\n"
+        "a = rng.normal(size=3_000_000)\n"
+        "b = np.arange(4_000_000, dtype=np.int64) % 1000\n"
+        "c = np.zeros((2000, 2000)); c[::17, ::13] = 1.5\n"
+        "d = (rng.random(2_000_000) * 100).astype(np.float32)\n"
+        "print('ready', flush=True); time.sleep(600)\n"
+    ),
+}
+
+
+@dataclass
+class Corpus:
+    path: str
+    pages: int
+    zero_pages: int = 0
+    same_pages: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+def _anon_regions(pid: int) -> Iterator[tuple[int, int]]:
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split()
+            perms = parts[1]
+            name = parts[5] if len(parts) > 5 else ""
+            if not perms.startswith("rw") or name not in ("", "[heap]", "[stack]"):
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            yield start, end
+
+
+def _capture(pid: int, limit: int, out: Any) -> int:
+    taken = 0
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        for start, end in _anon_regions(pid):
+            pos = start
+            while pos < end and taken < limit:
+                n = min(MIB, end - pos, limit - taken)
+                try:
+                    chunk = os.pread(fd, n, pos)
+                except OSError:
+                    break
+                chunk = chunk[: len(chunk) // PAGE * PAGE]
+                out.write(chunk)
+                taken += len(chunk)
+                pos += n
+            if taken >= limit:
+                break
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return taken
+
+
+def capture_corpus(size: int, path: str) -> Corpus:
+    """Anonymous pages of real processes: our workloads, then the rest of the
+    machine's processes, until ``size`` bytes."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, code in _WORKLOADS.items():
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+        ready = {}
+        for name, p in procs.items():
+            assert p.stdout is not None
+            ready[name] = p.stdout.readline().strip() == b"ready"
+        corpus = Corpus(path, 0)
+        share = size // (len(procs) + 1)
+        with open(path, "wb") as out:
+            for name, p in procs.items():
+                if ready[name]:
+                    corpus.sources[name] = _capture(p.pid, share, out) // PAGE
+            others = size - sum(corpus.sources.values()) * PAGE
+            mine = {os.getpid(), *[p.pid for p in procs.values()]}
+            taken = 0
+            for entry in sorted(os.listdir("/proc")):
+                if taken >= others:
+                    break
+                if entry.isdigit() and int(entry) not in mine:
+                    taken += _capture(int(entry), min(16 * MIB, others - taken), out)
+            corpus.sources["other-processes"] = taken // PAGE
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    return _describe(path, corpus)
+
+
+def _describe(path: str, corpus: Corpus | None = None) -> Corpus:
+    corpus = corpus or Corpus(path, 0)
+    data = Path(path).read_bytes()
+    corpus.pages = len(data) // PAGE
+    for i in range(corpus.pages):
+        word = fill_word(data[i * PAGE : (i + 1) * PAGE])
+        if word is not None:
+            corpus.same_pages += 1
+            corpus.zero_pages += word == 0
+    return corpus
+
+
+# -- devices ---------------------------------------------------------------------
+
+
+def _sh(*argv: str, check: bool = True) -> str:
+    return subprocess.run(argv, check=check, capture_output=True, text=True).stdout
+
+
+class Target:
+    name = ""
+    path = ""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def compact(self) -> None:
+        pass
+
+
+class ZramTarget(Target):
+    def __init__(self, size: int, algorithm: str) -> None:
+        self.name = "zram"
+        self.dev = "zram0"
+        base = Path("/sys/block/zram0")
+        if not base.exists() or (base / "initstate").read_text().strip() == "1":
+            self.dev = "zram" + Path("/sys/class/zram-control/hot_add").read_text().strip()
+            base = Path(f"/sys/block/{self.dev}")
+        self.base = base
+        (base / "reset").write_text("1")
+        (base / "comp_algorithm").write_text(algorithm)
+        (base / "disksize").write_text(str(size))
+        self.path = f"/dev/{self.dev}"
+        self.slab0 = _zs_slab_bytes()
+
+    def stats(self) -> dict[str, float]:
+        mm = [int(x) for x in (self.base / "mm_stat").read_text().split()]
+        orig, compr, used = mm[0], mm[1], mm[2]
+        pages = orig // PAGE
+        disksize = int((self.base / "disksize").read_text())
+        # zram's table: 16 bytes per device page (handle + flags); zsmalloc's
+        # handles and zspage records are slab objects.
+        meta = disksize // PAGE * 16 + (_zs_slab_bytes() - self.slab0)
+        return {"orig_data_size": orig, "compr_data_size": compr, "mem_used_total": used, "pages": pages,
+                "metadata_bytes": meta}  # fmt: skip
+
+    def compact(self) -> None:
+        (self.base / "compact").write_text("1")
+
+    def close(self) -> None:
+        (self.base / "reset").write_text("1")
+        if self.dev != "zram0":
+            Path("/sys/class/zram-control/hot_remove").write_text(self.dev[4:])
+
+
+def _zs_slab_bytes() -> int:
+    total = 0
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in ("zs_handle", "zspage"):
+                    total += int(parts[1]) * int(parts[3])
+    except OSError:
+        pass
+    return total
+
+
+class ZswapdTarget(Target):
+    def __init__(self, size: int, algorithm: str, workdir: str) -> None:
+        from .control import request
+
+        self.name = "zswapd"
+        self._request = request
+        self.workdir = workdir
+        mnt = os.path.join(workdir, "mnt")
+        self.sock = os.path.join(workdir, "ctl", "control.sock")
+        cfg = os.path.join(workdir, "bench.toml")
+        with open(cfg, "w") as f:
+            f.write(
+                f'[device]\nsize = {size}\nmountpoint = "{mnt}"\n[pool]\nalgorithm = "{algorithm}"\nmemory_limit = 0\n'
+                f'[swap]\nenable = false\n[compaction]\nbackground = false\n[control]\nsocket = "{self.sock}"\n'
+            )
+        self.log = open(os.path.join(workdir, "daemon.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "zswapd", "run", "--config", cfg], stderr=self.log)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(Path(workdir, "daemon.log").read_text())
+            time.sleep(0.05)
+        time.sleep(0.2)
+        self.file = os.path.join(mnt, "swap")
+        self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+
+    def stats(self) -> dict[str, float]:
+        s = self._request(self.sock, {"cmd": "stats"})
+        return {k: s[k] for k in ("orig_data_size", "compr_data_size", "mem_used_total", "metadata_bytes")} | {
+            "pages": s["pages_stored"]
+        }
+
+    def compact(self) -> None:
+        self._request(self.sock, {"cmd": "compact"}, timeout=600)
+
+    def close(self) -> None:
+        _sh("losetup", "-d", self.path, check=False)
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+class TmpfsLoopTarget(Target):
+    def __init__(self, size: int, workdir: str) -> None:
+        self.name = "tmpfs-loop"
+        self.file = os.path.join("/dev/shm", f"zswapd-bench-{os.getpid()}")
+        with open(self.file, "wb") as f:
+            f.truncate(size)
+        self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+
+    def close(self) -> None:
+        _sh("losetup", "-d", self.path, check=False)
+        os.unlink(self.file)
+
+
+def _dd_rate(args: list[str], nbytes: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(["dd", *args, "status=none"], check=True)
+    return nbytes / (time.perf_counter() - t) / 1e6
+
+
+def _fio_randread(dev: str, size: int, seconds: int) -> tuple[float, float, float]:
+    out = _sh(
+        "fio", "--name=lat", f"--filename={dev}", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
+        f"--size={size}", f"--runtime={seconds}", "--time_based", "--output-format=json",
+        "--percentile_list=50:99",
+    )  # fmt: skip
+    job = json.loads(out)["jobs"][0]["read"]
+    pct = job["clat_ns"]["percentile"]
+    return pct["50.000000"] / 1000, pct["99.000000"] / 1000, job["iops"]
+
+
+def _discard_random_half(dev: str, pages: int, seed: int = 1) -> None:
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        for idx in random.Random(seed).sample(range(pages), pages // 2):
+            fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", idx * PAGE, PAGE))
+    finally:
+        os.close(fd)
+
+
+def run_target(t: Target, corpus: Corpus, repeat: int, latency_seconds: int) -> dict[str, float]:
+    size = corpus.pages * PAGE
+    count = size // (128 * 1024)
+    r: dict[str, float] = {}
+    writes = [
+        _dd_rate([f"if={corpus.path}", f"of={t.path}", "bs=128K", f"count={count}", "oflag=direct", "conv=notrunc"],
+                 count * 128 * 1024)
+        for _ in range(repeat)
+    ]  # fmt: skip
+    reads = [
+        _dd_rate([f"if={t.path}", "of=/dev/null", "bs=128K", f"count={count}", "iflag=direct"], count * 128 * 1024)
+        for _ in range(repeat)
+    ]
+    r["write_MBps"] = statistics.median(writes)
+    r["read_MBps"] = statistics.median(reads)
+    back = subprocess.run(["cmp", "-n", str(count * 128 * 1024), corpus.path, t.path], capture_output=True)
+    r["verified"] = float(back.returncode == 0)
+    r["randread_p50_us"], r["randread_p99_us"], r["randread_iops"] = _fio_randread(t.path, size, latency_seconds)
+    s = t.stats()
+    if s:
+        r["ratio"] = s["orig_data_size"] / max(1, s["mem_used_total"])
+        r["metadata_B_per_page"] = s["metadata_bytes"] / max(1, s["pages"])
+        _discard_random_half(t.path, corpus.pages)
+        s = t.stats()
+        r["frag_after_discard"] = s["compr_data_size"] / max(1, s["mem_used_total"])
+        t.compact()
+        s = t.stats()
+        r["frag_after_compact"] = s["compr_data_size"] / max(1, s["mem_used_total"])
+    return r
+
+
+def codec_ceiling(corpus: Corpus) -> dict[str, float]:
+    data = Path(corpus.path).read_bytes()
+    pages = [data[i * PAGE : (i + 1) * PAGE] for i in range(min(corpus.pages, 32768))]
+    nbytes = len(pages) * PAGE
+    zc = zstandard.ZstdCompressor(level=1, write_content_size=False, write_checksum=False, write_dict_id=False)
+    zd = zstandard.ZstdDecompressor()
+    lz = [lz4.block.compress(p, store_size=False) for p in pages]
+    zs = [zc.compress(p) for p in pages]
+    return {
+        "lz4_compress_MBps": _median_rate(lambda: [lz4.block.compress(p, store_size=False) for p in pages], nbytes, 3),
+        "lz4_decompress_MBps": _median_rate(
+            lambda: [lz4.block.decompress(c, uncompressed_size=PAGE) for c in lz], nbytes, 3
+        ),
+        "zstd_compress_MBps": _median_rate(lambda: [zc.compress(p) for p in pages], nbytes, 3),
+        "zstd_decompress_MBps": _median_rate(lambda: [zd.decompress(c, max_output_size=PAGE) for c in zs], nbytes, 3),
+    }
+
+
+@contextlib.contextmanager
+def _targets(kind: str, size: int, algorithm: str, workdir: str) -> Iterator[Target]:
+    t: Any
+    if kind == "zswapd":
+        t = ZswapdTarget(size, algorithm, workdir)
+    elif kind == "zram":
+        t = ZramTarget(size, algorithm)
+    else:
+        t = TmpfsLoopTarget(size, workdir)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def bench_device(
+    corpus_size: int = 128 * MIB,
+    corpus_file: str | None = None,
+    algorithms: tuple[str, ...] = ("lz4", "zstd"),
+    repeat: int = 3,
+    latency_seconds: int = 5,
+    as_json: bool = False,
+    plot: str | None = None,
+) -> int:
+    if os.geteuid() != 0:
+        print("zswapd bench device: needs root (loop devices, zram, FUSE)", file=sys.stderr)
+        return 2
+    for tool in ("fio", "dd", "losetup", "cmp"):
+        if shutil.which(tool) is None:
+            print(f"zswapd bench device: {tool} not found (apt-get install fio util-linux)", file=sys.stderr)
+            return 2
+    workdir = tempfile.mkdtemp(prefix="zswapd-bench-")
+    try:
+        if corpus_file:
+            corpus = _describe(corpus_file)
+        else:
+            corpus = capture_corpus(corpus_size, os.path.join("/dev/shm", f"zswapd-corpus-{os.getpid()}"))
+        size = -(-corpus.pages * PAGE // MIB) * MIB
+        results: dict[str, Any] = {
+            "corpus": {"pages": corpus.pages, "zero_share": corpus.zero_pages / max(1, corpus.pages),
+                       "same_filled_share": corpus.same_pages / max(1, corpus.pages), "sources": corpus.sources},
+            "codec_ceiling": codec_ceiling(corpus),
+        }  # fmt: skip
+        has_zram = Path("/sys/block/zram0").exists() or Path("/sys/class/zram-control").exists()
+        zram_algos = Path("/sys/block/zram0/comp_algorithm").read_text() if has_zram else ""
+        with _targets("tmpfs", size, "lz4", workdir) as t:
+            results["tmpfs-loop"] = run_target(t, corpus, repeat, latency_seconds)
+        for algo in algorithms:
+            sub = os.path.join(workdir, algo)
+            os.makedirs(sub)
+            with _targets("zswapd", size, algo, sub) as t:
+                results[f"zswapd-{algo}"] = run_target(t, corpus, repeat, latency_seconds)
+            if has_zram and algo in zram_algos:
+                with _targets("zram", size, algo, sub) as t:
+                    results[f"zram-{algo}"] = run_target(t, corpus, repeat, latency_seconds)
+        ratios: dict[str, float] = {}
+        z = results.get("zram-lz4")
+        if z:
+            for algo in algorithms:
+                mine = results[f"zswapd-{algo}"]
+                for key in ("write_MBps", "read_MBps", "ratio", "frag_after_compact", "randread_p99_us",
+                            "metadata_B_per_page"):  # fmt: skip
+                    ratios[f"zswapd-{algo}/zram-lz4 {key}"] = mine[key] / z[key]
+        for algo in algorithms:
+            mine = results[f"zswapd-{algo}"]
+            ratios[f"zswapd-{algo}/tmpfs-loop write_MBps"] = mine["write_MBps"] / results["tmpfs-loop"]["write_MBps"]
+            ratios[f"zswapd-{algo}/tmpfs-loop read_MBps"] = mine["read_MBps"] / results["tmpfs-loop"]["read_MBps"]
+        results["ratios"] = ratios
+        if not corpus_file:
+            os.unlink(corpus.path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_device(results))
+    if plot:
+        _plot(results, plot)
+    return 0
+
+
+def format_device(r: dict[str, Any]) -> str:
+    c = r["corpus"]
+    lines = [
+        f"corpus: {c['pages']} pages ({c['pages'] * PAGE / MIB:.0f} MiB) of real process memory; "
+        f"zero {c['zero_share']:.1%}, same-filled {c['same_filled_share']:.1%}; sources {c['sources']}",
+        "codec ceiling (one core): " + ", ".join(f"{k} {v:.0f}" for k, v in r["codec_ceiling"].items()),
+        "",
+    ]
+    targets = [k for k in r if k not in ("corpus", "codec_ceiling", "ratios")]
+    cols = ["write_MBps", "read_MBps", "randread_p50_us", "randread_p99_us", "ratio", "frag_after_discard",
+            "frag_after_compact", "metadata_B_per_page", "verified"]  # fmt: skip
+    lines.append(f"{'target':14}" + "".join(f"{col:>21}" for col in cols))
+    for t in targets:
+        lines.append(f"{t:14}" + "".join(f"{r[t].get(col, float('nan')):>21.2f}" for col in cols))
+    lines.append("")
+    for k, v in r["ratios"].items():
+        lines.append(f"  {k:52} {v:8.2f}")
+    return "\n".join(lines)
+
+
+def _plot(r: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'zswapd[plot]'", file=sys.stderr)
+        return
+    items = list(r["ratios"].items())
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(items) + 1))
+    ax.barh([k for k, _ in items], [v for _, v in items])
+    ax.axvline(1.0, color="k", linewidth=0.8)
+    ax.set_xlabel("ratio")
+    fig.tight_layout()
+    fig.savefig(path)

@@ -123,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     with_target(p_reset)
     p_check = sub.add_parser("check-config", help="validate a config file and print the result")
     p_check.add_argument("--config")
-    p_bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
-    p_bench.add_argument("what", nargs="?", default="pool", choices=["pool"])
-    p_bench.add_argument("--pages", type=int, default=20000)
+    p_bench = sub.add_parser("bench", help="benchmarks against baselines in the same run (docs/benchmarks.md)")
+    p_bench.add_argument("what", nargs="?", default="device", choices=["device", "pool"])
+    p_bench.add_argument("--pages", type=int, default=20000, help="pool: pages to store")
+    p_bench.add_argument("--corpus", help="device: a file of raw 4 KiB pages instead of captured memory")
+    p_bench.add_argument("--corpus-size", default="128M", help="device: how much process memory to capture")
+    p_bench.add_argument("--algorithms", default="lz4,zstd", help="device: comma-separated")
+    p_bench.add_argument("--repeat", type=int, default=3, help="device: runs per figure (the median is reported)")
+    p_bench.add_argument("--latency-seconds", type=int, default=5)
     p_bench.add_argument("--json", action="store_true")
+    p_bench.add_argument("--plot", help="device: write a bar chart of the ratios (needs matplotlib)")
 
     args = parser.parse_args(argv)
 
@@ -182,9 +188,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mem_used_max = {r['mem_used_max']}")
         return 0
     if args.command == "bench":
-        from .bench import bench_pool
+        from .bench import bench_device, bench_pool
+        from .config import parse_size
 
-        return bench_pool(args.pages, args.json)
+        if args.what == "pool":
+            return bench_pool(args.pages, args.json)
+        return bench_device(
+            corpus_size=parse_size(args.corpus_size),
+            corpus_file=args.corpus,
+            algorithms=tuple(a for a in args.algorithms.split(",") if a),
+            repeat=args.repeat,
+            latency_seconds=args.latency_seconds,
+            as_json=args.json,
+            plot=args.plot,
+        )
     return 2
 
 

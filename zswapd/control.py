@@ -103,6 +103,7 @@ class Controller:
             if not step:
                 break
             await trio.sleep(0)
+        self.store.pool.trim()
         self.store._update_full()
         return {
             "frames_freed": before - self.store.pool.frames_used,

@@ -167,7 +167,7 @@ class Pool:
         self._m_fnext, self.frame_next = table(max_frames, "L")
         # Freed frames: "hot" ones stay resident as a reserve for the write
         # path; the rest are returned to the kernel and kept on the cold stack.
-        self._m_hot, self._hot = table(max(reserve_frames, 1), "L")
+        self._m_hot, self._hot = table(max_frames, "L")
         self._hot_top = 0
         self._m_cold, self._cold = table(max_frames, "L")
         self._cold_top = 0
@@ -191,6 +191,11 @@ class Pool:
         self._handles_made = 0
         self.handles_used = 0
 
+        # Hot-path lookups: class size, and fullness group by objects in use.
+        self._csize = [c.size for c in CLASSES]
+        self._gtab = [
+            bytes(self._group_of(i, c.objs_per_zspage) for i in range(c.objs_per_zspage + 1)) for c in CLASSES
+        ]
         self._heads = [0] * (ncls * (GROUPS + 1))
         self._nonempty = [0] * ncls  # bitmask of groups with a zspage
         self.cls_zspages = [0] * ncls
@@ -235,14 +240,25 @@ class Pool:
         return frame
 
     def _give_frame(self, frame: int) -> None:
+        # Freed frames stay resident until trim(): a page rewritten in place
+        # frees one frame and takes another, and re-faulting a frame that was
+        # just returned to the kernel costs more than the whole store.
         self.frames_used -= 1
-        if self._hot_top < self.reserve_frames:
-            self._hot[self._hot_top] = frame
-            self._hot_top += 1
-            return
-        self._drop(frame)
-        self._cold[self._cold_top] = frame
-        self._cold_top += 1
+        self._hot[self._hot_top] = frame
+        self._hot_top += 1
+
+    def trim(self) -> int:
+        """Return free frames beyond the reserve to the kernel; the store
+        calls this at the end of every request that frees memory."""
+        dropped = 0
+        while self._hot_top > self.reserve_frames:
+            self._hot_top -= 1
+            frame = self._hot[self._hot_top]
+            self._drop(frame)
+            self._cold[self._cold_top] = frame
+            self._cold_top += 1
+            dropped += 1
+        return dropped
 
     def _drop(self, frame: int) -> None:
         arena = self._arenas[frame >> ARENA_SHIFT]
@@ -348,7 +364,7 @@ class Pool:
             self.zs_prev[nxt] = prv
 
     def _regroup(self, z: int, cls: int) -> None:
-        group = self._group_of(self.zs_inuse[z], self.classes[cls].objs_per_zspage)
+        group = self._gtab[cls][self.zs_inuse[z]]
         if group != self.zs_group[z]:
             self._unlink(z, cls)
             self._link(z, cls, group)
@@ -476,11 +492,33 @@ class Pool:
             return h
         if n + HEADER > FRAME_SIZE:
             raise PoolError(f"object of {n} bytes needs the raw page form (>= {self.huge_threshold})")
+        # The common path, inlined: it runs once per stored page.
         cls = _CLASS_OF[n + HEADER]
-        z = self._target_zspage(cls)
+        mask = self._nonempty[cls]
+        z = self._heads[cls * (GROUPS + 1) + mask.bit_length() - 1] if mask else self._new_zspage(cls)
         h = self._new_handle(0)
-        slot, loc = self._pop_slot(z, cls, h)
-        self._put(loc >> FRAME_SHIFT, (loc & (FRAME_SIZE - 1)) + HEADER, data)
+        slot = self.zs_free[z]
+        offset = slot * self._csize[cls]
+        frame = self.zs_first[z]
+        for _ in range(offset >> FRAME_SHIFT):
+            frame = self.frame_next[frame]
+        off = offset & (FRAME_SIZE - 1)
+        arena = frame >> ARENA_SHIFT
+        at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off
+        words = self._words[arena]
+        self.zs_free[z] = words[at >> 2] & 0xFFFF
+        words[at >> 2] = h
+        inuse = self.zs_inuse[z] + 1
+        self.zs_inuse[z] = inuse
+        self.cls_used[cls] += 1
+        group = self._gtab[cls][inuse]
+        if group != self.zs_group[z]:
+            self._unlink(z, cls)
+            self._link(z, cls, group)
+        if off + HEADER + n <= FRAME_SIZE:
+            self._bytes[arena][at + HEADER : at + HEADER + n] = data
+        else:
+            self._put(frame, off + HEADER, data)
         self.handles[h] = z << 16 | slot
         self.obj_bytes += n
         return h
@@ -498,16 +536,39 @@ class Pool:
 
     def free(self, h: int, n: int) -> None:
         """Free object ``h`` whose payload is ``n`` bytes long."""
-        self._check_handle(h)
+        if not 0 < h <= self._handles_made:
+            raise PoolError(f"unknown handle {h}")
         loc = self.handles[h]
         self.obj_bytes -= n
         if loc & _HUGE_LOC:
             self._give_frame(loc & 0xFFFFFFFF)
             self.huge_objects -= 1
         else:
-            z = loc >> 16
-            self._push_slot(z, self.zs_class[z], loc & 0xFFFF)
-        self._drop_handle(h)
+            # _push_slot, inlined: it runs once per freed page.
+            z, slot = loc >> 16, loc & 0xFFFF
+            cls = self.zs_class[z]
+            offset = slot * self._csize[cls]
+            frame = self.zs_first[z]
+            for _ in range(offset >> FRAME_SHIFT):
+                frame = self.frame_next[frame]
+            at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + (offset & (FRAME_SIZE - 1))
+            self._words[frame >> ARENA_SHIFT][at >> 2] = _FREE_TAG | self.zs_free[z]
+            self.zs_free[z] = slot
+            inuse = self.zs_inuse[z] - 1
+            self.zs_inuse[z] = inuse
+            self.cls_used[cls] -= 1
+            if inuse == 0:
+                self._free_zspage(z, cls)
+            else:
+                group = self._gtab[cls][inuse]
+                if group != self.zs_group[z]:
+                    self._unlink(z, cls)
+                    self._link(z, cls, group)
+                self._fragmented.add(cls)
+        self.handles[h] = 0
+        self._handle_free[self._handle_free_top] = h
+        self._handle_free_top += 1
+        self.handles_used -= 1
 
     # -- compaction -------------------------------------------------------
 
@@ -578,6 +639,7 @@ class Pool:
             moved += self._compact_class(cls, budget - moved)
             if not self.freeable(cls):
                 self._fragmented.discard(cls)
+        self.trim()
         return moved
 
     def freeable_frames(self) -> int:

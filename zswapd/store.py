@@ -136,41 +136,40 @@ class Store:
             if kind == KIND_HUGE:
                 self.c.huge_pages -= 1
 
-    def _alloc(self, kind: int, payload: Buffer | int) -> int:
-        if isinstance(payload, int):
-            return self.pool.store_word(payload)
-        return self.pool.store(payload)
-
     def _store_page(self, idx: int, page: Buffer) -> None:
         kind, algo, payload = self.codec.encode(page, self.pool.huge_threshold)
+        pool = self.pool
         if self.full and kind != KIND_SAME:
             self._update_full()
             if self.full:
                 self.c.failed_writes += 1
                 raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
+        # Allocate before freeing the old object: a failed store keeps the page.
         try:
-            h = self._alloc(kind, payload)
+            h = pool.store_word(payload) if kind == KIND_SAME else pool.store(payload)  # type: ignore[arg-type]
         except PoolFull:
             self.c.limit_hits += 1
             self._make_room()
             try:
-                h = self._alloc(kind, payload)
+                h = pool.store_word(payload) if kind == KIND_SAME else pool.store(payload)  # type: ignore[arg-type]
             except PoolFull:
                 self.full = True
                 self.c.failed_writes += 1
                 raise StoreFull("pool is full and compaction cannot make room") from None
-        length = 0 if isinstance(payload, int) else len(payload)
-        old = self.table[idx]
-        self.table[idx] = h << _HANDLE_SHIFT | length << _LEN_SHIFT | algo << 2 | kind
-        self._release(old)
-        self.c.pages_stored += 1
+        c = self.c
         if kind == KIND_SAME:
-            self.c.same_pages += 1
-        elif kind == KIND_HUGE:
-            self.c.huge_pages += 1
-        used = self.pool.mem_used_total
-        if used > self.c.mem_used_max:
-            self.c.mem_used_max = used
+            self.table[idx], old = h << _HANDLE_SHIFT | kind, self.table[idx]
+            c.same_pages += 1
+        else:
+            self.table[idx], old = h << _HANDLE_SHIFT | len(payload) << _LEN_SHIFT | algo << 2 | kind, self.table[idx]  # type: ignore[arg-type]
+            if kind == KIND_HUGE:
+                c.huge_pages += 1
+        c.pages_stored += 1
+        if old & _KIND_MASK:
+            self._release(old)
+        used = pool.frames_used * FRAME_SIZE
+        if used > c.mem_used_max:
+            c.mem_used_max = used
 
     def _make_room(self) -> None:
         """Synchronous, bounded compaction until a new zspage fits."""
@@ -228,6 +227,7 @@ class Store:
                 page[within : within + take] = mv[pos : pos + take]
                 self._store_page(idx, page)
             pos += take
+        self.pool.trim()
         return n
 
     def readinto(self, offset: int, out: memoryview) -> int:
@@ -265,6 +265,7 @@ class Store:
         before = self.c.notify_free
         for idx in range(first, last):
             self._drop_page(idx)
+        self.pool.trim()
         self._update_full()
         return self.c.notify_free - before
 
