@@ -238,6 +238,9 @@ class Target:
     name = ""
     path = ""
 
+    def close(self) -> None:
+        pass
+
     def stats(self) -> dict[str, float]:
         return {}
 
@@ -374,26 +377,42 @@ def _discard_random_half(dev: str, pages: int, seed: int = 1) -> None:
         os.close(fd)
 
 
-def run_target(t: Target, corpus: Corpus, repeat: int, latency_seconds: int) -> dict[str, float]:
+def run_targets(
+    targets: list[Target], corpus: Corpus, repeat: int, latency_seconds: int
+) -> dict[str, dict[str, float]]:
+    """Measure every target, alternating between them within each repetition
+    so that drift in the machine's speed falls on all of them alike."""
     size = corpus.pages * PAGE
     count = size // (128 * 1024)
-    r: dict[str, float] = {}
-    writes = [
-        _dd_rate([f"if={corpus.path}", f"of={t.path}", "bs=128K", f"count={count}", "oflag=direct", "conv=notrunc"],
-                 count * 128 * 1024)
-        for _ in range(repeat)
-    ]  # fmt: skip
-    reads = [
-        _dd_rate([f"if={t.path}", "of=/dev/null", "bs=128K", f"count={count}", "iflag=direct"], count * 128 * 1024)
-        for _ in range(repeat)
-    ]
-    r["write_MBps"] = statistics.median(writes)
-    r["read_MBps"] = statistics.median(reads)
-    back = subprocess.run(["cmp", "-n", str(count * 128 * 1024), corpus.path, t.path], capture_output=True)
-    r["verified"] = float(back.returncode == 0)
-    r["randread_p50_us"], r["randread_p99_us"], r["randread_iops"] = _fio_randread(t.path, size, latency_seconds)
-    s = t.stats()
-    if s:
+    nbytes = count * 128 * 1024
+    res: dict[str, dict[str, float]] = {t.name: {} for t in targets}
+    writes: dict[str, list[float]] = {t.name: [] for t in targets}
+    reads: dict[str, list[float]] = {t.name: [] for t in targets}
+    for _ in range(repeat):
+        for t in targets:
+            writes[t.name].append(
+                _dd_rate([f"if={corpus.path}", f"of={t.path}", "bs=128K", f"count={count}", "oflag=direct",
+                          "conv=notrunc"], nbytes)
+            )  # fmt: skip
+    for _ in range(repeat):
+        for t in targets:
+            reads[t.name].append(
+                _dd_rate([f"if={t.path}", "of=/dev/null", "bs=128K", f"count={count}", "iflag=direct"], nbytes)
+            )
+    for t in targets:
+        r = res[t.name]
+        r["write_MBps"] = statistics.median(writes[t.name])
+        r["read_MBps"] = statistics.median(reads[t.name])
+        back = subprocess.run(["cmp", "-n", str(nbytes), corpus.path, t.path], capture_output=True)
+        r["verified"] = float(back.returncode == 0)
+    for t in targets:
+        r = res[t.name]
+        r["randread_p50_us"], r["randread_p99_us"], r["randread_iops"] = _fio_randread(t.path, size, latency_seconds)
+    for t in targets:
+        r = res[t.name]
+        s = t.stats()
+        if not s:
+            continue
         r["ratio"] = s["orig_data_size"] / max(1, s["mem_used_total"])
         r["metadata_B_per_page"] = s["metadata_bytes"] / max(1, s["pages"])
         _discard_random_half(t.path, corpus.pages)
@@ -402,7 +421,7 @@ def run_target(t: Target, corpus: Corpus, repeat: int, latency_seconds: int) -> 
         t.compact()
         s = t.stats()
         r["frag_after_compact"] = s["compr_data_size"] / max(1, s["mem_used_total"])
-    return r
+    return res
 
 
 def codec_ceiling(corpus: Corpus) -> dict[str, float]:
@@ -423,19 +442,15 @@ def codec_ceiling(corpus: Corpus) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def _targets(kind: str, size: int, algorithm: str, workdir: str) -> Iterator[Target]:
-    t: Any
+def _make_target(kind: str, size: int, algorithm: str, workdir: str) -> Target:
     if kind == "zswapd":
-        t = ZswapdTarget(size, algorithm, workdir)
+        t: Target = ZswapdTarget(size, algorithm, workdir)
     elif kind == "zram":
         t = ZramTarget(size, algorithm)
     else:
         t = TmpfsLoopTarget(size, workdir)
-    try:
-        yield t
-    finally:
-        t.close()
+    t.name = f"{t.name}-{algorithm}" if kind != "tmpfs" else t.name
+    return t
 
 
 def bench_device(
@@ -468,16 +483,22 @@ def bench_device(
         }  # fmt: skip
         has_zram = Path("/sys/block/zram0").exists() or Path("/sys/class/zram-control").exists()
         zram_algos = Path("/sys/block/zram0/comp_algorithm").read_text() if has_zram else ""
-        with _targets("tmpfs", size, "lz4", workdir) as t:
-            results["tmpfs-loop"] = run_target(t, corpus, repeat, latency_seconds)
-        for algo in algorithms:
-            sub = os.path.join(workdir, algo)
-            os.makedirs(sub)
-            with _targets("zswapd", size, algo, sub) as t:
-                results[f"zswapd-{algo}"] = run_target(t, corpus, repeat, latency_seconds)
-            if has_zram and algo in zram_algos:
-                with _targets("zram", size, algo, sub) as t:
-                    results[f"zram-{algo}"] = run_target(t, corpus, repeat, latency_seconds)
+        with contextlib.ExitStack() as stack:
+            targets: list[Target] = []
+
+            def add(kind: str, algo: str) -> None:
+                sub = os.path.join(workdir, f"{kind}-{algo}")
+                os.makedirs(sub, exist_ok=True)
+                t = _make_target(kind, size, algo, sub)
+                stack.callback(t.close)
+                targets.append(t)
+
+            add("tmpfs", "none")
+            for algo in algorithms:
+                add("zswapd", algo)
+                if has_zram and algo in zram_algos:
+                    add("zram", algo)
+            results.update(run_targets(targets, corpus, repeat, latency_seconds))
         ratios: dict[str, float] = {}
         z = results.get("zram-lz4")
         if z:

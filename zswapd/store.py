@@ -216,6 +216,15 @@ class Store:
         self._check(offset, n)
         self.c.num_writes += 1
         mv = memoryview(data).cast("B")
+        if not offset % PAGE_SIZE and not n % PAGE_SIZE:
+            # The swap path: whole pages, so no read-modify-write.
+            store_page = self._store_page
+            idx = offset // PAGE_SIZE
+            for pos in range(0, n, PAGE_SIZE):
+                store_page(idx, mv[pos : pos + PAGE_SIZE])
+                idx += 1
+            self.pool.trim()
+            return n
         pos = 0
         while pos < n:
             idx, within = divmod(offset + pos, PAGE_SIZE)
@@ -234,6 +243,13 @@ class Store:
         n = len(out)
         self._check(offset, n)
         self.c.num_reads += 1
+        if not offset % PAGE_SIZE and not n % PAGE_SIZE:
+            load_page = self._load_page
+            idx = offset // PAGE_SIZE
+            for pos in range(0, n, PAGE_SIZE):
+                out[pos : pos + PAGE_SIZE] = load_page(idx)
+                idx += 1
+            return n
         pos = 0
         while pos < n:
             idx, within = divmod(offset + pos, PAGE_SIZE)
