@@ -58,13 +58,14 @@ def wait_drained(d: Daemon, loop: str, peak: int, timeout: float = 30) -> tuple[
 
     Returns (pages in the pool, pages swap uses).  Swap may legitimately hold
     other processes' pages: this VM runs DAMON proactive reclaim (kdamond),
-    which pages cold memory out to any swap there is.  Slots are discarded a
-    2 MiB cluster at a time, so a little slack is allowed on top."""
+    which pages cold memory out to any swap there is.  The kernel discards a
+    2 MiB cluster only when all of it is free, so clusters shared with such
+    pages keep some stale pages in the pool: 5% of the round is allowed."""
     deadline = time.monotonic() + timeout
     while True:
         left = int(d.stats()["pages_stored"])  # type: ignore[call-overload]
         used = swap_used_pages(loop)
-        if left <= used + max(512, peak // 50) or time.monotonic() > deadline:
+        if left <= used + max(512, peak // 20) or time.monotonic() > deadline:
             return left, used
         time.sleep(0.2)
 
@@ -97,6 +98,7 @@ def test_swap_under_memory_pressure_verifies_every_byte(tmp_path: Path) -> None:
                 writes = int(s1["num_writes"]) - int(s0["num_writes"])  # type: ignore[call-overload]
                 reads = int(s1["num_reads"]) - int(s0["num_reads"])  # type: ignore[call-overload]
                 left, used = wait_drained(d, loop, swapped_out)
+                s2 = d.stats()
                 print(
                     f"round {rnd}: pswpout +{swapped_out} pswpin +{swapped_in}; daemon writes +{writes} reads +{reads};"
                     f" peak {s1['mem_used_max']} B; after exit: pool {left} pages, swap uses {used}; ratio "
@@ -104,7 +106,10 @@ def test_swap_under_memory_pressure_verifies_every_byte(tmp_path: Path) -> None:
                 )
                 assert swapped_out > 20000 and swapped_in > 10000  # real swap traffic
                 assert writes > 0 and reads > 0
-                assert left <= used + max(512, swapped_out // 50), "discards did not free the pool"
+                freed = int(s2["notify_free"]) - int(s0["notify_free"])  # type: ignore[call-overload]
+                print(f"  discards freed {freed} pages")
+                assert freed >= 0.85 * swapped_out, "discards did not reach the pool"
+                assert left <= used + max(512, swapped_out // 20), "discards did not free the pool"
         s = d.stats()
         assert s["failed_writes"] == 0 and s["failed_reads"] == 0 and s["fuse_errors"] == 0
         assert d.stop() == 0, d.logtext()

@@ -145,10 +145,14 @@ def preflight(cfg: Config) -> None:
         raise StartupError("zswapd run must be started as root (it mounts a filesystem and manages swap)")
     if not os.path.exists("/dev/fuse"):
         raise StartupError("/dev/fuse does not exist (load the fuse module: modprobe fuse)")
-    if cfg.fuse.backend != "native":
-        raise StartupError(
-            f"{cfg.path}: [fuse] backend = {cfg.fuse.backend!r} is not available in this build; use 'native'"
-        )
+    if cfg.fuse.backend == "pyfuse3":
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError:
+            raise StartupError(
+                f"{cfg.path}: [fuse] backend = 'pyfuse3' needs the optional extra: pip install 'zswapd[pyfuse3]' "
+                "(which builds against the Debian packages libfuse3-dev, fuse3 and pkg-config)"
+            ) from None
     if cfg.swap.enable:
         try:
             swap.preflight()
@@ -169,6 +173,7 @@ class Daemon:
             reserve_frames=cfg.pool.reserve // 4096,
         )
         self.fs = FuseFS(self.store)
+        self.p3: Any = None  # the pyfuse3 server, with [fuse] backend = "pyfuse3"
         self.loop: swap.Loop | None = None
         self.swap_on = False
         self.mounted = False
@@ -190,16 +195,28 @@ class Daemon:
         pauses = sorted(self.compact_pauses)
         p99 = pauses[int(len(pauses) * 0.99)] if pauses else 0.0
         return {
-            "discard_supported": True,
-            "fuse_requests": self.fs.requests,
-            "fuse_errors": self.fs.errors,
+            "fuse_backend": self.cfg.fuse.backend,
+            "discard_supported": self.p3 is None,
+            "fuse_requests": self.p3.ops.requests if self.p3 else self.fs.requests,
+            "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors,
             "compaction_step_p99_us": round(p99 * 1e6, 1),
         }
 
     async def run(self) -> int:
         cfg = self.cfg
-        self.fd = fmount.open_fuse()
-        fmount.mount(self.fd, self.mountpoint)
+        if cfg.fuse.backend == "pyfuse3":
+            from .fuse.pyfuse3_backend import Pyfuse3Server
+
+            self.p3 = Pyfuse3Server(self.store, self.mountpoint)
+            self.p3.mount()
+            if cfg.swap.enable:
+                log.warning(
+                    "the pyfuse3 backend cannot receive discards (no fallocate): swap slots the kernel frees stay "
+                    "in the pool until overwritten, and the memory limit is reached sooner; use backend 'native'"
+                )
+        else:
+            self.fd = fmount.open_fuse()
+            fmount.mount(self.fd, self.mountpoint)
         self.mounted = True
         log.info(
             "mounted %s (%d MiB, %s, limit %s)",
@@ -245,12 +262,18 @@ class Daemon:
                 pass
             if self.mounted:
                 fmount.unmount(self.mountpoint)
-            os.close(self.fd)
+            if self.p3:
+                self.p3.close()
+            else:
+                os.close(self.fd)
         log.info("stopped")
         return 0
 
     async def _serve_fuse(self, nursery: trio.Nursery) -> None:
-        await serve(self.fd, self.fs)
+        if self.p3:
+            await self.p3.serve()
+        else:
+            await serve(self.fd, self.fs)
         log.info("FUSE session ended")
         # Nothing can be served any more: end the daemon.
         nursery.cancel_scope.cancel()
