@@ -530,9 +530,17 @@ class Pool:
         if loc & _HUGE_LOC:
             view, base = self._frame_view(loc & 0xFFFFFFFF)
             return view[base : base + n]
-        z, slot = loc >> 16, loc & 0xFFFF
-        frame, off = self._slot_addr(z, self.classes[self.zs_class[z]].size, slot)
-        return self._get(frame, off + HEADER, n)
+        # _slot_addr and _get, inlined: this runs once per page read.
+        z = loc >> 16
+        offset = (loc & 0xFFFF) * self._csize[self.zs_class[z]]
+        frame = self.zs_first[z]
+        for _ in range(offset >> FRAME_SHIFT):
+            frame = self.frame_next[frame]
+        off = (offset & (FRAME_SIZE - 1)) + HEADER
+        at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off
+        if off + n <= FRAME_SIZE:
+            return self._bytes[frame >> ARENA_SHIFT][at : at + n]
+        return self._get(frame, off, n)
 
     def free(self, h: int, n: int) -> None:
         """Free object ``h`` whose payload is ``n`` bytes long."""
