@@ -104,7 +104,7 @@ class Controller:
                 break
             await trio.sleep(0)
         self.store.pool.trim()
-        self.store._update_full()
+        self.store.update_full()
         return {
             "frames_freed": before - self.store.pool.frames_used,
             "objects_moved": moved,

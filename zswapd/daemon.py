@@ -231,8 +231,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse, nursery)
                 await nursery.start(server.serve, sock)
-                if cfg.compaction.background:
-                    nursery.start_soon(self._compactor)
+                nursery.start_soon(self._housekeeping)
                 if cfg.control.metrics_listen:
                     nursery.start_soon(serve_metrics, self.controller, cfg.control.metrics_listen, prometheus)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -311,13 +310,17 @@ class Daemon:
             log.info("unmounted %s%s", self.mountpoint, " (lazily: still busy)" if lazy else "")
         return True
 
-    async def _compactor(self) -> None:
-        """Compact in bounded steps when waste or usage passes its threshold."""
+    async def _housekeeping(self) -> None:
+        """Every interval: refill the frame reserve (off the write path) and,
+        with background compaction on, compact in bounded steps when waste or
+        usage passes its threshold."""
         cc = self.cfg.compaction
         store, pool = self.store, self.store.pool
         while True:
             await trio.sleep(cc.interval)
             pool.refill_reserve()
+            if not cc.background:
+                continue
             waste = pool.mem_used_total - pool.obj_bytes
             high = store.memory_limit and pool.mem_used_total * 100 >= store.memory_limit * cc.watermark
             if not (waste > cc.waste_threshold or high) or not pool.freeable_frames():
@@ -332,7 +335,7 @@ class Daemon:
                 if not moved:
                     break
                 await trio.sleep(0)
-            store._update_full()
+            store.update_full()
 
 
 def main_run(cfg: Config) -> int:

@@ -99,10 +99,10 @@ class Store:
         if nbytes and self.pool.mem_used_total > nbytes:
             moved = self.compact()
         met = not nbytes or self.pool.mem_used_total <= nbytes
-        self._update_full()
+        self.update_full()
         return {"memory_limit": nbytes, "met": met, "objects_moved": moved}
 
-    def _update_full(self) -> None:
+    def update_full(self) -> None:
         if self.full and (
             not self.memory_limit or self.pool.mem_used_total * 100 < self.memory_limit * self.accept_percent
         ):
@@ -111,7 +111,7 @@ class Store:
     def compact(self, max_moves: int | None = None) -> int:
         self.c.compactions += 1
         moved = self.pool.compact(max_moves)
-        self._update_full()
+        self.update_full()
         return moved
 
     # -- range checks ---------------------------------------------------------
@@ -142,7 +142,7 @@ class Store:
         kind, algo, payload = self.codec.encode(page, self.pool.huge_threshold)
         pool = self.pool
         if self.full and kind != KIND_SAME:
-            self._update_full()
+            self.update_full()
             if self.full:
                 self.c.failed_writes += 1
                 raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
@@ -221,28 +221,29 @@ class Store:
         self._check(offset, n)
         self.c.num_writes += 1
         mv = memoryview(data).cast("B")
-        if not offset % PAGE_SIZE and not n % PAGE_SIZE:
-            # The swap path: whole pages, so no read-modify-write.
-            store_page = self._store_page
-            idx = offset // PAGE_SIZE
-            for pos in range(0, n, PAGE_SIZE):
-                store_page(idx, mv[pos : pos + PAGE_SIZE])
-                idx += 1
-            self.pool.trim()
+        try:
+            if not offset % PAGE_SIZE and not n % PAGE_SIZE:
+                # The swap path: whole pages, so no read-modify-write.
+                store_page = self._store_page
+                idx = offset // PAGE_SIZE
+                for pos in range(0, n, PAGE_SIZE):
+                    store_page(idx, mv[pos : pos + PAGE_SIZE])
+                    idx += 1
+                return n
+            pos = 0
+            while pos < n:
+                idx, within = divmod(offset + pos, PAGE_SIZE)
+                take = min(PAGE_SIZE - within, n - pos)
+                if take == PAGE_SIZE:
+                    self._store_page(idx, mv[pos : pos + PAGE_SIZE])
+                else:
+                    page = bytearray(self._load_page(idx))
+                    page[within : within + take] = mv[pos : pos + take]
+                    self._store_page(idx, page)
+                pos += take
             return n
-        pos = 0
-        while pos < n:
-            idx, within = divmod(offset + pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - within, n - pos)
-            if take == PAGE_SIZE:
-                self._store_page(idx, mv[pos : pos + PAGE_SIZE])
-            else:
-                page = bytearray(self._load_page(idx))
-                page[within : within + take] = mv[pos : pos + take]
-                self._store_page(idx, page)
-            pos += take
-        self.pool.trim()
-        return n
+        finally:
+            self.pool.trim()  # also when a store failed part way
 
     def readinto(self, offset: int, out: memoryview) -> int:
         n = len(out)
@@ -287,7 +288,7 @@ class Store:
         for idx in range(first, last):
             self._drop_page(idx)
         self.pool.trim()
-        self._update_full()
+        self.update_full()
         return self.c.notify_free - before
 
     def _zero_bytes(self, offset: int, length: int) -> None:
