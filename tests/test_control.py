@@ -105,6 +105,18 @@ def test_commands_and_stats_consistent_with_data(daemon: Daemon) -> None:
     assert bad.returncode == 1 and "expected a size" in bad.stderr
     bad = cli("set", "device_size=1G", *cfg)
     assert bad.returncode == 1 and "cannot set" in bad.stderr
+    # switching the algorithm at runtime: new pages use it, old ones still read
+    fd = os.open(daemon.file, os.O_RDWR)
+    try:
+        old = os.pread(fd, 4096 * 100, 0)
+        assert cli("set", "algorithm=zstd", *cfg).stdout.strip() == "algorithm = zstd"
+        page = ((b"zstd page %05d " % 7) * 300)[:4096]
+        os.pwrite(fd, page, 300 * 4096)
+        assert os.pread(fd, 4096, 300 * 4096) == page and os.pread(fd, 4096 * 100, 0) == old
+        assert daemon.stats()["algorithm"] == "zstd"
+        assert cli("set", "algorithm=lzo", *cfg).returncode == 1
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.root
@@ -225,7 +237,7 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         ).map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries(
             {"cmd": st.sampled_from(["stats", "set", "compact", "reset_max", "ping", "x"])},
-            optional={"key": st.one_of(st.text(max_size=15), st.sampled_from(["memory_limit", "accept_percent"])),
+            optional={"key": st.one_of(st.text(max_size=15), st.sampled_from(["memory_limit", "accept_percent", "algorithm", "zstd_level"])),
                       "value": st.one_of(st.integers(-5, 1 << 40), st.text(max_size=10), st.none(), st.floats())},
         ).map(lambda v: json.dumps(v).encode()),
     ),

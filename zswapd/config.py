@@ -216,7 +216,14 @@ SCHEMA: dict[str, dict[str, Check]] = {
 }
 
 # Keys that the control socket's `set` may change while running.
-RUNTIME_KEYS = {"memory_limit": ("pool", "memory_limit"), "accept_percent": ("pool", "accept_percent")}
+RUNTIME_KEYS = {
+    "memory_limit": ("pool", "memory_limit"),
+    "accept_percent": ("pool", "accept_percent"),
+    # Every page records its algorithm, so a switch applies to new writes and
+    # old pages stay readable (zram needs a reset for this).
+    "algorithm": ("pool", "algorithm"),
+    "zstd_level": ("pool", "zstd_level"),
+}
 
 
 def check_value(path: str, section: str, key: str, value: object) -> Any:

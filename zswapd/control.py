@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .codec import Codec
 from .config import RUNTIME_KEYS, ConfigError, check_value
 from .store import Store
 
@@ -126,7 +127,12 @@ class Controller:
                     "cannot free enough without dropping data; nothing was dropped, new stores fail until it fits"
                 )
             return out
-        self.store.accept_percent = checked
+        if name == "algorithm":
+            self.store.codec = Codec(checked, self.store.codec.zstd_level)
+        elif name == "zstd_level":
+            self.store.codec = Codec(self.store.codec.algorithm, checked)
+        else:
+            self.store.accept_percent = checked
         return {"key": key, "value": checked}
 
     async def _cmd_reset_max(self, req: dict[str, Any]) -> dict[str, Any]:
