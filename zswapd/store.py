@@ -22,6 +22,7 @@ No I/O here: everything is in memory and deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lz4.block import decompress as _lz4_decompress
@@ -56,6 +57,16 @@ class Counters:
     mem_used_max: int = 0
     compactions: int = 0
     limit_hits: int = 0
+
+
+def _spans(offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split a byte range into (page, offset in page, offset in range, length)."""
+    pos = 0
+    while pos < length:
+        idx, within = divmod(offset + pos, PAGE_SIZE)
+        take = min(PAGE_SIZE - within, length - pos)
+        yield idx, within, pos, take
+        pos += take
 
 
 class Store:
@@ -230,17 +241,13 @@ class Store:
                     store_page(idx, mv[pos : pos + PAGE_SIZE])
                     idx += 1
                 return n
-            pos = 0
-            while pos < n:
-                idx, within = divmod(offset + pos, PAGE_SIZE)
-                take = min(PAGE_SIZE - within, n - pos)
+            for idx, within, pos, take in _spans(offset, n):
                 if take == PAGE_SIZE:
                     self._store_page(idx, mv[pos : pos + PAGE_SIZE])
                 else:
                     page = bytearray(self._load_page(idx))
                     page[within : within + take] = mv[pos : pos + take]
                     self._store_page(idx, page)
-                pos += take
             return n
         finally:
             self.pool.trim()  # also when a store failed part way
@@ -256,13 +263,8 @@ class Store:
                 out[pos : pos + PAGE_SIZE] = load_page(idx)
                 idx += 1
             return n
-        pos = 0
-        while pos < n:
-            idx, within = divmod(offset + pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - within, n - pos)
-            page = self._load_page(idx)
-            out[pos : pos + take] = page[within : within + take]
-            pos += take
+        for idx, within, pos, take in _spans(offset, n):
+            out[pos : pos + take] = self._load_page(idx)[within : within + take]
         return n
 
     def read(self, offset: int, length: int) -> bytes:
