@@ -5,7 +5,6 @@ Privilege: root (mount(2), /dev/fuse, loop devices, setpriv).  Runs in CI.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import random
@@ -17,13 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, force_cleanup, run_daemon, write_config
+from conftest import PUNCH, Daemon, fallocate, force_cleanup, run_daemon, write_config
 
 pytestmark = pytest.mark.root
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-PUNCH = 0x3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 MIB = 1 << 20
 
 
@@ -32,12 +28,6 @@ def backend_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[D
     """The same tests against both FUSE backends (pyfuse3 is installed in CI)."""
     with run_daemon(tmp_path, fuse={"backend": request.param}) as d:
         yield d
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def real_data(n: int) -> bytes:

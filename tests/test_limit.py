@@ -6,7 +6,6 @@ Privilege: root (a real FUSE mount of the daemon).  Runs in CI.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import statistics
@@ -15,14 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, run_daemon
+from conftest import PUNCH, Daemon, fallocate, run_daemon
 
 pytestmark = pytest.mark.root
 
 MIB = 1 << 20
 LIMIT = 64 * MIB
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def page(seed: int, incompressible: int) -> bytes:
@@ -30,10 +27,6 @@ def page(seed: int, incompressible: int) -> bytes:
     rnd = random.Random(seed)
     head = seed.to_bytes(8, "little") + rnd.randbytes(incompressible - 8)
     return head + b"\x5a" * (4096 - len(head))
-
-
-def punch(fd: int, offset: int, length: int) -> None:
-    assert _libc.fallocate(fd, 3, offset, length) == 0, os.strerror(ctypes.get_errno())
 
 
 def fill(d: Daemon, fd: int, until: float, sizes: tuple[int, int], seed0: int) -> dict[int, bytes]:
@@ -68,7 +61,7 @@ def test_compaction_makes_room_before_full_then_enospc(tmp_path: Path) -> None:
             rnd = random.Random(5)
             holes = set(rnd.sample(sorted(pages), len(pages) // 2))
             for idx in holes:
-                punch(fd, idx * 4096, 4096)
+                fallocate(fd, PUNCH, idx * 4096, 4096)
                 del pages[idx]
             s1 = d.stats()
             used, compr = int(s1["mem_used_total"]), int(s1["compr_data_size"])  # type: ignore[call-overload]
@@ -128,7 +121,7 @@ def test_runtime_limit_change_compacts_and_never_drops(tmp_path: Path) -> None:
         try:
             pages = fill(d, fd, 16 * MIB, (1400, 2400), 7)
             for idx in sorted(pages)[::2]:
-                punch(fd, idx * 4096, 4096)
+                fallocate(fd, PUNCH, idx * 4096, 4096)
                 del pages[idx]
             s = d.stats()
             used, compr = int(s["mem_used_total"]), int(s["compr_data_size"])  # type: ignore[call-overload]
@@ -169,7 +162,7 @@ def test_background_compaction_with_concurrent_reader(tmp_path: Path) -> None:
             t.start()
             holes = rnd.sample(keys, len(keys) // 2)
             for idx in holes:
-                punch(fd, idx * 4096, 4096)
+                fallocate(fd, PUNCH, idx * 4096, 4096)
                 del pages[idx]
             start = time.monotonic()
             while time.monotonic() - start < 30:

@@ -96,16 +96,9 @@ class Controller:
         start = time.monotonic()
         before = self.store.pool.frames_used
         moved = 0
-        self.store.c.compactions += 1
-        # In bounded steps, so FUSE requests are served in between.
-        while self.store.pool.freeable_frames():
-            step = self.store.pool.compact(COMPACT_STEP)
+        for step in self.store.compact_steps(COMPACT_STEP):
             moved += step
-            if not step:
-                break
-            await trio.sleep(0)
-        self.store.pool.trim()
-        self.store.update_full()
+            await trio.sleep(0)  # serve FUSE requests between steps
         return {
             "frames_freed": before - self.store.pool.frames_used,
             "objects_moved": moved,

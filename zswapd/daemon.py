@@ -325,17 +325,16 @@ class Daemon:
             high = store.memory_limit and pool.mem_used_total * 100 >= store.memory_limit * cc.watermark
             if not (waste > cc.waste_threshold or high) or not pool.freeable_frames():
                 continue
-            store.c.compactions += 1
-            while pool.freeable_frames():
+            steps = store.compact_steps(COMPACT_STEP_MOVES)
+            while True:
                 t = time.perf_counter()
-                moved = pool.compact(COMPACT_STEP_MOVES)
+                moved = next(steps, 0)
                 self.compact_pauses.append(time.perf_counter() - t)
                 if len(self.compact_pauses) > 4096:
                     del self.compact_pauses[:2048]
                 if not moved:
                     break
                 await trio.sleep(0)
-            store.update_full()
 
 
 def main_run(cfg: Config) -> int:

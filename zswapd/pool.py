@@ -363,12 +363,6 @@ class Pool:
         if nxt:
             self.zs_prev[nxt] = prv
 
-    def _regroup(self, z: int, cls: int) -> None:
-        group = self._gtab[cls][self.zs_inuse[z]]
-        if group != self.zs_group[z]:
-            self._unlink(z, cls)
-            self._link(z, cls, group)
-
     def _slot_addr(self, z: int, size: int, slot: int) -> tuple[int, int]:
         """(frame, offset in frame) of a slot's first byte."""
         offset = slot * size
@@ -418,37 +412,49 @@ class Pool:
         self._zs_freelist[self._zs_free_top] = z
         self._zs_free_top += 1
 
-    def _pop_slot(self, z: int, cls: int, h: int) -> tuple[int, int]:
-        size = self.classes[cls].size
+    def _pop_slot(self, z: int, cls: int, h: int) -> tuple[int, int, int]:
+        """Take zspage ``z``'s first free slot for handle ``h``.
+        Returns (slot, frame, offset of the slot in that frame)."""
         slot = self.zs_free[z]
-        frame, off = self._slot_addr(z, size, slot)
+        offset = slot * self._csize[cls]  # _slot_addr, inlined: once per stored page
+        frame = self.zs_first[z]
+        for _ in range(offset >> FRAME_SHIFT):
+            frame = self.frame_next[frame]
+        off = offset & (FRAME_SIZE - 1)
         words = self._words[frame >> ARENA_SHIFT]
-        idx = (((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off) >> 2
-        self.zs_free[z] = words[idx] & 0xFFFF
-        words[idx] = h
-        self.zs_inuse[z] += 1
+        at = (((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off) >> 2
+        self.zs_free[z] = words[at] & 0xFFFF
+        words[at] = h
+        inuse = self.zs_inuse[z] + 1
+        self.zs_inuse[z] = inuse
         self.cls_used[cls] += 1
-        self._regroup(z, cls)
-        return slot, frame << FRAME_SHIFT | off
+        group = self._gtab[cls][inuse]
+        if group != self.zs_group[z]:
+            self._unlink(z, cls)
+            self._link(z, cls, group)
+        return slot, frame, off
 
     def _push_slot(self, z: int, cls: int, slot: int) -> None:
-        frame, off = self._slot_addr(z, self.classes[cls].size, slot)
-        words = self._words[frame >> ARENA_SHIFT]
-        words[(((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off) >> 2] = _FREE_TAG | self.zs_free[z]
+        """Put a slot back on its zspage's free list; free an emptied zspage."""
+        offset = slot * self._csize[cls]  # _slot_addr, inlined: once per freed page
+        frame = self.zs_first[z]
+        for _ in range(offset >> FRAME_SHIFT):
+            frame = self.frame_next[frame]
+        off = offset & (FRAME_SIZE - 1)
+        at = (((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off) >> 2
+        self._words[frame >> ARENA_SHIFT][at] = _FREE_TAG | self.zs_free[z]
         self.zs_free[z] = slot
-        self.zs_inuse[z] -= 1
+        inuse = self.zs_inuse[z] - 1
+        self.zs_inuse[z] = inuse
         self.cls_used[cls] -= 1
-        if self.zs_inuse[z] == 0:
+        if inuse == 0:
             self._free_zspage(z, cls)
-        else:
-            self._regroup(z, cls)
-            self._fragmented.add(cls)
-
-    def _target_zspage(self, cls: int) -> int:
-        mask = self._nonempty[cls]
-        if mask:
-            return self._heads[cls * (GROUPS + 1) + mask.bit_length() - 1]
-        return self._new_zspage(cls)
+            return
+        group = self._gtab[cls][inuse]
+        if group != self.zs_group[z]:
+            self._unlink(z, cls)
+            self._link(z, cls, group)
+        self._fragmented.add(cls)
 
     # -- object bytes ---------------------------------------------------------
 
@@ -492,31 +498,15 @@ class Pool:
             return h
         if n + HEADER > FRAME_SIZE:
             raise PoolError(f"object of {n} bytes needs the raw page form (>= {self.huge_threshold})")
-        # The common path, inlined: it runs once per stored page.
         cls = _CLASS_OF[n + HEADER]
+        # The fullest zspage with a free slot, or a new one.
         mask = self._nonempty[cls]
         z = self._heads[cls * (GROUPS + 1) + mask.bit_length() - 1] if mask else self._new_zspage(cls)
         h = self._new_handle(0)
-        slot = self.zs_free[z]
-        offset = slot * self._csize[cls]
-        frame = self.zs_first[z]
-        for _ in range(offset >> FRAME_SHIFT):
-            frame = self.frame_next[frame]
-        off = offset & (FRAME_SIZE - 1)
-        arena = frame >> ARENA_SHIFT
-        at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off
-        words = self._words[arena]
-        self.zs_free[z] = words[at >> 2] & 0xFFFF
-        words[at >> 2] = h
-        inuse = self.zs_inuse[z] + 1
-        self.zs_inuse[z] = inuse
-        self.cls_used[cls] += 1
-        group = self._gtab[cls][inuse]
-        if group != self.zs_group[z]:
-            self._unlink(z, cls)
-            self._link(z, cls, group)
+        slot, frame, off = self._pop_slot(z, cls, h)
         if off + HEADER + n <= FRAME_SIZE:
-            self._bytes[arena][at + HEADER : at + HEADER + n] = data
+            at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off + HEADER
+            self._bytes[frame >> ARENA_SHIFT][at : at + n] = data
         else:
             self._put(frame, off + HEADER, data)
         self.handles[h] = z << 16 | slot
@@ -530,53 +520,30 @@ class Pool:
         if loc & _HUGE_LOC:
             view, base = self._frame_view(loc & 0xFFFFFFFF)
             return view[base : base + n]
-        # _slot_addr and _get, inlined: this runs once per page read.
+        # _slot_addr and _get, inlined: once per page read.
         z = loc >> 16
         offset = (loc & 0xFFFF) * self._csize[self.zs_class[z]]
         frame = self.zs_first[z]
         for _ in range(offset >> FRAME_SHIFT):
             frame = self.frame_next[frame]
         off = (offset & (FRAME_SIZE - 1)) + HEADER
-        at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off
         if off + n <= FRAME_SIZE:
+            at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off
             return self._bytes[frame >> ARENA_SHIFT][at : at + n]
         return self._get(frame, off, n)
 
     def free(self, h: int, n: int) -> None:
         """Free object ``h`` whose payload is ``n`` bytes long."""
-        if not 0 < h <= self._handles_made:
-            raise PoolError(f"unknown handle {h}")
+        self._check_handle(h)
         loc = self.handles[h]
         self.obj_bytes -= n
         if loc & _HUGE_LOC:
             self._give_frame(loc & 0xFFFFFFFF)
             self.huge_objects -= 1
         else:
-            # _push_slot, inlined: it runs once per freed page.
-            z, slot = loc >> 16, loc & 0xFFFF
-            cls = self.zs_class[z]
-            offset = slot * self._csize[cls]
-            frame = self.zs_first[z]
-            for _ in range(offset >> FRAME_SHIFT):
-                frame = self.frame_next[frame]
-            at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + (offset & (FRAME_SIZE - 1))
-            self._words[frame >> ARENA_SHIFT][at >> 2] = _FREE_TAG | self.zs_free[z]
-            self.zs_free[z] = slot
-            inuse = self.zs_inuse[z] - 1
-            self.zs_inuse[z] = inuse
-            self.cls_used[cls] -= 1
-            if inuse == 0:
-                self._free_zspage(z, cls)
-            else:
-                group = self._gtab[cls][inuse]
-                if group != self.zs_group[z]:
-                    self._unlink(z, cls)
-                    self._link(z, cls, group)
-                self._fragmented.add(cls)
-        self.handles[h] = 0
-        self._handle_free[self._handle_free_top] = h
-        self._handle_free_top += 1
-        self.handles_used -= 1
+            z = loc >> 16
+            self._push_slot(z, self.zs_class[z], loc & 0xFFFF)
+        self._drop_handle(h)
 
     # -- compaction -------------------------------------------------------
 
@@ -623,8 +590,8 @@ class Pool:
                     if not hdr & _FREE_TAG:
                         break
                     slot += 1
-                dslot, dloc = self._pop_slot(dst, cls, hdr)
-                self._put(dloc >> FRAME_SHIFT, dloc & (FRAME_SIZE - 1), bytes(self._get(frame, off, c.size)))
+                dslot, dframe, doff = self._pop_slot(dst, cls, hdr)
+                self._put(dframe, doff, bytes(self._get(frame, off, c.size)))
                 self.handles[hdr] = dst << 16 | dslot
                 moves += 1
                 if self.zs_inuse[src] == 1:

@@ -22,10 +22,9 @@ No I/O here: everything is in memory and deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-
-from lz4.block import decompress as _lz4_decompress
+from typing import Any
 
 from .codec import KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .errors import BadRequest, DeviceFull
@@ -158,13 +157,14 @@ class Store:
                 self.c.failed_writes += 1
                 raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
         # Allocate before freeing the old object: a failed store keeps the page.
+        alloc: Any = pool.store_word if kind == KIND_SAME else pool.store
         try:
-            h = pool.store_word(payload) if kind == KIND_SAME else pool.store(payload)  # type: ignore[arg-type]
+            h = alloc(payload)
         except PoolFull:
             self.c.limit_hits += 1
             self._make_room()
             try:
-                h = pool.store_word(payload) if kind == KIND_SAME else pool.store(payload)  # type: ignore[arg-type]
+                h = alloc(payload)
             except PoolFull:
                 self.full = True
                 self.c.failed_writes += 1
@@ -180,19 +180,37 @@ class Store:
         c.pages_stored += 1
         if old & _KIND_MASK:
             self._release(old)
-        used = pool.frames_used * FRAME_SIZE
+        used = pool.mem_used_total
         if used > c.mem_used_max:
             c.mem_used_max = used
 
+    def compact_steps(self, moves_per_step: int) -> Generator[int, None, None]:
+        """One compaction run in bounded steps, yielding the objects each step
+        moved, so a caller doing I/O can serve requests in between.  It ends
+        when nothing is freeable (or when the caller stops iterating)."""
+        self.c.compactions += 1
+        try:
+            while self.pool.freeable_frames():
+                moved = self.pool.compact(moves_per_step)
+                if not moved:
+                    return
+                yield moved
+        finally:
+            self.update_full()
+
     def _make_room(self) -> None:
         """Synchronous, bounded compaction until a new zspage fits."""
-        self.c.compactions += 1
+        if self.pool.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+            return  # frames are not what is short (the handle table is)
         budget = SYNC_COMPACT_MOVES
-        while budget > 0 and self.pool.frame_room() < MAX_FRAMES_PER_ZSPAGE and self.pool.freeable_frames():
-            moved = self.pool.compact(min(budget, 512))
-            if not moved:
-                break
-            budget -= moved
+        steps = self.compact_steps(512)
+        try:
+            for moved in steps:
+                budget -= moved
+                if budget <= 0 or self.pool.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+                    break
+        finally:
+            steps.close()
 
     def _load_page(self, idx: int) -> Buffer:
         entry = self.table[idx]
@@ -206,10 +224,6 @@ class Store:
         if kind == KIND_HUGE:
             return data
         try:
-            if not entry & 0xC:  # lz4: the common case, without the extra call
-                out: bytes = _lz4_decompress(data, uncompressed_size=PAGE_SIZE)
-                if len(out) == PAGE_SIZE:
-                    return out
             return self.codec.decompress((entry >> 2) & 0x3, data)
         except Exception:
             self.c.failed_reads += 1

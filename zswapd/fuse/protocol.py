@@ -22,7 +22,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..errors import BadRequest, DeviceFull
 
@@ -194,26 +194,22 @@ class FuseFS:
         handler = _HANDLERS.get(op)
         if handler is None:
             return reply(hdr.unique, error=errno.ENOSYS)
-        return self._guarded(hdr.unique, op, handler, hdr, body)
-
-    def _guarded(self, unique: int, op: int, fn: Any, *args: Any) -> bytes | memoryview:
-        """Run a handler, mapping failures to errno replies."""
         try:
-            result: bytes | memoryview = fn(self, *args)
+            result: bytes | memoryview = handler(self, hdr, body)
             return result
         except struct.error:
             self.errors += 1
-            return reply(unique, error=errno.EINVAL)
+            return reply(hdr.unique, error=errno.EINVAL)
         except DeviceFull:
             self.errors += 1
-            return reply(unique, error=errno.ENOSPC)
+            return reply(hdr.unique, error=errno.ENOSPC)
         except BadRequest:
             self.errors += 1
-            return reply(unique, error=errno.EINVAL)
+            return reply(hdr.unique, error=errno.EINVAL)
         except Exception:
             self.errors += 1
             log.exception("opcode %d failed", op)
-            return reply(unique, error=errno.EIO)
+            return reply(hdr.unique, error=errno.EIO)
 
     def _init(self, hdr: InHeader, body: memoryview) -> bytes:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(body, 0)
