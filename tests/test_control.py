@@ -254,3 +254,17 @@ def test_fuzz_control_parser_never_crashes(line: bytes, uid: int) -> None:
     assert isinstance(reply, dict) and isinstance(reply["ok"], bool)
     assert reply["ok"] or isinstance(reply["error"], str)
     json.dumps(reply)  # always serialisable
+
+
+@pytest.mark.root
+def test_stats_into_a_closed_pipe_is_quiet(daemon: Daemon) -> None:
+    """`zswapd stats | head`: the reader is gone before the CLI writes."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "zswapd", "stats", "--json", "--socket", daemon.socket],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

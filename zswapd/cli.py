@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -98,6 +99,15 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `zswapd stats | head`: the reader left; exit quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zswapd", description="userspace compressed swap daemon")
     parser.add_argument("--version", action="version", version=f"zswapd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
