@@ -22,7 +22,6 @@ from typing import Any
 import trio
 
 from . import __version__
-from .codec import Codec
 from .config import RUNTIME_KEYS, ConfigError, check_value
 from .store import Store
 
@@ -94,13 +93,13 @@ class Controller:
 
     async def _cmd_compact(self, req: dict[str, Any]) -> dict[str, Any]:
         start = time.monotonic()
-        before = self.store.pool.frames_used
+        before = self.store.frames_used
         moved = 0
         for step in self.store.compact_steps(COMPACT_STEP):
             moved += step
             await trio.sleep(0)  # serve FUSE requests between steps
         return {
-            "frames_freed": before - self.store.pool.frames_used,
+            "frames_freed": before - self.store.frames_used,
             "objects_moved": moved,
             "seconds": round(time.monotonic() - start, 6),
         }
@@ -116,16 +115,16 @@ class Controller:
             out: dict[str, Any] = {"key": key, "value": checked, **result}
             if not result["met"]:
                 out["warning"] = (
-                    f"limit {checked} is below the {self.store.pool.mem_used_total} bytes in use and compaction "
+                    f"limit {checked} is below the {self.store.mem_used_total} bytes in use and compaction "
                     "cannot free enough without dropping data; nothing was dropped, new stores fail until it fits"
                 )
             return out
         if name == "algorithm":
-            self.store.codec = Codec(checked, self.store.codec.zstd_level)
+            self.store.set_algorithm(algorithm=checked)
         elif name == "zstd_level":
-            self.store.codec = Codec(self.store.codec.algorithm, checked)
+            self.store.set_algorithm(zstd_level=checked)
         else:
-            self.store.accept_percent = checked
+            self.store.set_accept_percent(checked)
         return {"key": key, "value": checked}
 
     async def _cmd_reset_max(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -315,15 +315,11 @@ class Daemon:
         with background compaction on, compact in bounded steps when waste or
         usage passes its threshold."""
         cc = self.cfg.compaction
-        store, pool = self.store, self.store.pool
+        store = self.store
         while True:
             await trio.sleep(cc.interval)
-            pool.refill_reserve()
-            if not cc.background:
-                continue
-            waste = pool.mem_used_total - pool.obj_bytes
-            high = store.memory_limit and pool.mem_used_total * 100 >= store.memory_limit * cc.watermark
-            if not (waste > cc.waste_threshold or high) or not pool.freeable_frames():
+            store.refill_reserve()
+            if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):
                 continue
             steps = store.compact_steps(COMPACT_STEP_MOVES)
             while True:

@@ -112,6 +112,41 @@ class Store:
         self.update_full()
         return {"memory_limit": nbytes, "met": met, "objects_moved": moved}
 
+    def set_accept_percent(self, percent: int) -> None:
+        if not 0 < percent <= 100:
+            raise StoreError(f"accept_percent must be in 1..100, got {percent}")
+        self.accept_percent = percent
+        self.update_full()
+
+    def set_algorithm(self, algorithm: str | None = None, zstd_level: int | None = None) -> None:
+        """Switch the codec for new writes.  Every page records its own
+        algorithm, so pages already stored stay readable."""
+        algorithm = self.codec.algorithm if algorithm is None else algorithm
+        zstd_level = self.codec.zstd_level if zstd_level is None else zstd_level
+        if (algorithm, zstd_level) != (self.codec.algorithm, self.codec.zstd_level):
+            self.codec = Codec(algorithm, zstd_level)
+
+    @property
+    def mem_used_total(self) -> int:
+        return self.pool.mem_used_total
+
+    @property
+    def frames_used(self) -> int:
+        return self.pool.frames_used
+
+    def refill_reserve(self) -> None:
+        """Top up the hot frame reserve; call off the write path."""
+        self.pool.refill_reserve()
+
+    def compaction_wanted(self, waste_threshold: int, watermark: int) -> bool:
+        """The background policy: compact when the bytes lost to partly used
+        zspages pass ``waste_threshold``, or when usage passes ``watermark``
+        percent of the limit, and only if compaction can free a frame."""
+        pool = self.pool
+        waste = pool.mem_used_total - pool.obj_bytes
+        high = bool(self.memory_limit) and pool.mem_used_total * 100 >= self.memory_limit * watermark
+        return (waste > waste_threshold or high) and pool.freeable_frames() > 0
+
     def update_full(self) -> None:
         if self.full and (
             not self.memory_limit or self.pool.mem_used_total * 100 < self.memory_limit * self.accept_percent
