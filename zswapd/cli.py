@@ -155,7 +155,7 @@ def _main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2
-        return main_run(cfg)
+        return main_run(cfg, args.config)
     if args.command == "check-config":
         try:
             cfg = load(args.config)
