@@ -127,7 +127,7 @@ def test_bad_input_gets_error_replies_and_daemon_goes_on(daemon: Daemon) -> None
         (b'{"cmd": "explode"}\n', "unknown command"),
         (b'{"nocmd": 1}\n', "unknown command"),
         (b'{"cmd": "set", "key": "memory_limit", "value": [1]}\n', "expected a size"),
-        (b"\xff\xfe\n", "invalid JSON"),
+        (b"\xff\xfe\n", "not valid UTF-8"),
     ]:
         reply = json.loads(raw(daemon.socket, payload))
         assert reply["ok"] is False and fragment in reply["error"], (payload, reply)
