@@ -283,6 +283,17 @@ def _refuse(conn: trio.socket.SocketType, message: str) -> None:
     conn.close()
 
 
+async def _close(stream: trio.SocketStream | None, conn: trio.socket.SocketType) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            if stream is not None:
+                await stream.aclose()
+            else:
+                conn.close()
+        except Exception:
+            pass
+
+
 def _accept_error_hint(e: OSError) -> str:
     if e.errno in (errno.EMFILE, errno.ENFILE):
         return " (out of file descriptors; new connections wait)"
@@ -359,14 +370,18 @@ class ControlServer:
                     f"too many connections ({limit} open for {'root' if uid == 0 else 'non-root'} peers); try again later",
                 )
                 continue
+            # Counted here, not in the task: a burst is accepted before any
+            # client task runs, and must not get past the cap.
+            self.clients += 1
+            if uid != 0:
+                self.non_root_clients += 1
             nursery.start_soon(self._client, conn, pid, uid, gid)
 
     async def _client(self, conn: trio.socket.SocketType, pid: int, uid: int, gid: int) -> None:
-        self.clients += 1
-        if uid != 0:
-            self.non_root_clients += 1
-        stream = trio.SocketStream(conn)
+        """Runs with its slot already counted by the accept loop."""
+        stream: trio.SocketStream | None = None
         try:
+            stream = trio.SocketStream(conn)
             await self._converse(stream, pid, uid, gid)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
@@ -376,11 +391,7 @@ class ControlServer:
             self.clients -= 1
             if uid != 0:
                 self.non_root_clients -= 1
-            with trio.CancelScope(shield=True):
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
+            await _close(stream, conn)
 
     async def _converse(self, stream: trio.SocketStream, pid: int, uid: int, gid: int) -> None:
         groups = _groups_of(pid) if uid != 0 else []
@@ -543,9 +554,9 @@ async def _metrics_accept_loop(
 
     async def handler(conn: trio.socket.SocketType) -> None:
         nonlocal active
-        active += 1
-        stream = trio.SocketStream(conn)
+        stream: trio.SocketStream | None = None
         try:
+            stream = trio.SocketStream(conn)
             await _metrics_exchange(stream, controller, render)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
@@ -553,11 +564,7 @@ async def _metrics_accept_loop(
             log.exception("metrics request failed")
         finally:
             active -= 1
-            with trio.CancelScope(shield=True):
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
+            await _close(stream, conn)
 
     async with trio.open_nursery() as nursery:
         while True:
@@ -571,6 +578,7 @@ async def _metrics_accept_loop(
                 refuse_log(logging.WARNING, "metrics: %d connections open; closing new ones", active)
                 conn.close()
                 continue
+            active += 1  # here, not in the task: a burst must not get past the cap
             nursery.start_soon(handler, conn)
 
 
