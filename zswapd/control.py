@@ -113,9 +113,9 @@ def decode_request(line: bytes) -> Any:
     # Strings may hold any brackets and digits: only what is outside counts.
     bare = _STRING.sub('""', text)
     if bare.count("[") + bare.count("{") > MAX_DEPTH:
-        depth = max(accumulate(1 if c in "[{" else -1 for c in _BRACKET.findall(bare)), default=0)
-        if depth > MAX_DEPTH:
-            raise RequestError(f"request nests {depth} levels deep; expected at most {MAX_DEPTH}")
+        depths = accumulate(1 if c in "[{" else -1 for c in _BRACKET.findall(bare))
+        if any(depth > MAX_DEPTH for depth in depths):
+            raise RequestError(f"request nests more than {MAX_DEPTH} levels deep; expected at most {MAX_DEPTH}")
     if _LONG_NUMBER.search(bare):
         raise RequestError(f"a number in the request is longer than {MAX_NUMBER} characters; expected a 64-bit value")
     try:
@@ -524,8 +524,8 @@ async def serve_metrics(controller: Controller, listen: str, render: Callable[[d
             sock = await _bind_metrics(host, port)
         except OSError as e:
             level = logging.DEBUG if failed else logging.ERROR
-            log.log(level, "metrics_listen = %r: cannot listen: %s; metrics are off, retrying every %g s up to %g s",
-                    listen, e.strerror or e, delay, METRICS_RETRY_MAX)  # fmt: skip
+            log.log(level, "metrics_listen = %r: cannot listen: %s; metrics are off, retrying in %g s "
+                    "(then at most every %g s)", listen, e.strerror or e, delay, METRICS_RETRY_MAX)  # fmt: skip
             failed = True
             await trio.sleep(delay)
             delay = min(delay * 2, METRICS_RETRY_MAX)
