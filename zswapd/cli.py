@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_PATH, ConfigError, load
+from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, load
 from .control import prometheus
 
 
@@ -155,6 +156,8 @@ def _main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2
+        if not args.verbose:  # -v means debug, whatever [log] level says
+            logging.getLogger("zswapd").setLevel(LOG_LEVELS[cfg.log.level])
         return main_run(cfg)
     if args.command == "check-config":
         try:
