@@ -385,3 +385,12 @@ def test_cli_exits_2_with_the_message(tmp_path: Path, command: str, content: byt
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert r.stderr.startswith(f"zswapd: {path}:") and fragment in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_byte_order_mark_is_accepted_and_offsets_count_it(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[log]\nlevel = "debug"\n')
+    assert load(str(path)).log.level == "debug"
+    path.write_bytes(b'\xef\xbb\xbf[log]\nlevel = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"line 2 \(level = \.\.\.\): byte 0xff at offset 18 "):
+        load(str(path))

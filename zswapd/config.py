@@ -452,16 +452,18 @@ def diff(old: Config, new: Config) -> tuple[list[tuple[str, str, object]], list[
     return apply, restart
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> ConfigError:
-    line_no = raw.count(b"\n", 0, e.start) + 1
-    start = raw.rfind(b"\n", 0, e.start) + 1
-    end = raw.find(b"\n", e.start)
+    at = e.start + (len(_BOM) if raw.startswith(_BOM) else 0)  # e counts from after the mark
+    line_no = raw.count(b"\n", 0, at) + 1
+    start = raw.rfind(b"\n", 0, at) + 1
+    end = raw.find(b"\n", at)
     line = raw[start : end if end >= 0 else len(raw)].decode("utf-8", "replace").strip()
     key = line.split("=", 1)[0].strip() if "=" in line else ""
     where = f"line {line_no}" + (f" ({_name(key)} = ...)" if key else "")
-    return ConfigError(
-        f"{path}: {where}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8; expected a UTF-8 TOML file"
-    )
+    return ConfigError(f"{path}: {where}: byte 0x{raw[at]:02x} at offset {at} is not UTF-8; expected a UTF-8 TOML file")
 
 
 def load(path: str | None = None) -> Config:
@@ -483,7 +485,10 @@ def load(path: str | None = None) -> Config:
     if len(raw) > MAX_FILE_SIZE:
         raise ConfigError(f"{path}: larger than {MAX_FILE_SIZE >> 20} MiB; expected a small TOML file")
     try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is harmless
+        # A byte-order mark, as some editors write, is harmless.  (Not the
+        # utf-8-sig codec: it is imported on first use, which fails once
+        # privileges are dropped and the interpreter's files are root's.)
+        text = raw.removeprefix(_BOM).decode("utf-8")
     except UnicodeDecodeError as e:
         raise _not_utf8(path, raw, e) from None
     try:
