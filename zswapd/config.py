@@ -22,6 +22,9 @@ fuzzes it).  The rules that are not obvious from the schema:
 - ``[device] size`` is at most ``MAX_DEVICE_SIZE`` (see there).
 - ``[control] metrics_listen`` names the address to bind: an empty host
   (``:9100``, ``[]:9100``) is refused rather than read as "all addresses".
+- ``[control] group`` must exist when the file is checked, so that
+  ``check-config`` reports it rather than the daemon's start.
+- ``RELOADABLE`` and ``diff`` say what a reload (SIGHUP) may apply.
 """
 
 from __future__ import annotations
