@@ -138,8 +138,8 @@ def test_bad_input_gets_error_replies_and_daemon_goes_on(daemon: Daemon) -> None
         (b'{"cmd": "set", "key": "memory_limit", "value": NaN}\n', "NaN is not allowed"),
         (b'{"cmd": "set", "key": "memory_limit", "value": Infinity}\n', "Infinity is not allowed"),
         (b'{"cmd": "set", "key": "memory_limit", "value": 1e999}\n', "out of range"),
-        (b'{"cmd": "set", "key": "memory_limit", "value": 99999999999999999999}\n', "out of range"),
-        (b'{"cmd": "set", "key": "memory_limit", "value": "9999999999T"}\n', "out of range"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": 99999999999999999999}\n', "expected a size"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": "9999999999T"}\n', "expected a size"),
         (b'{"cmd": "set", "key": "memory_limit", "value": true}\n', "expected a size"),
         (b'{"cmd": "set", "key": "accept_percent", "value": 1e300}\n', "expected an integer"),
     ]:

@@ -256,7 +256,7 @@ def test_not_root_or_no_dev_fuse_is_a_clear_error(tmp_path: Path) -> None:
         os.chmod(cfg, 0o644)
         # Import as root (site-packages may be private to root), then drop to nobody.
         script = (
-            "import os, sys, zswapd.cli, zswapd.daemon; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+            "import os, sys, zswapd.cli, zswapd.supervisor, zswapd.worker; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
             f"sys.exit(zswapd.cli.main(['run', '--config', {str(cfg)!r}]))"
         )
         r = _run_fails([sys.executable, "-c", script])

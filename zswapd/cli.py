@@ -145,10 +145,17 @@ def _main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--json", action="store_true")
     p_bench.add_argument("--plot", help="device: write a bar chart of the ratios (needs matplotlib)")
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["worker"]:
+        # Internal: a worker started by the supervisor (zswapd reload).
+        from .worker import main_exec
+
+        return main_exec()
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from .daemon import main_run, setup_logging
+        from .supervisor import main_run, setup_logging
 
         setup_logging(args.verbose)
         try:

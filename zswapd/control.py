@@ -23,6 +23,7 @@ import math
 import os
 import re
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -300,6 +301,31 @@ def _accept_error_hint(e: OSError) -> str:
     return ""
 
 
+def bind_control_socket(path: str, gid: int | None) -> socket.socket:
+    """The listening socket, root's, mode 0600 (0660 for ``gid``).  Its
+    directory was checked by paths.safe_parent; a leftover socket there is a
+    dead instance's (the instance lock is ours)."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # no window in which the socket is world-usable
+    try:
+        plain.bind(path)
+    finally:
+        os.umask(old)
+    if gid is not None:
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
+    plain.listen(1024)  # bursts of clients must not see EAGAIN
+    return plain
+
+
 class ControlServer:
     def __init__(self, controller: Controller, path: str) -> None:
         self.controller = controller
@@ -311,24 +337,7 @@ class ControlServer:
         self._client_log = RateLimitedLog(log, 1.0)
 
     def bind(self) -> trio.socket.SocketType:
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        if os.path.exists(self.path):
-            os.unlink(self.path)  # stale: the instance lock is already ours
-        plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # no window in which the socket is world-usable
-        try:
-            plain.bind(self.path)
-        finally:
-            os.umask(old)
-        sock = trio.socket.from_stdlib_socket(plain)
-        gid = self.controller.group_gid
-        if gid is not None:
-            os.chown(self.path, 0, gid)
-            os.chmod(self.path, 0o660)
-        else:
-            os.chmod(self.path, 0o600)
-        sock.listen(1024)  # bursts of clients must not see EAGAIN
-        return sock
+        return trio.socket.from_stdlib_socket(bind_control_socket(self.path, self.controller.group_gid))
 
     async def serve(self, sock: trio.socket.SocketType, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Accept until cancelled.  Never raises: every client runs isolated,

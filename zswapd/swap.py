@@ -57,7 +57,7 @@ class Loop:
     fd: int  # held open: with autoclear, the device detaches when it closes
 
 
-def _attach_blocking(backing: str) -> Loop:
+def attach_blocking(backing: str, autoclear: bool = True) -> Loop:
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         for _ in range(16):
@@ -68,7 +68,7 @@ def _attach_blocking(backing: str) -> Loop:
             try:
                 cfg = bytearray(_CONFIG_SIZE)
                 struct.pack_into("<II", cfg, 0, ffd, 0)
-                struct.pack_into("<I", cfg, _FLAGS_AT, LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO)
+                struct.pack_into("<I", cfg, _FLAGS_AT, (LO_FLAGS_AUTOCLEAR if autoclear else 0) | LO_FLAGS_DIRECT_IO)
                 fcntl.ioctl(lfd, LOOP_CONFIGURE, bytes(cfg))
                 return Loop(path, lfd)
             except OSError as e:
@@ -85,7 +85,7 @@ def _attach_blocking(backing: str) -> Loop:
 async def attach(backing: str) -> Loop:
     # A worker thread, because open() of the FUSE file must be answered by
     # this very process's session task.
-    loop: Loop = await trio.to_thread.run_sync(_attach_blocking, backing)
+    loop: Loop = await trio.to_thread.run_sync(attach_blocking, backing)
     return loop
 
 

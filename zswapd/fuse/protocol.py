@@ -151,6 +151,17 @@ def error_reply(req: bytes | bytearray | memoryview, error: int = errno.EIO) -> 
     return reply(unique, error=error)
 
 
+# FUSE_NOTIFY_RESEND (linux/fuse.h, 7.40): a notification is an out-header
+# with unique 0 and the notify code in the error field.  The kernel then
+# queues again every request the server had read but not answered, with
+# bit 63 set in their unique.
+NOTIFY_RESEND = 7
+
+
+def notify_resend() -> bytes:
+    return OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0)
+
+
 def reply(unique: int, body: bytes = b"", error: int = 0) -> bytes:
     if error:
         return OUT_HEADER.pack(OUT_HEADER.size, -error, unique)

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -57,8 +58,10 @@ _SLICE = 0.002
 _SPIN = 200e-6
 
 
-async def serve(fd: int, fs: FuseFS) -> None:
-    """Serve until the connection goes away (ENODEV) or DESTROY arrives."""
+async def serve(fd: int, fs: FuseFS, on_first_reply: Callable[[], None] | None = None) -> None:
+    """Serve until the connection goes away (ENODEV) or DESTROY arrives.
+    ``on_first_reply`` is called once, after the first reply is written (a
+    takeover's recovery time ends there)."""
     buf = bytearray(READ_BUFFER)  # one buffer for the life of the session
     view = memoryview(buf)
     last = time.perf_counter()
@@ -104,6 +107,9 @@ async def serve(fd: int, fs: FuseFS) -> None:
         if out is not None:
             try:
                 os.write(fd, out)
+                if on_first_reply is not None:
+                    on_first_reply()
+                    on_first_reply = None
             except OSError as e:
                 # ENOENT: the kernel dropped an interrupted request; fine.
                 if e.errno not in (errno.ENOENT, errno.ENODEV):

@@ -1,0 +1,807 @@
+"""The supervisor: the main process of `zswapd run`.
+
+It holds what must outlive any worker, and does nothing that could fail on a
+page's contents.  A bug in the pool, the codec or a client handler kills a
+worker; the supervisor starts the next one on the same fds within
+milliseconds, and every process with pages in our swap goes on as if nothing
+happened.
+
+Glossary
+--------
+worker      the process that serves: FUSE session, control socket, metrics,
+            compaction (worker.py).  Forked from the supervisor after a
+            crash (fast: the modules are already imported); started as a
+            fresh interpreter by `zswapd reload`, so an upgrade runs the code
+            installed now.
+held fds    /dev/fuse (the connection lives while any process holds it), the
+            state memfds (the device's contents), the control socket's
+            listening socket (clients see no refused connection during a
+            takeover).  The supervisor holds them for its whole life.
+takeover    a new worker attaching to the held fds: it rebuilds the volatile
+            indexes from the state, restores the negotiated FUSE INIT and
+            only then sends FUSE_NOTIFY_RESEND, so that every request the
+            dead worker had read but not answered is delivered again.
+channel     a SOCK_SEQPACKET socketpair, worker to supervisor: "state" with
+            the memfds (the first worker creates them, so that geometry and
+            pool code stay out of this process), "ready", "replace".
+
+The rules
+---------
+1. The supervisor never closes /dev/fuse or a state memfd while swap is on,
+   except after a successful swapoff.
+2. A new worker is started only once the old one has fully exited (we have
+   reaped it): a RESEND while the old worker still runs could serve a
+   request twice.
+3. The state memfds are mapped here and every page they hold is mlocked
+   here, so that no page of state is reclaimable between two workers: it
+   would be swapped out to the very swap whose server is restarting.  A
+   worker locks what it touches (mlockall); this process locks what exists
+   (a mincore scan, at each worker death and every LOCK_SCAN_INTERVAL).
+4. The supervisor runs one thread.  It forks workers, and a fork from a
+   multi-threaded process can inherit a lock held by another thread.
+5. Signals: SIGTERM and SIGINT shut down (swapoff while the worker serves,
+   detach, unmount; a failed swapoff keeps serving until the next SIGTERM).
+   SIGHUP is forwarded to the worker, which reloads the config.  The rest of
+   daemon.py's ignored signals are logged and ignored here too.  Workers
+   run in their own process group, so a terminal's Ctrl-C or hang-up
+   reaches only the supervisor.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import fcntl
+import json
+import logging
+import mmap
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from . import paths, swap
+from .config import Config, ConfigError
+from .fuse import mount as fmount
+from .fuse.protocol import FILE_NAME
+
+log = logging.getLogger("zswapd")
+
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+PR_SET_DUMPABLE = 4
+PR_SET_IO_FLUSHER = 57
+# Worker exit status meaning "the FUSE connection is gone": nothing to take
+# over, so the supervisor does not restart it.
+EXIT_CONNECTION_GONE = 3
+# Restart back-off for a worker that keeps dying at once: the first restarts
+# are immediate (every millisecond stalls swap-ins), then doubling to 1 s.
+RESTART_FREE = 3
+RESTART_BACKOFF_MAX = 1.0
+# A worker that lived this long resets the back-off: its death is a new one.
+RESTART_RESET_AFTER = 10.0
+# How often resident state pages are mlocked here (rule 3).  Between scans
+# the living worker's own lock covers them.
+LOCK_SCAN_INTERVAL = 2.0
+# A worker that does not exit within this after SIGTERM is killed.
+WORKER_STOP_TIMEOUT = 10.0
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+IGNORED_SIGNALS = (
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGQUIT,
+    signal.SIGPIPE,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS, signal.SIGCHLD)
+
+
+class StartupError(Exception):
+    """A problem found before anything was changed; exit status 2."""
+
+
+# -- process set-up shared with the worker -------------------------------------
+
+
+def setup_logging(verbose: bool = False) -> None:
+    # Under systemd, stderr goes to journald, which reads <N> priority prefixes.
+    journal = "JOURNAL_STREAM" in os.environ
+    prio = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    class Fmt(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + self.formatException(record.exc_info)
+            if journal:
+                return f"<{prio.get(record.levelno, 6)}>{msg}"
+            return f"zswapd[{os.getpid()}]: {record.levelname.lower()}: {msg}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Fmt())
+    root = logging.getLogger("zswapd")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def sd_notify(message: str, fds: list[int] | None = None) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            s.sendmsg([message.encode()], anc, 0, path)
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def no_core_dumps() -> None:
+    """The pool holds other processes' memory: it must never reach a core
+    file, and a non-dumpable process cannot be ptrace-attached by non-root."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("PR_SET_DUMPABLE refused: %s", os.strerror(ctypes.get_errno()))
+
+
+def harden(swap_enabled: bool) -> None:
+    """Keep the process able to run while the kernel is swapping to it."""
+    libc = _libc()
+    # MCL_ONFAULT: lock pages as they are touched, so the big lazily used
+    # tables and arenas cost only what is used.
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        why = os.strerror(ctypes.get_errno())
+        if swap_enabled:
+            # Unlocked, our own pages could be swapped out to the swap only
+            # we can serve: the first fault on one deadlocks.
+            raise StartupError(
+                f"mlockall failed ({why}): refusing to enable swap, because the daemon could be swapped out to "
+                "itself; give it CAP_IPC_LOCK or LimitMEMLOCK=infinity, or set [swap] enable = false"
+            )
+        log.warning("mlockall failed (%s): the daemon itself may be swapped out", why)
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning(
+            "PR_SET_IO_FLUSHER refused (%s; needs CAP_SYS_RESOURCE): reclaim inside the daemon may recurse into swap",
+            os.strerror(ctypes.get_errno()),
+        )
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError as e:
+        log.warning("cannot set oom_score_adj: %s", e)
+
+
+# -- start-up checks -------------------------------------------------------------
+
+
+class InstanceLock:
+    """flock'ed files next to the mountpoint and the control socket, holding
+    the owner's pid, so a second instance can name the first.  Created in
+    root-only directories and never through a symlink (paths.py)."""
+
+    def __init__(self, lock_paths: list[str]) -> None:
+        self.paths = lock_paths
+        self.fds: list[int] = []
+
+    def acquire(self) -> None:
+        for path in self.paths:
+            try:
+                fd = paths.open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except paths.UnsafePath as e:
+                self.release()
+                raise StartupError(f"lock file: {e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                self.release()
+                raise StartupError(f"another zswapd (pid {owner}) already holds {path}") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fds.append(fd)
+
+    def release(self) -> None:
+        for fd, path in zip(self.fds, self.paths):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            os.close(fd)
+        self.fds.clear()
+
+
+def check_mountpoint(path: str) -> None:
+    if fmount.is_mountpoint(path):
+        raise StartupError(f"mountpoint {path} is already mounted")
+    try:
+        paths.safe_dir(path, 0o700)
+    except paths.UnsafePath as e:
+        raise StartupError(f"mountpoint: {e}") from None
+    except OSError as e:
+        raise StartupError(f"mountpoint {path}: {e.strerror}") from None
+    if os.listdir(path):
+        raise StartupError(f"mountpoint {path} is not empty")
+
+
+def recover_stale(mountpoint: str) -> None:
+    """Clean up what a killed instance left at our mountpoint: its swap area,
+    its loop device and its dead FUSE mount.  We hold the instance lock, so
+    the instance that made them is gone and nobody can serve them again: any
+    page still in that swap was lost when it died."""
+    if fmount.mount_type(mountpoint) != "fuse.zswapd":
+        return
+    log.warning("found a zswapd mount at %s left by an instance that is no longer running; cleaning up", mountpoint)
+    backing = os.path.join(mountpoint, FILE_NAME.decode())
+    for loop in swap.loops_backed_by(backing):
+        used = swap.swap_used_kib(loop)
+        if used is not None:
+            if used:
+                log.error(
+                    "%s: %d KiB in use on the dead instance's swap area; any of those pages not still cached in "
+                    "RAM was lost (its owner gets SIGBUS on access)",
+                    loop,
+                    used,
+                )
+            else:
+                log.warning("%s: swap was still on, holding no pages", loop)
+            r = subprocess.run(["swapoff", loop], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise StartupError(f"cannot swapoff {loop} left by the dead instance: {r.stderr.strip()}")
+        swap.detach_sync(loop)
+        log.warning("detached %s", loop)
+    fmount.abort_connection(mountpoint)
+    fmount.unmount(mountpoint)
+    log.warning("unmounted the dead mount at %s", mountpoint)
+
+
+def preflight(cfg: Config) -> None:
+    if os.geteuid() != 0:
+        raise StartupError("zswapd run must be started as root (it mounts a filesystem and manages swap)")
+    if not os.path.exists("/dev/fuse"):
+        raise StartupError("/dev/fuse does not exist (load the fuse module: modprobe fuse)")
+    if cfg.fuse.backend == "pyfuse3":
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError:
+            raise StartupError(
+                f"{cfg.path}: [fuse] backend = 'pyfuse3' needs the optional extra: pip install 'zswapd[pyfuse3]' "
+                "(which builds against the Debian packages libfuse3-dev, fuse3 and pkg-config)"
+            ) from None
+    if cfg.swap.enable:
+        try:
+            swap.preflight()
+        except swap.SwapError as e:
+            raise StartupError(f"swap is enabled but cannot be set up: {e}") from None
+
+
+# -- locking the state ------------------------------------------------------------
+
+
+class LockedMapping:
+    """A memfd mapped here, whose resident pages are mlocked (rule 3).
+    mlock over a hole would allocate it, so only runs that mincore reports
+    resident are locked."""
+
+    PROT_READ, MAP_SHARED = 1, 1
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.npages = -(-self.size // mmap.PAGESIZE)
+        self.vec = (ctypes.c_ubyte * max(1, self.npages))()  # allocated once
+        self.addr = 0
+        if self.size:
+            libc = _libc()
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
+            ]
+            addr = libc.mmap(None, self.size, self.PROT_READ, self.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of state memfd: {os.strerror(ctypes.get_errno())}")
+            self.addr = int(addr)
+
+    def lock_resident(self) -> int:
+        """mlock every resident page; returns how many are resident."""
+        if not self.addr:
+            return 0
+        libc = _libc()
+        if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
+            return 0
+        raw = bytes(self.vec).translate(_ODD_TO_ONE)
+        count = 0
+        for m in _RUN.finditer(raw):
+            start, end = m.span()
+            at = ctypes.c_void_p(self.addr + start * mmap.PAGESIZE)
+            if libc.mlock(at, ctypes.c_size_t((end - start) * mmap.PAGESIZE)) != 0:
+                log.warning("mlock of state pages failed: %s", os.strerror(ctypes.get_errno()))
+                break
+            count += end - start
+        return count
+
+    def close(self) -> None:
+        if self.addr:
+            _libc().munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
+            self.addr = 0
+
+
+# mincore sets bit 0 of a page's byte when it is resident; the other bits are
+# reserved.  Map each byte to 0 or 1 so a regex finds the resident runs in C.
+_ODD_TO_ONE = bytes((i & 1) for i in range(256))
+_RUN = re.compile(rb"\x01+")
+
+
+# -- the supervisor -----------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_arg: str | None) -> None:
+        self.cfg = cfg
+        self.config_arg = config_arg
+        self.mountpoint = cfg.device.mountpoint
+        self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
+        self.fuse_fd = -1
+        self.control_sock: socket.socket | None = None
+        self.state_fds: list[int] = []
+        self.locked: list[LockedMapping] = []
+        self.mounted = False
+        self.loop: swap.Loop | None = None
+        self.swap_on = False
+        # The worker.
+        self.worker_pid = 0
+        self.worker_pidfd = -1
+        self.worker_started = 0.0
+        self.worker_ready = False
+        self.worker_restarts = 0
+        self.quick_deaths = 0
+        self.channel: socket.socket | None = None  # our end
+        self.replace_requested = False
+        self.died_at_ns = 0
+        # Signals, delivered through the wakeup fd.
+        self.pending: list[int] = []
+        self.shutdown_requested = False
+        self.connection_gone = False
+        self.next_lock_scan = 0.0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- signals and the event loop ------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def install_signals(self) -> None:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _service(self, timeout: float) -> None:
+        """One round of the event loop: wait for a signal, a worker's death,
+        a channel message or the lock-scan timer, and handle it."""
+        fds = [self._wake_r]
+        if self.worker_pidfd >= 0:
+            fds.append(self.worker_pidfd)
+        if self.channel is not None:
+            fds.append(self.channel.fileno())
+        timeout = max(0.0, min(timeout, self.next_lock_scan - time.monotonic()))
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            ready = []
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        while self.pending:
+            self._handle_signal(self.pending.pop(0))
+        if self.channel is not None and self.channel.fileno() in ready:
+            self._read_channel()
+        if self.worker_pidfd >= 0:
+            self._reap_worker()
+        if time.monotonic() >= self.next_lock_scan:
+            self._lock_state()
+
+    def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._service(min(left, 1.0))
+        return True
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # reaped in _service
+        name = signal.Signals(signum).name
+        if signum in SHUTDOWN_SIGNALS:
+            log.info("%s: shutting down", name)
+            self.shutdown_requested = True
+        elif signum == signal.SIGHUP:
+            if self.worker_pid:
+                log.info("SIGHUP: asking worker %d to reload the configuration", self.worker_pid)
+                os.kill(self.worker_pid, signal.SIGHUP)
+        else:
+            log.info("%s ignored (zswapd stops only on SIGTERM or SIGINT; SIGHUP reloads the config)", name)
+
+    # -- the worker ------------------------------------------------------------
+
+    def _spawn_worker(self, fresh: bool = False) -> None:
+        """Start a worker on the held fds (rule 2: the previous one is
+        reaped).  A fork unless ``fresh``: a new interpreter runs the code
+        installed now, for `zswapd reload`."""
+        from . import worker
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        args = worker.WorkerArgs(
+            config_arg=self.config_arg,
+            fuse_fd=self.fuse_fd,
+            control_fd=self.control_sock.fileno() if self.control_sock else -1,
+            channel_fd=theirs.fileno(),
+            state_fds=list(self.state_fds),
+            takeover=bool(self.state_fds) and self.worker_restarts > 0,
+            restarts=self.worker_restarts,
+            died_at_ns=self.died_at_ns,
+            supervisor_pid=os.getpid(),
+            verbose=log.getEffectiveLevel() <= logging.DEBUG,
+        )
+        inherit = [args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds]
+        inherit = [fd for fd in inherit if fd >= 0]
+        if fresh:
+            env = dict(os.environ, ZSWAPD_WORKER=json.dumps(args.to_json()))
+            for fd in inherit:
+                os.set_inheritable(fd, True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zswapd", "worker"], env=env, pass_fds=inherit, process_group=0
+            )
+            pid = proc.pid
+            proc.returncode = 0  # we reap it ourselves through the pidfd
+        else:
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into supervisor code
+                rc = 1
+                try:
+                    signal.set_wakeup_fd(-1)
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
+                    ours.close()
+                    rc = worker.worker_main(args, self.cfg)
+                finally:
+                    os._exit(rc)
+        theirs.close()
+        self.channel = ours
+        self.worker_pid = pid
+        self.worker_pidfd = os.pidfd_open(pid)
+        self.worker_started = time.monotonic()
+        self.worker_ready = False
+        log.info("worker %d started%s", pid, " (takeover)" if args.takeover else "")
+
+    def _read_channel(self) -> None:
+        assert self.channel is not None
+        while True:
+            try:
+                msg, anc, _, _ = self.channel.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, anc = b"", []
+            if not msg:
+                self.channel.close()
+                self.channel = None
+                return
+            fds: list[int] = []
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+                    fds.extend(arr)
+            self._on_message(msg.decode(errors="replace"), fds)
+
+    def _on_message(self, msg: str, fds: list[int]) -> None:
+        if msg == "state":
+            if self.state_fds:
+                log.error("worker sent state fds twice; keeping the first")
+                for fd in fds:
+                    os.close(fd)
+                return
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            self.state_fds = fds
+            self.locked = [LockedMapping(fd) for fd in fds]
+            self._lock_state()
+        elif msg == "ready":
+            self.worker_ready = True
+        elif msg == "replace":
+            log.info("worker %d asks to be replaced by one running the installed code", self.worker_pid)
+            self.replace_requested = True
+        else:
+            log.warning("unknown message from the worker: %r", msg[:80])
+
+    def _reap_worker(self) -> None:
+        try:
+            pid, status = os.waitpid(self.worker_pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.worker_pid, 0
+        if pid == 0:
+            return
+        self.died_at_ns = time.monotonic_ns()
+        os.close(self.worker_pidfd)
+        self.worker_pidfd = -1
+        self.worker_pid = 0
+        if self.channel is not None:
+            self._read_channel()  # a "state" sent just before dying
+            if self.channel is not None:
+                self.channel.close()
+                self.channel = None
+        self._lock_state()  # nothing of the state may be evicted now (rule 3)
+        code = os.waitstatus_to_exitcode(status)
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        lived = time.monotonic() - self.worker_started
+        if self.stopping_worker:
+            log.info("worker %d stopped (%s)", pid, how)
+            return
+        if code == EXIT_CONNECTION_GONE:
+            log.error("worker %d: the FUSE connection is gone; nothing left to serve", pid)
+            self.connection_gone = True
+            self.swap_on = False
+            return
+        if self.cfg.fuse.backend == "pyfuse3":
+            log.critical("worker %d died (%s); the pyfuse3 backend cannot be taken over", pid, how)
+            self.connection_gone = True
+            return
+        self.worker_restarts += 1
+        self.quick_deaths = 0 if lived > RESTART_RESET_AFTER else self.quick_deaths + 1
+        log.error("worker %d died (%s) after %.1f s; starting worker %d", pid, how, lived, self.worker_restarts + 1)
+        if self.quick_deaths > RESTART_FREE:
+            delay = min(RESTART_BACKOFF_MAX, 0.01 * 2 ** (self.quick_deaths - RESTART_FREE))
+            time.sleep(delay)
+        self._spawn_worker()
+
+    stopping_worker = False
+
+    def _stop_worker(self) -> None:
+        if not self.worker_pid:
+            return
+        self.stopping_worker = True
+        try:
+            os.kill(self.worker_pid, signal.SIGTERM)
+            if not self._wait(lambda: self.worker_pid == 0, WORKER_STOP_TIMEOUT):
+                log.warning("worker %d did not stop within %.0f s; killing it", self.worker_pid, WORKER_STOP_TIMEOUT)
+                os.kill(self.worker_pid, signal.SIGKILL)
+                self._wait(lambda: self.worker_pid == 0)
+        finally:
+            self.stopping_worker = False
+
+    def _replace_worker(self) -> None:
+        """`zswapd reload`: the installed code takes over, no swapoff."""
+        self.replace_requested = False
+        self._stop_worker()
+        self.worker_restarts += 1
+        self.died_at_ns = time.monotonic_ns()
+        self._spawn_worker(fresh=True)
+
+    def _lock_state(self) -> None:
+        self.next_lock_scan = time.monotonic() + LOCK_SCAN_INTERVAL
+        for m in self.locked:
+            m.lock_resident()
+
+    # -- commands that need the worker serving -----------------------------------
+
+    def _run(self, *argv: str) -> None:
+        """Run a util-linux tool while the event loop goes on (it may need
+        FUSE requests served, by a worker we may have to restart)."""
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
+        self._wait(lambda: proc.poll() is not None)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            msg = (err or out).decode(errors="replace").strip()
+            raise swap.SwapError(f"{' '.join(argv)} failed ({proc.returncode}): {msg}")
+
+    def _attach(self) -> swap.Loop:
+        """LOOP_CONFIGURE opens the FUSE file, which the worker must answer;
+        run it in a short-lived child so this loop keeps serving signals."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(r)
+                loop = swap.attach_blocking(self.file, autoclear=False)
+                os.write(w, loop.path.encode())
+            except BaseException as e:  # reported to the parent, which decides
+                os.write(w, b"!" + str(e).encode(errors="replace"))
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        pidfd = os.pidfd_open(pid)
+        done: list[int] = []
+
+        def exited() -> bool:
+            if not done and select.select([pidfd], [], [], 0)[0]:
+                done.append(os.waitpid(pid, 0)[1])
+            return bool(done)
+
+        try:
+            self._wait(exited)
+        finally:
+            os.close(pidfd)
+        out = os.read(r, 4096).decode(errors="replace")
+        os.close(r)
+        if out.startswith("!") or not out:
+            raise swap.SwapError(out[1:] or "attaching the loop device failed")
+        # The child's fd closed; the device stays bound (no autoclear) until
+        # we detach it.  Hold it open as before.
+        return swap.Loop(out, os.open(out, os.O_RDWR | os.O_CLOEXEC))
+
+    def _swap_up(self) -> None:
+        cfg = self.cfg.swap
+        sd_notify("STATUS=attaching loop device")
+        self.loop = self._attach()
+        if not swap.dio_enabled(self.loop):
+            log.warning("%s is not using direct I/O: swap pages will be cached twice", self.loop.path)
+        self._run("mkswap", "--label", "zswapd", self.loop.path)
+        argv = ["swapon", "--priority", str(cfg.priority)]
+        if cfg.discard != "none":
+            argv.append(f"--discard={cfg.discard}")
+        self._run(*argv, self.loop.path)
+        self.swap_on = True
+        log.info("swap on %s (priority %d, discard %s)", self.loop.path, cfg.priority, cfg.discard)
+
+    def _teardown(self) -> bool:
+        """swapoff, detach, unmount.  False if swapoff failed: we keep
+        serving, because exiting now would take live swap pages with us."""
+        if self.swap_on and self.loop:
+            log.info("swapoff %s: bringing its pages back into memory", self.loop.path)
+            try:
+                self._run("swapoff", self.loop.path)
+            except swap.SwapError as e:
+                if swap.swap_active(self.loop.path):
+                    log.error("%s; still serving. Free some memory and send SIGTERM again.", e)
+                    return False
+            self.swap_on = False
+        if self.loop:
+            swap.detach_sync(self.loop.path)
+            os.close(self.loop.fd)
+            log.info("detached %s", self.loop.path)
+            self.loop = None
+        if self.mounted:
+            lazy = not fmount.unmount(self.mountpoint)
+            self.mounted = False
+            log.info("unmounted %s%s", self.mountpoint, " (lazily: still busy)" if lazy else "")
+        return True
+
+    # -- life ------------------------------------------------------------------------
+
+    def status(self) -> str:
+        return f"serving {self.file}" + (f" as swap on {self.loop.path}" if self.loop else "")
+
+    def run(self) -> int:
+        from .control import bind_control_socket, resolve_group
+
+        cfg = self.cfg
+        rc = 0
+        try:
+            if cfg.fuse.backend == "native":
+                self.fuse_fd = fmount.open_fuse()
+                fmount.mount(self.fuse_fd, self.mountpoint)
+                self.mounted = True
+            self.control_sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
+            self._spawn_worker()
+            if not self._wait(lambda: self.worker_ready or self.shutdown_requested or self.connection_gone):
+                return 1
+            if cfg.fuse.backend == "pyfuse3":
+                self.mounted = fmount.is_mountpoint(self.mountpoint)
+            if cfg.swap.enable and not self.shutdown_requested and not self.connection_gone:
+                try:
+                    self._swap_up()
+                except (swap.SwapError, OSError) as e:
+                    log.error("%s", e)
+                    rc = 1
+                    self.shutdown_requested = True
+            if not rc:
+                sd_notify(f"READY=1\nSTATUS={self.status()}\nMAINPID={os.getpid()}")
+                log.info("ready: %s", self.status())
+            while True:
+                self._wait(lambda: self.shutdown_requested or self.replace_requested or self.connection_gone)
+                if self.connection_gone:
+                    self._teardown()
+                    return 1
+                if self.replace_requested:
+                    self._replace_worker()
+                    continue
+                sd_notify("STOPPING=1\nSTATUS=shutting down")
+                if self._teardown():
+                    break
+                self.shutdown_requested = False
+                sd_notify("STATUS=swapoff failed; still serving, send SIGTERM to retry")
+            return rc
+        finally:
+            self._close()
+            log.info("stopped")
+
+    def _close(self) -> None:
+        if self.swap_on:
+            # Unreachable by the rules above; say so loudly if it ever is.
+            log.critical("exiting with swap still on %s: its pages are lost", self.loop.path if self.loop else "?")
+        self._stop_worker()
+        if self.control_sock is not None:
+            self.control_sock.close()
+            try:
+                os.unlink(self.cfg.control.socket)
+            except OSError:
+                pass
+        if self.mounted:
+            fmount.unmount(self.mountpoint)
+            self.mounted = False
+        for m in self.locked:
+            m.close()
+        for fd in self.state_fds:
+            os.close(fd)
+        self.state_fds = []
+        if self.fuse_fd >= 0:
+            os.close(self.fuse_fd)
+            self.fuse_fd = -1
+
+
+def main_run(cfg: Config, config_arg: str | None = None) -> int:
+    sup = Supervisor(cfg, config_arg)
+    sup.install_signals()
+    no_core_dumps()
+    try:
+        preflight(cfg)
+        lock = InstanceLock([cfg.device.mountpoint.rstrip("/") + ".lock", cfg.control.socket + ".lock"])
+        lock.acquire()
+    except (StartupError, ConfigError) as e:
+        log.error("%s", e)
+        return 2
+    try:
+        try:
+            recover_stale(cfg.device.mountpoint)
+            check_mountpoint(cfg.device.mountpoint)
+            paths.safe_parent(cfg.control.socket)
+            harden(cfg.swap.enable)
+            # Imported now, so that a worker forked after a crash starts
+            # serving without importing anything.
+            from . import worker  # noqa: F401
+        except paths.UnsafePath as e:
+            raise StartupError(f"control socket: {e}") from None
+        except OSError as e:
+            raise StartupError(f"cannot start: {e}") from None
+        return sup.run()
+    except (StartupError, ConfigError) as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:
+        log.error("%s", e)
+        return 1
+    except Exception:
+        log.exception("internal error; please report it")
+        return 1
+    finally:
+        lock.release()

@@ -1,0 +1,411 @@
+"""The worker: one trio nursery that serves the FUSE session, the control
+socket, the metrics listener and housekeeping, on fds the supervisor holds.
+
+Every process with pages in our swap would die of SIGBUS if the FUSE
+connection died, so the rules below come before anything else in this file.
+
+The rules
+---------
+1. The worker never closes /dev/fuse itself: the supervisor holds it (and
+   the state memfds) for its whole life.  A worker that dies loses only its
+   volatile indexes; the next one rebuilds them from the state.
+2. Which failures end a worker, and so trigger a takeover: only those that
+   escape every guard (a crash in native code, a kill, an OOM kill, a bug in
+   start-up before the state is attached).  Every task runs under
+   ``_guarded``: an exception is logged with its traceback and counted
+   (stats ``task_failures``), and the task starts again after a back-off
+   that doubles from 0.1 s to 30 s.  That covers the FUSE session, the
+   control server, the metrics listener, housekeeping and compaction, signal
+   handling and reload.  A client waiting on a failed command gets an error
+   reply; the worker goes on.
+3. Takeover order: attach the state, rebuild and check it, restore the
+   negotiated FUSE INIT, and only then send FUSE_NOTIFY_RESEND and serve.
+   The supervisor starts us only after the previous worker was reaped, so no
+   request can be served twice.
+4. Signals (the worker runs in its own process group, so a terminal's
+   signals reach only the supervisor): SIGTERM ends the worker after the
+   request in hand (the supervisor's replacement or shutdown); SIGHUP
+   reloads the config and applies what can change at runtime; everything
+   else of the supervisor's ignored list is logged and ignored.
+5. Nothing here allocates without bound while a write is being served: the
+   frame reserve is refilled by housekeeping, off the write path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import trio
+
+from . import config as config_mod
+from . import swap
+from .codec import Codec
+from .config import Config, ConfigError
+from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
+from .fuse import protocol
+from .fuse.protocol import FILE_NAME, FuseFS
+from .fuse.session import serve
+from .store import Store
+
+log = logging.getLogger("zswapd")
+
+# Objects moved per background compaction step: keeps each pause well under 1 ms.
+COMPACT_STEP_MOVES = 16
+# A failed task restarts after this back-off, doubled per failure up to the
+# cap: quick recovery from a one-off bug, no log flood from a persistent one.
+RESTART_BACKOFF = 0.1
+RESTART_BACKOFF_MAX = 30.0
+# A task that ran this long before failing starts again from the shortest
+# back-off: its failure is a new one, not a loop.
+RESTART_RESET_AFTER = 60.0
+# Exit status that tells the supervisor the FUSE connection is gone.
+EXIT_CONNECTION_GONE = 3
+
+STOP_SIGNALS = (signal.SIGTERM,)
+RELOAD_SIGNALS = (signal.SIGHUP,)
+IGNORED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGQUIT,
+    signal.SIGPIPE,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+HANDLED_SIGNALS = STOP_SIGNALS + RELOAD_SIGNALS + IGNORED_SIGNALS
+
+
+@dataclass
+class WorkerArgs:
+    """What the supervisor hands a worker."""
+
+    config_arg: str | None
+    fuse_fd: int
+    control_fd: int
+    channel_fd: int
+    state_fds: list[int] = field(default_factory=list)
+    takeover: bool = False
+    restarts: int = 0
+    died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
+    supervisor_pid: int = 0
+    verbose: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerArgs:
+        return cls(**data)
+
+
+class Worker:
+    def __init__(self, cfg: Config, args: WorkerArgs) -> None:
+        self.cfg = cfg
+        self.args = args
+        self.mountpoint = cfg.device.mountpoint
+        self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
+        self.store = Store(
+            cfg.device.size,
+            Codec(cfg.pool.algorithm, cfg.pool.zstd_level),
+            memory_limit=cfg.pool.memory_limit,
+            accept_percent=cfg.pool.accept_percent,
+            reserve_frames=cfg.pool.reserve // 4096,
+        )
+        self.fs = FuseFS(self.store)
+        self.p3: Any = None  # the pyfuse3 server, with [fuse] backend = "pyfuse3"
+        self.compact_pauses: list[float] = []
+        self.task_failures: Counter[str] = Counter()
+        self.reloads = 0
+        self.signals_ignored = 0
+        self.last_recovery_ms: float | None = None
+        self.nursery: trio.Nursery  # set by run(), before any task that uses it starts
+        self.channel = socket.socket(fileno=args.channel_fd) if args.channel_fd >= 0 else None
+        self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
+        self.controller.extra_stats = self.extra_stats
+
+    def device_info(self) -> dict[str, Any]:
+        loops = swap.loops_backed_by(self.file)
+        loop = loops[0] if loops else None
+        return {
+            "path": self.file,
+            "size": self.store.size,
+            "loop": loop,
+            "mountpoint": self.mountpoint,
+            "swap": loop is not None and swap.swap_used_kib(loop) is not None,
+        }
+
+    def extra_stats(self) -> dict[str, Any]:
+        pauses = sorted(self.compact_pauses)
+        p99 = pauses[int(len(pauses) * 0.99)] if pauses else 0.0
+        return {
+            "fuse_backend": self.cfg.fuse.backend,
+            "discard_supported": self.p3 is None,
+            "fuse_requests": self.p3.ops.requests if self.p3 else self.fs.requests,
+            "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors,
+            "fuse_internal_errors": 0 if self.p3 else self.fs.internal_errors,
+            "control_internal_errors": self.controller.internal_errors,
+            "compaction_step_p99_us": round(p99 * 1e6, 1),
+            "task_failures": dict(self.task_failures),
+            "reloads": self.reloads,
+            "signals_ignored": self.signals_ignored,
+            "process": {
+                "supervisor_pid": self.args.supervisor_pid or os.getppid(),
+                "worker_pid": os.getpid(),
+                "worker_restarts": self.args.restarts,
+                "last_recovery_ms": self.last_recovery_ms,
+            },
+        }
+
+    def _tell(self, message: str, fds: list[int] | None = None) -> None:
+        """A message to the supervisor over the channel."""
+        if self.channel is None:
+            return
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(_int_array(fds))))] if fds else []
+        try:
+            self.channel.sendmsg([message.encode()], anc)
+        except OSError as e:
+            log.error("cannot reach the supervisor (%s): %s", message, e)
+
+    # -- the task tree --------------------------------------------------------
+
+    async def _guarded(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` until it returns; if it raises, log, count and run it
+        again after a back-off (rule 2).  Cancellation passes through."""
+        delay = RESTART_BACKOFF
+        while True:
+            started = trio.current_time()
+            try:
+                await fn()
+                return
+            except Exception:
+                self.task_failures[name] += 1
+                if trio.current_time() - started > RESTART_RESET_AFTER:
+                    delay = RESTART_BACKOFF
+                log.exception(
+                    "task %s failed (failure %d); restarting in %.1f s", name, self.task_failures[name], delay
+                )
+            await trio.sleep(delay)
+            delay = min(delay * 2, RESTART_BACKOFF_MAX)
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        if cfg.fuse.backend == "pyfuse3":
+            from .fuse.pyfuse3_backend import Pyfuse3Server
+
+            self.p3 = Pyfuse3Server(self.store, self.mountpoint)
+            self.p3.mount()
+            if cfg.swap.enable:
+                log.warning(
+                    "the pyfuse3 backend cannot receive discards (no fallocate): swap slots the kernel frees stay "
+                    "in the pool until overwritten, and the memory limit is reached sooner; use backend 'native'"
+                )
+        elif self.args.takeover:
+            self._take_over()
+        log.info(
+            "serving %s (%d MiB, %s, limit %s)",
+            self.file,
+            cfg.device.size >> 20,
+            cfg.pool.algorithm,
+            f"{cfg.pool.memory_limit >> 20} MiB" if cfg.pool.memory_limit else "none",
+        )
+        server = ControlServer(self.controller, cfg.control.socket)
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(self.args.control_fd)))
+        self.exit_code = 0
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._guarded, "fuse", self._serve_fuse)
+                nursery.start_soon(self._guarded, "control", lambda: server.serve(sock))
+                nursery.start_soon(self._guarded, "housekeeping", self._housekeeping)
+                if cfg.control.metrics_listen:
+                    listen = cfg.control.metrics_listen
+                    nursery.start_soon(
+                        self._guarded, "metrics", lambda: serve_metrics(self.controller, listen, prometheus)
+                    )
+                nursery.start_soon(self._guarded, "signals", lambda: self._signals(signals))
+                self._tell("ready")
+        sock.close()
+        return self.exit_code
+
+    def _take_over(self) -> None:
+        """Rule 3: state first, then INIT, then RESEND."""
+        os.write(self.args.fuse_fd, protocol.notify_resend())
+        log.info("took over (restart %d): asked the kernel to resend unanswered requests", self.args.restarts)
+
+    def _first_reply(self) -> None:
+        if self.args.died_at_ns:
+            self.last_recovery_ms = round((time.monotonic_ns() - self.args.died_at_ns) / 1e6, 3)
+            log.info("first request served %.1f ms after the previous worker died", self.last_recovery_ms)
+
+    async def _serve_fuse(self) -> None:
+        if self.p3:
+            await self.p3.serve()
+        else:
+            await serve(self.args.fuse_fd, self.fs, on_first_reply=self._first_reply)
+        # The connection is gone (aborted, or unmounted with no user left):
+        # nothing can be served any more.
+        log.info("FUSE session ended")
+        self.exit_code = EXIT_CONNECTION_GONE
+        self.nursery.cancel_scope.cancel()
+
+    # -- signals ----------------------------------------------------------------
+
+    async def _signals(self, signals: Any) -> None:
+        async for signum in signals:
+            self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum in STOP_SIGNALS:
+            log.info("%s: worker stopping", name)
+            self.nursery.cancel_scope.cancel()
+        elif signum in RELOAD_SIGNALS:
+            log.info("%s: reloading %s", name, self.cfg.path)
+            self.nursery.start_soon(self._guarded, "reload", self.reload)
+        else:
+            self.signals_ignored += 1
+            log.info("%s ignored (zswapd stops only on SIGTERM or SIGINT; SIGHUP reloads the config)", name)
+
+    # -- reload -----------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config and apply what can change at runtime."""
+        try:
+            new = config_mod.load(self.args.config_arg)
+            gid = resolve_group(new.control.group)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        runtime, restart = config_mod.diff(self.cfg, new)
+        applied: list[str] = []
+        for section, key, value in runtime:
+            if (section, key) == ("pool", "memory_limit"):
+                assert isinstance(value, int)
+                result = self.store.set_limit(value)
+                if not result["met"]:
+                    log.warning(
+                        "memory_limit %d is below the %d bytes in use; nothing was dropped, new stores fail until it "
+                        "fits",
+                        value,
+                        self.store.mem_used_total,
+                    )
+            elif (section, key) == ("pool", "accept_percent"):
+                self.store.set_accept_percent(int(value))  # type: ignore[call-overload]
+            elif (section, key) == ("pool", "algorithm"):
+                self.store.set_algorithm(algorithm=str(value))
+            elif (section, key) == ("pool", "zstd_level"):
+                self.store.set_algorithm(zstd_level=int(value))  # type: ignore[call-overload]
+            elif section == "control":
+                self._set_group(gid)
+            elif section == "log" and not self.args.verbose:
+                logging.getLogger("zswapd").setLevel(config_mod.LOG_LEVELS[str(value)])
+            applied.append(f"[{section}] {key} = {value!r}")
+        # Only what was applied becomes the running configuration.
+        self.cfg = replace(
+            self.cfg,
+            path=new.path,
+            pool=replace(
+                self.cfg.pool,
+                memory_limit=new.pool.memory_limit,
+                accept_percent=new.pool.accept_percent,
+                algorithm=new.pool.algorithm,
+                zstd_level=new.pool.zstd_level,
+            ),
+            compaction=new.compaction,
+            control=replace(self.cfg.control, group=new.control.group),
+            log=new.log,
+        )
+        self.controller.config_path = new.path
+        self.reloads += 1
+        log.info("reloaded %s: %s", new.path, "; ".join(applied) if applied else "no runtime change")
+        if restart:
+            log.warning("changed but not applied until a restart: %s", ", ".join(restart))
+
+    def _set_group(self, gid: int | None) -> None:
+        self.controller.group_gid = gid
+        path = self.cfg.control.socket
+        os.chown(path, 0, gid if gid is not None else 0)
+        os.chmod(path, 0o660 if gid is not None else 0o600)
+
+    # -- housekeeping -------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        """Every interval: refill the frame reserve (off the write path) and,
+        with background compaction on, compact in bounded steps when the
+        store's policy asks for it.  Reads the settings each round, so a
+        reload applies at the next one."""
+        store = self.store
+        while True:
+            await trio.sleep(self.cfg.compaction.interval)
+            cc = self.cfg.compaction
+            store.refill_reserve()
+            if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):
+                continue
+            steps = store.compact_steps(COMPACT_STEP_MOVES)
+            try:
+                while True:
+                    t = time.perf_counter()
+                    moved = next(steps, 0)
+                    self.compact_pauses.append(time.perf_counter() - t)
+                    if len(self.compact_pauses) > 4096:
+                        del self.compact_pauses[:2048]
+                    if not moved:
+                        break
+                    await trio.sleep(0)
+            finally:
+                steps.close()
+
+
+def _int_array(fds: list[int]) -> Any:
+    import array
+
+    return array.array("i", fds)
+
+
+def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
+    """Entry point in a worker process, forked or freshly started."""
+    from .supervisor import harden, no_core_dumps, setup_logging
+
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL if sig in STOP_SIGNALS else _early)
+    if cfg is None:
+        setup_logging(args.verbose)
+        no_core_dumps()
+    try:
+        if cfg is None:
+            cfg = config_mod.load(args.config_arg)
+        harden(cfg.swap.enable)
+        worker = Worker(cfg, args)
+    except Exception as e:
+        log.error("worker cannot start: %s", e)
+        return 2
+    try:
+        return trio.run(worker.run)
+    except Exception:
+        log.exception("worker failed")
+        return 1
+
+
+def _early(signum: int, frame: object) -> None:
+    """Before trio's receiver is open: note and ignore."""
+
+
+def main_exec() -> int:
+    """`python -m zswapd worker`, started by the supervisor's reload."""
+    data = json.loads(os.environ.pop("ZSWAPD_WORKER"))
+    return worker_main(WorkerArgs.from_json(data))
