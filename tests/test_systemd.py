@@ -126,21 +126,21 @@ step mountinfo_pid1 cat /proc/1/mountinfo
 step file_io sh -c 'head -c 4096 /dev/urandom >/tmp/page &&
     dd if=/tmp/page of=@FILE@ bs=4096 seek=5 conv=notrunc,fsync status=none &&
     dd if=@FILE@ bs=4096 skip=5 count=1 status=none | cmp - /tmp/page'
+step stop systemctl stop zswapd.service
+step stopped show
+step mountinfo_stopped cat /proc/self/mountinfo
+step loops_stopped losetup --list --noheadings --output NAME,BACK-FILE
+step procs_stopped pgrep -a -f 'zswapd run'
+step restart systemctl start zswapd.service
+step restarted show
+until_ok mount_unit_again 30 mount_unit_active
 step stats_before zswapd stats --json
 sed -i 's/^memory_limit = .*/memory_limit = "32M"/' /etc/zswapd/zswapd.toml
 step reload systemctl reload zswapd.service
 # ExecReload= only sends SIGHUP; the daemon applies it when it gets to it.
 until_ok stats_reloaded 30 sh -c 'zswapd stats --json | tee /dev/stderr | grep -q "\"mem_limit\": 33554432"'
 step reloaded show
-step stop systemctl stop zswapd.service
-step stopped show
-step mountinfo_stopped cat /proc/self/mountinfo
-step loops_stopped losetup --list --noheadings --output NAME,BACK-FILE
-step procs_stopped pgrep -a -f 'zswapd run'
-# Up again, and left running: the container's shutdown is the next check.
-step restart systemctl start zswapd.service
-step restarted show
-until_ok mount_unit_again 30 mount_unit_active
+# Left running: the container's shutdown is the last check.
 """.replace("@MOUNT_UNIT@", MOUNT_UNIT).replace("@FILE@", FILE)
 
 
@@ -228,7 +228,7 @@ def _populate(root: Path) -> None:
     # Logging only: the daemon's lines also go to the console, next to PID 1's,
     # so a failure here shows both sides in order.
     dropin = etc / "zswapd.service.d"
-    dropin.mkdir()
+    dropin.mkdir(exist_ok=True)
     (dropin / "console.conf").write_text("[Service]\nStandardOutput=journal+console\nStandardError=journal+console\n")
     (etc / "zswapd-test.target").write_text(TARGET)
     (etc / "test-runner.service").write_text(RUNNER_UNIT)
@@ -319,6 +319,8 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Boot:
     b = boot_container(base)
     print(f"\nnspawn boot, checks and poweroff: {b.seconds:.1f} s")
     assert not _mounts_under(base), f"overlay mounts left behind: {_mounts_under(base)}"
+    loops = [p for p in Path("/sys/block").glob("loop*/loop/backing_file") if p.read_text().strip() == FILE]
+    assert not loops, f"loop devices left on the container's file: {loops}"
     assert b.rc == 0, f"the container did not end by the runner's `systemctl exit` (rc {b.rc}):\n{b.console[-4000:]}"
     return b
 
@@ -357,7 +359,7 @@ def test_reload_applies_memory_limit(boot: Boot) -> None:
     # The same process, not a restart after SIGHUP killed it.
     after = boot.show("reloaded")
     assert after.get("ActiveState") == "active", after
-    assert after.get("MainPID") == boot.show("started").get("MainPID"), (after, boot.show("started"))
+    assert after.get("MainPID") == boot.show("restarted").get("MainPID"), (after, boot.show("restarted"))
     assert after.get("NRestarts") == "0", after
 
 
@@ -377,6 +379,8 @@ def test_shutdown_stops_daemon_before_its_mount(boot: Boot) -> None:
     FUSE mount itself while the daemon serves it."""
     assert boot.ok("restart") and boot.show("restarted").get("ActiveState") == "active", boot.text("restarted")
     assert boot.ok("mount_unit_again"), boot.text("mount_unit_again")
+    running = boot.show("reloaded")
+    assert running.get("ActiveState") == "active", f"not running at poweroff (after the reload check): {running}"
     lines = boot.console_lines()
     # Only what happened after the runner asked for the container's exit.
     start = [i for i, line in enumerate(lines) if re.search(r"exit\.target: Trying to enqueue job", line)]
