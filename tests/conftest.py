@@ -27,6 +27,7 @@ from zswapd.control import request
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 PUNCH = 0x3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+INJECT = Path(__file__).with_name("inject.py")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -126,14 +127,20 @@ def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) 
 
 
 @contextlib.contextmanager
-def run_daemon(tmp: Path, name: str = "d", ready: bool = True, **sections: dict[str, object]) -> Iterator[Daemon]:
+def run_daemon(
+    tmp: Path, name: str = "d", ready: bool = True, inject: str = "", **sections: dict[str, object]
+) -> Iterator[Daemon]:
+    """A real daemon on a config made from ``sections``.  ``inject`` names a
+    function (``module:Class.attr``) that tests/inject.py replaces with one
+    that raises, to prove a bug is contained."""
     mountpoint = tmp / f"{name}-mnt"
     sock = str(tmp / f"{name}-ctl" / "control.sock")
     config = tmp / f"{name}.toml"
     write_config(config, mountpoint, sock, **sections)
     log = tmp / f"{name}.log"
     logf = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "zswapd", "run", "--config", str(config)], stdout=logf, stderr=logf)
+    prefix = [sys.executable, str(INJECT), inject] if inject else [sys.executable, "-m", "zswapd"]
+    proc = subprocess.Popen([*prefix, "run", "--config", str(config)], stdout=logf, stderr=logf)
     d = Daemon(proc, config, mountpoint, sock, log)
     try:
         if ready:

@@ -5,14 +5,53 @@ Privilege: root (loop devices, zram, a FUSE mount).  Runs in CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import force_cleanup
 
-from zswapd.bench import _describe, sample_pages
+from zswapd.bench import _describe, create_private, exit_on_signals, private_dir, sample_pages
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = [sys.executable, "-m", "zswapd", "bench", "device", "--repeat", "1", "--latency-seconds", "1", "--json",
+         "--algorithms", "lz4"]  # fmt: skip
+
+
+def _dirs_named(stderr: str) -> tuple[Path, Path]:
+    """The private directory and the work directory the bench announced."""
+    m = re.search(r"kept in (\S+) \(mode 0700\).*daemons run in (\S+)", stderr)
+    assert m, stderr
+    return Path(m.group(1)), Path(m.group(2))
+
+
+def _daemons_under(workdir: Path) -> list[int]:
+    """Pids of daemons the bench started with a config inside ``workdir``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"run" in argv and any(a.startswith(os.fsencode(f"{workdir}/")) for a in argv):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _nothing_left(private: Path, workdir: Path) -> None:
+    assert not private.exists() and not workdir.exists()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(private) not in loops and str(workdir) not in loops, loops
+    assert str(workdir) not in Path("/proc/mounts").read_text()
+    assert not _daemons_under(workdir)
 
 
 def test_bench_pool_prints_ratios() -> None:
@@ -31,14 +70,39 @@ def test_corpus_description_counts_same_filled(tmp_path: Path) -> None:
     assert (c.pages, c.zero_pages, c.same_pages) == (8, 3, 4)
 
 
+def test_private_files(tmp_path: Path) -> None:
+    with private_dir(str(tmp_path)) as d:
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        path = os.path.join(d, "dump")
+        os.close(create_private(path))
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(FileExistsError):  # O_EXCL: never reuse a file
+            create_private(path)
+        os.symlink(str(tmp_path / "elsewhere"), os.path.join(d, "link"))
+        with pytest.raises(FileExistsError):  # nor follow a planted link
+            create_private(os.path.join(d, "link"))
+        assert not (tmp_path / "elsewhere").exists()
+    assert not os.path.exists(d)
+    with pytest.raises(RuntimeError), private_dir(str(tmp_path)) as d:
+        raise RuntimeError("an error on the way")
+    assert not os.path.exists(d)
+
+
+def test_sigterm_becomes_system_exit() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e, exit_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises long before this ends
+    assert e.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 @pytest.mark.root
 def test_bench_device_end_to_end(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "zswapd", "bench", "device", "--corpus-size", "8M", "--repeat", "1",
-         "--latency-seconds", "1", "--json", "--algorithms", "lz4"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = subprocess.run(BENCH + ["--corpus-size", "8M"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    _nothing_left(*_dirs_named(r.stderr))
+    assert not list(ROOT.glob("*-verify.state"))
     res = json.loads(r.stdout)
     assert res["corpus"]["pages"] >= 1024
     for target in ("tmpfs-loop", "zswapd-lz4"):
@@ -51,3 +115,46 @@ def test_bench_device_end_to_end(tmp_path: Path) -> None:
     # nothing left behind
     assert "zswapd" not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert Path("/sys/block/zram0/disksize").read_text().strip() == "0"
+
+
+@pytest.mark.root
+def test_bench_device_sigterm_mid_run_leaves_nothing() -> None:
+    """SIGTERM once the captured corpus and its tmpfs-loop copy exist: the
+    files were private while they existed, and nothing is left after."""
+    proc = subprocess.Popen(BENCH + ["--corpus-size", "4M"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, cwd=ROOT)  # fmt: skip
+    private = workdir = None
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        private, workdir = _dirs_named(first)
+        deadline = time.monotonic() + 300
+        while not (private / "tmpfs-loop").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, first + proc.stderr.read()
+            time.sleep(0.05)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        for name in ("corpus", "tmpfs-loop"):
+            st_ = (private / name).lstat()
+            assert stat.S_ISREG(st_.st_mode) and stat.S_IMODE(st_.st_mode) == 0o600 and st_.st_uid == 0, name
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(300) == 128 + signal.SIGTERM, rest
+        assert "Traceback" not in rest, rest
+        _nothing_left(private, workdir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        # only if the bench failed to clean up after itself
+        if workdir is not None and workdir.exists():
+            for mnt in workdir.glob("*/mnt"):
+                force_cleanup(str(mnt))
+            for pid in _daemons_under(workdir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(workdir, ignore_errors=True)
+        if private is not None and private.exists():
+            out = subprocess.run(["losetup", "-j", str(private / "tmpfs-loop")], capture_output=True, text=True)
+            for line in out.stdout.splitlines():
+                subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+            shutil.rmtree(private, ignore_errors=True)

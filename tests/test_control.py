@@ -1,12 +1,15 @@
 """The control socket and CLI against a real daemon, plus a fuzz of the parser.
 
-Privilege: root for the daemon tests (FUSE mount, setpriv).  The fuzz test is
-pure.
+Privilege: root for the daemon tests (FUSE mount, setpriv).  The fuzz test and
+the in-process server tests are pure.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,16 +19,17 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Daemon, run_daemon
+from conftest import Daemon, force_cleanup, run_daemon, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zswapd.control import MAX_LINE, Controller
+from zswapd import control
+from zswapd.control import MAX_CLIENTS_NON_ROOT, MAX_DEPTH, MAX_LINE, Controller, ControlServer
 from zswapd.store import Store
 
 MIB = 1 << 20
@@ -127,7 +131,17 @@ def test_bad_input_gets_error_replies_and_daemon_goes_on(daemon: Daemon) -> None
         (b'{"cmd": "explode"}\n', "unknown command"),
         (b'{"nocmd": 1}\n', "unknown command"),
         (b'{"cmd": "set", "key": "memory_limit", "value": [1]}\n', "expected a size"),
-        (b"\xff\xfe\n", "invalid JSON"),
+        (b"\xff\xfe\n", "not valid UTF-8"),
+        (b'{"cmd": "st\xc3ats"}\n', "not valid UTF-8"),
+        (b"[" * 60000 + b"\n", "nests"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": ' + b"9" * 5000 + b"}\n", "longer than 40"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": NaN}\n', "NaN is not allowed"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": Infinity}\n', "Infinity is not allowed"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": 1e999}\n', "out of range"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": 99999999999999999999}\n', "out of range"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": "9999999999T"}\n', "out of range"),
+        (b'{"cmd": "set", "key": "memory_limit", "value": true}\n', "expected a size"),
+        (b'{"cmd": "set", "key": "accept_percent", "value": 1e300}\n', "expected an integer"),
     ]:
         reply = json.loads(raw(daemon.socket, payload))
         assert reply["ok"] is False and fragment in reply["error"], (payload, reply)
@@ -226,26 +240,56 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         assert d.stats()["ok"]
 
 
-@settings(max_examples=400, deadline=None)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+_settable = st.sampled_from(["memory_limit", "accept_percent", "algorithm", "zstd_level"])
+_wild_values = st.one_of(
+    st.integers(-5, 1 << 40), st.integers(), st.integers(-(1 << 200), 1 << 200), st.text(max_size=10), st.none(),
+    st.floats(), st.booleans(), st.sampled_from(["64M", "25%", "101%", "-1%", "1e3%", "nan%", "99999999999999T", "zstd"]),
+    st.lists(st.integers(), max_size=3),
+)  # fmt: skip
+
+
+def _nested(depth: int, inner: str) -> bytes:
+    return ("[" * depth + inner + "]" * depth).encode()
+
+
+@settings(max_examples=600, deadline=None)
 @given(
     line=st.one_of(
         st.binary(max_size=300),
-        st.recursive(
-            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-            max_leaves=10,
-        ).map(lambda v: json.dumps(v).encode()),
+        _json_values.map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries(
             {"cmd": st.sampled_from(["stats", "set", "compact", "reset_max", "ping", "x"])},
-            optional={"key": st.one_of(st.text(max_size=15), st.sampled_from(["memory_limit", "accept_percent", "algorithm", "zstd_level"])),
-                      "value": st.one_of(st.integers(-5, 1 << 40), st.text(max_size=10), st.none(), st.floats())},
+            optional={"key": st.one_of(st.text(max_size=15), _settable), "value": _wild_values},
         ).map(lambda v: json.dumps(v).encode()),
+        # deep nesting, in a value or bare, balanced or not
+        st.builds(_nested, st.integers(0, 3000), st.sampled_from(["", "1", '{"cmd": "stats"}', '"[["'])),
+        st.builds(lambda d, v: b'{"cmd": "set", "key": "memory_limit", "value": ' + _nested(d, v).decode().encode() + b"}",
+                  st.integers(0, 100), st.sampled_from(["1", '"64M"', ""])),
+        st.integers(0, 6000).map(lambda n: b"[" * n),
+        # long and odd numbers and the constants json.loads accepts by default
+        st.builds(lambda k, num: b'{"cmd": "set", "key": "%s", "value": %s}' % (k.encode(), num),
+                  _settable, st.one_of(
+                      st.integers(1, 6000).map(lambda n: b"9" * n),
+                      st.integers(1, 400).map(lambda n: b"1e" + str(n).encode()),
+                      st.integers(1, 400).map(lambda n: b"-0." + b"0" * n + b"1"),
+                      st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1E+309", b"0.0",
+                                       b"-0", b"true", b"1.5", b"4096", b"9223372036854775808"]),
+                  )),
+        # invalid UTF-8 inside otherwise valid requests
+        st.builds(lambda junk: b'{"cmd": "stats", "x": "' + junk + b'"}', st.sampled_from(
+            [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf", b"\x80"])),
     ),
     uid=st.sampled_from([0, 65534]),
 )  # fmt: skip
 def test_fuzz_control_parser_never_crashes(line: bytes, uid: int) -> None:
+    """Every line gets a clear reply.  "internal error" is a bug, and fails."""
     store = Store(64 * 4096)
-    controller = Controller(store, lambda: {"path": "x"}, "<test>")
+    controller = Controller(store, lambda: {"path": "x"}, "<test>", group_gid=65534)
 
     async def go() -> dict[str, object]:
         return await controller.handle(line, uid, uid, [])
@@ -253,7 +297,427 @@ def test_fuzz_control_parser_never_crashes(line: bytes, uid: int) -> None:
     reply = trio.run(go)
     assert isinstance(reply, dict) and isinstance(reply["ok"], bool)
     assert reply["ok"] or isinstance(reply["error"], str)
-    json.dumps(reply)  # always serialisable
+    assert controller.internal_errors == 0, reply
+    assert reply["ok"] or not str(reply["error"]).startswith("internal error"), reply
+    json.dumps(reply, allow_nan=False)  # always plain JSON
+
+
+def test_depth_and_number_bounds_are_exact() -> None:
+    controller = Controller(Store(64 * 4096), lambda: {"path": "x"}, "<test>")
+
+    def ask(line: bytes) -> dict[str, object]:
+        async def go() -> dict[str, object]:
+            return await controller.handle(line)
+
+        return trio.run(go)
+
+    ok = b'{"cmd": "stats", "x": ' + _nested(MAX_DEPTH - 1, "") + b"}"
+    assert ask(ok)["ok"] is True
+    deep = b'{"cmd": "stats", "x": ' + _nested(MAX_DEPTH, "") + b"}"
+    assert ask(deep) == {
+        "ok": False,
+        "error": f"request nests more than {MAX_DEPTH} levels deep; expected at most {MAX_DEPTH}",
+    }
+    # brackets and digits inside strings are data, not structure
+    assert ask(b'{"cmd": "stats", "x": "' + b"[" * 1000 + b"9" * 1000 + b'"}')["ok"] is True
+    r = ask(b'{"cmd": "set", "key": "memory_limit", "value": 9223372036854775807}')
+    assert r["ok"] is True and r["value"] == (1 << 63) - 1
+
+
+async def _trio_request(path: str, payload: bytes) -> dict[str, object]:
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(payload)
+        return await _read_reply(stream)
+
+
+async def _read_reply(stream: trio.SocketStream) -> dict[str, object]:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    reply: dict[str, object] = json.loads(data)
+    return reply
+
+
+@contextlib.asynccontextmanager
+async def _served(tmp_path: Path) -> AsyncIterator[ControlServer]:
+    controller = Controller(Store(64 * 4096), lambda: {"path": "x"}, "<test>")
+    server = ControlServer(controller, str(tmp_path / "ctl" / "control.sock"))
+    sock = server.bind()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, sock)
+            yield server
+            nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+
+
+def test_in_process_handler_and_client_bugs_are_contained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def bad_compact(self: Controller, req: dict[str, object]) -> dict[str, object]:
+        raise RuntimeError("injected control bug")
+
+    monkeypatch.setattr(Controller, "_cmd_compact", bad_compact)
+    real_converse = ControlServer._converse
+    calls = 0
+
+    async def converse_bug_once(self: ControlServer, *args: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyError("injected connection bug")
+        await real_converse(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ControlServer, "_converse", converse_bug_once)
+
+    async def main() -> None:
+        async with _served(tmp_path) as server:
+            # connection 1: the bug, then the same connection goes on
+            stream = await trio.open_unix_socket(server.path)
+            async with stream:
+                await stream.send_all(b'{"cmd": "compact"}\n')
+                r = await _read_reply(stream)
+                assert r["ok"] is False and "internal error" in str(r["error"])
+                assert "injected control bug" in str(r["error"])
+                await stream.send_all(b'{"cmd": "stats"}\n')
+                assert (await _read_reply(stream))["ok"] is True
+                # connection 2: its connection code fails; only it is closed
+                other = await trio.open_unix_socket(server.path)
+                async with other:
+                    await other.send_all(b'{"cmd": "stats"}\n')
+                    try:  # closed: EOF, or a reset since its request went unread
+                        assert await other.receive_some(100) == b""
+                    except trio.BrokenResourceError:
+                        pass
+                await stream.send_all(b'{"cmd": "ping"}\n')
+                assert (await _read_reply(stream))["ok"] is True
+            # connection 3: a new one is served
+            assert (await _trio_request(server.path, b'{"cmd": "stats"}\n'))["ok"] is True
+            assert server.controller.internal_errors == 1
+            while server.clients:  # the closed ones are gone from the count
+                await trio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR, logger="zswapd.control"):
+        trio.run(main)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert {str(r.exc_info[1]) for r in tracebacks if r.exc_info} == {
+        "injected control bug",
+        "'injected connection bug'",
+    }
+
+
+def test_in_process_a_client_that_never_reads_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        async with _served(tmp_path) as server:
+            hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            hog.connect(server.path)
+            hog.setblocking(False)
+            burst = b'{"cmd": "stats"}\n' * 1000
+            sent = 0
+            deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
+            try:
+                while True:
+                    assert time.monotonic() < deadline, "the daemon never dropped the client"
+                    try:
+                        sent += hog.send(burst)
+                    except BlockingIOError:
+                        # meanwhile every other client is served
+                        assert (await _trio_request(server.path, b'{"cmd": "ping"}\n'))["ok"] is True
+                        await trio.sleep(0.05)
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+            finally:
+                hog.close()
+            assert sent > len(burst)
+            assert (await _trio_request(server.path, b'{"cmd": "stats"}\n'))["ok"] is True
+
+    with caplog.at_level(logging.WARNING, logger="zswapd.control"):
+        trio.run(main)
+    assert "did not read its replies" in caplog.text
+
+
+def test_in_process_accept_errors_are_logged_and_survived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(control, "ACCEPT_RETRY", 0.01)
+    errors = iter([OSError(errno.EMFILE, "Too many open files"), OSError(errno.ECONNABORTED, "aborted"),
+                   OSError(errno.ENFILE, "File table overflow"), RuntimeError("injected accept bug")])  # fmt: skip
+    with socket.socket(socket.AF_UNIX) as plain:
+        cls = type(trio.socket.from_stdlib_socket(plain))  # the concrete trio socket class
+    real_accept = cls.accept
+
+    async def flaky_accept(self: trio.socket.SocketType) -> tuple[trio.socket.SocketType, object]:
+        e = next(errors, None)
+        if e is not None:
+            await trio.sleep(0)
+            raise e
+        return await real_accept(self)
+
+    monkeypatch.setattr(cls, "accept", flaky_accept)
+
+    async def main() -> None:
+        async with _served(tmp_path) as server:
+            assert (await _trio_request(server.path, b'{"cmd": "ping"}\n'))["ok"] is True
+
+    with caplog.at_level(logging.INFO, logger="zswapd.control"):
+        trio.run(main)
+    assert "accept failed" in caplog.text and "out of file descriptors" in caplog.text
+    assert "control server failed; restarting it" in caplog.text  # the bug: logged, the server goes on
+
+
+def test_in_process_metrics_cap_and_timeouts(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Over the cap a connection is closed at once; a silent client is
+    dropped after the read timeout; a render bug is a 500, not the end."""
+    controller = Controller(Store(64 * 4096), lambda: {"path": "x"}, "<test>")
+    monkeypatch.setattr(control, "METRICS_TIMEOUT", 3600.0)  # the idle ones hold their slots
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    renders = 0
+
+    def render(stats: dict[str, object]) -> str:
+        nonlocal renders
+        renders += 1
+        if renders == 1:
+            raise RuntimeError("injected render bug")
+        return control.prometheus(stats)
+
+    def get() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := c.recv(65536):
+                    data += chunk
+            return data
+
+    def connect_when_listening() -> socket.socket:
+        deadline = time.monotonic() + 60  # a hang guard
+        while True:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=30)
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(control.serve_metrics, controller, f"127.0.0.1:{port}", render)
+            first = await trio.to_thread.run_sync(connect_when_listening)
+            idle = [first] + [socket.create_connection(("127.0.0.1", port), timeout=30)
+                              for _ in range(control.METRICS_MAX_CLIENTS - 1)]  # fmt: skip
+            try:
+                # the 17th, although it sends a full request, is closed unanswered
+                assert await trio.to_thread.run_sync(get) == b""
+            finally:
+                for c in idle:
+                    c.close()
+            deadline = time.monotonic() + 60  # a hang guard: the closed ones free their slots
+            while not (reply := await trio.to_thread.run_sync(get)).startswith(b"HTTP/1.0 500"):
+                assert reply == b"" and time.monotonic() < deadline, reply
+            assert b"zswapd_mem_used_total" in await trio.to_thread.run_sync(get)
+            monkeypatch.setattr(control, "METRICS_TIMEOUT", 0.1)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+                assert await trio.to_thread.run_sync(silent.recv, 100) == b""  # dropped, not held
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="zswapd.control"):
+        trio.run(main)
+    assert "closing new ones" in caplog.text and "injected render bug" in caplog.text
+
+
+_NON_ROOT = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+@pytest.mark.root
+def test_idle_group_members_cannot_lock_root_out(public_dir: Path) -> None:
+    """600 idle connections from a member of [control] group: the ones over
+    the non-root cap are refused with a clear error, and root is served."""
+    hog = (
+        "import json, socket, sys, time\n"
+        "path = sys.argv[1]; conns = []; accepted = 0; refused = set()\n"
+        "for _ in range(600):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(path); conns.append(s)\n"
+        '    s.sendall(b\'{"cmd": "ping"}\\n\')\n'
+        "for s in conns:\n"
+        "    reply = json.loads(s.makefile('rb').readline() or b'{}')\n"
+        "    if reply.get('ok'): accepted += 1\n"
+        "    else: refused.add(reply.get('error'))\n"
+        "print(json.dumps({'accepted': accepted, 'refused': sorted(map(str, refused))}), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    with run_daemon(public_dir, control={"group": "nogroup"}) as d:
+        os.chmod(Path(d.socket).parent, 0o755)
+        p = subprocess.Popen(_NON_ROOT + [_PYTHON, "-I", "-c", hog, d.socket], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert p.stdout is not None and p.stdin is not None
+            line = p.stdout.readline()
+            assert line, p.stderr.read() if p.stderr else ""
+            result = json.loads(line)
+            assert result["accepted"] == MAX_CLIENTS_NON_ROOT, result
+            assert len(result["refused"]) == 1 and "too many connections" in result["refused"][0], result
+            # the hog holds its connections (within the idle timeout): root still gets in
+            for _ in range(3):
+                out = cli("stats", "--json", "--socket", d.socket)
+                assert out.returncode == 0 and json.loads(out.stdout)["ok"], out.stderr
+            assert d.call("compact")["ok"]
+            p.stdin.close()
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        assert d.stats()["ok"]
+        assert "Traceback" not in d.logtext()
+
+
+@contextlib.contextmanager
+def run_patched_daemon(tmp: Path, patch: str, name: str = "p", **sections: dict[str, object]) -> Iterator[Daemon]:
+    """run_daemon, but through `python -c` that runs ``patch`` (to inject a
+    bug) before zswapd.cli.main(["run", ...]).  Same cleanup on every path."""
+    mountpoint = tmp / f"{name}-mnt"
+    sock = str(tmp / f"{name}-ctl" / "control.sock")
+    config = tmp / f"{name}.toml"
+    write_config(config, mountpoint, sock, **sections)
+    log = tmp / f"{name}.log"
+    code = patch + f"\nimport sys\nfrom zswapd.cli import main\nsys.exit(main(['run', '--config', {str(config)!r}]))\n"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=logf, stderr=logf)
+        d = Daemon(proc, config, mountpoint, sock, log)
+        try:
+            deadline = time.monotonic() + 60
+            while "ready:" not in d.logtext():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start:\n{d.logtext()}")
+                time.sleep(0.05)
+            yield d
+        finally:
+            try:
+                if proc.poll() is None:
+                    d.stop()
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                force_cleanup(str(mountpoint), proc)
+
+
+_INJECT_BUGS = """
+from zswapd.control import Controller
+from zswapd.fuse import protocol
+
+async def _bad_compact(self, req):
+    raise RuntimeError("injected control bug")
+
+def _bad_statfs(self, hdr, body):
+    raise RuntimeError("injected fuse bug")
+
+Controller._cmd_compact = _bad_compact
+protocol._HANDLERS[protocol.STATFS] = _bad_statfs
+"""
+
+
+@pytest.mark.root
+def test_injected_bugs_in_a_real_daemon_are_contained(tmp_path: Path) -> None:
+    """A bug in a control handler and one in a FUSE handler: each request gets
+    an error, the traceback is logged, and the daemon serves on."""
+    with run_patched_daemon(tmp_path, _INJECT_BUGS) as d:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(d.socket)
+            f = s.makefile("rb")
+            s.sendall(b'{"cmd": "compact"}\n')
+            r = json.loads(f.readline())
+            assert r["ok"] is False and "internal error" in r["error"] and "injected control bug" in r["error"]
+            s.sendall(b'{"cmd": "stats"}\n')
+            assert json.loads(f.readline())["ok"] is True  # the same connection goes on
+        assert d.stats()["ok"]  # and a new one is served
+        # FUSE: the buggy opcode gets EIO, every time, and the session serves on
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                os.statvfs(d.mountpoint)
+            assert e.value.errno == errno.EIO
+            fd = os.open(d.file, os.O_RDWR)
+            try:
+                page = os.urandom(4096)
+                os.pwrite(fd, page, 8192)
+                assert os.pread(fd, 4096, 8192) == page
+            finally:
+                os.close(fd)
+        s2 = d.stats()
+        assert s2["fuse_errors"] == 2  # type: ignore[comparison-overlap]
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+    text = d.logtext()
+    assert "injected control bug" in text and "injected fuse bug" in text and text.count("Traceback") >= 2
+
+
+def _listening_on(port: int) -> int:
+    """Listening TCP sockets on ``port`` in this network namespace."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for row in f.readlines()[1:]:
+                local, state = row.split()[1], row.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def _get_metrics(port: int, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.root
+def test_metrics_port_in_use_is_retried_and_one_socket_bound(tmp_path: Path) -> None:
+    """A taken port is logged and retried, never fatal; "localhost" binds one
+    socket, not one per address."""
+    held = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        h = socket.socket(family)
+        if family == socket.AF_INET6:
+            h.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        h.bind((host, port))
+        h.listen(1)
+        held.append(h)
+    try:
+        with run_daemon(tmp_path, control={"metrics_listen": f"localhost:{port}"}) as d:
+            deadline = time.monotonic() + 30
+            while "cannot listen" not in d.logtext():
+                assert time.monotonic() < deadline, d.logtext()
+                time.sleep(0.05)
+            assert "Address already in use" in d.logtext()
+            assert d.stats()["ok"] and d.proc.poll() is None
+            for h in held:
+                h.close()
+            held.clear()
+            body = _get_metrics(port)
+            assert "zswapd_mem_used_total" in body
+            assert _listening_on(port) == 1
+            assert "zswapd_pages_stored" in _get_metrics(port)
+            assert d.stats()["ok"] and "Traceback" not in d.logtext()
+    finally:
+        for h in held:
+            h.close()
 
 
 @pytest.mark.root

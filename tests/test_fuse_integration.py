@@ -174,8 +174,12 @@ def test_fio_verify_through_loop_device(tmp_path: Path, backend: str, algorithm:
             jobs = [["--name=mixed", "--rw=randwrite", "--bsrange=4k-512k", "--do_verify=1"]]
             if backend == "native":  # pyfuse3 cannot take the trims (no fallocate)
                 jobs.append(["--name=trim", "--rw=randtrimwrite", "--bs=64k", "--do_verify=1"])
+            # fio writes its verify state (NAME-0-verify.state) into the current
+            # directory: keep it out of the checkout.
+            fio_dir = tmp_path / "fio"
+            fio_dir.mkdir()
             for job in jobs:
-                r = subprocess.run(common + job, capture_output=True, text=True)
+                r = subprocess.run(common + job, capture_output=True, text=True, cwd=fio_dir)
                 assert r.returncode == 0, r.stdout + r.stderr
                 assert "verify" not in r.stderr.lower(), r.stderr
             if backend == "native":

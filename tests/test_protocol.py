@@ -1,15 +1,26 @@
-"""The sans-I/O FUSE codec, byte for byte, against a store in memory."""
+"""The sans-I/O FUSE codec, byte for byte, against a store in memory, and the
+session loop over a socket pair standing in for /dev/fuse.
+
+Privilege: none (the real-mount version of the bug test is in
+test_control.py, with the control-side one).
+"""
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
+import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zswapd.fuse import protocol as p
+from zswapd.fuse.session import serve
 from zswapd.store import Store
 
 SIZE = 64 * 4096
@@ -167,11 +178,130 @@ def test_no_reply_for_forget_and_interrupt(fs: p.FuseFS) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(opcode=st.integers(0, 60), nodeid=st.integers(0, 3), body=st.binary(max_size=200))
-def test_fuzz_never_raises(opcode: int, nodeid: int, body: bytes) -> None:
+@given(
+    opcode=st.one_of(st.integers(0, 60), st.sampled_from(sorted(p._HANDLERS))),
+    nodeid=st.integers(0, 3),
+    body=st.binary(max_size=200),
+    uid=st.sampled_from([0, 65534]),
+)
+def test_fuzz_never_raises(opcode: int, nodeid: int, body: bytes, uid: int) -> None:
+    """Any request gets a well-formed reply (or none) and no exception: handle
+    lets bugs raise, so an internal error fails this test, not passes as EIO."""
     f = p.FuseFS(Store(SIZE))
     f.handle(p.pack_request(p.INIT, 1, 0, init_body()))
-    out = f.handle(p.pack_request(opcode, 2, nodeid, body))
+    out = f.handle(p.pack_request(opcode, 2, nodeid, body, uid=uid))
     if out is not None:
         err, unique, _ = p.unpack_reply(out)
         assert unique == 2 and err <= 0
+        assert err != -errno.EIO, (opcode, nodeid, body)  # EIO only for "not initialised"
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=120), header_only=st.booleans())
+def test_fuzz_raw_bytes_never_raise(data: bytes, header_only: bool) -> None:
+    """Bytes that are not even a consistent header: no exception either."""
+    f = p.FuseFS(Store(SIZE))
+    f.handle(p.pack_request(p.INIT, 1, 0, init_body()))
+    out = f.handle(data[: p.IN_HEADER.size] if header_only else data)
+    if out is not None:
+        p.unpack_reply(out)
+
+
+def _boom(fs: p.FuseFS, hdr: p.InHeader, body: memoryview) -> bytes:
+    raise RuntimeError("injected bug")
+
+
+def test_a_handler_bug_raises_and_error_reply_answers_it(fs: p.FuseFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(p._HANDLERS, p.GETATTR, _boom)
+    req = p.pack_request(p.GETATTR, 42, p.FILE_ID, bytes(16))
+    with pytest.raises(RuntimeError, match="injected bug"):
+        fs.handle(req)
+    assert bytes(p.error_reply(req) or b"") == struct.pack("<IiQ", 16, -errno.EIO, 42)
+    assert p.error_reply(memoryview(req), errno.ENOSPC) == struct.pack("<IiQ", 16, -errno.ENOSPC, 42)
+    assert p.error_reply(req[:20]) is None  # cannot name the request
+    assert p.error_reply(p.pack_request(p.FORGET, 43, p.FILE_ID, bytes(8))) is None  # gets no reply
+    # expected errors stay replies
+    err, _, _ = p.unpack_reply(fs.handle(p.pack_request(p.READ, 44, p.FILE_ID, bytes(8))))  # type: ignore[arg-type]
+    assert err == -errno.EINVAL
+
+
+@pytest.fixture
+def fuse_pair() -> Iterator[tuple[int, socket.socket]]:
+    """A SOCK_SEQPACKET pair: one read() is one request, as on /dev/fuse."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    kernel.settimeout(30)
+    try:
+        yield ours.fileno(), kernel
+    finally:
+        ours.close()
+        kernel.close()
+
+
+def test_session_answers_a_bug_with_eio_and_serves_on(
+    fuse_pair: tuple[int, socket.socket], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fd, kernel = fuse_pair
+    fs = p.FuseFS(Store(SIZE))
+    monkeypatch.setitem(p._HANDLERS, p.GETATTR, _boom)
+    replies: list[tuple[int, int, bytes]] = []
+
+    async def kernel_side() -> None:
+        def call(req: bytes) -> None:
+            kernel.send(req)
+            replies.append(p.unpack_reply(kernel.recv(p.READ_BUFFER)))
+
+        await trio.to_thread.run_sync(call, p.pack_request(p.INIT, 1, 0, init_body()))
+        for unique in (2, 3):  # the bug, twice: each gets EIO, neither ends the session
+            await trio.to_thread.run_sync(call, p.pack_request(p.GETATTR, unique, p.FILE_ID, bytes(16)))
+        await trio.to_thread.run_sync(kernel.send, p.pack_request(p.FORGET, 4, p.FILE_ID, bytes(8)))
+        await trio.to_thread.run_sync(call, p.pack_request(p.STATFS, 5, p.ROOT_ID))
+        data = b"after the bug" * 100
+        w = struct.pack("<QQIIQII", 1, 4096, len(data), 0, 0, 0, 0)
+        await trio.to_thread.run_sync(call, p.pack_request(p.WRITE, 6, p.FILE_ID, w + data))
+        r = struct.pack("<QQIIQII", 1, 4096, len(data), 0, 0, 0, 0)
+        await trio.to_thread.run_sync(call, p.pack_request(p.READ, 7, p.FILE_ID, r))
+        await trio.to_thread.run_sync(call, p.pack_request(p.DESTROY, 8, 0))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel_side)
+            await serve(fd, fs)  # returns at DESTROY
+
+    with caplog.at_level(logging.ERROR, logger="zswapd.fuse"):
+        trio.run(main)
+    assert [(err, unique) for err, unique, _ in replies] == [
+        (0, 1), (-errno.EIO, 2), (-errno.EIO, 3), (0, 5), (0, 6), (0, 7), (0, 8),
+    ]  # fmt: skip
+    assert replies[5][2] == b"after the bug" * 100
+    assert fs.internal_errors == 2 and fs.errors == 2
+    # one traceback: the second bug inside the same interval is only counted
+    bug_logs = [r for r in caplog.records if "bug handling FUSE opcode 3" in r.getMessage()]
+    assert len(bug_logs) == 1 and bug_logs[0].exc_info is not None
+    assert "injected bug" in caplog.text
+
+
+def test_session_survives_an_unexpected_read_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read error other than ENODEV is logged and retried, never the end."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    fs = p.FuseFS(Store(SIZE))
+    real_readv = os.readv
+    failures = iter([OSError(errno.EIO, "injected"), OSError(errno.ENOMEM, "injected")])
+
+    def flaky_readv(fd: int, buffers: list[bytearray]) -> int:
+        e = next(failures, None)
+        if e is not None:
+            raise e
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", flaky_readv)
+    try:
+        kernel.send(p.pack_request(p.INIT, 1, 0, init_body()))
+        kernel.send(p.pack_request(p.DESTROY, 2, 0))
+        trio.run(serve, ours.fileno(), fs)
+        kernel.settimeout(30)
+        assert [p.unpack_reply(kernel.recv(4096))[:2] for _ in range(2)] == [(0, 1), (0, 2)]
+    finally:
+        ours.close()
+        kernel.close()

@@ -6,6 +6,13 @@
                   loop device on its file, (b) the kernel's zram with the same
                   algorithm, and (c) a loop device on a tmpfs file (the cost of
                   the loop layer alone); the same tools (dd, fio) for all.
+
+The corpus is other processes' memory, secrets included.  It and the
+tmpfs-loop file (which receives a copy) live only in a private directory
+(mode 0700) on tmpfs, in files created O_EXCL|O_NOFOLLOW with mode 0600, and
+the directory is removed on every way out: return, exception, Ctrl-C, and
+SIGTERM or SIGHUP, which raise SystemExit while the benchmark runs so that
+the ``finally`` clauses run.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -25,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lz4.block
@@ -36,6 +45,52 @@ from .store import Store
 PAGE = 4096
 MIB = 1 << 20
 BLKDISCARD = 0x1277
+# tmpfs, so captured memory never reaches a disk.
+SHM = "/dev/shm"
+
+
+@contextlib.contextmanager
+def private_dir(parent: str = SHM) -> Iterator[str]:
+    """A fresh directory only root can enter, removed with its contents at exit."""
+    path = tempfile.mkdtemp(prefix="zswapd-bench-", dir=parent)  # mode 0700, unpredictable name
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def create_private(path: str) -> int:
+    """Open a new file for writing, mode 0600.  Fails rather than reuse or
+    follow whatever already sits at ``path``."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+@contextlib.contextmanager
+def exit_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Turn the first of these signals into SystemExit(128 + signal), so that
+    clean-up runs; later ones are ignored so they cannot cut the clean-up short."""
+    fired = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise SystemExit(128 + signum)
+
+    previous = {n: signal.signal(n, handler) for n in signums}
+    try:
+        yield
+    finally:
+        for n, h in previous.items():
+            signal.signal(n, h)
+
+
+def _detach_loops_of(path: str) -> None:
+    """Detach every loop device backed by ``path``; also catches one attached
+    by a losetup that was interrupted before it printed its name."""
+    out = subprocess.run(["losetup", "-j", path], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True)
 
 
 def sample_pages(n: int) -> list[bytes]:
@@ -195,7 +250,7 @@ def capture_corpus(size: int, path: str) -> Corpus:
             ready[name] = p.stdout.readline().strip() == b"ready"
         corpus = Corpus(path, 0)
         share = size // (len(procs) + 1)
-        with open(path, "wb") as out:
+        with os.fdopen(create_private(path), "wb") as out:
             for name, p in procs.items():
                 if ready[name]:
                     corpus.sources[name] = _capture(p.pid, share, out) // PAGE
@@ -230,8 +285,8 @@ def _describe(path: str, corpus: Corpus | None = None) -> Corpus:
 # -- devices ---------------------------------------------------------------------
 
 
-def _sh(*argv: str, check: bool = True) -> str:
-    return subprocess.run(argv, check=check, capture_output=True, text=True).stdout
+def _sh(*argv: str, check: bool = True, cwd: str | None = None) -> str:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, cwd=cwd).stdout
 
 
 class Target:
@@ -257,9 +312,13 @@ class ZramTarget(Target):
             self.dev = "zram" + Path("/sys/class/zram-control/hot_add").read_text().strip()
             base = Path(f"/sys/block/{self.dev}")
         self.base = base
-        (base / "reset").write_text("1")
-        (base / "comp_algorithm").write_text(algorithm)
-        (base / "disksize").write_text(str(size))
+        try:
+            (base / "reset").write_text("1")
+            (base / "comp_algorithm").write_text(algorithm)
+            (base / "disksize").write_text(str(size))
+        except BaseException:
+            self.close()
+            raise
         self.path = f"/dev/{self.dev}"
         self.slab0 = _zs_slab_bytes()
 
@@ -312,16 +371,20 @@ class ZswapdTarget(Target):
                 f'[swap]\nenable = false\n[compaction]\nbackground = false\n[control]\nsocket = "{self.sock}"\n'
                 f'[fuse]\nbackend = "{backend}"\n'
             )
+        self.file = os.path.join(mnt, "swap")
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "zswapd", "run", "--config", cfg], stderr=self.log)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(Path(workdir, "daemon.log").read_text())
-            time.sleep(0.05)
-        time.sleep(0.2)
-        self.file = os.path.join(mnt, "swap")
-        self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.sock):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(Path(workdir, "daemon.log").read_text())
+                time.sleep(0.05)
+            time.sleep(0.2)
+            self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+        except BaseException:
+            self.close()
+            raise
 
     def stats(self) -> dict[str, float]:
         s = self._request(self.sock, {"cmd": "stats"})
@@ -333,23 +396,37 @@ class ZswapdTarget(Target):
         self._request(self.sock, {"cmd": "compact"}, timeout=600)
 
     def close(self) -> None:
-        _sh("losetup", "-d", self.path, check=False)
+        _detach_loops_of(self.file)
         self.proc.terminate()
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.log.close()
 
 
 class TmpfsLoopTarget(Target):
-    def __init__(self, size: int, workdir: str) -> None:
+    def __init__(self, size: int, private: str) -> None:
+        """``private``: a directory made by private_dir(), on tmpfs; the file
+        receives a copy of the corpus."""
         self.name = "tmpfs-loop"
-        self.file = os.path.join("/dev/shm", f"zswapd-bench-{os.getpid()}")
-        with open(self.file, "wb") as f:
-            f.truncate(size)
-        self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+        self.file = os.path.join(private, "tmpfs-loop")
+        fd = create_private(self.file)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        _sh("losetup", "-d", self.path, check=False)
-        os.unlink(self.file)
+        _detach_loops_of(self.file)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.file)
 
 
 def pyfuse3_available() -> bool:
@@ -366,11 +443,12 @@ def _dd_rate(args: list[str], nbytes: int) -> float:
     return nbytes / (time.perf_counter() - t) / 1e6
 
 
-def _fio_randread(dev: str, size: int, seconds: int) -> tuple[float, float, float]:
+def _fio_randread(dev: str, size: int, seconds: int, workdir: str) -> tuple[float, float, float]:
+    # fio may leave state files (*-verify.state) in its working directory.
     out = _sh(
         "fio", "--name=lat", f"--filename={dev}", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
         f"--size={size}", f"--runtime={seconds}", "--time_based", "--output-format=json",
-        "--percentile_list=50:99",
+        "--percentile_list=50:99", cwd=workdir,
     )  # fmt: skip
     job = json.loads(out)["jobs"][0]["read"]
     pct = job["clat_ns"]["percentile"]
@@ -387,7 +465,7 @@ def _discard_random_half(dev: str, pages: int, seed: int = 1) -> None:
 
 
 def run_targets(
-    targets: list[Target], corpus: Corpus, repeat: int, latency_seconds: int
+    targets: list[Target], corpus: Corpus, repeat: int, latency_seconds: int, workdir: str
 ) -> dict[str, dict[str, float]]:
     """Measure every target, alternating between them within each repetition
     so that drift in the machine's speed falls on all of them alike."""
@@ -416,7 +494,9 @@ def run_targets(
         r["verified"] = float(back.returncode == 0)
     for t in targets:
         r = res[t.name]
-        r["randread_p50_us"], r["randread_p99_us"], r["randread_iops"] = _fio_randread(t.path, size, latency_seconds)
+        r["randread_p50_us"], r["randread_p99_us"], r["randread_iops"] = _fio_randread(
+            t.path, size, latency_seconds, workdir
+        )
     for t in targets:
         r = res[t.name]
         s = t.stats()
@@ -454,7 +534,7 @@ def codec_ceiling(corpus: Corpus) -> dict[str, float]:
     }
 
 
-def _make_target(kind: str, size: int, algorithm: str, workdir: str) -> Target:
+def _make_target(kind: str, size: int, algorithm: str, workdir: str, private: str) -> Target:
     if kind == "zswapd":
         t: Target = ZswapdTarget(size, algorithm, workdir)
     elif kind == "pyfuse3":
@@ -462,7 +542,7 @@ def _make_target(kind: str, size: int, algorithm: str, workdir: str) -> Target:
     elif kind == "zram":
         t = ZramTarget(size, algorithm)
     else:
-        t = TmpfsLoopTarget(size, workdir)
+        t = TmpfsLoopTarget(size, private)
     t.name = f"{t.name}-{algorithm}" if kind != "tmpfs" else t.name
     return t
 
@@ -483,60 +563,23 @@ def bench_device(
         if shutil.which(tool) is None:
             print(f"zswapd bench device: {tool} not found (apt-get install fio util-linux)", file=sys.stderr)
             return 2
-    workdir = tempfile.mkdtemp(prefix="zswapd-bench-")
     try:
-        if corpus_file:
-            corpus = _describe(corpus_file)
-        else:
-            corpus = capture_corpus(corpus_size, os.path.join("/dev/shm", f"zswapd-corpus-{os.getpid()}"))
-        size = -(-corpus.pages * PAGE // MIB) * MIB
-        results: dict[str, Any] = {
-            "corpus": {"pages": corpus.pages, "zero_share": corpus.zero_pages / max(1, corpus.pages),
-                       "same_filled_share": corpus.same_pages / max(1, corpus.pages), "sources": corpus.sources},
-            "codec_ceiling": codec_ceiling(corpus),
-        }  # fmt: skip
-        has_zram = Path("/sys/block/zram0").exists() or Path("/sys/class/zram-control").exists()
-        zram_algos = Path("/sys/block/zram0/comp_algorithm").read_text() if has_zram else ""
-        with contextlib.ExitStack() as stack:
-            targets: list[Target] = []
-
-            def add(kind: str, algo: str) -> None:
-                sub = os.path.join(workdir, f"{kind}-{algo}")
-                os.makedirs(sub, exist_ok=True)
-                t = _make_target(kind, size, algo, sub)
-                stack.callback(t.close)
-                targets.append(t)
-
-            add("tmpfs", "none")
-            for algo in algorithms:
-                add("zswapd", algo)
-                if has_zram and algo in zram_algos:
-                    add("zram", algo)
-            if pyfuse3_available():
-                add("pyfuse3", algorithms[0])
-            results.update(run_targets(targets, corpus, repeat, latency_seconds))
-        ratios: dict[str, float] = {}
-        z = results.get("zram-lz4")
-        if z:
-            for algo in algorithms:
-                mine = results[f"zswapd-{algo}"]
-                for key in ("write_MBps", "read_MBps", "ratio", "frag_after_compact", "randread_p99_us",
-                            "metadata_B_per_page"):  # fmt: skip
-                    ratios[f"zswapd-{algo}/zram-lz4 {key}"] = mine[key] / z[key]
-        p3 = results.get(f"zswapd-pyfuse3-{algorithms[0]}")
-        if p3:
-            native = results[f"zswapd-{algorithms[0]}"]
-            ratios[f"zswapd-{algorithms[0]} native/pyfuse3 write_MBps"] = native["write_MBps"] / p3["write_MBps"]
-            ratios[f"zswapd-{algorithms[0]} native/pyfuse3 read_MBps"] = native["read_MBps"] / p3["read_MBps"]
-        for algo in algorithms:
-            mine = results[f"zswapd-{algo}"]
-            ratios[f"zswapd-{algo}/tmpfs-loop write_MBps"] = mine["write_MBps"] / results["tmpfs-loop"]["write_MBps"]
-            ratios[f"zswapd-{algo}/tmpfs-loop read_MBps"] = mine["read_MBps"] / results["tmpfs-loop"]["read_MBps"]
-        results["ratios"] = ratios
-        if not corpus_file:
-            os.unlink(corpus.path)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
+            print(
+                f"zswapd bench: captured memory is kept in {private} (mode 0700) and removed at exit; "
+                f"daemons run in {workdir}",
+                file=sys.stderr,
+                flush=True,
+            )
+            results = _bench_device(
+                corpus_size, corpus_file, algorithms, repeat, latency_seconds, workdir=workdir, private=private
+            )
+    except OSError as e:
+        print(f"zswapd bench device: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("zswapd bench device: interrupted; cleaned up", file=sys.stderr)
+        return 130
     if as_json:
         print(json.dumps(results, indent=2))
     else:
@@ -544,6 +587,66 @@ def bench_device(
     if plot:
         _plot(results, plot)
     return 0
+
+
+def _bench_device(
+    corpus_size: int,
+    corpus_file: str | None,
+    algorithms: tuple[str, ...],
+    repeat: int,
+    latency_seconds: int,
+    workdir: str,
+    private: str,
+) -> dict[str, Any]:
+    if corpus_file:
+        corpus = _describe(corpus_file)
+    else:
+        corpus = capture_corpus(corpus_size, os.path.join(private, "corpus"))
+    size = -(-corpus.pages * PAGE // MIB) * MIB
+    results: dict[str, Any] = {
+        "corpus": {"pages": corpus.pages, "zero_share": corpus.zero_pages / max(1, corpus.pages),
+                   "same_filled_share": corpus.same_pages / max(1, corpus.pages), "sources": corpus.sources},
+        "codec_ceiling": codec_ceiling(corpus),
+    }  # fmt: skip
+    has_zram = Path("/sys/block/zram0").exists() or Path("/sys/class/zram-control").exists()
+    zram_algos = Path("/sys/block/zram0/comp_algorithm").read_text() if has_zram else ""
+    with contextlib.ExitStack() as stack:
+        targets: list[Target] = []
+
+        def add(kind: str, algo: str) -> None:
+            sub = os.path.join(workdir, f"{kind}-{algo}")
+            os.makedirs(sub, exist_ok=True)
+            t = _make_target(kind, size, algo, sub, private)
+            stack.callback(t.close)
+            targets.append(t)
+
+        add("tmpfs", "none")
+        for algo in algorithms:
+            add("zswapd", algo)
+            if has_zram and algo in zram_algos:
+                add("zram", algo)
+        if pyfuse3_available():
+            add("pyfuse3", algorithms[0])
+        results.update(run_targets(targets, corpus, repeat, latency_seconds, workdir))
+    ratios: dict[str, float] = {}
+    z = results.get("zram-lz4")
+    if z:
+        for algo in algorithms:
+            mine = results[f"zswapd-{algo}"]
+            for key in ("write_MBps", "read_MBps", "ratio", "frag_after_compact", "randread_p99_us",
+                        "metadata_B_per_page"):  # fmt: skip
+                ratios[f"zswapd-{algo}/zram-lz4 {key}"] = mine[key] / z[key]
+    p3 = results.get(f"zswapd-pyfuse3-{algorithms[0]}")
+    if p3:
+        native = results[f"zswapd-{algorithms[0]}"]
+        ratios[f"zswapd-{algorithms[0]} native/pyfuse3 write_MBps"] = native["write_MBps"] / p3["write_MBps"]
+        ratios[f"zswapd-{algorithms[0]} native/pyfuse3 read_MBps"] = native["read_MBps"] / p3["read_MBps"]
+    for algo in algorithms:
+        mine = results[f"zswapd-{algo}"]
+        ratios[f"zswapd-{algo}/tmpfs-loop write_MBps"] = mine["write_MBps"] / results["tmpfs-loop"]["write_MBps"]
+        ratios[f"zswapd-{algo}/tmpfs-loop read_MBps"] = mine["read_MBps"] / results["tmpfs-loop"]["read_MBps"]
+    results["ratios"] = ratios
+    return results
 
 
 def format_device(r: dict[str, Any]) -> str:

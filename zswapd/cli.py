@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_PATH, ConfigError, load
+from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, load
 from .control import prometheus
 
 
@@ -155,7 +156,9 @@ def _main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2
-        return main_run(cfg)
+        if not args.verbose:  # -v means debug, whatever [log] level says
+            logging.getLogger("zswapd").setLevel(LOG_LEVELS[cfg.log.level])
+        return main_run(cfg, args.config)
     if args.command == "check-config":
         try:
             cfg = load(args.config)
@@ -201,12 +204,34 @@ def _main(argv: list[str] | None = None) -> int:
         from .bench import bench_device, bench_pool
         from .config import parse_size
 
+        algorithms = tuple(a for a in args.algorithms.split(",") if a)
+        for name, value in (
+            ("--pages", args.pages),
+            ("--repeat", args.repeat),
+            ("--latency-seconds", args.latency_seconds),
+        ):
+            if value < 1:
+                print(f"zswapd bench: {name} {value}: expected a positive number", file=sys.stderr)
+                return 2
+        if not algorithms or not set(algorithms) <= {"lz4", "zstd"}:
+            print(f"zswapd bench: --algorithms {args.algorithms!r}: expected lz4, zstd or lz4,zstd", file=sys.stderr)
+            return 2
         if args.what == "pool":
             return bench_pool(args.pages, args.json)
+        try:
+            corpus_size = parse_size(args.corpus_size)
+            if corpus_size < 1 << 20:
+                raise ValueError("too small")
+        except ValueError:
+            print(
+                f"zswapd bench: --corpus-size {args.corpus_size!r}: expected a size of 1M or more, e.g. 128M",
+                file=sys.stderr,
+            )
+            return 2
         return bench_device(
-            corpus_size=parse_size(args.corpus_size),
+            corpus_size=corpus_size,
             corpus_file=args.corpus,
-            algorithms=tuple(a for a in args.algorithms.split(",") if a),
+            algorithms=algorithms,
             repeat=args.repeat,
             latency_seconds=args.latency_seconds,
             as_json=args.json,

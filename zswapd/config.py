@@ -4,10 +4,34 @@ Every error names the file, the key, the bad value and what is expected, e.g.
 ``/etc/zswapd/zswapd.toml: [pool] memory_limit = '12Q': expected a size ...``.
 Without a file the embedded defaults apply; they follow zram-generator
 (device size min(MemTotal / 2, 4 GiB)) and zswap (pool limit 20% of RAM).
+
+Nothing in a file may reach the daemon as a traceback: ``load`` returns a
+``Config`` or raises ``ConfigError``, whatever the bytes (tests/test_config.py
+fuzzes it).  The rules that are not obvious from the schema:
+
+- The file is UTF-8 TOML of at most ``MAX_FILE_SIZE`` bytes.
+- Paths (``[device] mountpoint``, ``[control] socket``) are absolute, are
+  normalised lexically (``//run/./x/`` is ``/run/x``; symlinks are not
+  resolved), hold no control characters (NUL, newline...), and are neither
+  ``/``, a top-level system directory (``/etc``, ``/usr``, ``/tmp``...), nor
+  anything under ``/proc``, ``/sys`` or ``/dev``: a FUSE mount there would
+  shadow what the system needs.  The socket must fit ``sun_path`` and may not
+  lie inside the mountpoint, which the mount would hide.
+- Every number has a range; TOML integers are arbitrary here (tomllib reads
+  ``1e30``-sized ones), and none may reach the daemon as an OverflowError.
+- ``[device] size`` is at most ``MAX_DEVICE_SIZE`` (see there).
+- ``[control] metrics_listen`` names the address to bind: an empty host
+  (``:9100``, ``[]:9100``) is refused rather than read as "all addresses".
+- ``[control] group`` must exist when the file is checked, so that
+  ``check-config`` reports it rather than the daemon's start.
+- ``RELOADABLE`` and ``diff`` say what a reload (SIGHUP) may apply.
 """
 
 from __future__ import annotations
 
+import grp
+import ipaddress
+import logging
 import os
 import re
 import tomllib
@@ -18,7 +42,52 @@ from typing import Any
 DEFAULT_PATH = "/etc/zswapd/zswapd.toml"
 PAGE = 4096
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+# ASCII digits only, and no more than a 64-bit count could need, so that no
+# string turns into a huge int before the range check.
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,20})\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE | re.ASCII)
+
+# A config file is a few kilobytes; the cap keeps `--config /dev/zero` from
+# reading forever.
+MAX_FILE_SIZE = 1 << 20
+# Sizes are reported as unsigned 64-bit counters (stats, Prometheus), and
+# the kernel's own byte counts are 64-bit.
+MAX_SIZE = (1 << 63) - 1
+# The device's upper bound.  Candidates, and which binds first:
+# - the page table keeps a page's pool handle in 31 bits (bits 32-62, see
+#   the glossary in store.py), and the store asks the pool for one handle per
+#   page plus 64 spare (Store.__init__, Pool's _MAX_HANDLE = 2^31 - 1), so at
+#   most 2^31 - 65 pages: just under 8 TiB.  This binds.
+# - the swap header's last_page is a 32-bit page count (16 TiB);
+# - the x86-64 swap entry's offset field and a loop device's 64-bit byte
+#   size are far larger;
+# - the metadata tables reserve about 56 bytes of address space per page
+#   (MAP_NORESERVE, faulted lazily): 120 GiB at this bound, well inside the
+#   128 TiB a 64-bit process can address.
+# tests/test_config.py builds a Store at this size and checks that one page
+# more is refused, so the constant follows the store.
+MAX_DEVICE_PAGES = (1 << 31) - 1 - 64
+MAX_DEVICE_SIZE = MAX_DEVICE_PAGES * PAGE
+MIN_DEVICE_SIZE = 16 * PAGE
+# The write path's resident frame reserve: memory held idle on purpose.  It
+# is also added to the pool's frame count, whose tables use 32-bit numbers.
+MAX_RESERVE = 1 << 30
+# sun_path in struct sockaddr_un is 108 bytes including the final NUL.
+MAX_SOCKET_PATH = 107
+
+# Refused as a mountpoint or socket path: the root, these directories
+# themselves, and (for the pseudo filesystems) everything below them.
+SYSTEM_TREES = ("/proc", "/sys", "/dev")
+SYSTEM_DIRS = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/lost+found",
+        "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr",
+        "/var", "/usr/bin", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/local", "/usr/sbin", "/usr/share",
+        "/var/cache", "/var/lib", "/var/lock", "/var/log", "/var/run", "/var/spool", "/var/tmp", "/run/lock",
+        "/run/user", "/run/systemd",
+    }
+)  # fmt: skip
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 class ConfigError(Exception):
@@ -35,18 +104,19 @@ def mem_total() -> int:
 
 def parse_size(value: object) -> int:
     """Bytes from an int or a string with an optional K/M/G/T (binary) suffix,
-    as zram's disksize reads them.  Raises ValueError."""
+    as zram's disksize reads them, at most ``MAX_SIZE``.  Raises ValueError."""
     if isinstance(value, bool):
         raise ValueError("not a size")
+    n = -1
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError("negative")
-        return value
-    if isinstance(value, str):
+        n = value
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(m.group(1)) * _UNITS[m.group(2).upper()]
-    raise ValueError("not a size")
+            n = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not 0 <= n <= MAX_SIZE:
+        raise ValueError("not a size")
+    return n
 
 
 def parse_limit(value: object, total: int) -> int:
@@ -110,6 +180,11 @@ class FuseConfig:
 
 
 @dataclass
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass
 class Config:
     path: str = "<defaults>"
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -118,6 +193,7 @@ class Config:
     swap: SwapConfig = field(default_factory=SwapConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 Check = Callable[[object], Any]
@@ -147,25 +223,59 @@ def _choice(*options: str) -> Check:
     return check
 
 
-def _str(v: object) -> str:
-    if not isinstance(v, str):
-        raise ValueError("a string")
+_GROUP_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?$", re.ASCII)
+
+
+def _group(v: object) -> str:
+    if v == "":
+        return ""
+    if not isinstance(v, str) or not _GROUP_RE.match(v):
+        raise ValueError('"" (root only) or the name of an existing group')
+    try:
+        grp.getgrnam(v)
+    except KeyError:
+        raise ValueError('"" (root only) or the name of an existing group (there is no such group)') from None
     return v
 
 
-def _abs_path(v: object) -> str:
+_PATH_EXPECT = (
+    "an absolute path that is not / or a system directory (/etc, /usr, /tmp...) and not under /proc, /sys or /dev"
+)
+
+
+def _path(v: object) -> str:
     if not isinstance(v, str) or not v.startswith("/"):
-        raise ValueError("an absolute path")
-    return os.path.normpath(v)
+        raise ValueError(_PATH_EXPECT)
+    if any(ord(c) < 0x20 or c == "\x7f" for c in v):
+        raise ValueError(_PATH_EXPECT + ", without control characters (NUL, newline)")
+    # normpath keeps a leading "//" (POSIX leaves its meaning open); Linux
+    # reads it as "/", and so must the checks below.
+    p = "/" + os.path.normpath(v).lstrip("/")
+    if p in SYSTEM_DIRS:
+        raise ValueError(_PATH_EXPECT + f" ({p} is " + ("the root)" if p == "/" else "a system directory)"))
+    for tree in SYSTEM_TREES:
+        if p.startswith(tree + "/"):
+            raise ValueError(_PATH_EXPECT + f" ({p} is under {tree})")
+    return p
+
+
+def _socket_path(v: object) -> str:
+    p = _path(v)
+    if len(os.fsencode(p)) > MAX_SOCKET_PATH:
+        raise ValueError(f"{_PATH_EXPECT}, at most {MAX_SOCKET_PATH} bytes long (the limit of a unix socket's address)")
+    return p
 
 
 def _device_size(v: object) -> int:
     try:
         n = parse_size(v)
     except ValueError:
-        raise ValueError('a size in bytes or with a K/M/G/T suffix, e.g. "4G"') from None
-    if n < PAGE * 16 or n % PAGE:
-        raise ValueError("a multiple of 4096 bytes, at least 64K")
+        n = -1
+    if not MIN_DEVICE_SIZE <= n <= MAX_DEVICE_SIZE or n % PAGE:
+        raise ValueError(
+            f"a size that is a multiple of 4096 bytes, from 64K to {MAX_DEVICE_SIZE} bytes (8T less 260K, "
+            'the most pages the page table can address), e.g. "4G"'
+        )
     return n
 
 
@@ -180,7 +290,17 @@ def _small_size(v: object) -> int:
     try:
         return parse_size(v)
     except ValueError:
-        raise ValueError('a size in bytes or with a K/M/G/T suffix, e.g. "8M"') from None
+        raise ValueError(f'a size in bytes or with a K/M/G/T suffix, e.g. "8M", at most {MAX_SIZE}') from None
+
+
+def _reserve(v: object) -> int:
+    try:
+        n = parse_size(v)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_RESERVE:
+        raise ValueError('a size in bytes or with a K/M/G/T suffix, from 0 to 1G, e.g. "1M"')
+    return n
 
 
 def _seconds(v: object) -> float:
@@ -189,20 +309,51 @@ def _seconds(v: object) -> float:
     return float(v)
 
 
+_LISTEN_EXPECT = '"" (off) or "HOST:PORT" with an IPv4 address, [IPv6] address or host name, e.g. "127.0.0.1:9100"'
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$", re.ASCII)
+
+
 def _listen(v: object) -> str:
-    if not isinstance(v, str) or (v and not re.match(r"^[\w.\-\[\]:]+:\d{1,5}$", v)):
-        raise ValueError('"" or "HOST:PORT"')
+    if not isinstance(v, str):
+        raise ValueError(_LISTEN_EXPECT)
+    if not v:
+        return v
+    host, sep, port = v.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(_LISTEN_EXPECT + ", PORT from 1 to 65535")
+    if host in ("", "[]"):
+        raise ValueError(
+            "HOST:PORT with a host: bind to all addresses is refused: name the address, e.g. 127.0.0.1:9100"
+        )
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(_LISTEN_EXPECT + f" ({host} is not a bracketed IPv6 address)") from None
+        return v
+    if ":" in host:
+        raise ValueError(_LISTEN_EXPECT + " (an IPv6 address goes in brackets, e.g. [::1]:9100)")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(_LISTEN_EXPECT + f" ({host} is not an IPv4 address)") from None
+        return v
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(_LISTEN_EXPECT + f" ({host!r} is not a host name)")
     return v
 
 
 SCHEMA: dict[str, dict[str, Check]] = {
-    "device": {"size": _device_size, "mountpoint": _abs_path},
+    "device": {"size": _device_size, "mountpoint": _path},
     "pool": {
         "algorithm": _choice("lz4", "zstd"),
         "zstd_level": _int_in(-7, 22),
         "memory_limit": _limit,
         "accept_percent": _int_in(1, 100),
-        "reserve": _small_size,
+        "reserve": _reserve,
     },
     "compaction": {
         "background": _bool,
@@ -211,8 +362,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "interval": _seconds,
     },
     "swap": {"enable": _bool, "priority": _int_in(-1, 32767), "discard": _choice("pages", "once", "both", "none")},
-    "control": {"socket": _abs_path, "group": _str, "metrics_listen": _listen},
+    "control": {"socket": _socket_path, "group": _group, "metrics_listen": _listen},
     "fuse": {"backend": _choice("native", "pyfuse3")},
+    "log": {"level": _choice(*LOG_LEVELS)},
 }
 
 # Keys that the control socket's `set` may change while running.
@@ -225,27 +377,59 @@ RUNTIME_KEYS = {
     "zstd_level": ("pool", "zstd_level"),
 }
 
+# Keys a reload of the file (SIGHUP) may apply to a running daemon: those of
+# `set`, the compaction policy (read each housekeeping round), who may use
+# the control socket, and the log level.  The rest shape the device, the
+# mount, the swap area or the sockets, and take a restart.
+RELOADABLE: frozenset[tuple[str, str]] = frozenset(
+    {
+        *RUNTIME_KEYS.values(),
+        *(("compaction", key) for key in ("background", "waste_threshold", "watermark", "interval")),
+        ("control", "group"),
+        ("log", "level"),
+    }
+)
+
 
 def check_value(path: str, section: str, key: str, value: object) -> Any:
     try:
         return SCHEMA[section][key](value)
     except ValueError as e:
-        raise ConfigError(f"{path}: [{section}] {key} = {value!r}: expected {e}") from None
+        raise ConfigError(f"{path}: [{section}] {key} = {_show(value)}: expected {e}") from None
+
+
+def _show(value: object) -> str:
+    """repr, cut short: a value in an error message is for recognising."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
+def _name(key: str) -> str:
+    """A TOML key as written, quoted when it is not a bare key."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key) else _show(key)
 
 
 def from_dict(data: dict[str, Any], path: str) -> Config:
     cfg = Config(path=path)
     for section, values in data.items():
         if section not in SCHEMA:
-            raise ConfigError(f"{path}: unknown section [{section}]; expected one of {', '.join(SCHEMA)}")
+            raise ConfigError(f"{path}: unknown section [{_name(section)}]; expected one of {', '.join(SCHEMA)}")
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: {section} = {values!r}: expected a [{section}] table")
+            raise ConfigError(f"{path}: {section} = {_show(values)}: expected a [{section}] table")
         target = getattr(cfg, section)
         for key, value in values.items():
             if key not in SCHEMA[section]:
                 allowed = ", ".join(f.name for f in fields(target))
-                raise ConfigError(f"{path}: unknown key [{section}] {key}; expected one of {allowed}")
+                raise ConfigError(f"{path}: unknown key [{section}] {_name(key)}; expected one of {allowed}")
             setattr(target, key, check_value(path, section, key, value))
+    mnt, sock = cfg.device.mountpoint, cfg.control.socket
+    if sock == mnt or sock.startswith(mnt + "/") or sock == mnt + ".lock":
+        raise ConfigError(
+            f"{path}: [control] socket = {sock!r}: expected a path outside [device] mountpoint = {mnt!r} "
+            "(the mount would hide it) and not the mountpoint's lock file"
+        )
+    if mnt == sock + ".lock" or mnt.startswith(sock + "/"):
+        raise ConfigError(f"{path}: [device] mountpoint = {mnt!r}: expected a path apart from [control] socket")
     if cfg.device.size == 0:
         cfg.device.size = _default_size()
     if cfg.pool.memory_limit < 0:
@@ -253,20 +437,67 @@ def from_dict(data: dict[str, Any], path: str) -> Config:
     return cfg
 
 
+def diff(old: Config, new: Config) -> tuple[list[tuple[str, str, object]], list[str]]:
+    """What a reload from ``old`` to ``new`` means: (section, key, new value)
+    for each changed key that can be applied while running, in schema order,
+    and the names ("[device] size") of changed keys that need a restart."""
+    apply: list[tuple[str, str, object]] = []
+    restart: list[str] = []
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            before, after = getattr(getattr(old, section), key), getattr(getattr(new, section), key)
+            if before == after:
+                continue
+            if (section, key) in RELOADABLE:
+                apply.append((section, key, after))
+            else:
+                restart.append(f"[{section}] {key}")
+    return apply, restart
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> ConfigError:
+    at = e.start + (len(_BOM) if raw.startswith(_BOM) else 0)  # e counts from after the mark
+    line_no = raw.count(b"\n", 0, at) + 1
+    start = raw.rfind(b"\n", 0, at) + 1
+    end = raw.find(b"\n", at)
+    line = raw[start : end if end >= 0 else len(raw)].decode("utf-8", "replace").strip()
+    key = line.split("=", 1)[0].strip() if "=" in line else ""
+    where = f"line {line_no}" + (f" ({_name(key)} = ...)" if key else "")
+    return ConfigError(f"{path}: {where}: byte 0x{raw[at]:02x} at offset {at} is not UTF-8; expected a UTF-8 TOML file")
+
+
 def load(path: str | None = None) -> Config:
     """Read ``path``; with None, the default path if it exists, else the
-    embedded defaults."""
+    embedded defaults.  Raises ConfigError and nothing else."""
     if path is None:
         if not os.path.exists(DEFAULT_PATH):
             return from_dict({}, "<defaults>")
         path = DEFAULT_PATH
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:  # a path with a NUL in it
+        raise ConfigError(f"{path!r}: not a usable path: {e}") from None
+    if len(raw) > MAX_FILE_SIZE:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_SIZE >> 20} MiB; expected a small TOML file")
+    try:
+        # A byte-order mark, as some editors write, is harmless.  (Not the
+        # utf-8-sig codec: it is imported on first use, which fails once
+        # privileges are dropped and the interpreter's files are root's.)
+        text = raw.removeprefix(_BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, raw, e) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML here: arrays or tables nested too deeply") from None
     return from_dict(data, path)

@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import struct
+import time
 from dataclasses import dataclass
 
 import trio
@@ -133,6 +134,48 @@ def swap_active(device: str) -> bool:
     with open("/proc/swaps") as f:
         next(f)
         return any(line.split()[0] == real for line in f if line.strip())
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``."""
+    out: list[str] = []
+    try:
+        names = sorted(os.listdir("/sys/block"))
+    except OSError:
+        return out
+    for name in names:
+        if name.startswith("loop") and backing_file(name) == path:
+            out.append(f"/dev/{name}")
+    return out
+
+
+def swap_used_kib(device: str) -> int | None:
+    """KiB of swap in use on ``device``, or None if it is not a swap area."""
+    real = os.path.realpath(device)
+    with open("/proc/swaps") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] == real:
+                return int(parts[3])
+    return None
+
+
+def detach_sync(device: str, timeout: float = 10.0) -> None:
+    """Detach a loop device we did not attach (start-up recovery)."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, LOOP_CLR_FD)
+    except OSError:
+        pass  # not bound any more, or autoclear is already detaching it
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + timeout
+    while backing_file(device) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 async def detach(loop: Loop) -> None:

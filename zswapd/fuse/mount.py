@@ -48,6 +48,42 @@ def unmount(mountpoint: str) -> bool:
     raise OSError(e, f"umount {mountpoint}: {os.strerror(e)}")
 
 
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, major:minor) of every mount, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            parts = fields.split()
+            point = parts[4].encode().decode("unicode_escape")
+            out.append((point, rest.split()[0], parts[2]))
+    return out
+
+
+def mount_type(path: str) -> str | None:
+    """The fs type of the topmost mount at exactly ``path``, or None.  Works
+    on a dead FUSE mount, which cannot even be stat'ed (ENOTCONN)."""
+    path = os.path.normpath(path)
+    found = None
+    for point, fstype, _ in _mounts():
+        if point == path:
+            found = fstype
+    return found
+
+
+def abort_connection(path: str) -> None:
+    """Abort the FUSE connection mounted at ``path`` through fusectl, so
+    that nothing can wait on it for ever.  A no-op if it is gone already."""
+    path = os.path.normpath(path)
+    for point, fstype, dev in _mounts():
+        if point == path and fstype.startswith("fuse"):
+            try:
+                with open(f"/sys/fs/fuse/connections/{dev.split(':')[1]}/abort", "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+
+
 def is_mountpoint(path: str) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

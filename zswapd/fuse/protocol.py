@@ -12,6 +12,11 @@ Glossary:
 ``FuseFS.handle(request) -> reply | None`` does no I/O and keeps no global
 state.  A READ reply is built in a buffer owned by the FuseFS and is valid
 until the next call.
+
+Errors, as h11 does them: what a request can cause (a malformed body, a range
+the device refuses, a full pool) is a reply (EINVAL, ENOSPC).  A genuine bug
+raises out of ``handle``; the I/O loop decides what that means, and answers
+with ``error_reply`` so the caller is not left waiting.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ DIRENT = struct.Struct("<QQII")  # + name, padded to 8
 BATCH_FORGET_IN = struct.Struct("<II")
 
 DT_DIR, DT_REG = 4, 8
+NO_REPLY = frozenset((FORGET, BATCH_FORGET, INTERRUPT))
 
 
 class Device(Protocol):
@@ -133,6 +139,18 @@ def unpack_reply(data: bytes | memoryview) -> tuple[int, int, bytes]:
     return error, unique, bytes(data[OUT_HEADER.size :])
 
 
+def error_reply(req: bytes | bytearray | memoryview, error: int = errno.EIO) -> bytes | None:
+    """An error reply to a raw request whatever its body, for the I/O loop to
+    answer a request whose handler failed; None when there is nothing to
+    answer (too short to name, or an opcode that gets no reply)."""
+    if len(req) < IN_HEADER.size:
+        return None
+    _len, opcode, unique = IN_HEADER.unpack_from(req, 0)[:3]
+    if opcode in NO_REPLY:
+        return None
+    return reply(unique, error=error)
+
+
 def reply(unique: int, body: bytes = b"", error: int = 0) -> bytes:
     if error:
         return OUT_HEADER.pack(OUT_HEADER.size, -error, unique)
@@ -154,6 +172,7 @@ class FuseFS:
         self.max_write = MAX_WRITE
         self.requests = 0
         self.errors = 0
+        self.internal_errors = 0  # bugs, counted by the I/O loop
         self._out = bytearray(OUT_HEADER.size + MAX_WRITE)
         self._outv = memoryview(self._out)
 
@@ -176,7 +195,7 @@ class FuseFS:
     # -- dispatch -----------------------------------------------------------
 
     def handle(self, req: bytes | bytearray | memoryview) -> bytes | memoryview | None:
-        """Answer one request.  Never raises for bad input."""
+        """Answer one request.  Never raises for bad input; a bug raises."""
         self.requests += 1
         if len(req) < IN_HEADER.size:
             self.errors += 1
@@ -187,7 +206,7 @@ class FuseFS:
             return reply(hdr.unique, error=errno.EINVAL)
         body = memoryview(req)[IN_HEADER.size :]
         op = hdr.opcode
-        if op in (FORGET, BATCH_FORGET, INTERRUPT):
+        if op in NO_REPLY:
             return None  # no reply; nothing is in flight to interrupt
         if op != INIT and not self.initialized:
             return reply(hdr.unique, error=errno.EIO)
@@ -206,10 +225,6 @@ class FuseFS:
         except BadRequest:
             self.errors += 1
             return reply(hdr.unique, error=errno.EINVAL)
-        except Exception:
-            self.errors += 1
-            log.exception("opcode %d failed", op)
-            return reply(hdr.unique, error=errno.EIO)
 
     def _init(self, hdr: InHeader, body: memoryview) -> bytes:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(body, 0)

@@ -1,4 +1,12 @@
-"""The trio loop that moves requests between /dev/fuse and a FuseFS."""
+"""The trio loop that moves requests between /dev/fuse and a FuseFS.
+
+This loop is what keeps swap alive: if it returns, the daemon closes
+/dev/fuse and every process with pages in the swap area dies of SIGBUS.  So
+it returns only when the connection is gone (ENODEV) or DESTROY arrives.  A
+bug in the codec (an exception out of ``FuseFS.handle``) is logged with its
+traceback, counted, and answered EIO for that one request; the next request
+is served as usual.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,33 @@ import time
 
 import trio
 
-from .protocol import READ_BUFFER, FuseFS
+from .protocol import IN_HEADER, READ_BUFFER, FuseFS, error_reply
 
 log = logging.getLogger("zswapd.fuse")
+
+# A bug hit by every request would otherwise log a traceback per request.
+_LOG_INTERVAL = 10.0
+# After an unexpected read error, before trying again: the error may pass
+# (ENOMEM), and while it lasts this keeps the loop from spinning.
+_READ_RETRY = 0.01
+
+
+class _Throttle:
+    """Lets one report through per interval and counts the ones held back."""
+
+    def __init__(self) -> None:
+        self.after = 0.0
+        self.held = 0
+
+    def due(self) -> int | None:
+        """The count held back since the last report if one is due now, else None."""
+        now = time.monotonic()
+        if now < self.after:
+            self.held += 1
+            return None
+        held, self.held, self.after = self.held, 0, now + _LOG_INTERVAL
+        return held
+
 
 # Longest stretch of serving before other tasks (control, compaction) get a
 # turn; a checkpoint costs microseconds, a 1 MiB write about a millisecond.
@@ -31,6 +63,7 @@ async def serve(fd: int, fs: FuseFS) -> None:
     view = memoryview(buf)
     last = time.perf_counter()
     spin_until = 0.0
+    read_errors, bugs, write_errors = _Throttle(), _Throttle(), _Throttle()
     while not fs.destroyed:
         try:
             n = os.readv(fd, [buf])
@@ -47,15 +80,36 @@ async def serve(fd: int, fs: FuseFS) -> None:
                 return
             if e.errno == errno.ENOENT:  # the request was interrupted away
                 continue
-            raise
-        out = fs.handle(view[:n])
+            # Anything else: ending here would take the swap area down.
+            held = read_errors.due()
+            if held is not None:
+                log.error("reading /dev/fuse failed: %s; retrying (%d more since the last report)", e, held)
+            await trio.sleep(_READ_RETRY)
+            continue
+        try:
+            out = fs.handle(view[:n])
+        except Exception:
+            fs.errors += 1
+            fs.internal_errors += 1
+            held = bugs.due()
+            if held is not None:
+                op = IN_HEADER.unpack_from(view, 0)[1] if n >= IN_HEADER.size else -1
+                log.exception(
+                    "bug handling FUSE opcode %d (%d bugs so far, %d not logged); answered EIO, serving on",
+                    op,
+                    fs.internal_errors,
+                    held,
+                )
+            out = error_reply(view[:n])
         if out is not None:
             try:
                 os.write(fd, out)
             except OSError as e:
                 # ENOENT: the kernel dropped an interrupted request; fine.
                 if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.error("reply failed: %s", e)
+                    held = write_errors.due()
+                    if held is not None:
+                        log.error("reply failed: %s (%d more since the last report)", e, held)
         now = time.perf_counter()
         spin_until = now + _SPIN
         if now - last > _SLICE:
