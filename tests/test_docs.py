@@ -19,13 +19,63 @@ def test_example_config_documents_every_key_and_parses() -> None:
     from_dict(data, "systemd/zswapd.toml")
 
 
-def test_unit_file_has_what_swap_needs() -> None:
+def _unit_lines() -> list[str]:
     unit = (ROOT / "systemd" / "zswapd.service").read_text()
+    return [line.strip() for line in unit.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_unit_file_has_what_swap_needs() -> None:
+    lines = _unit_lines()
     for line in (
         "Type=notify",
+        "DefaultDependencies=no",
+        "KillMode=mixed",
         "LimitMEMLOCK=infinity",
         "OOMScoreAdjust=-1000",
-        "Before=swap.target",
-        "TimeoutStopSec=",
+        "LimitCORE=0",
+        "ExecReload=kill -HUP $MAINPID",
+        "Restart=on-failure",
     ):
-        assert line in unit
+        assert line in lines, line
+    assert any(line.startswith("TimeoutStopSec=") for line in lines)
+
+    def values(key: str) -> list[str]:
+        return [v for line in lines if line.startswith(key + "=") for v in line.split("=", 1)[1].split()]
+
+    assert "swap.target" in values("Before")
+    # /dev/fuse never becomes an active device unit on Debian: udev tags only
+    # the fuse module.  The module is what the unit must pull in.
+    assert "modprobe@fuse.service" in values("Wants")
+    assert "modprobe@fuse.service" in values("After")
+    assert not [line for line in lines if "dev-fuse.device" in line]
+    # Stopped before systemd unmounts the FUSE mount; no cycle with tmpfs
+    # mounts, which are After=swap.target and Before=local-fs.target.
+    assert "run-zswapd-mnt.mount" in values("After")
+    assert "local-fs.target" not in values("After")
+
+
+def test_unit_file_has_no_private_mount_namespace() -> None:
+    """Any of these gives the service its own mount namespace, where the
+    daemon's FUSE mount would be invisible to every other process."""
+    namespacing = (
+        "ProtectHome",
+        "ProtectSystem",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "ReadOnlyPaths",
+        "ReadWritePaths",
+        "InaccessiblePaths",
+        "TemporaryFileSystem",
+        "BindPaths",
+        "BindReadOnlyPaths",
+        "RootDirectory",
+        "MountFlags",
+    )
+    found = [line for line in _unit_lines() if line.split("=", 1)[0] in namespacing]
+    assert not found, found
