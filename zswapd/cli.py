@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from . import __version__
@@ -130,6 +131,10 @@ def _main(argv: list[str] | None = None) -> int:
     p_set = sub.add_parser("set", help="change a runtime setting, e.g. memory_limit=1G")
     with_target(p_set)
     p_set.add_argument("assignment", help="KEY=VALUE")
+    p_reload = sub.add_parser(
+        "reload", help="replace the worker with one running the code installed now (an upgrade without swapoff)"
+    )
+    with_target(p_reload)
     p_reset = sub.add_parser("reset-max", help="reset mem_used_max")
     with_target(p_reset)
     p_check = sub.add_parser("check-config", help="validate a config file and print the result")
@@ -203,6 +208,21 @@ def _main(argv: list[str] | None = None) -> int:
         if r.get("warning"):
             print(f"warning: {r['warning']}", file=sys.stderr)
         return 0
+    if args.command == "reload":
+        before = _call(args, {"cmd": "stats"})["process"]["worker_pid"]
+        _call(args, {"cmd": "reload"})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                now = _call(args, {"cmd": "stats"})["process"]
+            except SystemExit:
+                continue
+            if now["worker_pid"] != before:
+                print(f"worker {before} replaced by {now['worker_pid']} in {now['last_recovery_ms']} ms")
+                return 0
+        print(f"zswapd: worker {before} was not replaced within 60 s; see the daemon's log", file=sys.stderr)
+        return 1
     if args.command == "reset-max":
         r = _call(args, {"cmd": "reset_max"})
         print(f"mem_used_max = {r['mem_used_max']}")

@@ -57,7 +57,7 @@ MAX_NUMBER = 40
 # The widest integer any setting takes: a 64-bit byte count.
 MAX_INT = (1 << 63) - 1
 READ_ONLY = {"stats", "ping"}
-MUTATING = {"compact", "set", "reset_max"}
+MUTATING = {"compact", "set", "reset_max", "reload"}
 COMPACT_STEP = 256
 # After a failed accept (EMFILE, ENFILE, ENOBUFS...): wait, then try again.
 ACCEPT_RETRY = 0.1
@@ -154,6 +154,9 @@ class Controller:
         self.group_gid = group_gid
         self.started = time.monotonic()
         self.extra_stats: Callable[[], dict[str, Any]] = dict
+        # Set by the worker: ask the supervisor for a worker running the
+        # code installed now.  None where there is no supervisor.
+        self.replace_worker: Callable[[], None] | None = None
         self.internal_errors = 0
 
     def stats(self) -> dict[str, Any]:
@@ -243,6 +246,12 @@ class Controller:
         else:
             self.store.set_accept_percent(checked)
         return {"key": key, "value": checked}
+
+    async def _cmd_reload(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.replace_worker is None:
+            return {"ok": False, "error": "reload needs the supervisor (zswapd run); this server has none"}
+        self.replace_worker()
+        return {"replacing_worker": os.getpid()}
 
     async def _cmd_reset_max(self, req: dict[str, Any]) -> dict[str, Any]:
         self.store.reset_max()

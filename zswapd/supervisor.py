@@ -65,11 +65,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import paths, swap
 from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
+
+if TYPE_CHECKING:
+    from .worker import WorkerArgs
 
 log = logging.getLogger("zswapd")
 
@@ -358,6 +363,23 @@ _RUN = re.compile(rb"\x01+")
 # -- the supervisor -----------------------------------------------------------------
 
 
+@dataclass
+class Child:
+    """A worker process as the supervisor sees it."""
+
+    pid: int
+    pidfd: int
+    channel: socket.socket
+    started: float
+    ready: bool = False
+    standby: bool = False  # a fresh interpreter waiting for "go" (reload)
+    exit_status: int | None = None
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        self.channel.close()
+
+
 class Supervisor:
     def __init__(self, cfg: Config, config_arg: str | None) -> None:
         self.cfg = cfg
@@ -371,17 +393,13 @@ class Supervisor:
         self.mounted = False
         self.loop: swap.Loop | None = None
         self.swap_on = False
-        # The worker.
-        self.worker_pid = 0
-        self.worker_pidfd = -1
-        self.worker_started = 0.0
-        self.worker_ready = False
+        self.worker: Child | None = None
+        self.spare: Child | None = None  # a reload's new worker, until it takes over
         self.worker_restarts = 0
         self.quick_deaths = 0
-        self.channel: socket.socket | None = None  # our end
+        self.stopping_worker = False
         self.replace_requested = False
         self.died_at_ns = 0
-        # Signals, delivered through the wakeup fd.
         self.pending: list[int] = []
         self.shutdown_requested = False
         self.connection_gone = False
@@ -398,14 +416,15 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
+    def _children(self) -> list[Child]:
+        return [c for c in (self.worker, self.spare) if c is not None]
+
     def _service(self, timeout: float) -> None:
         """One round of the event loop: wait for a signal, a worker's death,
         a channel message or the lock-scan timer, and handle it."""
         fds = [self._wake_r]
-        if self.worker_pidfd >= 0:
-            fds.append(self.worker_pidfd)
-        if self.channel is not None:
-            fds.append(self.channel.fileno())
+        for c in self._children():
+            fds += [c.pidfd, c.channel.fileno()]
         timeout = max(0.0, min(timeout, self.next_lock_scan - time.monotonic()))
         try:
             ready, _, _ = select.select(fds, [], [], timeout)
@@ -418,10 +437,11 @@ class Supervisor:
                 pass
         while self.pending:
             self._handle_signal(self.pending.pop(0))
-        if self.channel is not None and self.channel.fileno() in ready:
-            self._read_channel()
-        if self.worker_pidfd >= 0:
-            self._reap_worker()
+        for c in self._children():
+            if c.channel.fileno() in ready:
+                self._read_channel(c)
+        for c in self._children():
+            self._reap(c)
         if time.monotonic() >= self.next_lock_scan:
             self._lock_state()
 
@@ -442,45 +462,49 @@ class Supervisor:
             log.info("%s: shutting down", name)
             self.shutdown_requested = True
         elif signum == signal.SIGHUP:
-            if self.worker_pid:
-                log.info("SIGHUP: asking worker %d to reload the configuration", self.worker_pid)
-                os.kill(self.worker_pid, signal.SIGHUP)
+            if self.worker is not None:
+                log.info("SIGHUP: asking worker %d to reload the configuration", self.worker.pid)
+                os.kill(self.worker.pid, signal.SIGHUP)
         else:
             log.info("%s ignored (zswapd stops only on SIGTERM or SIGINT; SIGHUP reloads the config)", name)
 
-    # -- the worker ------------------------------------------------------------
+    # -- workers ---------------------------------------------------------------
 
-    def _spawn_worker(self, fresh: bool = False) -> None:
-        """Start a worker on the held fds (rule 2: the previous one is
-        reaped).  A fork unless ``fresh``: a new interpreter runs the code
-        installed now, for `zswapd reload`."""
-        from . import worker
+    def _worker_args(self, channel_fd: int, standby: bool) -> WorkerArgs:
+        from .worker import WorkerArgs
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        args = worker.WorkerArgs(
+        return WorkerArgs(
             config_arg=self.config_arg,
             fuse_fd=self.fuse_fd,
             control_fd=self.control_sock.fileno() if self.control_sock else -1,
-            channel_fd=theirs.fileno(),
+            channel_fd=channel_fd,
             state_fds=list(self.state_fds),
-            takeover=bool(self.state_fds) and self.worker_restarts > 0,
+            takeover=bool(self.state_fds),
             restarts=self.worker_restarts,
             died_at_ns=self.died_at_ns,
             supervisor_pid=os.getpid(),
             verbose=log.getEffectiveLevel() <= logging.DEBUG,
+            standby=standby,
         )
-        inherit = [args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds]
-        inherit = [fd for fd in inherit if fd >= 0]
+
+    def _spawn(self, fresh: bool) -> Child:
+        """Start a worker on the held fds.  A fork (the modules are already
+        imported, so it serves within milliseconds), or with ``fresh`` a new
+        interpreter, which runs the code installed now and waits in standby
+        until told to go (reload)."""
+        from . import worker
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        args = self._worker_args(theirs.fileno(), standby=fresh)
+        inherit = [fd for fd in (args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds) if fd >= 0]
         if fresh:
             env = dict(os.environ, ZSWAPD_WORKER=json.dumps(args.to_json()))
-            for fd in inherit:
-                os.set_inheritable(fd, True)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "zswapd", "worker"], env=env, pass_fds=inherit, process_group=0
             )
             pid = proc.pid
-            proc.returncode = 0  # we reap it ourselves through the pidfd
+            proc.returncode = 0  # reaped through the pidfd, not by Popen
         else:
             pid = os.fork()
             if pid == 0:  # the child: never returns into supervisor code
@@ -489,30 +513,26 @@ class Supervisor:
                     signal.set_wakeup_fd(-1)
                     os.close(self._wake_r)
                     os.close(self._wake_w)
+                    for c in self._children():
+                        c.close()
                     ours.close()
                     rc = worker.worker_main(args, self.cfg)
                 finally:
                     os._exit(rc)
         theirs.close()
-        self.channel = ours
-        self.worker_pid = pid
-        self.worker_pidfd = os.pidfd_open(pid)
-        self.worker_started = time.monotonic()
-        self.worker_ready = False
+        child = Child(pid, os.pidfd_open(pid), ours, time.monotonic(), standby=fresh)
         log.info("worker %d started%s", pid, " (takeover)" if args.takeover else "")
+        return child
 
-    def _read_channel(self) -> None:
-        assert self.channel is not None
+    def _read_channel(self, c: Child) -> None:
         while True:
             try:
-                msg, anc, _, _ = self.channel.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-            except BlockingIOError:
+                msg, anc, _, _ = c.channel.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+            except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                msg, anc = b"", []
+                return
             if not msg:
-                self.channel.close()
-                self.channel = None
                 return
             fds: list[int] = []
             for level, kind, data in anc:
@@ -520,52 +540,52 @@ class Supervisor:
                     arr = array.array("i")
                     arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
                     fds.extend(arr)
-            self._on_message(msg.decode(errors="replace"), fds)
+            self._on_message(c, msg.decode(errors="replace"), fds)
 
-    def _on_message(self, msg: str, fds: list[int]) -> None:
+    def _on_message(self, c: Child, msg: str, fds: list[int]) -> None:
         if msg == "state":
-            if self.state_fds:
-                log.error("worker sent state fds twice; keeping the first")
+            if self.state_fds or c is not self.worker:
+                log.error("worker %d sent state fds, but the state is already held; ignoring them", c.pid)
                 for fd in fds:
                     os.close(fd)
                 return
-            for fd in fds:
-                os.set_inheritable(fd, False)
             self.state_fds = fds
             self.locked = [LockedMapping(fd) for fd in fds]
             self._lock_state()
         elif msg == "ready":
-            self.worker_ready = True
+            c.ready = True
+        elif msg == "standby":
+            c.ready = True
         elif msg == "replace":
-            log.info("worker %d asks to be replaced by one running the installed code", self.worker_pid)
+            log.info("worker %d asks to be replaced by one running the installed code", c.pid)
             self.replace_requested = True
         else:
-            log.warning("unknown message from the worker: %r", msg[:80])
+            log.warning("unknown message from worker %d: %r", c.pid, msg[:80])
 
-    def _reap_worker(self) -> None:
+    def _reap(self, c: Child) -> None:
         try:
-            pid, status = os.waitpid(self.worker_pid, os.WNOHANG)
+            pid, status = os.waitpid(c.pid, os.WNOHANG)
         except ChildProcessError:
-            pid, status = self.worker_pid, 0
+            pid, status = c.pid, 0
         if pid == 0:
             return
-        self.died_at_ns = time.monotonic_ns()
-        os.close(self.worker_pidfd)
-        self.worker_pidfd = -1
-        self.worker_pid = 0
-        if self.channel is not None:
-            self._read_channel()  # a "state" sent just before dying
-            if self.channel is not None:
-                self.channel.close()
-                self.channel = None
-        self._lock_state()  # nothing of the state may be evicted now (rule 3)
-        code = os.waitstatus_to_exitcode(status)
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        lived = time.monotonic() - self.worker_started
+        if c is self.worker:
+            self.died_at_ns = time.monotonic_ns()
+            self._lock_state()  # before anything else: nothing of the state may be evicted now (rule 3)
+        self._read_channel(c)  # a "state" sent just before dying
+        c.close()
+        c.exit_status = os.waitstatus_to_exitcode(status)
+        if c is self.spare:
+            self.spare = None
+            log.error("new worker %d exited (%s) before taking over", pid, _how(c.exit_status))
+            return
+        self.worker = None
+        how = _how(c.exit_status)
+        lived = time.monotonic() - c.started
         if self.stopping_worker:
             log.info("worker %d stopped (%s)", pid, how)
             return
-        if code == EXIT_CONNECTION_GONE:
+        if c.exit_status == EXIT_CONNECTION_GONE:
             log.error("worker %d: the FUSE connection is gone; nothing left to serve", pid)
             self.connection_gone = True
             self.swap_on = False
@@ -574,36 +594,61 @@ class Supervisor:
             log.critical("worker %d died (%s); the pyfuse3 backend cannot be taken over", pid, how)
             self.connection_gone = True
             return
+        if not self.state_fds:
+            # Nothing to take over from: a new worker would serve zeros
+            # where pages were.  Fail loudly instead of silently.
+            log.critical("worker %d died (%s) before handing over its state; the device's contents are lost", pid, how)
+            fmount.abort_connection(self.mountpoint)
+            self.connection_gone = True
+            return
         self.worker_restarts += 1
         self.quick_deaths = 0 if lived > RESTART_RESET_AFTER else self.quick_deaths + 1
-        log.error("worker %d died (%s) after %.1f s; starting worker %d", pid, how, lived, self.worker_restarts + 1)
+        log.error("worker %d died (%s) after %.1f s; taking over (restart %d)", pid, how, lived, self.worker_restarts)
         if self.quick_deaths > RESTART_FREE:
-            delay = min(RESTART_BACKOFF_MAX, 0.01 * 2 ** (self.quick_deaths - RESTART_FREE))
-            time.sleep(delay)
-        self._spawn_worker()
-
-    stopping_worker = False
+            time.sleep(min(RESTART_BACKOFF_MAX, 0.01 * 2 ** (self.quick_deaths - RESTART_FREE)))
+        self.worker = self._spawn(fresh=False)
 
     def _stop_worker(self) -> None:
-        if not self.worker_pid:
+        c = self.worker
+        if c is None:
             return
         self.stopping_worker = True
         try:
-            os.kill(self.worker_pid, signal.SIGTERM)
-            if not self._wait(lambda: self.worker_pid == 0, WORKER_STOP_TIMEOUT):
-                log.warning("worker %d did not stop within %.0f s; killing it", self.worker_pid, WORKER_STOP_TIMEOUT)
-                os.kill(self.worker_pid, signal.SIGKILL)
-                self._wait(lambda: self.worker_pid == 0)
+            os.kill(c.pid, signal.SIGTERM)
+            if not self._wait(lambda: self.worker is None, WORKER_STOP_TIMEOUT):
+                log.warning("worker %d did not stop within %.0f s; killing it", c.pid, WORKER_STOP_TIMEOUT)
+                os.kill(c.pid, signal.SIGKILL)
+                self._wait(lambda: self.worker is None)
         finally:
             self.stopping_worker = False
 
     def _replace_worker(self) -> None:
-        """`zswapd reload`: the installed code takes over, no swapoff."""
+        """`zswapd reload`: a fresh interpreter, running the code installed
+        now, gets ready in standby while the old worker serves; then the old
+        one stops and the new one takes over (rule 2).  No swapoff."""
         self.replace_requested = False
+        spare = self.spare = self._spawn(fresh=True)
+        if not self._wait(lambda: spare.ready or self.spare is None, 120):
+            log.error("reload: new worker %d not ready within 120 s; keeping the old one", spare.pid)
+            os.kill(spare.pid, signal.SIGKILL)
+            self._wait(lambda: self.spare is None)
+            return
+        if self.spare is None:
+            log.error("reload: the new worker failed to start (see above); keeping the old one")
+            return
         self._stop_worker()
+        if self.spare is None:  # died while the old one stopped
+            self.worker = self._spawn(fresh=False)
+            return
         self.worker_restarts += 1
         self.died_at_ns = time.monotonic_ns()
-        self._spawn_worker(fresh=True)
+        self.worker, self.spare = spare, None
+        spare.ready = False
+        go = {"died_at_ns": self.died_at_ns, "restarts": self.worker_restarts}
+        try:
+            spare.channel.send(b"go " + json.dumps(go).encode())
+        except OSError as e:
+            log.error("reload: cannot start the new worker: %s", e)
 
     def _lock_state(self) -> None:
         self.next_lock_scan = time.monotonic() + LOCK_SCAN_INTERVAL
@@ -698,6 +743,9 @@ class Supervisor:
 
     # -- life ------------------------------------------------------------------------
 
+    def _serving(self) -> bool:
+        return self.worker is not None and self.worker.ready
+
     def status(self) -> str:
         return f"serving {self.file}" + (f" as swap on {self.loop.path}" if self.loop else "")
 
@@ -712,8 +760,8 @@ class Supervisor:
                 fmount.mount(self.fuse_fd, self.mountpoint)
                 self.mounted = True
             self.control_sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
-            self._spawn_worker()
-            if not self._wait(lambda: self.worker_ready or self.shutdown_requested or self.connection_gone):
+            self.worker = self._spawn(fresh=False)
+            if not self._wait(lambda: self._serving() or self.shutdown_requested or self.connection_gone):
                 return 1
             if cfg.fuse.backend == "pyfuse3":
                 self.mounted = fmount.is_mountpoint(self.mountpoint)
@@ -767,6 +815,10 @@ class Supervisor:
         if self.fuse_fd >= 0:
             os.close(self.fuse_fd)
             self.fuse_fd = -1
+
+
+def _how(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
 def main_run(cfg: Config, config_arg: str | None = None) -> int:

@@ -102,6 +102,7 @@ class WorkerArgs:
     died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
     supervisor_pid: int = 0
     verbose: bool = False
+    standby: bool = False  # wait for "go" on the channel before touching anything
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +136,7 @@ class Worker:
         self.channel = socket.socket(fileno=args.channel_fd) if args.channel_fd >= 0 else None
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
         self.controller.extra_stats = self.extra_stats
+        self.controller.replace_worker = lambda: self._tell("replace")
 
     def device_info(self) -> dict[str, Any]:
         loops = swap.loops_backed_by(self.file)
@@ -390,6 +392,8 @@ def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
         if cfg is None:
             cfg = config_mod.load(args.config_arg)
         harden(cfg.swap.enable)
+        if args.standby and not _wait_for_go(args):
+            return 0
         worker = Worker(cfg, args)
     except Exception as e:
         log.error("worker cannot start: %s", e)
@@ -399,6 +403,27 @@ def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
     except Exception:
         log.exception("worker failed")
         return 1
+
+
+def _wait_for_go(args: WorkerArgs) -> bool:
+    """Standby (a reload's new worker): everything is imported and the
+    config read; now wait until the old worker has exited.  Touching the
+    state or /dev/fuse before that could serve a request twice."""
+    chan = socket.socket(fileno=os.dup(args.channel_fd))
+    try:
+        chan.setblocking(True)
+        chan.send(b"standby")
+        msg = chan.recv(4096)
+    except OSError:
+        return False
+    finally:
+        chan.close()
+    if not msg.startswith(b"go"):
+        return False
+    go = json.loads(msg[2:] or b"{}")
+    args.died_at_ns = int(go.get("died_at_ns", args.died_at_ns))
+    args.restarts = int(go.get("restarts", args.restarts))
+    return True
 
 
 def _early(signum: int, frame: object) -> None:

@@ -26,6 +26,7 @@ import logging
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -179,6 +180,10 @@ class FuseFS:
         self.times = [now, now, now]  # atime, mtime, ctime
         self.initialized = False
         self.destroyed = False
+        # Called after INIT is answered, with (minor, max_readahead, flags):
+        # the worker saves them in the state, because a live connection
+        # never sends INIT again and a new worker must restore them.
+        self.on_init: Callable[[int, int, int], None] | None = None
         self.minor = 0
         self.max_write = MAX_WRITE
         self.requests = 0
@@ -186,6 +191,13 @@ class FuseFS:
         self.internal_errors = 0  # bugs, counted by the I/O loop
         self._out = bytearray(OUT_HEADER.size + MAX_WRITE)
         self._outv = memoryview(self._out)
+
+    def restore_init(self, minor: int) -> None:
+        """Take over a connection whose INIT an earlier worker answered."""
+        if not MIN_MINOR <= minor <= OUR_MINOR:
+            raise ValueError(f"saved FUSE minor {minor} is outside {MIN_MINOR}..{OUR_MINOR}")
+        self.minor = minor
+        self.initialized = True
 
     # -- attributes ---------------------------------------------------------
 
@@ -244,6 +256,8 @@ class FuseFS:
             return reply(hdr.unique, error=errno.EPROTO)
         self.minor = min(minor, OUR_MINOR)
         self.initialized = True
+        if self.on_init is not None:
+            self.on_init(self.minor, max_readahead, flags & WANTED_FLAGS)
         out = INIT_OUT.pack(
             KERNEL_MAJOR, self.minor, max_readahead, flags & WANTED_FLAGS,
             64, 48, MAX_WRITE, 1, MAX_PAGES_COUNT, 0, 0,

@@ -1,0 +1,176 @@
+"""Surviving the worker's death: kills and reloads under real swap pressure
+and under block I/O, with every byte verified.
+
+Privilege: root, /dev/fuse, loop devices, swap and the cgroup-v1 memory
+controller.  Runs in CI.  Before each deliberate kill the test checks that
+no process but its own pressure worker has pages in swap (this VM's DAMON
+pages cold memory out to any swap).  Fixtures clean up on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, memory_cgroup, run_daemon
+from test_failclosed import others_in_swap, wait_for
+from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, dmesg_lines, run_in_cgroup, swap_used_pages
+
+pytestmark = pytest.mark.root
+
+GENVERIFY = str(Path(__file__).with_name("genverify.py"))
+
+
+def worker_pid(d: Daemon) -> int:
+    return int(d.stats()["process"]["worker_pid"])  # type: ignore[index]
+
+
+def kill_worker(d: Daemon, exclude: set[int]) -> float:
+    """SIGKILL the worker; return the recovery time the new one reports."""
+    old = worker_pid(d)
+    deadline = time.monotonic() + 60
+    while others := others_in_swap(exclude | {d.proc.pid, old}):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {others} have pages in swap: refusing to kill the swap backend")
+        time.sleep(0.5)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: worker_pid(d) != old, timeout=60, what="a new worker")
+    process = d.stats()["process"]
+    wait_for(lambda: d.stats()["process"]["last_recovery_ms"] is not None, what="recovery time")  # type: ignore[index]
+    process = d.stats()["process"]
+    assert process["supervisor_pid"] == d.proc.pid  # type: ignore[index]
+    return float(process["last_recovery_ms"])  # type: ignore[index]
+
+
+def read_lines(proc: subprocess.Popen[str], into: list[str]) -> threading.Thread:
+    t = threading.Thread(target=lambda: into.extend(proc.stdout or []), daemon=True)
+    t.start()
+    return t
+
+
+def report(name: str, ms: list[float]) -> None:
+    ms = sorted(ms)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    print(f"{name}: {len(ms)} takeovers, recovery median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms")
+
+
+def test_worker_killed_20_times_under_swap_pressure(tmp_path: Path) -> None:
+    dmesg_before = len(dmesg_lines())
+    with run_daemon(tmp_path, **SWAP) as d, memory_cgroup("zswapd-test-takeover", CG_LIMIT) as cg:  # type: ignore[arg-type]
+        loop = str(d.stats()["device"]["loop"])  # type: ignore[index]
+        rounds = 25
+        w = run_in_cgroup(cg, [sys.executable, WORKER, "330", str(rounds)])
+        lines: list[str] = []
+        try:
+            assert w.stdout is not None
+            assert w.stdout.readline().strip() == "filled"
+            reader = read_lines(w, lines)
+            used = swap_used_pages(loop) * 4096
+            assert used >= 250e6, f"only {used / 1e6:.0f} MB in our swap"
+            rng = random.Random(7)
+            recoveries = []
+            for _ in range(20):
+                time.sleep(rng.uniform(0.05, 0.6))
+                assert w.poll() is None, "the verifying program ended early: " + "".join(lines)
+                recoveries.append(kill_worker(d, {w.pid}))
+            verified_before = len(lines)
+            w.wait(timeout=900)
+            reader.join(10)
+            out = "".join(lines)
+            assert w.returncode == 0, out  # never killed, nothing corrupt
+            assert out.count(": 0 bad pages") == rounds, out
+            assert verified_before < rounds, "the program finished before the kills ended; raise rounds"
+        finally:
+            if w.poll() is None:
+                w.kill()
+        report("swap pressure", recoveries)
+        s = d.stats()
+        assert s["process"]["worker_restarts"] == 20  # type: ignore[index]
+        assert s["failed_reads"] == 0 and s["failed_writes"] == 0, s
+        assert d.stop() == 0, d.logtext()
+    assert_clean(loop, d.mountpoint)
+    new = dmesg_lines()[dmesg_before:]
+    bad = [x for x in new if "error, dev loop" in x or "Read-error on swap" in x or "I/O error" in x]
+    assert not bad, bad
+
+
+def test_block_io_with_worker_killed_10_times_loses_no_write(tmp_path: Path) -> None:
+    dmesg_before = len(dmesg_lines())
+    with run_daemon(tmp_path, device={"size": "256M"}) as d:
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", d.file], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        try:
+            v = subprocess.Popen(
+                [sys.executable, GENVERIFY, loop, "20", "4"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            lines: list[str] = []
+            try:
+                assert v.stdout is not None
+                assert v.stdout.readline().strip() == "started"
+                reader = read_lines(v, lines)
+                rng = random.Random(11)
+                recoveries = []
+                for _ in range(10):
+                    time.sleep(rng.uniform(0.2, 1.2))
+                    assert v.poll() is None, "".join(lines)
+                    recoveries.append(kill_worker(d, set()))
+                v.wait(timeout=300)
+                reader.join(10)
+                out = "".join(lines)
+                print(out)
+                assert v.returncode == 0 and " bad 0" in out, out
+            finally:
+                if v.poll() is None:
+                    v.kill()
+            report("block I/O", recoveries)
+        finally:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        assert d.stop() == 0, d.logtext()
+    new = dmesg_lines()[dmesg_before:]
+    assert not [x for x in new if "error, dev loop" in x or "I/O error" in x], new
+
+
+def test_reload_5_times_under_swap_pressure(tmp_path: Path) -> None:
+    with run_daemon(tmp_path, **SWAP) as d, memory_cgroup("zswapd-test-reload", CG_LIMIT) as cg:  # type: ignore[arg-type]
+        loop = str(d.stats()["device"]["loop"])  # type: ignore[index]
+        rounds = 20
+        w = run_in_cgroup(cg, [sys.executable, WORKER, "300", str(rounds)])
+        lines: list[str] = []
+        try:
+            assert w.stdout is not None
+            assert w.stdout.readline().strip() == "filled"
+            reader = read_lines(w, lines)
+            pids = [worker_pid(d)]
+            for _ in range(5):
+                r = subprocess.run(
+                    [sys.executable, "-m", "zswapd", "reload", "--socket", d.socket],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert r.returncode == 0, r.stderr
+                print(r.stdout.strip())
+                pids.append(worker_pid(d))
+            assert len(set(pids)) == 6, pids  # a new worker each time
+            w.wait(timeout=900)
+            reader.join(10)
+            out = "".join(lines)
+            assert w.returncode == 0, out
+            assert out.count(": 0 bad pages") == rounds, out
+        finally:
+            if w.poll() is None:
+                w.kill()
+        assert d.stop() == 0, d.logtext()
+    assert_clean(loop, d.mountpoint)
