@@ -422,9 +422,11 @@ def _prefix(store: Store) -> bytearray:
     return model
 
 
-def _crash_run(ops: list[Op], crash_after: int) -> None:
+def _crash_run(ops: list[Op], crash_after: int, recovery_crash: int | None = None) -> None:
     """Fork a child that runs ``ops`` and dies after ``crash_after`` writes
-    to the persistent state; then recover and check every page."""
+    to the persistent state; then recover and check every page.  With
+    ``recovery_crash``, a first recovery dies that many writes into its
+    rebuild, as a worker killed while taking over would."""
     state = State.create(store_geometry(SIZE, 2), ALGORITHMS)
     r, w = os.pipe()
     pid = os.fork()
@@ -468,6 +470,18 @@ def _crash_run(ops: list[Op], crash_after: int) -> None:
         model[offset : offset + len(data)] = data
         after = bytearray(model)
 
+    if recovery_crash is not None:
+        pid = os.fork()
+        if pid == 0:
+            hook = CrashHook()
+            hook.arm(recovery_crash)
+            try:
+                Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(state.fds(), hook=hook))
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) in (0, CrashHook.EXIT_CODE)
+
     recovered = Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(state.fds()))
     try:
         got = recovered.read(0, SIZE)
@@ -500,9 +514,11 @@ def _prefix_model() -> bytearray:
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=ops_strategy, crash_after=st.integers(0, 600))
-def test_crash_at_any_step_recovers_each_page_before_or_after(ops: list[Op], crash_after: int) -> None:
-    _crash_run(ops, crash_after)
+@given(ops=ops_strategy, crash_after=st.integers(0, 600), recovery_crash=st.none() | st.integers(0, 120))
+def test_crash_at_any_step_recovers_each_page_before_or_after(
+    ops: list[Op], crash_after: int, recovery_crash: int | None
+) -> None:
+    _crash_run(ops, crash_after, recovery_crash)
 
 
 def test_crash_sweep_over_every_step_of_one_run() -> None:
