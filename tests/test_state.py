@@ -217,6 +217,35 @@ def _in_child(fn: Callable[[], dict[str, int]]) -> dict[str, int]:
     return out
 
 
+def test_why_punch_and_not_madvise() -> None:
+    """The facts the design rests on: MADV_DONTNEED on a MAP_SHARED memfd
+    mapping frees nothing, and MADV_REMOVE is refused once it is locked."""
+    import mmap
+
+    fd = os.memfd_create("why")
+    try:
+        os.ftruncate(fd, 1 << 20)
+        m = mmap.mmap(fd, 1 << 20, flags=mmap.MAP_SHARED)
+        m[:] = b"\1" * (1 << 20)
+        m.madvise(mmap.MADV_DONTNEED, 0, 1 << 20)
+        assert os.fstat(fd).st_blocks * 512 >= 1 << 20
+        assert m[5] == 1
+
+        def locked_remove() -> dict[str, int]:
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.mlockall(1 | 2 | 4) == 0
+            try:
+                m.madvise(mmap.MADV_REMOVE, 0, 4096)
+            except OSError as e:
+                return {"errno": e.errno or 0}
+            return {"errno": 0}
+
+        assert _in_child(locked_remove)["errno"] == 22  # EINVAL
+        m.close()
+    finally:
+        os.close(fd)
+
+
 def test_punch_works_under_mlockall_onfault() -> None:
     """Production runs under mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT),
     where MADV_DONTNEED fails and MADV_REMOVE is refused: punching still
