@@ -9,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from zswapd.codec import Codec
 from zswapd.pool import CLASSES, FRAME_SIZE
+from zswapd.state import State
 from zswapd.store import Store, StoreError, StoreFull
 
 PAGE = 4096
@@ -77,6 +78,22 @@ class StoreModel(RuleBasedStateMachine):
         except StoreFull:
             pass
         self.store.set_limit(0)
+
+    @rule()
+    def restart(self) -> None:
+        """A new process attaches to the same memfds between two requests
+        (the clean case of a worker restart): the rebuilt store carries on."""
+        old = self.store
+        before = old.stats()
+        self.store = Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(old.state.fds()))
+        old.close()
+        after = self.store.stats()
+        for key in ("orig_data_size", "compr_data_size", "mem_used_total", "pages_stored", "classes", "num_writes"):
+            assert after[key] == before[key], key
+
+    @invariant()
+    def invariants_hold(self) -> None:
+        self.store.check_invariants()
 
     @invariant()
     def everything_reads_back(self) -> None:

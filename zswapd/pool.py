@@ -3,8 +3,9 @@
 Glossary (the same words are used everywhere in zswapd):
 
 frame
-    4 KiB of memory carved from a large anonymous ``mmap`` arena.  Frames are
-    numbered; frame ``f`` lives in arena ``f >> ARENA_SHIFT``.
+    4 KiB of the arena memfd; frame ``f`` is at byte ``f * 4096``.  A free
+    frame is either *hot* (still resident, kept as a reserve for the write
+    path) or *cold* (punched out of the memfd).
 zspage
     A chain of 1 to 8 frames that holds objects of one size class.  The frames
     need not be contiguous: ``frame_next`` links them, and an object may
@@ -30,26 +31,64 @@ fullness group
     (0-10%, ..., 90-100%).  Allocation takes the fullest; compaction drains the
     emptiest into the fullest.  Full zspages sit on no list.
 
-Metadata lives in ``mmap``-backed ``memoryview`` tables sized up front, never in
-a Python object per stored object or frame.  Bytes per stored object:
-handle table 8, plus per zspage 19 (first frame 4, class 2, inuse 2, free head
-2, list links 8, group 1) and per frame 4 (chain link), shared by the objects
-of that zspage.  The page table of the store adds 8 per page.
+Metadata lives in the tables of a ``state.State`` (memfd mappings, sized up
+front, faulted in lazily), never in a Python object per stored object or
+frame; the frames live in its arena memfd, frame ``f`` at byte ``f * 4096``.
+``metadata_bytes`` is what those tables hold resident, measured by mincore.
 
-The pool does no I/O beyond ``madvise`` on its own arenas; it is single
-threaded and deterministic, so it can be tested byte for byte.
+Crash consistency
+-----------------
+The persistent tables (state.py) are the handle table, ``zs_first``,
+``zs_class``, ``frame_next`` and the slot headers in the arena.  Everything
+else here (free stacks, fullness lists, ``zs_inuse``, ``zs_free``, per-class
+totals) is volatile: a worker that died may have left it half updated, and
+``rebuild`` recomputes it from the persistent tables and from the owners the
+store names (its page table).  The pool's stores are ordered so that the
+process may die between any two of them:
+
+1. A new object is complete before anyone names it.  ``store`` takes a
+   handle, takes a slot (writing the handle into the slot header), copies the
+   payload, and only then writes the location into the handle table.  A new
+   zspage's ``zs_first``/``zs_class``/``frame_next`` and slot headers are
+   written before its first slot is handed out.  Until the store switches a
+   page-table entry to the new handle, the scan sees neither the handle nor
+   the object and frees both.
+2. ``free`` runs only after the store has switched the page-table entry
+   away (store.py): from then on nothing the scan starts from names the
+   handle, so a crash half way through a free leaves garbage, never a lie.
+3. Compaction copies an object into a slot of the destination zspage (header
+   first, then payload), then switches the handle-table entry (one 8-byte
+   store), then frees the old slot.  Before the switch the handle names the
+   old, intact copy; after it, the new complete one.  The other copy, whose
+   header still names the handle, is found unowned (the handle points
+   elsewhere) and freed.
+4. A zspage's ``zs_first``, ``zs_class`` and frame chain never change while
+   any handle points into it, and a frame is punched (state.punch) only when
+   it is free, so what the scan follows is intact.
+
+The scan (``rebuild``): every handle the store claims must point to a slot
+whose header names it (or to a huge frame); a zspage is live if such a slot
+is in it.  Slots of live zspages that no claimed handle points to are
+threaded onto the free list; zspages and handles nothing claims are freed;
+frames no live zspage or huge object owns are punched and put on the cold
+stack.  ``check_invariants`` then verifies every volatile index against the
+persistent tables.  A single aligned 8-byte store cannot be torn by a
+process's death, so a table entry is either old or new.
+
+The pool does no I/O beyond punching frames out of its own memfd; it is
+single threaded and deterministic, so it can be tested byte for byte.
 """
 
 from __future__ import annotations
 
-import mmap
-import struct
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .state import Geometry, State, StateError
 
 FRAME_SIZE = 4096
 FRAME_SHIFT = 12
-ARENA_SHIFT = 11  # 2048 frames = 8 MiB per arena mapping
-ARENA_FRAMES = 1 << ARENA_SHIFT
 MIN_CLASS = 32
 CLASS_DELTA = 16
 MAX_FRAMES_PER_ZSPAGE = 8
@@ -61,10 +100,7 @@ _FREE_TAG = 0x80000000
 _END = 0xFFFF
 _HUGE_LOC = 1 << 63
 _MAX_HANDLE = 0x7FFFFFFF
-
-MADV_DONTNEED = 4
-MADV_DONTNEED_LOCKED = 24  # Linux 5.18; the mmap module has no constant for it
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_FRAME_MASK = 0xFFFFFFFF
 
 
 class PoolError(Exception):
@@ -73,18 +109,6 @@ class PoolError(Exception):
 
 class PoolFull(Exception):
     """No frame is available under the frame limit or the pool's capacity."""
-
-
-def _anon(nbytes: int) -> mmap.mmap:
-    nbytes = max(mmap.PAGESIZE, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-    return mmap.mmap(-1, nbytes, flags=flags)
-
-
-def table(count: int, fmt: str) -> tuple[mmap.mmap, memoryview]:
-    """A zero-filled table of ``count`` items, backed by lazily faulted memory."""
-    m = _anon(count * struct.calcsize(fmt))
-    return m, memoryview(m).cast(fmt)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -141,17 +165,46 @@ def build_classes() -> tuple[list[SizeClass], list[int], int]:
 CLASSES, _CLASS_OF, HUGE_CLASS_SIZE = build_classes()
 # A payload this long or longer is stored as a raw page (a huge object).
 HUGE_THRESHOLD = HUGE_CLASS_SIZE - HEADER
+# Slot positions depend on the class table, so a state made under another
+# table must not be attached: the header records this fingerprint.
+CLASSES_ID = zlib.crc32(
+    b"".join(c.size.to_bytes(2, "little") + bytes([c.frames_per_zspage]) for c in CLASSES) + bytes([HEADER])
+)
+
+
+def pool_geometry(max_frames: int, max_handles: int, npages: int = 0) -> Geometry:
+    return Geometry(npages, max_frames, max_handles, CLASSES_ID)
 
 
 class Pool:
     """The allocator.  ``max_frames`` bounds its virtual size; ``frame_limit``
-    (0 = none) is the memory limit in frames and may change at any time."""
+    (0 = none) is the memory limit in frames and may change at any time.
 
-    def __init__(self, max_frames: int, max_handles: int, frame_limit: int = 0, reserve_frames: int = 64) -> None:
+    Without ``state`` it makes a fresh one.  With one (attached after a
+    crash), its volatile indexes are garbage until the store's ``rebuild``
+    has run ``begin_rebuild``/``claim_*``/``finish_rebuild``."""
+
+    def __init__(
+        self,
+        max_frames: int,
+        max_handles: int,
+        frame_limit: int = 0,
+        reserve_frames: int = 64,
+        state: State | None = None,
+    ) -> None:
         if max_frames < MAX_FRAMES_PER_ZSPAGE or max_handles < 1:
             raise PoolError("pool needs at least 8 frames and 1 handle")
         if max_handles > _MAX_HANDLE:
             raise PoolError(f"at most {_MAX_HANDLE} handles")
+        if state is None:
+            state = State.create(pool_geometry(max_frames, max_handles))
+        g = state.geometry
+        if (g.max_frames, g.max_handles, g.classes_id) != (max_frames, max_handles, CLASSES_ID):
+            raise StateError(
+                f"state has {g.max_frames} frames, {g.max_handles} handles, class table {g.classes_id:#x}; "
+                f"the pool expects {max_frames}, {max_handles}, {CLASSES_ID:#x}"
+            )
+        self.state = state
         self.max_frames = max_frames
         self.max_handles = max_handles
         self.frame_limit = frame_limit
@@ -160,33 +213,30 @@ class Pool:
         self.huge_threshold = HUGE_THRESHOLD
         ncls = len(CLASSES)
 
-        self._arenas: list[mmap.mmap] = []
-        self._bytes: list[memoryview] = []
-        self._words: list[memoryview] = []
+        self._arena, self._words = state.arena()
         self._frames_made = 0
-        self._m_fnext, self.frame_next = table(max_frames, "L")
+        self.frame_next = state.view("frame_next")
         # Freed frames: "hot" ones stay resident as a reserve for the write
-        # path; the rest are returned to the kernel and kept on the cold stack.
-        self._m_hot, self._hot = table(max_frames, "L")
+        # path; the rest are punched out of the memfd and kept on the cold stack.
+        self._hot = state.view("hot")
         self._hot_top = 0
-        self._m_cold, self._cold = table(max_frames, "L")
+        self._cold = state.view("cold")
         self._cold_top = 0
         self.frames_used = 0
 
-        max_zspages = max_frames + 1
-        self._m_zf, self.zs_first = table(max_zspages, "L")
-        self._m_zc, self.zs_class = table(max_zspages, "H")
-        self._m_zi, self.zs_inuse = table(max_zspages, "H")
-        self._m_zh, self.zs_free = table(max_zspages, "H")
-        self._m_zn, self.zs_next = table(max_zspages, "L")
-        self._m_zp, self.zs_prev = table(max_zspages, "L")
-        self._m_zg, self.zs_group = table(max_zspages, "B")
-        self._m_zfree, self._zs_freelist = table(max_zspages, "L")
+        self.zs_first = state.view("zs_first")
+        self.zs_class = state.view("zs_class")
+        self.zs_inuse = state.view("zs_inuse")
+        self.zs_free = state.view("zs_free")
+        self.zs_next = state.view("zs_next")
+        self.zs_prev = state.view("zs_prev")
+        self.zs_group = state.view("zs_group")
+        self._zs_freelist = state.view("zs_stack")
         self._zs_free_top = 0
         self._zs_made = 0  # zspage ids start at 1; 0 means "none"
 
-        self._m_ht, self.handles = table(max_handles + 1, "Q")
-        self._m_hf, self._handle_free = table(max_handles + 1, "L")
+        self.handles = state.view("handle")
+        self._handle_free = state.view("handle_stack")
         self._handle_free_top = 0
         self._handles_made = 0
         self.handles_used = 0
@@ -206,12 +256,12 @@ class Pool:
         # Classes that may have freeable zspages.  Only a free can make a
         # class freeable, so compaction looks at these alone.
         self._fragmented: set[int] = set()
-        self._madvise = MADV_DONTNEED_LOCKED
+        self._claimed = bytearray(0)  # during a rebuild: 1 per claimed handle
+        self._owned = bytearray(0)  # during a rebuild: 1 per owned frame
+        self._seen = bytearray(0)  # during a rebuild: 1 per zspage some claim points into
+        self._live: list[int] = []  # during a rebuild: zspages some claim points into
 
     # -- frames -------------------------------------------------------------
-
-    def _frame_view(self, frame: int) -> tuple[memoryview, int]:
-        return self._bytes[frame >> ARENA_SHIFT], (frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT
 
     def frame_room(self) -> int:
         """Frames that may still be taken, under both limit and capacity."""
@@ -223,18 +273,12 @@ class Pool:
     def _take_frame(self) -> int:
         if self._hot_top:
             self._hot_top -= 1
-            frame = self._hot[self._hot_top]
+            frame: int = self._hot[self._hot_top]
         elif self._cold_top:
             self._cold_top -= 1
             frame = self._cold[self._cold_top]
         else:
             frame = self._frames_made
-            if frame >> ARENA_SHIFT == len(self._arenas):
-                arena = _anon(ARENA_FRAMES * FRAME_SIZE)
-                self._arenas.append(arena)
-                view = memoryview(arena)
-                self._bytes.append(view)
-                self._words.append(view.cast("I"))
             self._frames_made += 1
         self.frames_used += 1
         return frame
@@ -250,28 +294,25 @@ class Pool:
     def trim(self) -> int:
         """Return free frames beyond the reserve to the kernel; the store
         calls this at the end of every request that frees memory."""
-        dropped = 0
-        while self._hot_top > self.reserve_frames:
-            self._hot_top -= 1
-            frame = self._hot[self._hot_top]
-            self._drop(frame)
-            self._cold[self._cold_top] = frame
-            self._cold_top += 1
-            dropped += 1
-        return dropped
-
-    def _drop(self, frame: int) -> None:
-        arena = self._arenas[frame >> ARENA_SHIFT]
-        start = (frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT
-        try:
-            arena.madvise(self._madvise, start, FRAME_SIZE)
-        except OSError:
-            # Kernels before 5.18 lack MADV_DONTNEED_LOCKED; without mlockall
-            # plain MADV_DONTNEED does the same job.
-            if self._madvise == MADV_DONTNEED:
-                raise
-            self._madvise = MADV_DONTNEED
-            arena.madvise(self._madvise, start, FRAME_SIZE)
+        top, keep = self._hot_top, self.reserve_frames
+        if top <= keep:
+            return 0
+        frames = sorted(self._hot[keep:top].tolist())
+        self._hot_top = keep
+        # One punch per run of adjacent frames: freed zspages often are.
+        first = prev = frames[0]
+        for frame in frames[1:]:
+            if frame != prev + 1:
+                self.state.punch(first, prev + 1 - first)
+                first = frame
+            prev = frame
+        self.state.punch(first, prev + 1 - first)
+        cold, top = self._cold, self._cold_top
+        for frame in reversed(frames):  # lowest frames are reused first
+            cold[top] = frame
+            top += 1
+        self._cold_top = top
+        return len(frames)
 
     def refill_reserve(self) -> int:
         """Fault in free frames until the hot reserve is full (not on the write path)."""
@@ -281,8 +322,7 @@ class Pool:
             frame = self._take_frame()
             self._hot_top = hot
             self.frames_used -= 1
-            view, base = self._frame_view(frame)
-            view[base] = 0  # fault it in now
+            self._arena[frame << FRAME_SHIFT] = 0  # fault it in now
             self._hot[self._hot_top] = frame
             self._hot_top += 1
             added += 1
@@ -297,7 +337,7 @@ class Pool:
     def _new_handle(self, value: int) -> int:
         if self._handle_free_top:
             self._handle_free_top -= 1
-            h = self._handle_free[self._handle_free_top]
+            h: int = self._handle_free[self._handle_free_top]
         elif self._handles_made < self.max_handles:
             self._handles_made += 1
             h = self._handles_made
@@ -322,7 +362,8 @@ class Pool:
         return self._new_handle(word)
 
     def word(self, h: int) -> int:
-        return self.handles[h]
+        w: int = self.handles[h]
+        return w
 
     def free_word(self, h: int) -> None:
         self._check_handle(h)
@@ -366,10 +407,21 @@ class Pool:
     def _slot_addr(self, z: int, size: int, slot: int) -> tuple[int, int]:
         """(frame, offset in frame) of a slot's first byte."""
         offset = slot * size
-        frame = self.zs_first[z]
+        frame: int = self.zs_first[z]
         for _ in range(offset >> FRAME_SHIFT):
             frame = self.frame_next[frame]
         return frame, offset & (FRAME_SIZE - 1)
+
+    def _thread_free(self, z: int, cls: int, slots: list[int]) -> None:
+        """Make ``slots`` (ascending) zspage ``z``'s free list, in slot headers."""
+        size = self._csize[cls]
+        words = self._words
+        nxt = _END
+        for slot in reversed(slots):
+            frame, off = self._slot_addr(z, size, slot)
+            words[((frame << FRAME_SHIFT) + off) >> 2] = _FREE_TAG | nxt
+            nxt = slot
+        self.zs_free[z] = nxt
 
     def _new_zspage(self, cls: int) -> int:
         c = self.classes[cls]
@@ -377,11 +429,13 @@ class Pool:
             raise PoolFull(f"no room for a {c.frames_per_zspage}-frame zspage")
         if self._zs_free_top:
             self._zs_free_top -= 1
-            z = self._zs_freelist[self._zs_free_top]
+            z: int = self._zs_freelist[self._zs_free_top]
         else:
             self._zs_made += 1
             z = self._zs_made
         frames = [self._take_frame() for _ in range(c.frames_per_zspage)]
+        # The chain, class and first frame are persistent: all written before
+        # any slot of this zspage is handed out (crash rule 1).
         for a, b in zip(frames, frames[1:]):
             self.frame_next[a] = b
         self.zs_first[z] = frames[0]
@@ -389,13 +443,12 @@ class Pool:
         self.zs_inuse[z] = 0
         self.zs_free[z] = 0
         # Thread the free list through the slot headers.
+        words = self._words
         last = c.objs_per_zspage - 1
         for slot in range(c.objs_per_zspage):
             offset = slot * c.size
-            frame = frames[offset >> FRAME_SHIFT]
-            words = self._words[frame >> ARENA_SHIFT]
-            base = (frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT
-            words[(base + (offset & (FRAME_SIZE - 1))) >> 2] = _FREE_TAG | (slot + 1 if slot < last else _END)
+            at = ((frames[offset >> FRAME_SHIFT] << FRAME_SHIFT) + (offset & (FRAME_SIZE - 1))) >> 2
+            words[at] = _FREE_TAG | (slot + 1 if slot < last else _END)
         self.cls_zspages[cls] += 1
         self._link(z, cls, 0)
         return z
@@ -415,14 +468,14 @@ class Pool:
     def _pop_slot(self, z: int, cls: int, h: int) -> tuple[int, int, int]:
         """Take zspage ``z``'s first free slot for handle ``h``.
         Returns (slot, frame, offset of the slot in that frame)."""
-        slot = self.zs_free[z]
+        slot: int = self.zs_free[z]
         offset = slot * self._csize[cls]  # _slot_addr, inlined: once per stored page
-        frame = self.zs_first[z]
+        frame: int = self.zs_first[z]
         for _ in range(offset >> FRAME_SHIFT):
             frame = self.frame_next[frame]
         off = offset & (FRAME_SIZE - 1)
-        words = self._words[frame >> ARENA_SHIFT]
-        at = (((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off) >> 2
+        words = self._words
+        at = ((frame << FRAME_SHIFT) + off) >> 2
         self.zs_free[z] = words[at] & 0xFFFF
         words[at] = h
         inuse = self.zs_inuse[z] + 1
@@ -441,8 +494,7 @@ class Pool:
         for _ in range(offset >> FRAME_SHIFT):
             frame = self.frame_next[frame]
         off = offset & (FRAME_SIZE - 1)
-        at = (((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off) >> 2
-        self._words[frame >> ARENA_SHIFT][at] = _FREE_TAG | self.zs_free[z]
+        self._words[((frame << FRAME_SHIFT) + off) >> 2] = _FREE_TAG | self.zs_free[z]
         self.zs_free[z] = slot
         inuse = self.zs_inuse[z] - 1
         self.zs_inuse[z] = inuse
@@ -460,19 +512,20 @@ class Pool:
 
     def _put(self, frame: int, off: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` starting at (frame, off), spilling into the next frame."""
-        view, base = self._frame_view(frame)
+        base = frame << FRAME_SHIFT
         first = min(len(data), FRAME_SIZE - off)
-        view[base + off : base + off + first] = data[:first]
+        self._arena[base + off : base + off + first] = data[:first]
         if first < len(data):
-            view2, base2 = self._frame_view(self.frame_next[frame])
-            view2[base2 : base2 + len(data) - first] = data[first:]
+            base2 = self.frame_next[frame] << FRAME_SHIFT
+            self._arena[base2 : base2 + len(data) - first] = data[first:]
 
     def _get(self, frame: int, off: int, n: int) -> memoryview | bytes:
-        view, base = self._frame_view(frame)
+        arena = self._arena
+        base = frame << FRAME_SHIFT
         if off + n <= FRAME_SIZE:
-            return view[base + off : base + off + n]
-        view2, base2 = self._frame_view(self.frame_next[frame])
-        return bytes(view[base + off : base + FRAME_SIZE]) + view2[base2 : base2 + off + n - FRAME_SIZE]
+            return arena[base + off : base + off + n]
+        base2 = self.frame_next[frame] << FRAME_SHIFT
+        return bytes(arena[base + off : base + FRAME_SIZE]) + arena[base2 : base2 + off + n - FRAME_SIZE]
 
     # -- public object API ----------------------------------------------------
 
@@ -490,9 +543,9 @@ class Pool:
                 raise PoolFull("no room for a huge object")
             h = self._new_handle(0)
             frame = self._take_frame()
-            view, base = self._frame_view(frame)
-            view[base : base + FRAME_SIZE] = data
-            self.handles[h] = _HUGE_LOC | frame
+            at = frame << FRAME_SHIFT
+            self._arena[at : at + FRAME_SIZE] = data
+            self.handles[h] = _HUGE_LOC | frame  # last: crash rule 1
             self.huge_objects += 1
             self.obj_bytes += FRAME_SIZE
             return h
@@ -505,11 +558,11 @@ class Pool:
         h = self._new_handle(0)
         slot, frame, off = self._pop_slot(z, cls, h)
         if off + HEADER + n <= FRAME_SIZE:
-            at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off + HEADER
-            self._bytes[frame >> ARENA_SHIFT][at : at + n] = data
+            at = (frame << FRAME_SHIFT) + off + HEADER
+            self._arena[at : at + n] = data
         else:
             self._put(frame, off + HEADER, data)
-        self.handles[h] = z << 16 | slot
+        self.handles[h] = z << 16 | slot  # last: crash rule 1
         self.obj_bytes += n
         return h
 
@@ -518,8 +571,8 @@ class Pool:
         is valid only until the pool is next changed."""
         loc = self.handles[h]
         if loc & _HUGE_LOC:
-            view, base = self._frame_view(loc & 0xFFFFFFFF)
-            return view[base : base + n]
+            at = (loc & _FRAME_MASK) << FRAME_SHIFT
+            return self._arena[at : at + n]
         # _slot_addr and _get, inlined: once per page read.
         z = loc >> 16
         offset = (loc & 0xFFFF) * self._csize[self.zs_class[z]]
@@ -528,17 +581,18 @@ class Pool:
             frame = self.frame_next[frame]
         off = (offset & (FRAME_SIZE - 1)) + HEADER
         if off + n <= FRAME_SIZE:
-            at = ((frame & (ARENA_FRAMES - 1)) << FRAME_SHIFT) + off
-            return self._bytes[frame >> ARENA_SHIFT][at : at + n]
+            at = (frame << FRAME_SHIFT) + off
+            return self._arena[at : at + n]
         return self._get(frame, off, n)
 
     def free(self, h: int, n: int) -> None:
-        """Free object ``h`` whose payload is ``n`` bytes long."""
+        """Free object ``h`` whose payload is ``n`` bytes long.  The caller
+        must already have stopped naming ``h`` (crash rule 2)."""
         self._check_handle(h)
         loc = self.handles[h]
         self.obj_bytes -= n
         if loc & _HUGE_LOC:
-            self._give_frame(loc & 0xFFFFFFFF)
+            self._give_frame(loc & _FRAME_MASK)
             self.huge_objects -= 1
         else:
             z = loc >> 16
@@ -585,13 +639,15 @@ class Pool:
                 # Find the next allocated slot of src: its header is a handle.
                 while True:
                     frame, off = self._slot_addr(src, c.size, slot)
-                    view, base = self._frame_view(frame)
-                    hdr = self._words[frame >> ARENA_SHIFT][(base + off) >> 2]
+                    hdr = self._words[((frame << FRAME_SHIFT) + off) >> 2]
                     if not hdr & _FREE_TAG:
                         break
                     slot += 1
+                # Crash rule 3: copy (header, then payload), switch the
+                # handle, then free the old slot.
                 dslot, dframe, doff = self._pop_slot(dst, cls, hdr)
-                self._put(dframe, doff, bytes(self._get(frame, off, c.size)))
+                payload = bytes(self._get(frame, off + HEADER, c.size - HEADER))
+                self._put(dframe, doff + HEADER, payload)
                 self.handles[hdr] = dst << 16 | dslot
                 moves += 1
                 if self.zs_inuse[src] == 1:
@@ -620,6 +676,292 @@ class Pool:
     def freeable_frames(self) -> int:
         return sum(self.freeable(i) * self.classes[i].frames_per_zspage for i in self._fragmented)
 
+    # -- rebuild after a crash ------------------------------------------------
+
+    def begin_rebuild(self) -> None:
+        """Forget every volatile index; the owner then claims what it names."""
+        ncls = len(self.classes)
+        self._frames_made = self._hot_top = self._cold_top = self.frames_used = 0
+        self._zs_free_top = self._zs_made = 0
+        self._handle_free_top = self._handles_made = self.handles_used = 0
+        self._heads = [0] * (ncls * (GROUPS + 1))
+        self._nonempty = [0] * ncls
+        self.cls_zspages = [0] * ncls
+        self.cls_used = [0] * ncls
+        self.huge_objects = self.obj_bytes = 0
+        self._fragmented = set()
+        self._claimed = bytearray(self.max_handles + 1)
+        self._owned = bytearray(self.max_frames)
+        self._seen = bytearray(self.max_frames + 1)
+        self._live = []
+
+    def _claim_handle(self, h: int) -> None:
+        if not 0 < h <= self.max_handles:
+            raise StateError(f"a page names handle {h}, outside 1..{self.max_handles}")
+        if self._claimed[h]:
+            raise StateError(f"handle {h} is named by two pages")
+        self._claimed[h] = 1
+        if h > self._handles_made:
+            self._handles_made = h
+        self.handles_used += 1
+
+    def _own_frame(self, frame: int, what: str) -> None:
+        if not 0 <= frame < self.max_frames:
+            raise StateError(f"{what} names frame {frame}, outside 0..{self.max_frames - 1}")
+        if self._owned[frame]:
+            raise StateError(f"frame {frame} is owned twice ({what})")
+        self._owned[frame] = 1
+        self.frames_used += 1
+        if frame >= self._frames_made:
+            self._frames_made = frame + 1
+
+    def claim_word(self, h: int) -> None:
+        """Rebuild: a page names ``h`` as a word handle."""
+        self._claim_handle(h)
+
+    def claim_object(self, h: int, n: int) -> None:
+        """Rebuild: a page names ``h`` as an object of ``n`` payload bytes."""
+        self._claim_handle(h)
+        loc = self.handles[h]
+        if n == FRAME_SIZE:
+            if not loc & _HUGE_LOC:
+                raise StateError(f"handle {h} holds a raw page but its entry {loc:#x} is not a huge location")
+            self._own_frame(loc & _FRAME_MASK, f"huge handle {h}")
+            self.huge_objects += 1
+            self.obj_bytes += n
+            return
+        if loc & _HUGE_LOC or not 0 < n < self.huge_threshold:
+            raise StateError(f"handle {h} of a {n}-byte object has entry {loc:#x}")
+        z, slot = loc >> 16, loc & 0xFFFF
+        if not 0 < z < self.max_frames + 1:
+            raise StateError(f"handle {h} points into zspage {z}, outside 1..{self.max_frames}")
+        if not self._seen[z]:  # first claim into z: check and own its chain
+            cls = self.zs_class[z]
+            if cls >= len(self.classes):
+                raise StateError(f"zspage {z} has class {cls}, there are {len(self.classes)}")
+            frame: int = self.zs_first[z]
+            for i in range(self.classes[cls].frames_per_zspage):
+                if i:
+                    frame = self.frame_next[frame]
+                self._own_frame(frame, f"zspage {z}")
+            self._seen[z] = 1
+            self.zs_inuse[z] = 0
+            self._live.append(z)
+            if z > self._zs_made:
+                self._zs_made = z
+        cls = self.zs_class[z]
+        c = self.classes[cls]
+        if slot >= c.objs_per_zspage or _CLASS_OF[n + HEADER] != cls:
+            raise StateError(f"handle {h}: slot {slot} of zspage {z} (class {c.size}) cannot hold {n} bytes")
+        frame, off = self._slot_addr(z, c.size, slot)
+        hdr = self._words[((frame << FRAME_SHIFT) + off) >> 2]
+        if hdr != h:
+            raise StateError(f"handle {h} points to slot {slot} of zspage {z}, whose header names {hdr:#x}")
+        self.zs_inuse[z] += 1
+        self.cls_used[cls] += 1
+        self.obj_bytes += n
+
+    def finish_rebuild(self) -> None:
+        """Rebuild: free what nothing claimed and rebuild every index."""
+        claimed, owned = self._claimed, self._owned
+        # Handles: the unclaimed ones below the highest claimed are free.
+        top = 0
+        for h in range(self._handles_made, 0, -1):
+            if not claimed[h]:
+                self._handle_free[top] = h
+                top += 1
+        self._handle_free_top = top
+        # Live zspages: slots no claimed handle points to become free.
+        live = self._seen
+        for z in self._live:
+            cls = self.zs_class[z]
+            c = self.classes[cls]
+            free = []
+            for slot in range(c.objs_per_zspage):
+                frame, off = self._slot_addr(z, c.size, slot)
+                hdr = self._words[((frame << FRAME_SHIFT) + off) >> 2]
+                if hdr & _FREE_TAG or not 0 < hdr <= self.max_handles or not claimed[hdr]:
+                    free.append(slot)
+                elif self.handles[hdr] != z << 16 | slot:
+                    free.append(slot)  # the other copy of a compaction move
+            if c.objs_per_zspage - len(free) != self.zs_inuse[z]:
+                raise StateError(f"zspage {z}: {self.zs_inuse[z]} claims, {c.objs_per_zspage - len(free)} owned slots")
+            self._thread_free(z, cls, free)
+            self.cls_zspages[cls] += 1
+            self.zs_group[z] = 0
+            self._link(z, cls, self._gtab[cls][self.zs_inuse[z]])
+            if free:
+                self._fragmented.add(cls)
+        top = 0
+        for z in range(self._zs_made, 0, -1):
+            if not live[z]:
+                self._zs_freelist[top] = z
+                top += 1
+        self._zs_free_top = top
+        # Frames: punch every free one (it may hold a dead object) and keep it
+        # cold; punch everything above the highest owned in one go.
+        made = self._frames_made
+        free_frames = [f for f in range(made) if not owned[f]]
+        run_start = -1
+        for i, f in enumerate(free_frames):
+            if run_start < 0:
+                run_start = f
+            if i + 1 == len(free_frames) or free_frames[i + 1] != f + 1:
+                self.state.punch(run_start, f + 1 - run_start)
+                run_start = -1
+        self.state.punch(made, self.max_frames - made)
+        for i, f in enumerate(reversed(free_frames)):
+            self._cold[i] = f
+        self._cold_top = len(free_frames)
+        self._claimed = bytearray(0)
+        self._owned = bytearray(0)
+        self._seen = bytearray(0)
+        self._live = []
+
+    def check_invariants(self, owners: Mapping[int, int]) -> None:
+        """Verify every volatile index against the persistent tables, given
+        the owners' view: handle -> payload length (-1 for a word handle).
+        Raises StateError naming each broken invariant."""
+        errors: list[str] = []
+
+        def bad(msg: str) -> None:
+            if len(errors) < 20:
+                errors.append(msg)
+
+        # Handles: owned once (the owner checks that), free once, nothing lost.
+        free_h = self._handle_free[: self._handle_free_top].tolist()
+        if len(set(free_h)) != len(free_h):
+            bad("a handle is on the free stack twice")
+        for h in free_h:
+            if not 0 < h <= self._handles_made or h in owners:
+                bad(f"free handle {h} is out of range or owned")
+        if len(owners) + len(free_h) != self._handles_made:
+            bad(f"{len(owners)} owned + {len(free_h)} free handles != {self._handles_made} made")
+        if self.handles_used != len(owners):
+            bad(f"handles_used {self.handles_used} != {len(owners)} owned")
+        # Objects, from the owners' side.
+        frame_owner: dict[int, str] = {}
+        per_zspage: dict[int, set[int]] = {}
+        obj_bytes = huge = 0
+        for h, n in owners.items():
+            if not 0 < h <= self._handles_made:
+                bad(f"owned handle {h} is outside 1..{self._handles_made}")
+                continue
+            if n < 0:
+                continue
+            obj_bytes += n
+            loc = self.handles[h]
+            if n == FRAME_SIZE:
+                huge += 1
+                frame = loc & _FRAME_MASK
+                if not loc & _HUGE_LOC or frame >= self._frames_made:
+                    bad(f"huge handle {h} has entry {loc:#x}")
+                elif frame in frame_owner:
+                    bad(f"frame {frame} owned by huge handle {h} and {frame_owner[frame]}")
+                else:
+                    frame_owner[frame] = f"huge handle {h}"
+                continue
+            z, slot = loc >> 16, loc & 0xFFFF
+            if loc & _HUGE_LOC or not 0 < z <= self._zs_made:
+                bad(f"handle {h} has entry {loc:#x}")
+                continue
+            per_zspage.setdefault(z, set()).add(slot)
+        if obj_bytes != self.obj_bytes:
+            bad(f"obj_bytes {self.obj_bytes} != {obj_bytes} owned")
+        if huge != self.huge_objects:
+            bad(f"huge_objects {self.huge_objects} != {huge} owned")
+        # Zspages: live ones against their slot headers, lists and totals.
+        free_z = self._zs_freelist[: self._zs_free_top].tolist()
+        if len(set(free_z)) != len(free_z) or any(not 0 < z <= self._zs_made for z in free_z):
+            bad("the free zspage stack has duplicates or ids out of range")
+        free_zs = set(free_z)
+        in_lists: dict[int, int] = {}
+        for cls in range(len(self.classes)):
+            for group in range(1, GROUPS + 1):
+                z = self._heads[cls * (GROUPS + 1) + group]
+                if bool(z) != bool(self._nonempty[cls] & 1 << group):
+                    bad(f"class {cls} group {group}: nonempty bit disagrees with the list")
+                prev = 0
+                while z:
+                    if z in in_lists:
+                        bad(f"zspage {z} is on two fullness lists (or a list loops)")
+                        break
+                    in_lists[z] = group
+                    if self.zs_prev[z] != prev or self.zs_class[z] != cls:
+                        bad(f"zspage {z}: bad back link or class on list {cls}/{group}")
+                    prev, z = z, self.zs_next[z]
+        cls_zspages = [0] * len(self.classes)
+        cls_used = [0] * len(self.classes)
+        for z in range(1, self._zs_made + 1):
+            if z in free_zs:
+                if z in per_zspage:
+                    bad(f"zspage {z} is free but handles {sorted(per_zspage[z])[:4]} point into it")
+                continue
+            cls = self.zs_class[z]
+            if cls >= len(self.classes):
+                bad(f"zspage {z} has class {cls}")
+                continue
+            c = self.classes[cls]
+            cls_zspages[cls] += 1
+            frame = self.zs_first[z]
+            for i in range(c.frames_per_zspage):
+                if i:
+                    frame = self.frame_next[frame]
+                if frame >= self._frames_made:
+                    bad(f"zspage {z} chains frame {frame} beyond {self._frames_made} made")
+                elif frame in frame_owner:
+                    bad(f"frame {frame} owned by zspage {z} and {frame_owner[frame]}")
+                else:
+                    frame_owner[frame] = f"zspage {z}"
+            used = per_zspage.get(z, set())
+            cls_used[cls] += len(used)
+            if self.zs_inuse[z] != len(used) or not used:
+                bad(f"zspage {z}: inuse {self.zs_inuse[z]}, {len(used)} owned objects")
+            for slot in used:
+                if slot >= c.objs_per_zspage:
+                    bad(f"zspage {z}: slot {slot} beyond {c.objs_per_zspage}")
+                    continue
+                f, off = self._slot_addr(z, c.size, slot)
+                hdr = self._words[((f << FRAME_SHIFT) + off) >> 2]
+                if hdr > self.max_handles or self.handles[hdr] != z << 16 | slot:
+                    bad(f"zspage {z} slot {slot}: header {hdr:#x} does not name its owner")
+            # The free list threads exactly the unowned slots.
+            seen: set[int] = set()
+            slot = self.zs_free[z]
+            while slot != _END and len(seen) <= c.objs_per_zspage:
+                if slot in seen or slot in used or slot >= c.objs_per_zspage:
+                    bad(f"zspage {z}: free list reaches slot {slot} twice, owned or out of range")
+                    break
+                seen.add(slot)
+                f, off = self._slot_addr(z, c.size, slot)
+                hdr = self._words[((f << FRAME_SHIFT) + off) >> 2]
+                if not hdr & _FREE_TAG:
+                    bad(f"zspage {z}: free slot {slot} has an owned header {hdr:#x}")
+                    break
+                slot = hdr & 0xFFFF
+            if len(seen) + len(used) != c.objs_per_zspage:
+                bad(f"zspage {z}: {len(seen)} free + {len(used)} owned slots != {c.objs_per_zspage}")
+            group = self._gtab[cls][self.zs_inuse[z]]
+            if self.zs_group[z] != group or in_lists.get(z, GROUP_FULL) != group:
+                bad(f"zspage {z}: group {self.zs_group[z]}, listed in {in_lists.get(z)}, should be {group}")
+        if cls_zspages != self.cls_zspages:
+            bad("per-class zspage counts are wrong")
+        if cls_used != self.cls_used:
+            bad("per-class object counts are wrong")
+        # Frames: owned ones once, free ones once on the hot or cold stack.
+        if self.frames_used != len(frame_owner):
+            bad(f"frames_used {self.frames_used} != {len(frame_owner)} owned")
+        stacks = self._hot[: self._hot_top].tolist() + self._cold[: self._cold_top].tolist()
+        if len(set(stacks)) != len(stacks):
+            bad("a free frame is on the hot/cold stacks twice")
+        for f in stacks:
+            if f in frame_owner or not 0 <= f < self._frames_made:
+                bad(f"free frame {f} is owned by {frame_owner.get(f)} or out of range")
+        if len(stacks) + len(frame_owner) != self._frames_made:
+            bad(f"{len(stacks)} free + {len(frame_owner)} owned frames != {self._frames_made} made")
+        if errors:
+            raise StateError("pool invariants broken: " + "; ".join(errors))
+
     # -- stats --------------------------------------------------------------
 
     @property
@@ -627,10 +969,9 @@ class Pool:
         return self.frames_used * FRAME_SIZE
 
     def metadata_bytes(self) -> int:
-        """Bytes of pool metadata in use: handle entries, zspage records and
-        frame links (tables are faulted in lazily, so this is what they cost)."""
-        zspages = sum(self.cls_zspages)
-        return self.handles_used * 8 + zspages * 19 + self.frames_used * 4
+        """Bytes the pool's tables hold resident (mincore): handle entries,
+        zspage records, frame links and the free stacks."""
+        return self.state.resident_bytes([t.name for t in self.state.tables if t.name != "page"])
 
     def class_stats(self) -> list[dict[str, int]]:
         out = []

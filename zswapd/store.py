@@ -1,13 +1,14 @@
 """The page store: the device as a page table over the pool, plus the memory
 limit and the compaction policy.
 
-Glossary (shared with pool.py and codec.py):
+Glossary (shared with pool.py, state.py and codec.py):
 
 page         4096 bytes of the device, numbered from 0.
-page table   one packed 64-bit entry per page, in an mmap-backed table:
+page table   one packed 64-bit entry per page, in the state's "page" table:
                bits 0-1   kind: 0 empty (reads as zeros), 1 same-filled,
                           2 compressed, 3 huge (raw page)
-               bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
+               bits 2-3   algorithm of a compressed page (codec.ALGORITHMS,
+                          whose order the state header records)
                bits 4-16  payload length in bytes
                bits 32-62 handle in the pool (for a same-filled page, the
                           handle holds the fill word and owns no frames)
@@ -17,7 +18,31 @@ full         set when a store could not fit even after compaction; stores are
              then refused until usage falls below ``accept_percent`` of the
              limit (zswap's accept threshold), so the edge does not thrash.
 
-No I/O here: everything is in memory and deterministic.
+Crash consistency
+-----------------
+The page table is where a rebuild starts: a page's contents are whatever its
+entry names, and every entry is switched by one aligned 8-byte store, which a
+process's death cannot tear.  So every mutation is ordered:
+
+1. write, rewrite: the new object (or word handle) is complete in the pool
+   first (pool.py, rule 1), then the entry is switched to it, then the old
+   object is freed.  A crash before the switch leaves the old page and an
+   unowned new object; after it, the new page and an old object nothing
+   names.  Either way the page reads as before or after the write.
+2. discard: the entry is zeroed first, then the object is freed.
+3. compaction moves objects under their handles and never touches the page
+   table (pool.py, rule 3).
+4. partial-page writes read, modify and store a whole page: rule 1 again.
+
+``rebuild`` (run when a Store attaches to an existing state) walks the page
+table once (skipping its holes), lets the pool claim each named handle, and
+frees every object and handle no page names; the counters derived from the
+contents (pages_stored, same_pages, huge_pages, compr_data_size) are
+recounted, and the event counters come back from the header snapshot that
+``stats()`` refreshes.  ``check_invariants`` then verifies that each live
+handle is named by exactly one page and every pool index is right.
+
+No I/O here beyond the state's own mappings; deterministic.
 """
 
 from __future__ import annotations
@@ -26,9 +51,10 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .errors import BadRequest, DeviceFull
-from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, Pool, PoolFull, table
+from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, Pool, PoolFull, pool_geometry
+from .state import Geometry, State, StateError
 
 _KIND_MASK = 0x3
 _LEN_SHIFT = 4
@@ -41,6 +67,22 @@ SYNC_COMPACT_MOVES = 1 << 14
 
 StoreError = BadRequest
 StoreFull = DeviceFull
+
+
+def store_geometry(size: int, reserve_frames: int = 64) -> Geometry:
+    """The state geometry a Store of ``size`` bytes makes for itself."""
+    npages = size // PAGE_SIZE
+    # The pool never needs more frames than the device has pages, plus the
+    # partly filled zspages each class may hold; beyond that compaction
+    # always finds room.
+    slack = len(CLASSES) * MAX_FRAMES_PER_ZSPAGE + reserve_frames
+    return pool_geometry(npages + slack, npages + 64, npages)
+
+
+# Event counters saved in the state header, in this order (never reorder:
+# a new worker reads an older worker's snapshot).
+_SAVED = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_free", "mem_used_max",
+          "compactions", "limit_hits")  # fmt: skip
 
 
 @dataclass
@@ -76,6 +118,7 @@ class Store:
         memory_limit: int = 0,
         accept_percent: int = 90,
         reserve_frames: int = 64,
+        state: State | None = None,
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise StoreError(f"device size must be a positive multiple of {PAGE_SIZE}, got {size}")
@@ -84,17 +127,100 @@ class Store:
         self.size = size
         self.npages = size // PAGE_SIZE
         self.codec = codec or Codec()
-        # The pool never needs more frames than the device has pages, plus the
-        # partly filled zspages each class may hold; beyond that compaction
-        # always finds room.
-        slack = len(CLASSES) * MAX_FRAMES_PER_ZSPAGE + reserve_frames
-        self.pool = Pool(self.npages + slack, self.npages + 64, reserve_frames=reserve_frames)
-        self._m_pt, self.table = table(self.npages, "Q")
+        attached = state is not None
+        if state is None:
+            state = State.create(store_geometry(size, reserve_frames), ALGORITHMS)
+        elif state.geometry.npages != self.npages:
+            raise StoreError(
+                f"the state holds a device of {state.geometry.npages} pages, this store is {self.npages} pages"
+            )
+        elif state.algorithms() != ALGORITHMS:
+            raise StoreError(
+                f"the state's page table names algorithms {state.algorithms()}, this zswapd has {ALGORITHMS}"
+            )
+        self.state = state
+        g = state.geometry
+        self.pool = Pool(g.max_frames, g.max_handles, reserve_frames=reserve_frames, state=state)
+        self.table = state.view("page")
         self.c = Counters()
         self.accept_percent = accept_percent
         self.full = False
         self.memory_limit = 0
+        if attached:
+            self.rebuild()
+            self.check_invariants()
+        state.save_codec(self.codec.algo_id, self.codec.zstd_level)
         self.set_limit(memory_limit)
+
+    def close(self) -> None:
+        """Unmap the state and close this process's fds on it."""
+        self.state.close()
+
+    # -- recovery -------------------------------------------------------------
+
+    def rebuild(self) -> None:
+        """Recompute every volatile index and derived counter from the page
+        table and the pool's persistent tables, freeing what no page names."""
+        pool, c = self.pool, Counters()
+        pool.begin_rebuild()
+        for first, end in self.state.extents("page"):
+            for idx, entry in enumerate(self.table[first:end].tolist(), first):
+                kind = entry & _KIND_MASK
+                if not kind:
+                    continue
+                h = entry >> _HANDLE_SHIFT
+                if entry & (1 << 63) or (entry >> 17) & 0x7FFF:
+                    raise StateError(f"page {idx}: entry {entry:#x} has bits set that no entry uses")
+                c.pages_stored += 1
+                try:
+                    if kind == KIND_SAME:
+                        pool.claim_word(h)
+                        c.same_pages += 1
+                        continue
+                    n = (entry >> _LEN_SHIFT) & _LEN_MASK
+                    if (kind == KIND_HUGE) != (n == PAGE_SIZE) or (entry >> 2) & 0x3 >= len(ALGORITHMS):
+                        raise StateError(f"entry {entry:#x} has a bad length or algorithm for its kind")
+                    pool.claim_object(h, n)
+                    c.huge_pages += kind == KIND_HUGE
+                except StateError as e:
+                    raise StateError(f"page {idx}: {e}") from None
+        pool.finish_rebuild()
+        saved = dict(zip(_SAVED, self.state.load_counters(), strict=False))
+        for name in _SAVED:
+            setattr(c, name, saved.get(name, 0))
+        pool.pages_compacted = self.state.load_counters()[len(_SAVED)]
+        c.mem_used_max = max(c.mem_used_max, pool.mem_used_total)
+        self.c = c
+
+    def check_invariants(self) -> None:
+        """Raise StateError unless each live handle is named by exactly one
+        page and every pool index agrees with the persistent tables."""
+        owners: dict[int, int] = {}
+        same = huge = stored = 0
+        for first, end in self.state.extents("page"):
+            for idx, entry in enumerate(self.table[first:end].tolist(), first):
+                kind = entry & _KIND_MASK
+                if not kind:
+                    continue
+                h = entry >> _HANDLE_SHIFT
+                if h in owners:
+                    raise StateError(f"page {idx} names handle {h}, which another page names too")
+                stored += 1
+                same += kind == KIND_SAME
+                huge += kind == KIND_HUGE
+                owners[h] = -1 if kind == KIND_SAME else (entry >> _LEN_SHIFT) & _LEN_MASK
+        c = self.c
+        if (stored, same, huge) != (c.pages_stored, c.same_pages, c.huge_pages):
+            raise StateError(
+                f"counters say {c.pages_stored} stored, {c.same_pages} same-filled, {c.huge_pages} huge pages; "
+                f"the page table holds {stored}, {same}, {huge}"
+            )
+        self.pool.check_invariants(owners)
+
+    def save_counters(self) -> None:
+        """Snapshot the event counters into the state header."""
+        c = self.c
+        self.state.save_counters([getattr(c, name) for name in _SAVED] + [self.pool.pages_compacted])
 
     # -- limit ----------------------------------------------------------------
 
@@ -367,10 +493,13 @@ class Store:
         return min(empty, int(room * max(ratio, 1.0)))
 
     def metadata_bytes(self) -> int:
-        return self.pool.metadata_bytes() + self.npages * 8
+        """What the metadata mappings hold resident (mincore): header, page
+        table, handle, zspage and frame tables, free stacks."""
+        return self.state.resident_bytes()
 
     def stats(self) -> dict[str, object]:
         pool = self.pool
+        self.save_counters()
         return {
             "orig_data_size": self.c.pages_stored * PAGE_SIZE,
             "compr_data_size": pool.obj_bytes,
