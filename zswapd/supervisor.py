@@ -84,8 +84,9 @@ PR_SET_IO_FLUSHER = 57
 # Worker exit status meaning "the FUSE connection is gone": nothing to take
 # over, so the supervisor does not restart it.
 EXIT_CONNECTION_GONE = 3
-# Restart back-off for a worker that keeps dying at once: the first restarts
-# are immediate (every millisecond stalls swap-ins), then doubling to 1 s.
+# Restart back-off for a worker that keeps dying before it serves: the first
+# restarts are immediate (every millisecond stalls swap-ins), then doubling
+# to 1 s, so a crash loop does not eat a CPU.
 RESTART_FREE = 3
 RESTART_BACKOFF_MAX = 1.0
 # A worker that lived this long resets the back-off: its death is a new one.
@@ -602,7 +603,9 @@ class Supervisor:
             self.connection_gone = True
             return
         self.worker_restarts += 1
-        self.quick_deaths = 0 if lived > RESTART_RESET_AFTER else self.quick_deaths + 1
+        # A crash loop is a worker dying before it serves (a bug at start-up,
+        # a state it cannot attach); one killed while serving restarts at once.
+        self.quick_deaths = 0 if c.ready or lived > RESTART_RESET_AFTER else self.quick_deaths + 1
         log.error("worker %d died (%s) after %.1f s; taking over (restart %d)", pid, how, lived, self.worker_restarts)
         if self.quick_deaths > RESTART_FREE:
             time.sleep(min(RESTART_BACKOFF_MAX, 0.01 * 2 ** (self.quick_deaths - RESTART_FREE)))

@@ -48,12 +48,13 @@ import trio
 
 from . import config as config_mod
 from . import swap
-from .codec import Codec
+from .codec import PAGE_SIZE, Codec
 from .config import Config, ConfigError
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
 from .fuse import protocol
-from .fuse.protocol import FILE_NAME, FuseFS
+from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
+from .state import InitParams, State
 from .store import Store
 
 log = logging.getLogger("zswapd")
@@ -118,14 +119,37 @@ class Worker:
         self.args = args
         self.mountpoint = cfg.device.mountpoint
         self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
+        state = None
+        size = cfg.device.size
+        if args.state_fds:
+            # A takeover (rule 3): the device is what the state holds, even
+            # if the config now says otherwise.
+            state = State.attach(args.state_fds)
+            size = state.geometry.npages * PAGE_SIZE
+            if size != cfg.device.size:
+                log.warning(
+                    "[device] size = %d in %s, but the running device is %d bytes; a new size needs a restart",
+                    cfg.device.size,
+                    cfg.path,
+                    size,
+                )
+        t = time.perf_counter()
         self.store = Store(
-            cfg.device.size,
+            size,
             Codec(cfg.pool.algorithm, cfg.pool.zstd_level),
             memory_limit=cfg.pool.memory_limit,
             accept_percent=cfg.pool.accept_percent,
             reserve_frames=cfg.pool.reserve // 4096,
+            state=state,
         )
+        if state is not None:
+            log.info(
+                "state attached, rebuilt and checked: %d pages in %.1f ms",
+                self.store.c.pages_stored,
+                (time.perf_counter() - t) * 1e3,
+            )
         self.fs = FuseFS(self.store)
+        self.fs.on_init = self._save_init
         self.p3: Any = None  # the pyfuse3 server, with [fuse] backend = "pyfuse3"
         self.compact_pauses: list[float] = []
         self.task_failures: Counter[str] = Counter()
@@ -214,8 +238,12 @@ class Worker:
                     "the pyfuse3 backend cannot receive discards (no fallocate): swap slots the kernel frees stay "
                     "in the pool until overwritten, and the memory limit is reached sooner; use backend 'native'"
                 )
-        elif self.args.takeover:
+        elif self.args.state_fds:
             self._take_over()
+        else:
+            # The first worker made the state: the supervisor holds it from
+            # now on, before a single page is written.
+            self._tell("state", list(self.store.state.fds()))
         log.info(
             "serving %s (%d MiB, %s, limit %s)",
             self.file,
@@ -242,9 +270,24 @@ class Worker:
         sock.close()
         return self.exit_code
 
+    def _save_init(self, minor: int, max_readahead: int, flags: int) -> None:
+        self.store.state.save_init(InitParams(minor, MAX_WRITE, max_readahead, flags, MAX_PAGES_COUNT, 1))
+
     def _take_over(self) -> None:
-        """Rule 3: state first, then INIT, then RESEND."""
-        os.write(self.args.fuse_fd, protocol.notify_resend())
+        """Rule 3: the state is attached and checked (in __init__); now the
+        INIT an earlier worker answered, then RESEND."""
+        init = self.store.state.load_init()
+        if init is not None:
+            self.fs.restore_init(init.minor)
+        else:
+            log.warning("the state holds no FUSE INIT: the kernel has not sent it yet, or it was lost")
+        try:
+            os.write(self.args.fuse_fd, protocol.notify_resend())
+        except OSError as e:
+            # Before 6.9 (FUSE 7.40) there is no RESEND: a request the dead
+            # worker had read stays unanswered.  Say so; serve the rest.
+            log.error("FUSE_NOTIFY_RESEND refused (%s): requests in flight at the takeover may hang", e)
+            return
         log.info("took over (restart %d): asked the kernel to resend unanswered requests", self.args.restarts)
 
     def _first_reply(self) -> None:
@@ -354,6 +397,7 @@ class Worker:
             await trio.sleep(self.cfg.compaction.interval)
             cc = self.cfg.compaction
             store.refill_reserve()
+            store.save_counters()
             if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):
                 continue
             steps = store.compact_steps(COMPACT_STEP_MOVES)
