@@ -156,6 +156,50 @@ def sd_notify(message: str, fds: list[int] | None = None) -> None:
         log.warning("sd_notify failed: %s", e)
 
 
+# sd_listen_fds(3): passed fds start at 3.
+SD_LISTEN_FDS_START = 3
+# Names of the fds kept in systemd's fd store, one name per fd so that the
+# order LISTEN_FDNAMES gives them back in does not matter.
+FD_NAMES = ("fuse", "control", "state-meta", "state-arena", "loop")
+
+
+def listen_fds() -> dict[str, int]:
+    """The fds systemd gave back from its fd store (a restart after the
+    supervisor died), by name; {} outside systemd or on a first start."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    out: dict[str, int] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        name = names[i] if i < len(names) else ""
+        if name in FD_NAMES and name not in out:
+            os.set_inheritable(fd, False)
+            out[name] = fd
+        else:
+            log.warning("ignoring fd %d named %r from systemd's fd store", fd, name)
+            os.close(fd)
+    return out
+
+
+def fd_store(name: str, fd: int) -> None:
+    """Keep ``fd`` in systemd's fd store (FileDescriptorStoreMax= in the
+    unit), so a supervisor restarted after a crash gets it back."""
+    if os.environ.get("NOTIFY_SOCKET"):
+        sd_notify(f"FDSTORE=1\nFDNAME={name}", [fd])
+
+
+def fd_store_remove(name: str) -> None:
+    if os.environ.get("NOTIFY_SOCKET"):
+        sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -382,8 +426,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, config_arg: str | None) -> None:
+    def __init__(self, cfg: Config, config_arg: str | None, adopted: dict[str, int] | None = None) -> None:
         self.cfg = cfg
+        self.adopted = adopted or {}
         self.config_arg = config_arg
         self.mountpoint = cfg.device.mountpoint
         self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
@@ -553,6 +598,8 @@ class Supervisor:
             self.state_fds = fds
             self.locked = [LockedMapping(fd) for fd in fds]
             self._lock_state()
+            for name, fd in zip(("state-meta", "state-arena"), fds):
+                fd_store(name, fd)
         elif msg == "ready":
             c.ready = True
         elif msg == "standby":
@@ -709,8 +756,10 @@ class Supervisor:
 
     def _swap_up(self) -> None:
         cfg = self.cfg.swap
-        sd_notify("STATUS=attaching loop device")
-        self.loop = self._attach()
+        if self.loop is None:
+            sd_notify("STATUS=attaching loop device")
+            self.loop = self._attach()
+            fd_store("loop", self.loop.fd)
         if not swap.dio_enabled(self.loop):
             log.warning("%s is not using direct I/O: swap pages will be cached twice", self.loop.path)
         self._run("mkswap", "--label", "zswapd", self.loop.path)
@@ -734,10 +783,13 @@ class Supervisor:
                     return False
             self.swap_on = False
         if self.loop:
+            fd_store_remove("loop")
             swap.detach_sync(self.loop.path)
             os.close(self.loop.fd)
             log.info("detached %s", self.loop.path)
             self.loop = None
+        for name in FD_NAMES:
+            fd_store_remove(name)  # nothing left for a restart to take over
         if self.mounted:
             lazy = not fmount.unmount(self.mountpoint)
             self.mounted = False
@@ -745,6 +797,29 @@ class Supervisor:
         return True
 
     # -- life ------------------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """A restart under systemd: the fds a dead supervisor kept in the fd
+        store.  The mount, the state and (with swap) the loop device and the
+        swap area are still live; the first worker takes over."""
+        a = self.adopted
+        log.warning("taking over from a supervisor that died: %s from systemd's fd store", ", ".join(sorted(a)))
+        self.fuse_fd = a["fuse"]
+        self.mounted = True
+        if "control" in a:
+            self.control_sock = socket.socket(fileno=a["control"])
+        if "state-meta" in a and "state-arena" in a:
+            self.state_fds = [a["state-meta"], a["state-arena"]]
+            self.locked = [LockedMapping(fd) for fd in self.state_fds]
+            self._lock_state()
+        if "loop" in a:
+            path = os.readlink(f"/proc/self/fd/{a['loop']}")
+            self.loop = swap.Loop(path, a["loop"])
+            self.swap_on = swap.swap_used_kib(path) is not None
+        # A worker killed together with the old supervisor had its state, or
+        # none was made yet (nothing was written: a fresh store is right).
+        self.worker_restarts = 1 if self.state_fds else 0
+        self.died_at_ns = time.monotonic_ns()
 
     def _serving(self) -> bool:
         return self.worker is not None and self.worker.ready
@@ -758,17 +833,22 @@ class Supervisor:
         cfg = self.cfg
         rc = 0
         try:
-            if cfg.fuse.backend == "native":
+            if self.adopted:
+                self._adopt()
+            elif cfg.fuse.backend == "native":
                 self.fuse_fd = fmount.open_fuse()
                 fmount.mount(self.fuse_fd, self.mountpoint)
                 self.mounted = True
-            self.control_sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
+                fd_store("fuse", self.fuse_fd)
+            if self.control_sock is None:
+                self.control_sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
+                fd_store("control", self.control_sock.fileno())
             self.worker = self._spawn(fresh=False)
             if not self._wait(lambda: self._serving() or self.shutdown_requested or self.connection_gone):
                 return 1
             if cfg.fuse.backend == "pyfuse3":
                 self.mounted = fmount.is_mountpoint(self.mountpoint)
-            if cfg.swap.enable and not self.shutdown_requested and not self.connection_gone:
+            if cfg.swap.enable and not self.swap_on and not self.shutdown_requested and not self.connection_gone:
                 try:
                     self._swap_up()
                 except (swap.SwapError, OSError) as e:
@@ -825,7 +905,14 @@ def _how(code: int) -> str:
 
 
 def main_run(cfg: Config, config_arg: str | None = None) -> int:
-    sup = Supervisor(cfg, config_arg)
+    adopted = listen_fds()
+    if adopted and ("fuse" not in adopted or fmount.mount_type(cfg.device.mountpoint) != "fuse.zswapd"):
+        log.warning("systemd handed back fds, but no live zswapd mount at %s: starting afresh", cfg.device.mountpoint)
+        for name, fd in adopted.items():
+            os.close(fd)
+            fd_store_remove(name)
+        adopted = {}
+    sup = Supervisor(cfg, config_arg, adopted)
     sup.install_signals()
     no_core_dumps()
     try:
@@ -837,8 +924,9 @@ def main_run(cfg: Config, config_arg: str | None = None) -> int:
         return 2
     try:
         try:
-            recover_stale(cfg.device.mountpoint)
-            check_mountpoint(cfg.device.mountpoint)
+            if not adopted:
+                recover_stale(cfg.device.mountpoint)
+                check_mountpoint(cfg.device.mountpoint)
             paths.safe_parent(cfg.control.socket)
             harden(cfg.swap.enable)
             # Imported now, so that a worker forked after a crash starts
