@@ -382,9 +382,8 @@ class LockedMapping:
         libc = _libc()
         if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
             return 0
-        raw = bytes(self.vec).translate(_ODD_TO_ONE)
         count = 0
-        for m in _RUN.finditer(raw):
+        for m in _RUN.finditer(memoryview(self.vec).cast("B")):
             start, end = m.span()
             at = ctypes.c_void_p(self.addr + start * mmap.PAGESIZE)
             if libc.mlock(at, ctypes.c_size_t((end - start) * mmap.PAGESIZE)) != 0:
@@ -399,10 +398,10 @@ class LockedMapping:
             self.addr = 0
 
 
-# mincore sets bit 0 of a page's byte when it is resident; the other bits are
-# reserved.  Map each byte to 0 or 1 so a regex finds the resident runs in C.
-_ODD_TO_ONE = bytes((i & 1) for i in range(256))
-_RUN = re.compile(rb"\x01+")
+# mincore sets bit 0 of a page's byte when it is resident and leaves the
+# other bits 0 (reserved).  A regex over the vector finds the resident runs
+# in C, without copying it: this process allocates nothing per page.
+_RUN = re.compile(rb"[^\x00]+")
 
 
 # -- the supervisor -----------------------------------------------------------------
