@@ -501,11 +501,18 @@ def run_targets(
         r["read_MBps"] = statistics.median(reads[t.name])
         back = subprocess.run(["cmp", "-n", str(nbytes), corpus.path, t.path], capture_output=True)
         r["verified"] = float(back.returncode == 0)
+    # Latency too is measured in alternation, ``repeat`` times, and the
+    # medians kept: one run per target would put one noisy minute on it.
+    lat: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in targets}
+    for _ in range(repeat):
+        for t in targets:
+            lat[t.name].append(_fio_randread(t.path, size, latency_seconds, workdir))
     for t in targets:
         r = res[t.name]
-        r["randread_p50_us"], r["randread_p99_us"], r["randread_iops"] = _fio_randread(
-            t.path, size, latency_seconds, workdir
-        )
+        runs = lat[t.name]
+        r["randread_p50_us"] = statistics.median(x[0] for x in runs)
+        r["randread_p99_us"] = statistics.median(x[1] for x in runs)
+        r["randread_iops"] = statistics.median(x[2] for x in runs)
     for t in targets:
         r = res[t.name]
         s = t.stats()
@@ -597,6 +604,10 @@ def bench_device(
             )
     except OSError as e:
         print(f"zswapd bench device: {e}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:
+        tool = e.cmd[0] if isinstance(e.cmd, list) else e.cmd
+        print(f"zswapd bench device: {tool} failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("zswapd bench device: interrupted; cleaned up", file=sys.stderr)
