@@ -222,9 +222,10 @@ class PythonEngine(Pool):
             return data
         try:
             return self.codec.decompress((entry >> 2) & 0x3, data)
-        except Exception:
+        except Exception as e:
+            # One exception type for a bad object, whichever engine and codec.
             self._c.failed_reads += 1
-            raise
+            raise ValueError(f"corrupt object: page {idx} did not decompress to a 4096-byte page ({e})") from None
 
     def write(self, offset: int, data: Buffer, refuse: bool) -> tuple[int, int]:
         n = len(data)
