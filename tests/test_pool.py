@@ -16,7 +16,6 @@ from zswapd.pool import (
     FRAME_SIZE,
     HUGE_THRESHOLD,
     MAX_FRAMES_PER_ZSPAGE,
-    Pool,
     PoolError,
     PoolFull,
     build_classes,

@@ -1138,11 +1138,12 @@ static PyObject *Engine_discard_pages(Engine *e, PyObject *args)
     return PyLong_FromUnsignedLongLong(freed);
 }
 
-static PyObject *Engine_compact(Engine *e, PyObject *args)
+static PyObject *Engine_compact(Engine *e, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"max_moves", NULL};
     PyObject *maxo = Py_None;
     READY(e);
-    if (!PyArg_ParseTuple(args, "|O", &maxo))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &maxo))
         return NULL;
     unsigned long long budget = 1ull << 62;
     if (maxo != Py_None) {
@@ -1568,7 +1569,7 @@ static PyMethodDef Engine_methods[] = {
     {"write", (PyCFunction)Engine_write, METH_VARARGS, "write(offset, data, refuse) -> (bytes done, status)"},
     {"readinto", (PyCFunction)Engine_readinto, METH_VARARGS, "readinto(offset, out) -> bytes read"},
     {"discard_pages", (PyCFunction)Engine_discard_pages, METH_VARARGS, "discard_pages(first, end) -> pages freed"},
-    {"compact", (PyCFunction)Engine_compact, METH_VARARGS, "compact(max_moves=None) -> objects moved"},
+    {"compact", (PyCFunction)(void (*)(void))Engine_compact, METH_VARARGS | METH_KEYWORDS, "compact(max_moves=None) -> objects moved"},
     {"trim", (PyCFunction)Engine_trim, METH_NOARGS, NULL},
     {"refill_reserve", (PyCFunction)Engine_refill_reserve, METH_NOARGS, NULL},
     {"_set_codec", (PyCFunction)Engine_set_codec, METH_VARARGS, "set_codec(algo_id, zstd_level)"},
