@@ -249,3 +249,73 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert check.stdout.strip() == str(out)
+
+
+# -- native serving of the hot opcodes (stage 2) -----------------------------------
+
+
+@pytest.mark.root
+def test_native_threads_serve_a_real_mount(tmp_path: Path) -> None:
+    """C threads serve READ, WRITE and punch-hole FALLOCATE of a real FUSE
+    mount; INIT, LOOKUP, OPEN, GETATTR... go up to FuseFS.handle."""
+    import mmap
+
+    from tests.conftest import fallocate
+    from zswapd.fuse import mount as fmount
+    from zswapd.fuse import protocol
+    from zswapd.fuse.native import NativeServer
+
+    size = 64 << 20
+    store = Store(size, engine="native")
+    fs = protocol.FuseFS(store)
+    fd = fmount.open_fuse()
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    server: NativeServer | None = None
+    mounted = False
+    try:
+        fmount.mount(fd, str(mp))
+        mounted = True
+        server = NativeServer(fd, fs, store.engine, threads=2)
+        model = bytearray(size)
+        corpus = b"".join(sample_pages(512))  # 2 MiB
+        f = os.open(mp / "swap", os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 1 << 20)  # page aligned, as O_DIRECT needs
+            rnd = random.Random(9)
+            for _ in range(200):
+                n = rnd.choice([1, 4, 32, 256]) * PAGE
+                off = rnd.randrange(0, size - n, PAGE)
+                src = rnd.randrange(0, len(corpus) - n)
+                buf[:n] = corpus[src : src + n]
+                assert os.pwritev(f, [memoryview(buf)[:n]], off) == n
+                model[off : off + n] = corpus[src : src + n]
+                if rnd.random() < 0.2:
+                    hole = rnd.randrange(0, size - 64 * PAGE, PAGE)
+                    fallocate(f, 0x03, hole, 16 * PAGE)  # PUNCH_HOLE | KEEP_SIZE
+                    model[hole : hole + 16 * PAGE] = bytes(16 * PAGE)
+            for off in range(0, 8 << 20, 1 << 20):
+                assert os.preadv(f, [buf], off) == 1 << 20
+                assert buf[:] == model[off : off + (1 << 20)]
+        finally:
+            os.close(f)
+        # an unaligned write comes in as an unaligned WRITE: read-modify-write in C
+        with open(mp / "swap", "r+b", buffering=0) as g:
+            g.seek(12345)
+            g.write(b"unaligned bytes")
+        model[12345 : 12345 + 15] = b"unaligned bytes"
+        assert store.read(0, 8 << 20) == model[: 8 << 20]
+        stats = server.stats()
+        assert stats["hot"] == 1 and stats["threads"] == 2
+        assert stats["hot_requests"] >= 200 and stats["cold_requests"] > 0 and stats["bugs"] == 0
+        st = store.stats()
+        assert st["num_writes"] >= 200 and st["notify_free"] > 0
+    finally:
+        if mounted:
+            fmount.unmount(str(mp))
+        if server is not None:
+            server.stop()
+        os.close(fd)
+    store.check_invariants()
+    assert store.read(0, size) == model
+    store.close()

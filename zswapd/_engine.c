@@ -50,6 +50,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/falloc.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 /* LZ4_compress_fast_extState_fastReset is in lz4's static-linking section:
  * the shared liblz4 does not export it, so setup.py links the system's
@@ -177,6 +180,7 @@ typedef struct {
     uint8_t *pbuf;   /* a page for read-modify-write and straddling objects */
     uint8_t *obuf;   /* an object being moved or loaded across frames */
 
+    int full; /* Store.full, mirrored: the FUSE threads refuse with it */
     int punch_errno;
     pthread_mutex_t lock;
     int lock_ready;
@@ -1559,6 +1563,7 @@ static PyMemberDef Engine_members[] = {
     MEMBER(mem_used_max, 0), MEMBER(compactions, 0), MEMBER(limit_hits, 0), MEMBER(huge_objects, READONLY),
     MEMBER(obj_bytes, READONLY), MEMBER(pages_compacted, 0),
     {"huge_threshold", T_UINT, offsetof(Engine, huge_threshold), READONLY, NULL},
+    {"full", T_INT, offsetof(Engine, full), 0, "Store.full, for the native FUSE threads"},
     {"reserve_frames", T_UINT, offsetof(Engine, reserve_frames), READONLY, NULL},
     {"max_frames", T_UINT, offsetof(Engine, max_frames), READONLY, NULL},
     {"max_handles", T_UINT, offsetof(Engine, max_handles), READONLY, NULL},
@@ -1601,8 +1606,344 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* ---- native FUSE serving (stage 2) ----------------------------------------------
+ *
+ * N threads read one /dev/fuse fd (O_NONBLOCK; poll, then read).  READ, WRITE
+ * and FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file (nodeid 2), once
+ * Python has answered INIT (enable()), are served here without the GIL under
+ * the engine lock.  Everything else, and any hot request that meets
+ * something the store's policy must decide (a full pool, a corrupt object,
+ * a range at the device's end, an unaligned discard), goes up whole to the
+ * Python callback (FuseFS.handle behind zswapd/fuse/native.py), which stays
+ * the single place for the protocol's rules.  The callback runs with the
+ * GIL; its reply is written before the GIL is released, since FuseFS builds
+ * READ replies in one shared buffer.  Per-thread buffers are allocated at
+ * thread start: nothing is allocated per request on the hot path.
+ */
+#define FUSE_READ 15
+#define FUSE_WRITE 16
+#define FUSE_FALLOCATE 43
+#define FILE_NODE 2
+#define IN_HDR 40
+#define OUT_HDR 16
+#define IO_IN 40
+#define FALLOC_IN 32
+#define MAX_IO (1u << 20)
+#define REQ_BUF (MAX_IO + 4096 + IN_HDR + IO_IN)
+#define MAX_THREADS 64
+
+typedef struct {
+    PyObject_HEAD
+    Engine *engine;
+    PyObject *callback;
+    int fd, efd;
+    int nthreads;
+    pthread_t threads[MAX_THREADS];
+    int started;
+    volatile int stop;
+    volatile int hot;
+    uint32_t max_write;
+    uint64_t dev_size;
+    unsigned long long hot_requests, cold_requests, io_errors;
+} Server;
+
+struct in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+static void write_reply(Server *s, const void *buf, size_t n)
+{
+    for (;;) {
+        ssize_t w = write(s->fd, buf, n);
+        if (w >= 0 || errno == ENOENT || errno == ENODEV)
+            return; /* ENOENT: the request was interrupted away */
+        if (errno != EINTR && errno != EAGAIN) {
+            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+}
+
+/* 1 if served here, 0 to hand up to Python. */
+static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
+{
+    const struct in_header *h = (const void *)in;
+    Engine *e = s->engine;
+    struct out_header *oh = (void *)out;
+    uint64_t size = s->dev_size;
+    if (!s->hot || h->nodeid != FILE_NODE || h->len != n || !e->arena)
+        return 0;
+    oh->error = 0;
+    oh->unique = h->unique;
+    if (h->opcode == FUSE_READ && n >= IN_HDR + IO_IN) {
+        uint64_t off;
+        uint32_t len;
+        memcpy(&off, in + IN_HDR + 8, 8);
+        memcpy(&len, in + IN_HDR + 16, 4);
+        if (len > s->max_write || off > size || len > size - off)
+            return 0;
+        int st;
+        engine_lock(e);
+        st = read_range(e, off, out + OUT_HDR, len);
+        if (st == ST_OK)
+            e->num_reads++;
+        else
+            e->failed_reads--; /* Python reads it again and counts it */
+        engine_unlock(e);
+        if (st != ST_OK)
+            return 0;
+        oh->len = OUT_HDR + len;
+        write_reply(s, out, OUT_HDR + len);
+        return 1;
+    }
+    if (h->opcode == FUSE_WRITE && n >= IN_HDR + IO_IN) {
+        uint64_t off;
+        uint32_t len;
+        memcpy(&off, in + IN_HDR + 8, 8);
+        memcpy(&len, in + IN_HDR + 16, 4);
+        if (len != n - IN_HDR - IO_IN || off > size || len > size - off)
+            return 0;
+        uint64_t done = 0;
+        int st;
+        engine_lock(e);
+        st = write_range(e, off, in + IN_HDR + IO_IN, len, e->full, &done);
+        if (st == ST_OK)
+            e->num_writes++;
+        engine_unlock(e);
+        if (st != ST_OK)
+            return 0; /* the policy's call: Python writes it (again) whole */
+        oh->len = OUT_HDR + 8;
+        memcpy(out + OUT_HDR, &len, 4);
+        memset(out + OUT_HDR + 4, 0, 4);
+        write_reply(s, out, OUT_HDR + 8);
+        return 1;
+    }
+    if (h->opcode == FUSE_FALLOCATE && n >= IN_HDR + FALLOC_IN) {
+        uint64_t off, len;
+        uint32_t mode;
+        memcpy(&off, in + IN_HDR + 8, 8);
+        memcpy(&len, in + IN_HDR + 16, 8);
+        memcpy(&mode, in + IN_HDR + 24, 4);
+        if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) || off >= size || len > size - off ||
+            off % PAGE_SIZE || len % PAGE_SIZE)
+            return 0;
+        long t;
+        engine_lock(e);
+        for (uint64_t idx = off / PAGE_SIZE; idx < (off + len) / PAGE_SIZE; idx++) {
+            uint64_t old = e->page[idx];
+            if (old & KIND_MASK) {
+                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
+                release(e, old);
+                e->notify_free++;
+            }
+        }
+        t = trim(e);
+        engine_unlock(e);
+        if (t < 0)
+            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+        oh->len = OUT_HDR;
+        write_reply(s, out, OUT_HDR);
+        return 1;
+    }
+    return 0;
+}
+
+static void serve_cold(Server *s, const uint8_t *in, size_t n)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *req = PyBytes_FromStringAndSize((const char *)in, (Py_ssize_t)n);
+    PyObject *r = req ? PyObject_CallOneArg(s->callback, req) : NULL;
+    Py_XDECREF(req);
+    if (r && r != Py_None) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(r, &b, PyBUF_SIMPLE) == 0) {
+            write_reply(s, b.buf, (size_t)b.len);
+            PyBuffer_Release(&b);
+        }
+    }
+    if (!r || PyErr_Occurred()) {
+        /* native.py's callback catches everything; this is the last guard:
+         * answer EIO rather than leave the request hanging. */
+        PyErr_Clear();
+        const struct in_header *h = (const void *)in;
+        if (n >= IN_HDR) {
+            struct out_header oh = {OUT_HDR, -EIO, h->unique};
+            write_reply(s, &oh, sizeof oh);
+        }
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static void *server_thread(void *arg)
+{
+    Server *s = arg;
+    uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
+    struct pollfd p[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
+    while (in && out && !s->stop) {
+        ssize_t n = read(s->fd, in, REQ_BUF);
+        if (n < 0) {
+            if (errno == EAGAIN) {
+                poll(p, 2, -1);
+                continue;
+            }
+            if (errno == EINTR || errno == ENOENT)
+                continue;
+            if (errno == ENODEV)
+                break; /* unmounted: the connection is gone */
+            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+            poll(p + 1, 1, 10); /* as session.py: never end on a read error */
+            continue;
+        }
+        if (n >= IN_HDR && serve_hot(s, in, (size_t)n, out)) {
+            __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
+        serve_cold(s, in, (size_t)n);
+    }
+    free(in);
+    free(out);
+    return NULL;
+}
+
+static void Server_join(Server *s)
+{
+    if (!s->started)
+        return;
+    s->stop = 1;
+    uint64_t one = 1;
+    if (write(s->efd, &one, sizeof one) < 0) {
+        /* eventfd cannot fail here short of a bug; the threads still stop
+         * at their next request */
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < s->nthreads; i++)
+        pthread_join(s->threads[i], NULL);
+    Py_END_ALLOW_THREADS
+    s->started = 0;
+}
+
+static void Server_dealloc(Server *s)
+{
+    Server_join(s);
+    if (s->efd >= 0)
+        close(s->efd);
+    Py_XDECREF(s->engine);
+    Py_XDECREF(s->callback);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Server_stop(Server *s, PyObject *Py_UNUSED(a))
+{
+    Server_join(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Server_enable(Server *s, PyObject *args)
+{
+    unsigned int max_write;
+    unsigned long long dev_size;
+    if (!PyArg_ParseTuple(args, "IK", &max_write, &dev_size))
+        return NULL;
+    if (max_write > MAX_IO || dev_size > s->engine->npages * PAGE_SIZE) {
+        PyErr_Format(PyExc_ValueError, "max_write %u > %u or device size %llu beyond the engine's", max_write,
+                     MAX_IO, dev_size);
+        return NULL;
+    }
+    s->max_write = max_write;
+    s->dev_size = dev_size;
+    __atomic_store_n(&s->hot, 1, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
+{
+    return Py_BuildValue("{s:K,s:K,s:K,s:i,s:i}", "hot_requests", s->hot_requests, "cold_requests",
+                         s->cold_requests, "io_errors", s->io_errors, "threads", s->nthreads, "hot", s->hot);
+}
+
+static PyMethodDef Server_methods[] = {
+    {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop and join the threads"},
+    {"enable", (PyCFunction)Server_enable, METH_VARARGS, "enable(max_write, device_size): serve hot opcodes"},
+    {"stats", (PyCFunction)Server_stats, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zswapd._engine.Server",
+    .tp_basicsize = sizeof(Server),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "native FUSE threads over one engine",
+    .tp_dealloc = (destructor)Server_dealloc,
+    .tp_methods = Server_methods,
+};
+
+/* serve_fuse(engine, fd, threads, callback) -> Server (threads running) */
+static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *eng, *cb;
+    int fd, nthreads;
+    if (!PyArg_ParseTuple(args, "O!iiO", &EngineType, &eng, &fd, &nthreads, &cb))
+        return NULL;
+    if (!PyCallable_Check(cb) || nthreads < 1 || nthreads > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "need a callable and 1..%d threads", MAX_THREADS);
+        return NULL;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || !(fl & O_NONBLOCK)) {
+        PyErr_SetString(PyExc_ValueError, "the /dev/fuse fd must be open and O_NONBLOCK");
+        return NULL;
+    }
+    Server *s = PyObject_New(Server, &ServerType);
+    if (!s)
+        return NULL;
+    s->engine = (Engine *)eng;
+    Py_INCREF(eng);
+    s->callback = cb;
+    Py_INCREF(cb);
+    s->fd = fd;
+    s->nthreads = 0;
+    s->started = 0;
+    s->stop = 0;
+    s->hot = 0;
+    s->max_write = 0;
+    s->dev_size = 0;
+    s->hot_requests = s->cold_requests = s->io_errors = 0;
+    s->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->efd < 0) {
+        Py_DECREF(s);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    s->started = 1;
+    for (int i = 0; i < nthreads; i++) {
+        if (pthread_create(&s->threads[i], NULL, server_thread, s) != 0) {
+            Server_join(s);
+            Py_DECREF(s);
+            PyErr_SetString(PyExc_OSError, "pthread_create failed");
+            return NULL;
+        }
+        s->nthreads++;
+    }
+    return (PyObject *)s;
+}
+
+static PyMethodDef module_methods[] = {
+    {"serve_fuse", serve_fuse, METH_VARARGS, "serve_fuse(engine, fd, threads, callback) -> Server"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT, .m_name = "zswapd._engine", .m_doc = "zswapd's native engine", .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__engine(void)
@@ -1616,7 +1957,7 @@ PyMODINIT_FUNC PyInit__engine(void)
     Py_DECREF(pool);
     if (!PoolError || !PoolFull || !StateError)
         return NULL;
-    if (PyType_Ready(&EngineType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ServerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (!m)

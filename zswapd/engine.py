@@ -88,6 +88,7 @@ class Engine(Protocol):
     state: State
     frame_limit: int
     pages_compacted: int
+    full: int  # the store's ``full``, mirrored
 
     @property
     def c(self) -> CounterSet: ...
@@ -146,6 +147,7 @@ class PythonEngine(Pool):
     name = "python"
 
     def __init__(self, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> None:
+        self.full = 0
         g = state.geometry
         super().__init__(g.max_frames, g.max_handles, frame_limit, reserve_frames, state)
         self.table = state.view("page")

@@ -137,6 +137,17 @@ class Store:
         self.set_limit(memory_limit)
 
     @property
+    def full(self) -> bool:
+        return self._full
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        # Mirrored into the engine: its native FUSE threads refuse pages
+        # that need memory while the store is full.
+        self._full = value
+        self.engine.full = value
+
+    @property
     def c(self) -> CounterSet:
         """The counters (store.Counters' names), kept by the engine."""
         return self.engine.c
