@@ -26,15 +26,22 @@
  * The GIL is never taken while one of these is held (the hot operations drop
  * it before taking the engine lock and take it back after releasing it), so
  * a thread that holds the GIL may wait for the engine lock without deadlock.
- * Stage 1 (this file today) is single threaded as far as the tables go: one
- * engine mutex, taken with the GIL released, serialises every operation and
- * stands in for the per-class locks; no entry lock bit is taken because no
- * two operations run at once.  The GIL protects nothing on the hot path: a
- * write, read, discard, compaction step or trim runs wholly without it
- * (compression included), touching only this object's C fields, the state
- * mappings and the caller's buffer, whose export it holds.  Python-visible
- * counters (members) are read and bumped by Store under the GIL; the engine
- * bumps them under its mutex; stage 1 has one thread, so they do not race.
+ * Today one engine mutex, taken with the GIL released, serialises every
+ * operation and stands in for the per-class locks; no entry lock bit is taken
+ * because no two operations touch the tables at once.  That holds for the
+ * Python-driven calls (stage 1, single threaded under the GIL) and for the
+ * native FUSE threads (serve_fuse, below): they run concurrently only in
+ * /dev/fuse reads and reply writes, not yet in compression.  Splitting the
+ * mutex into class locks plus the entry bit is the next step; compaction
+ * would then take the class lock, then each moved object's entry bit.
+ * The GIL protects nothing on the hot path: a write, read, discard,
+ * compaction step or trim runs wholly without it (compression included),
+ * touching only this object's C fields, the state mappings and the caller's
+ * buffer, whose export it holds.  The counters (members) are bumped by the
+ * engine under its mutex, but Store bumps num_reads, num_writes,
+ * failed_writes and limit_hits under the GIL alone: with native FUSE threads
+ * running, such a bump can lose one count of a concurrent one (a counter,
+ * never a table).
  * No allocation on the write or read path: the lz4 state, the zstd contexts,
  * the compression buffer and the read-modify-write page are made once per
  * engine.
