@@ -116,12 +116,14 @@ def _median_rate(fn: Callable[[], object], nbytes: int, repeat: int = 5) -> floa
     return statistics.median(rates)
 
 
-def bench_pool(npages: int = 20000, as_json: bool = False) -> int:
+def bench_pool(npages: int = 20000, as_json: bool = False, engine: str = "auto") -> int:
     pages = sample_pages(npages)
     nbytes = npages * PAGE
     results: dict[str, float] = {}
+    served_by = ""
     for algo in ("lz4", "zstd"):
-        store = Store(npages * PAGE, Codec(algo))
+        store = Store(npages * PAGE, Codec(algo), engine=engine)
+        served_by = str(store.stats()["engine"])
 
         def store_all(store: Store = store) -> None:
             for i, p in enumerate(pages):
@@ -146,9 +148,9 @@ def bench_pool(npages: int = 20000, as_json: bool = False) -> int:
     results["store_vs_raw_lz4_compress"] = results["lz4_store_MBps"] / results["raw_lz4_compress_MBps"]
     results["load_vs_raw_lz4_decompress"] = results["lz4_load_MBps"] / results["raw_lz4_decompress_MBps"]
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"engine": served_by, **results}, indent=2))
     else:
-        print(f"pool benchmark: {npages} pages of 4 KiB, median of 5 runs")
+        print(f"pool benchmark: {npages} pages of 4 KiB, median of 5 runs, {served_by} engine")
         for k, v in results.items():
             print(f"  {k:32} {v:10.2f}")
     return 0
