@@ -1654,6 +1654,7 @@ typedef struct {
     uint32_t max_write;
     uint64_t dev_size;
     unsigned long long hot_requests, cold_requests, io_errors;
+    int alive; /* threads still serving: 0 once the connection is gone */
 } Server;
 
 struct in_header {
@@ -1830,6 +1831,7 @@ static void *server_thread(void *arg)
     }
     free(in);
     free(out);
+    __atomic_sub_fetch(&s->alive, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -1885,8 +1887,9 @@ static PyObject *Server_enable(Server *s, PyObject *args)
 
 static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:i,s:i}", "hot_requests", s->hot_requests, "cold_requests",
-                         s->cold_requests, "io_errors", s->io_errors, "threads", s->nthreads, "hot", s->hot);
+    return Py_BuildValue("{s:K,s:K,s:K,s:i,s:i,s:i}", "hot_requests", s->hot_requests, "cold_requests",
+                         s->cold_requests, "io_errors", s->io_errors, "threads", s->nthreads, "hot", s->hot,
+                         "alive", __atomic_load_n(&s->alive, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef Server_methods[] = {
@@ -1936,6 +1939,7 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->max_write = 0;
     s->dev_size = 0;
     s->hot_requests = s->cold_requests = s->io_errors = 0;
+    s->alive = 0;
     s->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (s->efd < 0) {
         Py_DECREF(s);
@@ -1943,7 +1947,9 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     }
     s->started = 1;
     for (int i = 0; i < nthreads; i++) {
+        __atomic_add_fetch(&s->alive, 1, __ATOMIC_RELEASE);
         if (pthread_create(&s->threads[i], NULL, server_thread, s) != 0) {
+            __atomic_sub_fetch(&s->alive, 1, __ATOMIC_RELEASE);
             Server_join(s);
             Py_DECREF(s);
             PyErr_SetString(PyExc_OSError, "pthread_create failed");

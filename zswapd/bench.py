@@ -408,6 +408,8 @@ class ZswapdTarget(Target):
 
     def close(self) -> None:
         _detach_loops_of(self.file)
+        if getattr(self, "path", None):
+            subprocess.run(["losetup", "-d", self.path], capture_output=True)  # found by name, not by file
         self.proc.terminate()
         try:
             self.proc.wait(60)
@@ -436,6 +438,8 @@ class TmpfsLoopTarget(Target):
 
     def close(self) -> None:
         _detach_loops_of(self.file)
+        if getattr(self, "path", None):
+            subprocess.run(["losetup", "-d", self.path], capture_output=True)  # found by name, not by file
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.file)
 

@@ -223,7 +223,9 @@ def _main(argv: list[str] | None = None) -> int:
             except SystemExit:
                 continue
             if now["worker_pid"] != before:
-                print(f"worker {before} replaced by {now['worker_pid']} in {now['last_recovery_ms']} ms")
+                took = now["last_recovery_ms"]
+                # The recovery time is known once a FUSE request has been served.
+                print(f"worker {before} replaced by {now['worker_pid']}" + (f" in {took} ms" if took else ""))
                 return 0
         print(f"zswapd: worker {before} was not replaced within 60 s; see the daemon's log", file=sys.stderr)
         return 1

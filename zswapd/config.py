@@ -178,6 +178,7 @@ class ControlConfig:
 @dataclass
 class FuseConfig:
     backend: str = "native"
+    threads: int = 0  # native serving threads on /dev/fuse; 0: one per CPU
 
 
 @dataclass
@@ -365,7 +366,10 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "swap": {"enable": _bool, "priority": _int_in(-1, 32767), "discard": _choice("pages", "once", "both", "none")},
     "control": {"socket": _socket_path, "group": _group, "metrics_listen": _listen},
-    "fuse": {"backend": _choice("native", "pyfuse3")},
+    # threads: with the native engine, C threads read /dev/fuse and serve
+    # READ, WRITE and discards without the GIL; 64 is far beyond the cores a
+    # swap device can keep busy.
+    "fuse": {"backend": _choice("native", "pyfuse3"), "threads": _int_in(0, 64)},
     "log": {"level": _choice(*LOG_LEVELS)},
 }
 

@@ -793,6 +793,19 @@ class Supervisor:
             os.close(self.loop.fd)
             log.info("detached %s", self.loop.path)
             self.loop = None
+        # Loop devices someone else attached to our file cannot work once we
+        # are gone, and after a lazy unmount nobody could find them by path:
+        # take them down with us (and keep serving if one is swap we cannot
+        # swap off).
+        for dev in swap.loops_backed_by(self.file):
+            if swap.swap_used_kib(dev) is not None:
+                try:
+                    self._run("swapoff", dev)
+                except swap.SwapError as e:
+                    log.error("%s is swap on our file and cannot be swapped off (%s); still serving", dev, e)
+                    return False
+            swap.detach_sync(dev)
+            log.warning("detached %s, which another process had attached to %s", dev, self.file)
         for name in FD_NAMES:
             fd_store_remove(name)  # nothing left for a restart to take over
         if self.mounted:

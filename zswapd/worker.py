@@ -141,6 +141,7 @@ class Worker:
             accept_percent=cfg.pool.accept_percent,
             reserve_frames=cfg.pool.reserve // 4096,
             state=state,
+            engine=cfg.pool.engine,
         )
         if state is not None:
             log.info(
@@ -151,6 +152,7 @@ class Worker:
         self.fs = FuseFS(self.store)
         self.fs.on_init = self._save_init
         self.p3: Any = None  # the pyfuse3 server, with [fuse] backend = "pyfuse3"
+        self.native: Any = None  # fuse.native.NativeServer: C threads serving the hot opcodes
         self.compact_pauses: list[float] = []
         self.task_failures: Counter[str] = Counter()
         self.reloads = 0
@@ -182,6 +184,7 @@ class Worker:
             "fuse_requests": self.p3.ops.requests if self.p3 else self.fs.requests,
             "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors,
             "fuse_internal_errors": 0 if self.p3 else self.fs.internal_errors,
+            "fuse_native": self.native.stats() if self.native is not None else None,
             "control_internal_errors": self.controller.internal_errors,
             "compaction_step_p99_us": round(p99 * 1e6, 1),
             "task_failures": dict(self.task_failures),
@@ -299,6 +302,8 @@ class Worker:
     async def _serve_fuse(self) -> None:
         if self.p3:
             await self.p3.serve()
+        elif self.store.engine.name == "native":
+            await self._serve_native()
         else:
             await serve(self.args.fuse_fd, self.fs, on_first_reply=self._first_reply)
         # The connection is gone (aborted, or unmounted with no user left):
@@ -306,6 +311,35 @@ class Worker:
         log.info("FUSE session ended")
         self.exit_code = EXIT_CONNECTION_GONE
         self.nursery.cancel_scope.cancel()
+
+    async def _serve_native(self) -> None:
+        """C threads serve READ, WRITE and discards without the GIL; every
+        other request comes up to FuseFS.handle through a callback.  This
+        task only watches them: it returns when the connection is gone, and
+        stops them (each finishes its request) when cancelled."""
+        from .fuse.native import NativeServer
+
+        threads = self.cfg.fuse.threads or os.cpu_count() or 1
+        self.native = NativeServer(self.args.fuse_fd, self.fs, self.store.engine, threads)
+        log.info("serving FUSE with %d native threads", threads)
+        try:
+            if self.args.died_at_ns:
+                # Recovery ends at the first request served; the threads do
+                # not call back for hot ones, so watch their counters.
+                with trio.move_on_after(30):
+                    while not self._native_requests():
+                        await trio.sleep(0.0005)
+                    self._first_reply()
+            while self.native.stats()["alive"]:
+                await trio.sleep(0.1)
+        finally:
+            # Shielded: the threads must be joined before the store closes.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.native.stop)
+
+    def _native_requests(self) -> int:
+        st = self.native.stats()
+        return int(st["hot_requests"]) + int(st["cold_requests"])
 
     # -- signals ----------------------------------------------------------------
 
