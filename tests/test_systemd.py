@@ -24,8 +24,21 @@ nspawn console, where PID 1 logs at debug level: ordering cycles, including
 the ones systemd resolves at shutdown, are logged only there.
 
 Swap stays off inside: nspawn refuses swapon, and swap is global to the VM.
-So the daemon never attaches a loop device here; the stop check still looks for
-one on the file.  DeviceAllow= is not enforced in the container either.
+So the daemon never attaches a loop device here.  The runner does: it makes
+the /dev/loopN nodes (nspawn's /dev has none), attaches the served file with
+direct I/O and runs tests/genverify.py on it, generation-tagged blocks that
+catch a lost or stale write, while it
+  - SIGKILLs the supervisor and the worker (`systemctl kill -s KILL`), then
+    the supervisor alone, then the supervisor four more times in a row
+    (beyond systemd's default start limit): each time Restart=always starts a
+    supervisor that takes /dev/fuse and the state memfds back from the fd
+    store, on the same mount and FUSE connection;
+  - reloads (`systemctl reload`: a new worker, the same supervisor) and sends
+    SIGHUP (the config only).
+After each step one O_DIRECT read through the loop device measures how long
+I/O stalled.  If the runner never detaches its loop device (a hang), the
+fixture does, after the container is gone.  DeviceAllow= is not enforced in
+the container.
 """
 
 from __future__ import annotations
@@ -449,8 +462,9 @@ def boot_container(base: Path) -> Boot:
             "--private-network",
             "--bind=/dev/fuse",
             "--bind=/dev/loop-control",
-            # What the unit grants (mlock, oom_score_adj, IO_FLUSHER), which
-            # nspawn's default set lacks.
+            # What the unit grants (mlock; oom_score_adj and IO_FLUSHER need
+            # CAP_SYS_RESOURCE, which nspawn can pass on only where the test
+            # itself has it: not on this VM), and nspawn's default set lacks.
             "--capability=CAP_IPC_LOCK,CAP_SYS_RESOURCE",
             f"--bind={out}:/out",
             f"--bind-ro={ROOT}:{SRC_IN_CONTAINER}",
