@@ -109,7 +109,7 @@ LOOP=
 VERIFIER=
 cleanup() {
     [ -n "$VERIFIER" ] && kill -9 "$VERIFIER" 2>/dev/null
-    [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+    [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null && echo "$LOOP" >/out/detached
     systemctl --no-block exit 0
 }
 trap cleanup EXIT
@@ -249,7 +249,7 @@ if [ "$(cat /out/loop.rc)" = 0 ]; then
     wait "$VERIFIER"
     VERIFIER=
     step detach losetup -d "$LOOP"
-    LOOP=
+    [ "$(cat /out/detach.rc)" = 0 ] && echo "$LOOP" >/out/detached && LOOP=
 fi
 step stop systemctl stop zswapd.service
 step stopped show
@@ -355,22 +355,24 @@ def _end_container(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _detach_leaked_loop(out: Path) -> str | None:
-    """The runner detaches its loop device, unless it never got there (a
-    hang, a kill).  Then do it here: only the device it named, and only while
-    that device is still bound to the container's FUSE mount (same device
-    number), because loop numbers are shared with the host and other tests.
-    From the host, its backing file may read as just /swap."""
-    loop_out, conn_out = out / "loop.out", out / "conn_before.out"
-    if not loop_out.exists() or not conn_out.exists():
+    """The runner detaches its loop device (and says so in /out/detached),
+    unless it never got there: a hang, a kill.  Then do it here, but only the
+    device it named and only if it is still bound to a file named swap:
+    loop numbers are shared with the host and other tests.  Once the
+    container is gone, the backing file reads as just /swap from here, and
+    its device and inode as nothing (the FUSE connection ended with it)."""
+    loop_out = out / "loop.out"
+    if not loop_out.exists() or (out / "detached").exists():
         return None
     loop = loop_out.read_text().strip()
-    m = re.search(r"mount \d+ (\d+:\d+) ", conn_out.read_text())
-    if not re.fullmatch(r"/dev/loop\d+", loop) or not m:
+    if not re.fullmatch(r"/dev/loop\d+", loop):
         return None
-    r = subprocess.run(
-        ["losetup", "--list", "--noheadings", "--output", "BACK-MAJ:MIN", loop], capture_output=True, text=True
-    )
-    if r.returncode != 0 or r.stdout.strip() != m[1]:
+    backing = Path(f"/sys/block/{loop.removeprefix('/dev/')}/loop/backing_file")
+    try:
+        bound = backing.read_text().strip()
+    except OSError:
+        return None  # not bound
+    if bound not in (FILE, "/" + os.path.basename(FILE)):
         return None
     subprocess.run(["losetup", "--detach", loop], capture_output=True)
     return loop
