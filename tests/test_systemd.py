@@ -147,7 +147,7 @@ stall() {
     dd if="$LOOP" of=/dev/null bs=4096 count=1 skip=7 iflag=direct status=none 2>>"/out/$name.out"
     rc=$?
     t1=$EPOCHREALTIME
-    echo "$(((${t1/./} - ${t0/./}) / 1000)) $rc" >"/out/$name.stall"
+    echo "$(((${t1/./} - ${t0/./}) / 1000)) $rc $t0" >"/out/$name.stall"
 }
 mount_unit_active() {
     [ "$(systemctl show -p ActiveState --value @MOUNT_UNIT@)" = active ]
@@ -246,6 +246,8 @@ if [ "$(cat /out/loop.rc)" = 0 ]; then
     sed -i 's/^memory_limit = .*/memory_limit = "48M"/' /etc/zswapd/zswapd.toml
     step hup sh -c 'kill -HUP "$(systemctl show -p MainPID --value zswapd.service)"'
     until_ok stats_hup 30 sh -c 'zswapd stats --json | tee /dev/stderr | grep -q "\"mem_limit\": 50331648"'
+    # For a failure's diagnosis and the takeover's timeline (realtime, µs).
+    step journal_timed journalctl --no-pager -o short-unix _SYSTEMD_UNIT=zswapd.service
     wait "$VERIFIER"
     VERIFIER=
     step detach losetup -d "$LOOP"
@@ -312,7 +314,7 @@ class Boot:
         path = self.out / f"{name}.stall"
         if not path.exists():
             raise AssertionError(f"the runner never got to {name}")
-        ms, rc = path.read_text().split()
+        ms, rc, _ = path.read_text().split()
         return int(ms), int(rc)
 
     def conn(self, name: str) -> tuple[str, str, str]:
