@@ -132,6 +132,17 @@ def test_a_bug_in_housekeeping_is_logged_and_contained(tmp_path: Path) -> None:
         assert d.stop() == 0, d.logtext()
 
 
+def test_a_worker_that_cannot_start_ends_the_start_cleanly(tmp_path: Path) -> None:
+    """Before any worker has served nothing is at stake: after a few failed
+    starts `zswapd run` gives up (exit 1) and leaves nothing behind."""
+    with run_daemon(tmp_path, ready=False, inject="zswapd.worker:Worker.__init__") as d:
+        assert d.proc.wait(60) == 1, d.logtext()
+        log = d.logtext()
+        assert "worker cannot start: injected bug" in log and "giving up" in log, log
+        assert "Traceback" not in log
+    assert not os.path.ismount(d.mountpoint)
+
+
 def test_mlockall_refused_means_no_swap(tmp_path: Path) -> None:
     """Without CAP_IPC_LOCK and with a tiny RLIMIT_MEMLOCK, mlockall fails:
     swap must not be enabled (exit 2, saying why, nothing mounted)."""

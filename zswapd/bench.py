@@ -356,10 +356,16 @@ def _zs_slab_bytes() -> int:
 
 
 class ZswapdTarget(Target):
-    def __init__(self, size: int, algorithm: str, workdir: str, backend: str = "native") -> None:
+    def __init__(
+        self, size: int, algorithm: str, workdir: str, backend: str = "native", src: str | None = None
+    ) -> None:
+        """``src``: run the zswapd of that source tree instead of this one
+        (a baseline, e.g. the previous commit, measured in the same run)."""
         from .control import request
 
         self.name = "zswapd" if backend == "native" else f"zswapd-{backend}"
+        if src:
+            self.name = "baseline"
         self._request = request
         self.workdir = workdir
         mnt = os.path.join(workdir, "mnt")
@@ -373,7 +379,10 @@ class ZswapdTarget(Target):
             )
         self.file = os.path.join(mnt, "swap")
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "zswapd", "run", "--config", cfg], stderr=self.log)
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(src)) if src else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zswapd", "run", "--config", cfg], stderr=self.log, env=env, cwd=src
+        )
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(self.sock):
@@ -534,9 +543,13 @@ def codec_ceiling(corpus: Corpus) -> dict[str, float]:
     }
 
 
-def _make_target(kind: str, size: int, algorithm: str, workdir: str, private: str) -> Target:
+def _make_target(
+    kind: str, size: int, algorithm: str, workdir: str, private: str, baseline_src: str | None = None
+) -> Target:
     if kind == "zswapd":
         t: Target = ZswapdTarget(size, algorithm, workdir)
+    elif kind == "baseline":
+        t = ZswapdTarget(size, algorithm, workdir, src=baseline_src)
     elif kind == "pyfuse3":
         t = ZswapdTarget(size, algorithm, workdir, backend="pyfuse3")
     elif kind == "zram":
@@ -555,6 +568,7 @@ def bench_device(
     latency_seconds: int = 5,
     as_json: bool = False,
     plot: str | None = None,
+    baseline_src: str | None = None,
 ) -> int:
     if os.geteuid() != 0:
         print("zswapd bench device: needs root (loop devices, zram, FUSE)", file=sys.stderr)
@@ -572,7 +586,14 @@ def bench_device(
                 flush=True,
             )
             results = _bench_device(
-                corpus_size, corpus_file, algorithms, repeat, latency_seconds, workdir=workdir, private=private
+                corpus_size,
+                corpus_file,
+                algorithms,
+                repeat,
+                latency_seconds,
+                workdir=workdir,
+                private=private,
+                baseline_src=baseline_src,
             )
     except OSError as e:
         print(f"zswapd bench device: {e}", file=sys.stderr)
@@ -597,6 +618,7 @@ def _bench_device(
     latency_seconds: int,
     workdir: str,
     private: str,
+    baseline_src: str | None = None,
 ) -> dict[str, Any]:
     if corpus_file:
         corpus = _describe(corpus_file)
@@ -616,7 +638,7 @@ def _bench_device(
         def add(kind: str, algo: str) -> None:
             sub = os.path.join(workdir, f"{kind}-{algo}")
             os.makedirs(sub, exist_ok=True)
-            t = _make_target(kind, size, algo, sub, private)
+            t = _make_target(kind, size, algo, sub, private, baseline_src)
             stack.callback(t.close)
             targets.append(t)
 
@@ -627,6 +649,8 @@ def _bench_device(
                 add("zram", algo)
         if pyfuse3_available():
             add("pyfuse3", algorithms[0])
+        if baseline_src:
+            add("baseline", algorithms[0])
         results.update(run_targets(targets, corpus, repeat, latency_seconds, workdir))
     ratios: dict[str, float] = {}
     z = results.get("zram-lz4")
@@ -645,6 +669,11 @@ def _bench_device(
         mine = results[f"zswapd-{algo}"]
         ratios[f"zswapd-{algo}/tmpfs-loop write_MBps"] = mine["write_MBps"] / results["tmpfs-loop"]["write_MBps"]
         ratios[f"zswapd-{algo}/tmpfs-loop read_MBps"] = mine["read_MBps"] / results["tmpfs-loop"]["read_MBps"]
+    base = results.get(f"baseline-{algorithms[0]}")
+    if base:
+        mine = results[f"zswapd-{algorithms[0]}"]
+        for key in ("write_MBps", "read_MBps", "randread_p50_us", "randread_p99_us"):
+            ratios[f"zswapd-{algorithms[0]}/baseline {key}"] = mine[key] / base[key]
     results["ratios"] = ratios
     return results
 

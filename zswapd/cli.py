@@ -148,6 +148,10 @@ def _main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--repeat", type=int, default=3, help="device: runs per figure (the median is reported)")
     p_bench.add_argument("--latency-seconds", type=int, default=5)
     p_bench.add_argument("--json", action="store_true")
+    p_bench.add_argument(
+        "--baseline-src",
+        help="device: also run the zswapd of this source tree (e.g. a worktree of the previous commit)",
+    )
     p_bench.add_argument("--plot", help="device: write a bar chart of the ratios (needs matplotlib)")
 
     if argv is None:
@@ -263,6 +267,7 @@ def _main(argv: list[str] | None = None) -> int:
             latency_seconds=args.latency_seconds,
             as_json=args.json,
             plot=args.plot,
+            baseline_src=args.baseline_src,
         )
     return 2
 

@@ -89,6 +89,8 @@ EXIT_CONNECTION_GONE = 3
 # to 1 s, so a crash loop does not eat a CPU.
 RESTART_FREE = 3
 RESTART_BACKOFF_MAX = 1.0
+# Before any worker has served, this many failed starts end `zswapd run`.
+START_ATTEMPTS = 5
 # A worker that lived this long resets the back-off: its death is a new one.
 RESTART_RESET_AFTER = 10.0
 # How often resident state pages are mlocked here (rule 3).  Between scans
@@ -382,9 +384,8 @@ class LockedMapping:
         libc = _libc()
         if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
             return 0
-        raw = bytes(self.vec).translate(_ODD_TO_ONE)
         count = 0
-        for m in _RUN.finditer(raw):
+        for m in _RUN.finditer(memoryview(self.vec).cast("B")):
             start, end = m.span()
             at = ctypes.c_void_p(self.addr + start * mmap.PAGESIZE)
             if libc.mlock(at, ctypes.c_size_t((end - start) * mmap.PAGESIZE)) != 0:
@@ -399,10 +400,10 @@ class LockedMapping:
             self.addr = 0
 
 
-# mincore sets bit 0 of a page's byte when it is resident; the other bits are
-# reserved.  Map each byte to 0 or 1 so a regex finds the resident runs in C.
-_ODD_TO_ONE = bytes((i & 1) for i in range(256))
-_RUN = re.compile(rb"\x01+")
+# mincore sets bit 0 of a page's byte when it is resident and leaves the
+# other bits 0 (reserved).  A regex over the vector finds the resident runs
+# in C, without copying it: this process allocates nothing per page.
+_RUN = re.compile(rb"[^\x00]+")
 
 
 # -- the supervisor -----------------------------------------------------------------
@@ -443,6 +444,7 @@ class Supervisor:
         self.spare: Child | None = None  # a reload's new worker, until it takes over
         self.worker_restarts = 0
         self.quick_deaths = 0
+        self.ever_served = False
         self.stopping_worker = False
         self.replace_requested = False
         self.died_at_ns = 0
@@ -525,7 +527,7 @@ class Supervisor:
             control_fd=self.control_sock.fileno() if self.control_sock else -1,
             channel_fd=channel_fd,
             state_fds=list(self.state_fds),
-            takeover=bool(self.state_fds),
+            takeover=bool(self.state_fds) or self.worker_restarts > 0,
             restarts=self.worker_restarts,
             died_at_ns=self.died_at_ns,
             supervisor_pid=os.getpid(),
@@ -602,6 +604,7 @@ class Supervisor:
                 fd_store(name, fd)
         elif msg == "ready":
             c.ready = True
+            self.ever_served = True
         elif msg == "standby":
             c.ready = True
         elif msg == "replace":
@@ -642,17 +645,19 @@ class Supervisor:
             log.critical("worker %d died (%s); the pyfuse3 backend cannot be taken over", pid, how)
             self.connection_gone = True
             return
-        if not self.state_fds:
-            # Nothing to take over from: a new worker would serve zeros
-            # where pages were.  Fail loudly instead of silently.
-            log.critical("worker %d died (%s) before handing over its state; the device's contents are lost", pid, how)
-            fmount.abort_connection(self.mountpoint)
-            self.connection_gone = True
-            return
-        self.worker_restarts += 1
+        # Without state fds the dead worker never served a request (it hands
+        # them over first), so the next one starts a fresh state; it still
+        # asks for a resend, since INIT may have been read and not answered.
         # A crash loop is a worker dying before it serves (a bug at start-up,
         # a state it cannot attach); one killed while serving restarts at once.
         self.quick_deaths = 0 if c.ready or lived > RESTART_RESET_AFTER else self.quick_deaths + 1
+        if not self.ever_served and self.quick_deaths >= START_ATTEMPTS:
+            # No worker has ever served: nothing is at stake yet, so give up
+            # rather than loop (swap is not on; the unit's start fails).
+            log.error("no worker could start in %d attempts; giving up", START_ATTEMPTS)
+            self.connection_gone = True
+            return
+        self.worker_restarts += 1
         log.error("worker %d died (%s) after %.1f s; taking over (restart %d)", pid, how, lived, self.worker_restarts)
         if self.quick_deaths > RESTART_FREE:
             time.sleep(min(RESTART_BACKOFF_MAX, 0.01 * 2 ** (self.quick_deaths - RESTART_FREE)))
@@ -819,6 +824,7 @@ class Supervisor:
         # A worker killed together with the old supervisor had its state, or
         # none was made yet (nothing was written: a fresh store is right).
         self.worker_restarts = 1 if self.state_fds else 0
+        self.ever_served = bool(self.state_fds)
         self.died_at_ns = time.monotonic_ns()
 
     def _serving(self) -> bool:

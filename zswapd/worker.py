@@ -238,12 +238,13 @@ class Worker:
                     "the pyfuse3 backend cannot receive discards (no fallocate): swap slots the kernel frees stay "
                     "in the pool until overwritten, and the memory limit is reached sooner; use backend 'native'"
                 )
-        elif self.args.state_fds:
-            self._take_over()
         else:
-            # The first worker made the state: the supervisor holds it from
-            # now on, before a single page is written.
-            self._tell("state", list(self.store.state.fds()))
+            if not self.args.state_fds:
+                # This worker made the state: the supervisor holds it from
+                # now on, before a single page is written.
+                self._tell("state", list(self.store.state.fds()))
+            if self.args.takeover:
+                self._take_over()
         log.info(
             "serving %s (%d MiB, %s, limit %s)",
             self.file,
