@@ -223,7 +223,10 @@ if [ "$(cat /out/loop.rc)" = 0 ]; then
     step rundir_kill_all ls -A /run/zswapd
     # SIGKILL to the supervisor alone: systemd must end the worker before it
     # starts a new supervisor, whose worker then asks for a resend.
-    stall kill_main sh -c 'kill -9 "$(systemctl show -p MainPID --value zswapd.service)"'
+    # The orphaned worker serves until systemd kills it: probe after that.
+    worker=$(sed -n 's/.*"worker_pid": \([0-9]*\).*/\1/p' /out/stats_kill_all.out)
+    stall kill_main sh -c 'kill -9 "$(systemctl show -p MainPID --value zswapd.service)"
+        while kill -0 "$1" 2>/dev/null; do sleep 0.005; done' sh "$worker"
     until_ok stats_kill_main 60 active
     step show_kill_main show
     step conn_kill_main conn
