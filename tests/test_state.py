@@ -268,9 +268,10 @@ def test_punch_works_under_mlockall_onfault() -> None:
 # -- measured metadata -------------------------------------------------------------
 
 
-def test_metadata_bytes_is_what_is_resident() -> None:
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_metadata_bytes_is_what_is_resident(engine: str) -> None:
     size = 1 << 30  # a 2 MiB page table, of which a few pages get touched
-    s = Store(size)
+    s = Store(size, engine=engine)
     try:
         base = s.metadata_bytes()
         assert base < 64 * 1024  # the header and little else: tables are lazy
@@ -296,7 +297,8 @@ from zswapd.codec import Codec
 from zswapd.state import State
 from zswapd.store import Store
 size, meta, arena = (int(x) for x in sys.argv[1:4])
-store = Store(size, Codec("lz4"), reserve_frames=8, state=State.attach((meta, arena)))
+store = Store(size, Codec("lz4"), reserve_frames=8, state=State.attach((meta, arena)), engine=sys.argv[4])
+assert store.stats()["engine"] == sys.argv[4]
 stats = store.stats()
 pages = [hashlib.sha256(store.read(i * 4096, 4096)).hexdigest() for i in range(size // 4096)]
 store.check_invariants()
@@ -323,16 +325,19 @@ def _workload(store: Store, npages: int, seed: int) -> dict[int, bytes]:
     return model
 
 
-def test_attach_in_a_fresh_process_reads_every_page_back() -> None:
+# The differential case across processes: state written by one engine is
+# attached, rebuilt and read back by the other.
+@pytest.mark.parametrize(("writer", "reader"), [("python", "native"), ("native", "python")])
+def test_attach_in_a_fresh_process_reads_every_page_back(writer: str, reader: str) -> None:
     npages = 3000
-    store = Store(npages * PAGE, Codec("lz4"), reserve_frames=8)
+    store = Store(npages * PAGE, Codec("lz4"), reserve_frames=8, engine=writer)
     try:
         model = _workload(store, npages, seed=3)
         before = store.stats()
         assert before["pages_stored"] and before["same_pages"] and before["huge_pages"]
         meta, arena = store.state.fds()
         out = subprocess.run(
-            [sys.executable, "-c", _ATTACH, str(npages * PAGE), str(meta), str(arena)],
+            [sys.executable, "-c", _ATTACH, str(npages * PAGE), str(meta), str(arena), reader],
             cwd=ROOT, pass_fds=(meta, arena), capture_output=True, text=True, check=False, timeout=300,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
@@ -353,9 +358,10 @@ def test_attach_in_a_fresh_process_reads_every_page_back() -> None:
 # -- repairs and refusals ----------------------------------------------------------
 
 
-def test_rebuild_frees_orphans_and_check_catches_corruption() -> None:
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_rebuild_frees_orphans_and_check_catches_corruption(engine: str) -> None:
     size = 64 * PAGE
-    store = Store(size, reserve_frames=0)
+    store = Store(size, reserve_frames=0, engine=engine)
     try:
         for i in range(64):
             store.write(i * PAGE, content(i + 1))
@@ -365,7 +371,7 @@ def test_rebuild_frees_orphans_and_check_catches_corruption() -> None:
             store.pool.store(content(i + 100)[:1500])
             store.pool.store_word(i)
         assert store.pool.frames_used > used
-        again = Store(size, state=State.attach(store.state.fds()))
+        again = Store(size, state=State.attach(store.state.fds()), engine=engine)
         assert again.pool.frames_used == used
         assert again.pool.handles_used == 64
         assert again.read(0, size) == b"".join(content(i + 1) for i in range(64))

@@ -26,10 +26,25 @@ def page_content(kind: int, seed: int, n: int) -> bytes:
     return bytes((seed * 7919 + i * 104729 + (i * i >> 3)) % 251 for i in range(n))
 
 
+ENGINES = ["python", "native"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 class StoreModel(RuleBasedStateMachine):
+    # The engine the store starts on, and the ones a restart attaches with in
+    # turn: the alternating model is the differential test (state written by
+    # one engine is rebuilt and served by the other).
+    ENGINES: tuple[str, ...] = ("python",)
+
     def __init__(self) -> None:
         super().__init__()
-        self.store = Store(SIZE, Codec("lz4"), reserve_frames=2)
+        self.turn = 0
+        self.store = Store(SIZE, Codec("lz4"), reserve_frames=2, engine=self.ENGINES[0])
         self.model = bytearray(SIZE)  # the dict model, flattened: offset -> byte
 
     offsets = st.integers(0, SIZE - 1)
@@ -85,9 +100,12 @@ class StoreModel(RuleBasedStateMachine):
         (the clean case of a worker restart): the rebuilt store carries on."""
         old = self.store
         before = old.stats()
-        self.store = Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(old.state.fds()))
+        self.turn += 1
+        engine = self.ENGINES[self.turn % len(self.ENGINES)]
+        self.store = Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(old.state.fds()), engine=engine)
         old.close()
         after = self.store.stats()
+        assert after["engine"] == engine
         for key in ("orig_data_size", "compr_data_size", "mem_used_total", "pages_stored", "classes", "num_writes"):
             assert after[key] == before[key], key
 
@@ -110,14 +128,27 @@ class StoreModel(RuleBasedStateMachine):
         assert s["orig_data_size"] == stored * PAGE
 
 
-TestStoreModel = StoreModel.TestCase
-TestStoreModel.settings = settings(
+class NativeStoreModel(StoreModel):
+    ENGINES = ("native",)
+
+
+class AlternatingStoreModel(StoreModel):
+    ENGINES = ("native", "python")
+
+
+_MODEL_SETTINGS = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+TestStoreModel = StoreModel.TestCase
+TestStoreModel.settings = _MODEL_SETTINGS
+TestNativeStoreModel = NativeStoreModel.TestCase
+TestNativeStoreModel.settings = _MODEL_SETTINGS
+TestAlternatingStoreModel = AlternatingStoreModel.TestCase
+TestAlternatingStoreModel.settings = _MODEL_SETTINGS
 
 
-def test_bad_ranges_are_clear_errors() -> None:
-    s = Store(16 * PAGE)
+def test_bad_ranges_are_clear_errors(engine: str) -> None:
+    s = Store(16 * PAGE, engine=engine)
     with pytest.raises(StoreError, match="beyond the device size"):
         s.write(16 * PAGE - 1, b"ab")
     with pytest.raises(StoreError, match="negative"):
@@ -125,11 +156,11 @@ def test_bad_ranges_are_clear_errors() -> None:
     with pytest.raises(StoreError, match="beyond"):
         s.read(0, 16 * PAGE + 1)
     with pytest.raises(StoreError, match="multiple of 4096"):
-        Store(4097)
+        Store(4097, engine=engine)
 
 
-def test_same_filled_costs_no_pool_memory() -> None:
-    s = Store(64 * PAGE)
+def test_same_filled_costs_no_pool_memory(engine: str) -> None:
+    s = Store(64 * PAGE, engine=engine)
     for i in range(64):
         s.write(i * PAGE, bytes([i + 1]) * PAGE)
     st_ = s.stats()
@@ -137,18 +168,18 @@ def test_same_filled_costs_no_pool_memory() -> None:
     assert s.read(5 * PAGE, PAGE) == bytes([6]) * PAGE
 
 
-def test_incompressible_pages_are_stored_raw() -> None:
+def test_incompressible_pages_are_stored_raw(engine: str) -> None:
     import os
 
-    s = Store(8 * PAGE)
+    s = Store(8 * PAGE, engine=engine)
     data = os.urandom(PAGE)
     s.write(PAGE, data)
     assert s.stats()["huge_pages"] == 1
     assert s.read(PAGE, PAGE) == data
 
 
-def test_discard_frees_whole_pages_and_zeroes_partial_ends() -> None:
-    s = Store(8 * PAGE)
+def test_discard_frees_whole_pages_and_zeroes_partial_ends(engine: str) -> None:
+    s = Store(8 * PAGE, engine=engine)
     data = page_content(1, 3, 8 * PAGE)
     s.write(0, data)
     freed = s.discard(100, 3 * PAGE)
@@ -159,8 +190,8 @@ def test_discard_frees_whole_pages_and_zeroes_partial_ends() -> None:
     assert s.stats()["notify_free"] == 2
 
 
-def test_failed_write_keeps_old_page_and_counts() -> None:
-    s = Store(256 * PAGE, memory_limit=8 * FRAME_SIZE)
+def test_failed_write_keeps_old_page_and_counts(engine: str) -> None:
+    s = Store(256 * PAGE, memory_limit=8 * FRAME_SIZE, engine=engine)
     written = {}
     with pytest.raises(StoreFull):
         for i in range(256):
@@ -180,11 +211,11 @@ def test_failed_write_keeps_old_page_and_counts() -> None:
     s.write(0, page_content(1, 1, PAGE))
 
 
-def test_compaction_before_full_makes_room() -> None:
+def test_compaction_before_full_makes_room(engine: str) -> None:
     """Writes that fit only after compaction succeed, and count pages_compacted."""
     codec = Codec("lz4")
     big = [page_content(2, i, 2000) + page_content(1, i, PAGE - 2000) for i in range(600)]
-    s = Store(2048 * PAGE, codec)
+    s = Store(2048 * PAGE, codec, engine=engine)
     for i, p in enumerate(big):
         s.write(i * PAGE, p)
     used = s.pool.mem_used_total

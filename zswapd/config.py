@@ -150,6 +150,7 @@ class PoolConfig:
     memory_limit: int = -1  # -1 until resolved from "20%"
     accept_percent: int = 90
     reserve: int = 1 << 20
+    engine: str = "auto"  # engine.py: "auto", "native" (_engine.c) or "python" (pool.py)
 
 
 @dataclass
@@ -354,6 +355,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "memory_limit": _limit,
         "accept_percent": _int_in(1, 100),
         "reserve": _reserve,
+        "engine": _choice("auto", "native", "python"),
     },
     "compaction": {
         "background": _bool,

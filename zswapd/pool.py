@@ -84,6 +84,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .state import Geometry, State, StateError
 
@@ -675,6 +676,37 @@ class Pool:
 
     def freeable_frames(self) -> int:
         return sum(self.freeable(i) * self.classes[i].frames_per_zspage for i in self._fragmented)
+
+    # -- the volatile scalars, shared with the native engine ---------------------
+
+    # Volatile scalar -> attribute; the native engine uses the names.
+    _SCALARS = {"frames_made": "_frames_made", "hot_top": "_hot_top", "cold_top": "_cold_top",
+                "frames_used": "frames_used", "zs_free_top": "_zs_free_top", "zs_made": "_zs_made",
+                "handle_free_top": "_handle_free_top", "handles_made": "_handles_made",
+                "handles_used": "handles_used", "huge_objects": "huge_objects", "obj_bytes": "obj_bytes",
+                "pages_compacted": "pages_compacted"}  # fmt: skip
+
+    def volatile(self) -> dict[str, Any]:
+        """The volatile indexes kept outside the state's tables (stack tops,
+        list heads, per-class totals), under the names the native engine's
+        ``volatile()``/``set_volatile()`` use: an engine adopts them after
+        this pool's rebuild, and this pool adopts an engine's to check it."""
+        out: dict[str, Any] = {name: getattr(self, attr) for name, attr in self._SCALARS.items()}
+        out["heads"] = list(self._heads)
+        out["nonempty"] = list(self._nonempty)
+        out["cls_zspages"] = list(self.cls_zspages)
+        out["cls_used"] = list(self.cls_used)
+        out["fragmented"] = sorted(self._fragmented)
+        return out
+
+    def set_volatile(self, v: Mapping[str, Any]) -> None:
+        for name, attr in self._SCALARS.items():
+            setattr(self, attr, int(v[name]))
+        self._heads = [int(x) for x in v["heads"]]
+        self._nonempty = [int(x) for x in v["nonempty"]]
+        self.cls_zspages = [int(x) for x in v["cls_zspages"]]
+        self.cls_used = [int(x) for x in v["cls_used"]]
+        self._fragmented = {int(x) for x in v["fragmented"]}
 
     # -- rebuild after a crash ------------------------------------------------
 

@@ -42,25 +42,29 @@ recounted, and the event counters come back from the header snapshot that
 ``stats()`` refreshes.  ``check_invariants`` then verifies that each live
 handle is named by exactly one page and every pool index is right.
 
+The mechanics (encoding pages, the pool, the page-table switches in the
+order above) are the engine's (engine.py: the Python reference or the native
+one in _engine.c, both on the same tables); the store keeps the policy: the
+limit, ``full`` and its accept threshold, when and how far to compact, and
+the names of the stats.
+
 No I/O here beyond the state's own mappings; deterministic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Generator
 
-from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
+from .engine import COUNTER_NAMES, NOROOM, OK, REFUSED, Counters, CounterSet, Engine, make_engine
 from .errors import BadRequest, DeviceFull
-from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, Pool, PoolFull, pool_geometry
+from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
 from .state import Geometry, State, StateError
 
 _KIND_MASK = 0x3
 _LEN_SHIFT = 4
 _LEN_MASK = 0x1FFF
 _HANDLE_SHIFT = 32
-_ZERO_PAGE = bytes(PAGE_SIZE)
 # Bound on objects moved by one synchronous compaction on the write path.
 SYNC_COMPACT_MOVES = 1 << 14
 
@@ -85,29 +89,7 @@ _SAVED = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_fr
           "compactions", "limit_hits")  # fmt: skip
 
 
-@dataclass
-class Counters:
-    num_reads: int = 0
-    num_writes: int = 0
-    failed_reads: int = 0
-    failed_writes: int = 0
-    notify_free: int = 0
-    same_pages: int = 0
-    huge_pages: int = 0
-    pages_stored: int = 0
-    mem_used_max: int = 0
-    compactions: int = 0
-    limit_hits: int = 0
-
-
-def _spans(offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-    """Split a byte range into (page, offset in page, offset in range, length)."""
-    pos = 0
-    while pos < length:
-        idx, within = divmod(offset + pos, PAGE_SIZE)
-        take = min(PAGE_SIZE - within, length - pos)
-        yield idx, within, pos, take
-        pos += take
+__all__ = ["Counters", "Store", "StoreError", "StoreFull", "store_geometry"]
 
 
 class Store:
@@ -119,6 +101,7 @@ class Store:
         accept_percent: int = 90,
         reserve_frames: int = 64,
         state: State | None = None,
+        engine: str = "auto",
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise StoreError(f"device size must be a positive multiple of {PAGE_SIZE}, got {size}")
@@ -139,10 +122,11 @@ class Store:
                 f"the state's page table names algorithms {state.algorithms()}, this zswapd has {ALGORITHMS}"
             )
         self.state = state
-        g = state.geometry
-        self.pool = Pool(g.max_frames, g.max_handles, reserve_frames=reserve_frames, state=state)
+        # The engine serves the tables; ``pool`` is its old name, kept for
+        # the pool-level figures (frames_used, freeable, ...).
+        self.engine: Engine = make_engine(engine, state, self.codec, reserve_frames)
+        self.pool = self.engine
         self.table = state.view("page")
-        self.c = Counters()
         self.accept_percent = accept_percent
         self.full = False
         self.memory_limit = 0
@@ -152,8 +136,25 @@ class Store:
         state.save_codec(self.codec.algo_id, self.codec.zstd_level)
         self.set_limit(memory_limit)
 
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        # Mirrored into the engine: its native FUSE threads refuse pages
+        # that need memory while the store is full.
+        self._full = value
+        self.engine.full = value
+
+    @property
+    def c(self) -> CounterSet:
+        """The counters (store.Counters' names), kept by the engine."""
+        return self.engine.c
+
     def close(self) -> None:
         """Unmap the state and close this process's fds on it."""
+        self.engine.close()  # drops the engine's hold on the mappings first
         self.state.close()
 
     # -- recovery -------------------------------------------------------------
@@ -161,7 +162,9 @@ class Store:
     def rebuild(self) -> None:
         """Recompute every volatile index and derived counter from the page
         table and the pool's persistent tables, freeing what no page names."""
-        pool, c = self.pool, Counters()
+        # The scan is pool.py's, run on a Python Pool over the same tables;
+        # the engine then adopts the indexes it rebuilt.
+        pool, c = self.engine.reference(), Counters()
         pool.begin_rebuild()
         for first, end in self.state.extents("page"):
             for idx, entry in enumerate(self.table[first:end].tolist(), first):
@@ -190,7 +193,9 @@ class Store:
             setattr(c, name, saved.get(name, 0))
         pool.pages_compacted = self.state.load_counters()[len(_SAVED)]
         c.mem_used_max = max(c.mem_used_max, pool.mem_used_total)
-        self.c = c
+        self.engine.adopt(pool)
+        for name in COUNTER_NAMES:
+            setattr(self.engine.c, name, getattr(c, name))
 
     def check_invariants(self) -> None:
         """Raise StateError unless each live handle is named by exactly one
@@ -215,12 +220,12 @@ class Store:
                 f"counters say {c.pages_stored} stored, {c.same_pages} same-filled, {c.huge_pages} huge pages; "
                 f"the page table holds {stored}, {same}, {huge}"
             )
-        self.pool.check_invariants(owners)
+        self.engine.reference().check_invariants(owners)
 
     def save_counters(self) -> None:
         """Snapshot the event counters into the state header."""
         c = self.c
-        self.state.save_counters([getattr(c, name) for name in _SAVED] + [self.pool.pages_compacted])
+        self.state.save_counters([getattr(c, name) for name in _SAVED] + [self.engine.pages_compacted])
 
     # -- limit ----------------------------------------------------------------
 
@@ -230,11 +235,11 @@ class Store:
         if nbytes < 0:
             raise StoreError(f"memory limit must be >= 0, got {nbytes}")
         self.memory_limit = nbytes
-        self.pool.frame_limit = -(-nbytes // FRAME_SIZE) if nbytes else 0
+        self.engine.frame_limit = -(-nbytes // FRAME_SIZE) if nbytes else 0
         moved = 0
-        if nbytes and self.pool.mem_used_total > nbytes:
+        if nbytes and self.engine.mem_used_total > nbytes:
             moved = self.compact()
-        met = not nbytes or self.pool.mem_used_total <= nbytes
+        met = not nbytes or self.engine.mem_used_total <= nbytes
         self.update_full()
         return {"memory_limit": nbytes, "met": met, "objects_moved": moved}
 
@@ -251,37 +256,38 @@ class Store:
         zstd_level = self.codec.zstd_level if zstd_level is None else zstd_level
         if (algorithm, zstd_level) != (self.codec.algorithm, self.codec.zstd_level):
             self.codec = Codec(algorithm, zstd_level)
+            self.engine.set_codec(self.codec)
 
     @property
     def mem_used_total(self) -> int:
-        return self.pool.mem_used_total
+        return self.engine.mem_used_total
 
     @property
     def frames_used(self) -> int:
-        return self.pool.frames_used
+        return self.engine.frames_used
 
     def refill_reserve(self) -> None:
         """Top up the hot frame reserve; call off the write path."""
-        self.pool.refill_reserve()
+        self.engine.refill_reserve()
 
     def compaction_wanted(self, waste_threshold: int, watermark: int) -> bool:
         """The background policy: compact when the bytes lost to partly used
         zspages pass ``waste_threshold``, or when usage passes ``watermark``
         percent of the limit, and only if compaction can free a frame."""
-        pool = self.pool
+        pool = self.engine
         waste = pool.mem_used_total - pool.obj_bytes
         high = bool(self.memory_limit) and pool.mem_used_total * 100 >= self.memory_limit * watermark
         return (waste > waste_threshold or high) and pool.freeable_frames() > 0
 
     def update_full(self) -> None:
         if self.full and (
-            not self.memory_limit or self.pool.mem_used_total * 100 < self.memory_limit * self.accept_percent
+            not self.memory_limit or self.engine.mem_used_total * 100 < self.memory_limit * self.accept_percent
         ):
             self.full = False
 
     def compact(self, max_moves: int | None = None) -> int:
         self.c.compactions += 1
-        moved = self.pool.compact(max_moves)
+        moved = self.engine.compact(max_moves)
         self.update_full()
         return moved
 
@@ -293,66 +299,14 @@ class Store:
         if offset + length > self.size:
             raise StoreError(f"range {offset}+{length} is beyond the device size {self.size}")
 
-    # -- page level -----------------------------------------------------------
-
-    def _release(self, entry: int) -> None:
-        kind = entry & _KIND_MASK
-        if not kind:
-            return
-        h = entry >> _HANDLE_SHIFT
-        self.c.pages_stored -= 1
-        if kind == KIND_SAME:
-            self.pool.free_word(h)
-            self.c.same_pages -= 1
-        else:
-            self.pool.free(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
-            if kind == KIND_HUGE:
-                self.c.huge_pages -= 1
-
-    def _store_page(self, idx: int, page: Buffer) -> None:
-        kind, algo, payload = self.codec.encode(page, self.pool.huge_threshold)
-        pool = self.pool
-        if self.full and kind != KIND_SAME:
-            self.update_full()
-            if self.full:
-                self.c.failed_writes += 1
-                raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
-        # Allocate before freeing the old object: a failed store keeps the page.
-        alloc: Any = pool.store_word if kind == KIND_SAME else pool.store
-        try:
-            h = alloc(payload)
-        except PoolFull:
-            self.c.limit_hits += 1
-            self._make_room()
-            try:
-                h = alloc(payload)
-            except PoolFull:
-                self.full = True
-                self.c.failed_writes += 1
-                raise StoreFull("pool is full and compaction cannot make room") from None
-        c = self.c
-        if kind == KIND_SAME:
-            self.table[idx], old = h << _HANDLE_SHIFT | kind, self.table[idx]
-            c.same_pages += 1
-        else:
-            self.table[idx], old = h << _HANDLE_SHIFT | len(payload) << _LEN_SHIFT | algo << 2 | kind, self.table[idx]  # type: ignore[arg-type]
-            if kind == KIND_HUGE:
-                c.huge_pages += 1
-        c.pages_stored += 1
-        if old & _KIND_MASK:
-            self._release(old)
-        used = pool.mem_used_total
-        if used > c.mem_used_max:
-            c.mem_used_max = used
-
     def compact_steps(self, moves_per_step: int) -> Generator[int, None, None]:
         """One compaction run in bounded steps, yielding the objects each step
         moved, so a caller doing I/O can serve requests in between.  It ends
         when nothing is freeable (or when the caller stops iterating)."""
         self.c.compactions += 1
         try:
-            while self.pool.freeable_frames():
-                moved = self.pool.compact(moves_per_step)
+            while self.engine.freeable_frames():
+                moved = self.engine.compact(moves_per_step)
                 if not moved:
                     return
                 yield moved
@@ -361,41 +315,17 @@ class Store:
 
     def _make_room(self) -> None:
         """Synchronous, bounded compaction until a new zspage fits."""
-        if self.pool.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+        if self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
             return  # frames are not what is short (the handle table is)
         budget = SYNC_COMPACT_MOVES
         steps = self.compact_steps(512)
         try:
             for moved in steps:
                 budget -= moved
-                if budget <= 0 or self.pool.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+                if budget <= 0 or self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
                     break
         finally:
             steps.close()
-
-    def _load_page(self, idx: int) -> Buffer:
-        entry = self.table[idx]
-        kind = entry & _KIND_MASK
-        if not kind:
-            return _ZERO_PAGE
-        h = entry >> _HANDLE_SHIFT
-        if kind == KIND_SAME:
-            return fill_page(self.pool.word(h))
-        data = self.pool.load(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
-        if kind == KIND_HUGE:
-            return data
-        try:
-            return self.codec.decompress((entry >> 2) & 0x3, data)
-        except Exception:
-            self.c.failed_reads += 1
-            raise
-
-    def _drop_page(self, idx: int) -> None:
-        old = self.table[idx]
-        if old & _KIND_MASK:
-            self.table[idx] = 0
-            self._release(old)
-            self.c.notify_free += 1
 
     # -- byte level -----------------------------------------------------------
 
@@ -405,42 +335,45 @@ class Store:
         page keeps its old contents."""
         n = len(data)
         self._check(offset, n)
-        self.c.num_writes += 1
-        mv = memoryview(data).cast("B")
-        try:
-            if not offset % PAGE_SIZE and not n % PAGE_SIZE:
-                # The swap path: whole pages, so no read-modify-write.
-                store_page = self._store_page
-                idx = offset // PAGE_SIZE
-                for pos in range(0, n, PAGE_SIZE):
-                    store_page(idx, mv[pos : pos + PAGE_SIZE])
-                    idx += 1
-                return n
-            for idx, within, pos, take in _spans(offset, n):
-                if take == PAGE_SIZE:
-                    self._store_page(idx, mv[pos : pos + PAGE_SIZE])
-                else:
-                    page = bytearray(self._load_page(idx))
-                    page[within : within + take] = mv[pos : pos + take]
-                    self._store_page(idx, page)
+        c = self.c
+        c.num_writes += 1
+        engine = self.engine
+        done, status = engine.write(offset, data, self.full)
+        if status == OK:
             return n
-        finally:
-            self.pool.trim()  # also when a store failed part way
+        mv = memoryview(data).cast("B")
+        while True:
+            at = offset + done
+            if status == REFUSED:
+                # The store is full and this page needs pool memory: the
+                # hysteresis may have ended since (usage fell).
+                self.update_full()
+                if self.full:
+                    c.failed_writes += 1
+                    raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
+            elif status == NOROOM:
+                c.limit_hits += 1
+                self._make_room()
+                # Retry this one page; if it still finds no room, the store is full.
+                end = min(n, done + PAGE_SIZE - at % PAGE_SIZE)
+                step, status = engine.write(at, mv[done:end], False)
+                if status != OK:
+                    self.full = True
+                    c.failed_writes += 1
+                    raise StoreFull("pool is full and compaction cannot make room")
+                done += step
+            if done >= n:
+                return n
+            step, status = engine.write(offset + done, mv[done:], self.full)
+            done += step
+            if status == OK:
+                return n
 
     def readinto(self, offset: int, out: memoryview) -> int:
         n = len(out)
         self._check(offset, n)
         self.c.num_reads += 1
-        if not offset % PAGE_SIZE and not n % PAGE_SIZE:
-            load_page = self._load_page
-            idx = offset // PAGE_SIZE
-            for pos in range(0, n, PAGE_SIZE):
-                out[pos : pos + PAGE_SIZE] = load_page(idx)
-                idx += 1
-            return n
-        for idx, within, pos, take in _spans(offset, n):
-            out[pos : pos + take] = self._load_page(idx)[within : within + take]
-        return n
+        return self.engine.readinto(offset, out)
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
@@ -461,12 +394,9 @@ class Store:
             self._zero_bytes(offset, first * PAGE_SIZE - offset)
         if end > last * PAGE_SIZE:
             self._zero_bytes(last * PAGE_SIZE, end - last * PAGE_SIZE)
-        before = self.c.notify_free
-        for idx in range(first, last):
-            self._drop_page(idx)
-        self.pool.trim()
+        freed = self.engine.discard_pages(first, last)
         self.update_full()
-        return self.c.notify_free - before
+        return freed
 
     def _zero_bytes(self, offset: int, length: int) -> None:
         """Zero part of the device, skipping pages that are already empty."""
@@ -487,7 +417,7 @@ class Store:
         empty = (self.npages - self.c.pages_stored) * PAGE_SIZE
         if not self.memory_limit:
             return empty
-        used = self.pool.mem_used_total
+        used = self.engine.mem_used_total
         room = max(0, self.memory_limit - used)
         ratio = (self.c.pages_stored * PAGE_SIZE / used) if used else 1.0
         return min(empty, int(room * max(ratio, 1.0)))
@@ -498,7 +428,7 @@ class Store:
         return self.state.resident_bytes()
 
     def stats(self) -> dict[str, object]:
-        pool = self.pool
+        pool = self.engine
         self.save_counters()
         return {
             "orig_data_size": self.c.pages_stored * PAGE_SIZE,
@@ -516,6 +446,7 @@ class Store:
             "notify_free": self.c.notify_free,
             "pages_stored": self.c.pages_stored,
             "metadata_bytes": self.metadata_bytes(),
+            "engine": self.engine.name,
             "reserve_bytes": pool.reserve_bytes,
             "algorithm": self.codec.algorithm,
             "compactions": self.c.compactions,
@@ -526,4 +457,4 @@ class Store:
         }
 
     def reset_max(self) -> None:
-        self.c.mem_used_max = self.pool.mem_used_total
+        self.c.mem_used_max = self.engine.mem_used_total

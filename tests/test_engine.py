@@ -1,0 +1,321 @@
+"""The engine interface: selection, the native engine against the Python
+reference (same tables, byte for byte, for the same allocator calls), state
+handed from one engine to the other, fail-closed errors, and the native
+engine's tests rerun under AddressSanitizer and UndefinedBehaviorSanitizer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from zswapd import engine as engine_mod
+from zswapd.bench import sample_pages
+from zswapd.codec import Codec
+from zswapd.engine import Engine, open_pool
+from zswapd.errors import BadRequest
+from zswapd.pool import FRAME_SIZE, HUGE_THRESHOLD, PoolError
+from zswapd.state import State
+from zswapd.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+ENGINES = ["python", "native"]
+
+
+def _digest(pool: Engine) -> dict[str, str]:
+    """Every table and the arena, hashed: two engines that made the same
+    calls must leave the same bytes."""
+    state = pool.state
+    out = {t.name: hashlib.sha256(bytes(state.view(t.name))).hexdigest() for t in state.tables}
+    out["arena"] = hashlib.sha256(bytes(state.arena()[0])).hexdigest()
+    return out
+
+
+def _allocator_workload(pool: Engine, seed: int) -> list[int]:
+    rnd = random.Random(seed)
+    live: dict[int, int] = {}
+    moved = []
+    for step in range(6000):
+        if live and rnd.random() < 0.4:
+            h = rnd.choice(list(live))
+            pool.free(h, live.pop(h))
+        else:
+            n = rnd.choice([1, 20, 100, 333, 700, 1500, 2049, 3000, HUGE_THRESHOLD - 1, FRAME_SIZE])
+            h = pool.store(rnd.randbytes(n))
+            live[h] = n
+        if step % 997 == 0:
+            moved.append(pool.compact(max_moves=rnd.randrange(1, 40)))
+            pool.refill_reserve()
+    moved.append(pool.compact())
+    return moved
+
+
+def test_both_engines_leave_the_same_bytes_for_the_same_calls() -> None:
+    """The allocator is deterministic: the same stores, frees and compactions
+    through either engine leave identical tables, arena and volatile indexes."""
+    py = open_pool("python", 4096, 8192, reserve_frames=16)
+    nat = open_pool("native", 4096, 8192, reserve_frames=16)
+    assert py.name == "python" and nat.name == "native"
+    assert _allocator_workload(py, 11) == _allocator_workload(nat, 11)
+    assert _digest(py) == _digest(nat)
+    assert py.reference().volatile() == nat.reference().volatile()
+    assert py.class_stats() == nat.class_stats()
+
+
+def _store_workload(store: Store, seed: int, pages: list[bytes], model: bytearray) -> bytearray:
+    rnd = random.Random(seed)
+    npages = store.size // PAGE
+    for step in range(1500):
+        i = rnd.randrange(npages)
+        r = rnd.random()
+        if r < 0.15:
+            n = min(rnd.randrange(1, 9), npages - i) * PAGE - rnd.randrange(2) * 100
+            store.discard(i * PAGE + 50, n - 50)
+            model[i * PAGE + 50 : i * PAGE + n] = bytes(n - 50)
+        elif r < 0.25:
+            at = i * PAGE + rnd.randrange(PAGE)
+            data = pages[rnd.randrange(len(pages))][: rnd.randrange(1, PAGE)][: store.size - at]
+            store.write(at, data)
+            model[at : at + len(data)] = data
+        else:
+            page = pages[rnd.randrange(len(pages))]
+            store.write(i * PAGE, page)
+            model[i * PAGE : (i + 1) * PAGE] = page
+        if step % 400 == 0:
+            store.compact(max_moves=rnd.randrange(1, 30))
+    return model
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+@pytest.mark.parametrize(("writer", "reader"), [("python", "native"), ("native", "python")])
+def test_state_written_by_one_engine_is_served_by_the_other(writer: str, reader: str, algorithm: str) -> None:
+    pages = sample_pages(600)
+    a = Store(512 * PAGE, Codec(algorithm), reserve_frames=4, engine=writer)
+    model = _store_workload(a, 5, pages, bytearray(a.size))
+    before = a.stats()
+    b = Store(512 * PAGE, Codec(algorithm), reserve_frames=4, state=State.attach(a.state.fds()), engine=reader)
+    a.close()
+    try:
+        b.check_invariants()
+        after = b.stats()
+        assert after["engine"] == reader
+        for key in ("orig_data_size", "compr_data_size", "mem_used_total", "same_pages", "huge_pages", "classes"):
+            assert after[key] == before[key], key
+        assert b.read(0, b.size) == model
+        # and it carries on: rewrites, discards and a compaction on the other engine
+        model = _store_workload(b, 6, pages, model)
+        b.compact()
+        b.check_invariants()
+        assert b.read(0, b.size) == model
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_selection_and_stats_name_the_engine(engine: str) -> None:
+    s = Store(16 * PAGE, engine=engine)
+    assert s.stats()["engine"] == engine
+    s.close()
+    with pytest.raises(BadRequest, match="engine must be one of auto, native, python"):
+        Store(16 * PAGE, engine="rust")
+
+
+def test_auto_prefers_native_and_falls_back_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert engine_mod.select("auto") == "native"
+    monkeypatch.setattr(engine_mod, "_NATIVE_ERROR", "No module named 'zswapd._engine'")
+    monkeypatch.setattr(engine_mod, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="zswapd"):
+        assert Store(16 * PAGE).stats()["engine"] == "python"
+        assert Store(16 * PAGE).stats()["engine"] == "python"
+    warnings = [r for r in caplog.records if "native engine not available" in r.getMessage()]
+    assert len(warnings) == 1
+    with pytest.raises(BadRequest, match="not built.*liblz4-dev"):
+        Store(16 * PAGE, engine="native")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_corrupt_object_is_a_clear_error_and_counted(engine: str) -> None:
+    s = Store(8 * PAGE, engine=engine)
+    page = (b"zswapd corrupt test " * 300)[:PAGE]
+    s.write(PAGE, page)
+    entry = s.table[1]
+    assert entry & 3 == 2  # compressed
+    handle = s.state.view("handle")[entry >> 32]
+    z, slot = handle >> 16, handle & 0xFFFF
+    frame = s.state.view("zs_first")[z]
+    size = s.pool.reference().classes[s.state.view("zs_class")[z]].size
+    at = frame * FRAME_SIZE + slot * size + 4
+    arena = s.state.arena()[0]
+    arena[at : at + 16] = b"\xff" * 16  # garbage where the lz4 block starts
+    with pytest.raises(ValueError, match="corrupt object|decompress"):
+        s.read(PAGE, PAGE)
+    assert s.stats()["failed_reads"] == 1
+    assert s.read(0, PAGE) == bytes(PAGE)  # other pages still read
+    s.close()
+
+
+def test_native_refuses_bad_object_calls() -> None:
+    pool = open_pool("native", 64, 64)
+    with pytest.raises(PoolError, match="unknown handle"):
+        pool.free(5, 10)
+    with pytest.raises(PoolError, match="unknown handle"):
+        pool.load(0, 10)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="beyond the device size"):
+        pool.write(0, b"x", False)  # a bare pool has no device pages
+    pool.close()
+    with pytest.raises(ValueError, match="closed"):
+        pool.compact()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_algorithm_switch_keeps_old_pages_readable(engine: str) -> None:
+    pages = sample_pages(64)
+    s = Store(64 * PAGE, Codec("lz4"), engine=engine)
+    for i, p in enumerate(pages[:32]):
+        s.write(i * PAGE, p)
+    s.set_algorithm("zstd", 3)
+    for i, p in enumerate(pages[32:], 32):
+        s.write(i * PAGE, p)
+    assert s.read(0, 64 * PAGE) == b"".join(pages)
+    assert s.stats()["algorithm"] == "zstd"
+    s.close()
+
+
+# -- the sanitizer target -------------------------------------------------------
+
+
+def _gcc_file(name: str) -> str | None:
+    out = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout
+    path = out.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
+    """Build _engine.c with -fsanitize=address,undefined and bound checks on
+    every table index (ZSWAPD_BOUNDS), into a copy of the package, and run
+    the native engine's tests there with libasan preloaded.  Any report
+    aborts the run, so a clean exit is the assertion."""
+    libasan = _gcc_file("libasan.so")
+    assert libasan, "gcc's libasan is needed (Debian: gcc brings libasan8)"
+    shutil.copytree(ROOT / "zswapd", tmp_path / "zswapd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "tests").mkdir()
+    for name in ("conftest.py", "test_engine.py", "test_pool.py", "test_store.py"):
+        shutil.copy(ROOT / "tests" / name, tmp_path / "tests" / name)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    lz4 = _gcc_file("liblz4.a")
+    out = tmp_path / "zswapd" / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [
+        "gcc", "-shared", "-fPIC", "-O1", "-g", "-std=gnu11", "-Wall", "-Werror", "-fno-omit-frame-pointer",
+        "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-DZSWAPD_BOUNDS",
+        f"-I{sysconfig.get_paths()['include']}", str(ROOT / "zswapd" / "_engine.c"), "-o", str(out),
+    ]  # fmt: skip
+    cmd += [lz4, "-Wl,--exclude-libs,ALL"] if lz4 else ["-DZSWAPD_LZ4_FULL_RESET", "-llz4"]
+    cmd += ["-lzstd"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=libasan,
+        ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1",
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+        PYTHONMALLOC="malloc",  # so ASan sees the Python objects' buffers too
+        PYTHONPATH=str(tmp_path),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/test_engine.py",
+         "tests/test_pool.py", "tests/test_store.py", "-k", "(native or Native or Alternating or both) and not asan"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    tail = (run.stdout + run.stderr)[-6000:]
+    assert run.returncode == 0, tail
+    assert "ERROR: AddressSanitizer" not in tail and "runtime error" not in tail
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= 20, tail  # the native tests really ran
+    # the engine that ran was the sanitized build
+    check = subprocess.run(
+        [sys.executable, "-c", "import zswapd._engine as m; print(m.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert check.stdout.strip() == str(out)
+
+
+# -- native serving of the hot opcodes (stage 2) -----------------------------------
+
+
+@pytest.mark.root
+def test_native_threads_serve_a_real_mount(tmp_path: Path) -> None:
+    """C threads serve READ, WRITE and punch-hole FALLOCATE of a real FUSE
+    mount; INIT, LOOKUP, OPEN, GETATTR... go up to FuseFS.handle."""
+    import mmap
+
+    from tests.conftest import fallocate
+    from zswapd.fuse import mount as fmount
+    from zswapd.fuse import protocol
+    from zswapd.fuse.native import NativeServer
+
+    size = 64 << 20
+    store = Store(size, engine="native")
+    fs = protocol.FuseFS(store)
+    fd = fmount.open_fuse()
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    server: NativeServer | None = None
+    mounted = False
+    try:
+        fmount.mount(fd, str(mp))
+        mounted = True
+        server = NativeServer(fd, fs, store.engine, threads=2)
+        model = bytearray(size)
+        corpus = b"".join(sample_pages(512))  # 2 MiB
+        f = os.open(mp / "swap", os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 1 << 20)  # page aligned, as O_DIRECT needs
+            rnd = random.Random(9)
+            for _ in range(200):
+                n = rnd.choice([1, 4, 32, 256]) * PAGE
+                off = rnd.randrange(0, size - n, PAGE)
+                src = rnd.randrange(0, len(corpus) - n)
+                buf[:n] = corpus[src : src + n]
+                assert os.pwritev(f, [memoryview(buf)[:n]], off) == n
+                model[off : off + n] = corpus[src : src + n]
+                if rnd.random() < 0.2:
+                    hole = rnd.randrange(0, size - 64 * PAGE, PAGE)
+                    fallocate(f, 0x03, hole, 16 * PAGE)  # PUNCH_HOLE | KEEP_SIZE
+                    model[hole : hole + 16 * PAGE] = bytes(16 * PAGE)
+            for off in range(0, 8 << 20, 1 << 20):
+                assert os.preadv(f, [buf], off) == 1 << 20
+                assert buf[:] == model[off : off + (1 << 20)]
+        finally:
+            os.close(f)
+        # an unaligned write comes in as an unaligned WRITE: read-modify-write in C
+        with open(mp / "swap", "r+b", buffering=0) as g:
+            g.seek(12345)
+            g.write(b"unaligned bytes")
+        model[12345 : 12345 + 15] = b"unaligned bytes"
+        assert store.read(0, 8 << 20) == model[: 8 << 20]
+        stats = server.stats()
+        assert stats["hot"] == 1 and stats["threads"] == 2
+        assert stats["hot_requests"] >= 200 and stats["cold_requests"] > 0 and stats["bugs"] == 0
+        st = store.stats()
+        assert st["num_writes"] >= 200 and st["notify_free"] > 0
+    finally:
+        if mounted:
+            fmount.unmount(str(mp))
+        if server is not None:
+            server.stop()
+        os.close(fd)
+    store.check_invariants()
+    assert store.read(0, size) == model
+    store.close()

@@ -1,0 +1,1993 @@
+/* zswapd native engine: the store's hot path (page table, zsmalloc-style pool,
+ * lz4/zstd) in C, over the memfd state layout of zswapd/state.py.
+ *
+ * This file mirrors zswapd/pool.py (the reference engine) and the page-level
+ * half of zswapd/store.py line for line; the names are the same (frame,
+ * zspage, size class, slot, handle, fullness group, hot/cold stacks).  It
+ * invents no layout: every table it touches is a buffer the State object
+ * hands over (state.view(name), state.arena()), and the volatile scalars
+ * (stack tops, list heads, per-class totals) live in this object, exactly as
+ * they live in a Python Pool, and cross over with volatile()/set_volatile().
+ * The rebuild scan and the invariant checker stay in Python (pool.py), the
+ * single reference: a native store attaches by letting a Python Pool rebuild
+ * the tables, then adopts its scalars.
+ *
+ * Crash consistency: the same order as pool.py and store.py.
+ *   write:   new object complete (slot header, payload), then handle-table
+ *            entry, then the page-table entry (one aligned 8-byte store),
+ *            then the old object is freed.
+ *   discard: page-table entry zeroed, then the object freed.
+ *   compact: copy (slot header, payload), switch the handle entry, free the
+ *            old slot.
+ * A frame is punched only while free.
+ *
+ * Locking.  Lock order: engine lock -> class lock -> page-table entry lock
+ * bit (bit 63 of a page entry, unused by the layout, as zram's ZRAM_LOCK).
+ * The GIL is never taken while one of these is held (the hot operations drop
+ * it before taking the engine lock and take it back after releasing it), so
+ * a thread that holds the GIL may wait for the engine lock without deadlock.
+ * Today one engine mutex, taken with the GIL released, serialises every
+ * operation and stands in for the per-class locks; no entry lock bit is taken
+ * because no two operations touch the tables at once.  That holds for the
+ * Python-driven calls (stage 1, single threaded under the GIL) and for the
+ * native FUSE threads (serve_fuse, below): they run concurrently only in
+ * /dev/fuse reads and reply writes, not yet in compression.  Splitting the
+ * mutex into class locks plus the entry bit is the next step; compaction
+ * would then take the class lock, then each moved object's entry bit.
+ * The GIL protects nothing on the hot path: a write, read, discard,
+ * compaction step or trim runs wholly without it (compression included),
+ * touching only this object's C fields, the state mappings and the caller's
+ * buffer, whose export it holds.  The counters (members) are bumped by the
+ * engine under its mutex, but Store bumps num_reads, num_writes,
+ * failed_writes and limit_hits under the GIL alone: with native FUSE threads
+ * running, such a bump can lose one count of a concurrent one (a counter,
+ * never a table).
+ * No allocation on the write or read path: the lz4 state, the zstd contexts,
+ * the compression buffer and the read-modify-write page are made once per
+ * engine.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <linux/falloc.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+/* LZ4_compress_fast_extState_fastReset is in lz4's static-linking section:
+ * the shared liblz4 does not export it, so setup.py links the system's
+ * liblz4.a (PIC on Debian) when it has one, and otherwise builds with
+ * ZSWAPD_LZ4_FULL_RESET, which pays a 16 KiB state reset per page. */
+#define LZ4_STATIC_LINKING_ONLY
+#include <lz4.h>
+#include <zstd.h>
+
+#define FRAME_SIZE 4096u
+#define FRAME_SHIFT 12
+#define PAGE_SIZE 4096u
+#define HEADER 4u
+#define GROUPS 10u
+#define GROUP_FULL (GROUPS + 1)
+#define FREE_TAG 0x80000000u
+#define SLOT_END 0xFFFFu
+#define HUGE_LOC (1ull << 63)
+#define FRAME_MASK 0xFFFFFFFFull
+#define MAX_CLASSES 256
+#define MAX_FRAMES_PER_ZSPAGE 8
+
+#define KIND_MASK 0x3ull
+#define KIND_SAME 1u
+#define KIND_COMPRESSED 2u
+#define KIND_HUGE 3u
+#define LEN_SHIFT 4
+#define LEN_MASK 0x1FFFull
+#define HANDLE_SHIFT 32
+#define ALGO_LZ4 0
+#define ALGO_ZSTD 1
+
+/* Results of a page store, reported up to Store, which owns the policy. */
+#define ST_OK 0
+#define ST_REFUSED 1 /* the store is full and the page needs pool memory */
+#define ST_NOROOM 2  /* the pool had no frame or handle for it */
+#define ST_CORRUPT 3 /* an object did not decompress to a page */
+#define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
+#define ST_BAD 5     /* misuse of the object API */
+
+#ifdef ZSWAPD_BOUNDS
+/* The sanitizer build checks every table index: ASan cannot see past the end
+ * of a table inside one mapping. */
+#define CHECK(cond)                                                            \
+    do {                                                                       \
+        if (!(cond)) {                                                         \
+            fprintf(stderr, "_engine.c:%d: bound check failed: %s\n",          \
+                    __LINE__, #cond);                                          \
+            abort();                                                           \
+        }                                                                      \
+    } while (0)
+#else
+#define CHECK(cond) ((void)0)
+#endif
+
+enum {
+    T_PAGE, T_HANDLE, T_ZS_FIRST, T_ZS_CLASS, T_FRAME_NEXT, T_ZS_INUSE,
+    T_ZS_FREE, T_ZS_NEXT, T_ZS_PREV, T_ZS_GROUP, T_ZS_STACK, T_HOT, T_COLD,
+    T_HANDLE_STACK, T_ARENA, NBUF
+};
+static const char *const buf_names[NBUF] = {
+    "page", "handle", "zs_first", "zs_class", "frame_next", "zs_inuse",
+    "zs_free", "zs_next", "zs_prev", "zs_group", "zs_stack", "hot", "cold",
+    "handle_stack", "arena",
+};
+static const Py_ssize_t buf_item[NBUF] = {8, 8, 4, 2, 4, 2, 2, 4, 4, 1, 4, 4, 4, 4, 1};
+
+static PyObject *PoolError, *PoolFull, *StateError;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer bufs[NBUF];
+    int nbufs;
+    uint64_t *page;
+    uint64_t *handle;
+    uint32_t *zs_first;
+    uint16_t *zs_class;
+    uint32_t *frame_next;
+    uint16_t *zs_inuse;
+    uint16_t *zs_free;
+    uint32_t *zs_next;
+    uint32_t *zs_prev;
+    uint8_t *zs_group;
+    uint32_t *zs_stack;
+    uint32_t *hot;
+    uint32_t *cold;
+    uint32_t *handle_stack;
+    uint8_t *arena;
+    int arena_fd;
+
+    uint64_t npages;
+    uint32_t max_frames, max_handles;
+    long long frame_limit;
+    unsigned int reserve_frames;
+    unsigned int huge_threshold;
+
+    /* class table, from pool.CLASSES */
+    int ncls;
+    uint16_t csize[MAX_CLASSES];
+    uint8_t cframes[MAX_CLASSES];
+    uint16_t cobjs[MAX_CLASSES];
+    uint8_t class_of[FRAME_SIZE + 1];
+
+    /* volatile scalars (a Python Pool's attributes of the same names) */
+    uint32_t frames_made, hot_top, cold_top, frames_used;
+    uint32_t zs_free_top, zs_made;
+    uint32_t handle_free_top, handles_made, handles_used;
+    uint32_t heads[MAX_CLASSES * (GROUPS + 1)];
+    uint32_t nonempty[MAX_CLASSES];
+    unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES];
+    uint8_t fragmented[MAX_CLASSES];
+    unsigned long long huge_objects, obj_bytes, pages_compacted;
+
+    /* counters (store.Counters, same names) */
+    unsigned long long num_reads, num_writes, failed_reads, failed_writes,
+        notify_free, same_pages, huge_pages, pages_stored, mem_used_max,
+        compactions, limit_hits;
+
+    /* codec, made once */
+    int algo, zstd_level;
+    void *lz4_state;
+    ZSTD_CCtx *zc;
+    ZSTD_DCtx *zd;
+    uint8_t *cbuf;   /* compressed output */
+    uint8_t *pbuf;   /* a page for read-modify-write and straddling objects */
+    uint8_t *obuf;   /* an object being moved or loaded across frames */
+
+    int full; /* Store.full, mirrored: the FUSE threads refuse with it */
+    int punch_errno;
+    pthread_mutex_t lock;
+    int lock_ready;
+} Engine;
+
+/* ---- locking ------------------------------------------------------------ */
+
+static void engine_lock(Engine *e) { pthread_mutex_lock(&e->lock); }
+static void engine_unlock(Engine *e) { pthread_mutex_unlock(&e->lock); }
+
+/* ---- frames -------------------------------------------------------------- */
+
+static long long frame_room(const Engine *e)
+{
+    long long room = (long long)e->max_frames - e->frames_used;
+    if (e->frame_limit) {
+        long long lim = e->frame_limit - (long long)e->frames_used;
+        if (lim < room)
+            room = lim;
+    }
+    return room;
+}
+
+static uint32_t take_frame(Engine *e)
+{
+    uint32_t frame;
+    if (e->hot_top) {
+        frame = e->hot[--e->hot_top];
+    } else if (e->cold_top) {
+        frame = e->cold[--e->cold_top];
+    } else {
+        frame = e->frames_made++;
+    }
+    CHECK(frame < e->max_frames);
+    e->frames_used++;
+    return frame;
+}
+
+static void give_frame(Engine *e, uint32_t frame)
+{
+    CHECK(e->hot_top < e->max_frames);
+    e->frames_used--;
+    e->hot[e->hot_top++] = frame;
+}
+
+static int punch(Engine *e, uint32_t first, uint32_t count)
+{
+    if (!count)
+        return 0;
+    if (fallocate(e->arena_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)first * FRAME_SIZE, (off_t)count * FRAME_SIZE) != 0) {
+        e->punch_errno = errno;
+        return -1;
+    }
+    return 0;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* pool.trim: frames beyond the reserve go back to the kernel. */
+static long trim(Engine *e)
+{
+    uint32_t top = e->hot_top, keep = e->reserve_frames;
+    if (top <= keep)
+        return 0;
+    uint32_t *fr = e->hot + keep;
+    uint32_t n = top - keep;
+    /* The hot stack is volatile: sorting its tail in place is free. */
+    qsort(fr, n, sizeof *fr, cmp_u32);
+    e->hot_top = keep;
+    uint32_t first = fr[0], prev = fr[0];
+    int err = 0;
+    for (uint32_t i = 1; i < n; i++) {
+        if (fr[i] != prev + 1) {
+            err |= punch(e, first, prev + 1 - first);
+            first = fr[i];
+        }
+        prev = fr[i];
+    }
+    err |= punch(e, first, prev + 1 - first);
+    /* Lowest frames are reused first: push in descending order.  The cold
+     * stack never overlaps the hot one, so copy from the tail backwards. */
+    for (uint32_t i = n; i-- > 0;) {
+        CHECK(e->cold_top < e->max_frames);
+        e->cold[e->cold_top++] = fr[i];
+    }
+    return err ? -1 : (long)n;
+}
+
+static long refill_reserve(Engine *e)
+{
+    long added = 0;
+    while (e->hot_top < e->reserve_frames && (e->cold_top || e->frames_made < e->max_frames)) {
+        uint32_t hot = e->hot_top;
+        e->hot_top = 0; /* make take_frame skip the hot stack */
+        uint32_t frame = take_frame(e);
+        e->hot_top = hot;
+        e->frames_used--;
+        e->arena[(size_t)frame << FRAME_SHIFT] = 0; /* fault it in now */
+        e->hot[e->hot_top++] = frame;
+        added++;
+    }
+    return added;
+}
+
+/* ---- handles ----------------------------------------------------------- */
+
+static uint32_t new_handle(Engine *e, uint64_t value)
+{
+    uint32_t h;
+    if (e->handle_free_top) {
+        h = e->handle_stack[--e->handle_free_top];
+    } else if (e->handles_made < e->max_handles) {
+        h = ++e->handles_made;
+    } else {
+        return 0;
+    }
+    CHECK(h <= e->max_handles);
+    e->handle[h] = value;
+    e->handles_used++;
+    return h;
+}
+
+static void drop_handle(Engine *e, uint32_t h)
+{
+    CHECK(h <= e->max_handles && e->handle_free_top <= e->max_handles);
+    e->handle[h] = 0;
+    e->handle_stack[e->handle_free_top++] = h;
+    e->handles_used--;
+}
+
+/* ---- zspages and fullness ----------------------------------------------- */
+
+static inline unsigned group_of(unsigned inuse, unsigned objs)
+{
+    if (inuse >= objs)
+        return GROUP_FULL;
+    return (inuse * GROUPS + objs - 1) / objs;
+}
+
+static void link_zs(Engine *e, uint32_t z, unsigned cls, unsigned group)
+{
+    e->zs_group[z] = (uint8_t)group;
+    if (group == GROUP_FULL || group == 0)
+        return;
+    unsigned slot = cls * (GROUPS + 1) + group;
+    uint32_t head = e->heads[slot];
+    e->zs_prev[z] = 0;
+    e->zs_next[z] = head;
+    if (head)
+        e->zs_prev[head] = z;
+    e->heads[slot] = z;
+    e->nonempty[cls] |= 1u << group;
+}
+
+static void unlink_zs(Engine *e, uint32_t z, unsigned cls)
+{
+    unsigned group = e->zs_group[z];
+    if (group == GROUP_FULL || group == 0)
+        return;
+    unsigned slot = cls * (GROUPS + 1) + group;
+    uint32_t nxt = e->zs_next[z], prv = e->zs_prev[z];
+    if (prv) {
+        e->zs_next[prv] = nxt;
+    } else {
+        e->heads[slot] = nxt;
+        if (!nxt)
+            e->nonempty[cls] &= ~(1u << group);
+    }
+    if (nxt)
+        e->zs_prev[nxt] = prv;
+}
+
+/* (frame, offset in frame) of byte `offset` of zspage z */
+static inline uint32_t zs_frame_at(const Engine *e, uint32_t z, uint32_t offset, uint32_t *off)
+{
+    uint32_t frame = e->zs_first[z];
+    for (uint32_t i = offset >> FRAME_SHIFT; i; i--) {
+        CHECK(frame < e->max_frames);
+        frame = e->frame_next[frame];
+    }
+    CHECK(frame < e->max_frames);
+    *off = offset & (FRAME_SIZE - 1);
+    return frame;
+}
+
+static inline uint32_t *slot_word(Engine *e, uint32_t frame, uint32_t off)
+{
+    return (uint32_t *)(e->arena + ((size_t)frame << FRAME_SHIFT) + off);
+}
+
+static uint32_t new_zspage(Engine *e, unsigned cls)
+{
+    unsigned nf = e->cframes[cls], objs = e->cobjs[cls], size = e->csize[cls];
+    if (frame_room(e) < (long long)nf)
+        return 0;
+    uint32_t z;
+    if (e->zs_free_top)
+        z = e->zs_stack[--e->zs_free_top];
+    else
+        z = ++e->zs_made;
+    CHECK(z <= e->max_frames);
+    uint32_t frames[MAX_FRAMES_PER_ZSPAGE];
+    for (unsigned i = 0; i < nf; i++)
+        frames[i] = take_frame(e);
+    /* Chain, class and first frame are persistent: all written before any
+     * slot of this zspage is handed out (crash rule 1). */
+    for (unsigned i = 0; i + 1 < nf; i++)
+        e->frame_next[frames[i]] = frames[i + 1];
+    e->zs_first[z] = frames[0];
+    e->zs_class[z] = (uint16_t)cls;
+    e->zs_inuse[z] = 0;
+    e->zs_free[z] = 0;
+    for (unsigned slot = 0; slot < objs; slot++) {
+        uint32_t offset = slot * size;
+        uint32_t frame = frames[offset >> FRAME_SHIFT];
+        *slot_word(e, frame, offset & (FRAME_SIZE - 1)) = FREE_TAG | (slot + 1 < objs ? slot + 1 : SLOT_END);
+    }
+    e->cls_zspages[cls]++;
+    link_zs(e, z, cls, 0);
+    return z;
+}
+
+static void free_zspage(Engine *e, uint32_t z, unsigned cls)
+{
+    unlink_zs(e, z, cls);
+    e->zs_group[z] = 0;
+    uint32_t frame = e->zs_first[z];
+    for (unsigned i = 0; i < e->cframes[cls]; i++) {
+        uint32_t nxt = e->frame_next[frame];
+        give_frame(e, frame);
+        frame = nxt;
+    }
+    e->cls_zspages[cls]--;
+    CHECK(e->zs_free_top <= e->max_frames);
+    e->zs_stack[e->zs_free_top++] = z;
+}
+
+static uint32_t pop_slot(Engine *e, uint32_t z, unsigned cls, uint32_t h, uint32_t *frame_out, uint32_t *off_out)
+{
+    uint32_t slot = e->zs_free[z];
+    CHECK(slot < e->cobjs[cls]);
+    uint32_t off, frame = zs_frame_at(e, z, slot * e->csize[cls], &off);
+    uint32_t *w = slot_word(e, frame, off);
+    e->zs_free[z] = (uint16_t)(*w & 0xFFFF);
+    *w = h;
+    unsigned inuse = e->zs_inuse[z] + 1u;
+    e->zs_inuse[z] = (uint16_t)inuse;
+    e->cls_used[cls]++;
+    unsigned group = group_of(inuse, e->cobjs[cls]);
+    if (group != e->zs_group[z]) {
+        unlink_zs(e, z, cls);
+        link_zs(e, z, cls, group);
+    }
+    *frame_out = frame;
+    *off_out = off;
+    return slot;
+}
+
+static void push_slot(Engine *e, uint32_t z, unsigned cls, uint32_t slot)
+{
+    uint32_t off, frame = zs_frame_at(e, z, slot * e->csize[cls], &off);
+    *slot_word(e, frame, off) = FREE_TAG | e->zs_free[z];
+    e->zs_free[z] = (uint16_t)slot;
+    unsigned inuse = e->zs_inuse[z] - 1u;
+    e->zs_inuse[z] = (uint16_t)inuse;
+    e->cls_used[cls]--;
+    if (inuse == 0) {
+        free_zspage(e, z, cls);
+        return;
+    }
+    unsigned group = group_of(inuse, e->cobjs[cls]);
+    if (group != e->zs_group[z]) {
+        unlink_zs(e, z, cls);
+        link_zs(e, z, cls, group);
+    }
+    e->fragmented[cls] = 1;
+}
+
+/* ---- object bytes -------------------------------------------------------- */
+
+static void put_bytes(Engine *e, uint32_t frame, uint32_t off, const uint8_t *data, uint32_t n)
+{
+    uint32_t first = n < FRAME_SIZE - off ? n : FRAME_SIZE - off;
+    memcpy(e->arena + ((size_t)frame << FRAME_SHIFT) + off, data, first);
+    if (first < n) {
+        uint32_t next = e->frame_next[frame];
+        CHECK(next < e->max_frames);
+        memcpy(e->arena + ((size_t)next << FRAME_SHIFT), data + first, n - first);
+    }
+}
+
+/* Pointer to n bytes at (frame, off); copied into `tmp` if they straddle. */
+static const uint8_t *get_bytes(Engine *e, uint32_t frame, uint32_t off, uint32_t n, uint8_t *tmp)
+{
+    const uint8_t *p = e->arena + ((size_t)frame << FRAME_SHIFT) + off;
+    if (off + n <= FRAME_SIZE)
+        return p;
+    uint32_t first = FRAME_SIZE - off;
+    uint32_t next = e->frame_next[frame];
+    CHECK(next < e->max_frames);
+    memcpy(tmp, p, first);
+    memcpy(tmp + first, e->arena + ((size_t)next << FRAME_SHIFT), n - first);
+    return tmp;
+}
+
+/* pool.store: returns the handle, 0 when full (PoolFull). n in 1..4096 and
+ * either n == 4096 or n + HEADER <= 4096 (checked by callers). */
+static uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
+{
+    if (n == FRAME_SIZE) {
+        if (frame_room(e) < 1)
+            return 0;
+        uint32_t h = new_handle(e, 0);
+        if (!h)
+            return 0;
+        uint32_t frame = take_frame(e);
+        memcpy(e->arena + ((size_t)frame << FRAME_SHIFT), data, FRAME_SIZE);
+        e->handle[h] = HUGE_LOC | frame; /* last: crash rule 1 */
+        e->huge_objects++;
+        e->obj_bytes += FRAME_SIZE;
+        return h;
+    }
+    unsigned cls = e->class_of[n + HEADER];
+    uint32_t z;
+    uint32_t mask = e->nonempty[cls];
+    if (mask) {
+        z = e->heads[cls * (GROUPS + 1) + (31 - __builtin_clz(mask))];
+    } else {
+        /* Python takes the zspage before the handle; a full handle table
+         * then leaves an empty zspage listed, which is harmless: keep the
+         * same order so both engines leave the same tables. */
+        z = new_zspage(e, cls);
+        if (!z)
+            return 0;
+    }
+    uint32_t h = new_handle(e, 0);
+    if (!h)
+        return 0;
+    uint32_t frame, off;
+    uint32_t slot = pop_slot(e, z, cls, h, &frame, &off);
+    put_bytes(e, frame, off + HEADER, data, n);
+    e->handle[h] = (uint64_t)z << 16 | slot; /* last: crash rule 1 */
+    e->obj_bytes += n;
+    return h;
+}
+
+/* pool.load: pointer to the n payload bytes of handle h (maybe in `tmp`). */
+static const uint8_t *obj_load(Engine *e, uint32_t h, uint32_t n, uint8_t *tmp)
+{
+    uint64_t loc = e->handle[h];
+    if (loc & HUGE_LOC) {
+        CHECK((loc & FRAME_MASK) < e->max_frames);
+        return e->arena + ((size_t)(loc & FRAME_MASK) << FRAME_SHIFT);
+    }
+    uint32_t z = (uint32_t)(loc >> 16);
+    CHECK(z <= e->max_frames && e->zs_class[z] < e->ncls);
+    uint32_t off, frame = zs_frame_at(e, z, (uint32_t)(loc & 0xFFFF) * e->csize[e->zs_class[z]], &off);
+    return get_bytes(e, frame, off + HEADER, n, tmp);
+}
+
+static void obj_free(Engine *e, uint32_t h, uint32_t n)
+{
+    uint64_t loc = e->handle[h];
+    e->obj_bytes -= n;
+    if (loc & HUGE_LOC) {
+        give_frame(e, (uint32_t)(loc & FRAME_MASK));
+        e->huge_objects--;
+    } else {
+        uint32_t z = (uint32_t)(loc >> 16);
+        CHECK(z <= e->max_frames);
+        push_slot(e, z, e->zs_class[z], (uint32_t)(loc & 0xFFFF));
+    }
+    drop_handle(e, h);
+}
+
+/* ---- compaction ----------------------------------------------------------- */
+
+static unsigned long long freeable(const Engine *e, unsigned cls)
+{
+    unsigned long long wasted = e->cls_zspages[cls] * e->cobjs[cls] - e->cls_used[cls];
+    return wasted / e->cobjs[cls];
+}
+
+static unsigned long long freeable_frames(const Engine *e)
+{
+    unsigned long long t = 0;
+    for (int c = 0; c < e->ncls; c++)
+        if (e->fragmented[c])
+            t += freeable(e, (unsigned)c) * e->cframes[c];
+    return t;
+}
+
+static uint32_t emptiest(const Engine *e, unsigned cls)
+{
+    uint32_t mask = e->nonempty[cls];
+    if (!mask)
+        return 0;
+    return e->heads[cls * (GROUPS + 1) + __builtin_ctz(mask)];
+}
+
+static uint32_t fullest_except(const Engine *e, unsigned cls, uint32_t avoid)
+{
+    uint32_t mask = e->nonempty[cls];
+    while (mask) {
+        unsigned group = 31 - __builtin_clz(mask);
+        for (uint32_t z = e->heads[cls * (GROUPS + 1) + group]; z; z = e->zs_next[z])
+            if (z != avoid)
+                return z;
+        mask &= ~(1u << group);
+    }
+    return 0;
+}
+
+static unsigned long long compact_class(Engine *e, unsigned cls, unsigned long long budget)
+{
+    unsigned size = e->csize[cls];
+    unsigned long long moves = 0;
+    while (moves < budget && freeable(e, cls) > 0) {
+        uint32_t src = emptiest(e, cls), dst = fullest_except(e, cls, src);
+        if (!src || !dst)
+            break;
+        uint32_t slot = 0;
+        while (moves < budget && e->zs_inuse[src] && e->zs_group[dst] != GROUP_FULL) {
+            uint32_t off, frame, hdr;
+            for (;;) { /* the next allocated slot of src: its header is a handle */
+                CHECK(slot < e->cobjs[cls]);
+                frame = zs_frame_at(e, src, slot * size, &off);
+                hdr = *slot_word(e, frame, off);
+                if (!(hdr & FREE_TAG))
+                    break;
+                slot++;
+            }
+            /* Crash rule 3: copy (header, then payload), switch the handle,
+             * then free the old slot. */
+            uint32_t dframe, doff;
+            uint32_t dslot = pop_slot(e, dst, cls, hdr, &dframe, &doff);
+            const uint8_t *payload = get_bytes(e, frame, off + HEADER, size - HEADER, e->obuf);
+            put_bytes(e, dframe, doff + HEADER, payload, size - HEADER);
+            CHECK(hdr <= e->max_handles);
+            e->handle[hdr] = (uint64_t)dst << 16 | dslot;
+            moves++;
+            if (e->zs_inuse[src] == 1)
+                e->pages_compacted += e->cframes[cls];
+            push_slot(e, src, cls, slot);
+            slot++;
+        }
+    }
+    return moves;
+}
+
+static long long compact(Engine *e, unsigned long long budget)
+{
+    int order[MAX_CLASSES], n = 0;
+    for (int c = 0; c < e->ncls; c++) {
+        if (!e->fragmented[c])
+            continue;
+        if (!freeable(e, (unsigned)c)) {
+            e->fragmented[c] = 0;
+            continue;
+        }
+        /* insertion sort, stable: most freeable frames first */
+        unsigned long long key = freeable(e, (unsigned)c) * e->cframes[c];
+        int i = n++;
+        while (i > 0 && freeable(e, (unsigned)order[i - 1]) * e->cframes[order[i - 1]] < key) {
+            order[i] = order[i - 1];
+            i--;
+        }
+        order[i] = c;
+    }
+    unsigned long long moved = 0;
+    for (int i = 0; i < n; i++) {
+        if (moved >= budget)
+            break;
+        moved += compact_class(e, (unsigned)order[i], budget - moved);
+        if (!freeable(e, (unsigned)order[i]))
+            e->fragmented[order[i]] = 0;
+    }
+    if (trim(e) < 0)
+        return -1;
+    return (long long)moved;
+}
+
+/* ---- codec ------------------------------------------------------------------ */
+
+/* The fill word if all 8-byte words of the page are equal. */
+static int same_filled(const uint8_t *page, uint64_t *word)
+{
+    uint64_t w;
+    memcpy(&w, page, 8);
+    for (unsigned i = 8; i < PAGE_SIZE; i += 8) {
+        uint64_t x;
+        memcpy(&x, page + i, 8);
+        if (x != w)
+            return 0;
+    }
+    *word = w;
+    return 1;
+}
+
+/* codec.encode: kind, algorithm and payload.  The huge rule is codec.py's
+ * (a compressed length >= the threshold Store passes in is stored raw);
+ * compressing into threshold - 1 bytes of room decides it without
+ * compressing past the point where it could matter. */
+static unsigned encode(Engine *e, const uint8_t *page, const uint8_t **payload, uint32_t *len, uint64_t *word)
+{
+    if (page[0] == page[8] && page[PAGE_SIZE - 1] == page[PAGE_SIZE - 9] && same_filled(page, word))
+        return KIND_SAME;
+    int room = (int)e->huge_threshold - 1;
+    long n;
+    if (e->algo == ALGO_LZ4) {
+#ifdef ZSWAPD_LZ4_FULL_RESET
+        n = LZ4_compress_fast_extState(e->lz4_state, (const char *)page, (char *)e->cbuf, (int)PAGE_SIZE, room, 1);
+#else
+        n = LZ4_compress_fast_extState_fastReset(e->lz4_state, (const char *)page, (char *)e->cbuf,
+                                                 (int)PAGE_SIZE, room, 1);
+#endif
+    } else {
+        size_t r = ZSTD_compress2(e->zc, e->cbuf, (size_t)room, page, PAGE_SIZE);
+        n = ZSTD_isError(r) ? 0 : (long)r;
+    }
+    if (n <= 0) {
+        *payload = page;
+        *len = PAGE_SIZE;
+        return KIND_HUGE;
+    }
+    *payload = e->cbuf;
+    *len = (uint32_t)n;
+    return KIND_COMPRESSED;
+}
+
+static int decompress(Engine *e, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst)
+{
+    if (algo == ALGO_LZ4) {
+        int r = LZ4_decompress_safe((const char *)src, (char *)dst, (int)n, (int)PAGE_SIZE);
+        return r == (int)PAGE_SIZE ? 0 : -1;
+    }
+    size_t r = ZSTD_decompressDCtx(e->zd, dst, PAGE_SIZE, src, n);
+    return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
+}
+
+/* ---- page level (store.py) -------------------------------------------------- */
+
+static void release(Engine *e, uint64_t entry)
+{
+    unsigned kind = entry & KIND_MASK;
+    if (!kind)
+        return;
+    uint32_t h = (uint32_t)(entry >> HANDLE_SHIFT);
+    e->pages_stored--;
+    if (kind == KIND_SAME) {
+        drop_handle(e, h);
+        e->same_pages--;
+    } else {
+        obj_free(e, h, (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK));
+        if (kind == KIND_HUGE)
+            e->huge_pages--;
+    }
+}
+
+static int store_page(Engine *e, uint64_t idx, const uint8_t *page, int refuse)
+{
+    const uint8_t *payload;
+    uint32_t len = 0;
+    uint64_t word = 0;
+    unsigned kind = encode(e, page, &payload, &len, &word);
+    if (refuse && kind != KIND_SAME)
+        return ST_REFUSED;
+    /* Allocate before freeing the old object: a failed store keeps the page. */
+    uint32_t h;
+    uint64_t entry;
+    if (kind == KIND_SAME) {
+        h = new_handle(e, word);
+        entry = (uint64_t)h << HANDLE_SHIFT | kind;
+    } else {
+        h = obj_store(e, payload, len);
+        unsigned algo = kind == KIND_COMPRESSED ? (unsigned)e->algo : 0;
+        entry = (uint64_t)h << HANDLE_SHIFT | (uint64_t)len << LEN_SHIFT | algo << 2 | kind;
+    }
+    if (!h)
+        return ST_NOROOM;
+    CHECK(idx < e->npages);
+    uint64_t old = e->page[idx];
+    __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
+    if (kind == KIND_SAME)
+        e->same_pages++;
+    else if (kind == KIND_HUGE)
+        e->huge_pages++;
+    e->pages_stored++;
+    if (old & KIND_MASK)
+        release(e, old);
+    unsigned long long used = (unsigned long long)e->frames_used * FRAME_SIZE;
+    if (used > e->mem_used_max)
+        e->mem_used_max = used;
+    return ST_OK;
+}
+
+/* The page's bytes into dst (4096). */
+static int load_page(Engine *e, uint64_t idx, uint8_t *dst)
+{
+    CHECK(idx < e->npages);
+    uint64_t entry = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
+    unsigned kind = entry & KIND_MASK;
+    if (!kind) {
+        memset(dst, 0, PAGE_SIZE);
+        return ST_OK;
+    }
+    uint32_t h = (uint32_t)(entry >> HANDLE_SHIFT);
+    CHECK(h <= e->max_handles);
+    if (kind == KIND_SAME) {
+        uint64_t w = e->handle[h];
+        for (unsigned i = 0; i < PAGE_SIZE; i += 8)
+            memcpy(dst + i, &w, 8);
+        return ST_OK;
+    }
+    uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
+    const uint8_t *src = obj_load(e, h, n, e->obuf);
+    if (kind == KIND_HUGE) {
+        memcpy(dst, src, PAGE_SIZE);
+        return ST_OK;
+    }
+    if (decompress(e, (unsigned)((entry >> 2) & 3), src, n, dst) != 0) {
+        e->failed_reads++;
+        return ST_CORRUPT;
+    }
+    return ST_OK;
+}
+
+/* Write len bytes at offset; stops at the first page that is refused or finds
+ * no room, with *done = bytes written before it. */
+static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done)
+{
+    uint64_t pos = 0;
+    int st = ST_OK;
+    while (pos < len) {
+        uint64_t idx = (offset + pos) / PAGE_SIZE;
+        uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
+        uint64_t take = PAGE_SIZE - within;
+        if (take > len - pos)
+            take = len - pos;
+        if (take == PAGE_SIZE) {
+            st = store_page(e, idx, data + pos, refuse);
+        } else {
+            st = load_page(e, idx, e->pbuf);
+            if (st == ST_OK) {
+                memcpy(e->pbuf + within, data + pos, take);
+                st = store_page(e, idx, e->pbuf, refuse);
+            }
+        }
+        if (st != ST_OK)
+            break;
+        pos += take;
+    }
+    *done = pos;
+    if (trim(e) < 0 && st == ST_OK)
+        st = ST_PUNCH;
+    return st;
+}
+
+static int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
+{
+    uint64_t pos = 0;
+    while (pos < len) {
+        uint64_t idx = (offset + pos) / PAGE_SIZE;
+        uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
+        uint64_t take = PAGE_SIZE - within;
+        if (take > len - pos)
+            take = len - pos;
+        int st;
+        if (take == PAGE_SIZE) {
+            st = load_page(e, idx, out + pos);
+        } else {
+            st = load_page(e, idx, e->pbuf);
+            memcpy(out + pos, e->pbuf + within, take);
+        }
+        if (st != ST_OK)
+            return st;
+        pos += take;
+    }
+    return ST_OK;
+}
+
+/* ---- Python glue ---------------------------------------------------------------- */
+
+static PyObject *raise_status(Engine *e, int st)
+{
+    switch (st) {
+    case ST_CORRUPT:
+        PyErr_SetString(PyExc_ValueError, "corrupt object: it did not decompress to a 4096-byte page");
+        break;
+    case ST_PUNCH:
+        PyErr_Format(StateError, "punching frames out of the arena memfd failed: %s", strerror(e->punch_errno));
+        break;
+    case ST_NOROOM:
+        PyErr_SetString(PoolFull, "no frame or handle is available under the limit");
+        break;
+    default:
+        PyErr_Format(PyExc_RuntimeError, "engine status %d", st);
+    }
+    return NULL;
+}
+
+static void engine_release_buffers(Engine *e)
+{
+    for (int i = 0; i < e->nbufs; i++)
+        PyBuffer_Release(&e->bufs[i]);
+    e->nbufs = 0;
+    e->page = NULL;
+    e->arena = NULL;
+}
+
+static void Engine_dealloc(Engine *e)
+{
+    engine_release_buffers(e);
+    if (e->zc)
+        ZSTD_freeCCtx(e->zc);
+    if (e->zd)
+        ZSTD_freeDCtx(e->zd);
+    PyMem_RawFree(e->lz4_state);
+    PyMem_RawFree(e->cbuf);
+    PyMem_RawFree(e->pbuf);
+    PyMem_RawFree(e->obuf);
+    if (e->lock_ready)
+        pthread_mutex_destroy(&e->lock);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static int set_zstd(Engine *e, int level)
+{
+    /* The same frame as codec.py's ZstdCompressor: no content size, no
+     * checksum, no dictionary id. */
+    ZSTD_CCtx_reset(e->zc, ZSTD_reset_session_and_parameters);
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_compressionLevel, level)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_contentSizeFlag, 0)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_checksumFlag, 0)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_dictIDFlag, 0))) {
+        PyErr_Format(PyExc_ValueError, "zstd refuses level %d", level);
+        return -1;
+    }
+    return 0;
+}
+
+/* Engine(buffers: dict name -> buffer, arena_fd, npages, max_frames,
+ *        max_handles, classes: [(size, frames, objs)], class_of: bytes(4097),
+ *        huge_threshold, reserve_frames, algo, zstd_level) */
+static int Engine_init(Engine *e, PyObject *args, PyObject *Py_UNUSED(kw))
+{
+    PyObject *bufs, *classes;
+    Py_buffer class_of;
+    unsigned long long npages;
+    unsigned int max_frames, max_handles;
+    if (e->nbufs) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "O!iKIIO!y*IIii", &PyDict_Type, &bufs, &e->arena_fd, &npages, &max_frames,
+                          &max_handles, &PyList_Type, &classes, &class_of, &e->huge_threshold, &e->reserve_frames,
+                          &e->algo, &e->zstd_level))
+        return -1;
+    int ok = 0;
+    e->npages = npages;
+    e->max_frames = max_frames;
+    e->max_handles = max_handles;
+    Py_ssize_t ncls = PyList_GET_SIZE(classes);
+    if (class_of.len != FRAME_SIZE + 1 || ncls < 1 || ncls > MAX_CLASSES) {
+        PyErr_SetString(PyExc_ValueError, "class table: expected 1..256 classes and a 4097-byte lookup");
+        goto out;
+    }
+    if (e->huge_threshold < 2 || e->huge_threshold > FRAME_SIZE - HEADER + 1) {
+        PyErr_Format(PyExc_ValueError, "huge threshold %u is outside 2..%u", e->huge_threshold, FRAME_SIZE - HEADER + 1);
+        goto out;
+    }
+    e->ncls = (int)ncls;
+    for (Py_ssize_t i = 0; i < ncls; i++) {
+        unsigned size, frames, objs;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(classes, i), "III", &size, &frames, &objs))
+            goto out;
+        if (size < 16 || size > FRAME_SIZE || !frames || frames > MAX_FRAMES_PER_ZSPAGE || !objs ||
+            objs >= SLOT_END || objs * size > frames * FRAME_SIZE) {
+            PyErr_Format(PyExc_ValueError, "class %zd: bad shape %u/%u/%u", i, size, frames, objs);
+            goto out;
+        }
+        e->csize[i] = (uint16_t)size;
+        e->cframes[i] = (uint8_t)frames;
+        e->cobjs[i] = (uint16_t)objs;
+    }
+    memcpy(e->class_of, class_of.buf, FRAME_SIZE + 1);
+    for (unsigned i = 0; i <= FRAME_SIZE; i++)
+        if (e->class_of[i] >= ncls) {
+            PyErr_SetString(PyExc_ValueError, "class lookup names a class out of range");
+            goto out;
+        }
+    /* The state's tables, checked against the geometry before any use. */
+    const Py_ssize_t want[NBUF] = {
+        (Py_ssize_t)npages, (Py_ssize_t)max_handles + 1, (Py_ssize_t)max_frames + 1, (Py_ssize_t)max_frames + 1,
+        max_frames, (Py_ssize_t)max_frames + 1, (Py_ssize_t)max_frames + 1, (Py_ssize_t)max_frames + 1,
+        (Py_ssize_t)max_frames + 1, (Py_ssize_t)max_frames + 1, (Py_ssize_t)max_frames + 1, max_frames, max_frames,
+        (Py_ssize_t)max_handles + 1, (Py_ssize_t)max_frames * FRAME_SIZE,
+    };
+    void *ptrs[NBUF];
+    for (int i = 0; i < NBUF; i++) {
+        PyObject *o = PyDict_GetItemString(bufs, buf_names[i]);
+        if (!o) {
+            PyErr_Format(PyExc_KeyError, "state buffer %s is missing", buf_names[i]);
+            goto out;
+        }
+        if (PyObject_GetBuffer(o, &e->bufs[e->nbufs], PyBUF_WRITABLE) < 0)
+            goto out;
+        Py_buffer *b = &e->bufs[e->nbufs++];
+        if (b->len < want[i] * buf_item[i]) {
+            PyErr_Format(StateError, "state table %s is %zd bytes, the geometry needs %zd", buf_names[i], b->len,
+                         want[i] * buf_item[i]);
+            goto out;
+        }
+        ptrs[i] = b->buf;
+    }
+    e->page = ptrs[T_PAGE];
+    e->handle = ptrs[T_HANDLE];
+    e->zs_first = ptrs[T_ZS_FIRST];
+    e->zs_class = ptrs[T_ZS_CLASS];
+    e->frame_next = ptrs[T_FRAME_NEXT];
+    e->zs_inuse = ptrs[T_ZS_INUSE];
+    e->zs_free = ptrs[T_ZS_FREE];
+    e->zs_next = ptrs[T_ZS_NEXT];
+    e->zs_prev = ptrs[T_ZS_PREV];
+    e->zs_group = ptrs[T_ZS_GROUP];
+    e->zs_stack = ptrs[T_ZS_STACK];
+    e->hot = ptrs[T_HOT];
+    e->cold = ptrs[T_COLD];
+    e->handle_stack = ptrs[T_HANDLE_STACK];
+    e->arena = ptrs[T_ARENA];
+
+    e->lz4_state = PyMem_RawMalloc((size_t)LZ4_sizeofState());
+    e->cbuf = PyMem_RawMalloc(FRAME_SIZE);
+    e->pbuf = PyMem_RawMalloc(PAGE_SIZE);
+    e->obuf = PyMem_RawMalloc(FRAME_SIZE);
+    e->zc = ZSTD_createCCtx();
+    e->zd = ZSTD_createDCtx();
+    if (!e->lz4_state || !e->cbuf || !e->pbuf || !e->obuf || !e->zc || !e->zd) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    /* fastReset needs one full initialisation of the state. */
+    LZ4_initStream(e->lz4_state, (size_t)LZ4_sizeofState());
+    if (e->algo != ALGO_LZ4 && e->algo != ALGO_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", e->algo);
+        goto out;
+    }
+    if (set_zstd(e, e->zstd_level) < 0)
+        goto out;
+    if (pthread_mutex_init(&e->lock, NULL) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
+        goto out;
+    }
+    e->lock_ready = 1;
+    ok = 1;
+out:
+    PyBuffer_Release(&class_of);
+    if (!ok)
+        engine_release_buffers(e);
+    return ok ? 0 : -1;
+}
+
+#define READY(e)                                                                                  \
+    do {                                                                                          \
+        if (!(e)->arena) {                                                                        \
+            PyErr_SetString(PyExc_ValueError, "engine is closed");                                \
+            return NULL;                                                                          \
+        }                                                                                         \
+    } while (0)
+
+/* Run `stmt` under the engine lock with the GIL released. */
+#define UNLOCKED(e, stmt)                                                                         \
+    do {                                                                                          \
+        Py_BEGIN_ALLOW_THREADS engine_lock(e);                                                    \
+        stmt;                                                                                     \
+        engine_unlock(e);                                                                         \
+        Py_END_ALLOW_THREADS                                                                      \
+    } while (0)
+
+static PyObject *range_error(unsigned long long off, unsigned long long len, unsigned long long size)
+{
+    PyErr_Format(PyExc_ValueError, "range %llu+%llu is beyond the device size %llu", off, len, size);
+    return NULL;
+}
+
+/* write(offset, data, refuse) -> (bytes done, status) */
+static PyObject *Engine_write(Engine *e, PyObject *args)
+{
+    unsigned long long offset;
+    Py_buffer data;
+    int refuse;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "Ky*p", &offset, &data, &refuse))
+        return NULL;
+    if (offset > e->npages * PAGE_SIZE || (unsigned long long)data.len > e->npages * PAGE_SIZE - offset) {
+        PyBuffer_Release(&data);
+        return range_error(offset, (unsigned long long)data.len, e->npages * PAGE_SIZE);
+    }
+    uint64_t done = 0;
+    int st;
+    UNLOCKED(e, st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
+    PyBuffer_Release(&data);
+    if (st == ST_PUNCH)
+        return raise_status(e, st);
+    return Py_BuildValue("Ki", (unsigned long long)done, st);
+}
+
+/* readinto(offset, out) -> bytes read */
+static PyObject *Engine_readinto(Engine *e, PyObject *args)
+{
+    unsigned long long offset;
+    Py_buffer out;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "Kw*", &offset, &out))
+        return NULL;
+    if (offset > e->npages * PAGE_SIZE || (unsigned long long)out.len > e->npages * PAGE_SIZE - offset) {
+        PyBuffer_Release(&out);
+        return range_error(offset, (unsigned long long)out.len, e->npages * PAGE_SIZE);
+    }
+    int st;
+    UNLOCKED(e, st = read_range(e, offset, out.buf, (uint64_t)out.len));
+    Py_ssize_t n = out.len;
+    PyBuffer_Release(&out);
+    if (st != ST_OK)
+        return raise_status(e, st);
+    return PyLong_FromSsize_t(n);
+}
+
+/* discard_pages(first, end) -> pages freed: entry zeroed, then the object freed. */
+static PyObject *Engine_discard_pages(Engine *e, PyObject *args)
+{
+    unsigned long long first, end;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "KK", &first, &end))
+        return NULL;
+    if (first > end || end > e->npages)
+        return range_error(first * PAGE_SIZE, (end - first) * PAGE_SIZE, e->npages * PAGE_SIZE);
+    unsigned long long freed = 0;
+    long t;
+    UNLOCKED(e, {
+        for (uint64_t idx = first; idx < end; idx++) {
+            uint64_t old = e->page[idx];
+            if (old & KIND_MASK) {
+                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
+                release(e, old);
+                e->notify_free++;
+                freed++;
+            }
+        }
+        t = trim(e);
+    });
+    if (t < 0)
+        return raise_status(e, ST_PUNCH);
+    return PyLong_FromUnsignedLongLong(freed);
+}
+
+static PyObject *Engine_compact(Engine *e, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max_moves", NULL};
+    PyObject *maxo = Py_None;
+    READY(e);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &maxo))
+        return NULL;
+    unsigned long long budget = 1ull << 62;
+    if (maxo != Py_None) {
+        long long m = PyLong_AsLongLong(maxo);
+        if (m == -1 && PyErr_Occurred())
+            return NULL;
+        budget = m < 0 ? 0 : (unsigned long long)m;
+    }
+    long long moved;
+    UNLOCKED(e, moved = compact(e, budget));
+    if (moved < 0)
+        return raise_status(e, ST_PUNCH);
+    return PyLong_FromLongLong(moved);
+}
+
+static PyObject *Engine_trim(Engine *e, PyObject *Py_UNUSED(a))
+{
+    long n;
+    READY(e);
+    UNLOCKED(e, n = trim(e));
+    if (n < 0)
+        return raise_status(e, ST_PUNCH);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_refill_reserve(Engine *e, PyObject *Py_UNUSED(a))
+{
+    long n;
+    READY(e);
+    UNLOCKED(e, n = refill_reserve(e));
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_set_codec(Engine *e, PyObject *args)
+{
+    int algo, level;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "ii", &algo, &level))
+        return NULL;
+    if (algo != ALGO_LZ4 && algo != ALGO_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", algo);
+        return NULL;
+    }
+    int r;
+    engine_lock(e); /* a short critical section: the GIL may stay held */
+    r = set_zstd(e, level);
+    if (r == 0) {
+        e->algo = algo;
+        e->zstd_level = level;
+    }
+    engine_unlock(e);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- the pool's object API (pool tests run it against both engines) ---------- */
+
+static int check_handle(Engine *e, unsigned long long h)
+{
+    if (!h || h > e->handles_made) {
+        PyErr_Format(PoolError, "unknown handle %llu", h);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_store(Engine *e, PyObject *arg)
+{
+    Py_buffer data;
+    READY(e);
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t n = data.len;
+    PyObject *res = NULL;
+    if (n > (Py_ssize_t)FRAME_SIZE) {
+        PyErr_Format(PoolError, "object of %zd bytes is larger than a frame (%u)", n, FRAME_SIZE);
+    } else if (n == 0) {
+        PyErr_SetString(PoolError, "empty object");
+    } else if (n != (Py_ssize_t)FRAME_SIZE && n + HEADER > FRAME_SIZE) {
+        PyErr_Format(PoolError, "object of %zd bytes needs the raw page form (>= %u)", n, e->huge_threshold);
+    } else {
+        uint32_t h;
+        UNLOCKED(e, h = obj_store(e, data.buf, (uint32_t)n));
+        if (!h)
+            PyErr_SetString(PoolFull, "no room for the object (frames or handles)");
+        else
+            res = PyLong_FromUnsignedLong(h);
+    }
+    PyBuffer_Release(&data);
+    return res;
+}
+
+static PyObject *Engine_load(Engine *e, PyObject *args)
+{
+    unsigned long long h;
+    unsigned int n;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "KI", &h, &n))
+        return NULL;
+    if (check_handle(e, h) < 0)
+        return NULL;
+    if (n > FRAME_SIZE) {
+        PyErr_Format(PoolError, "length %u is larger than a frame", n);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out)
+        return NULL;
+    engine_lock(e);
+    memcpy(PyBytes_AS_STRING(out), obj_load(e, (uint32_t)h, n, e->obuf), n);
+    engine_unlock(e);
+    return out;
+}
+
+static PyObject *Engine_free(Engine *e, PyObject *args)
+{
+    unsigned long long h;
+    unsigned int n;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "KI", &h, &n))
+        return NULL;
+    if (check_handle(e, h) < 0)
+        return NULL;
+    UNLOCKED(e, obj_free(e, (uint32_t)h, n));
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_store_word(Engine *e, PyObject *arg)
+{
+    unsigned long long w = PyLong_AsUnsignedLongLong(arg);
+    READY(e);
+    if (w == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    uint32_t h;
+    UNLOCKED(e, h = new_handle(e, w));
+    if (!h) {
+        PyErr_SetString(PoolFull, "handle table is full");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(h);
+}
+
+static PyObject *Engine_word(Engine *e, PyObject *arg)
+{
+    unsigned long long h = PyLong_AsUnsignedLongLong(arg);
+    READY(e);
+    if (h == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (check_handle(e, h) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(e->handle[h]);
+}
+
+static PyObject *Engine_free_word(Engine *e, PyObject *arg)
+{
+    unsigned long long h = PyLong_AsUnsignedLongLong(arg);
+    READY(e);
+    if (h == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (check_handle(e, h) < 0)
+        return NULL;
+    UNLOCKED(e, drop_handle(e, (uint32_t)h));
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_freeable(Engine *e, PyObject *arg)
+{
+    long cls = PyLong_AsLong(arg);
+    if (cls == -1 && PyErr_Occurred())
+        return NULL;
+    if (cls < 0 || cls >= e->ncls) {
+        PyErr_Format(PoolError, "no size class %ld", cls);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(freeable(e, (unsigned)cls));
+}
+
+static PyObject *Engine_freeable_frames(Engine *e, PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromUnsignedLongLong(freeable_frames(e));
+}
+
+static PyObject *Engine_frame_room(Engine *e, PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromLongLong(frame_room(e));
+}
+
+static PyObject *u32_list(const uint32_t *v, int n)
+{
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLong(v[i]);
+        if (!x) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+static PyObject *u64_list(const unsigned long long *v, int n)
+{
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
+        if (!x) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+/* The volatile scalars, under pool.Pool's attribute names. */
+static PyObject *Engine_volatile(Engine *e, PyObject *Py_UNUSED(a))
+{
+    PyObject *frag = PyList_New(0);
+    if (!frag)
+        return NULL;
+    for (int c = 0; c < e->ncls; c++) {
+        if (e->fragmented[c]) {
+            PyObject *x = PyLong_FromLong(c);
+            if (!x || PyList_Append(frag, x) < 0) {
+                Py_XDECREF(x);
+                Py_DECREF(frag);
+                return NULL;
+            }
+            Py_DECREF(x);
+        }
+    }
+    return Py_BuildValue(
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:N,s:N,s:N,s:N,s:K,s:K,s:K,s:N}", "frames_made", e->frames_made,
+        "hot_top", e->hot_top, "cold_top", e->cold_top, "frames_used", e->frames_used, "zs_free_top", e->zs_free_top,
+        "zs_made", e->zs_made, "handle_free_top", e->handle_free_top, "handles_made", e->handles_made, "handles_used",
+        e->handles_used, "heads", u32_list(e->heads, e->ncls * (int)(GROUPS + 1)), "nonempty",
+        u32_list(e->nonempty, e->ncls), "cls_zspages", u64_list(e->cls_zspages, e->ncls), "cls_used",
+        u64_list(e->cls_used, e->ncls), "huge_objects", e->huge_objects, "obj_bytes", e->obj_bytes, "pages_compacted",
+        e->pages_compacted, "fragmented", frag);
+}
+
+static int get_u64(PyObject *d, const char *k, unsigned long long *out, unsigned long long max)
+{
+    PyObject *o = PyDict_GetItemString(d, k);
+    if (!o) {
+        PyErr_Format(PyExc_KeyError, "volatile state lacks %s", k);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (v > max) {
+        PyErr_Format(StateError, "volatile %s = %llu is beyond %llu", k, v, max);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int get_list(PyObject *d, const char *k, unsigned long long *out, Py_ssize_t n, unsigned long long max)
+{
+    PyObject *o = PyDict_GetItemString(d, k);
+    if (!o || !PyList_Check(o) || PyList_GET_SIZE(o) != n) {
+        PyErr_Format(PyExc_ValueError, "volatile %s must be a list of %zd", k, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(o, i));
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        if (v > max) {
+            PyErr_Format(StateError, "volatile %s[%zd] = %llu is beyond %llu", k, i, v, max);
+            return -1;
+        }
+        out[i] = v;
+    }
+    return 0;
+}
+
+/* Adopt a Python Pool's volatile scalars (after its rebuild scan). */
+static PyObject *Engine_set_volatile(Engine *e, PyObject *d)
+{
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "set_volatile takes a dict");
+        return NULL;
+    }
+    unsigned long long v[9], huge, obj, comp;
+    static const char *const names[9] = {"frames_made", "hot_top", "cold_top", "frames_used", "zs_free_top",
+                                         "zs_made", "handle_free_top", "handles_made", "handles_used"};
+    unsigned long long maxes[9] = {e->max_frames, e->max_frames, e->max_frames, e->max_frames, e->max_frames,
+                                   e->max_frames, e->max_handles, e->max_handles, e->max_handles};
+    for (int i = 0; i < 9; i++)
+        if (get_u64(d, names[i], &v[i], maxes[i]) < 0)
+            return NULL;
+    if (get_u64(d, "huge_objects", &huge, e->max_frames) < 0 || get_u64(d, "obj_bytes", &obj, ULLONG_MAX) < 0 ||
+        get_u64(d, "pages_compacted", &comp, ULLONG_MAX) < 0)
+        return NULL;
+    int nh = e->ncls * (int)(GROUPS + 1);
+    unsigned long long *heads = PyMem_Malloc(sizeof *heads * (size_t)nh);
+    unsigned long long ne[MAX_CLASSES], zs[MAX_CLASSES], used[MAX_CLASSES];
+    if (!heads)
+        return PyErr_NoMemory();
+    if (get_list(d, "heads", heads, nh, e->max_frames) < 0 || get_list(d, "nonempty", ne, e->ncls, 0xFFFFFFFF) < 0 ||
+        get_list(d, "cls_zspages", zs, e->ncls, ULLONG_MAX) < 0 ||
+        get_list(d, "cls_used", used, e->ncls, ULLONG_MAX) < 0) {
+        PyMem_Free(heads);
+        return NULL;
+    }
+    PyObject *frag = PyDict_GetItemString(d, "fragmented");
+    PyObject *seq = frag ? PySequence_Fast(frag, "fragmented must be a sequence") : NULL;
+    if (!seq) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "volatile state lacks fragmented");
+        PyMem_Free(heads);
+        return NULL;
+    }
+    uint8_t fr[MAX_CLASSES] = {0};
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (c < 0 || c >= e->ncls) {
+            if (!PyErr_Occurred())
+                PyErr_Format(StateError, "fragmented names class %ld", c);
+            Py_DECREF(seq);
+            PyMem_Free(heads);
+            return NULL;
+        }
+        fr[c] = 1;
+    }
+    Py_DECREF(seq);
+    engine_lock(e);
+    e->frames_made = (uint32_t)v[0];
+    e->hot_top = (uint32_t)v[1];
+    e->cold_top = (uint32_t)v[2];
+    e->frames_used = (uint32_t)v[3];
+    e->zs_free_top = (uint32_t)v[4];
+    e->zs_made = (uint32_t)v[5];
+    e->handle_free_top = (uint32_t)v[6];
+    e->handles_made = (uint32_t)v[7];
+    e->handles_used = (uint32_t)v[8];
+    for (int i = 0; i < nh; i++)
+        e->heads[i] = (uint32_t)heads[i];
+    for (int c = 0; c < e->ncls; c++) {
+        e->nonempty[c] = (uint32_t)ne[c];
+        e->cls_zspages[c] = zs[c];
+        e->cls_used[c] = used[c];
+        e->fragmented[c] = fr[c];
+    }
+    e->huge_objects = huge;
+    e->obj_bytes = obj;
+    e->pages_compacted = comp;
+    engine_unlock(e);
+    PyMem_Free(heads);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(a))
+{
+    if (e->lock_ready) {
+        engine_lock(e);
+        engine_release_buffers(e);
+        engine_unlock(e);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_cls_zspages(Engine *e, void *Py_UNUSED(c)) { return u64_list(e->cls_zspages, e->ncls); }
+static PyObject *get_cls_used(Engine *e, void *Py_UNUSED(c)) { return u64_list(e->cls_used, e->ncls); }
+static PyObject *get_frames_used(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(e->frames_used); }
+static PyObject *get_handles_used(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(e->handles_used); }
+static PyObject *get_mem_used_total(Engine *e, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong((unsigned long long)e->frames_used * FRAME_SIZE);
+}
+static PyObject *get_reserve_bytes(Engine *e, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong((unsigned long long)e->hot_top * FRAME_SIZE);
+}
+static PyObject *get_frame_limit(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromLongLong(e->frame_limit); }
+static int set_frame_limit(Engine *e, PyObject *v, void *Py_UNUSED(c))
+{
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "frame_limit cannot be deleted");
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (x < 0) {
+        PyErr_SetString(PyExc_ValueError, "frame_limit must be >= 0");
+        return -1;
+    }
+    e->frame_limit = x;
+    return 0;
+}
+
+static PyGetSetDef Engine_getset[] = {
+    {"cls_zspages", (getter)get_cls_zspages, NULL, "zspages per class (a copy)", NULL},
+    {"cls_used", (getter)get_cls_used, NULL, "objects per class (a copy)", NULL},
+    {"frames_used", (getter)get_frames_used, NULL, NULL, NULL},
+    {"handles_used", (getter)get_handles_used, NULL, NULL, NULL},
+    {"mem_used_total", (getter)get_mem_used_total, NULL, NULL, NULL},
+    {"reserve_bytes", (getter)get_reserve_bytes, NULL, NULL, NULL},
+    {"frame_limit", (getter)get_frame_limit, (setter)set_frame_limit, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+#define MEMBER(name, flags) {#name, T_ULONGLONG, offsetof(Engine, name), flags, NULL}
+static PyMemberDef Engine_members[] = {
+    MEMBER(num_reads, 0), MEMBER(num_writes, 0), MEMBER(failed_reads, 0), MEMBER(failed_writes, 0),
+    MEMBER(notify_free, 0), MEMBER(same_pages, 0), MEMBER(huge_pages, 0), MEMBER(pages_stored, 0),
+    MEMBER(mem_used_max, 0), MEMBER(compactions, 0), MEMBER(limit_hits, 0), MEMBER(huge_objects, READONLY),
+    MEMBER(obj_bytes, READONLY), MEMBER(pages_compacted, 0),
+    {"huge_threshold", T_UINT, offsetof(Engine, huge_threshold), READONLY, NULL},
+    {"full", T_INT, offsetof(Engine, full), 0, "Store.full, for the native FUSE threads"},
+    {"reserve_frames", T_UINT, offsetof(Engine, reserve_frames), READONLY, NULL},
+    {"max_frames", T_UINT, offsetof(Engine, max_frames), READONLY, NULL},
+    {"max_handles", T_UINT, offsetof(Engine, max_handles), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef Engine_methods[] = {
+    {"write", (PyCFunction)Engine_write, METH_VARARGS, "write(offset, data, refuse) -> (bytes done, status)"},
+    {"readinto", (PyCFunction)Engine_readinto, METH_VARARGS, "readinto(offset, out) -> bytes read"},
+    {"discard_pages", (PyCFunction)Engine_discard_pages, METH_VARARGS, "discard_pages(first, end) -> pages freed"},
+    {"compact", (PyCFunction)(void (*)(void))Engine_compact, METH_VARARGS | METH_KEYWORDS, "compact(max_moves=None) -> objects moved"},
+    {"trim", (PyCFunction)Engine_trim, METH_NOARGS, NULL},
+    {"refill_reserve", (PyCFunction)Engine_refill_reserve, METH_NOARGS, NULL},
+    {"_set_codec", (PyCFunction)Engine_set_codec, METH_VARARGS, "set_codec(algo_id, zstd_level)"},
+    {"store", (PyCFunction)Engine_store, METH_O, NULL},
+    {"load", (PyCFunction)Engine_load, METH_VARARGS, NULL},
+    {"free", (PyCFunction)Engine_free, METH_VARARGS, NULL},
+    {"store_word", (PyCFunction)Engine_store_word, METH_O, NULL},
+    {"word", (PyCFunction)Engine_word, METH_O, NULL},
+    {"free_word", (PyCFunction)Engine_free_word, METH_O, NULL},
+    {"freeable", (PyCFunction)Engine_freeable, METH_O, NULL},
+    {"freeable_frames", (PyCFunction)Engine_freeable_frames, METH_NOARGS, NULL},
+    {"frame_room", (PyCFunction)Engine_frame_room, METH_NOARGS, NULL},
+    {"volatile", (PyCFunction)Engine_volatile, METH_NOARGS, NULL},
+    {"set_volatile", (PyCFunction)Engine_set_volatile, METH_O, NULL},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "release the state's buffers"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zswapd._engine.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The native engine over a zswapd state's tables",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_members = Engine_members,
+    .tp_getset = Engine_getset,
+};
+
+/* ---- native FUSE serving (stage 2) ----------------------------------------------
+ *
+ * N threads read one /dev/fuse fd (O_NONBLOCK; poll, then read).  READ, WRITE
+ * and FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file (nodeid 2), once
+ * Python has answered INIT (enable()), are served here without the GIL under
+ * the engine lock.  Everything else, and any hot request that meets
+ * something the store's policy must decide (a full pool, a corrupt object,
+ * a range at the device's end, an unaligned discard), goes up whole to the
+ * Python callback (FuseFS.handle behind zswapd/fuse/native.py), which stays
+ * the single place for the protocol's rules.  The callback runs with the
+ * GIL; its reply is written before the GIL is released, since FuseFS builds
+ * READ replies in one shared buffer.  Per-thread buffers are allocated at
+ * thread start: nothing is allocated per request on the hot path.
+ */
+#define FUSE_READ 15
+#define FUSE_WRITE 16
+#define FUSE_FALLOCATE 43
+#define FILE_NODE 2
+#define IN_HDR 40
+#define OUT_HDR 16
+#define IO_IN 40
+#define FALLOC_IN 32
+#define MAX_IO (1u << 20)
+#define REQ_BUF (MAX_IO + 4096 + IN_HDR + IO_IN)
+#define MAX_THREADS 64
+#define SPIN_NS 200000L
+
+typedef struct {
+    PyObject_HEAD
+    Engine *engine;
+    PyObject *callback;
+    int fd, efd;
+    int nthreads;
+    pthread_t threads[MAX_THREADS];
+    int started;
+    volatile int stop;
+    volatile int hot;
+    uint32_t max_write;
+    uint64_t dev_size;
+    unsigned long long hot_requests, cold_requests, io_errors;
+} Server;
+
+struct in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+static void write_reply(Server *s, const void *buf, size_t n)
+{
+    for (;;) {
+        ssize_t w = write(s->fd, buf, n);
+        if (w >= 0 || errno == ENOENT || errno == ENODEV)
+            return; /* ENOENT: the request was interrupted away */
+        if (errno != EINTR && errno != EAGAIN) {
+            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+}
+
+/* 1 if served here, 0 to hand up to Python. */
+static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
+{
+    const struct in_header *h = (const void *)in;
+    Engine *e = s->engine;
+    struct out_header *oh = (void *)out;
+    uint64_t size = s->dev_size;
+    if (!s->hot || h->nodeid != FILE_NODE || h->len != n || !e->arena)
+        return 0;
+    oh->error = 0;
+    oh->unique = h->unique;
+    if (h->opcode == FUSE_READ && n >= IN_HDR + IO_IN) {
+        uint64_t off;
+        uint32_t len;
+        memcpy(&off, in + IN_HDR + 8, 8);
+        memcpy(&len, in + IN_HDR + 16, 4);
+        if (len > s->max_write || off > size || len > size - off)
+            return 0;
+        int st;
+        engine_lock(e);
+        st = read_range(e, off, out + OUT_HDR, len);
+        if (st == ST_OK)
+            e->num_reads++;
+        else
+            e->failed_reads--; /* Python reads it again and counts it */
+        engine_unlock(e);
+        if (st != ST_OK)
+            return 0;
+        oh->len = OUT_HDR + len;
+        write_reply(s, out, OUT_HDR + len);
+        return 1;
+    }
+    if (h->opcode == FUSE_WRITE && n >= IN_HDR + IO_IN) {
+        uint64_t off;
+        uint32_t len;
+        memcpy(&off, in + IN_HDR + 8, 8);
+        memcpy(&len, in + IN_HDR + 16, 4);
+        if (len != n - IN_HDR - IO_IN || off > size || len > size - off)
+            return 0;
+        uint64_t done = 0;
+        int st;
+        engine_lock(e);
+        st = write_range(e, off, in + IN_HDR + IO_IN, len, e->full, &done);
+        if (st == ST_OK)
+            e->num_writes++;
+        engine_unlock(e);
+        if (st != ST_OK)
+            return 0; /* the policy's call: Python writes it (again) whole */
+        oh->len = OUT_HDR + 8;
+        memcpy(out + OUT_HDR, &len, 4);
+        memset(out + OUT_HDR + 4, 0, 4);
+        write_reply(s, out, OUT_HDR + 8);
+        return 1;
+    }
+    if (h->opcode == FUSE_FALLOCATE && n >= IN_HDR + FALLOC_IN) {
+        uint64_t off, len;
+        uint32_t mode;
+        memcpy(&off, in + IN_HDR + 8, 8);
+        memcpy(&len, in + IN_HDR + 16, 8);
+        memcpy(&mode, in + IN_HDR + 24, 4);
+        if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) || off >= size || len > size - off ||
+            off % PAGE_SIZE || len % PAGE_SIZE)
+            return 0;
+        long t;
+        engine_lock(e);
+        for (uint64_t idx = off / PAGE_SIZE; idx < (off + len) / PAGE_SIZE; idx++) {
+            uint64_t old = e->page[idx];
+            if (old & KIND_MASK) {
+                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
+                release(e, old);
+                e->notify_free++;
+            }
+        }
+        t = trim(e);
+        engine_unlock(e);
+        if (t < 0)
+            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+        oh->len = OUT_HDR;
+        write_reply(s, out, OUT_HDR);
+        return 1;
+    }
+    return 0;
+}
+
+static void serve_cold(Server *s, const uint8_t *in, size_t n)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *req = PyBytes_FromStringAndSize((const char *)in, (Py_ssize_t)n);
+    PyObject *r = req ? PyObject_CallOneArg(s->callback, req) : NULL;
+    Py_XDECREF(req);
+    if (r && r != Py_None) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(r, &b, PyBUF_SIMPLE) == 0) {
+            write_reply(s, b.buf, (size_t)b.len);
+            PyBuffer_Release(&b);
+        }
+    }
+    if (!r || PyErr_Occurred()) {
+        /* native.py's callback catches everything; this is the last guard:
+         * answer EIO rather than leave the request hanging. */
+        PyErr_Clear();
+        const struct in_header *h = (const void *)in;
+        if (n >= IN_HDR) {
+            struct out_header oh = {OUT_HDR, -EIO, h->unique};
+            write_reply(s, &oh, sizeof oh);
+        }
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static void *server_thread(void *arg)
+{
+    Server *s = arg;
+    uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
+    struct pollfd p[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
+    struct timespec last = {0, 0};
+    while (in && out && !s->stop) {
+        ssize_t n = read(s->fd, in, REQ_BUF);
+        if (n < 0) {
+            if (errno == EAGAIN) {
+                /* As session.py: spin briefly after a request before sleeping
+                 * in poll; at queue depth 1 the next request is usually this
+                 * close, and a wakeup costs more than the spin. */
+                struct timespec now;
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                if ((now.tv_sec - last.tv_sec) * 1000000000L + (now.tv_nsec - last.tv_nsec) < SPIN_NS)
+                    continue;
+                poll(p, 2, -1);
+                continue;
+            }
+            if (errno == EINTR || errno == ENOENT)
+                continue;
+            if (errno == ENODEV)
+                break; /* unmounted: the connection is gone */
+            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+            poll(p + 1, 1, 10); /* as session.py: never end on a read error */
+            continue;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &last);
+        if (n >= IN_HDR && serve_hot(s, in, (size_t)n, out)) {
+            __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
+        serve_cold(s, in, (size_t)n);
+    }
+    free(in);
+    free(out);
+    return NULL;
+}
+
+static void Server_join(Server *s)
+{
+    if (!s->started)
+        return;
+    s->stop = 1;
+    uint64_t one = 1;
+    if (write(s->efd, &one, sizeof one) < 0) {
+        /* eventfd cannot fail here short of a bug; the threads still stop
+         * at their next request */
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < s->nthreads; i++)
+        pthread_join(s->threads[i], NULL);
+    Py_END_ALLOW_THREADS
+    s->started = 0;
+}
+
+static void Server_dealloc(Server *s)
+{
+    Server_join(s);
+    if (s->efd >= 0)
+        close(s->efd);
+    Py_XDECREF(s->engine);
+    Py_XDECREF(s->callback);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Server_stop(Server *s, PyObject *Py_UNUSED(a))
+{
+    Server_join(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Server_enable(Server *s, PyObject *args)
+{
+    unsigned int max_write;
+    unsigned long long dev_size;
+    if (!PyArg_ParseTuple(args, "IK", &max_write, &dev_size))
+        return NULL;
+    if (max_write > MAX_IO || dev_size > s->engine->npages * PAGE_SIZE) {
+        PyErr_Format(PyExc_ValueError, "max_write %u > %u or device size %llu beyond the engine's", max_write,
+                     MAX_IO, dev_size);
+        return NULL;
+    }
+    s->max_write = max_write;
+    s->dev_size = dev_size;
+    __atomic_store_n(&s->hot, 1, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
+{
+    return Py_BuildValue("{s:K,s:K,s:K,s:i,s:i}", "hot_requests", s->hot_requests, "cold_requests",
+                         s->cold_requests, "io_errors", s->io_errors, "threads", s->nthreads, "hot", s->hot);
+}
+
+static PyMethodDef Server_methods[] = {
+    {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop and join the threads"},
+    {"enable", (PyCFunction)Server_enable, METH_VARARGS, "enable(max_write, device_size): serve hot opcodes"},
+    {"stats", (PyCFunction)Server_stats, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zswapd._engine.Server",
+    .tp_basicsize = sizeof(Server),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "native FUSE threads over one engine",
+    .tp_dealloc = (destructor)Server_dealloc,
+    .tp_methods = Server_methods,
+};
+
+/* serve_fuse(engine, fd, threads, callback) -> Server (threads running) */
+static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *eng, *cb;
+    int fd, nthreads;
+    if (!PyArg_ParseTuple(args, "O!iiO", &EngineType, &eng, &fd, &nthreads, &cb))
+        return NULL;
+    if (!PyCallable_Check(cb) || nthreads < 1 || nthreads > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "need a callable and 1..%d threads", MAX_THREADS);
+        return NULL;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || !(fl & O_NONBLOCK)) {
+        PyErr_SetString(PyExc_ValueError, "the /dev/fuse fd must be open and O_NONBLOCK");
+        return NULL;
+    }
+    Server *s = PyObject_New(Server, &ServerType);
+    if (!s)
+        return NULL;
+    s->engine = (Engine *)eng;
+    Py_INCREF(eng);
+    s->callback = cb;
+    Py_INCREF(cb);
+    s->fd = fd;
+    s->nthreads = 0;
+    s->started = 0;
+    s->stop = 0;
+    s->hot = 0;
+    s->max_write = 0;
+    s->dev_size = 0;
+    s->hot_requests = s->cold_requests = s->io_errors = 0;
+    s->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->efd < 0) {
+        Py_DECREF(s);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    s->started = 1;
+    for (int i = 0; i < nthreads; i++) {
+        if (pthread_create(&s->threads[i], NULL, server_thread, s) != 0) {
+            Server_join(s);
+            Py_DECREF(s);
+            PyErr_SetString(PyExc_OSError, "pthread_create failed");
+            return NULL;
+        }
+        s->nthreads++;
+    }
+    return (PyObject *)s;
+}
+
+static PyMethodDef module_methods[] = {
+    {"serve_fuse", serve_fuse, METH_VARARGS, "serve_fuse(engine, fd, threads, callback) -> Server"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, .m_name = "zswapd._engine", .m_doc = "zswapd's native engine", .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__engine(void)
+{
+    PyObject *pool = PyImport_ImportModule("zswapd.pool");
+    if (!pool)
+        return NULL;
+    PoolError = PyObject_GetAttrString(pool, "PoolError");
+    PoolFull = PyObject_GetAttrString(pool, "PoolFull");
+    StateError = PyObject_GetAttrString(pool, "StateError");
+    Py_DECREF(pool);
+    if (!PoolError || !PoolFull || !StateError)
+        return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ServerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "OK", ST_OK) < 0 || PyModule_AddIntConstant(m, "REFUSED", ST_REFUSED) < 0 ||
+        PyModule_AddIntConstant(m, "NOROOM", ST_NOROOM) < 0 ||
+        PyModule_AddStringConstant(m, "LZ4_VERSION", LZ4_versionString()) < 0 ||
+        PyModule_AddStringConstant(m, "ZSTD_VERSION", ZSTD_versionString()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

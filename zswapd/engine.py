@@ -1,0 +1,397 @@
+"""The engine: the allocator and the hot path over a state's tables.
+
+Two engines implement one narrow interface (``Engine`` below):
+
+python  ``PythonEngine``, pool.py plus the page-level half of the store.  The
+        reference: readable, and the model the native one is checked against.
+native  ``NativeEngine``, zswapd/_engine.c: the same tables, the same crash
+        order, in C with the GIL released (see the top of _engine.c).
+
+The store (store.py) keeps the policy (memory limit, full/accept_percent,
+when and how much to compact, the names of the stats) and calls the engine
+for the mechanics: write/readinto/discard_pages of byte ranges and pages,
+a bounded compaction step, trim and refill of the frame reserve, counters.
+A write that meets a full pool stops at that page and reports why (REFUSED:
+the store is full and the page needs memory; NOROOM: the pool had no frame);
+the store decides what happens next.
+
+Rebuild and the invariant checks are written once, in pool.py: an engine
+hands out a Python ``Pool`` on the same state that carries its volatile
+indexes (``reference``), and takes back the indexes a rebuild scan made
+(``adopt``).
+
+Selection: ``[pool] engine = "auto" | "native" | "python"``; auto takes the
+native engine when the extension imports and otherwise logs one warning and
+serves with the Python one.  A state under a test crash hook is served by the
+Python engine (its crash points are Python stores).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .codec import KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .errors import BadRequest
+from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
+from .state import State, StateError
+
+ENGINES = ("auto", "native", "python")
+OK, REFUSED, NOROOM = 0, 1, 2
+
+_KIND_MASK = 0x3
+_LEN_SHIFT = 4
+_LEN_MASK = 0x1FFF
+_HANDLE_SHIFT = 32
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+log = logging.getLogger("zswapd")
+
+
+@dataclass
+class Counters:
+    num_reads: int = 0
+    num_writes: int = 0
+    failed_reads: int = 0
+    failed_writes: int = 0
+    notify_free: int = 0
+    same_pages: int = 0
+    huge_pages: int = 0
+    pages_stored: int = 0
+    mem_used_max: int = 0
+    compactions: int = 0
+    limit_hits: int = 0
+
+
+COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+
+
+class CounterSet(Protocol):
+    num_reads: int
+    num_writes: int
+    failed_reads: int
+    failed_writes: int
+    notify_free: int
+    same_pages: int
+    huge_pages: int
+    pages_stored: int
+    mem_used_max: int
+    compactions: int
+    limit_hits: int
+
+
+class Engine(Protocol):
+    """What the store needs of an engine."""
+
+    name: str
+    state: State
+    frame_limit: int
+    pages_compacted: int
+    full: int  # the store's ``full``, mirrored
+
+    @property
+    def c(self) -> CounterSet: ...
+    @property
+    def huge_threshold(self) -> int: ...
+    @property
+    def frames_used(self) -> int: ...
+    @property
+    def mem_used_total(self) -> int: ...
+    @property
+    def obj_bytes(self) -> int: ...
+    @property
+    def reserve_bytes(self) -> int: ...
+    @property
+    def cls_zspages(self) -> list[int]: ...
+
+    def write(self, offset: int, data: Buffer, refuse: bool) -> tuple[int, int]:
+        """Store ``data`` at byte ``offset`` (partial pages read-modify-write).
+        Returns (bytes written, OK | REFUSED | NOROOM): it stops before the
+        first page that ``refuse`` turns away (it needs pool memory) or that
+        finds no room; that page keeps its old contents."""
+        ...
+
+    def readinto(self, offset: int, out: memoryview) -> int: ...
+    def discard_pages(self, first: int, end: int) -> int:
+        """Free pages first..end-1; returns how many held something."""
+        ...
+
+    def compact(self, max_moves: int | None = None) -> int: ...
+    def trim(self) -> int: ...
+    def refill_reserve(self) -> int: ...
+    def freeable(self, cls: int) -> int: ...
+    def freeable_frames(self) -> int: ...
+    def frame_room(self) -> int: ...
+    def set_codec(self, codec: Codec) -> None: ...
+    def reference(self) -> Pool: ...
+    def adopt(self, pool: Pool) -> None: ...
+    def class_stats(self) -> list[dict[str, int]]: ...
+    def metadata_bytes(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def _spans(offset: int, length: int) -> Any:
+    """Split a byte range into (page, offset in page, offset in range, length)."""
+    pos = 0
+    while pos < length:
+        idx, within = divmod(offset + pos, PAGE_SIZE)
+        take = min(PAGE_SIZE - within, length - pos)
+        yield idx, within, pos, take
+        pos += take
+
+
+class PythonEngine(Pool):
+    """The reference engine: pool.py's allocator plus the page table."""
+
+    name = "python"
+
+    def __init__(self, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> None:
+        self.full = 0
+        g = state.geometry
+        super().__init__(g.max_frames, g.max_handles, frame_limit, reserve_frames, state)
+        self.table = state.view("page")
+        self.codec = codec
+        self._c = Counters()
+
+    @property
+    def c(self) -> Counters:
+        return self._c
+
+    def set_codec(self, codec: Codec) -> None:
+        self.codec = codec
+
+    def reference(self) -> Pool:
+        return self
+
+    def adopt(self, pool: Pool) -> None:
+        assert pool is self
+
+    def close(self) -> None:
+        pass
+
+    # -- pages --------------------------------------------------------------
+
+    def _release(self, entry: int) -> None:
+        kind = entry & _KIND_MASK
+        if not kind:
+            return
+        h = entry >> _HANDLE_SHIFT
+        self._c.pages_stored -= 1
+        if kind == KIND_SAME:
+            self.free_word(h)
+            self._c.same_pages -= 1
+        else:
+            self.free(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
+            if kind == KIND_HUGE:
+                self._c.huge_pages -= 1
+
+    def _store_page(self, idx: int, page: Buffer, refuse: bool) -> int:
+        kind, algo, payload = self.codec.encode(page, self.huge_threshold)
+        if refuse and kind != KIND_SAME:
+            return REFUSED
+        # Allocate before freeing the old object: a failed store keeps the page.
+        try:
+            h = self.store_word(payload) if kind == KIND_SAME else self.store(payload)  # type: ignore[arg-type]
+        except PoolFull:
+            return NOROOM
+        c = self._c
+        if kind == KIND_SAME:
+            self.table[idx], old = h << _HANDLE_SHIFT | kind, self.table[idx]
+            c.same_pages += 1
+        else:
+            self.table[idx], old = h << _HANDLE_SHIFT | len(payload) << _LEN_SHIFT | algo << 2 | kind, self.table[idx]  # type: ignore[arg-type]
+            if kind == KIND_HUGE:
+                c.huge_pages += 1
+        c.pages_stored += 1
+        if old & _KIND_MASK:
+            self._release(old)
+        used = self.mem_used_total
+        if used > c.mem_used_max:
+            c.mem_used_max = used
+        return OK
+
+    def _load_page(self, idx: int) -> Buffer:
+        entry = self.table[idx]
+        kind = entry & _KIND_MASK
+        if not kind:
+            return _ZERO_PAGE
+        h = entry >> _HANDLE_SHIFT
+        if kind == KIND_SAME:
+            return fill_page(self.word(h))
+        data = self.load(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
+        if kind == KIND_HUGE:
+            return data
+        try:
+            return self.codec.decompress((entry >> 2) & 0x3, data)
+        except Exception as e:
+            # One exception type for a bad object, whichever engine and codec.
+            self._c.failed_reads += 1
+            raise ValueError(f"corrupt object: page {idx} did not decompress to a 4096-byte page ({e})") from None
+
+    def write(self, offset: int, data: Buffer, refuse: bool) -> tuple[int, int]:
+        n = len(data)
+        mv = memoryview(data).cast("B")
+        try:
+            if not offset % PAGE_SIZE and not n % PAGE_SIZE:
+                # The swap path: whole pages, so no read-modify-write.
+                store_page = self._store_page
+                idx = offset // PAGE_SIZE
+                for pos in range(0, n, PAGE_SIZE):
+                    st = store_page(idx, mv[pos : pos + PAGE_SIZE], refuse)
+                    if st:
+                        return pos, st
+                    idx += 1
+                return n, OK
+            for idx, within, pos, take in _spans(offset, n):
+                if take == PAGE_SIZE:
+                    st = self._store_page(idx, mv[pos : pos + PAGE_SIZE], refuse)
+                else:
+                    page = bytearray(self._load_page(idx))
+                    page[within : within + take] = mv[pos : pos + take]
+                    st = self._store_page(idx, page, refuse)
+                if st:
+                    return pos, st
+            return n, OK
+        finally:
+            self.trim()  # also when a store failed part way
+
+    def readinto(self, offset: int, out: memoryview) -> int:
+        n = len(out)
+        if not offset % PAGE_SIZE and not n % PAGE_SIZE:
+            load_page = self._load_page
+            idx = offset // PAGE_SIZE
+            for pos in range(0, n, PAGE_SIZE):
+                out[pos : pos + PAGE_SIZE] = load_page(idx)
+                idx += 1
+            return n
+        for idx, within, pos, take in _spans(offset, n):
+            out[pos : pos + take] = self._load_page(idx)[within : within + take]
+        return n
+
+    def discard_pages(self, first: int, end: int) -> int:
+        freed = 0
+        table = self.table
+        for idx in range(first, end):
+            old = table[idx]
+            if old & _KIND_MASK:
+                table[idx] = 0  # the entry first, then the object (crash rule 2)
+                self._release(old)
+                freed += 1
+        self._c.notify_free += freed
+        self.trim()
+        return freed
+
+
+try:
+    from . import _engine
+
+    _NATIVE_ERROR = ""
+except ImportError as e:  # not built: no compiler or no lz4/zstd headers at install
+    _engine = None  # type: ignore[assignment]
+    _NATIVE_ERROR = str(e)
+
+
+if _engine is not None:
+
+    class NativeEngine(_engine.Engine):
+        """The C engine on the same state; see the top of _engine.c."""
+
+        name = "native"
+
+        def __init__(self, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> None:
+            g = state.geometry
+            if state.hook is not None:
+                raise StateError("the native engine cannot run under a crash hook (its stores are not crash points)")
+            if g.classes_id != CLASSES_ID:
+                raise StateError(f"state's class table {g.classes_id:#x} is not this zswapd's {CLASSES_ID:#x}")
+            bufs: dict[str, Any] = {t.name: state.view(t.name) for t in state.tables}
+            bufs["arena"] = state.arena()[0]
+            classes = [(c.size, c.frames_per_zspage, c.objs_per_zspage) for c in CLASSES]
+            super().__init__(
+                bufs, state.fds()[1], g.npages, g.max_frames, g.max_handles, classes, bytes(_CLASS_OF),
+                HUGE_THRESHOLD, reserve_frames, codec.algo_id, codec.zstd_level,
+            )  # fmt: skip
+            self.frame_limit = frame_limit
+            self.state = state
+            self.codec = codec
+            self.classes = CLASSES
+            self._ref: Pool | None = None
+
+        @property
+        def c(self) -> NativeEngine:
+            # The counters are this object's members, bumped in C.
+            return self
+
+        @property
+        def handles(self) -> memoryview:
+            return self.state.view("handle")
+
+        def set_codec(self, codec: Codec) -> None:
+            self._set_codec(codec.algo_id, codec.zstd_level)
+            self.codec = codec
+
+        def reference(self) -> Pool:
+            if self._ref is None:
+                g = self.state.geometry
+                self._ref = Pool(g.max_frames, g.max_handles, reserve_frames=self.reserve_frames, state=self.state)
+            self._ref.set_volatile(self.volatile())
+            self._ref.frame_limit = self.frame_limit
+            return self._ref
+
+        def adopt(self, pool: Pool) -> None:
+            self.set_volatile(pool.volatile())
+
+        def class_stats(self) -> list[dict[str, int]]:
+            return self.reference().class_stats()
+
+        def metadata_bytes(self) -> int:
+            return self.state.resident_bytes([t.name for t in self.state.tables if t.name != "page"])
+
+
+def native_error() -> str:
+    """Why the native engine is unavailable ("" when it is available)."""
+    return _NATIVE_ERROR
+
+
+_warned = False
+
+
+def select(name: str, hooked: bool = False) -> str:
+    """The engine that will serve for ``[pool] engine = name``."""
+    global _warned
+    if name not in ENGINES:
+        raise BadRequest(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    if name == "python":
+        return "python"
+    if name == "native":
+        if _NATIVE_ERROR:
+            raise BadRequest(
+                f"engine 'native' was asked for but the extension is not built ({_NATIVE_ERROR}); "
+                'install gcc python3-dev liblz4-dev libzstd-dev and reinstall, or set engine = "auto"'
+            )
+        if hooked:
+            raise BadRequest("engine 'native' cannot run on a state with a crash hook; use engine 'python'")
+        return "native"
+    if hooked:
+        return "python"
+    if _NATIVE_ERROR:
+        if not _warned:
+            _warned = True
+            log.warning("native engine not available (%s); serving with the Python engine", _NATIVE_ERROR)
+        return "python"
+    return "native"
+
+
+def make_engine(name: str, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> Engine:
+    """An engine over ``state``; ``name`` as in ``[pool] engine``."""
+    if select(name, state.hook is not None) == "native":
+        return NativeEngine(state, codec, reserve_frames, frame_limit)
+    return PythonEngine(state, codec, reserve_frames, frame_limit)
+
+
+def open_pool(name: str, max_frames: int, max_handles: int, frame_limit: int = 0, reserve_frames: int = 64) -> Engine:
+    """A bare pool (no device pages) served by engine ``name``: what the pool
+    tests run against both engines."""
+    state = State.create(pool_geometry(max_frames, max_handles))
+    return make_engine(name, state, Codec(), reserve_frames, frame_limit)

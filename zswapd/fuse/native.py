@@ -1,0 +1,65 @@
+"""Native serving of the hot opcodes: C threads on /dev/fuse.
+
+``NativeServer`` starts N threads in the native engine (zswapd/_engine.c,
+``serve_fuse``) that each read the /dev/fuse fd.  READ, WRITE and
+FALLOCATE(PUNCH_HOLE) of the device file are served in C without the GIL;
+every other request, and any hot one the store's policy must decide (a full
+pool, a bad range, an unaligned discard, a corrupt object), comes up here,
+whole, to ``FuseFS.handle``: the sans-I/O protocol stays the one place where
+the protocol's rules are written.  Hot serving starts once FuseFS has
+answered INIT (or had it restored after a takeover).
+
+The fd must be O_NONBLOCK (``mount.open_fuse``).  ``stop()`` must run before
+the store is closed.  This module knows FuseFS and an engine object with
+``serve_fuse``-compatible type, never Store: the worker passes both in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .protocol import IN_HEADER, FuseFS, error_reply
+
+log = logging.getLogger("zswapd")
+
+
+class NativeServer:
+    def __init__(self, fd: int, fs: FuseFS, engine: Any, threads: int | None = None) -> None:
+        from .. import _engine  # only the native engine can serve natively
+
+        if not isinstance(engine, _engine.Engine):
+            raise TypeError("native FUSE serving needs the native engine ([pool] engine = native or auto)")
+        self.fs = fs
+        self.bugs = 0
+        self._enabled = False
+        self._server = _engine.serve_fuse(engine, fd, threads or os.cpu_count() or 1, self._handle)
+        self._maybe_enable()
+
+    def _maybe_enable(self) -> None:
+        if not self._enabled and self.fs.initialized:
+            self._server.enable(self.fs.max_write, self.fs.device.size)
+            self._enabled = True
+
+    def _handle(self, req: bytes) -> bytes | memoryview | None:
+        """A cold request (or a hot one handed up), with the GIL."""
+        try:
+            out = self.fs.handle(req)
+        except Exception:
+            # As session.py: a bug answers EIO and serving goes on.
+            self.bugs += 1
+            self.fs.errors += 1
+            self.fs.internal_errors += 1
+            op = IN_HEADER.unpack_from(req, 0)[1] if len(req) >= IN_HEADER.size else -1
+            log.exception("bug handling FUSE opcode %d natively handed up; answered EIO", op)
+            out = error_reply(req)
+        self._maybe_enable()
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return {**self._server.stats(), "bugs": self.bugs}
+
+    def stop(self) -> None:
+        """Stop and join the threads (each finishes the request it holds)."""
+        self._server.stop()
