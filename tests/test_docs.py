@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from zswapd.config import SCHEMA, from_dict
+from zswapd.supervisor import FD_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,8 +34,15 @@ def test_unit_file_has_what_swap_needs() -> None:
         "LimitMEMLOCK=infinity",
         "OOMScoreAdjust=-1000",
         "LimitCORE=0",
-        "ExecReload=kill -HUP $MAINPID",
-        "Restart=on-failure",
+        # A fresh worker on the installed code, which also re-reads the config.
+        "ExecReload=/usr/local/bin/zswapd reload",
+        # A dead supervisor is restarted and takes its fds back from the store.
+        "Restart=always",
+        # No start limit: giving up closes the fd store and the FUSE connection.
+        "StartLimitIntervalSec=0",
+        # `no` removes /run/zswapd (mountpoint, control socket) between a crash
+        # and the restart, and PID 1 hangs on the unserved mount.
+        "RuntimeDirectoryPreserve=restart",
     ):
         assert line in lines, line
     assert any(line.startswith("TimeoutStopSec=") for line in lines)
@@ -43,6 +51,11 @@ def test_unit_file_has_what_swap_needs() -> None:
         return [v for line in lines if line.startswith(key + "=") for v in line.split("=", 1)[1].split()]
 
     assert "swap.target" in values("Before")
+    # The supervisor stores five names (fuse, control, state-meta, state-arena,
+    # loop); systemd closes any fd beyond the maximum.
+    store_max = values("FileDescriptorStoreMax")
+    assert len(store_max) == 1 and int(store_max[0]) >= 2 * len(FD_NAMES), store_max
+    assert not [line for line in lines if line.startswith("ExecReload=") and "kill" in line]
     # /dev/fuse never becomes an active device unit on Debian: udev tags only
     # the fuse module.  The module is what the unit must pull in.
     assert "modprobe@fuse.service" in values("Wants")
