@@ -834,11 +834,31 @@ class Supervisor:
             path = os.readlink(f"/proc/self/fd/{a['loop']}")
             self.loop = swap.Loop(path, a["loop"])
             self.swap_on = swap.swap_used_kib(path) is not None
+        self._kill_old_workers()
         # A worker killed together with the old supervisor had its state, or
         # none was made yet (nothing was written: a fresh store is right).
         self.worker_restarts = 1 if self.state_fds else 0
         self.ever_served = bool(self.state_fds)
         self.died_at_ns = time.monotonic_ns()
+
+    def _kill_old_workers(self) -> None:
+        """Rule 2 across a supervisor restart: no process of the old
+        instance may still serve when our first worker sends RESEND.  Under
+        systemd with KillMode=mixed they are gone already; a drop-in with
+        KillMode=process would leave them, so any other process in our own
+        cgroup is killed and waited for."""
+        others = [pid for pid in _cgroup_peers() if pid != os.getpid() and _is_zswapd(pid)]
+        if not others:
+            return
+        log.warning("processes %s of the previous instance are still running; killing them before taking over", others)
+        for pid in others:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in others) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _serving(self) -> bool:
         return self.worker is not None and self.worker.ready
@@ -917,6 +937,41 @@ class Supervisor:
         if self.fuse_fd >= 0:
             os.close(self.fuse_fd)
             self.fuse_fd = -1
+
+
+def _cgroup_peers() -> list[int]:
+    """Pids in this process's own cgroup (v2, or v1's systemd hierarchy);
+    [] if that cannot be read."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        hier, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hier == "0" and not controllers:
+            procs = f"/sys/fs/cgroup{path}/cgroup.procs"
+        elif controllers == "name=systemd":
+            procs = f"/sys/fs/cgroup/systemd{path}/cgroup.procs"
+        else:
+            continue
+        if path in ("", "/"):
+            return []  # the root cgroup is everybody's: never kill there
+        try:
+            with open(procs) as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+    return []
+
+
+def _is_zswapd(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"zswapd" in f.read()
+    except OSError:
+        return False
 
 
 def _how(code: int) -> str:
