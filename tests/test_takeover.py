@@ -136,6 +136,10 @@ def test_block_io_with_worker_killed_10_times_loses_no_write(tmp_path: Path) -> 
                 if v.poll() is None:
                     v.kill()
             report("block I/O", recoveries)
+            text = subprocess.run(
+                [sys.executable, "-m", "zswapd", "stats", "--socket", d.socket], capture_output=True, text=True
+            ).stdout
+            assert "worker restarts 10" in text, text
         finally:
             subprocess.run(["losetup", "-d", loop], capture_output=True)
         assert d.stop() == 0, d.logtext()

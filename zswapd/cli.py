@@ -81,6 +81,13 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
         f"failed writes {s['failed_writes']}; metadata {_human(s['metadata_bytes'])}"
         + ("; FULL" if s.get("full") else "")
     )
+    proc = s.get("process")
+    if proc:
+        rec = proc.get("last_recovery_ms")
+        lines.append(
+            f"engine {s.get('engine', '?')}; supervisor {proc['supervisor_pid']}, worker {proc['worker_pid']}, "
+            f"worker restarts {proc['worker_restarts']}" + (f" (last took {rec:.0f} ms)" if rec is not None else "")
+        )
     if classes:
         cols = (
             "size",
