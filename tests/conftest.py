@@ -128,19 +128,27 @@ def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) 
 
 @contextlib.contextmanager
 def run_daemon(
-    tmp: Path, name: str = "d", ready: bool = True, inject: str = "", **sections: dict[str, object]
+    tmp: Path, name: str = "d", ready: bool = True, inject: str = "", patch: str = "", **sections: dict[str, object]
 ) -> Iterator[Daemon]:
     """A real daemon on a config made from ``sections``.  ``inject`` names a
     function (``module:Class.attr``) that tests/inject.py replaces with one
-    that raises, to prove a bug is contained."""
+    that raises; ``patch`` is Python run before the CLI (to plant a subtler
+    bug).  Either proves a bug is contained."""
     mountpoint = tmp / f"{name}-mnt"
     sock = str(tmp / f"{name}-ctl" / "control.sock")
     config = tmp / f"{name}.toml"
     write_config(config, mountpoint, sock, **sections)
     log = tmp / f"{name}.log"
     logf = open(log, "wb")
-    prefix = [sys.executable, str(INJECT), inject] if inject else [sys.executable, "-m", "zswapd"]
-    proc = subprocess.Popen([*prefix, "run", "--config", str(config)], stdout=logf, stderr=logf)
+    if patch:
+        code = (
+            patch + f"\nimport sys\nfrom zswapd.cli import main\nsys.exit(main(['run', '--config', {str(config)!r}]))\n"
+        )
+        argv = [sys.executable, "-c", code]
+    else:
+        prefix = [sys.executable, str(INJECT), inject] if inject else [sys.executable, "-m", "zswapd"]
+        argv = [*prefix, "run", "--config", str(config)]
+    proc = subprocess.Popen(argv, stdout=logf, stderr=logf)
     d = Daemon(proc, config, mountpoint, sock, log)
     try:
         if ready:

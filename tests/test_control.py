@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Daemon, force_cleanup, run_daemon, write_config
+from conftest import Daemon, run_daemon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -581,36 +581,6 @@ def test_idle_group_members_cannot_lock_root_out(public_dir: Path) -> None:
         assert "Traceback" not in d.logtext()
 
 
-@contextlib.contextmanager
-def run_patched_daemon(tmp: Path, patch: str, name: str = "p", **sections: dict[str, object]) -> Iterator[Daemon]:
-    """run_daemon, but through `python -c` that runs ``patch`` (to inject a
-    bug) before zswapd.cli.main(["run", ...]).  Same cleanup on every path."""
-    mountpoint = tmp / f"{name}-mnt"
-    sock = str(tmp / f"{name}-ctl" / "control.sock")
-    config = tmp / f"{name}.toml"
-    write_config(config, mountpoint, sock, **sections)
-    log = tmp / f"{name}.log"
-    code = patch + f"\nimport sys\nfrom zswapd.cli import main\nsys.exit(main(['run', '--config', {str(config)!r}]))\n"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=logf, stderr=logf)
-        d = Daemon(proc, config, mountpoint, sock, log)
-        try:
-            deadline = time.monotonic() + 60
-            while "ready:" not in d.logtext():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"daemon did not start:\n{d.logtext()}")
-                time.sleep(0.05)
-            yield d
-        finally:
-            try:
-                if proc.poll() is None:
-                    d.stop()
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                force_cleanup(str(mountpoint), proc)
-
-
 _INJECT_BUGS = """
 from zswapd.control import Controller
 from zswapd.fuse import protocol
@@ -630,7 +600,7 @@ protocol._HANDLERS[protocol.STATFS] = _bad_statfs
 def test_injected_bugs_in_a_real_daemon_are_contained(tmp_path: Path) -> None:
     """A bug in a control handler and one in a FUSE handler: each request gets
     an error, the traceback is logged, and the daemon serves on."""
-    with run_patched_daemon(tmp_path, _INJECT_BUGS) as d:
+    with run_daemon(tmp_path, name="p", patch=_INJECT_BUGS) as d:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(d.socket)

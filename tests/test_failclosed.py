@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, force_cleanup, memory_cgroup, run_daemon, write_config
+from test_control import raw
 from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, dmesg_lines, run_in_cgroup, swap_used_pages
 
 pytestmark = pytest.mark.root
@@ -53,18 +53,8 @@ def wait_for(cond: object, timeout: float = 30, what: str = "") -> None:
         time.sleep(0.05)
 
 
-def send_line(path: str, payload: bytes, timeout: float = 10) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(payload)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, object] = json.loads(data)
+def send_line(path: str, payload: bytes) -> dict[str, object]:
+    reply: dict[str, object] = json.loads(raw(path, payload))
     return reply
 
 

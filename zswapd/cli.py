@@ -171,7 +171,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from .supervisor import main_run, setup_logging
+        from .process import setup_logging
+        from .supervisor import main_run
 
         setup_logging(args.verbose)
         try:

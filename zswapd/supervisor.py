@@ -42,7 +42,7 @@ The rules
 5. Signals: SIGTERM and SIGINT shut down (swapoff while the worker serves,
    detach, unmount; a failed swapoff keeps serving until the next SIGTERM).
    SIGHUP is forwarded to the worker, which reloads the config.  The rest of
-   daemon.py's ignored signals are logged and ignored here too.  Workers
+   process.py's ignored signals are logged and ignored here too.  Workers
    run in their own process group, so a terminal's Ctrl-C or hang-up
    reaches only the supervisor.
 """
@@ -57,7 +57,6 @@ import logging
 import mmap
 import os
 import re
-import resource
 import select
 import signal
 import socket
@@ -72,15 +71,13 @@ from . import paths, swap
 from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
+from .process import IGNORED_SIGNALS, StartupError, _libc, harden, no_core_dumps, sd_notify
 
 if TYPE_CHECKING:
     from .worker import WorkerArgs
 
 log = logging.getLogger("zswapd")
 
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-PR_SET_DUMPABLE = 4
-PR_SET_IO_FLUSHER = 57
 # Worker exit status meaning "the FUSE connection is gone": nothing to take
 # over, so the supervisor does not restart it.
 EXIT_CONNECTION_GONE = 3
@@ -100,62 +97,7 @@ LOCK_SCAN_INTERVAL = 2.0
 WORKER_STOP_TIMEOUT = 10.0
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-IGNORED_SIGNALS = (
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGALRM,
-    signal.SIGVTALRM,
-    signal.SIGPROF,
-    signal.SIGQUIT,
-    signal.SIGPIPE,
-    signal.SIGTSTP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
 HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS, signal.SIGCHLD)
-
-
-class StartupError(Exception):
-    """A problem found before anything was changed; exit status 2."""
-
-
-# -- process set-up shared with the worker -------------------------------------
-
-
-def setup_logging(verbose: bool = False) -> None:
-    # Under systemd, stderr goes to journald, which reads <N> priority prefixes.
-    journal = "JOURNAL_STREAM" in os.environ
-    prio = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    class Fmt(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            msg = record.getMessage()
-            if record.exc_info:
-                msg += "\n" + self.formatException(record.exc_info)
-            if journal:
-                return f"<{prio.get(record.levelno, 6)}>{msg}"
-            return f"zswapd[{os.getpid()}]: {record.levelname.lower()}: {msg}"
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(Fmt())
-    root = logging.getLogger("zswapd")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-
-
-def sd_notify(message: str, fds: list[int] | None = None) -> None:
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            s.sendmsg([message.encode()], anc, 0, path)
-    except OSError as e:
-        log.warning("sd_notify failed: %s", e)
 
 
 # sd_listen_fds(3): passed fds start at 3.
@@ -200,45 +142,6 @@ def fd_store(name: str, fd: int) -> None:
 def fd_store_remove(name: str) -> None:
     if os.environ.get("NOTIFY_SOCKET"):
         sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def no_core_dumps() -> None:
-    """The pool holds other processes' memory: it must never reach a core
-    file, and a non-dumpable process cannot be ptrace-attached by non-root."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        log.warning("PR_SET_DUMPABLE refused: %s", os.strerror(ctypes.get_errno()))
-
-
-def harden(swap_enabled: bool) -> None:
-    """Keep the process able to run while the kernel is swapping to it."""
-    libc = _libc()
-    # MCL_ONFAULT: lock pages as they are touched, so the big lazily used
-    # tables and arenas cost only what is used.
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        why = os.strerror(ctypes.get_errno())
-        if swap_enabled:
-            # Unlocked, our own pages could be swapped out to the swap only
-            # we can serve: the first fault on one deadlocks.
-            raise StartupError(
-                f"mlockall failed ({why}): refusing to enable swap, because the daemon could be swapped out to "
-                "itself; give it CAP_IPC_LOCK or LimitMEMLOCK=infinity, or set [swap] enable = false"
-            )
-        log.warning("mlockall failed (%s): the daemon itself may be swapped out", why)
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.warning(
-            "PR_SET_IO_FLUSHER refused (%s; needs CAP_SYS_RESOURCE): reclaim inside the daemon may recurse into swap",
-            os.strerror(ctypes.get_errno()),
-        )
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000")
-    except OSError as e:
-        log.warning("cannot set oom_score_adj: %s", e)
 
 
 # -- start-up checks -------------------------------------------------------------

@@ -54,6 +54,7 @@ from .control import Controller, ControlServer, prometheus, resolve_group, serve
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
+from .process import IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
 from .state import InitParams, State
 from .store import Store
 
@@ -73,20 +74,9 @@ EXIT_CONNECTION_GONE = 3
 
 STOP_SIGNALS = (signal.SIGTERM,)
 RELOAD_SIGNALS = (signal.SIGHUP,)
-IGNORED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGALRM,
-    signal.SIGVTALRM,
-    signal.SIGPROF,
-    signal.SIGQUIT,
-    signal.SIGPIPE,
-    signal.SIGTSTP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
-HANDLED_SIGNALS = STOP_SIGNALS + RELOAD_SIGNALS + IGNORED_SIGNALS
+# SIGINT too: the worker has its own process group, so it comes only from a
+# deliberate kill, and stopping is the supervisor's decision.
+HANDLED_SIGNALS = STOP_SIGNALS + RELOAD_SIGNALS + (signal.SIGINT, *IGNORED_SIGNALS)
 
 
 @dataclass
@@ -458,8 +448,6 @@ def _int_array(fds: list[int]) -> Any:
 
 def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
     """Entry point in a worker process, forked or freshly started."""
-    from .supervisor import harden, no_core_dumps, setup_logging
-
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)
     for sig in HANDLED_SIGNALS:

@@ -1,0 +1,118 @@
+"""What every zswapd process sets up, the supervisor and each worker alike:
+logging, systemd notification, no core dumps, memory locking, and the
+signals that must never end or stop a process in the swap path."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+
+log = logging.getLogger("zswapd")
+
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+PR_SET_DUMPABLE = 4
+PR_SET_IO_FLUSHER = 57
+
+# Logged and ignored in every zswapd process: their default actions end the
+# process or stop it (SIGTSTP, SIGTTIN, SIGTTOU), and a stopped or dead swap
+# server stalls or kills every process with pages in it.
+IGNORED_SIGNALS = (
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGQUIT,
+    signal.SIGPIPE,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+class StartupError(Exception):
+    """A problem found before anything was changed; exit status 2."""
+
+
+# -- process set-up shared with the worker -------------------------------------
+
+
+def setup_logging(verbose: bool = False) -> None:
+    # Under systemd, stderr goes to journald, which reads <N> priority prefixes.
+    journal = "JOURNAL_STREAM" in os.environ
+    prio = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    class Fmt(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + self.formatException(record.exc_info)
+            if journal:
+                return f"<{prio.get(record.levelno, 6)}>{msg}"
+            return f"zswapd[{os.getpid()}]: {record.levelname.lower()}: {msg}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Fmt())
+    root = logging.getLogger("zswapd")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def sd_notify(message: str, fds: list[int] | None = None) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            s.sendmsg([message.encode()], anc, 0, path)
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def no_core_dumps() -> None:
+    """The pool holds other processes' memory: it must never reach a core
+    file, and a non-dumpable process cannot be ptrace-attached by non-root."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("PR_SET_DUMPABLE refused: %s", os.strerror(ctypes.get_errno()))
+
+
+def harden(swap_enabled: bool) -> None:
+    """Keep the process able to run while the kernel is swapping to it."""
+    libc = _libc()
+    # MCL_ONFAULT: lock pages as they are touched, so the big lazily used
+    # tables and arenas cost only what is used.
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        why = os.strerror(ctypes.get_errno())
+        if swap_enabled:
+            # Unlocked, our own pages could be swapped out to the swap only
+            # we can serve: the first fault on one deadlocks.
+            raise StartupError(
+                f"mlockall failed ({why}): refusing to enable swap, because the daemon could be swapped out to "
+                "itself; give it CAP_IPC_LOCK or LimitMEMLOCK=infinity, or set [swap] enable = false"
+            )
+        log.warning("mlockall failed (%s): the daemon itself may be swapped out", why)
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning(
+            "PR_SET_IO_FLUSHER refused (%s; needs CAP_SYS_RESOURCE): reclaim inside the daemon may recurse into swap",
+            os.strerror(ctypes.get_errno()),
+        )
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError as e:
+        log.warning("cannot set oom_score_adj: %s", e)
