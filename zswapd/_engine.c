@@ -8,9 +8,8 @@
  * hands over (state.view(name), state.arena()), and the volatile scalars
  * (stack tops, list heads, per-class totals) live in this object, exactly as
  * they live in a Python Pool, and cross over with volatile()/set_volatile().
- * The rebuild scan and the invariant checker stay in Python (pool.py), the
- * single reference: a native store attaches by letting a Python Pool rebuild
- * the tables, then adopts its scalars.
+ * The rebuild scan and the invariant check are here too (rebuild,
+ * check_pages), leaving the same bytes as pool.py's reference scan.
  *
  * Crash consistency: the same order as pool.py and store.py.
  *   write:   new object complete (slot header, payload), then handle-table
@@ -19,32 +18,43 @@
  *   discard: page-table entry zeroed, then the object freed.
  *   compact: copy (slot header, payload), switch the handle entry, free the
  *            old slot.
- * A frame is punched only while free.
+ * A frame is punched only while free.  Locks change none of this: they
+ * decide which thread makes a step, never the order of the steps.
  *
- * Locking.  Lock order: engine lock -> class lock -> page-table entry lock
- * bit (bit 63 of a page entry, unused by the layout, as zram's ZRAM_LOCK).
- * The GIL is never taken while one of these is held (the hot operations drop
- * it before taking the engine lock and take it back after releasing it), so
- * a thread that holds the GIL may wait for the engine lock without deadlock.
- * Today one engine mutex, taken with the GIL released, serialises every
- * operation and stands in for the per-class locks; no entry lock bit is taken
- * because no two operations touch the tables at once.  That holds for the
- * Python-driven calls (stage 1, single threaded under the GIL) and for the
- * native FUSE threads (serve_fuse, below): they run concurrently only in
- * /dev/fuse reads and reply writes, not yet in compression.  Splitting the
- * mutex into class locks plus the entry bit is the next step; compaction
- * would then take the class lock, then each moved object's entry bit.
- * The GIL protects nothing on the hot path: a write, read, discard,
- * compaction step or trim runs wholly without it (compression included),
- * touching only this object's C fields, the state mappings and the caller's
- * buffer, whose export it holds.  The counters (members) are bumped by the
- * engine under its mutex, but Store bumps num_reads, num_writes,
- * failed_writes and limit_hits under the GIL alone: with native FUSE threads
- * running, such a bump can lose one count of a concurrent one (a counter,
- * never a table).
+ * Locking, as zsmalloc and zram.
+ *   entry lock bit  one per page (elock, process memory; zram's ZRAM_LOCK).
+ *                   Held while a thread replaces a page's entry (for a
+ *                   partial page: the read, the modify and the store) or
+ *                   copies its object out.  So two threads never update one
+ *                   page at once, and an object is never freed under a reader.
+ *   class lock      one per size class: the class's fullness lists, its
+ *                   zspages' inuse/free-slot/group fields and slot headers,
+ *                   per-class totals, and the bytes of its objects (a store
+ *                   copies the payload in, a reader copies it out, compaction
+ *                   moves it, all under this lock).
+ *   pool lock       the frame stacks (hot, cold), frames_made/frames_used,
+ *                   the zspage-id stack, the handle stack; trim's punches.
+ * Lock order: entry bit -> class lock -> pool lock.  At most one entry bit
+ * and one class lock are held at a time (lock_all, below, takes every class
+ * lock in ascending order, then the pool lock: rebuild, the invariant
+ * check, volatile()/set_volatile() and close).  Compaction takes only class
+ * locks (and the pool lock inside), COMPACT_STEP moves per hold.  The GIL is
+ * never taken while one of these is held (a FUSE thread hands a request up
+ * to Python holding none), so a thread holding the GIL may wait for them.
+ *
+ * What runs concurrently: compression and decompression (each thread has
+ * its own lz4 state, zstd contexts and scratch pages: Ctx, below), pages of
+ * different classes, and anything touching different pages, with nothing
+ * shared but the pool lock's short sections.  A huge object is copied under
+ * its entry bit alone (compaction never moves one).  Counters are atomic
+ * (relaxed); Store still bumps num_reads, num_writes, failed_writes and
+ * limit_hits under the GIL alone, and a native thread's concurrent bump of
+ * the same counter can be lost (a counter, never a table).  Figures read for
+ * policy without a lock (freeable, frames_used, the compaction order) may
+ * be stale, never torn.
  * No allocation on the write or read path: the lz4 state, the zstd contexts,
  * the compression buffer and the read-modify-write page are made once per
- * engine.
+ * thread (a FUSE thread's when it starts).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,7 +64,9 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +114,7 @@
 #define ST_CORRUPT 3 /* an object did not decompress to a page */
 #define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
 #define ST_BAD 5     /* misuse of the object API */
+#define ST_NOMEM 6   /* no memory for a thread's codec context */
 
 #ifdef ZSWAPD_BOUNDS
 /* The sanitizer build checks every table index: ASan cannot see past the end
@@ -167,41 +180,152 @@ typedef struct {
     uint8_t class_of[FRAME_SIZE + 1];
 
     /* volatile scalars (a Python Pool's attributes of the same names) */
-    uint32_t frames_made, hot_top, cold_top, frames_used;
-    uint32_t zs_free_top, zs_made;
-    uint32_t handle_free_top, handles_made, handles_used;
-    uint32_t heads[MAX_CLASSES * (GROUPS + 1)];
-    uint32_t nonempty[MAX_CLASSES];
-    unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES];
-    uint8_t fragmented[MAX_CLASSES];
-    unsigned long long huge_objects, obj_bytes, pages_compacted;
+    uint32_t frames_made, hot_top, cold_top, frames_used; /* pool lock */
+    uint32_t zs_free_top, zs_made;                        /* pool lock */
+    uint32_t handle_free_top, handles_made, handles_used; /* pool lock */
+    uint32_t heads[MAX_CLASSES * (GROUPS + 1)];           /* class lock */
+    uint32_t nonempty[MAX_CLASSES];                       /* class lock */
+    unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES]; /* class lock */
+    uint8_t fragmented[MAX_CLASSES];                      /* class lock */
+    unsigned long long huge_objects, obj_bytes, pages_compacted; /* atomic */
 
-    /* counters (store.Counters, same names) */
+    /* counters (store.Counters, same names); the engine bumps them atomically */
     unsigned long long num_reads, num_writes, failed_reads, failed_writes,
         notify_free, same_pages, huge_pages, pages_stored, mem_used_max,
         compactions, limit_hits;
 
-    /* codec, made once */
-    int algo, zstd_level;
-    void *lz4_state;
-    ZSTD_CCtx *zc;
-    ZSTD_DCtx *zd;
-    uint8_t *cbuf;   /* compressed output */
-    uint8_t *pbuf;   /* a page for read-modify-write and straddling objects */
-    uint8_t *obuf;   /* an object being moved or loaded across frames */
+    int algo, zstd_level; /* read by each thread's codec context */
 
     int full; /* Store.full, mirrored: the FUSE threads refuse with it */
     int punch_errno;
-    pthread_mutex_t lock;
-    int lock_ready;
+    uint64_t *elock; /* the entry lock bits, one per page (process memory) */
+    pthread_mutex_t pool_lock;
+    pthread_mutex_t cls_lock[MAX_CLASSES];
+    int locks_ready;
 } Engine;
 
 /* ---- locking ------------------------------------------------------------ */
 
-static void engine_lock(Engine *e) { pthread_mutex_lock(&e->lock); }
-static void engine_unlock(Engine *e) { pthread_mutex_unlock(&e->lock); }
+static void pool_lock(Engine *e) { pthread_mutex_lock(&e->pool_lock); }
+static void pool_unlock(Engine *e) { pthread_mutex_unlock(&e->pool_lock); }
+static void class_lock(Engine *e, unsigned cls) { pthread_mutex_lock(&e->cls_lock[cls]); }
+static void class_unlock(Engine *e, unsigned cls) { pthread_mutex_unlock(&e->cls_lock[cls]); }
 
-/* ---- frames -------------------------------------------------------------- */
+/* zram's ZRAM_LOCK: a bit per page-table entry, held while a thread reads
+ * the page's object or replaces the entry.  Kept beside the table, in this
+ * process's memory, not in the entry's bit 63: a worker that dies holding it
+ * must not leave a set bit in the memfd for the next one to trip over. */
+static void entry_lock(Engine *e, uint64_t idx)
+{
+    uint64_t *w = &e->elock[idx >> 6], bit = 1ull << (idx & 63);
+    unsigned spins = 0;
+    while (__atomic_fetch_or(w, bit, __ATOMIC_ACQUIRE) & bit) {
+        while (__atomic_load_n(w, __ATOMIC_RELAXED) & bit) {
+            if (++spins < 64)
+                __builtin_ia32_pause();
+            else
+                sched_yield(); /* the holder is compressing a page: microseconds */
+        }
+    }
+}
+
+static void entry_unlock(Engine *e, uint64_t idx)
+{
+    __atomic_fetch_and(&e->elock[idx >> 6], ~(1ull << (idx & 63)), __ATOMIC_RELEASE);
+}
+
+/* Everything, for the operations that read or replace every index at once
+ * (rebuild, the invariant check, volatile()/set_volatile(), close). */
+static void lock_all(Engine *e)
+{
+    for (int c = 0; c < e->ncls; c++)
+        class_lock(e, (unsigned)c);
+    pool_lock(e);
+}
+
+static void unlock_all(Engine *e)
+{
+    pool_unlock(e);
+    for (int c = e->ncls; c-- > 0;)
+        class_unlock(e, (unsigned)c);
+}
+
+#define ADD(field, v) __atomic_add_fetch(&(field), (v), __ATOMIC_RELAXED)
+#define SUB(field, v) __atomic_sub_fetch(&(field), (v), __ATOMIC_RELAXED)
+
+/* ---- per-thread codec state ------------------------------------------------
+ * Compression and decompression run outside every pool lock, each thread
+ * with its own lz4 state, zstd contexts and scratch pages: made on a
+ * thread's first call (a FUSE thread's at its start), reused for every page
+ * after, freed when the thread ends. */
+typedef struct {
+    void *lz4_state;
+    ZSTD_CCtx *zc;
+    ZSTD_DCtx *zd;
+    int zlevel; /* level zc is set to; INT_MIN: not yet */
+    uint8_t cbuf[FRAME_SIZE]; /* compressed output */
+    uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
+    uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
+} Ctx;
+
+static pthread_key_t ctx_key;
+static __thread Ctx *tls_ctx;
+
+static void ctx_free(void *p)
+{
+    Ctx *t = p;
+    if (!t)
+        return;
+    ZSTD_freeCCtx(t->zc);
+    ZSTD_freeDCtx(t->zd);
+    free(t->lz4_state);
+    free(t);
+}
+
+static int set_zstd_level(ZSTD_CCtx *zc, int level)
+{
+    /* The same frame as codec.py's ZstdCompressor: no content size, no
+     * checksum, no dictionary id. */
+    ZSTD_CCtx_reset(zc, ZSTD_reset_session_and_parameters);
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_compressionLevel, level)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_contentSizeFlag, 0)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_checksumFlag, 0)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_dictIDFlag, 0)))
+        return -1;
+    return 0;
+}
+
+/* This thread's context, with zstd at the engine's level; NULL: no memory. */
+static Ctx *ctx_get(Engine *e)
+{
+    Ctx *t = tls_ctx;
+    if (!t) {
+        t = calloc(1, sizeof *t);
+        if (!t)
+            return NULL;
+        t->lz4_state = malloc((size_t)LZ4_sizeofState());
+        t->zc = ZSTD_createCCtx();
+        t->zd = ZSTD_createDCtx();
+        if (!t->lz4_state || !t->zc || !t->zd) {
+            ctx_free(t);
+            return NULL;
+        }
+        /* fastReset needs one full initialisation of the state. */
+        LZ4_initStream(t->lz4_state, (size_t)LZ4_sizeofState());
+        t->zlevel = INT_MIN;
+        tls_ctx = t;
+        pthread_setspecific(ctx_key, t);
+    }
+    int level = __atomic_load_n(&e->zstd_level, __ATOMIC_RELAXED);
+    if (t->zlevel != level) {
+        if (set_zstd_level(t->zc, level) < 0)
+            return NULL; /* set_codec validated it: cannot happen */
+        t->zlevel = level;
+    }
+    return t;
+}
+
+/* ---- frames (pool lock) ---------------------------------------------------- */
 
 static long long frame_room(const Engine *e)
 {
@@ -255,7 +379,7 @@ static int cmp_u32(const void *a, const void *b)
 }
 
 /* pool.trim: frames beyond the reserve go back to the kernel. */
-static long trim(Engine *e)
+static long trim_locked(Engine *e)
 {
     uint32_t top = e->hot_top, keep = e->reserve_frames;
     if (top <= keep)
@@ -284,9 +408,21 @@ static long trim(Engine *e)
     return err ? -1 : (long)n;
 }
 
+static long trim(Engine *e)
+{
+    /* Most requests free nothing beyond the reserve: skip the lock then. */
+    if (__atomic_load_n(&e->hot_top, __ATOMIC_RELAXED) <= e->reserve_frames)
+        return 0;
+    pool_lock(e);
+    long n = trim_locked(e);
+    pool_unlock(e);
+    return n;
+}
+
 static long refill_reserve(Engine *e)
 {
     long added = 0;
+    pool_lock(e);
     while (e->hot_top < e->reserve_frames && (e->cold_top || e->frames_made < e->max_frames)) {
         uint32_t hot = e->hot_top;
         e->hot_top = 0; /* make take_frame skip the hot stack */
@@ -297,10 +433,11 @@ static long refill_reserve(Engine *e)
         e->hot[e->hot_top++] = frame;
         added++;
     }
+    pool_unlock(e);
     return added;
 }
 
-/* ---- handles ----------------------------------------------------------- */
+/* ---- handles (pool lock) ------------------------------------------------- */
 
 static uint32_t new_handle(Engine *e, uint64_t value)
 {
@@ -326,7 +463,7 @@ static void drop_handle(Engine *e, uint32_t h)
     e->handles_used--;
 }
 
-/* ---- zspages and fullness ----------------------------------------------- */
+/* ---- zspages and fullness (class lock) --------------------------------------- */
 
 static inline unsigned group_of(unsigned inuse, unsigned objs)
 {
@@ -386,22 +523,27 @@ static inline uint32_t *slot_word(Engine *e, uint32_t frame, uint32_t off)
     return (uint32_t *)(e->arena + ((size_t)frame << FRAME_SHIFT) + off);
 }
 
+/* With the class lock held; takes the pool lock for the id and frames. */
 static uint32_t new_zspage(Engine *e, unsigned cls)
 {
     unsigned nf = e->cframes[cls], objs = e->cobjs[cls], size = e->csize[cls];
-    if (frame_room(e) < (long long)nf)
+    uint32_t z, frames[MAX_FRAMES_PER_ZSPAGE];
+    pool_lock(e);
+    if (frame_room(e) < (long long)nf) {
+        pool_unlock(e);
         return 0;
-    uint32_t z;
+    }
     if (e->zs_free_top)
         z = e->zs_stack[--e->zs_free_top];
     else
         z = ++e->zs_made;
     CHECK(z <= e->max_frames);
-    uint32_t frames[MAX_FRAMES_PER_ZSPAGE];
     for (unsigned i = 0; i < nf; i++)
         frames[i] = take_frame(e);
-    /* Chain, class and first frame are persistent: all written before any
-     * slot of this zspage is handed out (crash rule 1). */
+    pool_unlock(e);
+    /* z and its frames are this thread's now.  Chain, class and first frame
+     * are persistent: all written before any slot of this zspage is handed
+     * out (crash rule 1). */
     for (unsigned i = 0; i + 1 < nf; i++)
         e->frame_next[frames[i]] = frames[i + 1];
     e->zs_first[z] = frames[0];
@@ -418,19 +560,22 @@ static uint32_t new_zspage(Engine *e, unsigned cls)
     return z;
 }
 
+/* With the class lock held; takes the pool lock. */
 static void free_zspage(Engine *e, uint32_t z, unsigned cls)
 {
     unlink_zs(e, z, cls);
     e->zs_group[z] = 0;
     uint32_t frame = e->zs_first[z];
+    pool_lock(e);
     for (unsigned i = 0; i < e->cframes[cls]; i++) {
         uint32_t nxt = e->frame_next[frame];
         give_frame(e, frame);
         frame = nxt;
     }
-    e->cls_zspages[cls]--;
     CHECK(e->zs_free_top <= e->max_frames);
     e->zs_stack[e->zs_free_top++] = z;
+    pool_unlock(e);
+    e->cls_zspages[cls]--;
 }
 
 static uint32_t pop_slot(Engine *e, uint32_t z, unsigned cls, uint32_t h, uint32_t *frame_out, uint32_t *off_out)
@@ -487,39 +632,46 @@ static void put_bytes(Engine *e, uint32_t frame, uint32_t off, const uint8_t *da
     }
 }
 
-/* Pointer to n bytes at (frame, off); copied into `tmp` if they straddle. */
-static const uint8_t *get_bytes(Engine *e, uint32_t frame, uint32_t off, uint32_t n, uint8_t *tmp)
+/* n bytes at (frame, off) into dst, following the chain across frames. */
+static void get_bytes(Engine *e, uint32_t frame, uint32_t off, uint32_t n, uint8_t *dst)
 {
     const uint8_t *p = e->arena + ((size_t)frame << FRAME_SHIFT) + off;
-    if (off + n <= FRAME_SIZE)
-        return p;
+    if (off + n <= FRAME_SIZE) {
+        memcpy(dst, p, n);
+        return;
+    }
     uint32_t first = FRAME_SIZE - off;
     uint32_t next = e->frame_next[frame];
     CHECK(next < e->max_frames);
-    memcpy(tmp, p, first);
-    memcpy(tmp + first, e->arena + ((size_t)next << FRAME_SHIFT), n - first);
-    return tmp;
+    memcpy(dst, p, first);
+    memcpy(dst + first, e->arena + ((size_t)next << FRAME_SHIFT), n - first);
 }
 
 /* pool.store: returns the handle, 0 when full (PoolFull). n in 1..4096 and
- * either n == 4096 or n + HEADER <= 4096 (checked by callers). */
+ * either n == 4096 or n + HEADER <= 4096 (checked by callers).  Takes the
+ * class lock (and the pool lock inside it). */
 static uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
 {
     if (n == FRAME_SIZE) {
-        if (frame_room(e) < 1)
-            return 0;
-        uint32_t h = new_handle(e, 0);
+        pool_lock(e);
+        uint32_t h = 0, frame = 0;
+        if (frame_room(e) >= 1) {
+            h = new_handle(e, 0);
+            if (h)
+                frame = take_frame(e);
+        }
+        pool_unlock(e);
         if (!h)
             return 0;
-        uint32_t frame = take_frame(e);
         memcpy(e->arena + ((size_t)frame << FRAME_SHIFT), data, FRAME_SIZE);
-        e->handle[h] = HUGE_LOC | frame; /* last: crash rule 1 */
-        e->huge_objects++;
-        e->obj_bytes += FRAME_SIZE;
+        __atomic_store_n(&e->handle[h], HUGE_LOC | frame, __ATOMIC_RELEASE); /* last: crash rule 1 */
+        ADD(e->huge_objects, 1);
+        ADD(e->obj_bytes, FRAME_SIZE);
         return h;
     }
     unsigned cls = e->class_of[n + HEADER];
     uint32_t z;
+    class_lock(e, cls);
     uint32_t mask = e->nonempty[cls];
     if (mask) {
         z = e->heads[cls * (GROUPS + 1) + (31 - __builtin_clz(mask))];
@@ -528,47 +680,74 @@ static uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
          * then leaves an empty zspage listed, which is harmless: keep the
          * same order so both engines leave the same tables. */
         z = new_zspage(e, cls);
-        if (!z)
+        if (!z) {
+            class_unlock(e, cls);
             return 0;
+        }
     }
+    pool_lock(e);
     uint32_t h = new_handle(e, 0);
-    if (!h)
+    pool_unlock(e);
+    if (!h) {
+        class_unlock(e, cls);
         return 0;
+    }
     uint32_t frame, off;
     uint32_t slot = pop_slot(e, z, cls, h, &frame, &off);
     put_bytes(e, frame, off + HEADER, data, n);
-    e->handle[h] = (uint64_t)z << 16 | slot; /* last: crash rule 1 */
-    e->obj_bytes += n;
+    __atomic_store_n(&e->handle[h], (uint64_t)z << 16 | slot, __ATOMIC_RELEASE); /* last: crash rule 1 */
+    class_unlock(e, cls);
+    ADD(e->obj_bytes, n);
     return h;
 }
 
-/* pool.load: pointer to the n payload bytes of handle h (maybe in `tmp`). */
-static const uint8_t *obj_load(Engine *e, uint32_t h, uint32_t n, uint8_t *tmp)
+/* The n payload bytes of handle h into dst.  The caller holds what keeps h
+ * alive (the page's entry lock, or is the only thread); a compressed object
+ * is copied under its class lock, which compaction holds while it moves
+ * objects, so the copy is never torn by a move. */
+static void obj_copy(Engine *e, uint32_t h, uint32_t n, uint8_t *dst)
 {
-    uint64_t loc = e->handle[h];
-    if (loc & HUGE_LOC) {
+    uint64_t loc = __atomic_load_n(&e->handle[h], __ATOMIC_ACQUIRE);
+    if (loc & HUGE_LOC) { /* a huge object never moves */
         CHECK((loc & FRAME_MASK) < e->max_frames);
-        return e->arena + ((size_t)(loc & FRAME_MASK) << FRAME_SHIFT);
+        memcpy(dst, e->arena + ((size_t)(loc & FRAME_MASK) << FRAME_SHIFT), n);
+        return;
     }
+    unsigned cls = e->class_of[n + HEADER];
+    class_lock(e, cls);
+    loc = e->handle[h];
     uint32_t z = (uint32_t)(loc >> 16);
     CHECK(z <= e->max_frames && e->zs_class[z] < e->ncls);
     uint32_t off, frame = zs_frame_at(e, z, (uint32_t)(loc & 0xFFFF) * e->csize[e->zs_class[z]], &off);
-    return get_bytes(e, frame, off + HEADER, n, tmp);
+    get_bytes(e, frame, off + HEADER, n, dst);
+    class_unlock(e, cls);
 }
 
+/* Free object h of n payload bytes; nothing names it any more (crash rule 2). */
 static void obj_free(Engine *e, uint32_t h, uint32_t n)
 {
-    uint64_t loc = e->handle[h];
-    e->obj_bytes -= n;
+    uint64_t loc = __atomic_load_n(&e->handle[h], __ATOMIC_ACQUIRE);
+    SUB(e->obj_bytes, n);
     if (loc & HUGE_LOC) {
+        pool_lock(e);
         give_frame(e, (uint32_t)(loc & FRAME_MASK));
-        e->huge_objects--;
-    } else {
-        uint32_t z = (uint32_t)(loc >> 16);
-        CHECK(z <= e->max_frames);
-        push_slot(e, z, e->zs_class[z], (uint32_t)(loc & 0xFFFF));
+        drop_handle(e, h);
+        pool_unlock(e);
+        SUB(e->huge_objects, 1);
+        return;
     }
+    /* The class from the length: the lock is taken before the location is
+     * read again, since compaction may move the object until then. */
+    unsigned cls = n + HEADER <= FRAME_SIZE ? e->class_of[n + HEADER] : 0;
+    class_lock(e, cls);
+    loc = e->handle[h];
+    uint32_t z = (uint32_t)(loc >> 16);
+    CHECK(z <= e->max_frames && e->zs_class[z] == cls);
+    push_slot(e, z, e->zs_class[z], (uint32_t)(loc & 0xFFFF));
+    pool_lock(e);
     drop_handle(e, h);
+    pool_unlock(e);
+    class_unlock(e, cls);
 }
 
 /* ---- compaction ----------------------------------------------------------- */
@@ -609,16 +788,26 @@ static uint32_t fullest_except(const Engine *e, unsigned cls, uint32_t avoid)
     return 0;
 }
 
+/* Objects moved per hold of a class lock: the longest a writer of that
+ * class waits for compaction (about 32 copies of at most 4 KiB). */
+#define COMPACT_STEP 32
+
+/* Takes the class lock, in steps of COMPACT_STEP moves.  Source and
+ * destination are chosen afresh after each step; single-threaded that is the
+ * choice the reference makes (the source stays the emptiest, the destination
+ * the fullest), and with other threads it is the right choice for now. */
 static unsigned long long compact_class(Engine *e, unsigned cls, unsigned long long budget)
 {
     unsigned size = e->csize[cls];
     unsigned long long moves = 0;
+    class_lock(e, cls);
     while (moves < budget && freeable(e, cls) > 0) {
         uint32_t src = emptiest(e, cls), dst = fullest_except(e, cls, src);
         if (!src || !dst)
             break;
         uint32_t slot = 0;
-        while (moves < budget && e->zs_inuse[src] && e->zs_group[dst] != GROUP_FULL) {
+        unsigned long long step_end = moves + COMPACT_STEP < budget ? moves + COMPACT_STEP : budget;
+        while (moves < step_end && e->zs_inuse[src] && e->zs_group[dst] != GROUP_FULL) {
             uint32_t off, frame, hdr;
             for (;;) { /* the next allocated slot of src: its header is a handle */
                 CHECK(slot < e->cobjs[cls]);
@@ -632,28 +821,40 @@ static unsigned long long compact_class(Engine *e, unsigned cls, unsigned long l
              * then free the old slot. */
             uint32_t dframe, doff;
             uint32_t dslot = pop_slot(e, dst, cls, hdr, &dframe, &doff);
-            const uint8_t *payload = get_bytes(e, frame, off + HEADER, size - HEADER, e->obuf);
-            put_bytes(e, dframe, doff + HEADER, payload, size - HEADER);
+            uint8_t tmp[FRAME_SIZE];
+            get_bytes(e, frame, off + HEADER, size - HEADER, tmp);
+            put_bytes(e, dframe, doff + HEADER, tmp, size - HEADER);
             CHECK(hdr <= e->max_handles);
-            e->handle[hdr] = (uint64_t)dst << 16 | dslot;
+            __atomic_store_n(&e->handle[hdr], (uint64_t)dst << 16 | dslot, __ATOMIC_RELEASE);
             moves++;
             if (e->zs_inuse[src] == 1)
-                e->pages_compacted += e->cframes[cls];
+                ADD(e->pages_compacted, e->cframes[cls]);
             push_slot(e, src, cls, slot);
             slot++;
         }
+        if (moves == step_end && moves < budget) {
+            /* a bounded step: let writers and readers of this class in */
+            class_unlock(e, cls);
+            class_lock(e, cls);
+        }
     }
+    class_unlock(e, cls);
     return moves;
 }
 
 static long long compact(Engine *e, unsigned long long budget)
 {
     int order[MAX_CLASSES], n = 0;
+    /* The order is read without the class locks: a stale figure only
+     * changes which class goes first. */
     for (int c = 0; c < e->ncls; c++) {
         if (!e->fragmented[c])
             continue;
         if (!freeable(e, (unsigned)c)) {
-            e->fragmented[c] = 0;
+            class_lock(e, (unsigned)c);
+            if (!freeable(e, (unsigned)c))
+                e->fragmented[c] = 0;
+            class_unlock(e, (unsigned)c);
             continue;
         }
         /* insertion sort, stable: most freeable frames first */
@@ -670,15 +871,17 @@ static long long compact(Engine *e, unsigned long long budget)
         if (moved >= budget)
             break;
         moved += compact_class(e, (unsigned)order[i], budget - moved);
+        class_lock(e, (unsigned)order[i]);
         if (!freeable(e, (unsigned)order[i]))
             e->fragmented[order[i]] = 0;
+        class_unlock(e, (unsigned)order[i]);
     }
     if (trim(e) < 0)
         return -1;
     return (long long)moved;
 }
 
-/* ---- codec ------------------------------------------------------------------ */
+/* ---- codec (no lock: the thread's own context) ------------------------------ */
 
 /* The fill word if all 8-byte words of the page are equal. */
 static int same_filled(const uint8_t *page, uint64_t *word)
@@ -699,21 +902,22 @@ static int same_filled(const uint8_t *page, uint64_t *word)
  * (a compressed length >= the threshold Store passes in is stored raw);
  * compressing into threshold - 1 bytes of room decides it without
  * compressing past the point where it could matter. */
-static unsigned encode(Engine *e, const uint8_t *page, const uint8_t **payload, uint32_t *len, uint64_t *word)
+static unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uint8_t **payload, uint32_t *len,
+                       uint64_t *word)
 {
     if (page[0] == page[8] && page[PAGE_SIZE - 1] == page[PAGE_SIZE - 9] && same_filled(page, word))
         return KIND_SAME;
     int room = (int)e->huge_threshold - 1;
     long n;
-    if (e->algo == ALGO_LZ4) {
+    if (algo == ALGO_LZ4) {
 #ifdef ZSWAPD_LZ4_FULL_RESET
-        n = LZ4_compress_fast_extState(e->lz4_state, (const char *)page, (char *)e->cbuf, (int)PAGE_SIZE, room, 1);
+        n = LZ4_compress_fast_extState(t->lz4_state, (const char *)page, (char *)t->cbuf, (int)PAGE_SIZE, room, 1);
 #else
-        n = LZ4_compress_fast_extState_fastReset(e->lz4_state, (const char *)page, (char *)e->cbuf,
+        n = LZ4_compress_fast_extState_fastReset(t->lz4_state, (const char *)page, (char *)t->cbuf,
                                                  (int)PAGE_SIZE, room, 1);
 #endif
     } else {
-        size_t r = ZSTD_compress2(e->zc, e->cbuf, (size_t)room, page, PAGE_SIZE);
+        size_t r = ZSTD_compress2(t->zc, t->cbuf, (size_t)room, page, PAGE_SIZE);
         n = ZSTD_isError(r) ? 0 : (long)r;
     }
     if (n <= 0) {
@@ -721,79 +925,93 @@ static unsigned encode(Engine *e, const uint8_t *page, const uint8_t **payload, 
         *len = PAGE_SIZE;
         return KIND_HUGE;
     }
-    *payload = e->cbuf;
+    *payload = t->cbuf;
     *len = (uint32_t)n;
     return KIND_COMPRESSED;
 }
 
-static int decompress(Engine *e, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst)
+static int decompress(Ctx *t, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst)
 {
     if (algo == ALGO_LZ4) {
         int r = LZ4_decompress_safe((const char *)src, (char *)dst, (int)n, (int)PAGE_SIZE);
         return r == (int)PAGE_SIZE ? 0 : -1;
     }
-    size_t r = ZSTD_decompressDCtx(e->zd, dst, PAGE_SIZE, src, n);
+    size_t r = ZSTD_decompressDCtx(t->zd, dst, PAGE_SIZE, src, n);
     return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
 }
 
 /* ---- page level (store.py) -------------------------------------------------- */
 
+/* Free what an entry named; the entry no longer names it (crash rules 1, 2). */
 static void release(Engine *e, uint64_t entry)
 {
     unsigned kind = entry & KIND_MASK;
     if (!kind)
         return;
     uint32_t h = (uint32_t)(entry >> HANDLE_SHIFT);
-    e->pages_stored--;
+    SUB(e->pages_stored, 1);
     if (kind == KIND_SAME) {
+        pool_lock(e);
         drop_handle(e, h);
-        e->same_pages--;
+        pool_unlock(e);
+        SUB(e->same_pages, 1);
     } else {
         obj_free(e, h, (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK));
         if (kind == KIND_HUGE)
-            e->huge_pages--;
+            SUB(e->huge_pages, 1);
     }
 }
 
-static int store_page(Engine *e, uint64_t idx, const uint8_t *page, int refuse)
+static void note_used(Engine *e)
+{
+    unsigned long long used = (unsigned long long)__atomic_load_n(&e->frames_used, __ATOMIC_RELAXED) * FRAME_SIZE;
+    unsigned long long max = __atomic_load_n(&e->mem_used_max, __ATOMIC_RELAXED);
+    while (used > max &&
+           !__atomic_compare_exchange_n(&e->mem_used_max, &max, used, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+/* With page idx's entry lock held: encode (no pool lock), allocate (class and
+ * pool locks), switch the entry.  *old gets the entry replaced, to release
+ * once the entry lock is dropped. */
+static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *page, int refuse, uint64_t *old)
 {
     const uint8_t *payload;
     uint32_t len = 0;
     uint64_t word = 0;
-    unsigned kind = encode(e, page, &payload, &len, &word);
+    unsigned algo = (unsigned)__atomic_load_n(&e->algo, __ATOMIC_RELAXED);
+    unsigned kind = encode(e, t, algo, page, &payload, &len, &word);
+    *old = 0;
     if (refuse && kind != KIND_SAME)
         return ST_REFUSED;
     /* Allocate before freeing the old object: a failed store keeps the page. */
     uint32_t h;
     uint64_t entry;
     if (kind == KIND_SAME) {
+        pool_lock(e);
         h = new_handle(e, word);
+        pool_unlock(e);
         entry = (uint64_t)h << HANDLE_SHIFT | kind;
     } else {
         h = obj_store(e, payload, len);
-        unsigned algo = kind == KIND_COMPRESSED ? (unsigned)e->algo : 0;
-        entry = (uint64_t)h << HANDLE_SHIFT | (uint64_t)len << LEN_SHIFT | algo << 2 | kind;
+        unsigned a = kind == KIND_COMPRESSED ? algo : 0;
+        entry = (uint64_t)h << HANDLE_SHIFT | (uint64_t)len << LEN_SHIFT | a << 2 | kind;
     }
     if (!h)
         return ST_NOROOM;
     CHECK(idx < e->npages);
-    uint64_t old = e->page[idx];
+    *old = e->page[idx];
     __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
     if (kind == KIND_SAME)
-        e->same_pages++;
+        ADD(e->same_pages, 1);
     else if (kind == KIND_HUGE)
-        e->huge_pages++;
-    e->pages_stored++;
-    if (old & KIND_MASK)
-        release(e, old);
-    unsigned long long used = (unsigned long long)e->frames_used * FRAME_SIZE;
-    if (used > e->mem_used_max)
-        e->mem_used_max = used;
+        ADD(e->huge_pages, 1);
+    ADD(e->pages_stored, 1);
     return ST_OK;
 }
 
-/* The page's bytes into dst (4096). */
-static int load_page(Engine *e, uint64_t idx, uint8_t *dst)
+/* With page idx's entry lock held: its bytes into dst (4096). */
+static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
 {
     CHECK(idx < e->npages);
     uint64_t entry = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
@@ -811,41 +1029,54 @@ static int load_page(Engine *e, uint64_t idx, uint8_t *dst)
         return ST_OK;
     }
     uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
-    const uint8_t *src = obj_load(e, h, n, e->obuf);
     if (kind == KIND_HUGE) {
-        memcpy(dst, src, PAGE_SIZE);
+        obj_copy(e, h, PAGE_SIZE, dst);
         return ST_OK;
     }
-    if (decompress(e, (unsigned)((entry >> 2) & 3), src, n, dst) != 0) {
-        e->failed_reads++;
+    obj_copy(e, h, n, t->obuf);
+    if (decompress(t, (unsigned)((entry >> 2) & 3), t->obuf, n, dst) != 0) {
+        ADD(e->failed_reads, 1);
         return ST_CORRUPT;
     }
     return ST_OK;
 }
 
 /* Write len bytes at offset; stops at the first page that is refused or finds
- * no room, with *done = bytes written before it. */
+ * no room, with *done = bytes written before it.  Each page is updated under
+ * its entry lock (a partial page's read, modify and write too), so two
+ * threads never update one page at once; its old object is freed after. */
 static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done)
 {
+    Ctx *t = ctx_get(e);
     uint64_t pos = 0;
     int st = ST_OK;
+    if (!t) {
+        *done = 0;
+        return ST_NOMEM;
+    }
     while (pos < len) {
         uint64_t idx = (offset + pos) / PAGE_SIZE;
         uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
         uint64_t take = PAGE_SIZE - within;
         if (take > len - pos)
             take = len - pos;
+        uint64_t old = 0;
+        entry_lock(e, idx);
         if (take == PAGE_SIZE) {
-            st = store_page(e, idx, data + pos, refuse);
+            st = store_page_locked(e, t, idx, data + pos, refuse, &old);
         } else {
-            st = load_page(e, idx, e->pbuf);
+            st = load_page_locked(e, t, idx, t->pbuf);
             if (st == ST_OK) {
-                memcpy(e->pbuf + within, data + pos, take);
-                st = store_page(e, idx, e->pbuf, refuse);
+                memcpy(t->pbuf + within, data + pos, take);
+                st = store_page_locked(e, t, idx, t->pbuf, refuse, &old);
             }
         }
+        entry_unlock(e, idx);
+        if (old & KIND_MASK)
+            release(e, old);
         if (st != ST_OK)
             break;
+        note_used(e);
         pos += take;
     }
     *done = pos;
@@ -854,8 +1085,13 @@ static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t
     return st;
 }
 
+/* Each page's object is copied out under its entry lock, then decompressed
+ * with no lock held. */
 static int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
 {
+    Ctx *t = ctx_get(e);
+    if (!t)
+        return ST_NOMEM;
     uint64_t pos = 0;
     while (pos < len) {
         uint64_t idx = (offset + pos) / PAGE_SIZE;
@@ -863,18 +1099,52 @@ static int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         uint64_t take = PAGE_SIZE - within;
         if (take > len - pos)
             take = len - pos;
-        int st;
-        if (take == PAGE_SIZE) {
-            st = load_page(e, idx, out + pos);
+        uint8_t *dst = take == PAGE_SIZE ? out + pos : t->pbuf;
+        int st = ST_OK;
+        entry_lock(e, idx);
+        uint64_t entry = e->page[idx];
+        unsigned kind = entry & KIND_MASK;
+        uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
+        if (kind == KIND_COMPRESSED) {
+            obj_copy(e, (uint32_t)(entry >> HANDLE_SHIFT), n, t->obuf);
+            entry_unlock(e, idx);
+            if (decompress(t, (unsigned)((entry >> 2) & 3), t->obuf, n, dst) != 0) {
+                ADD(e->failed_reads, 1);
+                st = ST_CORRUPT;
+            }
         } else {
-            st = load_page(e, idx, e->pbuf);
-            memcpy(out + pos, e->pbuf + within, take);
+            st = load_page_locked(e, t, idx, dst);
+            entry_unlock(e, idx);
         }
         if (st != ST_OK)
             return st;
+        if (dst == t->pbuf)
+            memcpy(out + pos, t->pbuf + within, take);
         pos += take;
     }
     return ST_OK;
+}
+
+/* Free pages first..end-1: each entry zeroed under its lock, then its object
+ * freed.  Returns the pages freed. */
+static unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end)
+{
+    unsigned long long freed = 0;
+    for (uint64_t idx = first; idx < end; idx++) {
+        if (!(__atomic_load_n(&e->page[idx], __ATOMIC_RELAXED) & KIND_MASK))
+            continue; /* empty: nothing to lock for */
+        entry_lock(e, idx);
+        uint64_t old = e->page[idx];
+        if (old & KIND_MASK)
+            __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
+        entry_unlock(e, idx);
+        if (old & KIND_MASK) {
+            release(e, old);
+            freed++;
+        }
+    }
+    ADD(e->notify_free, freed);
+    return freed;
 }
 
 /* ---- rebuild and invariants -------------------------------------------------
@@ -1468,6 +1738,9 @@ static PyObject *raise_status(Engine *e, int st)
     case ST_NOROOM:
         PyErr_SetString(PoolFull, "no frame or handle is available under the limit");
         break;
+    case ST_NOMEM:
+        PyErr_SetString(PyExc_MemoryError, "no memory for this thread's compression state");
+        break;
     default:
         PyErr_Format(PyExc_RuntimeError, "engine status %d", st);
     }
@@ -1486,32 +1759,29 @@ static void engine_release_buffers(Engine *e)
 static void Engine_dealloc(Engine *e)
 {
     engine_release_buffers(e);
-    if (e->zc)
-        ZSTD_freeCCtx(e->zc);
-    if (e->zd)
-        ZSTD_freeDCtx(e->zd);
-    PyMem_RawFree(e->lz4_state);
-    PyMem_RawFree(e->cbuf);
-    PyMem_RawFree(e->pbuf);
-    PyMem_RawFree(e->obuf);
-    if (e->lock_ready)
-        pthread_mutex_destroy(&e->lock);
+    PyMem_RawFree(e->elock);
+    e->elock = NULL;
+    if (e->locks_ready) {
+        pthread_mutex_destroy(&e->pool_lock);
+        for (int c = 0; c < MAX_CLASSES; c++)
+            pthread_mutex_destroy(&e->cls_lock[c]);
+    }
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
-static int set_zstd(Engine *e, int level)
+/* zstd accepts `level` (checked on this thread's context). */
+static int check_zstd_level(int level)
 {
-    /* The same frame as codec.py's ZstdCompressor: no content size, no
-     * checksum, no dictionary id. */
-    ZSTD_CCtx_reset(e->zc, ZSTD_reset_session_and_parameters);
-    if (ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_compressionLevel, level)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_contentSizeFlag, 0)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_checksumFlag, 0)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_dictIDFlag, 0))) {
+    Ctx *t = tls_ctx;
+    ZSTD_CCtx *zc = t ? t->zc : ZSTD_createCCtx();
+    int r = zc ? set_zstd_level(zc, level) : -1;
+    if (t)
+        t->zlevel = INT_MIN; /* re-set at next use */
+    else
+        ZSTD_freeCCtx(zc);
+    if (r < 0)
         PyErr_Format(PyExc_ValueError, "zstd refuses level %d", level);
-        return -1;
-    }
-    return 0;
+    return r;
 }
 
 /* Engine(buffers: dict name -> buffer, arena_fd, npages, max_frames,
@@ -1604,29 +1874,28 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *Py_UNUSED(kw))
     e->handle_stack = ptrs[T_HANDLE_STACK];
     e->arena = ptrs[T_ARENA];
 
-    e->lz4_state = PyMem_RawMalloc((size_t)LZ4_sizeofState());
-    e->cbuf = PyMem_RawMalloc(FRAME_SIZE);
-    e->pbuf = PyMem_RawMalloc(PAGE_SIZE);
-    e->obuf = PyMem_RawMalloc(FRAME_SIZE);
-    e->zc = ZSTD_createCCtx();
-    e->zd = ZSTD_createDCtx();
-    if (!e->lz4_state || !e->cbuf || !e->pbuf || !e->obuf || !e->zc || !e->zd) {
+    e->elock = PyMem_RawCalloc((size_t)(npages / 64 + 1), sizeof *e->elock);
+    if (!e->elock) {
         PyErr_NoMemory();
         goto out;
     }
-    /* fastReset needs one full initialisation of the state. */
-    LZ4_initStream(e->lz4_state, (size_t)LZ4_sizeofState());
     if (e->algo != ALGO_LZ4 && e->algo != ALGO_ZSTD) {
         PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", e->algo);
         goto out;
     }
-    if (set_zstd(e, e->zstd_level) < 0)
+    if (check_zstd_level(e->zstd_level) < 0)
         goto out;
-    if (pthread_mutex_init(&e->lock, NULL) != 0) {
-        PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
-        goto out;
+    if (!e->locks_ready) {
+        /* Plain (not adaptive) mutexes: ThreadSanitizer knows them, and
+         * every hold is short. */
+        if (pthread_mutex_init(&e->pool_lock, NULL) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
+            goto out;
+        }
+        for (int c = 0; c < MAX_CLASSES; c++)
+            pthread_mutex_init(&e->cls_lock[c], NULL);
+        e->locks_ready = 1;
     }
-    e->lock_ready = 1;
     ok = 1;
 out:
     PyBuffer_Release(&class_of);
@@ -1643,12 +1912,10 @@ out:
         }                                                                                         \
     } while (0)
 
-/* Run `stmt` under the engine lock with the GIL released. */
-#define UNLOCKED(e, stmt)                                                                         \
+/* Run `stmt` with the GIL released; it takes the engine's own locks. */
+#define NOGIL(stmt)                                                                               \
     do {                                                                                          \
-        Py_BEGIN_ALLOW_THREADS engine_lock(e);                                                    \
-        stmt;                                                                                     \
-        engine_unlock(e);                                                                         \
+        Py_BEGIN_ALLOW_THREADS stmt;                                                              \
         Py_END_ALLOW_THREADS                                                                      \
     } while (0)
 
@@ -1673,9 +1940,9 @@ static PyObject *Engine_write(Engine *e, PyObject *args)
     }
     uint64_t done = 0;
     int st;
-    UNLOCKED(e, st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
+    NOGIL(st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
     PyBuffer_Release(&data);
-    if (st == ST_PUNCH)
+    if (st == ST_PUNCH || st == ST_NOMEM)
         return raise_status(e, st);
     return Py_BuildValue("Ki", (unsigned long long)done, st);
 }
@@ -1693,7 +1960,7 @@ static PyObject *Engine_readinto(Engine *e, PyObject *args)
         return range_error(offset, (unsigned long long)out.len, e->npages * PAGE_SIZE);
     }
     int st;
-    UNLOCKED(e, st = read_range(e, offset, out.buf, (uint64_t)out.len));
+    NOGIL(st = read_range(e, offset, out.buf, (uint64_t)out.len));
     Py_ssize_t n = out.len;
     PyBuffer_Release(&out);
     if (st != ST_OK)
@@ -1712,16 +1979,8 @@ static PyObject *Engine_discard_pages(Engine *e, PyObject *args)
         return range_error(first * PAGE_SIZE, (end - first) * PAGE_SIZE, e->npages * PAGE_SIZE);
     unsigned long long freed = 0;
     long t;
-    UNLOCKED(e, {
-        for (uint64_t idx = first; idx < end; idx++) {
-            uint64_t old = e->page[idx];
-            if (old & KIND_MASK) {
-                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
-                release(e, old);
-                e->notify_free++;
-                freed++;
-            }
-        }
+    NOGIL({
+        freed = discard_range(e, first, end);
         t = trim(e);
     });
     if (t < 0)
@@ -1744,7 +2003,7 @@ static PyObject *Engine_compact(Engine *e, PyObject *args, PyObject *kw)
         budget = m < 0 ? 0 : (unsigned long long)m;
     }
     long long moved;
-    UNLOCKED(e, moved = compact(e, budget));
+    NOGIL(moved = compact(e, budget));
     if (moved < 0)
         return raise_status(e, ST_PUNCH);
     return PyLong_FromLongLong(moved);
@@ -1754,7 +2013,7 @@ static PyObject *Engine_trim(Engine *e, PyObject *Py_UNUSED(a))
 {
     long n;
     READY(e);
-    UNLOCKED(e, n = trim(e));
+    NOGIL(n = trim(e));
     if (n < 0)
         return raise_status(e, ST_PUNCH);
     return PyLong_FromLong(n);
@@ -1764,7 +2023,7 @@ static PyObject *Engine_refill_reserve(Engine *e, PyObject *Py_UNUSED(a))
 {
     long n;
     READY(e);
-    UNLOCKED(e, n = refill_reserve(e));
+    NOGIL(n = refill_reserve(e));
     return PyLong_FromLong(n);
 }
 
@@ -1778,16 +2037,13 @@ static PyObject *Engine_set_codec(Engine *e, PyObject *args)
         PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", algo);
         return NULL;
     }
-    int r;
-    engine_lock(e); /* a short critical section: the GIL may stay held */
-    r = set_zstd(e, level);
-    if (r == 0) {
-        e->algo = algo;
-        e->zstd_level = level;
-    }
-    engine_unlock(e);
-    if (r < 0)
+    if (check_zstd_level(level) < 0)
         return NULL;
+    /* Each thread's context picks the level up at its next page; a page
+     * being compressed meanwhile keeps the codec it started with (every
+     * entry records its own algorithm). */
+    __atomic_store_n(&e->zstd_level, level, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->algo, algo, __ATOMIC_RELAXED);
     Py_RETURN_NONE;
 }
 
@@ -1818,7 +2074,7 @@ static PyObject *Engine_store(Engine *e, PyObject *arg)
         PyErr_Format(PoolError, "object of %zd bytes needs the raw page form (>= %u)", n, e->huge_threshold);
     } else {
         uint32_t h;
-        UNLOCKED(e, h = obj_store(e, data.buf, (uint32_t)n));
+        NOGIL(h = obj_store(e, data.buf, (uint32_t)n));
         if (!h)
             PyErr_SetString(PoolFull, "no room for the object (frames or handles)");
         else
@@ -1844,9 +2100,7 @@ static PyObject *Engine_load(Engine *e, PyObject *args)
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
     if (!out)
         return NULL;
-    engine_lock(e);
-    memcpy(PyBytes_AS_STRING(out), obj_load(e, (uint32_t)h, n, e->obuf), n);
-    engine_unlock(e);
+    obj_copy(e, (uint32_t)h, n, (uint8_t *)PyBytes_AS_STRING(out));
     return out;
 }
 
@@ -1859,7 +2113,7 @@ static PyObject *Engine_free(Engine *e, PyObject *args)
         return NULL;
     if (check_handle(e, h) < 0)
         return NULL;
-    UNLOCKED(e, obj_free(e, (uint32_t)h, n));
+    NOGIL(obj_free(e, (uint32_t)h, n));
     Py_RETURN_NONE;
 }
 
@@ -1870,7 +2124,11 @@ static PyObject *Engine_store_word(Engine *e, PyObject *arg)
     if (w == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     uint32_t h;
-    UNLOCKED(e, h = new_handle(e, w));
+    NOGIL({
+        pool_lock(e);
+        h = new_handle(e, w);
+        pool_unlock(e);
+    });
     if (!h) {
         PyErr_SetString(PoolFull, "handle table is full");
         return NULL;
@@ -1897,7 +2155,11 @@ static PyObject *Engine_free_word(Engine *e, PyObject *arg)
         return NULL;
     if (check_handle(e, h) < 0)
         return NULL;
-    UNLOCKED(e, drop_handle(e, (uint32_t)h));
+    NOGIL({
+        pool_lock(e);
+        drop_handle(e, (uint32_t)h);
+        pool_unlock(e);
+    });
     Py_RETURN_NONE;
 }
 
@@ -1952,7 +2214,18 @@ static PyObject *u64_list(const unsigned long long *v, int n)
 }
 
 /* The volatile scalars, under pool.Pool's attribute names. */
+static PyObject *volatile_unlocked(Engine *e);
+
+/* A consistent snapshot: every lock held while it is read. */
 static PyObject *Engine_volatile(Engine *e, PyObject *Py_UNUSED(a))
+{
+    lock_all(e);
+    PyObject *r = volatile_unlocked(e);
+    unlock_all(e);
+    return r;
+}
+
+static PyObject *volatile_unlocked(Engine *e)
 {
     PyObject *frag = PyList_New(0);
     if (!frag)
@@ -2066,7 +2339,7 @@ static PyObject *Engine_set_volatile(Engine *e, PyObject *d)
         fr[c] = 1;
     }
     Py_DECREF(seq);
-    engine_lock(e);
+    lock_all(e);
     e->frames_made = (uint32_t)v[0];
     e->hot_top = (uint32_t)v[1];
     e->cold_top = (uint32_t)v[2];
@@ -2087,7 +2360,7 @@ static PyObject *Engine_set_volatile(Engine *e, PyObject *d)
     e->huge_objects = huge;
     e->obj_bytes = obj;
     e->pages_compacted = comp;
-    engine_unlock(e);
+    unlock_all(e);
     PyMem_Free(heads);
     Py_RETURN_NONE;
 }
@@ -2142,13 +2415,15 @@ static PyObject *Engine_rebuild(Engine *e, PyObject *args)
     char err[1024] = "";
     unsigned long long counts[3] = {0, 0, 0};
     int r;
-    UNLOCKED(e, {
+    NOGIL({
+        lock_all(e);
         r = rebuild_all(e, ext, next, nalgos, counts, err, sizeof err);
         if (r == 0) {
             e->pages_stored = counts[0];
             e->same_pages = counts[1];
             e->huge_pages = counts[2];
         }
+        unlock_all(e);
     });
     PyMem_RawFree(ext);
     if (r < 0) {
@@ -2172,7 +2447,11 @@ static PyObject *Engine_check_pages(Engine *e, PyObject *args)
     char fatal[1024] = "", msg[4096] = "";
     Errs b = {msg, sizeof msg, 0, 0};
     int r;
-    UNLOCKED(e, r = check_all(e, ext, next, &b, fatal, sizeof fatal));
+    NOGIL({
+        lock_all(e);
+        r = check_all(e, ext, next, &b, fatal, sizeof fatal);
+        unlock_all(e);
+    });
     PyMem_RawFree(ext);
     if (r < 0) {
         PyErr_SetString(StateError, fatal);
@@ -2187,10 +2466,12 @@ static PyObject *Engine_check_pages(Engine *e, PyObject *args)
 
 static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(a))
 {
-    if (e->lock_ready) {
-        engine_lock(e);
+    if (e->locks_ready) {
+        /* The FUSE threads are stopped first (NativeServer.stop); the locks
+         * wait out any call still running from another Python thread. */
+        lock_all(e);
         engine_release_buffers(e);
-        engine_unlock(e);
+        unlock_all(e);
     }
     Py_RETURN_NONE;
 }
@@ -2374,14 +2655,11 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         memcpy(&len, in + IN_HDR + 16, 4);
         if (len > s->max_write || off > size || len > size - off)
             return 0;
-        int st;
-        engine_lock(e);
-        st = read_range(e, off, out + OUT_HDR, len);
+        int st = read_range(e, off, out + OUT_HDR, len);
         if (st == ST_OK)
-            e->num_reads++;
-        else
-            e->failed_reads--; /* Python reads it again and counts it */
-        engine_unlock(e);
+            ADD(e->num_reads, 1);
+        else if (st == ST_CORRUPT)
+            SUB(e->failed_reads, 1); /* Python reads it again and counts it */
         if (st != ST_OK)
             return 0;
         oh->len = OUT_HDR + len;
@@ -2396,12 +2674,9 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         if (len != n - IN_HDR - IO_IN || off > size || len > size - off)
             return 0;
         uint64_t done = 0;
-        int st;
-        engine_lock(e);
-        st = write_range(e, off, in + IN_HDR + IO_IN, len, e->full, &done);
+        int st = write_range(e, off, in + IN_HDR + IO_IN, len, __atomic_load_n(&e->full, __ATOMIC_RELAXED), &done);
         if (st == ST_OK)
-            e->num_writes++;
-        engine_unlock(e);
+            ADD(e->num_writes, 1);
         if (st != ST_OK)
             return 0; /* the policy's call: Python writes it (again) whole */
         oh->len = OUT_HDR + 8;
@@ -2419,18 +2694,8 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) || off >= size || len > size - off ||
             off % PAGE_SIZE || len % PAGE_SIZE)
             return 0;
-        long t;
-        engine_lock(e);
-        for (uint64_t idx = off / PAGE_SIZE; idx < (off + len) / PAGE_SIZE; idx++) {
-            uint64_t old = e->page[idx];
-            if (old & KIND_MASK) {
-                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
-                release(e, old);
-                e->notify_free++;
-            }
-        }
-        t = trim(e);
-        engine_unlock(e);
+        discard_range(e, off / PAGE_SIZE, (off + len) / PAGE_SIZE);
+        long t = trim(e);
         if (t < 0)
             __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
         oh->len = OUT_HDR;
@@ -2471,6 +2736,7 @@ static void *server_thread(void *arg)
 {
     Server *s = arg;
     uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
+    ctx_get(s->engine); /* this thread's codec context, before the first request */
     struct pollfd p[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
     struct timespec last = {0, 0};
     while (in && out && !s->stop) {
@@ -2657,6 +2923,10 @@ PyMODINIT_FUNC PyInit__engine(void)
         return NULL;
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ServerType) < 0)
         return NULL;
+    if (pthread_key_create(&ctx_key, ctx_free) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&engine_module);
     if (!m)
         return NULL;
