@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zswapd.codec import ALGORITHMS, Codec
-from zswapd.pool import FRAME_SIZE, Pool
+from zswapd.engine import COUNTER_NAMES
+from zswapd.pool import CLASSES, FRAME_SIZE, Pool
 from zswapd.state import (
     LAYOUT_VERSION,
     CrashHook,
@@ -457,12 +458,10 @@ def _prefix(store: Store) -> bytearray:
     return model
 
 
-def _crash_run(ops: list[Op], crash_after: int, recovery_crash: int | None = None) -> None:
-    """Fork a child that runs ``ops`` and dies after ``crash_after`` writes
-    to the persistent state; then recover and check every page.  With
-    ``recovery_crash``, a first recovery dies that many writes into its
-    rebuild, as a worker killed while taking over would."""
-    state = State.create(store_geometry(SIZE, 2), ALGORITHMS)
+def _crash_child(state: State, ops: list[Op], crash_after: int) -> tuple[int, int]:
+    """Fork a child that writes the prefix, then runs ``ops`` on ``state`` and
+    dies after ``crash_after`` writes to the persistent state.  Returns
+    (ops started, exit code)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -489,7 +488,32 @@ def _crash_run(ops: list[Op], crash_after: int, recovery_crash: int | None = Non
     assert b"\xff" not in report[: len(ops) + 1], report[report.index(b"\xff") :].decode(errors="replace")
     code = os.waitstatus_to_exitcode(status)
     assert code in (0, CrashHook.EXIT_CODE), code
-    started = len(report)
+    return len(report), code
+
+
+def _crash_recovery(state: State, recovery_crash: int) -> None:
+    """A first recovery that dies ``recovery_crash`` writes into its rebuild,
+    as a worker killed while taking over would (Python engine: its stores
+    are the crash points)."""
+    pid = os.fork()
+    if pid == 0:
+        hook = CrashHook()
+        hook.arm(recovery_crash)
+        try:
+            Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(state.fds(), hook=hook))
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) in (0, CrashHook.EXIT_CODE)
+
+
+def _crash_run(ops: list[Op], crash_after: int, recovery_crash: int | None = None) -> None:
+    """Fork a child that runs ``ops`` and dies after ``crash_after`` writes
+    to the persistent state; then recover and check every page.  With
+    ``recovery_crash``, a first recovery dies that many writes into its
+    rebuild."""
+    state = State.create(store_geometry(SIZE, 2), ALGORITHMS)
+    started, code = _crash_child(state, ops, crash_after)
     # The model before and after the op in progress (after = before when the
     # child finished every op).
     model = _prefix_model()
@@ -506,16 +530,7 @@ def _crash_run(ops: list[Op], crash_after: int, recovery_crash: int | None = Non
         after = bytearray(model)
 
     if recovery_crash is not None:
-        pid = os.fork()
-        if pid == 0:
-            hook = CrashHook()
-            hook.arm(recovery_crash)
-            try:
-                Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(state.fds(), hook=hook))
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) in (0, CrashHook.EXIT_CODE)
+        _crash_recovery(state, recovery_crash)
 
     recovered = Store(SIZE, Codec("lz4"), reserve_frames=2, state=State.attach(state.fds()))
     try:
@@ -585,3 +600,309 @@ def test_crash_sweep_over_every_step_of_one_run() -> None:
     stride = max(1, steps // 300)
     for n in range(0, steps + 2, stride):
         _crash_run(ops, n)
+
+
+# -- the native rebuild against the Python reference ----------------------------------
+#
+# A new worker rebuilds the volatile indexes and checks the invariants before
+# serving; the native engine does both in C.  Each state below is cloned
+# twice and attached once by each engine: the rebuilt memfds must be equal
+# byte for byte (volatile tables, slot headers rethreaded in the arena, holes
+# punched), and so must the volatile scalars and every counter.  A state
+# neither can repair must make both refuse.
+
+
+def _data_ranges(fd: int) -> list[tuple[int, int]]:
+    """[start, end) of the parts of a memfd that are not holes."""
+    size = os.fstat(fd).st_size
+    out, pos = [], 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        out.append((data, hole))
+        pos = hole
+    return out
+
+
+def _clone(state: State) -> State:
+    """A copy of a state's memfds, holes kept."""
+    new = State.create(state.geometry, state.algorithms())
+    for src, dst in zip(state.fds(), new.fds()):
+        for start, end in _data_ranges(src):
+            os.pwrite(dst, os.pread(src, end - start, start), start)
+    return new
+
+
+def _image(state: State) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, fd in zip(("meta", "arena"), state.fds()):
+        out[name] = hashlib.sha256(os.pread(fd, os.fstat(fd).st_size, 0)).hexdigest()
+        out[name + " data"] = _data_ranges(fd)
+    for t in state.tables:  # a readable name for the table that differs
+        out[t.name] = hashlib.sha256(bytes(state.view(t.name))).hexdigest()
+    return out
+
+
+def _attach_each(state: State, size: int, reserve: int) -> tuple[Store | str, Store | str]:
+    """Attach a clone of ``state`` with each engine: a Store, or the
+    StateError's message."""
+    out: list[Store | str] = []
+    for engine in ("python", "native"):
+        clone = _clone(state)
+        try:
+            out.append(Store(size, Codec("lz4"), reserve_frames=reserve, state=clone, engine=engine))
+        except StateError as e:
+            clone.close()
+            out.append(str(e))
+    return out[0], out[1]
+
+
+def _rebuilt_alike(state: State, size: int, reserve: int) -> None:
+    """Both engines rebuild ``state`` to the same bytes, scalars and
+    counters, and read back the same device."""
+    py, nat = _attach_each(state, size, reserve)
+    assert isinstance(py, Store), py
+    assert isinstance(nat, Store), nat
+    try:
+        assert (py.engine.name, nat.engine.name) == ("python", "native")
+        assert _image(py.state) == _image(nat.state)
+        assert py.engine.reference().volatile() == nat.engine.reference().volatile()
+        for name in COUNTER_NAMES:
+            assert getattr(py.c, name) == getattr(nat.c, name), name
+        a, b = py.stats(), nat.stats()
+        a.pop("engine"), b.pop("engine")
+        assert a == b
+        assert py.read(0, size) == nat.read(0, size)
+    finally:
+        py.close()
+        nat.close()
+
+
+@pytest.mark.parametrize("writer", ["python", "native"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_native_rebuild_equals_reference_after_random_workloads(writer: str, seed: int) -> None:
+    npages = 1500
+    store = Store(npages * PAGE, Codec("lz4"), reserve_frames=8, engine=writer)
+    try:
+        _workload(store, npages, seed)
+        # some orphans, as a crash between allocation and the switch leaves
+        for i in range(20):
+            store.pool.store(content(seed * 100 + i)[:1200])
+            store.pool.store_word(i)
+        _rebuilt_alike(store.state, npages * PAGE, 8)
+    finally:
+        store.close()
+
+
+def _differential_crash(ops: list[Op], crash_after: int, recovery_crash: int | None) -> None:
+    state = State.create(store_geometry(SIZE, 2), ALGORITHMS)
+    try:
+        _crash_child(state, ops, crash_after)
+        if recovery_crash is not None:
+            _crash_recovery(state, recovery_crash)
+        _rebuilt_alike(state, SIZE, 2)
+    finally:
+        state.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops_strategy, crash_after=st.integers(0, 600), recovery_crash=st.none() | st.integers(0, 120))
+def test_native_rebuild_equals_reference_after_a_crash(
+    ops: list[Op], crash_after: int, recovery_crash: int | None
+) -> None:
+    _differential_crash(ops, crash_after, recovery_crash)
+
+
+def test_native_rebuild_equals_reference_over_a_crash_sweep() -> None:
+    rnd = random.Random(21)
+    ops: list[Op] = []
+    for _ in range(16):
+        pick = rnd.random()
+        if pick < 0.4:
+            ops.append(("write", rnd.randrange(NPAGES), rnd.randrange(1, 4), rnd.randrange(10**6)))
+        elif pick < 0.55:
+            ops.append(("unaligned", rnd.randrange(SIZE), rnd.randrange(1, 2 * PAGE), rnd.randrange(10**6)))
+        elif pick < 0.75:
+            ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
+        else:
+            ops.append(("compact", rnd.randrange(1, 12), 0, 0))
+    for n in range(0, 400, 7):
+        _differential_crash(ops, n, n % 37 if n % 3 == 0 else None)
+
+
+def _valid_state(size: int) -> Store:
+    """A Python-engine store with every kind of page, some compaction done,
+    and zspages of several classes."""
+    store = Store(size, Codec("lz4"), reserve_frames=2, engine="python")
+    _workload(store, size // PAGE, 7)
+    for i in range(size // PAGE):
+        if not store.table[i] & 3:
+            store.write(i * PAGE, content(i * 13 + 1))
+    return store
+
+
+def _first(store: Store, kind: int) -> int:
+    """The first page of ``kind`` (1 same, 2 compressed, 3 huge)."""
+    return next(i for i in range(store.npages) if store.table[i] & 3 == kind)
+
+
+def _zspage_of(store: Store, page: int) -> int:
+    zspage: int = store.state.view("handle")[store.table[page] >> 32] >> 16
+    return zspage
+
+
+def _slot_header_at(store: Store, page: int) -> int:
+    """Word index in the arena of the slot header of a compressed page."""
+    loc = store.state.view("handle")[store.table[page] >> 32]
+    z, slot = loc >> 16, loc & 0xFFFF
+    size = CLASSES[store.state.view("zs_class")[z]].size
+    offset = slot * size
+    frame = store.state.view("zs_first")[z]
+    for _ in range(offset // FRAME_SIZE):
+        frame = store.state.view("frame_next")[frame]
+    return (frame * FRAME_SIZE + offset % FRAME_SIZE) // 4
+
+
+def _corrupt_persistent(store: Store, what: str) -> None:
+    v = store.state.view
+    table = store.table
+    comp = _first(store, 2)
+    other = next(
+        i
+        for i in range(comp + 1, store.npages)
+        if table[i] & 3 == 2 and _zspage_of(store, i) != _zspage_of(store, comp)
+    )
+    if what == "two pages, one handle":
+        table[comp] = table[other]
+    elif what == "slot header names another":
+        table[comp] = table[comp] ^ (1 << 33)
+    elif what == "unused entry bits":
+        table[comp] = table[comp] | 1 << 20
+    elif what == "class out of range":
+        v("zs_class")[_zspage_of(store, comp)] = 250
+    elif what == "frame owned twice":
+        v("zs_first")[_zspage_of(store, comp)] = v("zs_first")[_zspage_of(store, other)]
+    elif what == "huge entry not huge":
+        h = table[_first(store, 3)] >> 32
+        v("handle")[h] = v("handle")[h] & ~(1 << 63)
+    elif what == "owned slot header lost":
+        store.state.arena()[1][_slot_header_at(store, comp)] = 0x80000000 | 0xFFFF
+    elif what == "handle out of range":
+        table[comp] = (table[comp] & 0xFFFFFFFF) | (store.engine.max_handles + 5) << 32
+    elif what == "bad length for kind":
+        table[comp] = (table[comp] & ~(0x1FFF << 4)) | 4096 << 4
+    else:
+        raise AssertionError(what)
+
+
+PERSISTENT_CORRUPTIONS = [
+    "two pages, one handle", "slot header names another", "unused entry bits", "class out of range",
+    "frame owned twice", "huge entry not huge", "owned slot header lost", "handle out of range",
+    "bad length for kind",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what", PERSISTENT_CORRUPTIONS)
+def test_both_rebuilds_refuse_the_same_corrupt_state(what: str) -> None:
+    size = 256 * PAGE
+    store = _valid_state(size)
+    try:
+        _corrupt_persistent(store, what)
+        py, nat = _attach_each(store.state, size, 2)
+        for s in (py, nat):
+            if isinstance(s, Store):
+                s.close()
+        assert isinstance(py, str) and isinstance(nat, str), (what, py, nat)
+        assert py == nat  # the same message, whichever engine attached
+    finally:
+        store.close()
+
+
+def _corrupt_volatile(store: Store, what: str) -> None:
+    """Break one index after a good rebuild: only check_invariants can tell."""
+    v = store.state.view
+    comp = _first(store, 2)
+    z = _zspage_of(store, comp)
+    eng = store.engine
+    vol = eng.reference().volatile()
+    if what == "inuse":
+        v("zs_inuse")[z] = v("zs_inuse")[z] + 1
+    elif what == "group":
+        v("zs_group")[z] = (v("zs_group")[z] + 1) % 12
+    elif what == "free list reaches an owned slot":
+        v("zs_free")[z] = store.state.view("handle")[store.table[comp] >> 32] & 0xFFFF
+    elif what == "pages_stored":
+        eng.c.pages_stored += 1
+    elif what == "huge_pages":
+        eng.c.huge_pages += 1
+    elif what == "frame on the cold stack and owned":
+        vol["cold_top"] += 1
+        v("cold")[vol["cold_top"] - 1] = v("zs_first")[z]
+        _set_volatile(store, vol)
+    elif what == "handle on the free stack and owned":
+        vol["handle_free_top"] += 1
+        v("handle_stack")[vol["handle_free_top"] - 1] = store.table[comp] >> 32
+        _set_volatile(store, vol)
+    elif what == "handles_used":
+        vol["handles_used"] += 1
+        _set_volatile(store, vol)
+    elif what == "obj_bytes":
+        vol["obj_bytes"] += 16
+        _set_volatile(store, vol)
+    elif what == "class totals":
+        vol["cls_used"][store.state.view("zs_class")[z]] += 1
+        _set_volatile(store, vol)
+    elif what == "list head":
+        vol["heads"] = [0] * len(vol["heads"])
+        _set_volatile(store, vol)
+    elif what == "list loop":
+        v("zs_next")[z] = z
+    elif what == "frames_used":
+        vol["frames_used"] -= 1
+        _set_volatile(store, vol)
+    else:
+        raise AssertionError(what)
+
+
+def _set_volatile(store: Store, vol: dict[str, object]) -> None:
+    eng = store.engine
+    if eng.name == "native":
+        eng.adopt(_as_pool(store, vol))
+    else:
+        eng.reference().set_volatile(vol)
+
+
+def _as_pool(store: Store, vol: dict[str, object]) -> Pool:
+    pool = store.engine.reference()
+    pool.set_volatile(vol)
+    return pool
+
+
+VOLATILE_CORRUPTIONS = [
+    "inuse", "group", "free list reaches an owned slot", "pages_stored", "huge_pages",
+    "frame on the cold stack and owned", "handle on the free stack and owned", "handles_used", "obj_bytes",
+    "class totals", "list head", "list loop", "frames_used",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what", VOLATILE_CORRUPTIONS)
+def test_both_checks_catch_the_same_broken_index(what: str) -> None:
+    size = 256 * PAGE
+    store = _valid_state(size)
+    try:
+        py, nat = _attach_each(store.state, size, 2)
+        assert isinstance(py, Store) and isinstance(nat, Store)
+        try:
+            for s in (py, nat):
+                s.check_invariants()
+                _corrupt_volatile(s, what)
+                with pytest.raises(StateError):
+                    s.check_invariants()
+        finally:
+            py.close()
+            nat.close()
+    finally:
+        store.close()

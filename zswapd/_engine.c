@@ -8,9 +8,8 @@
  * hands over (state.view(name), state.arena()), and the volatile scalars
  * (stack tops, list heads, per-class totals) live in this object, exactly as
  * they live in a Python Pool, and cross over with volatile()/set_volatile().
- * The rebuild scan and the invariant checker stay in Python (pool.py), the
- * single reference: a native store attaches by letting a Python Pool rebuild
- * the tables, then adopts its scalars.
+ * The rebuild scan and the invariant check are here too (rebuild,
+ * check_pages), leaving the same bytes as pool.py's reference scan.
  *
  * Crash consistency: the same order as pool.py and store.py.
  *   write:   new object complete (slot header, payload), then handle-table
@@ -19,40 +18,55 @@
  *   discard: page-table entry zeroed, then the object freed.
  *   compact: copy (slot header, payload), switch the handle entry, free the
  *            old slot.
- * A frame is punched only while free.
+ * A frame is punched only while free.  Locks change none of this: they
+ * decide which thread makes a step, never the order of the steps.
  *
- * Locking.  Lock order: engine lock -> class lock -> page-table entry lock
- * bit (bit 63 of a page entry, unused by the layout, as zram's ZRAM_LOCK).
- * The GIL is never taken while one of these is held (the hot operations drop
- * it before taking the engine lock and take it back after releasing it), so
- * a thread that holds the GIL may wait for the engine lock without deadlock.
- * Today one engine mutex, taken with the GIL released, serialises every
- * operation and stands in for the per-class locks; no entry lock bit is taken
- * because no two operations touch the tables at once.  That holds for the
- * Python-driven calls (stage 1, single threaded under the GIL) and for the
- * native FUSE threads (serve_fuse, below): they run concurrently only in
- * /dev/fuse reads and reply writes, not yet in compression.  Splitting the
- * mutex into class locks plus the entry bit is the next step; compaction
- * would then take the class lock, then each moved object's entry bit.
- * The GIL protects nothing on the hot path: a write, read, discard,
- * compaction step or trim runs wholly without it (compression included),
- * touching only this object's C fields, the state mappings and the caller's
- * buffer, whose export it holds.  The counters (members) are bumped by the
- * engine under its mutex, but Store bumps num_reads, num_writes,
- * failed_writes and limit_hits under the GIL alone: with native FUSE threads
- * running, such a bump can lose one count of a concurrent one (a counter,
- * never a table).
+ * Locking, as zsmalloc and zram.
+ *   entry lock bit  one per page (elock, process memory; zram's ZRAM_LOCK).
+ *                   Held while a thread replaces a page's entry (for a
+ *                   partial page: the read, the modify and the store) or
+ *                   copies its object out.  So two threads never update one
+ *                   page at once, and an object is never freed under a reader.
+ *   class lock      one per size class: the class's fullness lists, its
+ *                   zspages' inuse/free-slot/group fields and slot headers,
+ *                   per-class totals, and the bytes of its objects (a store
+ *                   copies the payload in, a reader copies it out, compaction
+ *                   moves it, all under this lock).
+ *   pool lock       the frame stacks (hot, cold), frames_made/frames_used,
+ *                   the zspage-id stack, the handle stack; trim's punches.
+ * Lock order: entry bit -> class lock -> pool lock.  At most one entry bit
+ * and one class lock are held at a time (lock_all, below, takes every class
+ * lock in ascending order, then the pool lock: rebuild, the invariant
+ * check, volatile()/set_volatile() and close).  Compaction takes only class
+ * locks (and the pool lock inside), COMPACT_STEP moves per hold.  The GIL is
+ * never taken while one of these is held (a FUSE thread hands a request up
+ * to Python holding none), so a thread holding the GIL may wait for them.
+ *
+ * What runs concurrently: compression and decompression (each thread has
+ * its own lz4 state, zstd contexts and scratch pages: Ctx, below), pages of
+ * different classes, and anything touching different pages, with nothing
+ * shared but the pool lock's short sections.  A huge object is copied under
+ * its entry bit alone (compaction never moves one).  Counters are atomic
+ * (relaxed); Store still bumps num_reads, num_writes, failed_writes and
+ * limit_hits under the GIL alone, and a native thread's concurrent bump of
+ * the same counter can be lost (a counter, never a table).  Figures read for
+ * policy without a lock (freeable, frames_used, the compaction order) may
+ * be stale, never torn.
  * No allocation on the write or read path: the lz4 state, the zstd contexts,
  * the compression buffer and the read-modify-write page are made once per
- * engine.
+ * thread (a FUSE thread's when it starts).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,6 +114,7 @@
 #define ST_CORRUPT 3 /* an object did not decompress to a page */
 #define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
 #define ST_BAD 5     /* misuse of the object API */
+#define ST_NOMEM 6   /* no memory for a thread's codec context */
 
 #ifdef ZSWAPD_BOUNDS
 /* The sanitizer build checks every table index: ASan cannot see past the end
@@ -165,41 +180,152 @@ typedef struct {
     uint8_t class_of[FRAME_SIZE + 1];
 
     /* volatile scalars (a Python Pool's attributes of the same names) */
-    uint32_t frames_made, hot_top, cold_top, frames_used;
-    uint32_t zs_free_top, zs_made;
-    uint32_t handle_free_top, handles_made, handles_used;
-    uint32_t heads[MAX_CLASSES * (GROUPS + 1)];
-    uint32_t nonempty[MAX_CLASSES];
-    unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES];
-    uint8_t fragmented[MAX_CLASSES];
-    unsigned long long huge_objects, obj_bytes, pages_compacted;
+    uint32_t frames_made, hot_top, cold_top, frames_used; /* pool lock */
+    uint32_t zs_free_top, zs_made;                        /* pool lock */
+    uint32_t handle_free_top, handles_made, handles_used; /* pool lock */
+    uint32_t heads[MAX_CLASSES * (GROUPS + 1)];           /* class lock */
+    uint32_t nonempty[MAX_CLASSES];                       /* class lock */
+    unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES]; /* class lock */
+    uint8_t fragmented[MAX_CLASSES];                      /* class lock */
+    unsigned long long huge_objects, obj_bytes, pages_compacted; /* atomic */
 
-    /* counters (store.Counters, same names) */
+    /* counters (store.Counters, same names); the engine bumps them atomically */
     unsigned long long num_reads, num_writes, failed_reads, failed_writes,
         notify_free, same_pages, huge_pages, pages_stored, mem_used_max,
         compactions, limit_hits;
 
-    /* codec, made once */
-    int algo, zstd_level;
-    void *lz4_state;
-    ZSTD_CCtx *zc;
-    ZSTD_DCtx *zd;
-    uint8_t *cbuf;   /* compressed output */
-    uint8_t *pbuf;   /* a page for read-modify-write and straddling objects */
-    uint8_t *obuf;   /* an object being moved or loaded across frames */
+    int algo, zstd_level; /* read by each thread's codec context */
 
     int full; /* Store.full, mirrored: the FUSE threads refuse with it */
     int punch_errno;
-    pthread_mutex_t lock;
-    int lock_ready;
+    uint64_t *elock; /* the entry lock bits, one per page (process memory) */
+    pthread_mutex_t pool_lock;
+    pthread_mutex_t cls_lock[MAX_CLASSES];
+    int locks_ready;
 } Engine;
 
 /* ---- locking ------------------------------------------------------------ */
 
-static void engine_lock(Engine *e) { pthread_mutex_lock(&e->lock); }
-static void engine_unlock(Engine *e) { pthread_mutex_unlock(&e->lock); }
+static void pool_lock(Engine *e) { pthread_mutex_lock(&e->pool_lock); }
+static void pool_unlock(Engine *e) { pthread_mutex_unlock(&e->pool_lock); }
+static void class_lock(Engine *e, unsigned cls) { pthread_mutex_lock(&e->cls_lock[cls]); }
+static void class_unlock(Engine *e, unsigned cls) { pthread_mutex_unlock(&e->cls_lock[cls]); }
 
-/* ---- frames -------------------------------------------------------------- */
+/* zram's ZRAM_LOCK: a bit per page-table entry, held while a thread reads
+ * the page's object or replaces the entry.  Kept beside the table, in this
+ * process's memory, not in the entry's bit 63: a worker that dies holding it
+ * must not leave a set bit in the memfd for the next one to trip over. */
+static void entry_lock(Engine *e, uint64_t idx)
+{
+    uint64_t *w = &e->elock[idx >> 6], bit = 1ull << (idx & 63);
+    unsigned spins = 0;
+    while (__atomic_fetch_or(w, bit, __ATOMIC_ACQUIRE) & bit) {
+        while (__atomic_load_n(w, __ATOMIC_RELAXED) & bit) {
+            if (++spins < 64)
+                __builtin_ia32_pause();
+            else
+                sched_yield(); /* the holder is compressing a page: microseconds */
+        }
+    }
+}
+
+static void entry_unlock(Engine *e, uint64_t idx)
+{
+    __atomic_fetch_and(&e->elock[idx >> 6], ~(1ull << (idx & 63)), __ATOMIC_RELEASE);
+}
+
+/* Everything, for the operations that read or replace every index at once
+ * (rebuild, the invariant check, volatile()/set_volatile(), close). */
+static void lock_all(Engine *e)
+{
+    for (int c = 0; c < e->ncls; c++)
+        class_lock(e, (unsigned)c);
+    pool_lock(e);
+}
+
+static void unlock_all(Engine *e)
+{
+    pool_unlock(e);
+    for (int c = e->ncls; c-- > 0;)
+        class_unlock(e, (unsigned)c);
+}
+
+#define ADD(field, v) __atomic_add_fetch(&(field), (v), __ATOMIC_RELAXED)
+#define SUB(field, v) __atomic_sub_fetch(&(field), (v), __ATOMIC_RELAXED)
+
+/* ---- per-thread codec state ------------------------------------------------
+ * Compression and decompression run outside every pool lock, each thread
+ * with its own lz4 state, zstd contexts and scratch pages: made on a
+ * thread's first call (a FUSE thread's at its start), reused for every page
+ * after, freed when the thread ends. */
+typedef struct {
+    void *lz4_state;
+    ZSTD_CCtx *zc;
+    ZSTD_DCtx *zd;
+    int zlevel; /* level zc is set to; INT_MIN: not yet */
+    uint8_t cbuf[FRAME_SIZE]; /* compressed output */
+    uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
+    uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
+} Ctx;
+
+static pthread_key_t ctx_key;
+static __thread Ctx *tls_ctx;
+
+static void ctx_free(void *p)
+{
+    Ctx *t = p;
+    if (!t)
+        return;
+    ZSTD_freeCCtx(t->zc);
+    ZSTD_freeDCtx(t->zd);
+    free(t->lz4_state);
+    free(t);
+}
+
+static int set_zstd_level(ZSTD_CCtx *zc, int level)
+{
+    /* The same frame as codec.py's ZstdCompressor: no content size, no
+     * checksum, no dictionary id. */
+    ZSTD_CCtx_reset(zc, ZSTD_reset_session_and_parameters);
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_compressionLevel, level)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_contentSizeFlag, 0)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_checksumFlag, 0)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(zc, ZSTD_c_dictIDFlag, 0)))
+        return -1;
+    return 0;
+}
+
+/* This thread's context, with zstd at the engine's level; NULL: no memory. */
+static Ctx *ctx_get(Engine *e)
+{
+    Ctx *t = tls_ctx;
+    if (!t) {
+        t = calloc(1, sizeof *t);
+        if (!t)
+            return NULL;
+        t->lz4_state = malloc((size_t)LZ4_sizeofState());
+        t->zc = ZSTD_createCCtx();
+        t->zd = ZSTD_createDCtx();
+        if (!t->lz4_state || !t->zc || !t->zd) {
+            ctx_free(t);
+            return NULL;
+        }
+        /* fastReset needs one full initialisation of the state. */
+        LZ4_initStream(t->lz4_state, (size_t)LZ4_sizeofState());
+        t->zlevel = INT_MIN;
+        tls_ctx = t;
+        pthread_setspecific(ctx_key, t);
+    }
+    int level = __atomic_load_n(&e->zstd_level, __ATOMIC_RELAXED);
+    if (t->zlevel != level) {
+        if (set_zstd_level(t->zc, level) < 0)
+            return NULL; /* set_codec validated it: cannot happen */
+        t->zlevel = level;
+    }
+    return t;
+}
+
+/* ---- frames (pool lock) ---------------------------------------------------- */
 
 static long long frame_room(const Engine *e)
 {
@@ -253,7 +379,7 @@ static int cmp_u32(const void *a, const void *b)
 }
 
 /* pool.trim: frames beyond the reserve go back to the kernel. */
-static long trim(Engine *e)
+static long trim_locked(Engine *e)
 {
     uint32_t top = e->hot_top, keep = e->reserve_frames;
     if (top <= keep)
@@ -282,9 +408,21 @@ static long trim(Engine *e)
     return err ? -1 : (long)n;
 }
 
+static long trim(Engine *e)
+{
+    /* Most requests free nothing beyond the reserve: skip the lock then. */
+    if (__atomic_load_n(&e->hot_top, __ATOMIC_RELAXED) <= e->reserve_frames)
+        return 0;
+    pool_lock(e);
+    long n = trim_locked(e);
+    pool_unlock(e);
+    return n;
+}
+
 static long refill_reserve(Engine *e)
 {
     long added = 0;
+    pool_lock(e);
     while (e->hot_top < e->reserve_frames && (e->cold_top || e->frames_made < e->max_frames)) {
         uint32_t hot = e->hot_top;
         e->hot_top = 0; /* make take_frame skip the hot stack */
@@ -295,10 +433,11 @@ static long refill_reserve(Engine *e)
         e->hot[e->hot_top++] = frame;
         added++;
     }
+    pool_unlock(e);
     return added;
 }
 
-/* ---- handles ----------------------------------------------------------- */
+/* ---- handles (pool lock) ------------------------------------------------- */
 
 static uint32_t new_handle(Engine *e, uint64_t value)
 {
@@ -324,7 +463,7 @@ static void drop_handle(Engine *e, uint32_t h)
     e->handles_used--;
 }
 
-/* ---- zspages and fullness ----------------------------------------------- */
+/* ---- zspages and fullness (class lock) --------------------------------------- */
 
 static inline unsigned group_of(unsigned inuse, unsigned objs)
 {
@@ -384,22 +523,27 @@ static inline uint32_t *slot_word(Engine *e, uint32_t frame, uint32_t off)
     return (uint32_t *)(e->arena + ((size_t)frame << FRAME_SHIFT) + off);
 }
 
+/* With the class lock held; takes the pool lock for the id and frames. */
 static uint32_t new_zspage(Engine *e, unsigned cls)
 {
     unsigned nf = e->cframes[cls], objs = e->cobjs[cls], size = e->csize[cls];
-    if (frame_room(e) < (long long)nf)
+    uint32_t z, frames[MAX_FRAMES_PER_ZSPAGE];
+    pool_lock(e);
+    if (frame_room(e) < (long long)nf) {
+        pool_unlock(e);
         return 0;
-    uint32_t z;
+    }
     if (e->zs_free_top)
         z = e->zs_stack[--e->zs_free_top];
     else
         z = ++e->zs_made;
     CHECK(z <= e->max_frames);
-    uint32_t frames[MAX_FRAMES_PER_ZSPAGE];
     for (unsigned i = 0; i < nf; i++)
         frames[i] = take_frame(e);
-    /* Chain, class and first frame are persistent: all written before any
-     * slot of this zspage is handed out (crash rule 1). */
+    pool_unlock(e);
+    /* z and its frames are this thread's now.  Chain, class and first frame
+     * are persistent: all written before any slot of this zspage is handed
+     * out (crash rule 1). */
     for (unsigned i = 0; i + 1 < nf; i++)
         e->frame_next[frames[i]] = frames[i + 1];
     e->zs_first[z] = frames[0];
@@ -416,19 +560,22 @@ static uint32_t new_zspage(Engine *e, unsigned cls)
     return z;
 }
 
+/* With the class lock held; takes the pool lock. */
 static void free_zspage(Engine *e, uint32_t z, unsigned cls)
 {
     unlink_zs(e, z, cls);
     e->zs_group[z] = 0;
     uint32_t frame = e->zs_first[z];
+    pool_lock(e);
     for (unsigned i = 0; i < e->cframes[cls]; i++) {
         uint32_t nxt = e->frame_next[frame];
         give_frame(e, frame);
         frame = nxt;
     }
-    e->cls_zspages[cls]--;
     CHECK(e->zs_free_top <= e->max_frames);
     e->zs_stack[e->zs_free_top++] = z;
+    pool_unlock(e);
+    e->cls_zspages[cls]--;
 }
 
 static uint32_t pop_slot(Engine *e, uint32_t z, unsigned cls, uint32_t h, uint32_t *frame_out, uint32_t *off_out)
@@ -485,39 +632,46 @@ static void put_bytes(Engine *e, uint32_t frame, uint32_t off, const uint8_t *da
     }
 }
 
-/* Pointer to n bytes at (frame, off); copied into `tmp` if they straddle. */
-static const uint8_t *get_bytes(Engine *e, uint32_t frame, uint32_t off, uint32_t n, uint8_t *tmp)
+/* n bytes at (frame, off) into dst, following the chain across frames. */
+static void get_bytes(Engine *e, uint32_t frame, uint32_t off, uint32_t n, uint8_t *dst)
 {
     const uint8_t *p = e->arena + ((size_t)frame << FRAME_SHIFT) + off;
-    if (off + n <= FRAME_SIZE)
-        return p;
+    if (off + n <= FRAME_SIZE) {
+        memcpy(dst, p, n);
+        return;
+    }
     uint32_t first = FRAME_SIZE - off;
     uint32_t next = e->frame_next[frame];
     CHECK(next < e->max_frames);
-    memcpy(tmp, p, first);
-    memcpy(tmp + first, e->arena + ((size_t)next << FRAME_SHIFT), n - first);
-    return tmp;
+    memcpy(dst, p, first);
+    memcpy(dst + first, e->arena + ((size_t)next << FRAME_SHIFT), n - first);
 }
 
 /* pool.store: returns the handle, 0 when full (PoolFull). n in 1..4096 and
- * either n == 4096 or n + HEADER <= 4096 (checked by callers). */
+ * either n == 4096 or n + HEADER <= 4096 (checked by callers).  Takes the
+ * class lock (and the pool lock inside it). */
 static uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
 {
     if (n == FRAME_SIZE) {
-        if (frame_room(e) < 1)
-            return 0;
-        uint32_t h = new_handle(e, 0);
+        pool_lock(e);
+        uint32_t h = 0, frame = 0;
+        if (frame_room(e) >= 1) {
+            h = new_handle(e, 0);
+            if (h)
+                frame = take_frame(e);
+        }
+        pool_unlock(e);
         if (!h)
             return 0;
-        uint32_t frame = take_frame(e);
         memcpy(e->arena + ((size_t)frame << FRAME_SHIFT), data, FRAME_SIZE);
-        e->handle[h] = HUGE_LOC | frame; /* last: crash rule 1 */
-        e->huge_objects++;
-        e->obj_bytes += FRAME_SIZE;
+        __atomic_store_n(&e->handle[h], HUGE_LOC | frame, __ATOMIC_RELEASE); /* last: crash rule 1 */
+        ADD(e->huge_objects, 1);
+        ADD(e->obj_bytes, FRAME_SIZE);
         return h;
     }
     unsigned cls = e->class_of[n + HEADER];
     uint32_t z;
+    class_lock(e, cls);
     uint32_t mask = e->nonempty[cls];
     if (mask) {
         z = e->heads[cls * (GROUPS + 1) + (31 - __builtin_clz(mask))];
@@ -526,47 +680,74 @@ static uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
          * then leaves an empty zspage listed, which is harmless: keep the
          * same order so both engines leave the same tables. */
         z = new_zspage(e, cls);
-        if (!z)
+        if (!z) {
+            class_unlock(e, cls);
             return 0;
+        }
     }
+    pool_lock(e);
     uint32_t h = new_handle(e, 0);
-    if (!h)
+    pool_unlock(e);
+    if (!h) {
+        class_unlock(e, cls);
         return 0;
+    }
     uint32_t frame, off;
     uint32_t slot = pop_slot(e, z, cls, h, &frame, &off);
     put_bytes(e, frame, off + HEADER, data, n);
-    e->handle[h] = (uint64_t)z << 16 | slot; /* last: crash rule 1 */
-    e->obj_bytes += n;
+    __atomic_store_n(&e->handle[h], (uint64_t)z << 16 | slot, __ATOMIC_RELEASE); /* last: crash rule 1 */
+    class_unlock(e, cls);
+    ADD(e->obj_bytes, n);
     return h;
 }
 
-/* pool.load: pointer to the n payload bytes of handle h (maybe in `tmp`). */
-static const uint8_t *obj_load(Engine *e, uint32_t h, uint32_t n, uint8_t *tmp)
+/* The n payload bytes of handle h into dst.  The caller holds what keeps h
+ * alive (the page's entry lock, or is the only thread); a compressed object
+ * is copied under its class lock, which compaction holds while it moves
+ * objects, so the copy is never torn by a move. */
+static void obj_copy(Engine *e, uint32_t h, uint32_t n, uint8_t *dst)
 {
-    uint64_t loc = e->handle[h];
-    if (loc & HUGE_LOC) {
+    uint64_t loc = __atomic_load_n(&e->handle[h], __ATOMIC_ACQUIRE);
+    if (loc & HUGE_LOC) { /* a huge object never moves */
         CHECK((loc & FRAME_MASK) < e->max_frames);
-        return e->arena + ((size_t)(loc & FRAME_MASK) << FRAME_SHIFT);
+        memcpy(dst, e->arena + ((size_t)(loc & FRAME_MASK) << FRAME_SHIFT), n);
+        return;
     }
+    unsigned cls = e->class_of[n + HEADER];
+    class_lock(e, cls);
+    loc = e->handle[h];
     uint32_t z = (uint32_t)(loc >> 16);
     CHECK(z <= e->max_frames && e->zs_class[z] < e->ncls);
     uint32_t off, frame = zs_frame_at(e, z, (uint32_t)(loc & 0xFFFF) * e->csize[e->zs_class[z]], &off);
-    return get_bytes(e, frame, off + HEADER, n, tmp);
+    get_bytes(e, frame, off + HEADER, n, dst);
+    class_unlock(e, cls);
 }
 
+/* Free object h of n payload bytes; nothing names it any more (crash rule 2). */
 static void obj_free(Engine *e, uint32_t h, uint32_t n)
 {
-    uint64_t loc = e->handle[h];
-    e->obj_bytes -= n;
+    uint64_t loc = __atomic_load_n(&e->handle[h], __ATOMIC_ACQUIRE);
+    SUB(e->obj_bytes, n);
     if (loc & HUGE_LOC) {
+        pool_lock(e);
         give_frame(e, (uint32_t)(loc & FRAME_MASK));
-        e->huge_objects--;
-    } else {
-        uint32_t z = (uint32_t)(loc >> 16);
-        CHECK(z <= e->max_frames);
-        push_slot(e, z, e->zs_class[z], (uint32_t)(loc & 0xFFFF));
+        drop_handle(e, h);
+        pool_unlock(e);
+        SUB(e->huge_objects, 1);
+        return;
     }
+    /* The class from the length: the lock is taken before the location is
+     * read again, since compaction may move the object until then. */
+    unsigned cls = n + HEADER <= FRAME_SIZE ? e->class_of[n + HEADER] : 0;
+    class_lock(e, cls);
+    loc = e->handle[h];
+    uint32_t z = (uint32_t)(loc >> 16);
+    CHECK(z <= e->max_frames && e->zs_class[z] == cls);
+    push_slot(e, z, e->zs_class[z], (uint32_t)(loc & 0xFFFF));
+    pool_lock(e);
     drop_handle(e, h);
+    pool_unlock(e);
+    class_unlock(e, cls);
 }
 
 /* ---- compaction ----------------------------------------------------------- */
@@ -607,16 +788,26 @@ static uint32_t fullest_except(const Engine *e, unsigned cls, uint32_t avoid)
     return 0;
 }
 
+/* Objects moved per hold of a class lock: the longest a writer of that
+ * class waits for compaction (about 32 copies of at most 4 KiB). */
+#define COMPACT_STEP 32
+
+/* Takes the class lock, in steps of COMPACT_STEP moves.  Source and
+ * destination are chosen afresh after each step; single-threaded that is the
+ * choice the reference makes (the source stays the emptiest, the destination
+ * the fullest), and with other threads it is the right choice for now. */
 static unsigned long long compact_class(Engine *e, unsigned cls, unsigned long long budget)
 {
     unsigned size = e->csize[cls];
     unsigned long long moves = 0;
+    class_lock(e, cls);
     while (moves < budget && freeable(e, cls) > 0) {
         uint32_t src = emptiest(e, cls), dst = fullest_except(e, cls, src);
         if (!src || !dst)
             break;
         uint32_t slot = 0;
-        while (moves < budget && e->zs_inuse[src] && e->zs_group[dst] != GROUP_FULL) {
+        unsigned long long step_end = moves + COMPACT_STEP < budget ? moves + COMPACT_STEP : budget;
+        while (moves < step_end && e->zs_inuse[src] && e->zs_group[dst] != GROUP_FULL) {
             uint32_t off, frame, hdr;
             for (;;) { /* the next allocated slot of src: its header is a handle */
                 CHECK(slot < e->cobjs[cls]);
@@ -630,28 +821,40 @@ static unsigned long long compact_class(Engine *e, unsigned cls, unsigned long l
              * then free the old slot. */
             uint32_t dframe, doff;
             uint32_t dslot = pop_slot(e, dst, cls, hdr, &dframe, &doff);
-            const uint8_t *payload = get_bytes(e, frame, off + HEADER, size - HEADER, e->obuf);
-            put_bytes(e, dframe, doff + HEADER, payload, size - HEADER);
+            uint8_t tmp[FRAME_SIZE];
+            get_bytes(e, frame, off + HEADER, size - HEADER, tmp);
+            put_bytes(e, dframe, doff + HEADER, tmp, size - HEADER);
             CHECK(hdr <= e->max_handles);
-            e->handle[hdr] = (uint64_t)dst << 16 | dslot;
+            __atomic_store_n(&e->handle[hdr], (uint64_t)dst << 16 | dslot, __ATOMIC_RELEASE);
             moves++;
             if (e->zs_inuse[src] == 1)
-                e->pages_compacted += e->cframes[cls];
+                ADD(e->pages_compacted, e->cframes[cls]);
             push_slot(e, src, cls, slot);
             slot++;
         }
+        if (moves == step_end && moves < budget) {
+            /* a bounded step: let writers and readers of this class in */
+            class_unlock(e, cls);
+            class_lock(e, cls);
+        }
     }
+    class_unlock(e, cls);
     return moves;
 }
 
 static long long compact(Engine *e, unsigned long long budget)
 {
     int order[MAX_CLASSES], n = 0;
+    /* The order is read without the class locks: a stale figure only
+     * changes which class goes first. */
     for (int c = 0; c < e->ncls; c++) {
         if (!e->fragmented[c])
             continue;
         if (!freeable(e, (unsigned)c)) {
-            e->fragmented[c] = 0;
+            class_lock(e, (unsigned)c);
+            if (!freeable(e, (unsigned)c))
+                e->fragmented[c] = 0;
+            class_unlock(e, (unsigned)c);
             continue;
         }
         /* insertion sort, stable: most freeable frames first */
@@ -668,15 +871,17 @@ static long long compact(Engine *e, unsigned long long budget)
         if (moved >= budget)
             break;
         moved += compact_class(e, (unsigned)order[i], budget - moved);
+        class_lock(e, (unsigned)order[i]);
         if (!freeable(e, (unsigned)order[i]))
             e->fragmented[order[i]] = 0;
+        class_unlock(e, (unsigned)order[i]);
     }
     if (trim(e) < 0)
         return -1;
     return (long long)moved;
 }
 
-/* ---- codec ------------------------------------------------------------------ */
+/* ---- codec (no lock: the thread's own context) ------------------------------ */
 
 /* The fill word if all 8-byte words of the page are equal. */
 static int same_filled(const uint8_t *page, uint64_t *word)
@@ -697,21 +902,22 @@ static int same_filled(const uint8_t *page, uint64_t *word)
  * (a compressed length >= the threshold Store passes in is stored raw);
  * compressing into threshold - 1 bytes of room decides it without
  * compressing past the point where it could matter. */
-static unsigned encode(Engine *e, const uint8_t *page, const uint8_t **payload, uint32_t *len, uint64_t *word)
+static unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uint8_t **payload, uint32_t *len,
+                       uint64_t *word)
 {
     if (page[0] == page[8] && page[PAGE_SIZE - 1] == page[PAGE_SIZE - 9] && same_filled(page, word))
         return KIND_SAME;
     int room = (int)e->huge_threshold - 1;
     long n;
-    if (e->algo == ALGO_LZ4) {
+    if (algo == ALGO_LZ4) {
 #ifdef ZSWAPD_LZ4_FULL_RESET
-        n = LZ4_compress_fast_extState(e->lz4_state, (const char *)page, (char *)e->cbuf, (int)PAGE_SIZE, room, 1);
+        n = LZ4_compress_fast_extState(t->lz4_state, (const char *)page, (char *)t->cbuf, (int)PAGE_SIZE, room, 1);
 #else
-        n = LZ4_compress_fast_extState_fastReset(e->lz4_state, (const char *)page, (char *)e->cbuf,
+        n = LZ4_compress_fast_extState_fastReset(t->lz4_state, (const char *)page, (char *)t->cbuf,
                                                  (int)PAGE_SIZE, room, 1);
 #endif
     } else {
-        size_t r = ZSTD_compress2(e->zc, e->cbuf, (size_t)room, page, PAGE_SIZE);
+        size_t r = ZSTD_compress2(t->zc, t->cbuf, (size_t)room, page, PAGE_SIZE);
         n = ZSTD_isError(r) ? 0 : (long)r;
     }
     if (n <= 0) {
@@ -719,79 +925,93 @@ static unsigned encode(Engine *e, const uint8_t *page, const uint8_t **payload, 
         *len = PAGE_SIZE;
         return KIND_HUGE;
     }
-    *payload = e->cbuf;
+    *payload = t->cbuf;
     *len = (uint32_t)n;
     return KIND_COMPRESSED;
 }
 
-static int decompress(Engine *e, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst)
+static int decompress(Ctx *t, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst)
 {
     if (algo == ALGO_LZ4) {
         int r = LZ4_decompress_safe((const char *)src, (char *)dst, (int)n, (int)PAGE_SIZE);
         return r == (int)PAGE_SIZE ? 0 : -1;
     }
-    size_t r = ZSTD_decompressDCtx(e->zd, dst, PAGE_SIZE, src, n);
+    size_t r = ZSTD_decompressDCtx(t->zd, dst, PAGE_SIZE, src, n);
     return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
 }
 
 /* ---- page level (store.py) -------------------------------------------------- */
 
+/* Free what an entry named; the entry no longer names it (crash rules 1, 2). */
 static void release(Engine *e, uint64_t entry)
 {
     unsigned kind = entry & KIND_MASK;
     if (!kind)
         return;
     uint32_t h = (uint32_t)(entry >> HANDLE_SHIFT);
-    e->pages_stored--;
+    SUB(e->pages_stored, 1);
     if (kind == KIND_SAME) {
+        pool_lock(e);
         drop_handle(e, h);
-        e->same_pages--;
+        pool_unlock(e);
+        SUB(e->same_pages, 1);
     } else {
         obj_free(e, h, (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK));
         if (kind == KIND_HUGE)
-            e->huge_pages--;
+            SUB(e->huge_pages, 1);
     }
 }
 
-static int store_page(Engine *e, uint64_t idx, const uint8_t *page, int refuse)
+static void note_used(Engine *e)
+{
+    unsigned long long used = (unsigned long long)__atomic_load_n(&e->frames_used, __ATOMIC_RELAXED) * FRAME_SIZE;
+    unsigned long long max = __atomic_load_n(&e->mem_used_max, __ATOMIC_RELAXED);
+    while (used > max &&
+           !__atomic_compare_exchange_n(&e->mem_used_max, &max, used, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+/* With page idx's entry lock held: encode (no pool lock), allocate (class and
+ * pool locks), switch the entry.  *old gets the entry replaced, to release
+ * once the entry lock is dropped. */
+static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *page, int refuse, uint64_t *old)
 {
     const uint8_t *payload;
     uint32_t len = 0;
     uint64_t word = 0;
-    unsigned kind = encode(e, page, &payload, &len, &word);
+    unsigned algo = (unsigned)__atomic_load_n(&e->algo, __ATOMIC_RELAXED);
+    unsigned kind = encode(e, t, algo, page, &payload, &len, &word);
+    *old = 0;
     if (refuse && kind != KIND_SAME)
         return ST_REFUSED;
     /* Allocate before freeing the old object: a failed store keeps the page. */
     uint32_t h;
     uint64_t entry;
     if (kind == KIND_SAME) {
+        pool_lock(e);
         h = new_handle(e, word);
+        pool_unlock(e);
         entry = (uint64_t)h << HANDLE_SHIFT | kind;
     } else {
         h = obj_store(e, payload, len);
-        unsigned algo = kind == KIND_COMPRESSED ? (unsigned)e->algo : 0;
-        entry = (uint64_t)h << HANDLE_SHIFT | (uint64_t)len << LEN_SHIFT | algo << 2 | kind;
+        unsigned a = kind == KIND_COMPRESSED ? algo : 0;
+        entry = (uint64_t)h << HANDLE_SHIFT | (uint64_t)len << LEN_SHIFT | a << 2 | kind;
     }
     if (!h)
         return ST_NOROOM;
     CHECK(idx < e->npages);
-    uint64_t old = e->page[idx];
+    *old = e->page[idx];
     __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
     if (kind == KIND_SAME)
-        e->same_pages++;
+        ADD(e->same_pages, 1);
     else if (kind == KIND_HUGE)
-        e->huge_pages++;
-    e->pages_stored++;
-    if (old & KIND_MASK)
-        release(e, old);
-    unsigned long long used = (unsigned long long)e->frames_used * FRAME_SIZE;
-    if (used > e->mem_used_max)
-        e->mem_used_max = used;
+        ADD(e->huge_pages, 1);
+    ADD(e->pages_stored, 1);
     return ST_OK;
 }
 
-/* The page's bytes into dst (4096). */
-static int load_page(Engine *e, uint64_t idx, uint8_t *dst)
+/* With page idx's entry lock held: its bytes into dst (4096). */
+static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
 {
     CHECK(idx < e->npages);
     uint64_t entry = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
@@ -809,41 +1029,54 @@ static int load_page(Engine *e, uint64_t idx, uint8_t *dst)
         return ST_OK;
     }
     uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
-    const uint8_t *src = obj_load(e, h, n, e->obuf);
     if (kind == KIND_HUGE) {
-        memcpy(dst, src, PAGE_SIZE);
+        obj_copy(e, h, PAGE_SIZE, dst);
         return ST_OK;
     }
-    if (decompress(e, (unsigned)((entry >> 2) & 3), src, n, dst) != 0) {
-        e->failed_reads++;
+    obj_copy(e, h, n, t->obuf);
+    if (decompress(t, (unsigned)((entry >> 2) & 3), t->obuf, n, dst) != 0) {
+        ADD(e->failed_reads, 1);
         return ST_CORRUPT;
     }
     return ST_OK;
 }
 
 /* Write len bytes at offset; stops at the first page that is refused or finds
- * no room, with *done = bytes written before it. */
+ * no room, with *done = bytes written before it.  Each page is updated under
+ * its entry lock (a partial page's read, modify and write too), so two
+ * threads never update one page at once; its old object is freed after. */
 static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done)
 {
+    Ctx *t = ctx_get(e);
     uint64_t pos = 0;
     int st = ST_OK;
+    if (!t) {
+        *done = 0;
+        return ST_NOMEM;
+    }
     while (pos < len) {
         uint64_t idx = (offset + pos) / PAGE_SIZE;
         uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
         uint64_t take = PAGE_SIZE - within;
         if (take > len - pos)
             take = len - pos;
+        uint64_t old = 0;
+        entry_lock(e, idx);
         if (take == PAGE_SIZE) {
-            st = store_page(e, idx, data + pos, refuse);
+            st = store_page_locked(e, t, idx, data + pos, refuse, &old);
         } else {
-            st = load_page(e, idx, e->pbuf);
+            st = load_page_locked(e, t, idx, t->pbuf);
             if (st == ST_OK) {
-                memcpy(e->pbuf + within, data + pos, take);
-                st = store_page(e, idx, e->pbuf, refuse);
+                memcpy(t->pbuf + within, data + pos, take);
+                st = store_page_locked(e, t, idx, t->pbuf, refuse, &old);
             }
         }
+        entry_unlock(e, idx);
+        if (old & KIND_MASK)
+            release(e, old);
         if (st != ST_OK)
             break;
+        note_used(e);
         pos += take;
     }
     *done = pos;
@@ -852,8 +1085,13 @@ static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t
     return st;
 }
 
+/* Each page's object is copied out under its entry lock, then decompressed
+ * with no lock held. */
 static int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
 {
+    Ctx *t = ctx_get(e);
+    if (!t)
+        return ST_NOMEM;
     uint64_t pos = 0;
     while (pos < len) {
         uint64_t idx = (offset + pos) / PAGE_SIZE;
@@ -861,18 +1099,629 @@ static int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         uint64_t take = PAGE_SIZE - within;
         if (take > len - pos)
             take = len - pos;
-        int st;
-        if (take == PAGE_SIZE) {
-            st = load_page(e, idx, out + pos);
+        uint8_t *dst = take == PAGE_SIZE ? out + pos : t->pbuf;
+        int st = ST_OK;
+        entry_lock(e, idx);
+        uint64_t entry = e->page[idx];
+        unsigned kind = entry & KIND_MASK;
+        uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
+        if (kind == KIND_COMPRESSED) {
+            obj_copy(e, (uint32_t)(entry >> HANDLE_SHIFT), n, t->obuf);
+            entry_unlock(e, idx);
+            if (decompress(t, (unsigned)((entry >> 2) & 3), t->obuf, n, dst) != 0) {
+                ADD(e->failed_reads, 1);
+                st = ST_CORRUPT;
+            }
         } else {
-            st = load_page(e, idx, e->pbuf);
-            memcpy(out + pos, e->pbuf + within, take);
+            st = load_page_locked(e, t, idx, dst);
+            entry_unlock(e, idx);
         }
         if (st != ST_OK)
             return st;
+        if (dst == t->pbuf)
+            memcpy(out + pos, t->pbuf + within, take);
         pos += take;
     }
     return ST_OK;
+}
+
+/* Free pages first..end-1: each entry zeroed under its lock, then its object
+ * freed.  Returns the pages freed. */
+static unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end)
+{
+    unsigned long long freed = 0;
+    for (uint64_t idx = first; idx < end; idx++) {
+        if (!(__atomic_load_n(&e->page[idx], __ATOMIC_RELAXED) & KIND_MASK))
+            continue; /* empty: nothing to lock for */
+        entry_lock(e, idx);
+        uint64_t old = e->page[idx];
+        if (old & KIND_MASK)
+            __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
+        entry_unlock(e, idx);
+        if (old & KIND_MASK) {
+            release(e, old);
+            freed++;
+        }
+    }
+    ADD(e->notify_free, freed);
+    return freed;
+}
+
+/* ---- rebuild and invariants -------------------------------------------------
+ *
+ * The scan a new worker runs before serving (store.py's rebuild and
+ * check_invariants over pool.py's begin_rebuild / claim_word / claim_object /
+ * finish_rebuild / check_invariants), in one pass over the page table's
+ * resident extents and then one over the pool tables.  It writes exactly what
+ * the Python reference writes, in the same order where order shows (the
+ * fullness lists are linked in the order the page table first names each
+ * zspage; the free stacks are filled from the top id down), so both engines
+ * leave the same bytes: tests/test_state.py compares them after crashes.
+ * Messages are the reference's, so an operator reads the same error
+ * whichever engine attached.  Scratch arrays (a byte per handle, frame and
+ * zspage) are allocated here and freed before returning: this runs once per
+ * takeover, never on the I/O path.
+ */
+
+#define MAX_SLOTS 2048 /* objs per zspage <= 8 frames * 4096 / 16 */
+
+typedef struct {
+    char *msg;
+    size_t cap, len;
+    int n;
+} Errs;
+
+static void errs_add(Errs *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void errs_add(Errs *b, const char *fmt, ...)
+{
+    if (b->n++ >= 20) /* as pool.check_invariants: the first 20 */
+        return;
+    if (b->len && b->len + 2 < b->cap) {
+        memcpy(b->msg + b->len, "; ", 2);
+        b->len += 2;
+    }
+    if (b->len + 1 >= b->cap)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int w = vsnprintf(b->msg + b->len, b->cap - b->len, fmt, ap);
+    va_end(ap);
+    if (w > 0)
+        b->len += (size_t)w < b->cap - b->len ? (size_t)w : b->cap - b->len - 1;
+}
+
+typedef struct {
+    uint8_t *claimed; /* per handle */
+    uint8_t *owned;   /* per frame */
+    uint8_t *seen;    /* per zspage */
+    uint32_t *live;   /* zspages in the order first claimed */
+    uint32_t nlive;
+    char *err;
+    size_t errlen;
+} Scan;
+
+#define FAIL(s, ...)                                                                              \
+    do {                                                                                          \
+        snprintf((s)->err, (s)->errlen, __VA_ARGS__);                                             \
+        return -1;                                                                                \
+    } while (0)
+
+static void rebuild_begin(Engine *e)
+{
+    e->frames_made = e->hot_top = e->cold_top = e->frames_used = 0;
+    e->zs_free_top = e->zs_made = 0;
+    e->handle_free_top = e->handles_made = e->handles_used = 0;
+    memset(e->heads, 0, sizeof e->heads);
+    memset(e->nonempty, 0, sizeof e->nonempty);
+    memset(e->cls_zspages, 0, sizeof e->cls_zspages);
+    memset(e->cls_used, 0, sizeof e->cls_used);
+    memset(e->fragmented, 0, sizeof e->fragmented);
+    e->huge_objects = e->obj_bytes = 0;
+}
+
+static int claim_handle(Engine *e, Scan *s, uint64_t h)
+{
+    if (!h || h > e->max_handles)
+        FAIL(s, "a page names handle %llu, outside 1..%u", (unsigned long long)h, e->max_handles);
+    if (s->claimed[h])
+        FAIL(s, "handle %llu is named by two pages", (unsigned long long)h);
+    s->claimed[h] = 1;
+    if (h > e->handles_made)
+        e->handles_made = (uint32_t)h;
+    e->handles_used++;
+    return 0;
+}
+
+static int own_frame(Engine *e, Scan *s, uint64_t frame, const char *what, uint64_t id)
+{
+    if (frame >= e->max_frames)
+        FAIL(s, "%s %llu names frame %llu, outside 0..%u", what, (unsigned long long)id,
+             (unsigned long long)frame, e->max_frames - 1);
+    if (s->owned[frame])
+        FAIL(s, "frame %llu is owned twice (%s %llu)", (unsigned long long)frame, what, (unsigned long long)id);
+    s->owned[frame] = 1;
+    e->frames_used++;
+    if (frame >= e->frames_made)
+        e->frames_made = (uint32_t)frame + 1;
+    return 0;
+}
+
+static int claim_object(Engine *e, Scan *s, uint64_t h, uint32_t n)
+{
+    if (claim_handle(e, s, h) < 0)
+        return -1;
+    uint64_t loc = e->handle[h];
+    if (n == FRAME_SIZE) {
+        if (!(loc & HUGE_LOC))
+            FAIL(s, "handle %llu holds a raw page but its entry 0x%llx is not a huge location",
+                 (unsigned long long)h, (unsigned long long)loc);
+        if (own_frame(e, s, loc & FRAME_MASK, "huge handle", h) < 0)
+            return -1;
+        e->huge_objects++;
+        e->obj_bytes += n;
+        return 0;
+    }
+    if ((loc & HUGE_LOC) || !(n > 0 && n < e->huge_threshold))
+        FAIL(s, "handle %llu of a %u-byte object has entry 0x%llx", (unsigned long long)h, n,
+             (unsigned long long)loc);
+    uint64_t z = loc >> 16;
+    uint32_t slot = (uint32_t)(loc & 0xFFFF);
+    if (!(z > 0 && z < (uint64_t)e->max_frames + 1))
+        FAIL(s, "handle %llu points into zspage %llu, outside 1..%u", (unsigned long long)h,
+             (unsigned long long)z, e->max_frames);
+    if (!s->seen[z]) { /* first claim into z: check and own its chain */
+        unsigned cls = e->zs_class[z];
+        if (cls >= (unsigned)e->ncls)
+            FAIL(s, "zspage %llu has class %u, there are %d", (unsigned long long)z, cls, e->ncls);
+        uint32_t frame = e->zs_first[z];
+        for (unsigned i = 0; i < e->cframes[cls]; i++) {
+            if (i)
+                frame = e->frame_next[frame]; /* frame < max_frames: owned just before */
+            if (own_frame(e, s, frame, "zspage", z) < 0)
+                return -1;
+        }
+        s->seen[z] = 1;
+        e->zs_inuse[z] = 0;
+        s->live[s->nlive++] = (uint32_t)z;
+        if (z > e->zs_made)
+            e->zs_made = (uint32_t)z;
+    }
+    unsigned cls = e->zs_class[z];
+    if (slot >= e->cobjs[cls] || e->class_of[n + HEADER] != cls)
+        FAIL(s, "handle %llu: slot %u of zspage %llu (class %u) cannot hold %u bytes", (unsigned long long)h, slot,
+             (unsigned long long)z, e->csize[cls], n);
+    uint32_t off, frame = zs_frame_at(e, (uint32_t)z, slot * e->csize[cls], &off);
+    uint32_t hdr = *slot_word(e, frame, off);
+    if (hdr != h)
+        FAIL(s, "handle %llu points to slot %u of zspage %llu, whose header names 0x%x", (unsigned long long)h, slot,
+             (unsigned long long)z, hdr);
+    e->zs_inuse[z]++;
+    e->cls_used[cls]++;
+    e->obj_bytes += n;
+    return 0;
+}
+
+/* The page table, as store.rebuild walks it.  counts: stored, same, huge. */
+static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t next, unsigned nalgos,
+                               unsigned long long counts[3])
+{
+    char inner[512];
+    for (size_t x = 0; x < next; x++) {
+        for (uint64_t idx = ext[2 * x]; idx < ext[2 * x + 1]; idx++) {
+            uint64_t entry = e->page[idx];
+            unsigned kind = entry & KIND_MASK;
+            if (!kind)
+                continue;
+            uint64_t h = entry >> HANDLE_SHIFT;
+            if ((entry & (1ull << 63)) || ((entry >> 17) & 0x7FFF))
+                FAIL(s, "page %llu: entry 0x%llx has bits set that no entry uses", (unsigned long long)idx,
+                     (unsigned long long)entry);
+            counts[0]++;
+            int r;
+            char *outer = s->err;
+            size_t outer_len = s->errlen;
+            s->err = inner;
+            s->errlen = sizeof inner;
+            if (kind == KIND_SAME) {
+                r = claim_handle(e, s, h);
+                counts[1]++;
+            } else {
+                uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
+                if ((kind == KIND_HUGE) != (n == PAGE_SIZE) || ((entry >> 2) & 0x3) >= nalgos) {
+                    snprintf(inner, sizeof inner, "entry 0x%llx has a bad length or algorithm for its kind",
+                             (unsigned long long)entry);
+                    r = -1;
+                } else {
+                    r = claim_object(e, s, h, n);
+                    counts[2] += kind == KIND_HUGE;
+                }
+            }
+            s->err = outer;
+            s->errlen = outer_len;
+            if (r < 0)
+                FAIL(s, "page %llu: %s", (unsigned long long)idx, inner);
+        }
+    }
+    return 0;
+}
+
+/* pool.finish_rebuild: free what nothing claimed and rebuild every index. */
+static int rebuild_finish(Engine *e, Scan *s)
+{
+    uint32_t top = 0;
+    for (uint32_t h = e->handles_made; h > 0; h--)
+        if (!s->claimed[h])
+            e->handle_stack[top++] = h;
+    e->handle_free_top = top;
+
+    uint16_t freeslots[MAX_SLOTS];
+    for (uint32_t i = 0; i < s->nlive; i++) {
+        uint32_t z = s->live[i];
+        unsigned cls = e->zs_class[z], objs = e->cobjs[cls], size = e->csize[cls];
+        uint32_t chain[MAX_FRAMES_PER_ZSPAGE];
+        chain[0] = e->zs_first[z];
+        for (unsigned k = 1; k < e->cframes[cls]; k++)
+            chain[k] = e->frame_next[chain[k - 1]];
+        unsigned nfree = 0;
+        for (unsigned slot = 0; slot < objs; slot++) {
+            uint32_t offset = slot * size;
+            uint32_t hdr = *slot_word(e, chain[offset >> FRAME_SHIFT], offset & (FRAME_SIZE - 1));
+            if ((hdr & FREE_TAG) || !hdr || hdr > e->max_handles || !s->claimed[hdr])
+                freeslots[nfree++] = (uint16_t)slot;
+            else if (e->handle[hdr] != ((uint64_t)z << 16 | slot))
+                freeslots[nfree++] = (uint16_t)slot; /* the other copy of a compaction move */
+        }
+        if (objs - nfree != e->zs_inuse[z])
+            FAIL(s, "zspage %u: %u claims, %u owned slots", z, e->zs_inuse[z], objs - nfree);
+        uint32_t nxt = SLOT_END;
+        for (unsigned k = nfree; k-- > 0;) {
+            uint32_t offset = freeslots[k] * size;
+            *slot_word(e, chain[offset >> FRAME_SHIFT], offset & (FRAME_SIZE - 1)) = FREE_TAG | nxt;
+            nxt = freeslots[k];
+        }
+        e->zs_free[z] = (uint16_t)nxt;
+        e->cls_zspages[cls]++;
+        e->zs_group[z] = 0;
+        link_zs(e, z, cls, group_of(e->zs_inuse[z], objs));
+        if (nfree)
+            e->fragmented[cls] = 1;
+    }
+    top = 0;
+    for (uint32_t z = e->zs_made; z > 0; z--)
+        if (!s->seen[z])
+            e->zs_stack[top++] = z;
+    e->zs_free_top = top;
+
+    /* Frames: punch every free one (it may hold a dead object) and keep it
+     * cold, lowest on top; punch everything above the highest owned at once. */
+    uint32_t made = e->frames_made, nfree = 0;
+    for (uint32_t f = 0; f < made; f++)
+        nfree += !s->owned[f];
+    uint32_t k = nfree, run = UINT32_MAX;
+    for (uint32_t f = 0; f < made; f++) {
+        if (s->owned[f])
+            continue;
+        e->cold[--k] = f;
+        if (run == UINT32_MAX)
+            run = f;
+        if (f + 1 == made || s->owned[f + 1]) {
+            if (punch(e, run, f + 1 - run) < 0)
+                FAIL(s, "punching frames %u+%u out of the arena memfd failed: %s", run, f + 1 - run,
+                     strerror(e->punch_errno));
+            run = UINT32_MAX;
+        }
+    }
+    if (punch(e, made, e->max_frames - made) < 0)
+        FAIL(s, "punching frames %u+%u out of the arena memfd failed: %s", made, e->max_frames - made,
+             strerror(e->punch_errno));
+    e->cold_top = nfree;
+    return 0;
+}
+
+static int rebuild_all(Engine *e, const uint64_t *ext, size_t next, unsigned nalgos, unsigned long long counts[3],
+                       char *err, size_t errlen)
+{
+    Scan s = {0};
+    s.err = err;
+    s.errlen = errlen;
+    s.claimed = calloc((size_t)e->max_handles + 1, 1);
+    s.owned = calloc(e->max_frames, 1);
+    s.seen = calloc((size_t)e->max_frames + 1, 1);
+    s.live = malloc(((size_t)e->max_frames + 1) * sizeof *s.live);
+    int r = -1;
+    if (!s.claimed || !s.owned || !s.seen || !s.live) {
+        snprintf(err, errlen, "out of memory for the rebuild scan");
+    } else {
+        rebuild_begin(e);
+        counts[0] = counts[1] = counts[2] = 0;
+        r = rebuild_claim_pages(e, &s, ext, next, nalgos, counts);
+        if (r == 0)
+            r = rebuild_finish(e, &s);
+    }
+    free(s.claimed);
+    free(s.owned);
+    free(s.seen);
+    free(s.live);
+    return r;
+}
+
+/* store.check_invariants + pool.check_invariants.  Returns -1 with `fatal`
+ * set for what the reference raises at once (a handle named twice, counters
+ * that disagree with the page table), else 0 with any broken invariant in
+ * `b`.  It also checks, where the reference compares sets, that the header
+ * of each owned slot names its owner (which implies the reference's set
+ * checks and is what makes two owners of one slot visible). */
+static int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal, size_t fatlen)
+{
+    uint32_t hm = e->handles_made, zm = e->zs_made, fm = e->frames_made;
+    uint32_t maxz = e->max_frames; /* zspage ids are 1..max_frames */
+    uint8_t *own = calloc((size_t)e->max_handles + 1, 1);
+    uint8_t *hmark = calloc((size_t)e->max_handles + 1, 1);
+    uint32_t *zcnt = calloc((size_t)maxz + 1, sizeof *zcnt);
+    uint8_t *zfree = calloc((size_t)maxz + 1, 1);
+    uint8_t *lgroup = calloc((size_t)maxz + 1, 1);
+    uint8_t *fown = calloc(e->max_frames, 1);
+    uint8_t *fmark = calloc(e->max_frames, 1);
+    int r = -1;
+    if (!own || !hmark || !zcnt || !zfree || !lgroup || !fown || !fmark) {
+        snprintf(fatal, fatlen, "out of memory for the invariant check");
+        goto out;
+    }
+    if (hm > e->max_handles || zm > maxz || fm > e->max_frames) {
+        snprintf(fatal, fatlen, "volatile counts out of range: %u handles, %u zspages, %u frames made", hm, zm, fm);
+        goto out;
+    }
+    /* The page table: owners, and each owned object against the tables. */
+    unsigned long long stored = 0, same = 0, huge_pages = 0, nowners = 0, obj_bytes = 0, huge = 0, nfown = 0;
+    for (size_t x = 0; x < next; x++) {
+        for (uint64_t idx = ext[2 * x]; idx < ext[2 * x + 1]; idx++) {
+            uint64_t entry = e->page[idx];
+            unsigned kind = entry & KIND_MASK;
+            if (!kind)
+                continue;
+            uint64_t h = entry >> HANDLE_SHIFT;
+            if (h <= e->max_handles) {
+                if (own[h]) {
+                    snprintf(fatal, fatlen, "page %llu names handle %llu, which another page names too",
+                             (unsigned long long)idx, (unsigned long long)h);
+                    goto out;
+                }
+                own[h] = 1;
+            }
+            stored++;
+            same += kind == KIND_SAME;
+            huge_pages += kind == KIND_HUGE;
+            nowners++;
+            if (!h || h > hm) {
+                errs_add(b, "owned handle %llu is outside 1..%u", (unsigned long long)h, hm);
+                continue;
+            }
+            if (kind == KIND_SAME)
+                continue;
+            uint32_t n = (uint32_t)((entry >> LEN_SHIFT) & LEN_MASK);
+            obj_bytes += n;
+            uint64_t loc = e->handle[h];
+            if (n == FRAME_SIZE) {
+                huge++;
+                uint64_t frame = loc & FRAME_MASK;
+                if (!(loc & HUGE_LOC) || frame >= fm) {
+                    errs_add(b, "huge handle %llu has entry 0x%llx", (unsigned long long)h, (unsigned long long)loc);
+                } else if (fown[frame]) {
+                    errs_add(b, "frame %llu owned by huge handle %llu and another owner", (unsigned long long)frame,
+                             (unsigned long long)h);
+                } else {
+                    fown[frame] = 1;
+                    nfown++;
+                }
+                continue;
+            }
+            uint64_t z = loc >> 16;
+            if ((loc & HUGE_LOC) || !(z > 0 && z <= zm)) {
+                errs_add(b, "handle %llu has entry 0x%llx", (unsigned long long)h, (unsigned long long)loc);
+                continue;
+            }
+            zcnt[z]++;
+            unsigned cls = e->zs_class[z];
+            if (cls < (unsigned)e->ncls && (loc & 0xFFFF) >= e->cobjs[cls])
+                errs_add(b, "zspage %llu: slot %llu beyond %u", (unsigned long long)z,
+                         (unsigned long long)(loc & 0xFFFF), e->cobjs[cls]);
+        }
+    }
+    if (stored != e->pages_stored || same != e->same_pages || huge_pages != e->huge_pages) {
+        snprintf(fatal, fatlen,
+                 "counters say %llu stored, %llu same-filled, %llu huge pages; the page table holds %llu, %llu, %llu",
+                 e->pages_stored, e->same_pages, e->huge_pages, stored, same, huge_pages);
+        goto out;
+    }
+    /* Handles: owned once (above), free once, nothing lost. */
+    uint32_t ftop = e->handle_free_top;
+    if (ftop > e->max_handles + 1u) {
+        errs_add(b, "the free handle stack top %u is beyond the table", ftop);
+        ftop = 0;
+    }
+    int dup = 0;
+    for (uint32_t i = 0; i < ftop; i++) {
+        uint32_t h = e->handle_stack[i];
+        if (h <= e->max_handles) {
+            dup |= hmark[h];
+            hmark[h] = 1;
+        }
+        if (!h || h > hm || own[h])
+            errs_add(b, "free handle %u is out of range or owned", h);
+    }
+    if (dup)
+        errs_add(b, "a handle is on the free stack twice");
+    if (nowners + ftop != hm)
+        errs_add(b, "%llu owned + %u free handles != %u made", nowners, ftop, hm);
+    if (e->handles_used != nowners)
+        errs_add(b, "handles_used %u != %llu owned", e->handles_used, nowners);
+    if (obj_bytes != e->obj_bytes)
+        errs_add(b, "obj_bytes %llu != %llu owned", e->obj_bytes, obj_bytes);
+    if (huge != e->huge_objects)
+        errs_add(b, "huge_objects %llu != %llu owned", e->huge_objects, huge);
+    /* Zspages: the free stack, the fullness lists, then each live one. */
+    uint32_t ztop = e->zs_free_top;
+    if (ztop > maxz + 1u) {
+        errs_add(b, "the free zspage stack top %u is beyond the table", ztop);
+        ztop = 0;
+    }
+    int zbad = 0;
+    for (uint32_t i = 0; i < ztop; i++) {
+        uint32_t z = e->zs_stack[i];
+        if (!z || z > zm || zfree[z])
+            zbad = 1;
+        else
+            zfree[z] = 1;
+    }
+    if (zbad)
+        errs_add(b, "the free zspage stack has duplicates or ids out of range");
+    for (int cls = 0; cls < e->ncls; cls++) {
+        for (unsigned group = 1; group <= GROUPS; group++) {
+            uint32_t z = e->heads[cls * (GROUPS + 1) + group];
+            if (!!z != !!(e->nonempty[cls] & 1u << group))
+                errs_add(b, "class %d group %u: nonempty bit disagrees with the list", cls, group);
+            uint32_t prev = 0;
+            while (z) {
+                if (z > maxz || lgroup[z]) {
+                    errs_add(b, "zspage %u is on two fullness lists (or a list loops)", z);
+                    break;
+                }
+                lgroup[z] = (uint8_t)group;
+                if (e->zs_prev[z] != prev || e->zs_class[z] != cls)
+                    errs_add(b, "zspage %u: bad back link or class on list %d/%u", z, cls, group);
+                prev = z;
+                z = e->zs_next[z];
+            }
+        }
+    }
+    unsigned long long cls_zspages[MAX_CLASSES] = {0}, cls_used[MAX_CLASSES] = {0};
+    for (uint32_t z = 1; z <= zm; z++) {
+        if (zfree[z]) {
+            if (zcnt[z])
+                errs_add(b, "zspage %u is free but %u handles point into it", z, zcnt[z]);
+            continue;
+        }
+        unsigned cls = e->zs_class[z];
+        if (cls >= (unsigned)e->ncls) {
+            errs_add(b, "zspage %u has class %u", z, cls);
+            continue;
+        }
+        unsigned objs = e->cobjs[cls], size = e->csize[cls];
+        cls_zspages[cls]++;
+        uint32_t chain[MAX_FRAMES_PER_ZSPAGE];
+        int chain_ok = 1;
+        uint32_t frame = e->zs_first[z];
+        for (unsigned i = 0; i < e->cframes[cls]; i++) {
+            if (i) {
+                if (frame >= e->max_frames) {
+                    chain_ok = 0;
+                    break;
+                }
+                frame = e->frame_next[frame];
+            }
+            chain[i] = frame;
+            if (frame >= fm) {
+                errs_add(b, "zspage %u chains frame %u beyond %u made", z, frame, fm);
+                chain_ok = 0;
+            } else if (fown[frame]) {
+                errs_add(b, "frame %u owned by zspage %u and another owner", frame, z);
+            } else {
+                fown[frame] = 1;
+                nfown++;
+            }
+        }
+        uint32_t used = zcnt[z];
+        cls_used[cls] += used;
+        if (e->zs_inuse[z] != used || !used)
+            errs_add(b, "zspage %u: inuse %u, %u owned objects", z, e->zs_inuse[z], used);
+        if (chain_ok) {
+            /* Owned slots: their header names a handle that points back. */
+            unsigned named = 0;
+            for (unsigned slot = 0; slot < objs; slot++) {
+                uint32_t offset = slot * size;
+                uint32_t hdr = *slot_word(e, chain[offset >> FRAME_SHIFT], offset & (FRAME_SIZE - 1));
+                if (!(hdr & FREE_TAG) && hdr && hdr <= e->max_handles && own[hdr] &&
+                    e->handle[hdr] == ((uint64_t)z << 16 | slot))
+                    named++;
+            }
+            if (named != used)
+                errs_add(b, "zspage %u: %u objects point into it, %u slot headers name their owner", z, used, named);
+            /* The free list threads exactly the unowned slots. */
+            uint8_t seen[MAX_SLOTS / 8] = {0};
+            unsigned nseen = 0;
+            uint32_t slot = e->zs_free[z];
+            while (slot != SLOT_END && nseen <= objs) {
+                if (slot >= objs || seen[slot >> 3] & (1u << (slot & 7))) {
+                    errs_add(b, "zspage %u: free list reaches slot %u twice, owned or out of range", z, slot);
+                    break;
+                }
+                seen[slot >> 3] |= (uint8_t)(1u << (slot & 7));
+                nseen++;
+                uint32_t offset = slot * size;
+                uint32_t hdr = *slot_word(e, chain[offset >> FRAME_SHIFT], offset & (FRAME_SIZE - 1));
+                if (!(hdr & FREE_TAG)) {
+                    errs_add(b, "zspage %u: free slot %u has an owned header 0x%x", z, slot, hdr);
+                    break;
+                }
+                slot = hdr & 0xFFFF;
+            }
+            if (nseen + used != objs)
+                errs_add(b, "zspage %u: %u free + %u owned slots != %u", z, nseen, used, objs);
+        }
+        unsigned group = group_of(e->zs_inuse[z], objs);
+        unsigned listed = lgroup[z] ? lgroup[z] : GROUP_FULL;
+        if (e->zs_group[z] != group || listed != group)
+            errs_add(b, "zspage %u: group %u, listed in %u, should be %u", z, e->zs_group[z], lgroup[z], group);
+    }
+    for (int cls = 0; cls < e->ncls; cls++) {
+        if (cls_zspages[cls] != e->cls_zspages[cls]) {
+            errs_add(b, "per-class zspage counts are wrong");
+            break;
+        }
+    }
+    for (int cls = 0; cls < e->ncls; cls++) {
+        if (cls_used[cls] != e->cls_used[cls]) {
+            errs_add(b, "per-class object counts are wrong");
+            break;
+        }
+    }
+    /* Frames: owned ones once, free ones once on the hot or cold stack. */
+    if (e->frames_used != nfown)
+        errs_add(b, "frames_used %u != %llu owned", e->frames_used, nfown);
+    unsigned long long nstack = 0;
+    int fdup = 0;
+    uint32_t tops[2] = {e->hot_top, e->cold_top};
+    const uint32_t *stacks[2] = {e->hot, e->cold};
+    for (int k = 0; k < 2; k++) {
+        if (tops[k] > e->max_frames) {
+            errs_add(b, "a free frame stack top %u is beyond the table", tops[k]);
+            continue;
+        }
+        for (uint32_t i = 0; i < tops[k]; i++) {
+            uint32_t f = stacks[k][i];
+            nstack++;
+            if (f >= fm || fown[f]) {
+                errs_add(b, "free frame %u is owned or out of range", f);
+                continue;
+            }
+            fdup |= fmark[f];
+            fmark[f] = 1;
+        }
+    }
+    if (fdup)
+        errs_add(b, "a free frame is on the hot/cold stacks twice");
+    if (nstack + nfown != fm)
+        errs_add(b, "%llu free + %llu owned frames != %u made", nstack, nfown, fm);
+    r = 0;
+out:
+    free(own);
+    free(hmark);
+    free(zcnt);
+    free(zfree);
+    free(lgroup);
+    free(fown);
+    free(fmark);
+    return r;
 }
 
 /* ---- Python glue ---------------------------------------------------------------- */
@@ -888,6 +1737,9 @@ static PyObject *raise_status(Engine *e, int st)
         break;
     case ST_NOROOM:
         PyErr_SetString(PoolFull, "no frame or handle is available under the limit");
+        break;
+    case ST_NOMEM:
+        PyErr_SetString(PyExc_MemoryError, "no memory for this thread's compression state");
         break;
     default:
         PyErr_Format(PyExc_RuntimeError, "engine status %d", st);
@@ -907,32 +1759,29 @@ static void engine_release_buffers(Engine *e)
 static void Engine_dealloc(Engine *e)
 {
     engine_release_buffers(e);
-    if (e->zc)
-        ZSTD_freeCCtx(e->zc);
-    if (e->zd)
-        ZSTD_freeDCtx(e->zd);
-    PyMem_RawFree(e->lz4_state);
-    PyMem_RawFree(e->cbuf);
-    PyMem_RawFree(e->pbuf);
-    PyMem_RawFree(e->obuf);
-    if (e->lock_ready)
-        pthread_mutex_destroy(&e->lock);
+    PyMem_RawFree(e->elock);
+    e->elock = NULL;
+    if (e->locks_ready) {
+        pthread_mutex_destroy(&e->pool_lock);
+        for (int c = 0; c < MAX_CLASSES; c++)
+            pthread_mutex_destroy(&e->cls_lock[c]);
+    }
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
-static int set_zstd(Engine *e, int level)
+/* zstd accepts `level` (checked on this thread's context). */
+static int check_zstd_level(int level)
 {
-    /* The same frame as codec.py's ZstdCompressor: no content size, no
-     * checksum, no dictionary id. */
-    ZSTD_CCtx_reset(e->zc, ZSTD_reset_session_and_parameters);
-    if (ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_compressionLevel, level)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_contentSizeFlag, 0)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_checksumFlag, 0)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(e->zc, ZSTD_c_dictIDFlag, 0))) {
+    Ctx *t = tls_ctx;
+    ZSTD_CCtx *zc = t ? t->zc : ZSTD_createCCtx();
+    int r = zc ? set_zstd_level(zc, level) : -1;
+    if (t)
+        t->zlevel = INT_MIN; /* re-set at next use */
+    else
+        ZSTD_freeCCtx(zc);
+    if (r < 0)
         PyErr_Format(PyExc_ValueError, "zstd refuses level %d", level);
-        return -1;
-    }
-    return 0;
+    return r;
 }
 
 /* Engine(buffers: dict name -> buffer, arena_fd, npages, max_frames,
@@ -1025,29 +1874,28 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *Py_UNUSED(kw))
     e->handle_stack = ptrs[T_HANDLE_STACK];
     e->arena = ptrs[T_ARENA];
 
-    e->lz4_state = PyMem_RawMalloc((size_t)LZ4_sizeofState());
-    e->cbuf = PyMem_RawMalloc(FRAME_SIZE);
-    e->pbuf = PyMem_RawMalloc(PAGE_SIZE);
-    e->obuf = PyMem_RawMalloc(FRAME_SIZE);
-    e->zc = ZSTD_createCCtx();
-    e->zd = ZSTD_createDCtx();
-    if (!e->lz4_state || !e->cbuf || !e->pbuf || !e->obuf || !e->zc || !e->zd) {
+    e->elock = PyMem_RawCalloc((size_t)(npages / 64 + 1), sizeof *e->elock);
+    if (!e->elock) {
         PyErr_NoMemory();
         goto out;
     }
-    /* fastReset needs one full initialisation of the state. */
-    LZ4_initStream(e->lz4_state, (size_t)LZ4_sizeofState());
     if (e->algo != ALGO_LZ4 && e->algo != ALGO_ZSTD) {
         PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", e->algo);
         goto out;
     }
-    if (set_zstd(e, e->zstd_level) < 0)
+    if (check_zstd_level(e->zstd_level) < 0)
         goto out;
-    if (pthread_mutex_init(&e->lock, NULL) != 0) {
-        PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
-        goto out;
+    if (!e->locks_ready) {
+        /* Plain (not adaptive) mutexes: ThreadSanitizer knows them, and
+         * every hold is short. */
+        if (pthread_mutex_init(&e->pool_lock, NULL) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
+            goto out;
+        }
+        for (int c = 0; c < MAX_CLASSES; c++)
+            pthread_mutex_init(&e->cls_lock[c], NULL);
+        e->locks_ready = 1;
     }
-    e->lock_ready = 1;
     ok = 1;
 out:
     PyBuffer_Release(&class_of);
@@ -1064,12 +1912,10 @@ out:
         }                                                                                         \
     } while (0)
 
-/* Run `stmt` under the engine lock with the GIL released. */
-#define UNLOCKED(e, stmt)                                                                         \
+/* Run `stmt` with the GIL released; it takes the engine's own locks. */
+#define NOGIL(stmt)                                                                               \
     do {                                                                                          \
-        Py_BEGIN_ALLOW_THREADS engine_lock(e);                                                    \
-        stmt;                                                                                     \
-        engine_unlock(e);                                                                         \
+        Py_BEGIN_ALLOW_THREADS stmt;                                                              \
         Py_END_ALLOW_THREADS                                                                      \
     } while (0)
 
@@ -1094,9 +1940,9 @@ static PyObject *Engine_write(Engine *e, PyObject *args)
     }
     uint64_t done = 0;
     int st;
-    UNLOCKED(e, st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
+    NOGIL(st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
     PyBuffer_Release(&data);
-    if (st == ST_PUNCH)
+    if (st == ST_PUNCH || st == ST_NOMEM)
         return raise_status(e, st);
     return Py_BuildValue("Ki", (unsigned long long)done, st);
 }
@@ -1114,7 +1960,7 @@ static PyObject *Engine_readinto(Engine *e, PyObject *args)
         return range_error(offset, (unsigned long long)out.len, e->npages * PAGE_SIZE);
     }
     int st;
-    UNLOCKED(e, st = read_range(e, offset, out.buf, (uint64_t)out.len));
+    NOGIL(st = read_range(e, offset, out.buf, (uint64_t)out.len));
     Py_ssize_t n = out.len;
     PyBuffer_Release(&out);
     if (st != ST_OK)
@@ -1133,16 +1979,8 @@ static PyObject *Engine_discard_pages(Engine *e, PyObject *args)
         return range_error(first * PAGE_SIZE, (end - first) * PAGE_SIZE, e->npages * PAGE_SIZE);
     unsigned long long freed = 0;
     long t;
-    UNLOCKED(e, {
-        for (uint64_t idx = first; idx < end; idx++) {
-            uint64_t old = e->page[idx];
-            if (old & KIND_MASK) {
-                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
-                release(e, old);
-                e->notify_free++;
-                freed++;
-            }
-        }
+    NOGIL({
+        freed = discard_range(e, first, end);
         t = trim(e);
     });
     if (t < 0)
@@ -1165,7 +2003,7 @@ static PyObject *Engine_compact(Engine *e, PyObject *args, PyObject *kw)
         budget = m < 0 ? 0 : (unsigned long long)m;
     }
     long long moved;
-    UNLOCKED(e, moved = compact(e, budget));
+    NOGIL(moved = compact(e, budget));
     if (moved < 0)
         return raise_status(e, ST_PUNCH);
     return PyLong_FromLongLong(moved);
@@ -1175,7 +2013,7 @@ static PyObject *Engine_trim(Engine *e, PyObject *Py_UNUSED(a))
 {
     long n;
     READY(e);
-    UNLOCKED(e, n = trim(e));
+    NOGIL(n = trim(e));
     if (n < 0)
         return raise_status(e, ST_PUNCH);
     return PyLong_FromLong(n);
@@ -1185,7 +2023,7 @@ static PyObject *Engine_refill_reserve(Engine *e, PyObject *Py_UNUSED(a))
 {
     long n;
     READY(e);
-    UNLOCKED(e, n = refill_reserve(e));
+    NOGIL(n = refill_reserve(e));
     return PyLong_FromLong(n);
 }
 
@@ -1199,16 +2037,13 @@ static PyObject *Engine_set_codec(Engine *e, PyObject *args)
         PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", algo);
         return NULL;
     }
-    int r;
-    engine_lock(e); /* a short critical section: the GIL may stay held */
-    r = set_zstd(e, level);
-    if (r == 0) {
-        e->algo = algo;
-        e->zstd_level = level;
-    }
-    engine_unlock(e);
-    if (r < 0)
+    if (check_zstd_level(level) < 0)
         return NULL;
+    /* Each thread's context picks the level up at its next page; a page
+     * being compressed meanwhile keeps the codec it started with (every
+     * entry records its own algorithm). */
+    __atomic_store_n(&e->zstd_level, level, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->algo, algo, __ATOMIC_RELAXED);
     Py_RETURN_NONE;
 }
 
@@ -1239,7 +2074,7 @@ static PyObject *Engine_store(Engine *e, PyObject *arg)
         PyErr_Format(PoolError, "object of %zd bytes needs the raw page form (>= %u)", n, e->huge_threshold);
     } else {
         uint32_t h;
-        UNLOCKED(e, h = obj_store(e, data.buf, (uint32_t)n));
+        NOGIL(h = obj_store(e, data.buf, (uint32_t)n));
         if (!h)
             PyErr_SetString(PoolFull, "no room for the object (frames or handles)");
         else
@@ -1265,9 +2100,7 @@ static PyObject *Engine_load(Engine *e, PyObject *args)
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
     if (!out)
         return NULL;
-    engine_lock(e);
-    memcpy(PyBytes_AS_STRING(out), obj_load(e, (uint32_t)h, n, e->obuf), n);
-    engine_unlock(e);
+    obj_copy(e, (uint32_t)h, n, (uint8_t *)PyBytes_AS_STRING(out));
     return out;
 }
 
@@ -1280,7 +2113,7 @@ static PyObject *Engine_free(Engine *e, PyObject *args)
         return NULL;
     if (check_handle(e, h) < 0)
         return NULL;
-    UNLOCKED(e, obj_free(e, (uint32_t)h, n));
+    NOGIL(obj_free(e, (uint32_t)h, n));
     Py_RETURN_NONE;
 }
 
@@ -1291,7 +2124,11 @@ static PyObject *Engine_store_word(Engine *e, PyObject *arg)
     if (w == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     uint32_t h;
-    UNLOCKED(e, h = new_handle(e, w));
+    NOGIL({
+        pool_lock(e);
+        h = new_handle(e, w);
+        pool_unlock(e);
+    });
     if (!h) {
         PyErr_SetString(PoolFull, "handle table is full");
         return NULL;
@@ -1318,7 +2155,11 @@ static PyObject *Engine_free_word(Engine *e, PyObject *arg)
         return NULL;
     if (check_handle(e, h) < 0)
         return NULL;
-    UNLOCKED(e, drop_handle(e, (uint32_t)h));
+    NOGIL({
+        pool_lock(e);
+        drop_handle(e, (uint32_t)h);
+        pool_unlock(e);
+    });
     Py_RETURN_NONE;
 }
 
@@ -1373,7 +2214,18 @@ static PyObject *u64_list(const unsigned long long *v, int n)
 }
 
 /* The volatile scalars, under pool.Pool's attribute names. */
+static PyObject *volatile_unlocked(Engine *e);
+
+/* A consistent snapshot: every lock held while it is read. */
 static PyObject *Engine_volatile(Engine *e, PyObject *Py_UNUSED(a))
+{
+    lock_all(e);
+    PyObject *r = volatile_unlocked(e);
+    unlock_all(e);
+    return r;
+}
+
+static PyObject *volatile_unlocked(Engine *e)
 {
     PyObject *frag = PyList_New(0);
     if (!frag)
@@ -1487,7 +2339,7 @@ static PyObject *Engine_set_volatile(Engine *e, PyObject *d)
         fr[c] = 1;
     }
     Py_DECREF(seq);
-    engine_lock(e);
+    lock_all(e);
     e->frames_made = (uint32_t)v[0];
     e->hot_top = (uint32_t)v[1];
     e->cold_top = (uint32_t)v[2];
@@ -1508,17 +2360,118 @@ static PyObject *Engine_set_volatile(Engine *e, PyObject *d)
     e->huge_objects = huge;
     e->obj_bytes = obj;
     e->pages_compacted = comp;
-    engine_unlock(e);
+    unlock_all(e);
     PyMem_Free(heads);
+    Py_RETURN_NONE;
+}
+
+/* extents: a list of (first, end) page ranges, within the device. */
+static uint64_t *parse_extents(Engine *e, PyObject *list, size_t *n)
+{
+    PyObject *seq = PySequence_Fast(list, "extents must be a sequence of (first, end)");
+    if (!seq)
+        return NULL;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *ext = PyMem_RawMalloc(sizeof *ext * 2 * (size_t)(len ? len : 1));
+    if (!ext) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned long long first, end;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &first, &end))
+            goto bad;
+        if (first > end || end > e->npages) {
+            PyErr_Format(PyExc_ValueError, "extent %llu..%llu is outside the page table (%llu pages)", first, end,
+                         (unsigned long long)e->npages);
+            goto bad;
+        }
+        ext[2 * i] = first;
+        ext[2 * i + 1] = end;
+    }
+    Py_DECREF(seq);
+    *n = (size_t)len;
+    return ext;
+bad:
+    Py_DECREF(seq);
+    PyMem_RawFree(ext);
+    return NULL;
+}
+
+/* rebuild(extents, nalgos) -> (pages_stored, same_pages, huge_pages); also
+ * sets those counters.  Raises StateError as store.rebuild would. */
+static PyObject *Engine_rebuild(Engine *e, PyObject *args)
+{
+    PyObject *list;
+    unsigned int nalgos;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "OI", &list, &nalgos))
+        return NULL;
+    size_t next = 0;
+    uint64_t *ext = parse_extents(e, list, &next);
+    if (!ext)
+        return NULL;
+    char err[1024] = "";
+    unsigned long long counts[3] = {0, 0, 0};
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = rebuild_all(e, ext, next, nalgos, counts, err, sizeof err);
+        if (r == 0) {
+            e->pages_stored = counts[0];
+            e->same_pages = counts[1];
+            e->huge_pages = counts[2];
+        }
+        unlock_all(e);
+    });
+    PyMem_RawFree(ext);
+    if (r < 0) {
+        PyErr_SetString(StateError, err);
+        return NULL;
+    }
+    return Py_BuildValue("KKK", counts[0], counts[1], counts[2]);
+}
+
+/* check_invariants(extents): raises StateError as store.check_invariants. */
+static PyObject *Engine_check_pages(Engine *e, PyObject *args)
+{
+    PyObject *list;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "O", &list))
+        return NULL;
+    size_t next = 0;
+    uint64_t *ext = parse_extents(e, list, &next);
+    if (!ext)
+        return NULL;
+    char fatal[1024] = "", msg[4096] = "";
+    Errs b = {msg, sizeof msg, 0, 0};
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = check_all(e, ext, next, &b, fatal, sizeof fatal);
+        unlock_all(e);
+    });
+    PyMem_RawFree(ext);
+    if (r < 0) {
+        PyErr_SetString(StateError, fatal);
+        return NULL;
+    }
+    if (b.n) {
+        PyErr_Format(StateError, "pool invariants broken: %s", msg);
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(a))
 {
-    if (e->lock_ready) {
-        engine_lock(e);
+    if (e->locks_ready) {
+        /* The FUSE threads are stopped first (NativeServer.stop); the locks
+         * wait out any call still running from another Python thread. */
+        lock_all(e);
         engine_release_buffers(e);
-        engine_unlock(e);
+        unlock_all(e);
     }
     Py_RETURN_NONE;
 }
@@ -1597,6 +2550,8 @@ static PyMethodDef Engine_methods[] = {
     {"frame_room", (PyCFunction)Engine_frame_room, METH_NOARGS, NULL},
     {"volatile", (PyCFunction)Engine_volatile, METH_NOARGS, NULL},
     {"set_volatile", (PyCFunction)Engine_set_volatile, METH_O, NULL},
+    {"rebuild", (PyCFunction)Engine_rebuild, METH_VARARGS, "rebuild(extents, nalgos) -> (stored, same, huge)"},
+    {"check_pages", (PyCFunction)Engine_check_pages, METH_VARARGS, "check_pages(extents): raise StateError unless every invariant holds"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "release the state's buffers"},
     {NULL, NULL, 0, NULL},
 };
@@ -1700,14 +2655,11 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         memcpy(&len, in + IN_HDR + 16, 4);
         if (len > s->max_write || off > size || len > size - off)
             return 0;
-        int st;
-        engine_lock(e);
-        st = read_range(e, off, out + OUT_HDR, len);
+        int st = read_range(e, off, out + OUT_HDR, len);
         if (st == ST_OK)
-            e->num_reads++;
-        else
-            e->failed_reads--; /* Python reads it again and counts it */
-        engine_unlock(e);
+            ADD(e->num_reads, 1);
+        else if (st == ST_CORRUPT)
+            SUB(e->failed_reads, 1); /* Python reads it again and counts it */
         if (st != ST_OK)
             return 0;
         oh->len = OUT_HDR + len;
@@ -1722,12 +2674,9 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         if (len != n - IN_HDR - IO_IN || off > size || len > size - off)
             return 0;
         uint64_t done = 0;
-        int st;
-        engine_lock(e);
-        st = write_range(e, off, in + IN_HDR + IO_IN, len, e->full, &done);
+        int st = write_range(e, off, in + IN_HDR + IO_IN, len, __atomic_load_n(&e->full, __ATOMIC_RELAXED), &done);
         if (st == ST_OK)
-            e->num_writes++;
-        engine_unlock(e);
+            ADD(e->num_writes, 1);
         if (st != ST_OK)
             return 0; /* the policy's call: Python writes it (again) whole */
         oh->len = OUT_HDR + 8;
@@ -1745,18 +2694,8 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) || off >= size || len > size - off ||
             off % PAGE_SIZE || len % PAGE_SIZE)
             return 0;
-        long t;
-        engine_lock(e);
-        for (uint64_t idx = off / PAGE_SIZE; idx < (off + len) / PAGE_SIZE; idx++) {
-            uint64_t old = e->page[idx];
-            if (old & KIND_MASK) {
-                __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
-                release(e, old);
-                e->notify_free++;
-            }
-        }
-        t = trim(e);
-        engine_unlock(e);
+        discard_range(e, off / PAGE_SIZE, (off + len) / PAGE_SIZE);
+        long t = trim(e);
         if (t < 0)
             __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
         oh->len = OUT_HDR;
@@ -1797,6 +2736,7 @@ static void *server_thread(void *arg)
 {
     Server *s = arg;
     uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
+    ctx_get(s->engine); /* this thread's codec context, before the first request */
     struct pollfd p[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
     struct timespec last = {0, 0};
     while (in && out && !s->stop) {
@@ -1983,6 +2923,10 @@ PyMODINIT_FUNC PyInit__engine(void)
         return NULL;
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ServerType) < 0)
         return NULL;
+    if (pthread_key_create(&ctx_key, ctx_free) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&engine_module);
     if (!m)
         return NULL;

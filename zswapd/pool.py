@@ -973,7 +973,7 @@ class Pool:
                 slot = hdr & 0xFFFF
             if len(seen) + len(used) != c.objs_per_zspage:
                 bad(f"zspage {z}: {len(seen)} free + {len(used)} owned slots != {c.objs_per_zspage}")
-            group = self._gtab[cls][self.zs_inuse[z]]
+            group = self._group_of(self.zs_inuse[z], c.objs_per_zspage)  # any inuse, even a corrupt one
             if self.zs_group[z] != group or in_lists.get(z, GROUP_FULL) != group:
                 bad(f"zspage {z}: group {self.zs_group[z]}, listed in {in_lists.get(z)}, should be {group}")
         if cls_zspages != self.cls_zspages:

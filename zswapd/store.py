@@ -55,11 +55,11 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
-from .engine import COUNTER_NAMES, NOROOM, OK, REFUSED, Counters, CounterSet, Engine, make_engine
+from .codec import ALGORITHMS, PAGE_SIZE, Buffer, Codec
+from .engine import NOROOM, OK, REFUSED, Counters, CounterSet, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
-from .state import Geometry, State, StateError
+from .state import Geometry, State
 
 _KIND_MASK = 0x3
 _LEN_SHIFT = 4
@@ -161,66 +161,22 @@ class Store:
 
     def rebuild(self) -> None:
         """Recompute every volatile index and derived counter from the page
-        table and the pool's persistent tables, freeing what no page names."""
-        # The scan is pool.py's, run on a Python Pool over the same tables;
-        # the engine then adopts the indexes it rebuilt.
-        pool, c = self.engine.reference(), Counters()
-        pool.begin_rebuild()
-        for first, end in self.state.extents("page"):
-            for idx, entry in enumerate(self.table[first:end].tolist(), first):
-                kind = entry & _KIND_MASK
-                if not kind:
-                    continue
-                h = entry >> _HANDLE_SHIFT
-                if entry & (1 << 63) or (entry >> 17) & 0x7FFF:
-                    raise StateError(f"page {idx}: entry {entry:#x} has bits set that no entry uses")
-                c.pages_stored += 1
-                try:
-                    if kind == KIND_SAME:
-                        pool.claim_word(h)
-                        c.same_pages += 1
-                        continue
-                    n = (entry >> _LEN_SHIFT) & _LEN_MASK
-                    if (kind == KIND_HUGE) != (n == PAGE_SIZE) or (entry >> 2) & 0x3 >= len(ALGORITHMS):
-                        raise StateError(f"entry {entry:#x} has a bad length or algorithm for its kind")
-                    pool.claim_object(h, n)
-                    c.huge_pages += kind == KIND_HUGE
-                except StateError as e:
-                    raise StateError(f"page {idx}: {e}") from None
-        pool.finish_rebuild()
+        table and the pool's persistent tables, freeing what no page names.
+        The scan is the engine's (engine.reference_rebuild, or the native
+        one, which leaves the same bytes); the event counters come back from
+        the header snapshot."""
+        self.engine.rebuild_pages(list(self.state.extents("page")))
         saved = dict(zip(_SAVED, self.state.load_counters(), strict=False))
+        c = self.c
         for name in _SAVED:
             setattr(c, name, saved.get(name, 0))
-        pool.pages_compacted = self.state.load_counters()[len(_SAVED)]
-        c.mem_used_max = max(c.mem_used_max, pool.mem_used_total)
-        self.engine.adopt(pool)
-        for name in COUNTER_NAMES:
-            setattr(self.engine.c, name, getattr(c, name))
+        self.engine.pages_compacted = self.state.load_counters()[len(_SAVED)]
+        c.mem_used_max = max(c.mem_used_max, self.engine.mem_used_total)
 
     def check_invariants(self) -> None:
         """Raise StateError unless each live handle is named by exactly one
         page and every pool index agrees with the persistent tables."""
-        owners: dict[int, int] = {}
-        same = huge = stored = 0
-        for first, end in self.state.extents("page"):
-            for idx, entry in enumerate(self.table[first:end].tolist(), first):
-                kind = entry & _KIND_MASK
-                if not kind:
-                    continue
-                h = entry >> _HANDLE_SHIFT
-                if h in owners:
-                    raise StateError(f"page {idx} names handle {h}, which another page names too")
-                stored += 1
-                same += kind == KIND_SAME
-                huge += kind == KIND_HUGE
-                owners[h] = -1 if kind == KIND_SAME else (entry >> _LEN_SHIFT) & _LEN_MASK
-        c = self.c
-        if (stored, same, huge) != (c.pages_stored, c.same_pages, c.huge_pages):
-            raise StateError(
-                f"counters say {c.pages_stored} stored, {c.same_pages} same-filled, {c.huge_pages} huge pages; "
-                f"the page table holds {stored}, {same}, {huge}"
-            )
-        self.engine.reference().check_invariants(owners)
+        self.engine.check_pages(list(self.state.extents("page")))
 
     def save_counters(self) -> None:
         """Snapshot the event counters into the state header."""
