@@ -491,6 +491,19 @@ class TmpfsLoopTarget(Target):
             os.unlink(self.file)
 
 
+def engine_module() -> str:
+    """Which build of the C engine an import of zswapd here loads, and when it
+    was built: an editable install can resolve ``zswapd._engine`` to another
+    checkout's build, so a figure could otherwise belong to other C code."""
+    try:
+        from . import _engine
+    except ImportError:
+        return "not built (python engine only)"
+    path = Path(str(_engine.__file__))
+    built = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(path.stat().st_mtime))
+    return f"{path} (built {built} UTC)"
+
+
 def pyfuse3_available() -> bool:
     try:
         import pyfuse3  # noqa: F401
@@ -717,6 +730,7 @@ def _bench_device(
             add("baseline", algorithms[0])
         results.update(run_targets(targets, corpus, repeat, latency_seconds, workdir))
         results["serving"] = {t.name: t.serving() for t in targets if isinstance(t, ZswapdTarget)}
+        results["engine_module"] = engine_module()
     ratios: dict[str, float] = {}
     z = results.get("zram-lz4")
     if z:
@@ -755,7 +769,7 @@ def format_device(r: dict[str, Any]) -> str:
         "codec ceiling (one core): " + ", ".join(f"{k} {v:.0f}" for k, v in r["codec_ceiling"].items()),
         "",
     ]
-    targets = [k for k in r if k not in ("corpus", "codec_ceiling", "ratios", "serving")]
+    targets = [k for k in r if k not in ("corpus", "codec_ceiling", "ratios", "serving", "engine_module")]
     cols = ["write_MBps", "read_MBps", "randread_p50_us", "randread_p99_us", "ratio", "frag_after_discard",
             "frag_after_compact", "metadata_B_per_page", "verified"]  # fmt: skip
     lines.append(f"{'target':14}" + "".join(f"{col:>21}" for col in cols))
@@ -764,6 +778,8 @@ def format_device(r: dict[str, Any]) -> str:
     lines.append("")
     for name, how in r.get("serving", {}).items():
         lines.append(f"  {name} served by: {how}")
+    if "engine_module" in r:
+        lines.append(f"  engine module: {r['engine_module']}")
     for k, v in r["ratios"].items():
         lines.append(f"  {k:52} {v:8.2f}")
     return "\n".join(lines)
@@ -1120,6 +1136,7 @@ def _summarise_app(
         "working_set_over_limit": peak / limit,
         "unlimited_wall_s": ref_wall,
         "zswapd_serving": serving,
+        "engine_module": engine_module(),
         "targets": targets,
         "ratios": ratios,
         "runs": [r.__dict__ for r in runs],
@@ -1133,7 +1150,7 @@ def format_app(r: dict[str, Any]) -> str:
         f"input {r['input_bytes'] / MIB:.0f} MiB; peak charge without a limit {r['peak_bytes'] / MIB:.0f} MiB "
         f"in {r['unlimited_wall_s']:.1f} s; limit {r['limit_bytes'] / MIB:.0f} MiB "
         f"(working set {r['working_set_over_limit']:.2f}x the limit)",
-        f"zswapd served by: {r['zswapd_serving']}",
+        f"zswapd served by: {r['zswapd_serving']}; engine module {r['engine_module']}",
         "",
         f"{'target':12}{'runs':>6}{'ok':>5}{'oom':>5}{'timeout':>9}{'wall s':>9}{'pswpin':>10}{'pswpout':>10}",
     ]
