@@ -160,7 +160,7 @@ def test_bench_device_sigterm_mid_run_leaves_nothing() -> None:
             shutil.rmtree(private, ignore_errors=True)
 
 
-APP = [sys.executable, "-m", "zswapd", "bench", "app", "--repeat", "1", "--input-size", "4M", "--json",
+APP = [sys.executable, "-m", "zswapd", "bench", "app", "--repeat", "1", "--input-size", "4M", "--limit-ratio", "1.3", "--json",
        "--algorithms", "lz4"]  # fmt: skip
 
 
