@@ -170,8 +170,8 @@ def _swaps() -> list[str]:
 
 @pytest.mark.root
 def test_bench_app_end_to_end() -> None:
-    """A real program in a memory cgroup with zram and then zswapd as its only
-    swap: it runs, each finished run's output equals the run without swap,
+    """A real program in a memory cgroup with zram, zswapd and a tmpfs loop
+    device, each in turn, as its only swap: it runs, each finished run's output equals the run without swap,
     and swap, cgroups, loop devices, mounts and daemons are all gone after."""
     assert not _swaps(), "the app bench needs swap off; something else left it on"
     r = subprocess.run(APP, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -179,7 +179,7 @@ def test_bench_app_end_to_end() -> None:
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)
         assert res["limit_bytes"] < res["peak_bytes"]
-        assert [run["target"] for run in res["runs"]] == ["zram-lz4", "zswapd-lz4"]
+        assert [run["target"] for run in res["runs"]] == ["zram-lz4", "zswapd-lz4", "tmpfs-loop"]
         assert "native" in res["zswapd_serving"] or "python" in res["zswapd_serving"]
         for run in res["runs"]:
             # Under memcg v1 thrashing the OOM killer may fire; the bench must

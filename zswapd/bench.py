@@ -806,7 +806,8 @@ def _plot(r: dict[str, Any], path: str) -> None:
 # -- application benchmark -------------------------------------------------------
 #
 # A real program that none of us wrote, with a working set larger than its
-# cgroup-v1 memory limit, run with zram and then with zswapd as the only swap.
+# cgroup-v1 memory limit, run with zram, with zswapd and with a loop device
+# over a tmpfs file (the loop layer's floor) as the only swap.
 #
 # ``sort`` (GNU coreutils, one thread, an in-memory sort): it reads the whole
 # input into one buffer and merge-sorts line records whose comparisons
@@ -892,6 +893,7 @@ def _swaps() -> list[str]:
 
 @dataclass
 class AppRun:
+    rep: int
     target: str
     status: str  # "ok", "oom-killed", "timeout", "output differs", "exit N"
     wall_s: float
@@ -971,8 +973,9 @@ def bench_app(
     as_json: bool = False,
 ) -> int:
     """``program`` on a deterministic input, in a memory cgroup whose limit
-    is its measured peak / ``limit_ratio``, with zram and then zswapd as the
-    only swap, in ABBA order; medians of wall time over the runs that
+    is its measured peak / ``limit_ratio``, with zram, zswapd and a
+    tmpfs-backed loop device each as the only swap in turn (the order
+    rotating between repetitions); medians of wall time over the runs that
     finished with the right output."""
     name = "zswapd bench app"
     if os.geteuid() != 0:
@@ -1047,20 +1050,17 @@ def _bench_app(
                            + Path(errlog).read_text(errors="replace")[-2000:])  # fmt: skip
     limit = int(peak / limit_ratio) // PAGE * PAGE
     swap_size = -(-2 * peak // MIB) * MIB
-    zname, sname = f"zram-{algorithm}", f"zswapd-{algorithm}"
+    names = {"zram": f"zram-{algorithm}", "zswapd": f"zswapd-{algorithm}", "tmpfs": "tmpfs-loop"}
     runs: list[AppRun] = []
     serving = ""
+    kinds = list(names)
     for i in range(repeat):
-        # ABBA: neither target always runs first after the other's teardown.
-        for kind in ("zram", "zswapd") if i % 2 == 0 else ("zswapd", "zram"):
+        # The order rotates, so that no target always runs first or always
+        # follows the same other target's teardown.
+        for kind in kinds[i % 3 :] + kinds[: i % 3]:
             with contextlib.ExitStack() as stack:
-                if kind == "zram":
-                    t: Target = ZramSwap(swap_size, algorithm, APP_PRIORITY)
-                else:
-                    sub = os.path.join(workdir, f"zswapd-{i}")
-                    os.makedirs(sub)
-                    t = ZswapdTarget(swap_size, algorithm, sub, swap_priority=APP_PRIORITY)
-                    t.name = sname
+                t = _app_swap(kind, swap_size, algorithm, os.path.join(workdir, f"{kind}-{i}"), private)
+                t.name = names[kind]
                 stack.callback(t.close)
                 if _swaps() != [t.path]:
                     raise RuntimeError(f"expected {t.path} as the only swap, /proc/swaps has {_swaps()}")
@@ -1082,11 +1082,42 @@ def _bench_app(
                     status = "output differs"
                 else:
                     status = "ok"
-                runs.append(AppRun(t.name, status, wall, after["pswpin"] - before["pswpin"],
+                runs.append(AppRun(i, t.name, status, wall, after["pswpin"] - before["pswpin"],
                                    after["pswpout"] - before["pswpout"], ooms, cg.max_usage(), digest))  # fmt: skip
-    res = _summarise_app(program, argv, input_size, peak, limit, ref_wall, runs, zname, sname, serving)
+    res = _summarise_app(program, argv, input_size, peak, limit, ref_wall, runs, list(names.values()), serving)
     res["reference_sha256"] = ref_hash
     return res
+
+
+def _app_swap(kind: str, size: int, algorithm: str, workdir: str, private: str) -> Target:
+    """One swap target, on: zram, zswapd (which turns on its own swap), or a
+    loop device over a tmpfs file (the loop layer's floor: no compression,
+    the same block path as zswapd's)."""
+    if kind == "zram":
+        return ZramSwap(size, algorithm, APP_PRIORITY)
+    if kind == "zswapd":
+        os.makedirs(workdir)
+        return ZswapdTarget(size, algorithm, workdir, swap_priority=APP_PRIORITY)
+    return TmpfsLoopSwap(size, private, APP_PRIORITY)
+
+
+class TmpfsLoopSwap(TmpfsLoopTarget):
+    """A loop device over a tmpfs file as the only swap."""
+
+    def __init__(self, size: int, private: str, priority: int) -> None:
+        super().__init__(size, private)
+        try:
+            _sh("mkswap", self.path)
+            _sh("swapon", "--priority", str(priority), self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for loop in _loops_of(self.file):  # swapoff before the loop device can go
+            if loop in _swaps():
+                subprocess.run(["swapoff", loop], capture_output=True)
+        super().close()
 
 
 def _summarise_app(
@@ -1097,12 +1128,12 @@ def _summarise_app(
     limit: int,
     ref_wall: float,
     runs: list[AppRun],
-    zname: str,
-    sname: str,
+    names: list[str],
     serving: str,
 ) -> dict[str, Any]:
+    zname, sname, fname = names
     targets: dict[str, dict[str, Any]] = {}
-    for name in (zname, sname):
+    for name in names:
         mine = [r for r in runs if r.target == name]
         ok = [r for r in mine if r.status == "ok"]
         t: dict[str, Any] = {
@@ -1118,15 +1149,18 @@ def _summarise_app(
             t["pswpout"] = statistics.median(r.pswpout for r in ok)
         targets[name] = t
     ratios: dict[str, float] = {}
-    if "wall_s" in targets[zname] and "wall_s" in targets[sname]:
-        ratios["wall zswapd/zram (ratio of medians)"] = targets[sname]["wall_s"] / targets[zname]["wall_s"]
-        # Each repetition ran both back to back: the ratio within a pair
-        # cancels the machine's drift between repetitions.
-        n = len(runs) // 2
-        pairs = [sorted(runs[2 * i : 2 * i + 2], key=lambda r: r.target != sname) for i in range(n)]
-        paired = [p[0].wall_s / p[1].wall_s for p in pairs if p[0].status == p[1].status == "ok"]
+    for a, b in ((sname, zname), (fname, zname), (sname, fname)):
+        if "wall_s" not in targets[a] or "wall_s" not in targets[b]:
+            continue
+        label = f"wall {a}/{b}"
+        ratios[f"{label} (ratio of medians)"] = targets[a]["wall_s"] / targets[b]["wall_s"]
+        # Within a repetition the targets ran back to back: a ratio within
+        # it cancels the machine's drift between repetitions.
+        walls = {(r.rep, r.target): r.wall_s for r in runs if r.status == "ok"}
+        reps = sorted({r.rep for r in runs})
+        paired = [walls[(i, a)] / walls[(i, b)] for i in reps if (i, a) in walls and (i, b) in walls]
         if paired:
-            ratios["wall zswapd/zram (median of paired ratios)"] = statistics.median(paired)
+            ratios[f"{label} (median of paired ratios)"] = statistics.median(paired)
     return {
         "program": program,
         "argv": argv,
@@ -1165,7 +1199,7 @@ def format_app(r: dict[str, Any]) -> str:
     for run in r["runs"]:
         lines.append(f"  {run['target']:12} {run['status']:14} {run['wall_s']:8.2f} s  pswpin {run['pswpin']}")
     for k, v in r["ratios"].items():
-        lines.append(f"  {k:48} {v:6.2f}")
+        lines.append(f"  {k:58} {v:6.2f}")
     if r["wrong_output"]:
         lines.append(f"WRONG OUTPUT in {len(r['wrong_output'])} run(s): the program's output differed from the "
                      "run without swap")  # fmt: skip
