@@ -617,10 +617,16 @@ def codec_ceiling(corpus: Corpus) -> dict[str, float]:
 
 
 def _make_target(
-    kind: str, size: int, algorithm: str, workdir: str, private: str, baseline_src: str | None = None
+    kind: str,
+    size: int,
+    algorithm: str,
+    workdir: str,
+    private: str,
+    baseline_src: str | None = None,
+    fuse_threads: int | None = None,
 ) -> Target:
     if kind == "zswapd":
-        t: Target = ZswapdTarget(size, algorithm, workdir)
+        t: Target = ZswapdTarget(size, algorithm, workdir, fuse_threads=fuse_threads)
     elif kind == "baseline":
         t = ZswapdTarget(size, algorithm, workdir, src=baseline_src)
     elif kind == "pyfuse3":
@@ -642,6 +648,7 @@ def bench_device(
     as_json: bool = False,
     plot: str | None = None,
     baseline_src: str | None = None,
+    fuse_threads: int | None = None,
 ) -> int:
     if os.geteuid() != 0:
         print("zswapd bench device: needs root (loop devices, zram, FUSE)", file=sys.stderr)
@@ -667,6 +674,7 @@ def bench_device(
                 workdir=workdir,
                 private=private,
                 baseline_src=baseline_src,
+                fuse_threads=fuse_threads,
             )
     except OSError as e:
         print(f"zswapd bench device: {e}", file=sys.stderr)
@@ -696,6 +704,7 @@ def _bench_device(
     workdir: str,
     private: str,
     baseline_src: str | None = None,
+    fuse_threads: int | None = None,
 ) -> dict[str, Any]:
     if corpus_file:
         corpus = _describe(corpus_file)
@@ -715,7 +724,7 @@ def _bench_device(
         def add(kind: str, algo: str) -> None:
             sub = os.path.join(workdir, f"{kind}-{algo}")
             os.makedirs(sub, exist_ok=True)
-            t = _make_target(kind, size, algo, sub, private, baseline_src)
+            t = _make_target(kind, size, algo, sub, private, baseline_src, fuse_threads)
             stack.callback(t.close)
             targets.append(t)
 
@@ -971,6 +980,7 @@ def bench_app(
     algorithm: str = "lz4",
     timeout: float = 1800,
     as_json: bool = False,
+    fuse_threads: int | None = None,
 ) -> int:
     """``program`` on a deterministic input, in a memory cgroup whose limit
     is its measured peak / ``limit_ratio``, with zram, zswapd and a
@@ -1002,7 +1012,9 @@ def bench_app(
     try:
         with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
             print(f"{name}: input in {private}, daemons run in {workdir}", file=sys.stderr, flush=True)
-            results = _bench_app(program, input_size, limit_ratio, repeat, algorithm, timeout, private, workdir)
+            results = _bench_app(
+                program, input_size, limit_ratio, repeat, algorithm, timeout, private, workdir, fuse_threads
+            )
     except OSError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 1
@@ -1030,6 +1042,7 @@ def _bench_app(
     timeout: float,
     private: str,
     workdir: str,
+    fuse_threads: int | None = None,
 ) -> dict[str, Any]:
     input_path = os.path.join(private, "input")
     make_app_input(input_path, input_size)
@@ -1059,7 +1072,7 @@ def _bench_app(
         # follows the same other target's teardown.
         for kind in kinds[i % 3 :] + kinds[: i % 3]:
             with contextlib.ExitStack() as stack:
-                t = _app_swap(kind, swap_size, algorithm, os.path.join(workdir, f"{kind}-{i}"), private)
+                t = _app_swap(kind, swap_size, algorithm, os.path.join(workdir, f"{kind}-{i}"), private, fuse_threads)
                 t.name = names[kind]
                 stack.callback(t.close)
                 if _swaps() != [t.path]:
@@ -1089,7 +1102,9 @@ def _bench_app(
     return res
 
 
-def _app_swap(kind: str, size: int, algorithm: str, workdir: str, private: str) -> Target:
+def _app_swap(
+    kind: str, size: int, algorithm: str, workdir: str, private: str, fuse_threads: int | None = None
+) -> Target:
     """One swap target, on: zram, zswapd (which turns on its own swap), or a
     loop device over a tmpfs file (the loop layer's floor: no compression,
     the same block path as zswapd's)."""
@@ -1097,7 +1112,7 @@ def _app_swap(kind: str, size: int, algorithm: str, workdir: str, private: str) 
         return ZramSwap(size, algorithm, APP_PRIORITY)
     if kind == "zswapd":
         os.makedirs(workdir)
-        return ZswapdTarget(size, algorithm, workdir, swap_priority=APP_PRIORITY)
+        return ZswapdTarget(size, algorithm, workdir, swap_priority=APP_PRIORITY, fuse_threads=fuse_threads)
     return TmpfsLoopSwap(size, private, APP_PRIORITY)
 
 

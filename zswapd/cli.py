@@ -158,6 +158,9 @@ def _main(argv: list[str] | None = None) -> int:
     p_bench.add_argument(
         "--limit-ratio", type=float, default=1.5, help="app: working set / memory limit (1.3 to 2 is the target range)"
     )
+    p_bench.add_argument(
+        "--fuse-threads", type=int, help="device, app: zswapd's [fuse] threads (default: the daemon's default)"
+    )
     p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
 
     if argv is None:
@@ -255,6 +258,9 @@ def _main(argv: list[str] | None = None) -> int:
         if not algorithms or not set(algorithms) <= {"lz4", "zstd"}:
             print(f"zswapd bench: --algorithms {args.algorithms!r}: expected lz4, zstd or lz4,zstd", file=sys.stderr)
             return 2
+        if args.fuse_threads is not None and args.fuse_threads < 0:
+            print(f"zswapd bench: --fuse-threads {args.fuse_threads}: expected 0 (one per CPU) or more", file=sys.stderr)
+            return 2
         if args.what == "pool":
             return bench_pool(args.pages, args.json)
         if args.what == "app":
@@ -270,7 +276,7 @@ def _main(argv: list[str] | None = None) -> int:
                 print("zswapd bench: --limit-ratio: expected 1 to 10; --timeout: expected > 0", file=sys.stderr)
                 return 2
             return bench_app(args.program, input_size, args.limit_ratio, args.repeat, algorithms[0], args.timeout,
-                             args.json)  # fmt: skip
+                             args.json, args.fuse_threads)  # fmt: skip
         try:
             corpus_size = parse_size(args.corpus_size)
             if corpus_size < 1 << 20:
@@ -290,6 +296,7 @@ def _main(argv: list[str] | None = None) -> int:
             as_json=args.json,
             plot=args.plot,
             baseline_src=args.baseline_src,
+            fuse_threads=args.fuse_threads,
         )
     return 2
 
