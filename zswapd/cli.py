@@ -259,7 +259,9 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"zswapd bench: --algorithms {args.algorithms!r}: expected lz4, zstd or lz4,zstd", file=sys.stderr)
             return 2
         if args.fuse_threads is not None and args.fuse_threads < 0:
-            print(f"zswapd bench: --fuse-threads {args.fuse_threads}: expected 0 (one per CPU) or more", file=sys.stderr)
+            print(
+                f"zswapd bench: --fuse-threads {args.fuse_threads}: expected 0 (one per CPU) or more", file=sys.stderr
+            )
             return 2
         if args.what == "pool":
             return bench_pool(args.pages, args.json)
