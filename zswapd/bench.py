@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import random
+import re
+import select
 import shutil
 import signal
 import statistics
@@ -85,12 +88,16 @@ def exit_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) 
             signal.signal(n, h)
 
 
+def _loops_of(path: str) -> list[str]:
+    out = subprocess.run(["losetup", "-j", path], capture_output=True, text=True).stdout
+    return [line.split(":")[0] for line in out.splitlines()]
+
+
 def _detach_loops_of(path: str) -> None:
     """Detach every loop device backed by ``path``; also catches one attached
     by a losetup that was interrupted before it printed its name."""
-    out = subprocess.run(["losetup", "-j", path], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True)
+    for loop in _loops_of(path):
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
 def sample_pages(n: int) -> list[bytes]:
@@ -359,10 +366,19 @@ def _zs_slab_bytes() -> int:
 
 class ZswapdTarget(Target):
     def __init__(
-        self, size: int, algorithm: str, workdir: str, backend: str = "native", src: str | None = None
+        self,
+        size: int,
+        algorithm: str,
+        workdir: str,
+        backend: str = "native",
+        src: str | None = None,
+        swap_priority: int | None = None,
+        fuse_threads: int | None = None,
     ) -> None:
         """``src``: run the zswapd of that source tree instead of this one
-        (a baseline, e.g. the previous commit, measured in the same run)."""
+        (a baseline, e.g. the previous commit, measured in the same run).
+        ``swap_priority``: the daemon turns its device on as swap.
+        ``fuse_threads``: [fuse] threads (default: the daemon's own default)."""
         from .control import request
 
         self.name = "zswapd" if backend == "native" else f"zswapd-{backend}"
@@ -370,32 +386,45 @@ class ZswapdTarget(Target):
             self.name = "baseline"
         self._request = request
         self.workdir = workdir
-        mnt = os.path.join(workdir, "mnt")
+        self.swap = swap_priority is not None
+        self.mnt = os.path.join(workdir, "mnt")
         self.sock = os.path.join(workdir, "ctl", "control.sock")
         cfg = os.path.join(workdir, "bench.toml")
+        # With swap, the daemon itself attaches the loop device, runs mkswap
+        # and swapon, and undoes them at SIGTERM, as a user's daemon would.
+        swap = f"enable = true\npriority = {swap_priority}" if self.swap else "enable = false"
         with open(cfg, "w") as f:
             f.write(
-                f'[device]\nsize = {size}\nmountpoint = "{mnt}"\n[pool]\nalgorithm = "{algorithm}"\nmemory_limit = 0\n'
-                f'[swap]\nenable = false\n[compaction]\nbackground = false\n[control]\nsocket = "{self.sock}"\n'
-                f'[fuse]\nbackend = "{backend}"\n'
+                f'[device]\nsize = {size}\nmountpoint = "{self.mnt}"\n[pool]\nalgorithm = "{algorithm}"\n'
+                f"memory_limit = 0\n[swap]\n{swap}\n[compaction]\nbackground = false\n"
+                f'[control]\nsocket = "{self.sock}"\n[fuse]\nbackend = "{backend}"\n'
+                + (f"threads = {fuse_threads}\n" if fuse_threads is not None else "")
             )
-        self.file = os.path.join(mnt, "swap")
+        self.file = os.path.join(self.mnt, "swap")
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
         env = dict(os.environ, PYTHONPATH=os.path.abspath(src)) if src else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zswapd", "run", "--config", cfg], stderr=self.log, env=env, cwd=src
         )
         try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(self.sock):
+            deadline = time.monotonic() + 60
+            while not self._ready():
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(Path(workdir, "daemon.log").read_text())
                 time.sleep(0.05)
-            time.sleep(0.2)
-            self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+            if self.swap:
+                self.path = _loops_of(self.file)[0]
+            else:
+                time.sleep(0.2)
+                self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
         except BaseException:
             self.close()
             raise
+
+    def _ready(self) -> bool:
+        if self.swap:  # the supervisor logs "ready:" once swap is on
+            return b"ready:" in Path(self.log.name).read_bytes()
+        return os.path.exists(self.sock)
 
     def stats(self) -> dict[str, float]:
         s = self._request(self.sock, {"cmd": "stats"})
@@ -403,19 +432,37 @@ class ZswapdTarget(Target):
             "pages": s["pages_stored"]
         }
 
+    def serving(self) -> str:
+        """What actually served this target: the engine stats report and the
+        number of native FUSE threads the worker logged (a figure measured
+        on a fallback engine would otherwise pass for the native one)."""
+        s = self._request(self.sock, {"cmd": "stats"})
+        engine = str(s.get("engine", "python (no engine in stats)"))
+        m = re.search(rb"serving FUSE with (\d+) native threads", Path(self.log.name).read_bytes())
+        return f"{engine} engine, " + (f"{int(m.group(1))} native FUSE threads" if m else "no native FUSE threads")
+
     def compact(self) -> None:
         self._request(self.sock, {"cmd": "compact"}, timeout=600)
 
     def close(self) -> None:
-        _detach_loops_of(self.file)
-        if getattr(self, "path", None):
-            subprocess.run(["losetup", "-d", self.path], capture_output=True)  # found by name, not by file
+        if not self.swap:
+            _detach_loops_of(self.file)
+            if getattr(self, "path", None):
+                subprocess.run(["losetup", "-d", self.path], capture_output=True)  # found by name, not by file
         self.proc.terminate()
         try:
-            self.proc.wait(60)
+            self.proc.wait(300)  # swapoff brings back whatever is still in swap
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.swap:
+            # Only if the daemon could not undo its own swap (killed above,
+            # or it failed on the way up).
+            for loop in _loops_of(self.file):
+                subprocess.run(["swapoff", loop], capture_output=True)
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+            if any(line.split()[1] == self.mnt for line in Path("/proc/mounts").read_text().splitlines()):
+                subprocess.run(["umount", "-l", self.mnt], capture_output=True)
         self.log.close()
 
 
@@ -442,6 +489,19 @@ class TmpfsLoopTarget(Target):
             subprocess.run(["losetup", "-d", self.path], capture_output=True)  # found by name, not by file
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.file)
+
+
+def engine_module() -> str:
+    """Which build of the C engine an import of zswapd here loads, and when it
+    was built: an editable install can resolve ``zswapd._engine`` to another
+    checkout's build, so a figure could otherwise belong to other C code."""
+    try:
+        from . import _engine
+    except ImportError:
+        return "not built (python engine only)"
+    path = Path(str(_engine.__file__))
+    built = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(path.stat().st_mtime))
+    return f"{path} (built {built} UTC)"
 
 
 def pyfuse3_available() -> bool:
@@ -557,10 +617,16 @@ def codec_ceiling(corpus: Corpus) -> dict[str, float]:
 
 
 def _make_target(
-    kind: str, size: int, algorithm: str, workdir: str, private: str, baseline_src: str | None = None
+    kind: str,
+    size: int,
+    algorithm: str,
+    workdir: str,
+    private: str,
+    baseline_src: str | None = None,
+    fuse_threads: int | None = None,
 ) -> Target:
     if kind == "zswapd":
-        t: Target = ZswapdTarget(size, algorithm, workdir)
+        t: Target = ZswapdTarget(size, algorithm, workdir, fuse_threads=fuse_threads)
     elif kind == "baseline":
         t = ZswapdTarget(size, algorithm, workdir, src=baseline_src)
     elif kind == "pyfuse3":
@@ -582,6 +648,7 @@ def bench_device(
     as_json: bool = False,
     plot: str | None = None,
     baseline_src: str | None = None,
+    fuse_threads: int | None = None,
 ) -> int:
     if os.geteuid() != 0:
         print("zswapd bench device: needs root (loop devices, zram, FUSE)", file=sys.stderr)
@@ -607,6 +674,7 @@ def bench_device(
                 workdir=workdir,
                 private=private,
                 baseline_src=baseline_src,
+                fuse_threads=fuse_threads,
             )
     except OSError as e:
         print(f"zswapd bench device: {e}", file=sys.stderr)
@@ -636,6 +704,7 @@ def _bench_device(
     workdir: str,
     private: str,
     baseline_src: str | None = None,
+    fuse_threads: int | None = None,
 ) -> dict[str, Any]:
     if corpus_file:
         corpus = _describe(corpus_file)
@@ -655,7 +724,7 @@ def _bench_device(
         def add(kind: str, algo: str) -> None:
             sub = os.path.join(workdir, f"{kind}-{algo}")
             os.makedirs(sub, exist_ok=True)
-            t = _make_target(kind, size, algo, sub, private, baseline_src)
+            t = _make_target(kind, size, algo, sub, private, baseline_src, fuse_threads)
             stack.callback(t.close)
             targets.append(t)
 
@@ -669,6 +738,8 @@ def _bench_device(
         if baseline_src:
             add("baseline", algorithms[0])
         results.update(run_targets(targets, corpus, repeat, latency_seconds, workdir))
+        results["serving"] = {t.name: t.serving() for t in targets if isinstance(t, ZswapdTarget)}
+        results["engine_module"] = engine_module()
     ratios: dict[str, float] = {}
     z = results.get("zram-lz4")
     if z:
@@ -686,6 +757,10 @@ def _bench_device(
         mine = results[f"zswapd-{algo}"]
         ratios[f"zswapd-{algo}/tmpfs-loop write_MBps"] = mine["write_MBps"] / results["tmpfs-loop"]["write_MBps"]
         ratios[f"zswapd-{algo}/tmpfs-loop read_MBps"] = mine["read_MBps"] / results["tmpfs-loop"]["read_MBps"]
+        # The latency target is against the loop layer's own floor, measured
+        # in the same run: absolute microseconds swing 5x on this VM.
+        for key in ("randread_p50_us", "randread_p99_us"):
+            ratios[f"zswapd-{algo}/tmpfs-loop {key}"] = mine[key] / results["tmpfs-loop"][key]
     base = results.get(f"baseline-{algorithms[0]}")
     if base:
         mine = results[f"zswapd-{algorithms[0]}"]
@@ -703,13 +778,17 @@ def format_device(r: dict[str, Any]) -> str:
         "codec ceiling (one core): " + ", ".join(f"{k} {v:.0f}" for k, v in r["codec_ceiling"].items()),
         "",
     ]
-    targets = [k for k in r if k not in ("corpus", "codec_ceiling", "ratios")]
+    targets = [k for k in r if k not in ("corpus", "codec_ceiling", "ratios", "serving", "engine_module")]
     cols = ["write_MBps", "read_MBps", "randread_p50_us", "randread_p99_us", "ratio", "frag_after_discard",
             "frag_after_compact", "metadata_B_per_page", "verified"]  # fmt: skip
     lines.append(f"{'target':14}" + "".join(f"{col:>21}" for col in cols))
     for t in targets:
         lines.append(f"{t:14}" + "".join(f"{r[t].get(col, float('nan')):>21.2f}" for col in cols))
     lines.append("")
+    for name, how in r.get("serving", {}).items():
+        lines.append(f"  {name} served by: {how}")
+    if "engine_module" in r:
+        lines.append(f"  engine module: {r['engine_module']}")
     for k, v in r["ratios"].items():
         lines.append(f"  {k:52} {v:8.2f}")
     return "\n".join(lines)
@@ -731,3 +810,412 @@ def _plot(r: dict[str, Any], path: str) -> None:
     ax.set_xlabel("ratio")
     fig.tight_layout()
     fig.savefig(path)
+
+
+# -- application benchmark -------------------------------------------------------
+#
+# A real program that none of us wrote, with a working set larger than its
+# cgroup-v1 memory limit, run with zram, with zswapd and with a loop device
+# over a tmpfs file (the loop layer's floor) as the only swap.
+#
+# ``sort`` (GNU coreutils, one thread, an in-memory sort): it reads the whole
+# input into one buffer and merge-sorts line records whose comparisons
+# dereference the text at random, so every page of the buffer is touched
+# again and again in no order; measured here it swaps in about its whole
+# footprint at 1.5x.  ``xz -9`` (LZMA's bt4 match finder over a 64 MiB
+# dictionary) is random too, but on this kernel memcg v1 reclaim gives up on
+# it and the OOM killer fires even with zram at 1.3x, so it rarely finishes.
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+APP_PROGRAMS = ("sort", "xz")
+APP_PRIORITY = 100
+
+
+def make_app_input(path: str, size: int, seed: int = 13) -> None:
+    """Deterministic text: lines of two words from a 50,000-word vocabulary
+    and a 40-bit number, ``size`` bytes or a line more."""
+    r = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(r.choices(alphabet, k=r.randint(2, 10))) for _ in range(50000)]
+    with os.fdopen(create_private(path), "w") as f:
+        n = 0
+        while n < size:
+            chunk = "".join(f"{r.choice(words)} {r.choice(words)} {r.getrandbits(40)}\n" for _ in range(20000))
+            f.write(chunk)
+            n += len(chunk)
+
+
+def _app_argv(program: str, input_path: str, input_size: int, tmpdir: str) -> list[str]:
+    if program == "sort":
+        # A buffer well above what the input needs: one in-memory sort, no
+        # temporary files (which on tmpfs would be charged to the cgroup).
+        buf = 4 * input_size // MIB + 64
+        return ["sort", "-S", f"{buf}M", "--parallel=1", "-T", tmpdir, input_path]
+    return ["xz", "-9", "--threads=1", "-c", input_path]
+
+
+class MemCgroup:
+    """A fresh cgroup-v1 memory cgroup; close() kills what is left in it and
+    removes it."""
+
+    def __init__(self, name: str, limit: int | None = None) -> None:
+        self.path = CGROUP_V1 / name
+        self.path.mkdir()
+        try:
+            if limit is not None:
+                (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        except BaseException:
+            self.close()
+            raise
+
+    def oom_kills(self) -> int:
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def max_usage(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def close(self) -> None:
+        procs = self.path / "cgroup.procs"
+        for _ in range(100):
+            pids = [int(p) for p in procs.read_text().split()] if procs.exists() else []
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.rmdir()
+
+
+def _vmstat() -> dict[str, int]:
+    with open("/proc/vmstat") as f:
+        return {k: int(v) for k, v in (line.split() for line in f)}
+
+
+def _swaps() -> list[str]:
+    return [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
+
+
+@dataclass
+class AppRun:
+    rep: int
+    target: str
+    status: str  # "ok", "oom-killed", "timeout", "output differs", "exit N"
+    wall_s: float
+    pswpin: int
+    pswpout: int
+    oom_kills: int
+    max_usage: int
+    sha256: str
+
+
+def _run_app(argv: list[str], cg: MemCgroup, timeout: float, errlog: str) -> tuple[int, float, str, bool]:
+    """Run ``argv`` inside ``cg`` (it joins the cgroup before exec, so all its
+    memory is charged there), hashing its stdout.  Returns (exit status,
+    wall seconds, sha256 of stdout, timed out)."""
+    env = dict(os.environ, LC_ALL="C")
+    h = hashlib.sha256()
+    timed_out = False
+    with open(errlog, "ab") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg.path / "cgroup.procs"), *argv],
+            stdout=subprocess.PIPE, stderr=err, env=env,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            fd = proc.stdout.fileno()
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    proc.kill()
+                    break
+                if select.select([fd], [], [], min(left, 1.0))[0]:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        wall = time.perf_counter() - t0
+    return rc, wall, h.hexdigest(), timed_out
+
+
+class ZramSwap(Target):
+    """zram0 with ``algorithm`` as the only swap; close() turns it off and resets it."""
+
+    def __init__(self, size: int, algorithm: str, priority: int) -> None:
+        self.zram = ZramTarget(size, algorithm)
+        self.name = f"zram-{algorithm}"
+        self.path = self.zram.path
+        try:
+            _sh("mkswap", self.path)
+            _sh("swapon", "--priority", str(priority), self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.path in _swaps():
+            subprocess.run(["swapoff", self.path], capture_output=True)
+        self.zram.close()
+
+
+def bench_app(
+    program: str = "sort",
+    input_size: int = 192 * MIB,
+    limit_ratio: float = 1.5,
+    repeat: int = 3,
+    algorithm: str = "lz4",
+    timeout: float = 1800,
+    as_json: bool = False,
+    fuse_threads: int | None = None,
+) -> int:
+    """``program`` on a deterministic input, in a memory cgroup whose limit
+    is its measured peak / ``limit_ratio``, with zram, zswapd and a
+    tmpfs-backed loop device each as the only swap in turn (the order
+    rotating between repetitions); medians of wall time over the runs that
+    finished with the right output."""
+    name = "zswapd bench app"
+    if os.geteuid() != 0:
+        print(f"{name}: needs root (memory cgroup, zram, swap, FUSE)", file=sys.stderr)
+        return 2
+    if not CGROUP_V1.is_dir():
+        print(f"{name}: no cgroup-v1 memory controller at {CGROUP_V1}", file=sys.stderr)
+        return 2
+    for tool in (program, "mkswap", "swapon", "swapoff", "losetup"):
+        if shutil.which(tool) is None:
+            print(f"{name}: {tool} not found", file=sys.stderr)
+            return 2
+    zram_algos = Path("/sys/block/zram0/comp_algorithm")
+    if not zram_algos.exists() or algorithm not in zram_algos.read_text().replace("[", " ").replace("]", " ").split():
+        print(f"{name}: zram0 with {algorithm} is needed as the baseline", file=sys.stderr)
+        return 2
+    if _swaps():
+        print(
+            f"{name}: swap is already on ({', '.join(_swaps())}); turn it off first: each run needs its "
+            "target as the only swap",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
+            print(f"{name}: input in {private}, daemons run in {workdir}", file=sys.stderr, flush=True)
+            results = _bench_app(
+                program, input_size, limit_ratio, repeat, algorithm, timeout, private, workdir, fuse_threads
+            )
+    except OSError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:
+        tool = e.cmd[0] if isinstance(e.cmd, list) else e.cmd
+        print(f"{name}: {tool} failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    print(json.dumps(results, indent=2) if as_json else format_app(results))
+    # Wrong output from a run that finished is data corruption: fail loudly.
+    return 1 if results["wrong_output"] else 0
+
+
+def _bench_app(
+    program: str,
+    input_size: int,
+    limit_ratio: float,
+    repeat: int,
+    algorithm: str,
+    timeout: float,
+    private: str,
+    workdir: str,
+    fuse_threads: int | None = None,
+) -> dict[str, Any]:
+    input_path = os.path.join(private, "input")
+    make_app_input(input_path, input_size)
+    argv = _app_argv(program, input_path, input_size, private)
+    errlog = os.path.join(workdir, "program.err")
+    tag = f"zswapd-bench-app-{os.getpid()}"
+
+    # Reference: no limit, no swap.  Gives the working set (the cgroup's
+    # peak charge), the expected output and the time without swapping.
+    cg = MemCgroup(f"{tag}-ref")
+    try:
+        rc, ref_wall, ref_hash, _ = _run_app(argv, cg, timeout, errlog)
+        peak = cg.max_usage()
+    finally:
+        cg.close()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed without a limit (exit {rc}); see its stderr:\n"
+                           + Path(errlog).read_text(errors="replace")[-2000:])  # fmt: skip
+    limit = int(peak / limit_ratio) // PAGE * PAGE
+    swap_size = -(-2 * peak // MIB) * MIB
+    names = {"zram": f"zram-{algorithm}", "zswapd": f"zswapd-{algorithm}", "tmpfs": "tmpfs-loop"}
+    runs: list[AppRun] = []
+    serving = ""
+    kinds = list(names)
+    for i in range(repeat):
+        # The order rotates, so that no target always runs first or always
+        # follows the same other target's teardown.
+        for kind in kinds[i % 3 :] + kinds[: i % 3]:
+            with contextlib.ExitStack() as stack:
+                t = _app_swap(kind, swap_size, algorithm, os.path.join(workdir, f"{kind}-{i}"), private, fuse_threads)
+                t.name = names[kind]
+                stack.callback(t.close)
+                if _swaps() != [t.path]:
+                    raise RuntimeError(f"expected {t.path} as the only swap, /proc/swaps has {_swaps()}")
+                if isinstance(t, ZswapdTarget):
+                    serving = t.serving()
+                cg = MemCgroup(f"{tag}-{i}-{kind}", limit)
+                stack.callback(cg.close)
+                before = _vmstat()
+                rc, wall, digest, timed_out = _run_app(argv, cg, timeout, errlog)
+                after = _vmstat()
+                ooms = cg.oom_kills()
+                if timed_out:
+                    status = "timeout"
+                elif ooms and rc != 0:
+                    status = "oom-killed"
+                elif rc != 0:
+                    status = f"exit {rc}"
+                elif digest != ref_hash:
+                    status = "output differs"
+                else:
+                    status = "ok"
+                runs.append(AppRun(i, t.name, status, wall, after["pswpin"] - before["pswpin"],
+                                   after["pswpout"] - before["pswpout"], ooms, cg.max_usage(), digest))  # fmt: skip
+    res = _summarise_app(program, argv, input_size, peak, limit, ref_wall, runs, list(names.values()), serving)
+    res["reference_sha256"] = ref_hash
+    return res
+
+
+def _app_swap(
+    kind: str, size: int, algorithm: str, workdir: str, private: str, fuse_threads: int | None = None
+) -> Target:
+    """One swap target, on: zram, zswapd (which turns on its own swap), or a
+    loop device over a tmpfs file (the loop layer's floor: no compression,
+    the same block path as zswapd's)."""
+    if kind == "zram":
+        return ZramSwap(size, algorithm, APP_PRIORITY)
+    if kind == "zswapd":
+        os.makedirs(workdir)
+        return ZswapdTarget(size, algorithm, workdir, swap_priority=APP_PRIORITY, fuse_threads=fuse_threads)
+    return TmpfsLoopSwap(size, private, APP_PRIORITY)
+
+
+class TmpfsLoopSwap(TmpfsLoopTarget):
+    """A loop device over a tmpfs file as the only swap."""
+
+    def __init__(self, size: int, private: str, priority: int) -> None:
+        super().__init__(size, private)
+        try:
+            _sh("mkswap", self.path)
+            _sh("swapon", "--priority", str(priority), self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for loop in _loops_of(self.file):  # swapoff before the loop device can go
+            if loop in _swaps():
+                subprocess.run(["swapoff", loop], capture_output=True)
+        super().close()
+
+
+def _summarise_app(
+    program: str,
+    argv: list[str],
+    input_size: int,
+    peak: int,
+    limit: int,
+    ref_wall: float,
+    runs: list[AppRun],
+    names: list[str],
+    serving: str,
+) -> dict[str, Any]:
+    zname, sname, fname = names
+    targets: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = [r for r in runs if r.target == name]
+        ok = [r for r in mine if r.status == "ok"]
+        t: dict[str, Any] = {
+            "runs": len(mine),
+            "ok": len(ok),
+            "oom_killed": sum(r.status == "oom-killed" for r in mine),
+            "timeouts": sum(r.status == "timeout" for r in mine),
+            "other_failures": [r.status for r in mine if r.status not in ("ok", "oom-killed", "timeout")],
+        }
+        if ok:
+            t["wall_s"] = statistics.median(r.wall_s for r in ok)
+            t["pswpin"] = statistics.median(r.pswpin for r in ok)
+            t["pswpout"] = statistics.median(r.pswpout for r in ok)
+        targets[name] = t
+    ratios: dict[str, float] = {}
+    for a, b in ((sname, zname), (fname, zname), (sname, fname)):
+        if "wall_s" not in targets[a] or "wall_s" not in targets[b]:
+            continue
+        label = f"wall {a}/{b}"
+        ratios[f"{label} (ratio of medians)"] = targets[a]["wall_s"] / targets[b]["wall_s"]
+        # Within a repetition the targets ran back to back: a ratio within
+        # it cancels the machine's drift between repetitions.
+        walls = {(r.rep, r.target): r.wall_s for r in runs if r.status == "ok"}
+        reps = sorted({r.rep for r in runs})
+        paired = [walls[(i, a)] / walls[(i, b)] for i in reps if (i, a) in walls and (i, b) in walls]
+        if paired:
+            ratios[f"{label} (median of paired ratios)"] = statistics.median(paired)
+    return {
+        "program": program,
+        "argv": argv,
+        "input_bytes": input_size,
+        "peak_bytes": peak,
+        "limit_bytes": limit,
+        "working_set_over_limit": peak / limit,
+        "unlimited_wall_s": ref_wall,
+        "zswapd_serving": serving,
+        "engine_module": engine_module(),
+        "targets": targets,
+        "ratios": ratios,
+        "runs": [r.__dict__ for r in runs],
+        "wrong_output": [r.__dict__ for r in runs if r.status == "output differs"],
+    }
+
+
+def format_app(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['program']}: {' '.join(r['argv'])}",
+        f"input {r['input_bytes'] / MIB:.0f} MiB; peak charge without a limit {r['peak_bytes'] / MIB:.0f} MiB "
+        f"in {r['unlimited_wall_s']:.1f} s; limit {r['limit_bytes'] / MIB:.0f} MiB "
+        f"(working set {r['working_set_over_limit']:.2f}x the limit)",
+        f"zswapd served by: {r['zswapd_serving']}; engine module {r['engine_module']}",
+        "",
+        f"{'target':12}{'runs':>6}{'ok':>5}{'oom':>5}{'timeout':>9}{'wall s':>9}{'pswpin':>10}{'pswpout':>10}",
+    ]
+    for name, t in r["targets"].items():
+        lines.append(
+            f"{name:12}{t['runs']:>6}{t['ok']:>5}{t['oom_killed']:>5}{t['timeouts']:>9}"
+            f"{t.get('wall_s', float('nan')):>9.2f}{t.get('pswpin', float('nan')):>10.0f}"
+            f"{t.get('pswpout', float('nan')):>10.0f}"
+            + (f"  other failures: {t['other_failures']}" if t["other_failures"] else "")
+        )
+    lines.append("")
+    for run in r["runs"]:
+        lines.append(f"  {run['target']:12} {run['status']:14} {run['wall_s']:8.2f} s  pswpin {run['pswpin']}")
+    for k, v in r["ratios"].items():
+        lines.append(f"  {k:58} {v:6.2f}")
+    if r["wrong_output"]:
+        lines.append(f"WRONG OUTPUT in {len(r['wrong_output'])} run(s): the program's output differed from the "
+                     "run without swap")  # fmt: skip
+    return "\n".join(lines)

@@ -147,7 +147,7 @@ def _main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check-config", help="validate a config file and print the result")
     p_check.add_argument("--config")
     p_bench = sub.add_parser("bench", help="benchmarks against baselines in the same run (docs/benchmarks.md)")
-    p_bench.add_argument("what", nargs="?", default="device", choices=["device", "pool"])
+    p_bench.add_argument("what", nargs="?", default="device", choices=["device", "pool", "app"])
     p_bench.add_argument("--pages", type=int, default=20000, help="pool: pages to store")
     p_bench.add_argument("--corpus", help="device: a file of raw 4 KiB pages instead of captured memory")
     p_bench.add_argument("--corpus-size", default="128M", help="device: how much process memory to capture")
@@ -160,6 +160,15 @@ def _main(argv: list[str] | None = None) -> int:
         help="device: also run the zswapd of this source tree (e.g. a worktree of the previous commit)",
     )
     p_bench.add_argument("--plot", help="device: write a bar chart of the ratios (needs matplotlib)")
+    p_bench.add_argument("--program", default="sort", choices=["sort", "xz"], help="app: the program to run")
+    p_bench.add_argument("--input-size", default="192M", help="app: size of the program's generated input")
+    p_bench.add_argument(
+        "--limit-ratio", type=float, default=1.5, help="app: working set / memory limit (1.3 to 2 is the target range)"
+    )
+    p_bench.add_argument(
+        "--fuse-threads", type=int, help="device, app: zswapd's [fuse] threads (default: the daemon's default)"
+    )
+    p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
 
     if argv is None:
         argv = sys.argv[1:]
@@ -242,7 +251,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"mem_used_max = {r['mem_used_max']}")
         return 0
     if args.command == "bench":
-        from .bench import bench_device, bench_pool
+        from .bench import bench_app, bench_device, bench_pool
         from .config import parse_size
 
         algorithms = tuple(a for a in args.algorithms.split(",") if a)
@@ -257,8 +266,27 @@ def _main(argv: list[str] | None = None) -> int:
         if not algorithms or not set(algorithms) <= {"lz4", "zstd"}:
             print(f"zswapd bench: --algorithms {args.algorithms!r}: expected lz4, zstd or lz4,zstd", file=sys.stderr)
             return 2
+        if args.fuse_threads is not None and args.fuse_threads < 0:
+            print(
+                f"zswapd bench: --fuse-threads {args.fuse_threads}: expected 0 (one per CPU) or more", file=sys.stderr
+            )
+            return 2
         if args.what == "pool":
             return bench_pool(args.pages, args.json)
+        if args.what == "app":
+            try:
+                input_size = parse_size(args.input_size)
+                if input_size < 1 << 20:
+                    raise ValueError("too small")
+            except ValueError:
+                print(f"zswapd bench: --input-size {args.input_size!r}: expected a size of 1M or more, e.g. 192M",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            if not 1.0 <= args.limit_ratio <= 10.0 or not args.timeout > 0:
+                print("zswapd bench: --limit-ratio: expected 1 to 10; --timeout: expected > 0", file=sys.stderr)
+                return 2
+            return bench_app(args.program, input_size, args.limit_ratio, args.repeat, algorithms[0], args.timeout,
+                             args.json, args.fuse_threads)  # fmt: skip
         try:
             corpus_size = parse_size(args.corpus_size)
             if corpus_size < 1 << 20:
@@ -278,6 +306,7 @@ def _main(argv: list[str] | None = None) -> int:
             as_json=args.json,
             plot=args.plot,
             baseline_src=args.baseline_src,
+            fuse_threads=args.fuse_threads,
         )
     return 2
 
