@@ -178,7 +178,7 @@ class ControlConfig:
 @dataclass
 class FuseConfig:
     backend: str = "native"
-    threads: int = 0  # native serving threads on /dev/fuse; 0: one per CPU
+    threads: int = 0  # native serving threads on /dev/fuse; 0: one per CPU but one
 
 
 @dataclass
