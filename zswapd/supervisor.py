@@ -692,8 +692,10 @@ class Supervisor:
             self.swap_on = False
         if self.loop:
             fd_store_remove("loop")
-            swap.detach_sync(self.loop.path)
+            # Our own fd first: while any fd is open, LOOP_CLR_FD only defers
+            # the detach to the last close, and detach_sync would wait it out.
             os.close(self.loop.fd)
+            swap.detach_sync(self.loop.path)
             log.info("detached %s", self.loop.path)
             self.loop = None
         # Loop devices someone else attached to our file cannot work once we
