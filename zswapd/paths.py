@@ -20,6 +20,7 @@ and what is expected.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -91,7 +92,7 @@ def open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
-        if e.errno == 40:  # ELOOP: the last component is a symlink
+        if e.errno == errno.ELOOP:  # the last component is a symlink
             raise UnsafePath(f"{path} is a symlink; expected a regular file or nothing") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):

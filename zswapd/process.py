@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -18,6 +19,9 @@ log = logging.getLogger("zswapd")
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PR_SET_DUMPABLE = 4
 PR_SET_IO_FLUSHER = 57
+# A worker's exit status meaning "the FUSE connection is gone": nothing is
+# left to take over, so the supervisor does not start another.
+EXIT_CONNECTION_GONE = 3
 
 # Logged and ignored in every zswapd process: their default actions end the
 # process or stop it (SIGTSTP, SIGTTIN, SIGTTOU), and a stopped or dead swap
@@ -79,6 +83,7 @@ def sd_notify(message: str, fds: list[int] | None = None) -> None:
         log.warning("sd_notify failed: %s", e)
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 

@@ -71,16 +71,13 @@ from . import paths, swap
 from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
-from .process import IGNORED_SIGNALS, StartupError, _libc, harden, no_core_dumps, sd_notify
+from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, StartupError, _libc, harden, no_core_dumps, sd_notify
 
 if TYPE_CHECKING:
     from .worker import WorkerArgs
 
 log = logging.getLogger("zswapd")
 
-# Worker exit status meaning "the FUSE connection is gone": nothing to take
-# over, so the supervisor does not restart it.
-EXIT_CONNECTION_GONE = 3
 # Restart back-off for a worker that keeps dying before it serves: the first
 # restarts are immediate (every millisecond stalls swap-ins), then doubling
 # to 1 s, so a crash loop does not eat a CPU.
@@ -218,7 +215,7 @@ def recover_stale(mountpoint: str) -> None:
                 )
             else:
                 log.warning("%s: swap was still on, holding no pages", loop)
-            r = subprocess.run(["swapoff", loop], capture_output=True, text=True)
+            r = subprocess.run(swap.swapoff_argv(loop), capture_output=True, text=True)
             if r.returncode != 0:
                 raise StartupError(f"cannot swapoff {loop} left by the dead instance: {r.stderr.strip()}")
         swap.detach_sync(loop)
@@ -320,9 +317,7 @@ class Child:
     pidfd: int
     channel: socket.socket
     started: float
-    ready: bool = False
-    standby: bool = False  # a fresh interpreter waiting for "go" (reload)
-    exit_status: int | None = None
+    ready: bool = False  # "ready" (serving), or for a reload's new worker "standby"
 
     def close(self) -> None:
         os.close(self.pidfd)
@@ -430,7 +425,6 @@ class Supervisor:
             control_fd=self.control_sock.fileno() if self.control_sock else -1,
             channel_fd=channel_fd,
             state_fds=list(self.state_fds),
-            takeover=bool(self.state_fds) or self.worker_restarts > 0,
             restarts=self.worker_restarts,
             died_at_ns=self.died_at_ns,
             supervisor_pid=os.getpid(),
@@ -471,7 +465,7 @@ class Supervisor:
                 finally:
                     os._exit(rc)
         theirs.close()
-        child = Child(pid, os.pidfd_open(pid), ours, time.monotonic(), standby=fresh)
+        child = Child(pid, os.pidfd_open(pid), ours, time.monotonic())
         log.info("worker %d started%s", pid, " (takeover)" if args.takeover else "")
         return child
 
@@ -528,18 +522,18 @@ class Supervisor:
             self._lock_state()  # before anything else: nothing of the state may be evicted now (rule 3)
         self._read_channel(c)  # a "state" sent just before dying
         c.close()
-        c.exit_status = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status)
+        how = _how(code)
         if c is self.spare:
             self.spare = None
-            log.error("new worker %d exited (%s) before taking over", pid, _how(c.exit_status))
+            log.error("new worker %d exited (%s) before taking over", pid, how)
             return
         self.worker = None
-        how = _how(c.exit_status)
         lived = time.monotonic() - c.started
         if self.stopping_worker:
             log.info("worker %d stopped (%s)", pid, how)
             return
-        if c.exit_status == EXIT_CONNECTION_GONE:
+        if code == EXIT_CONNECTION_GONE:
             log.error("worker %d: the FUSE connection is gone; nothing left to serve", pid)
             self.connection_gone = True
             self.swap_on = False
@@ -548,9 +542,6 @@ class Supervisor:
             log.critical("worker %d died (%s); the pyfuse3 backend cannot be taken over", pid, how)
             self.connection_gone = True
             return
-        # Without state fds the dead worker never served a request (it hands
-        # them over first), so the next one starts a fresh state; it still
-        # asks for a resend, since INIT may have been read and not answered.
         # A crash loop is a worker dying before it serves (a bug at start-up,
         # a state it cannot attach); one killed while serving restarts at once.
         self.quick_deaths = 0 if c.ready or lived > RESTART_RESET_AFTER else self.quick_deaths + 1
@@ -560,6 +551,9 @@ class Supervisor:
             log.error("no worker could start in %d attempts; giving up", START_ATTEMPTS)
             self.connection_gone = True
             return
+        # Without state fds the dead worker never served a request (it hands
+        # them over first), so the next one starts a fresh state; it still
+        # asks for a resend, since INIT may have been read and not answered.
         self.worker_restarts += 1
         log.error("worker %d died (%s) after %.1f s; taking over (restart %d)", pid, how, lived, self.worker_restarts)
         if self.quick_deaths > RESTART_FREE:
@@ -634,7 +628,7 @@ class Supervisor:
             code = 0
             try:
                 os.close(r)
-                loop = swap.attach_blocking(self.file, autoclear=False)
+                loop = swap.attach_blocking(self.file)
                 os.write(w, loop.path.encode())
             except BaseException as e:  # reported to the parent, which decides
                 os.write(w, b"!" + str(e).encode(errors="replace"))
@@ -659,7 +653,7 @@ class Supervisor:
         if out.startswith("!") or not out:
             raise swap.SwapError(out[1:] or "attaching the loop device failed")
         # The child's fd closed; the device stays bound (no autoclear) until
-        # we detach it.  Hold it open as before.
+        # we detach it.  Hold it open, for the fd store.
         return swap.Loop(out, os.open(out, os.O_RDWR | os.O_CLOEXEC))
 
     def _swap_up(self) -> None:
@@ -670,11 +664,8 @@ class Supervisor:
             fd_store("loop", self.loop.fd)
         if not swap.dio_enabled(self.loop):
             log.warning("%s is not using direct I/O: swap pages will be cached twice", self.loop.path)
-        self._run("mkswap", "--label", "zswapd", self.loop.path)
-        argv = ["swapon", "--priority", str(cfg.priority)]
-        if cfg.discard != "none":
-            argv.append(f"--discard={cfg.discard}")
-        self._run(*argv, self.loop.path)
+        self._run(*swap.mkswap_argv(self.loop.path))
+        self._run(*swap.swapon_argv(self.loop.path, cfg.priority, cfg.discard))
         self.swap_on = True
         log.info("swap on %s (priority %d, discard %s)", self.loop.path, cfg.priority, cfg.discard)
 
@@ -684,9 +675,9 @@ class Supervisor:
         if self.swap_on and self.loop:
             log.info("swapoff %s: bringing its pages back into memory", self.loop.path)
             try:
-                self._run("swapoff", self.loop.path)
+                self._run(*swap.swapoff_argv(self.loop.path))
             except swap.SwapError as e:
-                if swap.swap_active(self.loop.path):
+                if swap.swap_used_kib(self.loop.path) is not None:
                     log.error("%s; still serving. Free some memory and send SIGTERM again.", e)
                     return False
             self.swap_on = False
@@ -705,7 +696,7 @@ class Supervisor:
         for dev in swap.loops_backed_by(self.file):
             if swap.swap_used_kib(dev) is not None:
                 try:
-                    self._run("swapoff", dev)
+                    self._run(*swap.swapoff_argv(dev))
                 except swap.SwapError as e:
                     log.error("%s is swap on our file and cannot be swapped off (%s); still serving", dev, e)
                     return False

@@ -2,9 +2,10 @@
 
 Linux cannot swapon a FUSE file (FUSE has no bmap), so the file is attached to
 a loop device with direct I/O and that device becomes the swap.  Every step
-that touches the file needs the daemon to answer FUSE requests, so each runs
-while the session serves: util-linux tools as trio subprocesses, and the
-attach ioctl (its open() of the file goes through FUSE) in a worker thread.
+that touches the file needs a worker answering FUSE requests, so the
+supervisor runs them beside its event loop: the util-linux tools (their argv
+built here) as child processes, and the attach ioctl, whose open() of the
+file goes through FUSE, in a short-lived forked child.
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-import trio
-
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CLR_FD = 0x4C01
-LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_DIRECT_IO = 16
 # struct loop_config: fd, block_size, loop_info64 (232 bytes), 8 reserved u64.
 # lo_flags sits at byte 52 of loop_info64.
@@ -54,10 +52,13 @@ def preflight() -> None:
 @dataclass
 class Loop:
     path: str
-    fd: int  # held open: with autoclear, the device detaches when it closes
+    fd: int  # held by the supervisor (and its fd store) until it detaches
 
 
-def attach_blocking(backing: str, autoclear: bool = True) -> Loop:
+def attach_blocking(backing: str) -> Loop:
+    """Bind a free loop device to ``backing`` with direct I/O.  Not
+    autoclear: the device must outlive the process that attached it (the
+    supervisor's short-lived child), and is detached explicitly."""
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         for _ in range(16):
@@ -68,7 +69,7 @@ def attach_blocking(backing: str, autoclear: bool = True) -> Loop:
             try:
                 cfg = bytearray(_CONFIG_SIZE)
                 struct.pack_into("<II", cfg, 0, ffd, 0)
-                struct.pack_into("<I", cfg, _FLAGS_AT, (LO_FLAGS_AUTOCLEAR if autoclear else 0) | LO_FLAGS_DIRECT_IO)
+                struct.pack_into("<I", cfg, _FLAGS_AT, LO_FLAGS_DIRECT_IO)
                 fcntl.ioctl(lfd, LOOP_CONFIGURE, bytes(cfg))
                 return Loop(path, lfd)
             except OSError as e:
@@ -80,13 +81,6 @@ def attach_blocking(backing: str, autoclear: bool = True) -> Loop:
         raise SwapError("no free loop device after 16 tries")
     finally:
         os.close(ctl)
-
-
-async def attach(backing: str) -> Loop:
-    # A worker thread, because open() of the FUSE file must be answered by
-    # this very process's session task.
-    loop: Loop = await trio.to_thread.run_sync(attach_blocking, backing)
-    return loop
 
 
 def dio_enabled(loop: Loop) -> bool:
@@ -107,33 +101,19 @@ def backing_file(loop_path: str) -> str | None:
         return None
 
 
-async def _run(*argv: str) -> None:
-    result = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
-    if result.returncode != 0:
-        msg = (result.stderr or result.stdout).decode(errors="replace").strip()
-        raise SwapError(f"{' '.join(argv)} failed ({result.returncode}): {msg}")
+def mkswap_argv(device: str) -> list[str]:
+    return ["mkswap", "--label", "zswapd", device]
 
 
-async def mkswap(device: str) -> None:
-    await _run("mkswap", "--label", "zswapd", device)
-
-
-async def swapon(device: str, priority: int, discard: str) -> None:
+def swapon_argv(device: str, priority: int, discard: str) -> list[str]:
     argv = ["swapon", "--priority", str(priority)]
     if discard != "none":
         argv.append(f"--discard={discard}")
-    await _run(*argv, device)
+    return [*argv, device]
 
 
-async def swapoff(device: str) -> None:
-    await _run("swapoff", device)
-
-
-def swap_active(device: str) -> bool:
-    real = os.path.realpath(device)
-    with open("/proc/swaps") as f:
-        next(f)
-        return any(line.split()[0] == real for line in f if line.strip())
+def swapoff_argv(device: str) -> list[str]:
+    return ["swapoff", device]
 
 
 def loops_backed_by(path: str) -> list[str]:
@@ -176,17 +156,3 @@ def detach_sync(device: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while backing_file(device) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-async def detach(loop: Loop) -> None:
-    """Release the loop device; autoclear detaches it once nobody holds it.
-    Waits (briefly) until the kernel has let go of the file."""
-    try:
-        fcntl.ioctl(loop.fd, LOOP_CLR_FD)
-    except OSError:
-        pass  # already detaching through autoclear
-    os.close(loop.fd)
-    loop.fd = -1
-    with trio.move_on_after(10):
-        while backing_file(loop.path) is not None:
-            await trio.sleep(0.05)

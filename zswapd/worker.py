@@ -33,6 +33,7 @@ The rules
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ from .control import Controller, ControlServer, prometheus, resolve_group, serve
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
-from .process import IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
+from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
 from .state import InitParams, State
 from .store import Store
 
@@ -69,8 +70,6 @@ RESTART_BACKOFF_MAX = 30.0
 # A task that ran this long before failing starts again from the shortest
 # back-off: its failure is a new one, not a loop.
 RESTART_RESET_AFTER = 60.0
-# Exit status that tells the supervisor the FUSE connection is gone.
-EXIT_CONNECTION_GONE = 3
 
 STOP_SIGNALS = (signal.SIGTERM,)
 RELOAD_SIGNALS = (signal.SIGHUP,)
@@ -88,12 +87,17 @@ class WorkerArgs:
     control_fd: int
     channel_fd: int
     state_fds: list[int] = field(default_factory=list)
-    takeover: bool = False
-    restarts: int = 0
+    restarts: int = 0  # workers before this one on the connection
     died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
     supervisor_pid: int = 0
     verbose: bool = False
     standby: bool = False  # wait for "go" on the channel before touching anything
+
+    @property
+    def takeover(self) -> bool:
+        """An earlier worker held this connection (or made the state): this
+        one must restore INIT and ask for a resend."""
+        return bool(self.state_fds) or self.restarts > 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,7 +196,7 @@ class Worker:
         """A message to the supervisor over the channel."""
         if self.channel is None:
             return
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(_int_array(fds))))] if fds else []
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         try:
             self.channel.sendmsg([message.encode()], anc)
         except OSError as e:
@@ -447,12 +451,6 @@ def default_fuse_threads() -> int:
     writes 0.77x zram instead of 0.81x and the sort benchmark 1.27x zram's
     wall time instead of 1.18x."""
     return max(1, (os.cpu_count() or 1) - 1)
-
-
-def _int_array(fds: list[int]) -> Any:
-    import array
-
-    return array.array("i", fds)
 
 
 def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:

@@ -86,9 +86,4 @@ def abort_connection(path: str) -> None:
 
 def is_mountpoint(path: str) -> bool:
     target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == target:
-                return True
-    return False
+    return any(point == target for point, _, _ in _mounts())
