@@ -180,3 +180,23 @@ def test_reload_5_times_under_swap_pressure(tmp_path: Path) -> None:
                 w.kill()
         assert d.stop() == 0, d.logtext()
     assert_clean(loop, d.mountpoint)
+
+
+def test_worker_args_from_an_older_or_newer_supervisor() -> None:
+    """zswapd reload starts the code installed now under a supervisor that
+    may be older: keys it does not know must not stop the new worker."""
+    from zswapd.worker import WorkerArgs
+
+    a = WorkerArgs.from_json(
+        {"config_arg": None, "fuse_fd": 3, "control_fd": 4, "channel_fd": 5, "gone": 1, "restarts": 2}
+    )
+    assert a.restarts == 2 and a.takeover
+    assert WorkerArgs.from_json(a.to_json()) == a
+
+
+def test_worker_command_without_the_supervisor_is_a_clear_error() -> None:
+    for env in ({}, {"ZSWAPD_WORKER": "{not json"}):
+        r = subprocess.run(
+            [sys.executable, "-m", "zswapd", "worker"], capture_output=True, text=True, env={**os.environ, **env}
+        )
+        assert r.returncode == 2 and "use `zswapd run`" in r.stderr and "Traceback" not in r.stderr, r.stderr

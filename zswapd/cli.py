@@ -230,7 +230,11 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"warning: {r['warning']}", file=sys.stderr)
         return 0
     if args.command == "reload":
-        before = _call(args, {"cmd": "stats"})["process"]["worker_pid"]
+        process = _call(args, {"cmd": "stats"}).get("process")
+        if not isinstance(process, dict):
+            print("zswapd: this daemon has no supervisor to replace its worker; restart it instead", file=sys.stderr)
+            return 1
+        before = process["worker_pid"]
         _call(args, {"cmd": "reload"})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -39,10 +39,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import trio
@@ -104,7 +105,10 @@ class WorkerArgs:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerArgs:
-        return cls(**data)
+        # A reload runs newer code than the supervisor that wrote this:
+        # keys this version does not know are dropped, not fatal.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class Worker:
@@ -506,5 +510,12 @@ def _early(signum: int, frame: object) -> None:
 
 def main_exec() -> int:
     """`python -m zswapd worker`, started by the supervisor's reload."""
-    data = json.loads(os.environ.pop("ZSWAPD_WORKER"))
-    return worker_main(WorkerArgs.from_json(data))
+    try:
+        args = WorkerArgs.from_json(json.loads(os.environ.pop("ZSWAPD_WORKER")))
+    except (KeyError, ValueError, TypeError):
+        print(
+            "zswapd worker: internal command, started by `zswapd run` with its fds; use `zswapd run`",
+            file=sys.stderr,
+        )
+        return 2
+    return worker_main(args)
