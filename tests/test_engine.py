@@ -255,9 +255,12 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_native_threads_serve_a_real_mount(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nclones", [0, 1, 2], ids=["shared-fd", "one-clone", "clone-per-thread"])
+def test_native_threads_serve_a_real_mount(tmp_path: Path, nclones: int) -> None:
     """C threads serve READ, WRITE and punch-hole FALLOCATE of a real FUSE
-    mount; INIT, LOOKUP, OPEN, GETATTR... go up to FuseFS.handle."""
+    mount; INIT, LOOKUP, OPEN, GETATTR... go up to FuseFS.handle.  On the
+    connection's O_NONBLOCK fd shared, or on blocking clones (each reply on
+    the fd its request came from); stop() joins threads asleep in read(2)."""
     import mmap
 
     from tests.conftest import fallocate
@@ -273,10 +276,12 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path) -> None:
     mp.mkdir()
     server: NativeServer | None = None
     mounted = False
+    clones: list[int] = []
     try:
         fmount.mount(fd, str(mp))
         mounted = True
-        server = NativeServer(fd, fs, store.engine, threads=2)
+        clones = [fmount.clone_fuse(fd) for _ in range(nclones)]
+        server = NativeServer(fd, fs, store.engine, threads=2, clones=clones)
         model = bytearray(size)
         corpus = b"".join(sample_pages(512))  # 2 MiB
         f = os.open(mp / "swap", os.O_RDWR | os.O_DIRECT)
@@ -306,7 +311,7 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path) -> None:
         model[12345 : 12345 + 15] = b"unaligned bytes"
         assert store.read(0, 8 << 20) == model[: 8 << 20]
         stats = server.stats()
-        assert stats["hot"] == 1 and stats["threads"] == 2
+        assert stats["hot"] == 1 and stats["threads"] == 2 and stats["clones"] == nclones
         assert stats["hot_requests"] >= 200 and stats["cold_requests"] > 0 and stats["bugs"] == 0
         st = store.stats()
         assert st["num_writes"] >= 200 and st["notify_free"] > 0
@@ -315,6 +320,8 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path) -> None:
             fmount.unmount(str(mp))
         if server is not None:
             server.stop()
+        for c in clones:
+            os.close(c)
         os.close(fd)
     store.check_invariants()
     assert store.read(0, size) == model

@@ -2571,8 +2571,8 @@ static PyTypeObject EngineType = {
 
 /* ---- native FUSE serving (stage 2) ----------------------------------------------
  *
- * N threads read one /dev/fuse fd (O_NONBLOCK; poll, then read).  READ, WRITE
- * and FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file (nodeid 2), once
+ * N threads read /dev/fuse, each its own fd.  READ, WRITE and
+ * FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file (nodeid 2), once
  * Python has answered INIT (enable()), are served here without the GIL under
  * the engine lock.  Everything else, and any hot request that meets
  * something the store's policy must decide (a full pool, a corrupt object,
@@ -2582,7 +2582,32 @@ static PyTypeObject EngineType = {
  * GIL; its reply is written before the GIL is released, since FuseFS builds
  * READ replies in one shared buffer.  Per-thread buffers are allocated at
  * thread start: nothing is allocated per request on the hot path.
+ *
+ * The fds.  A reply must be written on the fd its request was read from (the
+ * kernel keeps a request in flight on that fd's own processing list).  The
+ * supervisor makes one FUSE_DEV_IOC_CLONE of the connection per thread and
+ * keeps them, so a request a dead worker had read stays on a live list and
+ * FUSE_NOTIFY_RESEND (which walks every clone) hands it to the next worker;
+ * a clone made here would end those requests with EIO as the worker died
+ * (kernel-facts).  Clones are blocking: a blocking read(2) waits exclusively
+ * on the connection's queue, so each request wakes one thread, where poll(2)
+ * wakes every thread polling.  Without clones (one shared O_NONBLOCK fd, as
+ * the Python session needs it) the threads read, and on EAGAIN poll.
+ *
+ * Spinning.  At queue depth 1 the next request usually comes within a few
+ * microseconds of a reply, and a sleep and wakeup cost more than that; so a
+ * thread that has just served spins for SPIN_NS before sleeping.  One idle
+ * thread at a time (the spinner token): the others sleep, and leave the CPUs
+ * to the program whose pages we hold.
+ *
+ * Stopping.  stop() sets stop and wakes the threads: the eventfd for those
+ * in poll(2), WAKE_SIGNAL (a handler that does nothing, so read(2) returns
+ * EINTR) for those in a blocking read, sent again every STOP_RETRY_NS until
+ * each is joined, because one may enter read(2) just after the signal.
+ * Each thread finishes the request it holds.
  */
+#include <signal.h>
+
 #define FUSE_READ 15
 #define FUSE_WRITE 16
 #define FUSE_FALLOCATE 43
@@ -2593,24 +2618,44 @@ static PyTypeObject EngineType = {
 #define FALLOC_IN 32
 #define MAX_IO (1u << 20)
 #define REQ_BUF (MAX_IO + 4096 + IN_HDR + IO_IN)
+/* Threads per server: far past any CPU count we would serve with, and it
+ * keeps the Server object fixed-size. */
 #define MAX_THREADS 64
+/* 200 us: longer than the gap between a swap-in's reply and the next
+ * request at queue depth 1 on this VM (tens of us), far shorter than a
+ * scheduler tick, so an idle daemon stops burning a CPU at once. */
 #define SPIN_NS 200000L
+/* A real-time signal: CPython installs no handler for one, and a process
+ * sending it to us by mistake finds it does nothing. */
+#define WAKE_SIGNAL (SIGRTMIN + 3)
+/* How often stop() re-sends WAKE_SIGNAL to a thread not yet joined. */
+#define STOP_RETRY_NS 2000000L
+
+typedef struct Server Server;
 
 typedef struct {
+    Server *s;
+    int fd;
+    int blocking; /* a clone without O_NONBLOCK: read(2) sleeps */
+    pthread_t tid;
+} Thread;
+
+struct Server {
     PyObject_HEAD
     Engine *engine;
     PyObject *callback;
-    int fd, efd;
-    int nthreads;
-    pthread_t threads[MAX_THREADS];
+    int efd;
+    int nthreads, nfds, nblocking;
+    Thread threads[MAX_THREADS];
     int started;
-    volatile int stop;
-    volatile int hot;
+    int stop;
+    int hot;
+    int spinner; /* 1 while one idle thread spins */
     uint32_t max_write;
     uint64_t dev_size;
     unsigned long long hot_requests, cold_requests, io_errors;
     int alive; /* threads still serving: 0 once the connection is gone */
-} Server;
+};
 
 struct in_header {
     uint32_t len, opcode;
@@ -2624,10 +2669,27 @@ struct out_header {
     uint64_t unique;
 };
 
-static void write_reply(Server *s, const void *buf, size_t n)
+static int stopping(Server *s) { return __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE); }
+
+static long ns_since(const struct timespec *t)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - t->tv_sec) * 1000000000L + (now.tv_nsec - t->tv_nsec);
+}
+
+static int take_spinner(Server *s)
+{
+    int free_ = 0;
+    return __atomic_compare_exchange_n(&s->spinner, &free_, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+static void drop_spinner(Server *s) { __atomic_store_n(&s->spinner, 0, __ATOMIC_RELEASE); }
+
+static void write_reply(Server *s, int fd, const void *buf, size_t n)
 {
     for (;;) {
-        ssize_t w = write(s->fd, buf, n);
+        ssize_t w = write(fd, buf, n);
         if (w >= 0 || errno == ENOENT || errno == ENODEV)
             return; /* ENOENT: the request was interrupted away */
         if (errno != EINTR && errno != EAGAIN) {
@@ -2638,13 +2700,13 @@ static void write_reply(Server *s, const void *buf, size_t n)
 }
 
 /* 1 if served here, 0 to hand up to Python. */
-static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
+static int serve_hot(Server *s, int fd, const uint8_t *in, size_t n, uint8_t *out)
 {
     const struct in_header *h = (const void *)in;
     Engine *e = s->engine;
     struct out_header *oh = (void *)out;
     uint64_t size = s->dev_size;
-    if (!s->hot || h->nodeid != FILE_NODE || h->len != n || !e->arena)
+    if (!__atomic_load_n(&s->hot, __ATOMIC_ACQUIRE) || h->nodeid != FILE_NODE || h->len != n || !e->arena)
         return 0;
     oh->error = 0;
     oh->unique = h->unique;
@@ -2663,7 +2725,7 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         if (st != ST_OK)
             return 0;
         oh->len = OUT_HDR + len;
-        write_reply(s, out, OUT_HDR + len);
+        write_reply(s, fd, out, OUT_HDR + len);
         return 1;
     }
     if (h->opcode == FUSE_WRITE && n >= IN_HDR + IO_IN) {
@@ -2682,7 +2744,7 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         oh->len = OUT_HDR + 8;
         memcpy(out + OUT_HDR, &len, 4);
         memset(out + OUT_HDR + 4, 0, 4);
-        write_reply(s, out, OUT_HDR + 8);
+        write_reply(s, fd, out, OUT_HDR + 8);
         return 1;
     }
     if (h->opcode == FUSE_FALLOCATE && n >= IN_HDR + FALLOC_IN) {
@@ -2699,13 +2761,13 @@ static int serve_hot(Server *s, const uint8_t *in, size_t n, uint8_t *out)
         if (t < 0)
             __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
         oh->len = OUT_HDR;
-        write_reply(s, out, OUT_HDR);
+        write_reply(s, fd, out, OUT_HDR);
         return 1;
     }
     return 0;
 }
 
-static void serve_cold(Server *s, const uint8_t *in, size_t n)
+static void serve_cold(Server *s, int fd, const uint8_t *in, size_t n)
 {
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *req = PyBytes_FromStringAndSize((const char *)in, (Py_ssize_t)n);
@@ -2714,7 +2776,7 @@ static void serve_cold(Server *s, const uint8_t *in, size_t n)
     if (r && r != Py_None) {
         Py_buffer b;
         if (PyObject_GetBuffer(r, &b, PyBUF_SIMPLE) == 0) {
-            write_reply(s, b.buf, (size_t)b.len);
+            write_reply(s, fd, b.buf, (size_t)b.len);
             PyBuffer_Release(&b);
         }
     }
@@ -2725,50 +2787,102 @@ static void serve_cold(Server *s, const uint8_t *in, size_t n)
         const struct in_header *h = (const void *)in;
         if (n >= IN_HDR) {
             struct out_header oh = {OUT_HDR, -EIO, h->unique};
-            write_reply(s, &oh, sizeof oh);
+            write_reply(s, fd, &oh, sizeof oh);
         }
     }
     Py_XDECREF(r);
     PyGILState_Release(g);
 }
 
+/* The next request on a blocking clone.  The spinner polls without sleeping
+ * until SPIN_NS after its last request, then reads (and sleeps there if
+ * another thread took the request it saw). */
+static ssize_t read_blocking(Thread *t, uint8_t *in, const struct timespec *last)
+{
+    Server *s = t->s;
+    if (ns_since(last) < SPIN_NS && take_spinner(s)) {
+        struct pollfd p = {.fd = t->fd, .events = POLLIN};
+        while (!stopping(s) && ns_since(last) < SPIN_NS && poll(&p, 1, 0) == 0) {
+        }
+        drop_spinner(s);
+    }
+    if (stopping(s)) {
+        errno = EINTR;
+        return -1;
+    }
+    return read(t->fd, in, REQ_BUF);
+}
+
+/* The next request on the shared O_NONBLOCK fd; -1 with EAGAIN to try again. */
+static ssize_t read_nonblocking(Thread *t, uint8_t *in, const struct timespec *last, int *spinning)
+{
+    Server *s = t->s;
+    ssize_t n = read(t->fd, in, REQ_BUF);
+    if (n >= 0 || errno != EAGAIN) {
+        if (*spinning)
+            drop_spinner(s);
+        *spinning = 0;
+        return n;
+    }
+    if (ns_since(last) < SPIN_NS && (*spinning || take_spinner(s))) {
+        *spinning = 1;
+        return -1;
+    }
+    if (*spinning)
+        drop_spinner(s);
+    *spinning = 0;
+    struct pollfd p[2] = {{.fd = t->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
+    poll(p, 2, -1);
+    errno = EAGAIN;
+    return -1;
+}
+
+static void wake_handler(int sig) { (void)sig; }
+
+/* Process-directed signals go to the interpreter's threads, where CPython's
+ * handlers want them; a FUSE thread takes only WAKE_SIGNAL (and the
+ * synchronous ones, which cannot be blocked). */
+static void server_sigmask(void)
+{
+    sigset_t m;
+    sigfillset(&m);
+    int keep[] = {WAKE_SIGNAL, SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS};
+    for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++)
+        sigdelset(&m, keep[i]);
+    pthread_sigmask(SIG_SETMASK, &m, NULL);
+}
+
 static void *server_thread(void *arg)
 {
-    Server *s = arg;
+    Thread *t = arg;
+    Server *s = t->s;
+    server_sigmask();
     uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
     ctx_get(s->engine); /* this thread's codec context, before the first request */
-    struct pollfd p[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
     struct timespec last = {0, 0};
-    while (in && out && !s->stop) {
-        ssize_t n = read(s->fd, in, REQ_BUF);
+    int spinning = 0;
+    while (in && out && !stopping(s)) {
+        ssize_t n = t->blocking ? read_blocking(t, in, &last) : read_nonblocking(t, in, &last, &spinning);
         if (n < 0) {
-            if (errno == EAGAIN) {
-                /* As session.py: spin briefly after a request before sleeping
-                 * in poll; at queue depth 1 the next request is usually this
-                 * close, and a wakeup costs more than the spin. */
-                struct timespec now;
-                clock_gettime(CLOCK_MONOTONIC, &now);
-                if ((now.tv_sec - last.tv_sec) * 1000000000L + (now.tv_nsec - last.tv_nsec) < SPIN_NS)
-                    continue;
-                poll(p, 2, -1);
-                continue;
-            }
-            if (errno == EINTR || errno == ENOENT)
+            if (errno == EAGAIN || errno == EINTR || errno == ENOENT)
                 continue;
             if (errno == ENODEV)
                 break; /* unmounted: the connection is gone */
             __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
-            poll(p + 1, 1, 10); /* as session.py: never end on a read error */
+            struct pollfd p = {.fd = s->efd, .events = POLLIN};
+            poll(&p, 1, 10); /* as session.py: never end on a read error */
             continue;
         }
         clock_gettime(CLOCK_MONOTONIC, &last);
-        if (n >= IN_HDR && serve_hot(s, in, (size_t)n, out)) {
+        if (n >= IN_HDR && serve_hot(s, t->fd, in, (size_t)n, out)) {
             __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
             continue;
         }
         __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
-        serve_cold(s, in, (size_t)n);
+        serve_cold(s, t->fd, in, (size_t)n);
     }
+    if (spinning)
+        drop_spinner(s);
     free(in);
     free(out);
     __atomic_sub_fetch(&s->alive, 1, __ATOMIC_RELEASE);
@@ -2779,15 +2893,29 @@ static void Server_join(Server *s)
 {
     if (!s->started)
         return;
-    s->stop = 1;
+    __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
     uint64_t one = 1;
     if (write(s->efd, &one, sizeof one) < 0) {
         /* eventfd cannot fail here short of a bug; the threads still stop
          * at their next request */
     }
     Py_BEGIN_ALLOW_THREADS
-    for (int i = 0; i < s->nthreads; i++)
-        pthread_join(s->threads[i], NULL);
+    for (int i = 0; i < s->nthreads; i++) {
+        Thread *t = &s->threads[i];
+        for (;;) {
+            if (t->blocking)
+                pthread_kill(t->tid, WAKE_SIGNAL);
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_nsec += STOP_RETRY_NS;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            if (pthread_timedjoin_np(t->tid, NULL, &until) == 0)
+                break;
+        }
+    }
     Py_END_ALLOW_THREADS
     s->started = 0;
 }
@@ -2827,9 +2955,12 @@ static PyObject *Server_enable(Server *s, PyObject *args)
 
 static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:i,s:i,s:i}", "hot_requests", s->hot_requests, "cold_requests",
-                         s->cold_requests, "io_errors", s->io_errors, "threads", s->nthreads, "hot", s->hot,
-                         "alive", __atomic_load_n(&s->alive, __ATOMIC_ACQUIRE));
+    return Py_BuildValue(
+        "{s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i}", "hot_requests", __atomic_load_n(&s->hot_requests, __ATOMIC_RELAXED),
+        "cold_requests", __atomic_load_n(&s->cold_requests, __ATOMIC_RELAXED), "io_errors",
+        __atomic_load_n(&s->io_errors, __ATOMIC_RELAXED), "threads", s->nthreads, "fds", s->nfds, "clones",
+        s->nblocking, "hot", __atomic_load_n(&s->hot, __ATOMIC_ACQUIRE), "alive",
+        __atomic_load_n(&s->alive, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef Server_methods[] = {
@@ -2848,47 +2979,91 @@ static PyTypeObject ServerType = {
     .tp_methods = Server_methods,
 };
 
-/* serve_fuse(engine, fd, threads, callback) -> Server (threads running) */
+/* WAKE_SIGNAL's handler, installed once; refused if something else owns it. */
+static int install_wake_handler(void)
+{
+    struct sigaction old, sa;
+    if (sigaction(WAKE_SIGNAL, NULL, &old) != 0)
+        return -1;
+    if (old.sa_handler == wake_handler)
+        return 0;
+    if (old.sa_handler != SIG_DFL || (old.sa_flags & SA_SIGINFO)) {
+        errno = EBUSY;
+        return -1;
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = wake_handler; /* no SA_RESTART: read(2) must return EINTR */
+    sigemptyset(&sa.sa_mask);
+    return sigaction(WAKE_SIGNAL, &sa, NULL);
+}
+
+/* serve_fuse(engine, fds, callback) -> Server: one thread per entry of fds
+ * (an fd may repeat), running. */
 static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    PyObject *eng, *cb;
-    int fd, nthreads;
-    if (!PyArg_ParseTuple(args, "O!iiO", &EngineType, &eng, &fd, &nthreads, &cb))
+    PyObject *eng, *fdseq, *cb;
+    if (!PyArg_ParseTuple(args, "O!OO", &EngineType, &eng, &fdseq, &cb))
         return NULL;
+    PyObject *fds = PySequence_Fast(fdseq, "fds must be a sequence of file descriptors");
+    if (!fds)
+        return NULL;
+    Py_ssize_t nthreads = PySequence_Fast_GET_SIZE(fds);
     if (!PyCallable_Check(cb) || nthreads < 1 || nthreads > MAX_THREADS) {
-        PyErr_Format(PyExc_ValueError, "need a callable and 1..%d threads", MAX_THREADS);
-        return NULL;
-    }
-    int fl = fcntl(fd, F_GETFL);
-    if (fl < 0 || !(fl & O_NONBLOCK)) {
-        PyErr_SetString(PyExc_ValueError, "the /dev/fuse fd must be open and O_NONBLOCK");
+        Py_DECREF(fds);
+        PyErr_Format(PyExc_ValueError, "need a callable and 1..%d fds (one per thread)", MAX_THREADS);
         return NULL;
     }
     Server *s = PyObject_New(Server, &ServerType);
-    if (!s)
+    if (!s) {
+        Py_DECREF(fds);
         return NULL;
+    }
     s->engine = (Engine *)eng;
     Py_INCREF(eng);
     s->callback = cb;
     Py_INCREF(cb);
-    s->fd = fd;
-    s->nthreads = 0;
+    s->nthreads = s->nfds = s->nblocking = 0;
     s->started = 0;
     s->stop = 0;
     s->hot = 0;
+    s->spinner = 0;
     s->max_write = 0;
     s->dev_size = 0;
     s->hot_requests = s->cold_requests = s->io_errors = 0;
     s->alive = 0;
+    s->efd = -1;
+    for (Py_ssize_t i = 0; i < nthreads; i++) {
+        int fd = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(fds, i));
+        int fl = fd < 0 ? -1 : fcntl(fd, F_GETFL);
+        if (PyErr_Occurred() || fl < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "fds[%zd] is not an open file descriptor", i);
+            goto fail;
+        }
+        s->threads[i] = (Thread){.s = s, .fd = fd, .blocking = !(fl & O_NONBLOCK)};
+        int seen = 0;
+        for (Py_ssize_t j = 0; j < i; j++)
+            seen |= s->threads[j].fd == fd;
+        if (!seen) {
+            s->nfds++;
+            s->nblocking += s->threads[i].blocking;
+        }
+    }
+    if (s->nblocking && install_wake_handler() != 0) {
+        PyErr_Format(PyExc_OSError, "cannot install the FUSE threads' wake-up handler for signal %d: %s",
+                     WAKE_SIGNAL, strerror(errno));
+        goto fail;
+    }
     s->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (s->efd < 0) {
-        Py_DECREF(s);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
     }
+    Py_DECREF(fds);
     s->started = 1;
-    for (int i = 0; i < nthreads; i++) {
+    for (Py_ssize_t i = 0; i < nthreads; i++) {
         __atomic_add_fetch(&s->alive, 1, __ATOMIC_RELEASE);
-        if (pthread_create(&s->threads[i], NULL, server_thread, s) != 0) {
+        if (pthread_create(&s->threads[i].tid, NULL, server_thread, &s->threads[i]) != 0) {
             __atomic_sub_fetch(&s->alive, 1, __ATOMIC_RELEASE);
             Server_join(s);
             Py_DECREF(s);
@@ -2898,10 +3073,14 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
         s->nthreads++;
     }
     return (PyObject *)s;
+fail:
+    Py_DECREF(fds);
+    Py_DECREF(s);
+    return NULL;
 }
 
 static PyMethodDef module_methods[] = {
-    {"serve_fuse", serve_fuse, METH_VARARGS, "serve_fuse(engine, fd, threads, callback) -> Server"},
+    {"serve_fuse", serve_fuse, METH_VARARGS, "serve_fuse(engine, fds, callback) -> Server: a thread per fd"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -102,6 +102,12 @@ SD_LISTEN_FDS_START = 3
 # Names of the fds kept in systemd's fd store, one name per fd so that the
 # order LISTEN_FDNAMES gives them back in does not matter.
 FD_NAMES = ("fuse", "control", "state-meta", "state-arena", "loop")
+# The FUSE clones are stored as fuse-clone-0, fuse-clone-1, ...
+CLONE_PREFIX = "fuse-clone-"
+
+
+def _known_fd_name(name: str) -> bool:
+    return name in FD_NAMES or (name.startswith(CLONE_PREFIX) and name[len(CLONE_PREFIX) :].isdigit())
 
 
 def listen_fds() -> dict[str, int]:
@@ -120,7 +126,7 @@ def listen_fds() -> dict[str, int]:
     for i in range(count):
         fd = SD_LISTEN_FDS_START + i
         name = names[i] if i < len(names) else ""
-        if name in FD_NAMES and name not in out:
+        if _known_fd_name(name) and name not in out:
             os.set_inheritable(fd, False)
             out[name] = fd
         else:
@@ -332,6 +338,11 @@ class Supervisor:
         self.mountpoint = cfg.device.mountpoint
         self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
         self.fuse_fd = -1
+        # FUSE_DEV_IOC_CLONEs of the connection, one per serving thread.  The
+        # supervisor keeps them: a request a dead worker had read on a clone
+        # stays in flight on it until the next worker's RESEND, where a clone
+        # closed with its maker ends those requests with EIO (kernel-facts).
+        self.fuse_clones: list[int] = []
         self.control_sock: socket.socket | None = None
         self.state_fds: list[int] = []
         self.locked: list[LockedMapping] = []
@@ -425,6 +436,7 @@ class Supervisor:
             control_fd=self.control_sock.fileno() if self.control_sock else -1,
             channel_fd=channel_fd,
             state_fds=list(self.state_fds),
+            fuse_clones=list(self.fuse_clones),
             restarts=self.worker_restarts,
             died_at_ns=self.died_at_ns,
             supervisor_pid=os.getpid(),
@@ -442,7 +454,8 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         args = self._worker_args(theirs.fileno(), standby=fresh)
-        inherit = [fd for fd in (args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds) if fd >= 0]
+        held = (args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds, *args.fuse_clones)
+        inherit = [fd for fd in held if fd >= 0]
         if fresh:
             env = dict(os.environ, ZSWAPD_WORKER=json.dumps(args.to_json()))
             proc = subprocess.Popen(
@@ -702,7 +715,7 @@ class Supervisor:
                     return False
             swap.detach_sync(dev)
             log.warning("detached %s, which another process had attached to %s", dev, self.file)
-        for name in FD_NAMES:
+        for name in (*FD_NAMES, *(f"{CLONE_PREFIX}{i}" for i in range(len(self.fuse_clones)))):
             fd_store_remove(name)  # nothing left for a restart to take over
         if self.mounted:
             lazy = not fmount.unmount(self.mountpoint)
@@ -720,6 +733,9 @@ class Supervisor:
         log.warning("taking over from a supervisor that died: %s from systemd's fd store", ", ".join(sorted(a)))
         self.fuse_fd = a["fuse"]
         self.mounted = True
+        # Every clone comes back, even beyond what [fuse] threads now asks
+        # for: each may hold requests a dead worker had read.
+        self.fuse_clones = [a[n] for n in sorted(a, key=_clone_index) if n.startswith(CLONE_PREFIX)]
         if "control" in a:
             self.control_sock = socket.socket(fileno=a["control"])
         if "state-meta" in a and "state-arena" in a:
@@ -756,6 +772,18 @@ class Supervisor:
         while any(os.path.exists(f"/proc/{pid}") for pid in others) and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def _clone_fuse(self) -> None:
+        """One clone per serving thread, made once, here, and kept: a worker
+        never makes its own (see fuse_clones)."""
+        while len(self.fuse_clones) < self.cfg.fuse.serving_threads():
+            try:
+                fd = fmount.clone_fuse(self.fuse_fd)
+            except OSError as e:
+                log.warning("cannot clone the FUSE connection (%s): serving threads share one fd", e)
+                return
+            fd_store(f"{CLONE_PREFIX}{len(self.fuse_clones)}", fd)
+            self.fuse_clones.append(fd)
+
     def _serving(self) -> bool:
         return self.worker is not None and self.worker.ready
 
@@ -775,6 +803,8 @@ class Supervisor:
                 fmount.mount(self.fuse_fd, self.mountpoint)
                 self.mounted = True
                 fd_store("fuse", self.fuse_fd)
+            if self.fuse_fd >= 0:
+                self._clone_fuse()
             if self.control_sock is None:
                 self.control_sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
                 fd_store("control", self.control_sock.fileno())
@@ -830,9 +860,16 @@ class Supervisor:
         for fd in self.state_fds:
             os.close(fd)
         self.state_fds = []
+        for fd in self.fuse_clones:
+            os.close(fd)
+        self.fuse_clones = []
         if self.fuse_fd >= 0:
             os.close(self.fuse_fd)
             self.fuse_fd = -1
+
+
+def _clone_index(name: str) -> int:
+    return int(name[len(CLONE_PREFIX) :]) if name.startswith(CLONE_PREFIX) else -1
 
 
 def _cgroup_peers() -> list[int]:

@@ -88,6 +88,7 @@ class WorkerArgs:
     control_fd: int
     channel_fd: int
     state_fds: list[int] = field(default_factory=list)
+    fuse_clones: list[int] = field(default_factory=list)  # FUSE_DEV_IOC_CLONEs the supervisor keeps
     restarts: int = 0  # workers before this one on the connection
     died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
     supervisor_pid: int = 0
@@ -317,9 +318,9 @@ class Worker:
         stops them (each finishes its request) when cancelled."""
         from .fuse.native import NativeServer
 
-        threads = self.cfg.fuse.threads or default_fuse_threads()
-        self.native = NativeServer(self.args.fuse_fd, self.fs, self.store.engine, threads)
-        log.info("serving FUSE with %d native threads", threads)
+        threads = self.cfg.fuse.serving_threads()
+        self.native = NativeServer(self.args.fuse_fd, self.fs, self.store.engine, threads, self.args.fuse_clones)
+        log.info("serving FUSE with %d native threads on %d cloned fds", threads, self.native.stats()["clones"])
         try:
             if self.args.died_at_ns:
                 # Recovery ends at the first request served; the threads do
@@ -446,15 +447,6 @@ class Worker:
                     await trio.sleep(0)
             finally:
                 steps.close()
-
-
-def default_fuse_threads() -> int:
-    """One serving thread per CPU but one: the program whose pages we serve
-    needs a core too.  Measured on 2 vCPUs (docs/benchmarks.md): a second
-    thread, spinning on /dev/fuse while the application waited, made dd
-    writes 0.77x zram instead of 0.81x and the sort benchmark 1.27x zram's
-    wall time instead of 1.18x."""
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
+import struct
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -19,6 +21,24 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 def open_fuse() -> int:
     """A non-blocking /dev/fuse fd (trio waits on it with wait_readable)."""
     return os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+# FUSE_DEV_IOC_CLONE = _IOR(229, 0, uint32_t) in <linux/fuse.h>.
+FUSE_DEV_IOC_CLONE = 0x8004E500
+
+
+def clone_fuse(fd: int) -> int:
+    """A new /dev/fuse fd on ``fd``'s connection (FUSE_DEV_IOC_CLONE).  It
+    is its own open file description, so blocking even though ``fd`` is not,
+    and it keeps its own list of requests in flight: the holder that made it
+    must keep it for as long as the connection lives (kernel-facts)."""
+    clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(clone, FUSE_DEV_IOC_CLONE, struct.pack("I", fd))
+    except OSError:
+        os.close(clone)
+        raise
+    return clone
 
 
 def mount(fd: int, mountpoint: str, fsname: str = "zswapd", subtype: str = "zswapd") -> None:

@@ -1,7 +1,9 @@
 """Native serving of the hot opcodes: C threads on /dev/fuse.
 
 ``NativeServer`` starts N threads in the native engine (zswapd/_engine.c,
-``serve_fuse``) that each read the /dev/fuse fd.  READ, WRITE and
+``serve_fuse``), each reading /dev/fuse on its own fd: one of the clones the
+supervisor made and keeps (``mount.clone_fuse``), or, without them, the
+connection's fd shared.  READ, WRITE and
 FALLOCATE(PUNCH_HOLE) of the device file are served in C without the GIL;
 every other request, and any hot one the store's policy must decide (a full
 pool, a bad range, an unaligned discard, a corrupt object), comes up here,
@@ -9,7 +11,8 @@ whole, to ``FuseFS.handle``: the sans-I/O protocol stays the one place where
 the protocol's rules are written.  Hot serving starts once FuseFS has
 answered INIT (or had it restored after a takeover).
 
-The fd must be O_NONBLOCK (``mount.open_fuse``).  ``stop()`` must run before
+The connection's fd must be O_NONBLOCK (``mount.open_fuse``); clones are
+blocking, so each request wakes one thread (see _engine.c).  ``stop()`` must run before
 the store is closed.  This module knows FuseFS and an engine object with
 ``serve_fuse``-compatible type, never Store: the worker passes both in.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .protocol import IN_HEADER, FuseFS, error_reply
@@ -26,7 +30,9 @@ log = logging.getLogger("zswapd")
 
 
 class NativeServer:
-    def __init__(self, fd: int, fs: FuseFS, engine: Any, threads: int | None = None) -> None:
+    def __init__(
+        self, fd: int, fs: FuseFS, engine: Any, threads: int | None = None, clones: Sequence[int] = ()
+    ) -> None:
         from .. import _engine  # only the native engine can serve natively
 
         if not isinstance(engine, _engine.Engine):
@@ -34,7 +40,11 @@ class NativeServer:
         self.fs = fs
         self.bugs = 0
         self._enabled = False
-        self._server = _engine.serve_fuse(engine, fd, threads or os.cpu_count() or 1, self._handle)
+        n = threads or os.cpu_count() or 1
+        # Thread i reads clone i; with fewer clones than threads, they share
+        # (a blocking clone still wakes one reader per request).
+        fds = [clones[i % len(clones)] for i in range(n)] if clones else [fd] * n
+        self._server = _engine.serve_fuse(engine, fds, self._handle)
         self._maybe_enable()
 
     def _maybe_enable(self) -> None:
