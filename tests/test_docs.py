@@ -6,7 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from zswapd.config import SCHEMA, from_dict
+from zswapd.config import MAX_FUSE_THREADS, SCHEMA, from_dict
 from zswapd.supervisor import FD_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +52,10 @@ def test_unit_file_has_what_swap_needs() -> None:
 
     assert "swap.target" in values("Before")
     # The supervisor stores five names (fuse, control, state-meta, state-arena,
-    # loop); systemd closes any fd beyond the maximum.
+    # loop) and a FUSE clone per serving thread, up to [fuse] threads' maximum;
+    # systemd closes any fd beyond the maximum.
     store_max = values("FileDescriptorStoreMax")
-    assert len(store_max) == 1 and int(store_max[0]) >= 2 * len(FD_NAMES), store_max
+    assert len(store_max) == 1 and int(store_max[0]) >= len(FD_NAMES) + MAX_FUSE_THREADS, store_max
     assert not [line for line in lines if line.startswith("ExecReload=") and "kill" in line]
     # /dev/fuse never becomes an active device unit on Debian: udev tags only
     # the fuse module.  The module is what the unit must pull in.

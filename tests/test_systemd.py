@@ -82,6 +82,9 @@ memory_limit = "64M"
 [swap]
 # nspawn refuses swapon, and swap would be the whole VM's.
 enable = false
+[fuse]
+# Two clones of the connection go to the fd store and come back.
+threads = 2
 """
 
 TARGET = """\
@@ -543,7 +546,7 @@ def test_mount_is_visible_outside_the_service(boot: Boot) -> None:
 
 # What the supervisor keeps in systemd's fd store, swap off: no loop device of
 # its own.  The loop device the verifier writes through is the runner's.
-STORED = "control, fuse, state-arena, state-meta"
+STORED = "control, fuse, fuse-clone-0, fuse-clone-1, state-arena, state-meta"
 TAKEOVER = f"taking over from a supervisor that died: {STORED} from systemd's fd store"
 
 
@@ -564,8 +567,8 @@ def test_verifier_through_loop_device_loses_nothing(boot: Boot) -> None:
 
 def test_fd_store_holds_the_named_fds(boot: Boot) -> None:
     show = boot.show("show_prekill")
-    assert show.get("FileDescriptorStoreMax") == "16", show
-    assert show.get("NFileDescriptorStore") == "4", f"expected {STORED}: {show}"
+    assert show.get("FileDescriptorStoreMax") == "96", show
+    assert show.get("NFileDescriptorStore") == "6", f"expected {STORED}: {show}"
 
 
 def test_kill_all_restarts_on_the_same_connection_and_memfds(boot: Boot) -> None:
@@ -625,7 +628,7 @@ def test_crash_loop_beyond_the_default_start_limit(boot: Boot) -> None:
     show = boot.show("show_crash_loop")
     assert boot.ok("stats_crash_loop"), boot.text("stats_crash_loop")
     assert show.get("ActiveState") == "active" and show.get("NRestarts") == "6", show
-    assert show.get("NFileDescriptorStore") == "4", show
+    assert show.get("NFileDescriptorStore") == "6", show
 
 
 def test_reload_replaces_the_worker_and_rereads_the_config(boot: Boot) -> None:

@@ -628,7 +628,7 @@ def _make_target(
     if kind == "zswapd":
         t: Target = ZswapdTarget(size, algorithm, workdir, fuse_threads=fuse_threads)
     elif kind == "baseline":
-        t = ZswapdTarget(size, algorithm, workdir, src=baseline_src)
+        t = ZswapdTarget(size, algorithm, workdir, src=baseline_src, fuse_threads=fuse_threads)
     elif kind == "pyfuse3":
         t = ZswapdTarget(size, algorithm, workdir, backend="pyfuse3")
     elif kind == "zram":

@@ -166,7 +166,9 @@ def _main(argv: list[str] | None = None) -> int:
         "--limit-ratio", type=float, default=1.5, help="app: working set / memory limit (1.3 to 2 is the target range)"
     )
     p_bench.add_argument(
-        "--fuse-threads", type=int, help="device, app: zswapd's [fuse] threads (default: the daemon's default)"
+        "--fuse-threads",
+        type=int,
+        help="device, app: [fuse] threads of zswapd and of the --baseline-src build (default: each one's own default)",
     )
     p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
 

@@ -175,6 +175,12 @@ class ControlConfig:
     metrics_listen: str = ""
 
 
+# [fuse] threads' maximum: far beyond the cores a swap device can keep busy;
+# the native server's MAX_THREADS and the unit's FileDescriptorStoreMax (one
+# stored clone per thread) are sized from it.
+MAX_FUSE_THREADS = 64
+
+
 @dataclass
 class FuseConfig:
     backend: str = "native"
@@ -375,9 +381,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "swap": {"enable": _bool, "priority": _int_in(-1, 32767), "discard": _choice("pages", "once", "both", "none")},
     "control": {"socket": _socket_path, "group": _group, "metrics_listen": _listen},
     # threads: with the native engine, C threads read /dev/fuse and serve
-    # READ, WRITE and discards without the GIL; 64 is far beyond the cores a
-    # swap device can keep busy.
-    "fuse": {"backend": _choice("native", "pyfuse3"), "threads": _int_in(0, 64)},
+    # READ, WRITE and discards without the GIL.
+    "fuse": {"backend": _choice("native", "pyfuse3"), "threads": _int_in(0, MAX_FUSE_THREADS)},
     "log": {"level": _choice(*LOG_LEVELS)},
 }
 
