@@ -444,6 +444,43 @@ def test_in_process_a_client_that_never_reads_is_dropped(
     assert "did not read its replies" in caplog.text
 
 
+def test_in_process_a_line_trickled_byte_by_byte_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte every so often keeps the idle timeout from firing; the line
+    deadline still closes the client, with a reply that says why.  A
+    complete line is answered, and the next line gets a deadline of its own."""
+    monkeypatch.setattr(control, "LINE_TIMEOUT", 0.5)
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        async with _served(tmp_path) as server:
+            s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await s.connect(server.path)
+            await s.send(b'{"cmd": "ping"}\n{"cmd"')
+            got = b""
+            with trio.fail_after(60):  # a hang guard, not a timing assertion
+                while b"\n" not in got:
+                    got += await s.recv(4096)
+                assert json.loads(got.split(b"\n")[0])["ok"] is True
+                got = got.split(b"\n", 1)[1]
+                for _ in range(100):
+                    try:
+                        await s.send(b" ")
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+                    await trio.sleep(0.1)
+                while b"\n" not in got:
+                    chunk = await s.recv(4096)
+                    if not chunk:
+                        break
+                    got += chunk
+            s.close()
+            reply = json.loads(got.split(b"\n")[0])
+            assert reply["ok"] is False and "not finished within 0.5 s" in reply["error"], reply
+            assert (await _trio_request(server.path, b'{"cmd": "ping"}\n'))["ok"] is True
+
+    trio.run(main)
+
+
 def test_in_process_accept_errors_are_logged_and_survived(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

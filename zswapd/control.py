@@ -41,6 +41,10 @@ log = logging.getLogger("zswapd.control")
 
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 10.0
+# A request line must be complete this long after its first byte: the idle
+# timeout alone lets a client that sends a byte every few seconds keep its
+# slot for ever.  zswapd's own client sends a line in one write.
+LINE_TIMEOUT = 30.0
 # A client that has not taken a reply within this long is dropped: replies
 # are small, so only a client that stopped reading gets near it.
 SEND_TIMEOUT = 5.0
@@ -414,12 +418,18 @@ class ControlServer:
     async def _converse(self, stream: trio.SocketStream, pid: int, uid: int, gid: int) -> None:
         groups = _groups_of(pid) if uid != 0 else []
         buf = bytearray()
+        line_deadline = math.inf
         while True:
-            with trio.move_on_after(IDLE_TIMEOUT) as scope:
+            with trio.move_on_at(min(trio.current_time() + IDLE_TIMEOUT, line_deadline)) as scope:
                 chunk = await stream.receive_some(65536)
+            if scope.cancelled_caught and trio.current_time() >= line_deadline:
+                err = {"ok": False, "error": f"request line not finished within {LINE_TIMEOUT:g} s; closing"}
+                await self._send(stream, encode_reply(err), pid, uid)
+                return
             if scope.cancelled_caught or not chunk:
                 return
             buf += chunk
+            consumed = b"\n" in buf
             while b"\n" in buf:
                 line, _, rest = bytes(buf).partition(b"\n")
                 buf = bytearray(rest)
@@ -427,6 +437,10 @@ class ControlServer:
                     reply = await self.controller.handle(line, uid, gid, groups)
                     if not await self._send(stream, encode_reply(reply), pid, uid):
                         return
+            if not buf:
+                line_deadline = math.inf
+            elif consumed or line_deadline == math.inf:
+                line_deadline = trio.current_time() + LINE_TIMEOUT
             if len(buf) > MAX_LINE:
                 err = {
                     "ok": False,
