@@ -180,6 +180,26 @@ def test_native_refuses_bad_object_calls() -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_count_bumps_a_named_counter_and_refuses_other_names(engine: str) -> None:
+    """Engine.count is how the store bumps a counter (the native engine's
+    is one atomic add, so a bump by its own threads is never lost)."""
+    s = Store(4 * PAGE, engine=engine)
+    before = s.stats()
+    s.write(0, bytes(PAGE))
+    s.read(0, PAGE)
+    s.engine.count("limit_hits", 3)
+    s.engine.count("failed_writes")
+    after = s.stats()
+    assert after["num_writes"] == before["num_writes"] + 1
+    assert after["num_reads"] == before["num_reads"] + 1
+    assert after["limit_hits"] == before["limit_hits"] + 3
+    assert after["failed_writes"] == before["failed_writes"] + 1
+    with pytest.raises(AttributeError, match="no engine counter named 'frames_used'"):
+        s.engine.count("frames_used")
+    s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_algorithm_switch_keeps_old_pages_readable(engine: str) -> None:
     pages = sample_pages(64)
     s = Store(64 * PAGE, Codec("lz4"), engine=engine)
@@ -202,13 +222,9 @@ def _gcc_file(name: str) -> str | None:
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
-    """Build _engine.c with -fsanitize=address,undefined and bound checks on
-    every table index (ZSWAPD_BOUNDS), into a copy of the package, and run
-    the native engine's tests there with libasan preloaded.  Any report
-    aborts the run, so a clean exit is the assertion."""
-    libasan = _gcc_file("libasan.so")
-    assert libasan, "gcc's libasan is needed (Debian: gcc brings libasan8)"
+def _sanitized_copy(tmp_path: Path, flags: list[str]) -> Path:
+    """A copy of the package and the native tests in ``tmp_path``, with
+    _engine.c built by gcc with ``flags``; returns the built module."""
     shutil.copytree(ROOT / "zswapd", tmp_path / "zswapd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     (tmp_path / "tests").mkdir()
     for name in ("conftest.py", "test_engine.py", "test_pool.py", "test_store.py"):
@@ -218,12 +234,30 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
     out = tmp_path / "zswapd" / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [
         "gcc", "-shared", "-fPIC", "-O1", "-g", "-std=gnu11", "-Wall", "-Werror", "-fno-omit-frame-pointer",
-        "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-DZSWAPD_BOUNDS",
-        f"-I{sysconfig.get_paths()['include']}", str(ROOT / "zswapd" / "_engine.c"), "-o", str(out),
+        *flags, f"-I{sysconfig.get_paths()['include']}", str(ROOT / "zswapd" / "_engine.c"), "-o", str(out),
     ]  # fmt: skip
     cmd += [lz4, "-Wl,--exclude-libs,ALL"] if lz4 else ["-DZSWAPD_LZ4_FULL_RESET", "-llz4"]
     cmd += ["-lzstd"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+def _engine_file(tmp_path: Path, env: dict[str, str]) -> str:
+    check = subprocess.run(
+        [sys.executable, "-c", "import zswapd._engine as m; print(m.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return check.stdout.strip()
+
+
+def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
+    """Build _engine.c with -fsanitize=address,undefined and bound checks on
+    every table index (ZSWAPD_BOUNDS), into a copy of the package, and run
+    the native engine's tests there with libasan preloaded.  Any report
+    aborts the run, so a clean exit is the assertion."""
+    libasan = _gcc_file("libasan.so")
+    assert libasan, "gcc's libasan is needed (Debian: gcc brings libasan8)"
+    out = _sanitized_copy(tmp_path, ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-DZSWAPD_BOUNDS"])
     env = dict(os.environ)
     env.update(
         LD_PRELOAD=libasan,
@@ -235,7 +269,7 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
     )
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/test_engine.py",
-         "tests/test_pool.py", "tests/test_store.py", "-k", "(native or Native or Alternating or both) and not asan"],
+         "tests/test_pool.py", "tests/test_store.py", "-k", "(native or Native or Alternating or both) and not asan and not tsan"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     tail = (run.stdout + run.stderr)[-6000:]
@@ -243,12 +277,55 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
     assert "ERROR: AddressSanitizer" not in tail and "runtime error" not in tail
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed and int(passed.group(1)) >= 20, tail  # the native tests really ran
-    # the engine that ran was the sanitized build
-    check = subprocess.run(
-        [sys.executable, "-c", "import zswapd._engine as m; print(m.__file__)"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert check.stdout.strip() == str(out)
+    assert _engine_file(tmp_path, env) == str(out)  # the engine that ran was the sanitized build
+
+
+def test_native_engine_under_tsan(tmp_path: Path) -> None:
+    """Build _engine.c with -fsanitize=thread into a copy of the package and
+    run the threaded test (writers, readers, discards, a compactor, and the
+    unlocked policy reads and counter bumps of the store) with libtsan
+    preloaded.  Any ThreadSanitizer report that names _engine.c fails it.
+    The interpreter is not instrumented, so TSan sees only the engine's
+    accesses and the intercepted calls (memcpy, locks) Python makes;
+    tests/tsan.supp holds the suppressions for reports that lie wholly in
+    the interpreter, and must never name an engine function."""
+    libtsan = _gcc_file("libtsan.so")
+    assert libtsan, "gcc's libtsan is needed (Debian: gcc brings libtsan2)"
+    out = _sanitized_copy(tmp_path, ["-fsanitize=thread"])
+    logs = tmp_path / "tsan"
+    logs.mkdir()
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=libtsan,
+        # detect_deadlocks=0: lock_all holds every class lock at once (over
+        # a hundred), past the 64 the deadlock detector can track; the lock
+        # order is the documented one at the top of _engine.c.
+        TSAN_OPTIONS=f"halt_on_error=0 report_signal_unsafe=0 detect_deadlocks=0 exitcode=0 "
+        f"suppressions={ROOT / 'tests' / 'tsan.supp'} log_path={logs / 'report'}",
+        PYTHONPATH=str(tmp_path),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
+           "-k", "threads_against_a_model"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    text = "".join(p.read_text(errors="replace") for p in sorted(logs.iterdir()))
+    if "unexpected memory mapping" in text + run.stderr:
+        # TSan's fixed shadow layout against a randomized mmap base (a
+        # kernel with high mmap_rnd_bits): rerun without ASLR.
+        for p in logs.iterdir():
+            p.unlink()
+        run = subprocess.run(["setarch", os.uname().machine, "-R", *cmd], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        text = "".join(p.read_text(errors="replace") for p in sorted(logs.iterdir()))
+    assert "FATAL: ThreadSanitizer" not in text + run.stderr, (text + run.stderr)[-6000:]
+    reports = [r for r in text.split("==================") if "WARNING: ThreadSanitizer" in r]
+    engine_reports = [r for r in reports if "_engine.c" in r]
+    assert not engine_reports, (
+        f"{len(engine_reports)} ThreadSanitizer report(s) in _engine.c:\n" + "\n".join(engine_reports)[-12000:]
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    assert re.search(r"\b1 passed", run.stdout), run.stdout[-3000:]  # the threaded test really ran
+    assert _engine_file(tmp_path, env) == str(out)  # under TSan, with the instrumented build
 
 
 # -- native serving of the hot opcodes (stage 2) -----------------------------------
@@ -363,6 +440,8 @@ def test_native_engine_under_threads_against_a_model() -> None:
     stop = threading.Event()
     errors: list[str] = []
     moved = [0]
+    counted = [0]
+    compactions_before = store.stats()["compactions"]
 
     def worker(k: int) -> None:
         try:
@@ -410,10 +489,23 @@ def test_native_engine_under_threads_against_a_model() -> None:
             errors.append(f"worker {k}: {e!r}")
 
     def compactor() -> None:
+        """Also what the store's policy, stats and counters do meanwhile
+        with no engine lock: figures read unlocked, the limit and ``full``
+        set, counters bumped (the TSan target runs this test)."""
         try:
+            rounds = 0
             while not stop.is_set():
                 moved[0] += eng.compact(max_moves=8)
                 eng.refill_reserve()
+                store.compaction_wanted(1 << 16, 90)
+                eng.frame_room()
+                eng.frame_limit = 0
+                eng.full = 0
+                store.engine.count("compactions")
+                rounds += 1
+                if rounds % 16 == 0:
+                    store.stats()
+            counted[0] = rounds
         except BaseException as e:
             errors.append(f"compactor: {e!r}")
 
@@ -429,6 +521,7 @@ def test_native_engine_under_threads_against_a_model() -> None:
     try:
         assert not errors, errors
         assert moved[0] > 0  # compaction really ran alongside
+        assert store.stats()["compactions"] == compactions_before + counted[0]  # no bump lost
         got = store.read(0, npages * PAGE)
         for k in range(workers):
             base = shared * 2 + k * own_pages

@@ -47,11 +47,17 @@
  * different classes, and anything touching different pages, with nothing
  * shared but the pool lock's short sections.  A huge object is copied under
  * its entry bit alone (compaction never moves one).  Counters are atomic
- * (relaxed); Store still bumps num_reads, num_writes, failed_writes and
- * limit_hits under the GIL alone, and a native thread's concurrent bump of
- * the same counter can be lost (a counter, never a table).  Figures read for
- * policy without a lock (freeable, frames_used, the compaction order) may
- * be stale, never torn.
+ * (relaxed) everywhere: the engine's threads bump them with ADD, Python
+ * bumps them through Engine.count (never a read-modify-write of the
+ * attribute, which would lose a native thread's bump in between), and the
+ * attributes read and set them with atomic loads and stores.
+ * Figures read for policy or stats without a lock (hot_top in trim,
+ * frames_used, handles_used/handles_made, frame_limit, cls_zspages,
+ * cls_used, fragmented: freeable, the compaction order, the getters) may be
+ * stale, never torn: their writers hold the lock the field is listed under
+ * AND store it with STORE (relaxed), and the unlocked readers use LOAD, so
+ * the reads are defined C11 (and ThreadSanitizer, which
+ * tests/test_engine.py runs over the threaded test, sees no race).
  * No allocation on the write or read path: the lz4 state, the zstd contexts,
  * the compression buffer and the read-modify-write page are made once per
  * thread (a FUSE thread's when it starts).
@@ -252,6 +258,12 @@ static void unlock_all(Engine *e)
 
 #define ADD(field, v) __atomic_add_fetch(&(field), (v), __ATOMIC_RELAXED)
 #define SUB(field, v) __atomic_sub_fetch(&(field), (v), __ATOMIC_RELAXED)
+/* A field written under its lock and also read without it (see the top):
+ * the lock holder writes with STORE (a plain read of its own lock's field is
+ * fine), the unlocked reader uses LOAD.  Relaxed: on x86 these are the same
+ * movs as plain accesses, so the hot path pays nothing. */
+#define LOAD(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+#define STORE(field, v) __atomic_store_n(&(field), (v), __ATOMIC_RELAXED)
 
 /* ---- per-thread codec state ------------------------------------------------
  * Compression and decompression run outside every pool lock, each thread
@@ -329,9 +341,12 @@ static Ctx *ctx_get(Engine *e)
 
 static long long frame_room(const Engine *e)
 {
-    long long room = (long long)e->max_frames - e->frames_used;
-    if (e->frame_limit) {
-        long long lim = e->frame_limit - (long long)e->frames_used;
+    /* Under the pool lock from the allocator, unlocked from Python's
+     * frame_room(); frame_limit is set from Python with no engine lock. */
+    long long used = LOAD(e->frames_used), limit = LOAD(e->frame_limit);
+    long long room = (long long)e->max_frames - used;
+    if (limit) {
+        long long lim = limit - used;
         if (lim < room)
             room = lim;
     }
@@ -342,22 +357,24 @@ static uint32_t take_frame(Engine *e)
 {
     uint32_t frame;
     if (e->hot_top) {
-        frame = e->hot[--e->hot_top];
+        STORE(e->hot_top, e->hot_top - 1);
+        frame = e->hot[e->hot_top];
     } else if (e->cold_top) {
         frame = e->cold[--e->cold_top];
     } else {
         frame = e->frames_made++;
     }
     CHECK(frame < e->max_frames);
-    e->frames_used++;
+    STORE(e->frames_used, e->frames_used + 1);
     return frame;
 }
 
 static void give_frame(Engine *e, uint32_t frame)
 {
     CHECK(e->hot_top < e->max_frames);
-    e->frames_used--;
-    e->hot[e->hot_top++] = frame;
+    STORE(e->frames_used, e->frames_used - 1);
+    e->hot[e->hot_top] = frame;
+    STORE(e->hot_top, e->hot_top + 1);
 }
 
 static int punch(Engine *e, uint32_t first, uint32_t count)
@@ -366,7 +383,7 @@ static int punch(Engine *e, uint32_t first, uint32_t count)
         return 0;
     if (fallocate(e->arena_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   (off_t)first * FRAME_SIZE, (off_t)count * FRAME_SIZE) != 0) {
-        e->punch_errno = errno;
+        STORE(e->punch_errno, errno); /* read by whichever thread reports it */
         return -1;
     }
     return 0;
@@ -388,7 +405,7 @@ static long trim_locked(Engine *e)
     uint32_t n = top - keep;
     /* The hot stack is volatile: sorting its tail in place is free. */
     qsort(fr, n, sizeof *fr, cmp_u32);
-    e->hot_top = keep;
+    STORE(e->hot_top, keep);
     uint32_t first = fr[0], prev = fr[0];
     int err = 0;
     for (uint32_t i = 1; i < n; i++) {
@@ -411,7 +428,7 @@ static long trim_locked(Engine *e)
 static long trim(Engine *e)
 {
     /* Most requests free nothing beyond the reserve: skip the lock then. */
-    if (__atomic_load_n(&e->hot_top, __ATOMIC_RELAXED) <= e->reserve_frames)
+    if (LOAD(e->hot_top) <= e->reserve_frames)
         return 0;
     pool_lock(e);
     long n = trim_locked(e);
@@ -424,13 +441,16 @@ static long refill_reserve(Engine *e)
     long added = 0;
     pool_lock(e);
     while (e->hot_top < e->reserve_frames && (e->cold_top || e->frames_made < e->max_frames)) {
-        uint32_t hot = e->hot_top;
-        e->hot_top = 0; /* make take_frame skip the hot stack */
-        uint32_t frame = take_frame(e);
-        e->hot_top = hot;
-        e->frames_used--;
+        uint32_t frame;
+        if (e->cold_top) {
+            frame = e->cold[--e->cold_top];
+        } else {
+            frame = e->frames_made++;
+        }
+        CHECK(frame < e->max_frames);
         e->arena[(size_t)frame << FRAME_SHIFT] = 0; /* fault it in now */
-        e->hot[e->hot_top++] = frame;
+        e->hot[e->hot_top] = frame;
+        STORE(e->hot_top, e->hot_top + 1);
         added++;
     }
     pool_unlock(e);
@@ -445,13 +465,14 @@ static uint32_t new_handle(Engine *e, uint64_t value)
     if (e->handle_free_top) {
         h = e->handle_stack[--e->handle_free_top];
     } else if (e->handles_made < e->max_handles) {
-        h = ++e->handles_made;
+        h = e->handles_made + 1;
+        STORE(e->handles_made, h);
     } else {
         return 0;
     }
     CHECK(h <= e->max_handles);
     e->handle[h] = value;
-    e->handles_used++;
+    STORE(e->handles_used, e->handles_used + 1);
     return h;
 }
 
@@ -460,7 +481,7 @@ static void drop_handle(Engine *e, uint32_t h)
     CHECK(h <= e->max_handles && e->handle_free_top <= e->max_handles);
     e->handle[h] = 0;
     e->handle_stack[e->handle_free_top++] = h;
-    e->handles_used--;
+    STORE(e->handles_used, e->handles_used - 1);
 }
 
 /* ---- zspages and fullness (class lock) --------------------------------------- */
@@ -555,7 +576,7 @@ static uint32_t new_zspage(Engine *e, unsigned cls)
         uint32_t frame = frames[offset >> FRAME_SHIFT];
         *slot_word(e, frame, offset & (FRAME_SIZE - 1)) = FREE_TAG | (slot + 1 < objs ? slot + 1 : SLOT_END);
     }
-    e->cls_zspages[cls]++;
+    STORE(e->cls_zspages[cls], e->cls_zspages[cls] + 1);
     link_zs(e, z, cls, 0);
     return z;
 }
@@ -575,7 +596,7 @@ static void free_zspage(Engine *e, uint32_t z, unsigned cls)
     CHECK(e->zs_free_top <= e->max_frames);
     e->zs_stack[e->zs_free_top++] = z;
     pool_unlock(e);
-    e->cls_zspages[cls]--;
+    STORE(e->cls_zspages[cls], e->cls_zspages[cls] - 1);
 }
 
 static uint32_t pop_slot(Engine *e, uint32_t z, unsigned cls, uint32_t h, uint32_t *frame_out, uint32_t *off_out)
@@ -588,7 +609,7 @@ static uint32_t pop_slot(Engine *e, uint32_t z, unsigned cls, uint32_t h, uint32
     *w = h;
     unsigned inuse = e->zs_inuse[z] + 1u;
     e->zs_inuse[z] = (uint16_t)inuse;
-    e->cls_used[cls]++;
+    STORE(e->cls_used[cls], e->cls_used[cls] + 1);
     unsigned group = group_of(inuse, e->cobjs[cls]);
     if (group != e->zs_group[z]) {
         unlink_zs(e, z, cls);
@@ -606,7 +627,7 @@ static void push_slot(Engine *e, uint32_t z, unsigned cls, uint32_t slot)
     e->zs_free[z] = (uint16_t)slot;
     unsigned inuse = e->zs_inuse[z] - 1u;
     e->zs_inuse[z] = (uint16_t)inuse;
-    e->cls_used[cls]--;
+    STORE(e->cls_used[cls], e->cls_used[cls] - 1);
     if (inuse == 0) {
         free_zspage(e, z, cls);
         return;
@@ -616,7 +637,7 @@ static void push_slot(Engine *e, uint32_t z, unsigned cls, uint32_t slot)
         unlink_zs(e, z, cls);
         link_zs(e, z, cls, group);
     }
-    e->fragmented[cls] = 1;
+    STORE(e->fragmented[cls], 1);
 }
 
 /* ---- object bytes -------------------------------------------------------- */
@@ -752,17 +773,23 @@ static void obj_free(Engine *e, uint32_t h, uint32_t n)
 
 /* ---- compaction ----------------------------------------------------------- */
 
+/* Also called without the class lock (the compaction order, Python's
+ * freeable/freeable_frames): the two totals are then read at different
+ * moments, and a reader can see a new zspage's first object counted in
+ * cls_used but the zspage not yet in cls_zspages (or a freed zspage gone
+ * before its last object), so "used > capacity" is possible and means
+ * nothing is freeable, not 2^64 - 1 wasted slots. */
 static unsigned long long freeable(const Engine *e, unsigned cls)
 {
-    unsigned long long wasted = e->cls_zspages[cls] * e->cobjs[cls] - e->cls_used[cls];
-    return wasted / e->cobjs[cls];
+    unsigned long long cap = LOAD(e->cls_zspages[cls]) * e->cobjs[cls], used = LOAD(e->cls_used[cls]);
+    return cap > used ? (cap - used) / e->cobjs[cls] : 0;
 }
 
 static unsigned long long freeable_frames(const Engine *e)
 {
     unsigned long long t = 0;
     for (int c = 0; c < e->ncls; c++)
-        if (e->fragmented[c])
+        if (LOAD(e->fragmented[c]))
             t += freeable(e, (unsigned)c) * e->cframes[c];
     return t;
 }
@@ -827,9 +854,14 @@ static unsigned long long compact_class(Engine *e, unsigned cls, unsigned long l
             CHECK(hdr <= e->max_handles);
             __atomic_store_n(&e->handle[hdr], (uint64_t)dst << 16 | dslot, __ATOMIC_RELEASE);
             moves++;
-            if (e->zs_inuse[src] == 1)
+            int last = e->zs_inuse[src] == 1;
+            if (last)
                 ADD(e->pages_compacted, e->cframes[cls]);
             push_slot(e, src, cls, slot);
+            if (last)
+                break; /* src is freed: its id is the pool's, and another
+                        * class may already have made it a zspage of its
+                        * own, so not one more look at zs_inuse[src] */
             slot++;
         }
         if (moves == step_end && moves < budget) {
@@ -848,12 +880,12 @@ static long long compact(Engine *e, unsigned long long budget)
     /* The order is read without the class locks: a stale figure only
      * changes which class goes first. */
     for (int c = 0; c < e->ncls; c++) {
-        if (!e->fragmented[c])
+        if (!LOAD(e->fragmented[c]))
             continue;
         if (!freeable(e, (unsigned)c)) {
             class_lock(e, (unsigned)c);
             if (!freeable(e, (unsigned)c))
-                e->fragmented[c] = 0;
+                STORE(e->fragmented[c], 0);
             class_unlock(e, (unsigned)c);
             continue;
         }
@@ -873,7 +905,7 @@ static long long compact(Engine *e, unsigned long long budget)
         moved += compact_class(e, (unsigned)order[i], budget - moved);
         class_lock(e, (unsigned)order[i]);
         if (!freeable(e, (unsigned)order[i]))
-            e->fragmented[order[i]] = 0;
+            STORE(e->fragmented[order[i]], 0);
         class_unlock(e, (unsigned)order[i]);
     }
     if (trim(e) < 0)
@@ -1206,17 +1238,26 @@ typedef struct {
         return -1;                                                                                \
     } while (0)
 
+/* The rebuild runs under lock_all; the fields that are also read unlocked
+ * (see the top) are still stored with STORE. */
 static void rebuild_begin(Engine *e)
 {
-    e->frames_made = e->hot_top = e->cold_top = e->frames_used = 0;
+    e->frames_made = e->cold_top = 0;
+    STORE(e->hot_top, 0);
+    STORE(e->frames_used, 0);
     e->zs_free_top = e->zs_made = 0;
-    e->handle_free_top = e->handles_made = e->handles_used = 0;
+    e->handle_free_top = 0;
+    STORE(e->handles_made, 0);
+    STORE(e->handles_used, 0);
     memset(e->heads, 0, sizeof e->heads);
     memset(e->nonempty, 0, sizeof e->nonempty);
-    memset(e->cls_zspages, 0, sizeof e->cls_zspages);
-    memset(e->cls_used, 0, sizeof e->cls_used);
-    memset(e->fragmented, 0, sizeof e->fragmented);
-    e->huge_objects = e->obj_bytes = 0;
+    for (int c = 0; c < MAX_CLASSES; c++) {
+        STORE(e->cls_zspages[c], 0);
+        STORE(e->cls_used[c], 0);
+        STORE(e->fragmented[c], 0);
+    }
+    STORE(e->huge_objects, 0);
+    STORE(e->obj_bytes, 0);
 }
 
 static int claim_handle(Engine *e, Scan *s, uint64_t h)
@@ -1227,8 +1268,8 @@ static int claim_handle(Engine *e, Scan *s, uint64_t h)
         FAIL(s, "handle %llu is named by two pages", (unsigned long long)h);
     s->claimed[h] = 1;
     if (h > e->handles_made)
-        e->handles_made = (uint32_t)h;
-    e->handles_used++;
+        STORE(e->handles_made, (uint32_t)h);
+    STORE(e->handles_used, e->handles_used + 1);
     return 0;
 }
 
@@ -1240,7 +1281,7 @@ static int own_frame(Engine *e, Scan *s, uint64_t frame, const char *what, uint6
     if (s->owned[frame])
         FAIL(s, "frame %llu is owned twice (%s %llu)", (unsigned long long)frame, what, (unsigned long long)id);
     s->owned[frame] = 1;
-    e->frames_used++;
+    STORE(e->frames_used, e->frames_used + 1);
     if (frame >= e->frames_made)
         e->frames_made = (uint32_t)frame + 1;
     return 0;
@@ -1257,8 +1298,8 @@ static int claim_object(Engine *e, Scan *s, uint64_t h, uint32_t n)
                  (unsigned long long)h, (unsigned long long)loc);
         if (own_frame(e, s, loc & FRAME_MASK, "huge handle", h) < 0)
             return -1;
-        e->huge_objects++;
-        e->obj_bytes += n;
+        ADD(e->huge_objects, 1);
+        ADD(e->obj_bytes, n);
         return 0;
     }
     if ((loc & HUGE_LOC) || !(n > 0 && n < e->huge_threshold))
@@ -1296,8 +1337,8 @@ static int claim_object(Engine *e, Scan *s, uint64_t h, uint32_t n)
         FAIL(s, "handle %llu points to slot %u of zspage %llu, whose header names 0x%x", (unsigned long long)h, slot,
              (unsigned long long)z, hdr);
     e->zs_inuse[z]++;
-    e->cls_used[cls]++;
-    e->obj_bytes += n;
+    STORE(e->cls_used[cls], e->cls_used[cls] + 1);
+    ADD(e->obj_bytes, n);
     return 0;
 }
 
@@ -1380,11 +1421,11 @@ static int rebuild_finish(Engine *e, Scan *s)
             nxt = freeslots[k];
         }
         e->zs_free[z] = (uint16_t)nxt;
-        e->cls_zspages[cls]++;
+        STORE(e->cls_zspages[cls], e->cls_zspages[cls] + 1);
         e->zs_group[z] = 0;
         link_zs(e, z, cls, group_of(e->zs_inuse[z], objs));
         if (nfree)
-            e->fragmented[cls] = 1;
+            STORE(e->fragmented[cls], 1);
     }
     top = 0;
     for (uint32_t z = e->zs_made; z > 0; z--)
@@ -1407,13 +1448,13 @@ static int rebuild_finish(Engine *e, Scan *s)
         if (f + 1 == made || s->owned[f + 1]) {
             if (punch(e, run, f + 1 - run) < 0)
                 FAIL(s, "punching frames %u+%u out of the arena memfd failed: %s", run, f + 1 - run,
-                     strerror(e->punch_errno));
+                     strerror(LOAD(e->punch_errno)));
             run = UINT32_MAX;
         }
     }
     if (punch(e, made, e->max_frames - made) < 0)
         FAIL(s, "punching frames %u+%u out of the arena memfd failed: %s", made, e->max_frames - made,
-             strerror(e->punch_errno));
+             strerror(LOAD(e->punch_errno)));
     e->cold_top = nfree;
     return 0;
 }
@@ -1555,10 +1596,10 @@ static int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char 
         errs_add(b, "%llu owned + %u free handles != %u made", nowners, ftop, hm);
     if (e->handles_used != nowners)
         errs_add(b, "handles_used %u != %llu owned", e->handles_used, nowners);
-    if (obj_bytes != e->obj_bytes)
-        errs_add(b, "obj_bytes %llu != %llu owned", e->obj_bytes, obj_bytes);
-    if (huge != e->huge_objects)
-        errs_add(b, "huge_objects %llu != %llu owned", e->huge_objects, huge);
+    if (obj_bytes != LOAD(e->obj_bytes))
+        errs_add(b, "obj_bytes %llu != %llu owned", LOAD(e->obj_bytes), obj_bytes);
+    if (huge != LOAD(e->huge_objects))
+        errs_add(b, "huge_objects %llu != %llu owned", LOAD(e->huge_objects), huge);
     /* Zspages: the free stack, the fullness lists, then each live one. */
     uint32_t ztop = e->zs_free_top;
     if (ztop > maxz + 1u) {
@@ -1733,7 +1774,7 @@ static PyObject *raise_status(Engine *e, int st)
         PyErr_SetString(PyExc_ValueError, "corrupt object: it did not decompress to a 4096-byte page");
         break;
     case ST_PUNCH:
-        PyErr_Format(StateError, "punching frames out of the arena memfd failed: %s", strerror(e->punch_errno));
+        PyErr_Format(StateError, "punching frames out of the arena memfd failed: %s", strerror(LOAD(e->punch_errno)));
         break;
     case ST_NOROOM:
         PyErr_SetString(PoolFull, "no frame or handle is available under the limit");
@@ -2051,7 +2092,7 @@ static PyObject *Engine_set_codec(Engine *e, PyObject *args)
 
 static int check_handle(Engine *e, unsigned long long h)
 {
-    if (!h || h > e->handles_made) {
+    if (!h || h > LOAD(e->handles_made)) {
         PyErr_Format(PoolError, "unknown handle %llu", h);
         return -1;
     }
@@ -2199,11 +2240,12 @@ static PyObject *u32_list(const uint32_t *v, int n)
     return l;
 }
 
+/* Per-class totals: also read by the unlocked getters, hence LOAD. */
 static PyObject *u64_list(const unsigned long long *v, int n)
 {
     PyObject *l = PyList_New(n);
     for (int i = 0; l && i < n; i++) {
-        PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
+        PyObject *x = PyLong_FromUnsignedLongLong(LOAD(v[i]));
         if (!x) {
             Py_CLEAR(l);
             break;
@@ -2247,8 +2289,8 @@ static PyObject *volatile_unlocked(Engine *e)
         "zs_made", e->zs_made, "handle_free_top", e->handle_free_top, "handles_made", e->handles_made, "handles_used",
         e->handles_used, "heads", u32_list(e->heads, e->ncls * (int)(GROUPS + 1)), "nonempty",
         u32_list(e->nonempty, e->ncls), "cls_zspages", u64_list(e->cls_zspages, e->ncls), "cls_used",
-        u64_list(e->cls_used, e->ncls), "huge_objects", e->huge_objects, "obj_bytes", e->obj_bytes, "pages_compacted",
-        e->pages_compacted, "fragmented", frag);
+        u64_list(e->cls_used, e->ncls), "huge_objects", LOAD(e->huge_objects), "obj_bytes", LOAD(e->obj_bytes),
+        "pages_compacted", LOAD(e->pages_compacted), "fragmented", frag);
 }
 
 static int get_u64(PyObject *d, const char *k, unsigned long long *out, unsigned long long max)
@@ -2341,25 +2383,25 @@ static PyObject *Engine_set_volatile(Engine *e, PyObject *d)
     Py_DECREF(seq);
     lock_all(e);
     e->frames_made = (uint32_t)v[0];
-    e->hot_top = (uint32_t)v[1];
+    STORE(e->hot_top, (uint32_t)v[1]);
     e->cold_top = (uint32_t)v[2];
-    e->frames_used = (uint32_t)v[3];
+    STORE(e->frames_used, (uint32_t)v[3]);
     e->zs_free_top = (uint32_t)v[4];
     e->zs_made = (uint32_t)v[5];
     e->handle_free_top = (uint32_t)v[6];
-    e->handles_made = (uint32_t)v[7];
-    e->handles_used = (uint32_t)v[8];
+    STORE(e->handles_made, (uint32_t)v[7]);
+    STORE(e->handles_used, (uint32_t)v[8]);
     for (int i = 0; i < nh; i++)
         e->heads[i] = (uint32_t)heads[i];
     for (int c = 0; c < e->ncls; c++) {
         e->nonempty[c] = (uint32_t)ne[c];
-        e->cls_zspages[c] = zs[c];
-        e->cls_used[c] = used[c];
-        e->fragmented[c] = fr[c];
+        STORE(e->cls_zspages[c], zs[c]);
+        STORE(e->cls_used[c], used[c]);
+        STORE(e->fragmented[c], fr[c]);
     }
-    e->huge_objects = huge;
-    e->obj_bytes = obj;
-    e->pages_compacted = comp;
+    STORE(e->huge_objects, huge);
+    STORE(e->obj_bytes, obj);
+    STORE(e->pages_compacted, comp);
     unlock_all(e);
     PyMem_Free(heads);
     Py_RETURN_NONE;
@@ -2419,9 +2461,9 @@ static PyObject *Engine_rebuild(Engine *e, PyObject *args)
         lock_all(e);
         r = rebuild_all(e, ext, next, nalgos, counts, err, sizeof err);
         if (r == 0) {
-            e->pages_stored = counts[0];
-            e->same_pages = counts[1];
-            e->huge_pages = counts[2];
+            STORE(e->pages_stored, counts[0]);
+            STORE(e->same_pages, counts[1]);
+            STORE(e->huge_pages, counts[2]);
         }
         unlock_all(e);
     });
@@ -2478,17 +2520,19 @@ static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(a))
 
 static PyObject *get_cls_zspages(Engine *e, void *Py_UNUSED(c)) { return u64_list(e->cls_zspages, e->ncls); }
 static PyObject *get_cls_used(Engine *e, void *Py_UNUSED(c)) { return u64_list(e->cls_used, e->ncls); }
-static PyObject *get_frames_used(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(e->frames_used); }
-static PyObject *get_handles_used(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(e->handles_used); }
+/* The getters hold no engine lock: every figure they read is LOAD/STORE
+ * (see the top), so a reading thread sees a recent value, never a torn one. */
+static PyObject *get_frames_used(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(LOAD(e->frames_used)); }
+static PyObject *get_handles_used(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(LOAD(e->handles_used)); }
 static PyObject *get_mem_used_total(Engine *e, void *Py_UNUSED(c))
 {
-    return PyLong_FromUnsignedLongLong((unsigned long long)e->frames_used * FRAME_SIZE);
+    return PyLong_FromUnsignedLongLong((unsigned long long)LOAD(e->frames_used) * FRAME_SIZE);
 }
 static PyObject *get_reserve_bytes(Engine *e, void *Py_UNUSED(c))
 {
-    return PyLong_FromUnsignedLongLong((unsigned long long)e->hot_top * FRAME_SIZE);
+    return PyLong_FromUnsignedLongLong((unsigned long long)LOAD(e->hot_top) * FRAME_SIZE);
 }
-static PyObject *get_frame_limit(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromLongLong(e->frame_limit); }
+static PyObject *get_frame_limit(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromLongLong(LOAD(e->frame_limit)); }
 static int set_frame_limit(Engine *e, PyObject *v, void *Py_UNUSED(c))
 {
     if (!v) {
@@ -2502,8 +2546,80 @@ static int set_frame_limit(Engine *e, PyObject *v, void *Py_UNUSED(c))
         PyErr_SetString(PyExc_ValueError, "frame_limit must be >= 0");
         return -1;
     }
-    e->frame_limit = x;
+    STORE(e->frame_limit, x);
     return 0;
+}
+
+/* The counters (store.Counters' names) and the other atomic totals, as
+ * attributes: a PyMemberDef would read and write them with plain accesses
+ * while the engine's threads ADD to them.  closure: the field's offset. */
+#define FIELD_U64(e, c) ((unsigned long long *)((char *)(e) + (size_t)(c)))
+static PyObject *get_u64_field(Engine *e, void *c) { return PyLong_FromUnsignedLongLong(LOAD(*FIELD_U64(e, c))); }
+static int set_u64_field(Engine *e, PyObject *v, void *c)
+{
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "an engine counter cannot be deleted");
+        return -1;
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    STORE(*FIELD_U64(e, c), x);
+    return 0;
+}
+
+static PyObject *get_full(Engine *e, void *Py_UNUSED(c)) { return PyLong_FromLong(LOAD(e->full)); }
+static int set_full(Engine *e, PyObject *v, void *Py_UNUSED(c))
+{
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "full cannot be deleted");
+        return -1;
+    }
+    int x = PyObject_IsTrue(v);
+    if (x < 0)
+        return -1;
+    STORE(e->full, x);
+    return 0;
+}
+
+#define COUNTERS(X)                                                                               \
+    X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages)      \
+        X(huge_pages) X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits)
+#define COUNTER_NAME(f) #f,
+#define COUNTER_OFFSET(f) offsetof(Engine, f),
+static const char *const counter_names[] = {COUNTERS(COUNTER_NAME)};
+static const size_t counter_offsets[] = {COUNTERS(COUNTER_OFFSET)};
+#define NCOUNTERS (sizeof counter_offsets / sizeof counter_offsets[0])
+
+/* count(name, n=1): add n to counter `name` atomically.  Python's way to bump
+ * a counter: `engine.num_writes += 1` is a load and a store, and a native
+ * thread's bump in between would be lost. */
+static PyObject *Engine_count(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "count(name, n=1) takes 1 or 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    const char *name = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8(args[0]) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "count: the counter name must be a str");
+        return NULL;
+    }
+    long long n = 1;
+    if (nargs == 2) {
+        n = PyLong_AsLongLong(args[1]);
+        if (n == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    for (size_t i = 0; i < NCOUNTERS; i++) {
+        if (!strcmp(name, counter_names[i])) {
+            ADD(*FIELD_U64(e, counter_offsets[i]), (unsigned long long)n); /* n < 0 wraps: a subtraction */
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_AttributeError, "no engine counter named %R", args[0]);
+    return NULL;
 }
 
 static PyGetSetDef Engine_getset[] = {
@@ -2514,17 +2630,17 @@ static PyGetSetDef Engine_getset[] = {
     {"mem_used_total", (getter)get_mem_used_total, NULL, NULL, NULL},
     {"reserve_bytes", (getter)get_reserve_bytes, NULL, NULL, NULL},
     {"frame_limit", (getter)get_frame_limit, (setter)set_frame_limit, NULL, NULL},
+    {"full", (getter)get_full, (setter)set_full, "Store.full, for the native FUSE threads", NULL},
+#define COUNTER_GETSET(f) {#f, (getter)get_u64_field, (setter)set_u64_field, NULL, (void *)offsetof(Engine, f)},
+    COUNTERS(COUNTER_GETSET)
+    {"pages_compacted", (getter)get_u64_field, (setter)set_u64_field, NULL, (void *)offsetof(Engine, pages_compacted)},
+    {"huge_objects", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, huge_objects)},
+    {"obj_bytes", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, obj_bytes)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-#define MEMBER(name, flags) {#name, T_ULONGLONG, offsetof(Engine, name), flags, NULL}
 static PyMemberDef Engine_members[] = {
-    MEMBER(num_reads, 0), MEMBER(num_writes, 0), MEMBER(failed_reads, 0), MEMBER(failed_writes, 0),
-    MEMBER(notify_free, 0), MEMBER(same_pages, 0), MEMBER(huge_pages, 0), MEMBER(pages_stored, 0),
-    MEMBER(mem_used_max, 0), MEMBER(compactions, 0), MEMBER(limit_hits, 0), MEMBER(huge_objects, READONLY),
-    MEMBER(obj_bytes, READONLY), MEMBER(pages_compacted, 0),
     {"huge_threshold", T_UINT, offsetof(Engine, huge_threshold), READONLY, NULL},
-    {"full", T_INT, offsetof(Engine, full), 0, "Store.full, for the native FUSE threads"},
     {"reserve_frames", T_UINT, offsetof(Engine, reserve_frames), READONLY, NULL},
     {"max_frames", T_UINT, offsetof(Engine, max_frames), READONLY, NULL},
     {"max_handles", T_UINT, offsetof(Engine, max_handles), READONLY, NULL},
@@ -2538,6 +2654,7 @@ static PyMethodDef Engine_methods[] = {
     {"compact", (PyCFunction)(void (*)(void))Engine_compact, METH_VARARGS | METH_KEYWORDS, "compact(max_moves=None) -> objects moved"},
     {"trim", (PyCFunction)Engine_trim, METH_NOARGS, NULL},
     {"refill_reserve", (PyCFunction)Engine_refill_reserve, METH_NOARGS, NULL},
+    {"count", (PyCFunction)(void (*)(void))Engine_count, METH_FASTCALL, "count(name, n=1): add n to a counter atomically"},
     {"_set_codec", (PyCFunction)Engine_set_codec, METH_VARARGS, "set_codec(algo_id, zstd_level)"},
     {"store", (PyCFunction)Engine_store, METH_O, NULL},
     {"load", (PyCFunction)Engine_load, METH_VARARGS, NULL},

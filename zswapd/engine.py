@@ -113,6 +113,13 @@ class Engine(Protocol):
     @property
     def cls_zspages(self) -> list[int]: ...
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (a Counters field).  The way the
+        store bumps a counter: the native engine's threads bump the same
+        ones, so ``c.name += 1`` (a load, then a store) could lose theirs;
+        the native count is one atomic add."""
+        ...
+
     def write(self, offset: int, data: Buffer, refuse: bool) -> tuple[int, int]:
         """Store ``data`` at byte ``offset`` (partial pages read-modify-write).
         Returns (bytes written, OK | REFUSED | NOROOM): it stops before the
@@ -247,6 +254,11 @@ class PythonEngine(Pool):
 
     def adopt(self, pool: Pool) -> None:
         assert pool is self
+
+    def count(self, name: str, n: int = 1) -> None:
+        if name not in COUNTER_NAMES:
+            raise AttributeError(f"no engine counter named {name!r}")
+        setattr(self._c, name, getattr(self._c, name) + n)
 
     def rebuild_pages(self, extents: Extents) -> tuple[int, int, int]:
         counts = reference_rebuild(self, self.table, extents)

@@ -242,7 +242,7 @@ class Store:
             self.full = False
 
     def compact(self, max_moves: int | None = None) -> int:
-        self.c.compactions += 1
+        self.engine.count("compactions")
         moved = self.engine.compact(max_moves)
         self.update_full()
         return moved
@@ -259,7 +259,7 @@ class Store:
         """One compaction run in bounded steps, yielding the objects each step
         moved, so a caller doing I/O can serve requests in between.  It ends
         when nothing is freeable (or when the caller stops iterating)."""
-        self.c.compactions += 1
+        self.engine.count("compactions")
         try:
             while self.engine.freeable_frames():
                 moved = self.engine.compact(moves_per_step)
@@ -291,9 +291,11 @@ class Store:
         page keeps its old contents."""
         n = len(data)
         self._check(offset, n)
-        c = self.c
-        c.num_writes += 1
         engine = self.engine
+        # engine.count, not ``c.num_writes += 1``: the native engine's own
+        # threads bump the same counters, and a read-modify-write of the
+        # attribute here would lose their bumps in between.
+        engine.count("num_writes")
         done, status = engine.write(offset, data, self.full)
         if status == OK:
             return n
@@ -305,17 +307,17 @@ class Store:
                 # hysteresis may have ended since (usage fell).
                 self.update_full()
                 if self.full:
-                    c.failed_writes += 1
+                    engine.count("failed_writes")
                     raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
             elif status == NOROOM:
-                c.limit_hits += 1
+                engine.count("limit_hits")
                 self._make_room()
                 # Retry this one page; if it still finds no room, the store is full.
                 end = min(n, done + PAGE_SIZE - at % PAGE_SIZE)
                 step, status = engine.write(at, mv[done:end], False)
                 if status != OK:
                     self.full = True
-                    c.failed_writes += 1
+                    engine.count("failed_writes")
                     raise StoreFull("pool is full and compaction cannot make room")
                 done += step
             if done >= n:
@@ -328,7 +330,7 @@ class Store:
     def readinto(self, offset: int, out: memoryview) -> int:
         n = len(out)
         self._check(offset, n)
-        self.c.num_reads += 1
+        self.engine.count("num_reads")
         return self.engine.readinto(offset, out)
 
     def read(self, offset: int, length: int) -> bytes:
