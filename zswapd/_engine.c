@@ -2715,7 +2715,11 @@ static PyTypeObject EngineType = {
  * microseconds of a reply, and a sleep and wakeup cost more than that; so a
  * thread that has just served spins for SPIN_NS before sleeping.  One idle
  * thread at a time (the spinner token): the others sleep, and leave the CPUs
- * to the program whose pages we hold.
+ * to the program whose pages we hold.  A thread spins with non-blocking
+ * reads; on a clone of its own it sets O_NONBLOCK to spin and clears it to
+ * sleep (two fcntl calls per sleep, none while requests keep coming), since
+ * spinning on poll(2) then read(2) took a third longer per request at queue
+ * depth 1 (docs/benchmarks.md).  On a clone it shares, it spins on poll(2).
  *
  * Stopping.  stop() sets stop and wakes the threads: the eventfd for those
  * in poll(2), WAKE_SIGNAL (a handler that does nothing, so read(2) returns
@@ -2753,7 +2757,10 @@ typedef struct Server Server;
 typedef struct {
     Server *s;
     int fd;
-    int blocking; /* a clone without O_NONBLOCK: read(2) sleeps */
+    int blocking; /* a clone: read(2) sleeps, unless toggled below */
+    int own;      /* no other thread reads this fd: O_NONBLOCK is ours to toggle */
+    int nonblock; /* own clone, O_NONBLOCK set now (spinning) */
+    int flags;    /* the fd's flags without O_NONBLOCK */
     pthread_t tid;
 } Thread;
 
@@ -2911,9 +2918,44 @@ static void serve_cold(Server *s, int fd, const uint8_t *in, size_t n)
     PyGILState_Release(g);
 }
 
-/* The next request on a blocking clone.  The spinner polls without sleeping
- * until SPIN_NS after its last request, then reads (and sleeps there if
- * another thread took the request it saw). */
+static void set_nonblock(Thread *t, int on)
+{
+    if (t->nonblock != on && fcntl(t->fd, F_SETFL, t->flags | (on ? O_NONBLOCK : 0)) == 0)
+        t->nonblock = on;
+}
+
+/* The next request on a clone of this thread's own: non-blocking reads while
+ * it holds the spinner token, a blocking read to sleep; -1 with EAGAIN to try
+ * again. */
+static ssize_t read_own_clone(Thread *t, uint8_t *in, const struct timespec *last, int *spinning)
+{
+    Server *s = t->s;
+    if (ns_since(last) < SPIN_NS && (*spinning || take_spinner(s))) {
+        *spinning = 1;
+        set_nonblock(t, 1);
+        ssize_t n = read(t->fd, in, REQ_BUF);
+        if (n >= 0 || errno != EAGAIN) {
+            int err = errno;
+            drop_spinner(s);
+            *spinning = 0;
+            errno = err;
+        }
+        return n;
+    }
+    if (*spinning)
+        drop_spinner(s);
+    *spinning = 0;
+    set_nonblock(t, 0);
+    if (stopping(s)) {
+        errno = EINTR;
+        return -1;
+    }
+    return read(t->fd, in, REQ_BUF);
+}
+
+/* The next request on a blocking clone shared with other threads.  The
+ * spinner polls without sleeping until SPIN_NS after its last request, then
+ * reads (and sleeps there if another thread took the request it saw). */
 static ssize_t read_blocking(Thread *t, uint8_t *in, const struct timespec *last)
 {
     Server *s = t->s;
@@ -2979,7 +3021,9 @@ static void *server_thread(void *arg)
     struct timespec last = {0, 0};
     int spinning = 0;
     while (in && out && !stopping(s)) {
-        ssize_t n = t->blocking ? read_blocking(t, in, &last) : read_nonblocking(t, in, &last, &spinning);
+        ssize_t n = !t->blocking ? read_nonblocking(t, in, &last, &spinning)
+                    : t->own     ? read_own_clone(t, in, &last, &spinning)
+                                 : read_blocking(t, in, &last);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR || errno == ENOENT)
                 continue;
@@ -3000,6 +3044,8 @@ static void *server_thread(void *arg)
     }
     if (spinning)
         drop_spinner(s);
+    if (t->blocking && t->own)
+        set_nonblock(t, 0); /* as the next server expects a clone */
     free(in);
     free(out);
     __atomic_sub_fetch(&s->alive, 1, __ATOMIC_RELEASE);
@@ -3157,10 +3203,11 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
             PyErr_Format(PyExc_ValueError, "fds[%zd] is not an open file descriptor", i);
             goto fail;
         }
-        s->threads[i] = (Thread){.s = s, .fd = fd, .blocking = !(fl & O_NONBLOCK)};
+        s->threads[i] = (Thread){.s = s, .fd = fd, .blocking = !(fl & O_NONBLOCK), .own = 1, .flags = fl};
         int seen = 0;
         for (Py_ssize_t j = 0; j < i; j++)
-            seen |= s->threads[j].fd == fd;
+            if (s->threads[j].fd == fd)
+                seen = 1, s->threads[j].own = s->threads[i].own = 0;
         if (!seen) {
             s->nfds++;
             s->nblocking += s->threads[i].blocking;

@@ -41,6 +41,11 @@ class NativeServer:
         self.bugs = 0
         self._enabled = False
         n = threads or os.cpu_count() or 1
+        for c in clones:
+            # A worker killed while spinning leaves its clone O_NONBLOCK;
+            # a clone is served blocking (it is how C tells it from the
+            # connection's own fd, which stays O_NONBLOCK).
+            os.set_blocking(c, True)
         # Thread i reads clone i; with fewer clones than threads, they share
         # (a blocking clone still wakes one reader per request).
         fds = [clones[i % len(clones)] for i in range(n)] if clones else [fd] * n
