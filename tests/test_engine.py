@@ -280,11 +280,13 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
     assert _engine_file(tmp_path, env) == str(out)  # the engine that ran was the sanitized build
 
 
+@pytest.mark.root
 def test_native_engine_under_tsan(tmp_path: Path) -> None:
     """Build _engine.c with -fsanitize=thread into a copy of the package and
     run the threaded test (writers, readers, discards, a compactor, and the
-    unlocked policy reads and counter bumps of the store) with libtsan
-    preloaded.  Any ThreadSanitizer report that names _engine.c fails it.
+    unlocked policy reads and counter bumps of the store) and the native
+    FUSE threads on a real mount (shared fd, shared clone, a clone each;
+    spinner token, O_NONBLOCK toggling, stop) with libtsan preloaded.  Any ThreadSanitizer report that names _engine.c fails it.
     The interpreter is not instrumented, so TSan sees only the engine's
     accesses and the intercepted calls (memcpy, locks) Python makes;
     tests/tsan.supp holds the suppressions for reports that lie wholly in
@@ -306,7 +308,7 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
         PYTHONDONTWRITEBYTECODE="1",
     )
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
-           "-k", "threads_against_a_model"]  # fmt: skip
+           "-k", "threads_against_a_model or serve_a_real_mount"]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     text = "".join(p.read_text(errors="replace") for p in sorted(logs.iterdir()))
     if "unexpected memory mapping" in text + run.stderr:
@@ -324,7 +326,7 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
         f"{len(engine_reports)} ThreadSanitizer report(s) in _engine.c:\n" + "\n".join(engine_reports)[-12000:]
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-    assert re.search(r"\b1 passed", run.stdout), run.stdout[-3000:]  # the threaded test really ran
+    assert re.search(r"\b4 passed", run.stdout), run.stdout[-3000:]  # the threaded tests really ran
     assert _engine_file(tmp_path, env) == str(out)  # under TSan, with the instrumented build
 
 
