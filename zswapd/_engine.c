@@ -2720,6 +2720,11 @@ static PyTypeObject EngineType = {
  * sleep (two fcntl calls per sleep, none while requests keep coming), since
  * spinning on poll(2) then read(2) took a third longer per request at queue
  * depth 1 (docs/benchmarks.md).  On a clone it shares, it spins on poll(2).
+ * Each turn of a spin ends in sched_yield(): whatever the scheduler put on
+ * the spinner's CPU (the program, the loop device's worker, a woken serving
+ * thread) runs at once, not after the spin.  Without it, two threads on two
+ * CPUs gave 0.5% of 4 KiB reads a latency of exactly SPIN_NS (p99.9 226 us
+ * against 23 us with it; docs/benchmarks.md).
  *
  * Stopping.  stop() sets stop and wakes the threads: the eventfd for those
  * in poll(2), WAKE_SIGNAL (a handler that does nothing, so read(2) returns
@@ -2775,6 +2780,7 @@ struct Server {
     int stop;
     int hot;
     int spinner; /* 1 while one idle thread spins */
+    int busy;    /* threads between a read and its reply */
     uint32_t max_write;
     uint64_t dev_size;
     unsigned long long hot_requests, cold_requests, io_errors;
@@ -2809,6 +2815,15 @@ static int take_spinner(Server *s)
 }
 
 static void drop_spinner(Server *s) { __atomic_store_n(&s->spinner, 0, __ATOMIC_RELEASE); }
+
+/* Spin on only while this thread served within SPIN_NS and no other thread
+ * is serving: a request that comes while one is served wakes a sleeper
+ * anyway, and the spin would only take a CPU from the program or the loop
+ * device's worker. */
+static int may_spin(Server *s, const struct timespec *last)
+{
+    return ns_since(last) < SPIN_NS && !__atomic_load_n(&s->busy, __ATOMIC_RELAXED);
+}
 
 static void write_reply(Server *s, int fd, const void *buf, size_t n)
 {
@@ -2930,7 +2945,7 @@ static void set_nonblock(Thread *t, int on)
 static ssize_t read_own_clone(Thread *t, uint8_t *in, const struct timespec *last, int *spinning)
 {
     Server *s = t->s;
-    if (ns_since(last) < SPIN_NS && (*spinning || take_spinner(s))) {
+    if (may_spin(s, last) && (*spinning || take_spinner(s))) {
         *spinning = 1;
         set_nonblock(t, 1);
         ssize_t n = read(t->fd, in, REQ_BUF);
@@ -2939,6 +2954,8 @@ static ssize_t read_own_clone(Thread *t, uint8_t *in, const struct timespec *las
             drop_spinner(s);
             *spinning = 0;
             errno = err;
+        } else {
+            sched_yield();
         }
         return n;
     }
@@ -2959,10 +2976,10 @@ static ssize_t read_own_clone(Thread *t, uint8_t *in, const struct timespec *las
 static ssize_t read_blocking(Thread *t, uint8_t *in, const struct timespec *last)
 {
     Server *s = t->s;
-    if (ns_since(last) < SPIN_NS && take_spinner(s)) {
+    if (may_spin(s, last) && take_spinner(s)) {
         struct pollfd p = {.fd = t->fd, .events = POLLIN};
-        while (!stopping(s) && ns_since(last) < SPIN_NS && poll(&p, 1, 0) == 0) {
-        }
+        while (!stopping(s) && may_spin(s, last) && poll(&p, 1, 0) == 0)
+            sched_yield();
         drop_spinner(s);
     }
     if (stopping(s)) {
@@ -2983,8 +3000,9 @@ static ssize_t read_nonblocking(Thread *t, uint8_t *in, const struct timespec *l
         *spinning = 0;
         return n;
     }
-    if (ns_since(last) < SPIN_NS && (*spinning || take_spinner(s))) {
+    if (may_spin(s, last) && (*spinning || take_spinner(s))) {
         *spinning = 1;
+        sched_yield();
         return -1;
     }
     if (*spinning)
@@ -3034,13 +3052,15 @@ static void *server_thread(void *arg)
             poll(&p, 1, 10); /* as session.py: never end on a read error */
             continue;
         }
-        clock_gettime(CLOCK_MONOTONIC, &last);
+        __atomic_add_fetch(&s->busy, 1, __ATOMIC_RELAXED);
         if (n >= IN_HDR && serve_hot(s, t->fd, in, (size_t)n, out)) {
             __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
-            continue;
+        } else {
+            __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
+            serve_cold(s, t->fd, in, (size_t)n);
         }
-        __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
-        serve_cold(s, t->fd, in, (size_t)n);
+        __atomic_sub_fetch(&s->busy, 1, __ATOMIC_RELAXED);
+        clock_gettime(CLOCK_MONOTONIC, &last);
     }
     if (spinning)
         drop_spinner(s);
@@ -3190,6 +3210,7 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->stop = 0;
     s->hot = 0;
     s->spinner = 0;
+    s->busy = 0;
     s->max_write = 0;
     s->dev_size = 0;
     s->hot_requests = s->cold_requests = s->io_errors = 0;
