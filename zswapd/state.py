@@ -87,6 +87,11 @@ _HEAD = struct.Struct(
 _INIT_AT = 256
 # valid, minor, max_write, max_readahead, flags | flags2 << 32, max_pages, time_gran
 _INIT = struct.Struct("<I I I I Q I I")
+# The number of workers before the one serving (stats' worker_restarts), so a
+# supervisor restarted by systemd goes on counting where the dead one was.
+# Zero in a state written before it existed, which is the right reading.
+_RESTARTS_AT = 320
+_RESTARTS = struct.Struct("<Q")
 _COUNTERS_AT = 512
 _COUNTERS = struct.Struct(f"<{COUNTER_SLOTS}Q")
 _DIR_AT = 1024
@@ -510,9 +515,19 @@ class State:
         valid, *rest = _INIT.unpack_from(self._header, _INIT_AT)
         return InitParams(*rest) if valid == 1 else None
 
+    def save_restarts(self, n: int) -> None:
+        _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)
+
     def save_counters(self, values: Sequence[int]) -> None:
         vals = list(values)[:COUNTER_SLOTS]
         _COUNTERS.pack_into(self._header, _COUNTERS_AT, *(vals + [0] * (COUNTER_SLOTS - len(vals))))
 
     def load_counters(self) -> tuple[int, ...]:
         return tuple(_COUNTERS.unpack_from(self._header, _COUNTERS_AT))
+
+
+def read_restarts(meta_fd: int) -> int:
+    """The worker count a state's header holds (State.save_restarts), read
+    with pread: the supervisor calls it without attaching the state."""
+    raw = os.pread(meta_fd, _RESTARTS.size, _RESTARTS_AT)
+    return int(_RESTARTS.unpack(raw)[0]) if len(raw) == _RESTARTS.size else 0

@@ -72,6 +72,7 @@ from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, StartupError, _libc, harden, no_core_dumps, sd_notify
+from .state import read_restarts
 
 if TYPE_CHECKING:
     from .worker import WorkerArgs
@@ -749,7 +750,7 @@ class Supervisor:
         self._kill_old_workers()
         # A worker killed together with the old supervisor had its state, or
         # none was made yet (nothing was written: a fresh store is right).
-        self.worker_restarts = 1 if self.state_fds else 0
+        self.worker_restarts = read_restarts(self.state_fds[0]) + 1 if self.state_fds else 0
         self.ever_served = bool(self.state_fds)
         self.died_at_ns = time.monotonic_ns()
 

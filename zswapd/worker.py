@@ -245,6 +245,7 @@ class Worker:
                 # This worker made the state: the supervisor holds it from
                 # now on, before a single page is written.
                 self._tell("state", list(self.store.state.fds()))
+            self.store.state.save_restarts(self.args.restarts)
             if self.args.takeover:
                 self._take_over()
         log.info(

@@ -44,12 +44,14 @@ def one(threads: int) -> tuple[float, float]:
     fs = FuseFS(store)
     fd = fmount.open_fuse()
     server = None
+    clones: list[int] = []
     with tempfile.TemporaryDirectory() as mp:
         mounted = False
         try:
             fmount.mount(fd, mp)
             mounted = True
-            server = NativeServer(fd, fs, store.engine, threads=threads)
+            clones = [fmount.clone_fuse(fd) for _ in range(threads)]  # as the supervisor makes them
+            server = NativeServer(fd, fs, store.engine, threads=threads, clones=clones)
             path = os.path.join(mp, "swap")
             return fio(path, "write"), fio(path, "read")
         finally:
@@ -57,6 +59,8 @@ def one(threads: int) -> tuple[float, float]:
                 fmount.unmount(mp)
             if server is not None:
                 server.stop()
+            for c in clones:
+                os.close(c)
             os.close(fd)
             store.close()
 
