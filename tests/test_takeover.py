@@ -186,6 +186,37 @@ def test_reload_5_times_under_swap_pressure(tmp_path: Path) -> None:
     assert_clean(loop, d.mountpoint)
 
 
+def test_settings_set_at_runtime_survive_a_worker_crash_and_a_reload_applies_the_file(tmp_path: Path) -> None:
+    """What `zswapd set` changed stays in force across a crash (the state
+    header keeps it), as zram keeps what was written to its sysfs files; a
+    reload is a deliberate re-read of the file and applies the file's."""
+    with run_daemon(tmp_path, swap={"enable": False}, pool={"memory_limit": "64M"}) as d:
+        for assignment in ("memory_limit=48M", "accept_percent=80", "algorithm=zstd", "zstd_level=5"):
+            r = subprocess.run(
+                [sys.executable, "-m", "zswapd", "set", assignment, "--socket", d.socket],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stderr
+        # No swap on this device: no process has pages behind it to lose.
+        old = worker_pid(d)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: worker_pid(d) != old, timeout=60, what="a new worker")
+        s = d.stats()
+        assert (s["mem_limit"], s["accept_percent"], s["algorithm"], s["zstd_level"]) == (48 << 20, 80, "zstd", 5), s
+        assert "kept the settings in force before the takeover: algorithm zstd" in d.logtext()
+        r = subprocess.run(
+            [sys.executable, "-m", "zswapd", "reload", "--socket", d.socket],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        s = d.stats()
+        assert (s["mem_limit"], s["accept_percent"], s["algorithm"]) == (64 << 20, 90, "lz4"), s
+        assert d.stop() == 0, d.logtext()
+
+
 def test_worker_args_from_an_older_or_newer_supervisor() -> None:
     """zswapd reload starts the code installed now under a supervisor that
     may be older: keys it does not know must not stop the new worker."""

@@ -92,6 +92,12 @@ _INIT = struct.Struct("<I I I I Q I I")
 # Zero in a state written before it existed, which is the right reading.
 _RESTARTS_AT = 320
 _RESTARTS = struct.Struct("<Q")
+# The runtime settings in force (what `zswapd set` changes; the algorithm and
+# zstd level are in the fixed fields): a worker that takes over after a crash
+# goes on with them, as zram keeps what was written to its sysfs files.
+# valid, accept_percent, memory_limit; valid is 0 in an older state.
+_SETTINGS_AT = 336
+_SETTINGS = struct.Struct("<I I Q")
 _COUNTERS_AT = 512
 _COUNTERS = struct.Struct(f"<{COUNTER_SLOTS}Q")
 _DIR_AT = 1024
@@ -514,6 +520,14 @@ class State:
         """The FUSE INIT a previous worker negotiated, or None if none did."""
         valid, *rest = _INIT.unpack_from(self._header, _INIT_AT)
         return InitParams(*rest) if valid == 1 else None
+
+    def save_settings(self, memory_limit: int, accept_percent: int) -> None:
+        _SETTINGS.pack_into(self._header, _SETTINGS_AT, 1, accept_percent, memory_limit)
+
+    def load_settings(self) -> tuple[int, int] | None:
+        """(memory_limit, accept_percent) last in force, or None if never saved."""
+        valid, accept_percent, memory_limit = _SETTINGS.unpack_from(self._header, _SETTINGS_AT)
+        return (int(memory_limit), int(accept_percent)) if valid == 1 else None
 
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)

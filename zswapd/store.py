@@ -197,6 +197,7 @@ class Store:
             moved = self.compact()
         met = not nbytes or self.engine.mem_used_total <= nbytes
         self.update_full()
+        self.state.save_settings(self.memory_limit, self.accept_percent)
         return {"memory_limit": nbytes, "met": met, "objects_moved": moved}
 
     def set_accept_percent(self, percent: int) -> None:
@@ -204,6 +205,7 @@ class Store:
             raise StoreError(f"accept_percent must be in 1..100, got {percent}")
         self.accept_percent = percent
         self.update_full()
+        self.state.save_settings(self.memory_limit, self.accept_percent)
 
     def set_algorithm(self, algorithm: str | None = None, zstd_level: int | None = None) -> None:
         """Switch the codec for new writes.  Every page records its own
@@ -213,6 +215,7 @@ class Store:
         if (algorithm, zstd_level) != (self.codec.algorithm, self.codec.zstd_level):
             self.codec = Codec(algorithm, zstd_level)
             self.engine.set_codec(self.codec)
+            self.state.save_codec(self.codec.algo_id, self.codec.zstd_level)
 
     @property
     def mem_used_total(self) -> int:
@@ -407,6 +410,8 @@ class Store:
             "engine": self.engine.name,
             "reserve_bytes": pool.reserve_bytes,
             "algorithm": self.codec.algorithm,
+            "zstd_level": self.codec.zstd_level,
+            "accept_percent": self.accept_percent,
             "compactions": self.c.compactions,
             "limit_hits": self.c.limit_hits,
             "full": self.full,

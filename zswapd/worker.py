@@ -50,7 +50,7 @@ import trio
 
 from . import config as config_mod
 from . import swap
-from .codec import PAGE_SIZE, Codec
+from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
 from .fuse import protocol
@@ -132,12 +132,20 @@ class Worker:
                     cfg.path,
                     size,
                 )
+        algorithm, zstd_level = cfg.pool.algorithm, cfg.pool.zstd_level
+        memory_limit, accept_percent = cfg.pool.memory_limit, cfg.pool.accept_percent
+        if state is not None and not args.standby:
+            # A takeover after a crash goes on with the settings in force,
+            # `zswapd set` included; a reload (standby) applies the file.
+            algorithm, zstd_level, memory_limit, accept_percent = _settings_in_force(
+                state, algorithm, zstd_level, memory_limit, accept_percent
+            )
         t = time.perf_counter()
         self.store = Store(
             size,
-            Codec(cfg.pool.algorithm, cfg.pool.zstd_level),
-            memory_limit=cfg.pool.memory_limit,
-            accept_percent=cfg.pool.accept_percent,
+            Codec(algorithm, zstd_level),
+            memory_limit=memory_limit,
+            accept_percent=accept_percent,
             reserve_frames=cfg.pool.reserve // 4096,
             state=state,
             engine=cfg.pool.engine,
@@ -448,6 +456,29 @@ class Worker:
                     await trio.sleep(0)
             finally:
                 steps.close()
+
+
+def _settings_in_force(
+    state: State, algorithm: str, zstd_level: int, memory_limit: int, accept_percent: int
+) -> tuple[str, int, int, int]:
+    """The runtime settings a dead worker left in the state header, where it
+    has them; the configured ones otherwise.  Logs what differs from the
+    configuration, so the operator sees why."""
+    kept = []
+    algo_id, level = state.codec()
+    if 0 <= algo_id < len(ALGORITHMS) and (ALGORITHMS[algo_id], level) != (algorithm, zstd_level):
+        kept.append(f"algorithm {ALGORITHMS[algo_id]} (zstd level {level}) where the config says {algorithm}")
+        algorithm, zstd_level = ALGORITHMS[algo_id], level
+    saved = state.load_settings()
+    if saved is not None:
+        if saved[0] != memory_limit:
+            kept.append(f"memory_limit {saved[0]} where the config says {memory_limit}")
+        if saved[1] != accept_percent:
+            kept.append(f"accept_percent {saved[1]} where the config says {accept_percent}")
+        memory_limit, accept_percent = saved
+    if kept:
+        log.info("kept the settings in force before the takeover: %s (zswapd reload applies the file)", "; ".join(kept))
+    return algorithm, zstd_level, memory_limit, accept_percent
 
 
 def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
