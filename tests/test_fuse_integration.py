@@ -23,10 +23,15 @@ pytestmark = pytest.mark.root
 MIB = 1 << 20
 
 
-@pytest.fixture(params=["native", "pyfuse3"])
+@pytest.fixture(params=[("native", "native"), ("native", "python"), ("pyfuse3", "native")],
+                ids=["native", "python-engine", "pyfuse3"])  # fmt: skip
 def backend_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
-    """The same tests against both FUSE backends (pyfuse3 is installed in CI)."""
-    with run_daemon(tmp_path, fuse={"backend": request.param}) as d:
+    """The same tests against both FUSE backends (pyfuse3 is installed in CI)
+    and both engines (the C one with its FUSE threads; the Python reference
+    under the trio session)."""
+    backend, engine = request.param
+    with run_daemon(tmp_path, fuse={"backend": backend}, pool={"engine": engine}) as d:
+        assert d.stats()["engine"] == engine
         yield d
 
 
@@ -138,7 +143,15 @@ def test_dd_direct_roundtrip(backend_daemon: Daemon, tmp_path: Path) -> None:
     assert s["orig_data_size"] == 64 * MIB and s["compr_data_size"] < 64 * MIB  # it compressed
 
 
-def test_punch_half_releases_memory(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.fixture(params=["native", "python"])
+def engine_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
+    with run_daemon(tmp_path, pool={"engine": request.param}) as d:
+        assert d.stats()["engine"] == request.param
+        yield d
+
+
+def test_punch_half_releases_memory(engine_daemon: Daemon, tmp_path: Path) -> None:
+    daemon = engine_daemon
     data = dd_fill(daemon, tmp_path)
     before = daemon.stats()
     fd = os.open(daemon.file, os.O_RDWR)
@@ -159,9 +172,14 @@ def test_punch_half_releases_memory(daemon: Daemon, tmp_path: Path) -> None:
     assert rest == data[32 * MIB :]
 
 
-@pytest.mark.parametrize("backend, algorithm", [("native", "lz4"), ("native", "zstd"), ("pyfuse3", "lz4")])
-def test_fio_verify_through_loop_device(tmp_path: Path, backend: str, algorithm: str) -> None:
-    with run_daemon(tmp_path, pool={"algorithm": algorithm}, fuse={"backend": backend}) as d:
+@pytest.mark.parametrize(
+    "backend, algorithm, engine",
+    [("native", "lz4", "native"), ("native", "zstd", "native"), ("native", "lz4", "python"),
+     ("native", "zstd", "python"), ("pyfuse3", "lz4", "native")],
+)  # fmt: skip
+def test_fio_verify_through_loop_device(tmp_path: Path, backend: str, algorithm: str, engine: str) -> None:
+    with run_daemon(tmp_path, pool={"algorithm": algorithm, "engine": engine}, fuse={"backend": backend}) as d:
+        assert d.stats()["engine"] == engine
         loop = subprocess.run(
             ["losetup", "--find", "--show", "--direct-io=on", d.file], check=True, capture_output=True, text=True
         ).stdout.strip()

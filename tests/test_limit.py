@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import PUNCH, Daemon, fallocate, run_daemon
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.parametrize("engine", ["native", "python"])]
 
 MIB = 1 << 20
 LIMIT = 64 * MIB
@@ -48,9 +48,12 @@ def verify(fd: int, pages: dict[int, bytes]) -> None:
         assert os.pread(fd, 4096, idx * 4096) == p, f"page {idx} differs"
 
 
-def test_compaction_makes_room_before_full_then_enospc(tmp_path: Path) -> None:
+def test_compaction_makes_room_before_full_then_enospc(tmp_path: Path, engine: str) -> None:
     with run_daemon(
-        tmp_path, device={"size": "512M"}, pool={"memory_limit": "64M"}, compaction={"background": False}
+        tmp_path,
+        device={"size": "512M"},
+        pool={"memory_limit": "64M", "engine": engine},
+        compaction={"background": False},
     ) as d:
         fd = os.open(d.file, os.O_RDWR)
         try:
@@ -115,8 +118,8 @@ def test_compaction_makes_room_before_full_then_enospc(tmp_path: Path) -> None:
             os.close(fd)
 
 
-def test_runtime_limit_change_compacts_and_never_drops(tmp_path: Path) -> None:
-    with run_daemon(tmp_path, pool={"memory_limit": 0}, compaction={"background": False}) as d:
+def test_runtime_limit_change_compacts_and_never_drops(tmp_path: Path, engine: str) -> None:
+    with run_daemon(tmp_path, pool={"memory_limit": 0, "engine": engine}, compaction={"background": False}) as d:
         fd = os.open(d.file, os.O_RDWR)
         try:
             pages = fill(d, fd, 16 * MIB, (1400, 2400), 7)
@@ -136,10 +139,10 @@ def test_runtime_limit_change_compacts_and_never_drops(tmp_path: Path) -> None:
             os.close(fd)
 
 
-def test_background_compaction_with_concurrent_reader(tmp_path: Path) -> None:
+def test_background_compaction_with_concurrent_reader(tmp_path: Path, engine: str) -> None:
     with run_daemon(
         tmp_path,
-        pool={"memory_limit": "128M"},
+        pool={"memory_limit": "128M", "engine": engine},
         compaction={"background": True, "interval": 0.1, "waste_threshold": "2M"},
     ) as d:
         fd = os.open(d.file, os.O_RDWR)

@@ -79,9 +79,11 @@ def assert_clean(loop: str | None, mountpoint: Path) -> None:
         assert r.returncode != 0 or "swap" not in r.stdout
 
 
-def test_swap_under_memory_pressure_verifies_every_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_swap_under_memory_pressure_verifies_every_byte(tmp_path: Path, engine: str) -> None:
     dmesg_before = len(dmesg_lines())
-    with run_daemon(tmp_path, **SWAP) as d:  # type: ignore[arg-type]
+    with run_daemon(tmp_path, **SWAP, pool={"engine": engine}) as d:  # type: ignore[arg-type]
+        assert d.stats()["engine"] == engine
         loop = d.stats()["device"]["loop"]  # type: ignore[index]
         assert loop and loop in open("/proc/swaps").read()
         assert open(f"/sys/block/{os.path.basename(loop)}/loop/dio").read().strip() == "1"
