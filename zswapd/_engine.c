@@ -2706,33 +2706,45 @@ static PyTypeObject EngineType = {
  * keeps them, so a request a dead worker had read stays on a live list and
  * FUSE_NOTIFY_RESEND (which walks every clone) hands it to the next worker;
  * a clone made here would end those requests with EIO as the worker died
- * (kernel-facts).  Clones are blocking: a blocking read(2) waits exclusively
- * on the connection's queue, so each request wakes one thread, where poll(2)
- * wakes every thread polling.  Without clones (one shared O_NONBLOCK fd, as
- * the Python session needs it) the threads read, and on EAGAIN poll.
+ * (kernel-facts).  A clone is its own open file description, so its
+ * O_NONBLOCK is its own: the connection's fd stays non-blocking for the
+ * Python session while a clone can sleep in read(2).  Without clones the
+ * threads share the connection's fd.
  *
- * Spinning.  At queue depth 1 the next request usually comes within a few
- * microseconds of a reply, and a sleep and wakeup cost more than that; so a
- * thread that has just served spins for SPIN_NS before sleeping.  One idle
- * thread at a time (the spinner token): the others sleep, and leave the CPUs
- * to the program whose pages we hold.  A thread spins with non-blocking
- * reads; on a clone of its own it sets O_NONBLOCK to spin and clears it to
- * sleep (two fcntl calls per sleep, none while requests keep coming), since
- * spinning on poll(2) then read(2) took a third longer per request at queue
- * depth 1 (docs/benchmarks.md).  On a clone it shares, it spins on poll(2).
- * Each turn of a spin ends in sched_yield(): whatever the scheduler put on
- * the spinner's CPU (the program, the loop device's worker, a woken serving
- * thread) runs at once, not after the spin.  Without it, two threads on two
- * CPUs gave 0.5% of 4 KiB reads a latency of exactly SPIN_NS (p99.9 226 us
- * against 23 us with it; docs/benchmarks.md).
+ * One reader at a time.  Only one idle thread waits for the next request
+ * (the reader token): it spins for SPIN_NS after its last reply, then sleeps
+ * in the kernel.  The other idle threads sleep on a futex, so a request
+ * wakes no thread but the one that takes it (when every idle thread waited
+ * in the kernel, each request also woke a thread that found nothing: 4 KiB
+ * random reads at queue depth 1 took p50 11.5 us with two threads against
+ * 9.0 with one; now 9.3 with two or four, docs/benchmarks.md).  The reader drops
+ * the token as it takes a request, and if more requests are already queued,
+ * or the one it took goes up to Python (where the GIL may hold it), it wakes
+ * one follower, which becomes the reader: threads join in as the queue
+ * deepens and nobody else moves at queue depth 1.  A thread that has served
+ * takes the token back if it is free, else sleeps as a follower.  Since only
+ * the reader reads, it may set O_NONBLOCK on its fd to spin and clear it to
+ * sleep, even on a clone it shares (the state is kept per fd): non-blocking
+ * reads spin faster than poll(2) then read(2), which took a third longer per
+ * request at queue depth 1.  Each empty turn of a spin ends in
+ * sched_yield(): whatever the scheduler put on the spinner's CPU (the
+ * program, the loop device's worker) runs at once, not after the spin (two
+ * threads on two CPUs without it: 0.5% of 4 KiB reads took exactly SPIN_NS).
+ * A thread does not spin while another is serving.  On the connection's own
+ * fd (O_NONBLOCK, shared with the Python session) the reader sleeps in
+ * poll(2) instead of a read.
  *
- * Stopping.  stop() sets stop and wakes the threads: the eventfd for those
- * in poll(2), WAKE_SIGNAL (a handler that does nothing, so read(2) returns
- * EINTR) for those in a blocking read, sent again every STOP_RETRY_NS until
- * each is joined, because one may enter read(2) just after the signal.
- * Each thread finishes the request it holds.
+ * Stopping.  stop() sets stop and wakes the threads: every follower through
+ * the futex, the reader through the eventfd if it is in poll(2), or through
+ * WAKE_SIGNAL (a handler that does nothing, so read(2) returns EINTR) if it
+ * is in a blocking read, sent again every STOP_RETRY_NS until each thread is
+ * joined, because one may enter read(2) just after the signal.  Each thread
+ * finishes the request it holds.  When the connection is gone (ENODEV), the
+ * reader says so (gone) and wakes every follower, which then end too.
  */
+#include <linux/futex.h>
 #include <signal.h>
+#include <sys/syscall.h>
 
 #define FUSE_READ 15
 #define FUSE_WRITE 16
@@ -2762,10 +2774,11 @@ typedef struct Server Server;
 typedef struct {
     Server *s;
     int fd;
-    int blocking; /* a clone: read(2) sleeps, unless toggled below */
-    int own;      /* no other thread reads this fd: O_NONBLOCK is ours to toggle */
-    int nonblock; /* own clone, O_NONBLOCK set now (spinning) */
-    int flags;    /* the fd's flags without O_NONBLOCK */
+    int blocking;  /* a clone: read(2) sleeps, unless O_NONBLOCK is set to spin */
+    int *nonblock; /* whether O_NONBLOCK is set now, one per fd (the first
+                      thread's nb), changed only by the reader */
+    int nb;
+    int flags; /* the fd's flags without O_NONBLOCK */
     pthread_t tid;
 } Thread;
 
@@ -2779,8 +2792,11 @@ struct Server {
     int started;
     int stop;
     int hot;
-    int spinner; /* 1 while one idle thread spins */
-    int busy;    /* threads between a read and its reply */
+    int reader;    /* 1 while a thread holds the reader token */
+    int busy;      /* threads between a read and its reply */
+    int gone;      /* the connection is gone: every thread ends */
+    uint32_t wake; /* the followers' futex word, bumped by each wake */
+    int followers; /* threads asleep on it */
     uint32_t max_write;
     uint64_t dev_size;
     unsigned long long hot_requests, cold_requests, io_errors;
@@ -2808,13 +2824,48 @@ static long ns_since(const struct timespec *t)
     return (now.tv_sec - t->tv_sec) * 1000000000L + (now.tv_nsec - t->tv_nsec);
 }
 
-static int take_spinner(Server *s)
+static int take_reader(Server *s)
 {
     int free_ = 0;
-    return __atomic_compare_exchange_n(&s->spinner, &free_, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+    return __atomic_compare_exchange_n(&s->reader, &free_, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
-static void drop_spinner(Server *s) { __atomic_store_n(&s->spinner, 0, __ATOMIC_RELEASE); }
+static void drop_reader(Server *s) { __atomic_store_n(&s->reader, 0, __ATOMIC_SEQ_CST); }
+
+static int ending(Server *s) { return stopping(s) || __atomic_load_n(&s->gone, __ATOMIC_ACQUIRE); }
+
+static long futex(uint32_t *word, int op, uint32_t val)
+{
+    return syscall(SYS_futex, word, op, val, NULL, NULL, 0);
+}
+
+/* Wake ``n`` followers (INT_MAX: all); no system call when none sleeps. */
+static void wake_followers(Server *s, int n)
+{
+    __atomic_add_fetch(&s->wake, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&s->followers, __ATOMIC_SEQ_CST))
+        futex(&s->wake, FUTEX_WAKE_PRIVATE, (uint32_t)n);
+}
+
+/* Sleep until woken, unless the reader token is free (then the caller takes
+ * it).  The token is checked after the futex word is read, and a waker
+ * drops the token before it bumps the word, so no wake is lost. */
+static void follow(Server *s)
+{
+    uint32_t seen = __atomic_load_n(&s->wake, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&s->reader, __ATOMIC_SEQ_CST) || ending(s))
+        return;
+    __atomic_add_fetch(&s->followers, 1, __ATOMIC_SEQ_CST);
+    futex(&s->wake, FUTEX_WAIT_PRIVATE, seen);
+    __atomic_sub_fetch(&s->followers, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Requests queued beyond the one just taken. */
+static int more_queued(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
 
 /* Spin on only while this thread served within SPIN_NS and no other thread
  * is serving: a request that comes while one is served wakes a sleeper
@@ -2935,83 +2986,40 @@ static void serve_cold(Server *s, int fd, const uint8_t *in, size_t n)
 
 static void set_nonblock(Thread *t, int on)
 {
-    if (t->nonblock != on && fcntl(t->fd, F_SETFL, t->flags | (on ? O_NONBLOCK : 0)) == 0)
-        t->nonblock = on;
+    if (*t->nonblock != on && fcntl(t->fd, F_SETFL, t->flags | (on ? O_NONBLOCK : 0)) == 0)
+        *t->nonblock = on;
 }
 
-/* The next request on a clone of this thread's own: non-blocking reads while
- * it holds the spinner token, a blocking read to sleep; -1 with EAGAIN to try
- * again. */
-static ssize_t read_own_clone(Thread *t, uint8_t *in, const struct timespec *last, int *spinning)
+/* The reader's wait for the next request: spin with non-blocking reads
+ * while may_spin, then sleep (a blocking read on a clone, poll(2) on the
+ * connection's O_NONBLOCK fd).  A request, or -1 with errno. */
+static ssize_t next_request(Thread *t, uint8_t *in, const struct timespec *last)
 {
     Server *s = t->s;
-    if (may_spin(s, last) && (*spinning || take_spinner(s))) {
-        *spinning = 1;
-        set_nonblock(t, 1);
-        ssize_t n = read(t->fd, in, REQ_BUF);
-        if (n >= 0 || errno != EAGAIN) {
-            int err = errno;
-            drop_spinner(s);
-            *spinning = 0;
-            errno = err;
-        } else {
-            sched_yield();
+    for (;;) {
+        if (ending(s)) {
+            errno = EINTR;
+            return -1;
         }
-        return n;
-    }
-    if (*spinning)
-        drop_spinner(s);
-    *spinning = 0;
-    set_nonblock(t, 0);
-    if (stopping(s)) {
-        errno = EINTR;
-        return -1;
-    }
-    return read(t->fd, in, REQ_BUF);
-}
-
-/* The next request on a blocking clone shared with other threads.  The
- * spinner polls without sleeping until SPIN_NS after its last request, then
- * reads (and sleeps there if another thread took the request it saw). */
-static ssize_t read_blocking(Thread *t, uint8_t *in, const struct timespec *last)
-{
-    Server *s = t->s;
-    if (may_spin(s, last) && take_spinner(s)) {
-        struct pollfd p = {.fd = t->fd, .events = POLLIN};
-        while (!stopping(s) && may_spin(s, last) && poll(&p, 1, 0) == 0)
+        if (may_spin(s, last)) {
+            if (t->blocking)
+                set_nonblock(t, 1);
+            ssize_t n = read(t->fd, in, REQ_BUF);
+            if (n >= 0 || errno != EAGAIN)
+                return n;
             sched_yield();
-        drop_spinner(s);
+            continue;
+        }
+        if (t->blocking) {
+            set_nonblock(t, 0);
+            return read(t->fd, in, REQ_BUF);
+        }
+        ssize_t n = read(t->fd, in, REQ_BUF);
+        if (n >= 0 || errno != EAGAIN)
+            return n;
+        struct pollfd p[2] = {{.fd = t->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
+        poll(p, 2, -1);
     }
-    if (stopping(s)) {
-        errno = EINTR;
-        return -1;
-    }
-    return read(t->fd, in, REQ_BUF);
-}
-
-/* The next request on the shared O_NONBLOCK fd; -1 with EAGAIN to try again. */
-static ssize_t read_nonblocking(Thread *t, uint8_t *in, const struct timespec *last, int *spinning)
-{
-    Server *s = t->s;
-    ssize_t n = read(t->fd, in, REQ_BUF);
-    if (n >= 0 || errno != EAGAIN) {
-        if (*spinning)
-            drop_spinner(s);
-        *spinning = 0;
-        return n;
-    }
-    if (may_spin(s, last) && (*spinning || take_spinner(s))) {
-        *spinning = 1;
-        sched_yield();
-        return -1;
-    }
-    if (*spinning)
-        drop_spinner(s);
-    *spinning = 0;
-    struct pollfd p[2] = {{.fd = t->fd, .events = POLLIN}, {.fd = s->efd, .events = POLLIN}};
-    poll(p, 2, -1);
-    errno = EAGAIN;
-    return -1;
 }
 
 static void wake_handler(int sig) { (void)sig; }
@@ -3037,34 +3045,46 @@ static void *server_thread(void *arg)
     uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
     ctx_get(s->engine); /* this thread's codec context, before the first request */
     struct timespec last = {0, 0};
-    int spinning = 0;
-    while (in && out && !stopping(s)) {
-        ssize_t n = !t->blocking ? read_nonblocking(t, in, &last, &spinning)
-                    : t->own     ? read_own_clone(t, in, &last, &spinning)
-                                 : read_blocking(t, in, &last);
+    while (in && out && !ending(s)) {
+        if (!take_reader(s)) {
+            follow(s);
+            continue;
+        }
+        ssize_t n = next_request(t, in, &last);
+        int err = errno;
+        if (n >= 0) /* serving: blocks no spin of the next reader */
+            __atomic_add_fetch(&s->busy, 1, __ATOMIC_RELAXED);
+        drop_reader(s);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR || errno == ENOENT)
+            if (err == EAGAIN || err == EINTR || err == ENOENT)
                 continue;
-            if (errno == ENODEV)
-                break; /* unmounted: the connection is gone */
+            if (err == ENODEV) { /* unmounted: the connection is gone */
+                __atomic_store_n(&s->gone, 1, __ATOMIC_RELEASE);
+                break;
+            }
             __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
             struct pollfd p = {.fd = s->efd, .events = POLLIN};
             poll(&p, 1, 10); /* as session.py: never end on a read error */
             continue;
         }
-        __atomic_add_fetch(&s->busy, 1, __ATOMIC_RELAXED);
+        /* Another reader while this one serves, when more requests wait:
+         * at queue depth 1 everyone else stays asleep. */
+        int woke = more_queued(t->fd);
+        if (woke)
+            wake_followers(s, 1);
         if (n >= IN_HDR && serve_hot(s, t->fd, in, (size_t)n, out)) {
             __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
         } else {
+            if (!woke)
+                wake_followers(s, 1); /* Python's turn: the GIL may keep it */
             __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
             serve_cold(s, t->fd, in, (size_t)n);
         }
         __atomic_sub_fetch(&s->busy, 1, __ATOMIC_RELAXED);
         clock_gettime(CLOCK_MONOTONIC, &last);
     }
-    if (spinning)
-        drop_spinner(s);
-    if (t->blocking && t->own)
+    wake_followers(s, INT_MAX); /* they end too, or one becomes the reader */
+    if (t->blocking && t->nonblock == &t->nb)
         set_nonblock(t, 0); /* as the next server expects a clone */
     free(in);
     free(out);
@@ -3077,6 +3097,7 @@ static void Server_join(Server *s)
     if (!s->started)
         return;
     __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
+    wake_followers(s, INT_MAX);
     uint64_t one = 1;
     if (write(s->efd, &one, sizeof one) < 0) {
         /* eventfd cannot fail here short of a bug; the threads still stop
@@ -3209,8 +3230,11 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->started = 0;
     s->stop = 0;
     s->hot = 0;
-    s->spinner = 0;
+    s->reader = 0;
     s->busy = 0;
+    s->gone = 0;
+    s->wake = 0;
+    s->followers = 0;
     s->max_write = 0;
     s->dev_size = 0;
     s->hot_requests = s->cold_requests = s->io_errors = 0;
@@ -3224,12 +3248,13 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
             PyErr_Format(PyExc_ValueError, "fds[%zd] is not an open file descriptor", i);
             goto fail;
         }
-        s->threads[i] = (Thread){.s = s, .fd = fd, .blocking = !(fl & O_NONBLOCK), .own = 1, .flags = fl};
-        int seen = 0;
-        for (Py_ssize_t j = 0; j < i; j++)
+        Thread *t = &s->threads[i];
+        *t = (Thread){.s = s, .fd = fd, .blocking = !(fl & O_NONBLOCK), .flags = fl & ~O_NONBLOCK};
+        t->nonblock = &t->nb;
+        for (Py_ssize_t j = 0; j < i && t->nonblock == &t->nb; j++)
             if (s->threads[j].fd == fd)
-                seen = 1, s->threads[j].own = s->threads[i].own = 0;
-        if (!seen) {
+                t->nonblock = s->threads[j].nonblock;
+        if (t->nonblock == &t->nb) {
             s->nfds++;
             s->nblocking += s->threads[i].blocking;
         }
