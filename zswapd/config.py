@@ -184,15 +184,15 @@ MAX_FUSE_THREADS = 64
 @dataclass
 class FuseConfig:
     backend: str = "native"
-    threads: int = 0  # native serving threads on /dev/fuse; 0: serving_threads() decides
+    threads: int = 0  # native serving threads on /dev/fuse; 0: one per CPU (serving_threads)
 
     def serving_threads(self) -> int:
-        """One serving thread per CPU but one: the program whose pages we
-        serve needs a core too.  Measured on 2 vCPUs (docs/benchmarks.md): a
-        second thread, spinning on /dev/fuse while the application waited,
-        made dd writes 0.77x zram instead of 0.81x and the sort benchmark
-        1.27x zram's wall time instead of 1.18x."""
-        return self.threads or max(1, (os.cpu_count() or 1) - 1)
+        """One serving thread per CPU (up to MAX_FUSE_THREADS).  Idle ones
+        sleep on a futex and join only when requests queue up, so at queue
+        depth 1 two threads serve as fast as one.  Measured on 2 vCPUs
+        (docs/benchmarks.md): the sort benchmark at 1.5x its memcg limit ran
+        1.10x zram's wall time with two threads, 1.17x with one."""
+        return self.threads or min(MAX_FUSE_THREADS, os.cpu_count() or 1)
 
 
 @dataclass
