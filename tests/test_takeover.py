@@ -50,6 +50,15 @@ def kill_worker(d: Daemon, exclude: set[int]) -> float:
     return float(process["last_recovery_ms"])  # type: ignore[index]
 
 
+def cli(d: Daemon, *argv: str) -> str:
+    """Run `zswapd ARGV --socket ...` against ``d``; its stdout."""
+    r = subprocess.run(
+        [sys.executable, "-m", "zswapd", *argv, "--socket", d.socket], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def read_lines(proc: subprocess.Popen[str], into: list[str]) -> threading.Thread:
     t = threading.Thread(target=lambda: into.extend(proc.stdout or []), daemon=True)
     t.start()
@@ -168,14 +177,7 @@ def test_reload_5_times_under_swap_pressure(tmp_path: Path) -> None:
             reader = read_lines(w, lines)
             pids = [worker_pid(d)]
             for _ in range(5):
-                r = subprocess.run(
-                    [sys.executable, "-m", "zswapd", "reload", "--socket", d.socket],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                assert r.returncode == 0, r.stderr
-                print(r.stdout.strip())
+                print(cli(d, "reload").strip())
                 pids.append(worker_pid(d))
             assert len(set(pids)) == 6, pids  # a new worker each time
             w.wait(timeout=900)
@@ -196,12 +198,7 @@ def test_settings_set_at_runtime_survive_a_worker_crash_and_a_reload_applies_the
     reload is a deliberate re-read of the file and applies the file's."""
     with run_daemon(tmp_path, swap={"enable": False}, pool={"memory_limit": "64M"}) as d:
         for assignment in ("memory_limit=48M", "accept_percent=80", "algorithm=zstd", "zstd_level=5"):
-            r = subprocess.run(
-                [sys.executable, "-m", "zswapd", "set", assignment, "--socket", d.socket],
-                capture_output=True,
-                text=True,
-            )
-            assert r.returncode == 0, r.stderr
+            cli(d, "set", assignment)
         # No swap on this device: no process has pages behind it to lose.
         old = worker_pid(d)
         os.kill(old, signal.SIGKILL)
@@ -209,13 +206,7 @@ def test_settings_set_at_runtime_survive_a_worker_crash_and_a_reload_applies_the
         s = d.stats()
         assert (s["mem_limit"], s["accept_percent"], s["algorithm"], s["zstd_level"]) == (48 << 20, 80, "zstd", 5), s
         assert "kept the settings in force before the takeover: algorithm zstd" in d.logtext()
-        r = subprocess.run(
-            [sys.executable, "-m", "zswapd", "reload", "--socket", d.socket],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
+        cli(d, "reload")
         s = d.stats()
         assert (s["mem_limit"], s["accept_percent"], s["algorithm"]) == (64 << 20, 90, "lz4"), s
         assert d.stop() == 0, d.logtext()
