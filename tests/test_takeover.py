@@ -105,6 +105,12 @@ def test_worker_killed_20_times_under_swap_pressure(tmp_path: Path) -> None:
         assert s["process"]["worker_restarts"] == 20  # type: ignore[index]
         assert s["failed_reads"] == 0 and s["failed_writes"] == 0, s
         assert d.stop() == 0, d.logtext()
+        # A worker forked after swapon must not hold the loop device open:
+        # the detach would wait for it, then take our own device for a
+        # stranger's, and the unmount would find the file busy.
+        log = d.logtext()
+        assert f"detached {loop}\n" in log and "another process had attached" not in log, log
+        assert "lazily" not in log, log
     assert_clean(loop, d.mountpoint)
     dev = f"dev {os.path.basename(loop)},"
     new = dmesg_lines()[dmesg_before:]

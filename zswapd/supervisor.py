@@ -475,6 +475,11 @@ class Supervisor:
                     for c in self._children():
                         c.close()
                     ours.close()
+                    if self.loop:
+                        # The supervisor's alone: held here too, it would
+                        # defer the detach at shutdown until this worker
+                        # exits, which is after the detach is waited for.
+                        os.close(self.loop.fd)
                     rc = worker.worker_main(args, self.cfg)
                 finally:
                     os._exit(rc)
