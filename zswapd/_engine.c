@@ -2794,6 +2794,7 @@ struct Server {
     int hot;
     int reader;    /* 1 while a thread holds the reader token */
     int busy;      /* threads between a read and its reply */
+    int max_busy;  /* the most at once: do followers join when a queue forms? */
     int gone;      /* the connection is gone: every thread ends */
     uint32_t wake; /* the followers' futex word, bumped by each wake */
     int followers; /* threads asleep on it */
@@ -3052,8 +3053,12 @@ static void *server_thread(void *arg)
         }
         ssize_t n = next_request(t, in, &last);
         int err = errno;
-        if (n >= 0) /* serving: blocks no spin of the next reader */
-            __atomic_add_fetch(&s->busy, 1, __ATOMIC_RELAXED);
+        if (n >= 0) { /* serving: the next reader does not spin beside it */
+            int b = __atomic_add_fetch(&s->busy, 1, __ATOMIC_RELAXED);
+            int m = __atomic_load_n(&s->max_busy, __ATOMIC_RELAXED);
+            while (b > m && !__atomic_compare_exchange_n(&s->max_busy, &m, b, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            }
+        }
         drop_reader(s);
         if (n < 0) {
             if (err == EAGAIN || err == EINTR || err == ENOENT)
@@ -3160,10 +3165,11 @@ static PyObject *Server_enable(Server *s, PyObject *args)
 static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
 {
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i}", "hot_requests", __atomic_load_n(&s->hot_requests, __ATOMIC_RELAXED),
+        "{s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i,s:i}", "hot_requests", __atomic_load_n(&s->hot_requests, __ATOMIC_RELAXED),
         "cold_requests", __atomic_load_n(&s->cold_requests, __ATOMIC_RELAXED), "io_errors",
         __atomic_load_n(&s->io_errors, __ATOMIC_RELAXED), "threads", s->nthreads, "fds", s->nfds, "clones",
-        s->nblocking, "hot", __atomic_load_n(&s->hot, __ATOMIC_ACQUIRE), "alive",
+        s->nblocking, "max_busy", __atomic_load_n(&s->max_busy, __ATOMIC_RELAXED), "hot",
+        __atomic_load_n(&s->hot, __ATOMIC_ACQUIRE), "alive",
         __atomic_load_n(&s->alive, __ATOMIC_ACQUIRE));
 }
 
@@ -3232,6 +3238,7 @@ static PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->hot = 0;
     s->reader = 0;
     s->busy = 0;
+    s->max_busy = 0;
     s->gone = 0;
     s->wake = 0;
     s->followers = 0;
