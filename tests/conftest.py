@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from zswapd.bench import remove_cgroup
 from zswapd.control import request
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -175,6 +176,14 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
 
 
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
 @contextlib.contextmanager
 def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
     """A cgroup-v1 memory cgroup (or v2 where that is what the machine has)."""
@@ -190,14 +199,5 @@ def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
     try:
         yield path
     finally:
-        procs = path / "cgroup.procs"
-        for _ in range(100):
-            pids = [int(p) for p in procs.read_text().split()] if procs.exists() else []
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        with contextlib.suppress(OSError):  # a cgroup that stays busy is left, as before
+            remove_cgroup(path)

@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+from conftest import rss_kib
 
 from zswapd.bench import sample_pages
 from zswapd.codec import Codec
@@ -124,14 +125,6 @@ def test_allocation_prefers_fullest_zspage(make_pool: Any) -> None:
     assert z == pool.handles[hs[1]] >> 16  # went into the fuller zspage
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError
-
-
 def test_fragmentation_after_random_free_and_compact(make_pool: Any) -> None:
     """The zsmalloc "decouple handle and object" scenario: free a random 60%
     of realistic pages; compaction brings compr/total back above 0.95 and the
@@ -151,11 +144,11 @@ def test_fragmentation_after_random_free_and_compact(make_pool: Any) -> None:
     keep = objs[cut:]
     before = pool.obj_bytes / pool.mem_used_total
     frames_before = pool.frames_used
-    rss_before = _rss_kib()
+    rss_before = rss_kib()
     moved = pool.compact()
     after = pool.obj_bytes / pool.mem_used_total
     freed = frames_before - pool.frames_used
-    rss_after = _rss_kib()
+    rss_after = rss_kib()
     print(f"fragmentation: compr/total {before:.3f} -> {after:.3f}; {moved} moved; {freed} frames freed")
     print(f"RSS {rss_before} KiB -> {rss_after} KiB (freed frames {freed * 4} KiB)")
     assert before < 0.8
@@ -194,10 +187,10 @@ def test_freed_frames_stay_hot_until_trim_then_leave_rss(make_pool: Any) -> None
     for h in hs:
         pool.free(h, FRAME_SIZE)
     assert pool.frames_used == 0 and pool.reserve_bytes == 2000 * FRAME_SIZE
-    rss = _rss_kib()
+    rss = rss_kib()
     assert pool.trim() == 1996
     assert pool.reserve_bytes == 4 * FRAME_SIZE
-    assert rss - _rss_kib() >= 1996 * 4 * 0.8
+    assert rss - rss_kib() >= 1996 * 4 * 0.8
     # reuse: hot frames first, then dropped ones, then fresh
     hs = [pool.store(bytes([9]) * FRAME_SIZE) for _ in range(12)]
     assert pool.frames_used == 12 and pool.reserve_bytes == 0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import rss_kib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,14 +34,6 @@ from zswapd.store import Store, StoreError, store_geometry
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError
 
 
 def content(seed: int) -> bytes:
@@ -169,9 +162,9 @@ def _fill_free_trim(reserve: int) -> dict[str, int]:
     # hold one (mlocked) for its whole life.
     other = State.attach(pool.state.fds())
     touched = sum(other.arena()[0][f * FRAME_SIZE] for f in range(2000))
-    out = {"touched": touched, "rss_before": _rss_kib(), "blocks_before": pool.state.arena_allocated_bytes()}
+    out = {"touched": touched, "rss_before": rss_kib(), "blocks_before": pool.state.arena_allocated_bytes()}
     out["trimmed"] = pool.trim()
-    out["rss_after"] = _rss_kib()
+    out["rss_after"] = rss_kib()
     out["blocks_after"] = pool.state.arena_allocated_bytes()
     # Punched frames read as zeros through either mapping and can be reused.
     out["zeros"] = int(bytes(other.arena()[0][: 2000 * FRAME_SIZE]).count(0) >= 1996 * FRAME_SIZE)
@@ -571,21 +564,27 @@ def test_crash_at_any_step_recovers_each_page_before_or_after(
     _crash_run(ops, crash_after, recovery_crash)
 
 
-def test_crash_sweep_over_every_step_of_one_run() -> None:
-    """One fixed run with writes, rewrites, discards and compaction, killed
-    at hundreds of evenly spread steps from the first to the last."""
-    rnd = random.Random(12)
+def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]) -> list[Op]:
+    """``count`` ops: a write below cuts[0], an unaligned write below
+    cuts[1], a discard below cuts[2], else a compaction."""
     ops: list[Op] = []
-    for _ in range(24):
+    for _ in range(count):
         pick = rnd.random()
-        if pick < 0.45:
+        if pick < cuts[0]:
             ops.append(("write", rnd.randrange(NPAGES), rnd.randrange(1, 4), rnd.randrange(10**6)))
-        elif pick < 0.6:
+        elif pick < cuts[1]:
             ops.append(("unaligned", rnd.randrange(SIZE), rnd.randrange(1, 2 * PAGE), rnd.randrange(10**6)))
-        elif pick < 0.8:
+        elif pick < cuts[2]:
             ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
         else:
             ops.append(("compact", rnd.randrange(1, 12), 0, 0))
+    return ops
+
+
+def test_crash_sweep_over_every_step_of_one_run() -> None:
+    """One fixed run with writes, rewrites, discards and compaction, killed
+    at hundreds of evenly spread steps from the first to the last."""
+    ops = _random_ops(random.Random(12), 24, (0.45, 0.6, 0.8))
     # Count the steps of the whole run.
     hook = CrashHook()
     state = State.create(store_geometry(SIZE, 2), ALGORITHMS, hook=hook)
@@ -717,18 +716,7 @@ def test_native_rebuild_equals_reference_after_a_crash(
 
 
 def test_native_rebuild_equals_reference_over_a_crash_sweep() -> None:
-    rnd = random.Random(21)
-    ops: list[Op] = []
-    for _ in range(16):
-        pick = rnd.random()
-        if pick < 0.4:
-            ops.append(("write", rnd.randrange(NPAGES), rnd.randrange(1, 4), rnd.randrange(10**6)))
-        elif pick < 0.55:
-            ops.append(("unaligned", rnd.randrange(SIZE), rnd.randrange(1, 2 * PAGE), rnd.randrange(10**6)))
-        elif pick < 0.75:
-            ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
-        else:
-            ops.append(("compact", rnd.randrange(1, 12), 0, 0))
+    ops = _random_ops(random.Random(21), 16, (0.4, 0.55, 0.75))
     for n in range(0, 400, 7):
         _differential_crash(ops, n, n % 37 if n % 3 == 0 else None)
 

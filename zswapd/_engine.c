@@ -2099,6 +2099,23 @@ static int check_handle(Engine *e, unsigned long long h)
     return 0;
 }
 
+/* A handle argument (an int), checked. */
+static int handle_arg(Engine *e, PyObject *arg, unsigned long long *h)
+{
+    *h = PyLong_AsUnsignedLongLong(arg);
+    if (*h == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    return check_handle(e, *h);
+}
+
+/* (handle, length) arguments, checked. */
+static int handle_len_args(Engine *e, PyObject *args, unsigned long long *h, unsigned int *n)
+{
+    if (!PyArg_ParseTuple(args, "KI", h, n))
+        return -1;
+    return check_handle(e, *h);
+}
+
 static PyObject *Engine_store(Engine *e, PyObject *arg)
 {
     Py_buffer data;
@@ -2130,9 +2147,7 @@ static PyObject *Engine_load(Engine *e, PyObject *args)
     unsigned long long h;
     unsigned int n;
     READY(e);
-    if (!PyArg_ParseTuple(args, "KI", &h, &n))
-        return NULL;
-    if (check_handle(e, h) < 0)
+    if (handle_len_args(e, args, &h, &n) < 0)
         return NULL;
     if (n > FRAME_SIZE) {
         PyErr_Format(PoolError, "length %u is larger than a frame", n);
@@ -2150,9 +2165,7 @@ static PyObject *Engine_free(Engine *e, PyObject *args)
     unsigned long long h;
     unsigned int n;
     READY(e);
-    if (!PyArg_ParseTuple(args, "KI", &h, &n))
-        return NULL;
-    if (check_handle(e, h) < 0)
+    if (handle_len_args(e, args, &h, &n) < 0)
         return NULL;
     NOGIL(obj_free(e, (uint32_t)h, n));
     Py_RETURN_NONE;
@@ -2179,22 +2192,18 @@ static PyObject *Engine_store_word(Engine *e, PyObject *arg)
 
 static PyObject *Engine_word(Engine *e, PyObject *arg)
 {
-    unsigned long long h = PyLong_AsUnsignedLongLong(arg);
+    unsigned long long h;
     READY(e);
-    if (h == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if (check_handle(e, h) < 0)
+    if (handle_arg(e, arg, &h) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(e->handle[h]);
 }
 
 static PyObject *Engine_free_word(Engine *e, PyObject *arg)
 {
-    unsigned long long h = PyLong_AsUnsignedLongLong(arg);
+    unsigned long long h;
     READY(e);
-    if (h == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if (check_handle(e, h) < 0)
+    if (handle_arg(e, arg, &h) < 0)
         return NULL;
     NOGIL({
         pool_lock(e);
@@ -3073,8 +3082,10 @@ static void *server_thread(void *arg)
             continue;
         }
         /* Another reader while this one serves, when more requests wait:
-         * at queue depth 1 everyone else stays asleep. */
-        int woke = more_queued(t->fd);
+         * at queue depth 1 everyone else stays asleep.  With no follower
+         * asleep (one thread, or the others busy) there is nobody to wake,
+         * and no poll(2) per request to pay. */
+        int woke = __atomic_load_n(&s->followers, __ATOMIC_SEQ_CST) && more_queued(t->fd);
         if (woke)
             wake_followers(s, 1);
         if (n >= IN_HDR && serve_hot(s, t->fd, in, (size_t)n, out)) {

@@ -639,6 +639,19 @@ def _make_target(
     return t
 
 
+def _failed(name: str, e: BaseException) -> int:
+    """A bench command's failure, said in one line: its exit status."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{name}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    if isinstance(e, subprocess.CalledProcessError):
+        tool = e.cmd[0] if isinstance(e.cmd, list) else e.cmd
+        print(f"{name}: {tool} failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
+        return 1
+    print(f"{name}: {e}", file=sys.stderr)
+    return 1
+
+
 def bench_device(
     corpus_size: int = 128 * MIB,
     corpus_file: str | None = None,
@@ -676,16 +689,8 @@ def bench_device(
                 baseline_src=baseline_src,
                 fuse_threads=fuse_threads,
             )
-    except OSError as e:
-        print(f"zswapd bench device: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        tool = e.cmd[0] if isinstance(e.cmd, list) else e.cmd
-        print(f"zswapd bench device: {tool} failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("zswapd bench device: interrupted; cleaned up", file=sys.stderr)
-        return 130
+    except (OSError, subprocess.CalledProcessError, KeyboardInterrupt) as e:
+        return _failed("zswapd bench device", e)
     if as_json:
         print(json.dumps(results, indent=2))
     else:
@@ -878,17 +883,23 @@ class MemCgroup:
         return int((self.path / "memory.max_usage_in_bytes").read_text())
 
     def close(self) -> None:
-        procs = self.path / "cgroup.procs"
-        for _ in range(100):
-            pids = [int(p) for p in procs.read_text().split()] if procs.exists() else []
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.rmdir()
+        remove_cgroup(self.path)
+
+
+def remove_cgroup(path: Path) -> None:
+    """SIGKILL what is left in the cgroup at ``path``, wait until it is
+    empty (up to 10 s), then remove it (already gone is fine)."""
+    procs = path / "cgroup.procs"
+    for _ in range(100):
+        pids = [int(p) for p in procs.read_text().split()] if procs.exists() else []
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    with contextlib.suppress(FileNotFoundError):
+        path.rmdir()
 
 
 def _vmstat() -> dict[str, int]:
@@ -952,6 +963,17 @@ def _run_app(argv: list[str], cg: MemCgroup, timeout: float, errlog: str) -> tup
     return rc, wall, h.hexdigest(), timed_out
 
 
+def _swapon(t: Target, priority: int) -> None:
+    """mkswap and swapon the target's device; on failure the target is
+    closed (which turns off whatever it turned on) and the error raised."""
+    try:
+        _sh("mkswap", t.path)
+        _sh("swapon", "--priority", str(priority), t.path)
+    except BaseException:
+        t.close()
+        raise
+
+
 class ZramSwap(Target):
     """zram0 with ``algorithm`` as the only swap; close() turns it off and resets it."""
 
@@ -959,12 +981,7 @@ class ZramSwap(Target):
         self.zram = ZramTarget(size, algorithm)
         self.name = f"zram-{algorithm}"
         self.path = self.zram.path
-        try:
-            _sh("mkswap", self.path)
-            _sh("swapon", "--priority", str(priority), self.path)
-        except BaseException:
-            self.close()
-            raise
+        _swapon(self, priority)
 
     def close(self) -> None:
         if self.path in _swaps():
@@ -1015,19 +1032,8 @@ def bench_app(
             results = _bench_app(
                 program, input_size, limit_ratio, repeat, algorithm, timeout, private, workdir, fuse_threads
             )
-    except OSError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        tool = e.cmd[0] if isinstance(e.cmd, list) else e.cmd
-        print(f"{name}: {tool} failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; cleaned up", file=sys.stderr)
-        return 130
+    except (OSError, subprocess.CalledProcessError, RuntimeError, KeyboardInterrupt) as e:
+        return _failed(name, e)
     print(json.dumps(results, indent=2) if as_json else format_app(results))
     # Wrong output from a run that finished is data corruption: fail loudly.
     return 1 if results["wrong_output"] else 0
@@ -1121,12 +1127,7 @@ class TmpfsLoopSwap(TmpfsLoopTarget):
 
     def __init__(self, size: int, private: str, priority: int) -> None:
         super().__init__(size, private)
-        try:
-            _sh("mkswap", self.path)
-            _sh("swapon", "--priority", str(priority), self.path)
-        except BaseException:
-            self.close()
-            raise
+        _swapon(self, priority)
 
     def close(self) -> None:
         for loop in _loops_of(self.file):  # swapoff before the loop device can go
