@@ -894,3 +894,21 @@ def test_both_checks_catch_the_same_broken_index(what: str) -> None:
             nat.close()
     finally:
         store.close()
+
+
+def test_takeover_settings_come_from_the_header_and_a_damaged_one_is_ignored() -> None:
+    from zswapd.worker import _settings_in_force
+
+    state = State.create(store_geometry(256 * PAGE, 2), ALGORITHMS)
+    try:
+        # nothing saved yet: the configuration's
+        assert _settings_in_force(state, "lz4", 3, 64 << 20, 90) == ("lz4", 3, 64 << 20, 90)
+        state.save_codec(ALGORITHMS.index("zstd"), 5)
+        state.save_settings(48 << 20, 80)
+        assert _settings_in_force(state, "lz4", 3, 64 << 20, 90) == ("zstd", 5, 48 << 20, 80)
+        # a value the schema refuses is ignored, the rest still kept
+        state.save_codec(ALGORITHMS.index("zstd"), 99)
+        state.save_settings(48 << 20, 0)
+        assert _settings_in_force(state, "lz4", 3, 64 << 20, 90) == ("zstd", 3, 48 << 20, 90)
+    finally:
+        state.close()

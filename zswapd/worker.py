@@ -51,7 +51,7 @@ import trio
 from . import config as config_mod
 from . import swap
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_value
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
@@ -462,23 +462,33 @@ def _settings_in_force(
     state: State, algorithm: str, zstd_level: int, memory_limit: int, accept_percent: int
 ) -> tuple[str, int, int, int]:
     """The runtime settings a dead worker left in the state header, where it
-    has them; the configured ones otherwise.  Logs what differs from the
-    configuration, so the operator sees why."""
-    kept = []
+    has them and they are valid; the configured ones otherwise.  Logs what
+    differs from the configuration, so the operator sees why.  A value the
+    config schema refuses (a damaged header) is ignored with a warning: a
+    takeover must not fail on it."""
+    configured = {"algorithm": algorithm, "zstd_level": zstd_level,
+                  "memory_limit": memory_limit, "accept_percent": accept_percent}  # fmt: skip
+    saved: dict[str, object] = {}
     algo_id, level = state.codec()
-    if 0 <= algo_id < len(ALGORITHMS) and (ALGORITHMS[algo_id], level) != (algorithm, zstd_level):
-        kept.append(f"algorithm {ALGORITHMS[algo_id]} (zstd level {level}) where the config says {algorithm}")
-        algorithm, zstd_level = ALGORITHMS[algo_id], level
-    saved = state.load_settings()
-    if saved is not None:
-        if saved[0] != memory_limit:
-            kept.append(f"memory_limit {saved[0]} where the config says {memory_limit}")
-        if saved[1] != accept_percent:
-            kept.append(f"accept_percent {saved[1]} where the config says {accept_percent}")
-        memory_limit, accept_percent = saved
+    if 0 <= algo_id < len(ALGORITHMS):
+        saved.update(algorithm=ALGORITHMS[algo_id], zstd_level=level)
+    settings = state.load_settings()
+    if settings is not None:
+        saved.update(memory_limit=settings[0], accept_percent=settings[1])
+    out: dict[str, Any] = dict(configured)
+    kept = []
+    for key, value in saved.items():
+        try:
+            check_value("the state header", "pool", key, value)
+        except ConfigError as e:
+            log.warning("ignoring %s; the config's %s stays", e, key)
+            continue
+        if value != configured[key]:
+            kept.append(f"{key} {value} where the config says {configured[key]}")
+            out[key] = value
     if kept:
         log.info("kept the settings in force before the takeover: %s (zswapd reload applies the file)", "; ".join(kept))
-    return algorithm, zstd_level, memory_limit, accept_percent
+    return out["algorithm"], out["zstd_level"], out["memory_limit"], out["accept_percent"]
 
 
 def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
