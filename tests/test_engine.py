@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,6 +27,9 @@ from zswapd.errors import BadRequest
 from zswapd.pool import FRAME_SIZE, HUGE_THRESHOLD, PoolError
 from zswapd.state import State
 from zswapd.store import Store
+
+if TYPE_CHECKING:
+    from zswapd.fuse.native import NativeServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -333,6 +337,41 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
 # -- native serving of the hot opcodes (stage 2) -----------------------------------
 
 
+def _cold_reads_from_many_threads(server: NativeServer, model: bytearray) -> None:
+    """READs handed up to Python (as before enable(), right after a takeover)
+    from four threads at once: each reply must carry its own unique and its
+    own bytes, though FuseFS builds READ replies in one buffer and the engine
+    releases the GIL while it reads."""
+    import threading
+
+    from zswapd.fuse import protocol
+
+    bad: list[str] = []
+
+    def reader(k: int) -> None:
+        rnd = random.Random(k)
+        for i in range(300):
+            unique = (k << 32) | i
+            off = rnd.randrange(0, len(model) - (128 << 10), PAGE)
+            n = rnd.choice([4, 32]) * PAGE
+            req = protocol.IN_HEADER.pack(protocol.IN_HEADER.size + protocol.READ_IN.size, protocol.READ, unique,
+                                          protocol.FILE_ID, 0, 0, 0, 0, 0)  # fmt: skip
+            req += protocol.READ_IN.pack(0, off, n, 0, 0, 0, 0)
+            out = server._handle(req)
+            length, error, got = protocol.OUT_HEADER.unpack_from(out, 0)
+            if (length, error, got) != (protocol.OUT_HEADER.size + n, 0, unique):
+                bad.append(f"thread {k}: header {(length, error, got)} for unique {unique}")
+            elif out[protocol.OUT_HEADER.size :] != model[off : off + n]:
+                bad.append(f"thread {k}: wrong bytes at {off}")
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, bad[:10]
+
+
 def _concurrent_writes(files: list[int], model: bytearray, corpus: bytes, seed: int) -> None:
     """A thread per fd (O_DIRECT), each writing 32 x 128 KiB into its own
     16 MiB of the file; the model follows."""
@@ -435,6 +474,7 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path, nclones: int) -> None
             for f in files:
                 os.close(f)
         assert store.read(0, size) == model
+        _cold_reads_from_many_threads(server, model)
     finally:
         if mounted:
             fmount.unmount(str(mp))

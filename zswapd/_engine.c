@@ -2705,8 +2705,9 @@ static PyTypeObject EngineType = {
  * a range at the device's end, an unaligned discard), goes up whole to the
  * Python callback (FuseFS.handle behind zswapd/fuse/native.py), which stays
  * the single place for the protocol's rules.  The callback runs with the
- * GIL; its reply is written before the GIL is released, since FuseFS builds
- * READ replies in one shared buffer.  Per-thread buffers are allocated at
+ * GIL, but the GIL does not serialize callbacks (the engine releases it
+ * inside a read): native.py gives them turns and hands back a copy of the
+ * reply, since FuseFS builds READ replies in one buffer of its own.  Per-thread buffers are allocated at
  * thread start: nothing is allocated per request on the hot path.
  *
  * The fds.  A reply must be written on the fd its request was read from (the

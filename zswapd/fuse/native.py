@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,11 @@ class NativeServer:
         if not isinstance(engine, _engine.Engine):
             raise TypeError("native FUSE serving needs the native engine ([pool] engine = native or auto)")
         self.fs = fs
+        # FuseFS is sans-I/O and single-threaded: it builds READ replies in
+        # one buffer of its own.  Cold requests come up from several C
+        # threads, and the GIL does not keep them apart (the engine releases
+        # it inside a read), so they take turns here.
+        self._turn = threading.Lock()
         self.bugs = 0
         self._enabled = False
         n = threads or os.cpu_count() or 1
@@ -47,7 +53,7 @@ class NativeServer:
             # connection's own fd, which stays O_NONBLOCK).
             os.set_blocking(c, True)
         # Thread i reads clone i; with fewer clones than threads, they share
-        # (a blocking clone still wakes one reader per request).
+        # (only one thread reads at a time anyway).
         fds = [clones[i % len(clones)] for i in range(n)] if clones else [fd] * n
         self._server = _engine.serve_fuse(engine, fds, self._handle)
         self._maybe_enable()
@@ -57,20 +63,24 @@ class NativeServer:
             self._server.enable(self.fs.max_write, self.fs.device.size)
             self._enabled = True
 
-    def _handle(self, req: bytes) -> bytes | memoryview | None:
-        """A cold request (or a hot one handed up), with the GIL."""
-        try:
-            out = self.fs.handle(req)
-        except Exception:
-            # As session.py: a bug answers EIO and serving goes on.
-            self.bugs += 1
-            self.fs.errors += 1
-            self.fs.internal_errors += 1
-            op = IN_HEADER.unpack_from(req, 0)[1] if len(req) >= IN_HEADER.size else -1
-            log.exception("bug handling FUSE opcode %d natively handed up; answered EIO", op)
-            out = error_reply(req)
-        self._maybe_enable()
-        return out
+    def _handle(self, req: bytes) -> bytes | None:
+        """A cold request (or a hot one handed up), from any C thread.  The
+        reply is a copy: FuseFS's own buffer is the next caller's as soon as
+        the turn is given up, and C writes the reply after that."""
+        with self._turn:
+            try:
+                out = self.fs.handle(req)
+                reply = None if out is None else bytes(out)
+            except Exception:
+                # As session.py: a bug answers EIO and serving goes on.
+                self.bugs += 1
+                self.fs.errors += 1
+                self.fs.internal_errors += 1
+                op = IN_HEADER.unpack_from(req, 0)[1] if len(req) >= IN_HEADER.size else -1
+                log.exception("bug handling FUSE opcode %d natively handed up; answered EIO", op)
+                reply = error_reply(req)
+            self._maybe_enable()
+        return reply
 
     def stats(self) -> dict[str, int]:
         return {**self._server.stats(), "bugs": self.bugs}
