@@ -1,4 +1,4 @@
-"""Builds the optional native engine, zswapd/_engine.c.
+"""Builds the optional native engine, zswapd._engine, from zswapd/engine/*.c.
 
 ``pip install .`` must succeed without a compiler or the lz4/zstd headers:
 a failed build is reported and skipped, and zswapd then runs on its Python
@@ -74,12 +74,22 @@ else:
     cflags.append("-DZSWAPD_LZ4_FULL_RESET")
     libs = ["-llz4", "-lzstd"]
 
+# The engine's files, one job each (see the top of zswapd/engine/engine.h).
+ENGINE_DIR = "zswapd/engine"
+ENGINE_SOURCES = sorted(f"{ENGINE_DIR}/{f}" for f in os.listdir(ENGINE_DIR) if f.endswith(".c"))
+ENGINE_HEADERS = sorted(f"{ENGINE_DIR}/{f}" for f in os.listdir(ENGINE_DIR) if f.endswith(".h"))
+# -fvisibility=hidden: the files call each other by plain names (trim,
+# compact, encode); hidden, no other library's symbol of the same name can
+# stand in for them, and only PyInit__engine is exported.
+ENGINE_CFLAGS = ["-O2", "-std=gnu11", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+
 setup(
     ext_modules=[
         Extension(
             "zswapd._engine",
-            sources=["zswapd/_engine.c"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-missing-field-initializers", *cflags],
+            sources=ENGINE_SOURCES,
+            depends=ENGINE_HEADERS,
+            extra_compile_args=[*ENGINE_CFLAGS, *cflags],
             extra_link_args=libs,
             optional=True,
         )

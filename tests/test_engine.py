@@ -226,9 +226,13 @@ def _gcc_file(name: str) -> str | None:
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+ENGINE_SOURCES = sorted(str(p) for p in (ROOT / "zswapd" / "engine").glob("*.c"))
+
+
 def _sanitized_copy(tmp_path: Path, flags: list[str]) -> Path:
-    """A copy of the package and the native tests in ``tmp_path``, with
-    _engine.c built by gcc with ``flags``; returns the built module."""
+    """A copy of the package and the native tests in ``tmp_path``, with the
+    engine (zswapd/engine/*.c) built by gcc with ``flags``; returns the
+    built module."""
     shutil.copytree(ROOT / "zswapd", tmp_path / "zswapd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     (tmp_path / "tests").mkdir()
     for name in ("conftest.py", "test_engine.py", "test_pool.py", "test_store.py"):
@@ -237,8 +241,8 @@ def _sanitized_copy(tmp_path: Path, flags: list[str]) -> Path:
     lz4 = _gcc_file("liblz4.a")
     out = tmp_path / "zswapd" / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [
-        "gcc", "-shared", "-fPIC", "-O1", "-g", "-std=gnu11", "-Wall", "-Werror", "-fno-omit-frame-pointer",
-        *flags, f"-I{sysconfig.get_paths()['include']}", str(ROOT / "zswapd" / "_engine.c"), "-o", str(out),
+        "gcc", "-shared", "-fPIC", "-O1", "-g", "-std=gnu11", "-fvisibility=hidden", "-Wall", "-Werror",
+        "-fno-omit-frame-pointer", *flags, f"-I{sysconfig.get_paths()['include']}", *ENGINE_SOURCES, "-o", str(out),
     ]  # fmt: skip
     cmd += [lz4, "-Wl,--exclude-libs,ALL"] if lz4 else ["-DZSWAPD_LZ4_FULL_RESET", "-llz4"]
     cmd += ["-lzstd"]
@@ -255,7 +259,7 @@ def _engine_file(tmp_path: Path, env: dict[str, str]) -> str:
 
 
 def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
-    """Build _engine.c with -fsanitize=address,undefined and bound checks on
+    """Build the engine with -fsanitize=address,undefined and bound checks on
     every table index (ZSWAPD_BOUNDS), into a copy of the package, and run
     the native engine's tests there with libasan preloaded.  Any report
     aborts the run, so a clean exit is the assertion."""
@@ -286,11 +290,12 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_native_engine_under_tsan(tmp_path: Path) -> None:
-    """Build _engine.c with -fsanitize=thread into a copy of the package and
+    """Build the engine with -fsanitize=thread into a copy of the package and
     run the threaded test (writers, readers, discards, a compactor, and the
     unlocked policy reads and counter bumps of the store) and the native
     FUSE threads on a real mount (shared fd, shared clone, a clone each;
-    spinner token, O_NONBLOCK toggling, stop) with libtsan preloaded.  Any ThreadSanitizer report that names _engine.c fails it.
+    spinner token, O_NONBLOCK toggling, stop) with libtsan preloaded.  Any
+    ThreadSanitizer report that names a file of zswapd/engine/ fails it.
     The interpreter is not instrumented, so TSan sees only the engine's
     accesses and the intercepted calls (memcpy, locks) Python makes;
     tests/tsan.supp holds the suppressions for reports that lie wholly in
@@ -305,7 +310,7 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
         LD_PRELOAD=libtsan,
         # detect_deadlocks=0: lock_all holds every class lock at once (over
         # a hundred), past the 64 the deadlock detector can track; the lock
-        # order is the documented one at the top of _engine.c.
+        # order is the documented one at the top of zswapd/engine/engine.h.
         TSAN_OPTIONS=f"halt_on_error=0 report_signal_unsafe=0 detect_deadlocks=0 exitcode=0 "
         f"suppressions={ROOT / 'tests' / 'tsan.supp'} log_path={logs / 'report'}",
         PYTHONPATH=str(tmp_path),
@@ -325,9 +330,9 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
         text = "".join(p.read_text(errors="replace") for p in sorted(logs.iterdir()))
     assert "FATAL: ThreadSanitizer" not in text + run.stderr, (text + run.stderr)[-6000:]
     reports = [r for r in text.split("==================") if "WARNING: ThreadSanitizer" in r]
-    engine_reports = [r for r in reports if "_engine.c" in r]
+    engine_reports = [r for r in reports if "zswapd/engine/" in r]
     assert not engine_reports, (
-        f"{len(engine_reports)} ThreadSanitizer report(s) in _engine.c:\n" + "\n".join(engine_reports)[-12000:]
+        f"{len(engine_reports)} ThreadSanitizer report(s) in zswapd/engine/:\n" + "\n".join(engine_reports)[-12000:]
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
     assert re.search(r"\b4 passed", run.stdout), run.stdout[-3000:]  # the threaded tests really ran

@@ -23,7 +23,7 @@ from zswapd.pool import (
 )
 
 # Every test but the class-table one runs against both engines: the Python
-# reference (pool.py) and the native one (_engine.c).
+# reference (pool.py) and the native one (zswapd/engine/).
 ENGINES = ["python", "native"]
 
 

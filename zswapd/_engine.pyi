@@ -1,4 +1,4 @@
-# Stub for the native engine (zswapd/_engine.c); see zswapd/engine.py.
+# Stub for the native engine (zswapd/engine/*.c); see zswapd/engine.py.
 from collections.abc import Mapping, Sequence
 from typing import Any
 

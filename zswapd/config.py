@@ -150,7 +150,7 @@ class PoolConfig:
     memory_limit: int = -1  # -1 until resolved from "20%"
     accept_percent: int = 90
     reserve: int = 1 << 20
-    engine: str = "auto"  # engine.py: "auto", "native" (_engine.c) or "python" (pool.py)
+    engine: str = "auto"  # engine.py: "auto", "native" (zswapd/engine/) or "python" (pool.py)
 
 
 @dataclass

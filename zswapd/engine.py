@@ -4,8 +4,8 @@ Two engines implement one narrow interface (``Engine`` below):
 
 python  ``PythonEngine``, pool.py plus the page-level half of the store.  The
         reference: readable, and the model the native one is checked against.
-native  ``NativeEngine``, zswapd/_engine.c: the same tables, the same crash
-        order, in C with the GIL released (see the top of _engine.c).
+native  ``NativeEngine``, zswapd/engine/*.c: the same tables, the same crash
+        order, in C with the GIL released (see the top of engine/engine.h).
 
 The store (store.py) keeps the policy (memory limit, full/accept_percent,
 when and how much to compact, the names of the stats) and calls the engine
@@ -19,7 +19,7 @@ Rebuild and the invariant checks (what a new worker runs before serving)
 are written twice: in Python (``reference_rebuild``/``reference_check``
 below, over pool.py's ``begin_rebuild``/``claim_*``/``finish_rebuild``/
 ``check_invariants``), the reference and what the Python engine runs; and in
-C (``rebuild``/``check_pages`` of _engine.c), one pass over the page table's
+C (``rebuild``/``check_pages``, engine/rebuild.c), one pass over the page table's
 resident extents and one over the pool tables, about 50 times faster.  The
 two leave the same bytes and raise on the same corruptions
 (tests/test_state.py compares them, also after crash-point kills).  An
@@ -397,7 +397,7 @@ except ImportError as e:  # not built: no compiler or no lz4/zstd headers at ins
 if _engine is not None:
 
     class NativeEngine(_engine.Engine):
-        """The C engine on the same state; see the top of _engine.c."""
+        """The C engine on the same state; see the top of engine/engine.h."""
 
         name = "native"
 

@@ -44,7 +44,7 @@ handle is named by exactly one page and every pool index is right.
 
 The mechanics (encoding pages, the pool, the page-table switches in the
 order above) are the engine's (engine.py: the Python reference or the native
-one in _engine.c, both on the same tables); the store keeps the policy: the
+one in engine/*.c, both on the same tables); the store keeps the policy: the
 limit, ``full`` and its accept threshold, when and how far to compact, and
 the names of the stats.
 

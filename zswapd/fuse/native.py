@@ -1,6 +1,6 @@
 """Native serving of the hot opcodes: C threads on /dev/fuse.
 
-``NativeServer`` starts N threads in the native engine (zswapd/_engine.c,
+``NativeServer`` starts N threads in the native engine (zswapd/engine/fuse_loop.c,
 ``serve_fuse``), each reading /dev/fuse on its own fd: one of the clones the
 supervisor made and keeps (``mount.clone_fuse``), or, without them, the
 connection's fd shared.  READ, WRITE and
@@ -12,7 +12,7 @@ the protocol's rules are written.  Hot serving starts once FuseFS has
 answered INIT (or had it restored after a takeover).
 
 The connection's fd must be O_NONBLOCK (``mount.open_fuse``); clones are
-blocking, so each request wakes one thread (see _engine.c).  ``stop()`` must run before
+blocking, so each request wakes one thread (see zswapd/engine/fuse_loop.c).  ``stop()`` must run before
 the store is closed.  This module knows FuseFS and an engine object with
 ``serve_fuse``-compatible type, never Store: the worker passes both in.
 """

@@ -1,0 +1,40 @@
+/* The codecs and each thread's context for them (zcomp.h's job): the one
+ * place in C that turns a page into a kind and a payload, and back.  Nothing
+ * here takes an engine lock: a thread compresses in its own context. */
+#ifndef ZSWAPD_CODEC_H
+#define ZSWAPD_CODEC_H
+
+#include "engine.h"
+
+#include <zstd.h>
+
+/* A thread's codec state: made on the thread's first page (a FUSE thread's
+ * at its start), reused for every page after, freed when the thread ends.
+ * A dictionary's digested form (ZSTD_CDict/DDict) would be shared by every
+ * thread and referenced from here, never copied per thread. */
+typedef struct {
+    void *lz4_state;
+    ZSTD_CCtx *zc;
+    ZSTD_DCtx *zd;
+    int zlevel; /* level zc is set to; INT_MIN: not yet */
+    uint8_t cbuf[FRAME_SIZE]; /* compressed output */
+    uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
+    uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
+} Ctx;
+
+/* Once, at module load: the key whose destructor frees a thread's Ctx. */
+int codec_init(void);
+/* This thread's context, with zstd at the engine's level; NULL: no memory. */
+Ctx *ctx_get(Engine *e);
+/* 0 if zstd accepts `level`, -1 if not (checked on this thread's context). */
+int codec_check_level(int level);
+/* codec.encode: the page's kind; *payload and *len for an object, *word for
+ * a same-filled page. */
+unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uint8_t **payload, uint32_t *len,
+                uint64_t *word);
+/* n bytes of a compressed object into a 4096-byte page; -1 if they are not one. */
+int decompress(Ctx *t, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst);
+const char *codec_lz4_version(void);
+const char *codec_zstd_version(void);
+
+#endif

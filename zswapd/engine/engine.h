@@ -1,0 +1,396 @@
+/* zswapd's C engine: the data, its small accessors and the rules every file
+ * of the engine relies on (as zram_drv.h is to zram).
+ *
+ * The engine is the store's hot path (page table, zsmalloc-style pool,
+ * lz4/zstd) over the memfd state of zswapd/state.py.  It mirrors
+ * zswapd/pool.py (the reference engine) and the page-level half of
+ * zswapd/engine.py line for line, with the same names (frame, zspage, size
+ * class, slot, handle, fullness group, hot/cold frame stacks; glossary at the
+ * top of pool.py).  It invents no layout: every table it touches is a buffer
+ * the State object hands over, and the volatile scalars (stack tops, list
+ * heads, per-class totals) live in Engine, as they live in a Python Pool.
+ *
+ * Files (zswapd/engine/), one job each:
+ *   engine.h       this: the Engine struct, the bit layouts and their
+ *                  accessors, the lock helpers, the lock and crash order
+ *   pool.c         frames, handles, zspages, object bytes, compaction
+ *   codec.h/.c     same-filled detection, lz4/zstd, the per-thread contexts
+ *                  (zcomp.c's job); dictionaries go here
+ *   page.c         a page's store, load and discard; byte ranges
+ *   rebuild.c      the rebuild scan and the invariant check
+ *   module.h/.c    the CPython type and module: arguments, errors, counters
+ *   object_api.c   the pool's object API, for the pool tests only
+ *   fuse_server.h  the FUSE threads' shared state
+ *   fuse_loop.c    the FUSE threads: reading /dev/fuse, waking, stopping
+ *   fuse_ops.c     which requests C serves and how (READ, WRITE, punch)
+ * A tier of colder storage (recompression, writeback) belongs in a file of
+ * its own beside page.c, with bounded steps the policy calls, as compact()
+ * is in pool.c.  engine.h, pool.c, codec.c, page.c and rebuild.c include no
+ * Python: what crosses to Python is in module.c and the fuse_*.c files.
+ *
+ * Crash consistency: the same order as pool.py and store.py.
+ *   write:   new object complete (slot header, payload), then handle-table
+ *            entry, then the page-table entry (one aligned 8-byte store),
+ *            then the old object is freed.
+ *   discard: page-table entry zeroed, then the object freed.
+ *   compact: copy (slot header, payload), switch the handle entry, free the
+ *            old slot.
+ * A frame is punched only while free.  Locks change none of this: they
+ * decide which thread makes a step, never the order of the steps.
+ *
+ * Locking, as zsmalloc and zram.
+ *   entry lock bit  one per page (elock, process memory; zram's ZRAM_LOCK).
+ *                   Held while a thread replaces a page's entry (for a
+ *                   partial page: the read, the modify and the store) or
+ *                   copies its object out.  So two threads never update one
+ *                   page at once, and an object is never freed under a reader.
+ *   class lock      one per size class: the class's fullness lists, its
+ *                   zspages' inuse/free-slot/group fields and slot headers,
+ *                   per-class totals, and the bytes of its objects (a store
+ *                   copies the payload in, a reader copies it out, compaction
+ *                   moves it, all under this lock).
+ *   pool lock       the frame stacks (hot, cold), frames_made/frames_used,
+ *                   the zspage-id stack, the handle stack; trim's punches.
+ * Lock order: entry bit -> class lock -> pool lock.  At most one entry bit
+ * and one class lock are held at a time (lock_all, below, takes every class
+ * lock in ascending order, then the pool lock: rebuild, the invariant
+ * check, volatile()/set_volatile() and close).  Compaction takes only class
+ * locks (and the pool lock inside), COMPACT_STEP moves per hold.  The GIL is
+ * never taken while one of these is held (a FUSE thread hands a request or a
+ * decision up to Python holding none), so a thread holding the GIL may wait
+ * for them.
+ *
+ * What runs concurrently: compression and decompression (each thread has
+ * its own lz4 state, zstd contexts and scratch pages: Ctx, codec.h), pages of
+ * different classes, and anything touching different pages, with nothing
+ * shared but the pool lock's short sections.  A huge object is copied under
+ * its entry bit alone (compaction never moves one).  Counters are atomic
+ * (relaxed) everywhere: the engine's threads bump them with ADD, Python
+ * bumps them through Engine.count (never a read-modify-write of the
+ * attribute, which would lose a C thread's bump in between), and the
+ * attributes read and set them with atomic loads and stores.
+ * Figures read for policy or stats without a lock (hot_top in trim,
+ * frames_used, handles_used/handles_made, frame_limit, cls_zspages,
+ * cls_used, fragmented: freeable, the compaction order, the getters) may be
+ * stale, never torn: their writers hold the lock the field is listed under
+ * AND store it with STORE (relaxed), and the unlocked readers use LOAD, so
+ * the reads are defined C11 (and ThreadSanitizer, which
+ * tests/test_engine.py runs over the threaded test, sees no race).
+ * No allocation on the write or read path: the lz4 state, the zstd contexts,
+ * the compression buffer and the read-modify-write page are made once per
+ * thread (a FUSE thread's when it starts).
+ */
+#ifndef ZSWAPD_ENGINE_H
+#define ZSWAPD_ENGINE_H
+
+/* First, before any system header (fallocate, pthread_timedjoin_np); the
+ * files that include Python.h get it from there, first too. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define FRAME_SIZE 4096u
+#define FRAME_SHIFT 12
+#define PAGE_SIZE 4096u
+#define HEADER 4u /* a slot's header: its owner's handle, or a free-list link */
+#define GROUPS 10u /* fullness groups 1..10 (0: empty, GROUP_FULL: full) */
+#define GROUP_FULL (GROUPS + 1)
+#define MAX_CLASSES 256
+#define MAX_FRAMES_PER_ZSPAGE 8
+#define ALGO_LZ4 0
+#define ALGO_ZSTD 1
+
+/* ---- the page-table entry (store.py's glossary; engine.py asserts it) ------
+ *   bits 0-1   kind: 0 empty (reads as zeros), 1 same-filled, 2 compressed,
+ *              3 huge (a raw page)
+ *   bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
+ *   bits 4-16  payload length in bytes
+ *   bits 17-31 unused, 0
+ *   bits 32-62 handle (of a same-filled page: the handle holding its word)
+ *   bit 63     unused, 0 */
+#define KIND_SAME 1u
+#define KIND_COMPRESSED 2u
+#define KIND_HUGE 3u
+#define ENTRY_KIND_MASK 0x3ull
+#define ENTRY_ALGO_SHIFT 2
+#define ENTRY_ALGO_MASK 0x3ull
+#define ENTRY_LEN_SHIFT 4
+#define ENTRY_LEN_MASK 0x1FFFull
+#define ENTRY_HANDLE_SHIFT 32
+#define ENTRY_UNUSED (1ull << 63 | 0x7FFFull << 17)
+
+static inline unsigned entry_kind(uint64_t entry) { return (unsigned)(entry & ENTRY_KIND_MASK); }
+static inline unsigned entry_algo(uint64_t entry) { return (unsigned)(entry >> ENTRY_ALGO_SHIFT & ENTRY_ALGO_MASK); }
+static inline uint32_t entry_len(uint64_t entry) { return (uint32_t)(entry >> ENTRY_LEN_SHIFT & ENTRY_LEN_MASK); }
+static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT); }
+static inline uint64_t make_entry(uint32_t h, unsigned kind, unsigned algo, uint32_t len)
+{
+    return (uint64_t)h << ENTRY_HANDLE_SHIFT | (uint64_t)len << ENTRY_LEN_SHIFT | (uint64_t)algo << ENTRY_ALGO_SHIFT |
+           kind;
+}
+
+/* ---- the handle table's word (pool.py's glossary) --------------------------
+ *   huge object:       LOC_HUGE | frame
+ *   compressed object: zspage << 16 | slot
+ *   same-filled page:  the fill word itself (the page entry's kind tells) */
+#define LOC_HUGE (1ull << 63)
+#define LOC_FRAME_MASK 0xFFFFFFFFull
+#define LOC_ZSPAGE_SHIFT 16
+#define LOC_SLOT_MASK 0xFFFFull
+
+static inline int loc_is_huge(uint64_t loc) { return (loc & LOC_HUGE) != 0; }
+static inline uint32_t loc_frame(uint64_t loc) { return (uint32_t)(loc & LOC_FRAME_MASK); }
+/* 64 bits: a corrupt word may name a zspage beyond 2^32, which the rebuild
+ * must see as out of range rather than truncated into it. */
+static inline uint64_t loc_zspage(uint64_t loc) { return loc >> LOC_ZSPAGE_SHIFT; }
+static inline uint32_t loc_slot(uint64_t loc) { return (uint32_t)(loc & LOC_SLOT_MASK); }
+static inline uint64_t huge_loc(uint32_t frame) { return LOC_HUGE | frame; }
+static inline uint64_t obj_loc(uint32_t z, uint32_t slot) { return (uint64_t)z << LOC_ZSPAGE_SHIFT | slot; }
+
+/* ---- a slot's header (the first 4 bytes of each slot) ----------------------
+ *   allocated: the owning handle (1..2^31-1)
+ *   free:      SLOT_FREE | the next free slot (SLOT_END: none) */
+#define SLOT_FREE 0x80000000u
+#define SLOT_END 0xFFFFu
+
+static inline int slot_is_free(uint32_t hdr) { return (hdr & SLOT_FREE) != 0; }
+static inline uint32_t slot_next(uint32_t hdr) { return hdr & 0xFFFFu; }
+static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next; }
+
+/* Results of a page store, reported up to the store, which owns the policy.
+ * The first three are the module's OK, REFUSED, NOROOM (engine.py). */
+#define ST_OK 0
+#define ST_REFUSED 1 /* the store is full and the page needs pool memory */
+#define ST_NOROOM 2  /* the pool had no frame or handle for it */
+#define ST_CORRUPT 3 /* an object did not decompress to a page */
+#define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
+#define ST_BAD 5     /* misuse of the object API */
+#define ST_NOMEM 6   /* no memory for a thread's codec context */
+
+#ifdef ZSWAPD_BOUNDS
+/* The sanitizer build checks every table index: ASan cannot see past the end
+ * of a table inside one mapping. */
+#define CHECK(cond)                                                                                                \
+    do {                                                                                                           \
+        if (!(cond)) {                                                                                             \
+            fprintf(stderr, "%s:%d: bound check failed: %s\n", __FILE__, __LINE__, #cond);                          \
+            abort();                                                                                               \
+        }                                                                                                          \
+    } while (0)
+#else
+#define CHECK(cond) ((void)0)
+#endif
+
+/* ---- the state's tables ------------------------------------------------------
+ * X(name, C type, what it is indexed by), in state.layout's order; module.c
+ * exports the list as TABLES and engine.py asserts it equals state.py's.
+ * Entries: DIM_PAGES npages, DIM_HANDLES max_handles + 1 (0 is no handle),
+ * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames. */
+enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES };
+#define ENGINE_TABLES(X)                                                                                           \
+    X(page, uint64_t, DIM_PAGES)                                                                                   \
+    X(handle, uint64_t, DIM_HANDLES)                                                                               \
+    X(zs_first, uint32_t, DIM_ZSPAGES)                                                                             \
+    X(zs_class, uint16_t, DIM_ZSPAGES)                                                                             \
+    X(frame_next, uint32_t, DIM_FRAMES)                                                                            \
+    X(zs_inuse, uint16_t, DIM_ZSPAGES)                                                                             \
+    X(zs_free, uint16_t, DIM_ZSPAGES)                                                                              \
+    X(zs_next, uint32_t, DIM_ZSPAGES)                                                                              \
+    X(zs_prev, uint32_t, DIM_ZSPAGES)                                                                              \
+    X(zs_group, uint8_t, DIM_ZSPAGES)                                                                              \
+    X(zs_stack, uint32_t, DIM_ZSPAGES)                                                                             \
+    X(hot, uint32_t, DIM_FRAMES)                                                                                   \
+    X(cold, uint32_t, DIM_FRAMES)                                                                                  \
+    X(handle_stack, uint32_t, DIM_HANDLES)
+
+#define TABLE_ENUM(name, type, dim) T_##name,
+enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
+#undef TABLE_ENUM
+
+/* ---- the event counters (engine.Counters' names and order) -----------------
+ * engine.py asserts the list; the store counts through Engine.count. */
+#define ENGINE_COUNTERS(X)                                                                                         \
+    X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages) X(huge_pages)         \
+        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits)
+
+typedef struct {
+#define TABLE_FIELD(name, type, dim) type *name;
+    ENGINE_TABLES(TABLE_FIELD)
+#undef TABLE_FIELD
+    uint8_t *arena;
+    int arena_fd;
+
+    uint64_t npages;
+    uint32_t max_frames, max_handles;
+    long long frame_limit;
+    unsigned int reserve_frames;
+    unsigned int huge_threshold;
+
+    /* class table, from pool.CLASSES */
+    int ncls;
+    uint16_t csize[MAX_CLASSES];
+    uint8_t cframes[MAX_CLASSES];
+    uint16_t cobjs[MAX_CLASSES];
+    uint8_t class_of[FRAME_SIZE + 1];
+
+    /* volatile scalars (a Python Pool's attributes of the same names) */
+    uint32_t frames_made, hot_top, cold_top, frames_used; /* pool lock */
+    uint32_t zs_free_top, zs_made;                        /* pool lock */
+    uint32_t handle_free_top, handles_made, handles_used; /* pool lock */
+    uint32_t heads[MAX_CLASSES * (GROUPS + 1)];           /* class lock */
+    uint32_t nonempty[MAX_CLASSES];                       /* class lock */
+    unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES]; /* class lock */
+    uint8_t fragmented[MAX_CLASSES];                      /* class lock */
+    unsigned long long huge_objects, obj_bytes, pages_compacted; /* atomic */
+
+    /* the event counters; the engine bumps them atomically */
+#define COUNTER_FIELD(name) unsigned long long name;
+    ENGINE_COUNTERS(COUNTER_FIELD)
+#undef COUNTER_FIELD
+
+    int algo, zstd_level; /* read by each thread's codec context */
+
+    int full; /* the store's full flag: while set, a page that needs memory is refused */
+    int punch_errno;
+    uint64_t *elock; /* the entry lock bits, one per page (process memory) */
+    pthread_mutex_t pool_lock;
+    pthread_mutex_t cls_lock[MAX_CLASSES];
+    int locks_ready;
+} Engine;
+
+/* ---- atomics ------------------------------------------------------------- */
+
+#define ADD(field, v) __atomic_add_fetch(&(field), (v), __ATOMIC_RELAXED)
+#define SUB(field, v) __atomic_sub_fetch(&(field), (v), __ATOMIC_RELAXED)
+/* A field written under its lock and also read without it (see the top):
+ * the lock holder writes with STORE (a plain read of its own lock's field is
+ * fine), the unlocked reader uses LOAD.  Relaxed: on x86 these are the same
+ * movs as plain accesses, so the hot path pays nothing. */
+#define LOAD(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+#define STORE(field, v) __atomic_store_n(&(field), (v), __ATOMIC_RELAXED)
+
+/* ---- locking ------------------------------------------------------------- */
+
+static inline void pool_lock(Engine *e) { pthread_mutex_lock(&e->pool_lock); }
+static inline void pool_unlock(Engine *e) { pthread_mutex_unlock(&e->pool_lock); }
+static inline void class_lock(Engine *e, unsigned cls) { pthread_mutex_lock(&e->cls_lock[cls]); }
+static inline void class_unlock(Engine *e, unsigned cls) { pthread_mutex_unlock(&e->cls_lock[cls]); }
+
+/* zram's ZRAM_LOCK: a bit per page-table entry, held while a thread reads
+ * the page's object or replaces the entry.  Kept beside the table, in this
+ * process's memory, not in the entry's bit 63: a worker that dies holding it
+ * must not leave a set bit in the memfd for the next one to trip over. */
+static inline void entry_lock(Engine *e, uint64_t idx)
+{
+    uint64_t *w = &e->elock[idx >> 6], bit = 1ull << (idx & 63);
+    unsigned spins = 0;
+    while (__atomic_fetch_or(w, bit, __ATOMIC_ACQUIRE) & bit) {
+        while (__atomic_load_n(w, __ATOMIC_RELAXED) & bit) {
+            if (++spins < 64)
+                __builtin_ia32_pause();
+            else
+                sched_yield(); /* the holder is compressing a page: microseconds */
+        }
+    }
+}
+
+static inline void entry_unlock(Engine *e, uint64_t idx)
+{
+    __atomic_fetch_and(&e->elock[idx >> 6], ~(1ull << (idx & 63)), __ATOMIC_RELEASE);
+}
+
+/* Everything, for the operations that read or replace every index at once
+ * (rebuild, the invariant check, volatile()/set_volatile(), close). */
+static inline void lock_all(Engine *e)
+{
+    for (int c = 0; c < e->ncls; c++)
+        class_lock(e, (unsigned)c);
+    pool_lock(e);
+}
+
+static inline void unlock_all(Engine *e)
+{
+    pool_unlock(e);
+    for (int c = e->ncls; c-- > 0;)
+        class_unlock(e, (unsigned)c);
+}
+
+/* ---- zspage geometry (class lock, or the only thread) ------------------------ */
+
+static inline unsigned group_of(unsigned inuse, unsigned objs)
+{
+    if (inuse >= objs)
+        return GROUP_FULL;
+    return (inuse * GROUPS + objs - 1) / objs;
+}
+
+/* (frame, offset in frame) of byte `offset` of zspage z */
+static inline uint32_t zs_frame_at(const Engine *e, uint32_t z, uint32_t offset, uint32_t *off)
+{
+    uint32_t frame = e->zs_first[z];
+    for (uint32_t i = offset >> FRAME_SHIFT; i; i--) {
+        CHECK(frame < e->max_frames);
+        frame = e->frame_next[frame];
+    }
+    CHECK(frame < e->max_frames);
+    *off = offset & (FRAME_SIZE - 1);
+    return frame;
+}
+
+static inline uint32_t *slot_word(Engine *e, uint32_t frame, uint32_t off)
+{
+    return (uint32_t *)(e->arena + ((size_t)frame << FRAME_SHIFT) + off);
+}
+
+static inline uint8_t *frame_bytes(Engine *e, uint32_t frame) { return e->arena + ((size_t)frame << FRAME_SHIFT); }
+
+/* ---- pool.c ---------------------------------------------------------------- */
+
+long long frame_room(const Engine *e);
+int punch(Engine *e, uint32_t first, uint32_t count);
+long trim_excess(Engine *e);
+/* Frames beyond the reserve back to the kernel; most requests free nothing
+ * beyond it, and then no lock is taken.  -1: a punch failed (punch_errno). */
+static inline long trim(Engine *e)
+{
+    if (LOAD(e->hot_top) <= e->reserve_frames)
+        return 0;
+    return trim_excess(e);
+}
+long refill_reserve(Engine *e);
+uint32_t new_handle(Engine *e, uint64_t value);
+void drop_handle(Engine *e, uint32_t h);
+void link_zs(Engine *e, uint32_t z, unsigned cls, unsigned group);
+uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n);
+void obj_copy(Engine *e, uint32_t h, uint32_t n, uint8_t *dst);
+void obj_free(Engine *e, uint32_t h, uint32_t n);
+unsigned long long freeable(const Engine *e, unsigned cls);
+unsigned long long freeable_frames(const Engine *e);
+long long compact(Engine *e, unsigned long long budget);
+
+/* ---- page.c ---------------------------------------------------------------- */
+
+int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done);
+int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len);
+unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end);
+
+/* ---- rebuild.c ------------------------------------------------------------- */
+
+/* Broken invariants, collected as the reference does (the first 20). */
+typedef struct {
+    char *msg;
+    size_t cap, len;
+    int n;
+} Errs;
+
+int rebuild_all(Engine *e, const uint64_t *ext, size_t next, unsigned nalgos, unsigned long long counts[3], char *err,
+                size_t errlen);
+int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal, size_t fatlen);
+
+#endif

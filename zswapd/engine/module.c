@@ -1,0 +1,902 @@
+/* The CPython module zswapd._engine and its Engine type: arguments, the
+ * Python exceptions for the engine's statuses, the attributes (counters,
+ * figures) and the module's constants.  It releases the GIL around every
+ * call that takes an engine lock (NOGIL) and never takes the GIL while one
+ * is held (engine.h).  The calls that read or replace every index at once
+ * (volatile, set_volatile, rebuild, check_pages, close) hold lock_all.
+ */
+#include "module.h"
+
+#include <limits.h>
+#include <string.h>
+#include <structmember.h>
+
+#include "codec.h"
+
+PyObject *PoolError, *PoolFull, *StateError;
+
+PyObject *raise_status(Engine *e, int st)
+{
+    switch (st) {
+    case ST_CORRUPT:
+        PyErr_SetString(PyExc_ValueError, "corrupt object: it did not decompress to a 4096-byte page");
+        break;
+    case ST_PUNCH:
+        PyErr_Format(StateError, "punching frames out of the arena memfd failed: %s", strerror(LOAD(e->punch_errno)));
+        break;
+    case ST_NOROOM:
+        PyErr_SetString(PoolFull, "no frame or handle is available under the limit");
+        break;
+    case ST_NOMEM:
+        PyErr_SetString(PyExc_MemoryError, "no memory for this thread's compression state");
+        break;
+    default:
+        PyErr_Format(PyExc_RuntimeError, "engine status %d", st);
+    }
+    return NULL;
+}
+
+static void engine_release_buffers(EngineObject *self)
+{
+    for (int i = 0; i < self->nbufs; i++)
+        PyBuffer_Release(&self->bufs[i]);
+    self->nbufs = 0;
+    self->e.page = NULL;
+    self->e.arena = NULL;
+}
+
+static void Engine_dealloc(EngineObject *self)
+{
+    Engine *e = &self->e;
+    engine_release_buffers(self);
+    PyMem_RawFree(e->elock);
+    e->elock = NULL;
+    if (e->locks_ready) {
+        pthread_mutex_destroy(&e->pool_lock);
+        for (int c = 0; c < MAX_CLASSES; c++)
+            pthread_mutex_destroy(&e->cls_lock[c]);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_zstd_level(int level)
+{
+    int r = codec_check_level(level);
+    if (r < 0)
+        PyErr_Format(PyExc_ValueError, "zstd refuses level %d", level);
+    return r;
+}
+
+/* The tables' names, entry sizes and dimensions, in state.layout's order. */
+#define TABLE_NAME(name, type, dim) #name,
+#define TABLE_SIZE(name, type, dim) sizeof(type),
+#define TABLE_DIM(name, type, dim) dim,
+static const char *const table_names[NTABLES] = {ENGINE_TABLES(TABLE_NAME)};
+static const Py_ssize_t table_item[NTABLES] = {ENGINE_TABLES(TABLE_SIZE)};
+static const int table_dim[NTABLES] = {ENGINE_TABLES(TABLE_DIM)};
+
+static Py_ssize_t dim_entries(int dim, uint64_t npages, uint32_t max_frames, uint32_t max_handles)
+{
+    switch (dim) {
+    case DIM_PAGES:
+        return (Py_ssize_t)npages;
+    case DIM_HANDLES:
+        return (Py_ssize_t)max_handles + 1;
+    case DIM_ZSPAGES:
+        return (Py_ssize_t)max_frames + 1;
+    default:
+        return (Py_ssize_t)max_frames;
+    }
+}
+
+/* The buffer of `name` in the dict, writable and at least `need` bytes, or NULL. */
+static void *take_buffer(EngineObject *self, PyObject *bufs, const char *name, Py_ssize_t need)
+{
+    PyObject *o = PyDict_GetItemString(bufs, name);
+    if (!o) {
+        PyErr_Format(PyExc_KeyError, "state buffer %s is missing", name);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(o, &self->bufs[self->nbufs], PyBUF_WRITABLE) < 0)
+        return NULL;
+    Py_buffer *b = &self->bufs[self->nbufs++];
+    if (b->len < need) {
+        PyErr_Format(StateError, "state table %s is %zd bytes, the geometry needs %zd", name, b->len, need);
+        return NULL;
+    }
+    return b->buf;
+}
+
+/* Engine(buffers: dict name -> buffer, arena_fd, npages, max_frames,
+ *        max_handles, classes: [(size, frames, objs)], class_of: bytes(4097),
+ *        huge_threshold, reserve_frames, algo, zstd_level) */
+static int Engine_init(EngineObject *self, PyObject *args, PyObject *Py_UNUSED(kw))
+{
+    Engine *e = &self->e;
+    PyObject *bufs, *classes;
+    Py_buffer class_of;
+    unsigned long long npages;
+    unsigned int max_frames, max_handles;
+    if (self->nbufs) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "O!iKIIO!y*IIii", &PyDict_Type, &bufs, &e->arena_fd, &npages, &max_frames,
+                          &max_handles, &PyList_Type, &classes, &class_of, &e->huge_threshold, &e->reserve_frames,
+                          &e->algo, &e->zstd_level))
+        return -1;
+    int ok = 0;
+    e->npages = npages;
+    e->max_frames = max_frames;
+    e->max_handles = max_handles;
+    Py_ssize_t ncls = PyList_GET_SIZE(classes);
+    if (class_of.len != FRAME_SIZE + 1 || ncls < 1 || ncls > MAX_CLASSES) {
+        PyErr_SetString(PyExc_ValueError, "class table: expected 1..256 classes and a 4097-byte lookup");
+        goto out;
+    }
+    if (e->huge_threshold < 2 || e->huge_threshold > FRAME_SIZE - HEADER + 1) {
+        PyErr_Format(PyExc_ValueError, "huge threshold %u is outside 2..%u", e->huge_threshold, FRAME_SIZE - HEADER + 1);
+        goto out;
+    }
+    e->ncls = (int)ncls;
+    for (Py_ssize_t i = 0; i < ncls; i++) {
+        unsigned size, frames, objs;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(classes, i), "III", &size, &frames, &objs))
+            goto out;
+        if (size < 16 || size > FRAME_SIZE || !frames || frames > MAX_FRAMES_PER_ZSPAGE || !objs ||
+            objs >= SLOT_END || objs * size > frames * FRAME_SIZE) {
+            PyErr_Format(PyExc_ValueError, "class %zd: bad shape %u/%u/%u", i, size, frames, objs);
+            goto out;
+        }
+        e->csize[i] = (uint16_t)size;
+        e->cframes[i] = (uint8_t)frames;
+        e->cobjs[i] = (uint16_t)objs;
+    }
+    memcpy(e->class_of, class_of.buf, FRAME_SIZE + 1);
+    for (unsigned i = 0; i <= FRAME_SIZE; i++)
+        if (e->class_of[i] >= ncls) {
+            PyErr_SetString(PyExc_ValueError, "class lookup names a class out of range");
+            goto out;
+        }
+    /* The state's tables, checked against the geometry before any use. */
+    void *ptrs[NTABLES];
+    for (int i = 0; i < NTABLES; i++) {
+        Py_ssize_t need = dim_entries(table_dim[i], npages, max_frames, max_handles) * table_item[i];
+        if (!(ptrs[i] = take_buffer(self, bufs, table_names[i], need)))
+            goto out;
+    }
+#define TABLE_POINTER(name, type, dim) e->name = ptrs[T_##name];
+    ENGINE_TABLES(TABLE_POINTER)
+#undef TABLE_POINTER
+    if (!(e->arena = take_buffer(self, bufs, "arena", (Py_ssize_t)max_frames * FRAME_SIZE)))
+        goto out;
+
+    e->elock = PyMem_RawCalloc((size_t)(npages / 64 + 1), sizeof *e->elock);
+    if (!e->elock) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (e->algo != ALGO_LZ4 && e->algo != ALGO_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", e->algo);
+        goto out;
+    }
+    if (check_zstd_level(e->zstd_level) < 0)
+        goto out;
+    if (!e->locks_ready) {
+        /* Plain (not adaptive) mutexes: ThreadSanitizer knows them, and
+         * every hold is short. */
+        if (pthread_mutex_init(&e->pool_lock, NULL) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
+            goto out;
+        }
+        for (int c = 0; c < MAX_CLASSES; c++)
+            pthread_mutex_init(&e->cls_lock[c], NULL);
+        e->locks_ready = 1;
+    }
+    ok = 1;
+out:
+    PyBuffer_Release(&class_of);
+    if (!ok)
+        engine_release_buffers(self);
+    return ok ? 0 : -1;
+}
+
+static PyObject *range_error(unsigned long long off, unsigned long long len, unsigned long long size)
+{
+    PyErr_Format(PyExc_ValueError, "range %llu+%llu is beyond the device size %llu", off, len, size);
+    return NULL;
+}
+
+/* write(offset, data, refuse) -> (bytes done, status) */
+static PyObject *Engine_write(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    unsigned long long offset;
+    Py_buffer data;
+    int refuse;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "Ky*p", &offset, &data, &refuse))
+        return NULL;
+    if (offset > e->npages * PAGE_SIZE || (unsigned long long)data.len > e->npages * PAGE_SIZE - offset) {
+        PyBuffer_Release(&data);
+        return range_error(offset, (unsigned long long)data.len, e->npages * PAGE_SIZE);
+    }
+    uint64_t done = 0;
+    int st;
+    NOGIL(st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
+    PyBuffer_Release(&data);
+    if (st == ST_PUNCH || st == ST_NOMEM)
+        return raise_status(e, st);
+    return Py_BuildValue("Ki", (unsigned long long)done, st);
+}
+
+/* readinto(offset, out) -> bytes read */
+static PyObject *Engine_readinto(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    unsigned long long offset;
+    Py_buffer out;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "Kw*", &offset, &out))
+        return NULL;
+    if (offset > e->npages * PAGE_SIZE || (unsigned long long)out.len > e->npages * PAGE_SIZE - offset) {
+        PyBuffer_Release(&out);
+        return range_error(offset, (unsigned long long)out.len, e->npages * PAGE_SIZE);
+    }
+    int st;
+    NOGIL(st = read_range(e, offset, out.buf, (uint64_t)out.len));
+    Py_ssize_t n = out.len;
+    PyBuffer_Release(&out);
+    if (st != ST_OK)
+        return raise_status(e, st);
+    return PyLong_FromSsize_t(n);
+}
+
+/* discard_pages(first, end) -> pages freed: entry zeroed, then the object freed. */
+static PyObject *Engine_discard_pages(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    unsigned long long first, end;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "KK", &first, &end))
+        return NULL;
+    if (first > end || end > e->npages)
+        return range_error(first * PAGE_SIZE, (end - first) * PAGE_SIZE, e->npages * PAGE_SIZE);
+    unsigned long long freed = 0;
+    long t;
+    NOGIL({
+        freed = discard_range(e, first, end);
+        t = trim(e);
+    });
+    if (t < 0)
+        return raise_status(e, ST_PUNCH);
+    return PyLong_FromUnsignedLongLong(freed);
+}
+
+static PyObject *Engine_compact(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    Engine *e = &self->e;
+    static char *kwlist[] = {"max_moves", NULL};
+    PyObject *maxo = Py_None;
+    READY(e);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &maxo))
+        return NULL;
+    unsigned long long budget = 1ull << 62;
+    if (maxo != Py_None) {
+        long long m = PyLong_AsLongLong(maxo);
+        if (m == -1 && PyErr_Occurred())
+            return NULL;
+        budget = m < 0 ? 0 : (unsigned long long)m;
+    }
+    long long moved;
+    NOGIL(moved = compact(e, budget));
+    if (moved < 0)
+        return raise_status(e, ST_PUNCH);
+    return PyLong_FromLongLong(moved);
+}
+
+static PyObject *Engine_trim(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    long n;
+    READY(e);
+    NOGIL(n = trim(e));
+    if (n < 0)
+        return raise_status(e, ST_PUNCH);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_refill_reserve(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    long n;
+    READY(e);
+    NOGIL(n = refill_reserve(e));
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_set_codec(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    int algo, level;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "ii", &algo, &level))
+        return NULL;
+    if (algo != ALGO_LZ4 && algo != ALGO_ZSTD) {
+        PyErr_Format(PyExc_ValueError, "unknown algorithm id %d", algo);
+        return NULL;
+    }
+    if (check_zstd_level(level) < 0)
+        return NULL;
+    /* Each thread's context picks the level up at its next page; a page
+     * being compressed meanwhile keeps the codec it started with (every
+     * entry records its own algorithm). */
+    __atomic_store_n(&e->zstd_level, level, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->algo, algo, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_freeable(EngineObject *self, PyObject *arg)
+{
+    Engine *e = &self->e;
+    long cls = PyLong_AsLong(arg);
+    if (cls == -1 && PyErr_Occurred())
+        return NULL;
+    if (cls < 0 || cls >= e->ncls) {
+        PyErr_Format(PoolError, "no size class %ld", cls);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(freeable(e, (unsigned)cls));
+}
+
+static PyObject *Engine_freeable_frames(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    return PyLong_FromUnsignedLongLong(freeable_frames(e));
+}
+
+static PyObject *Engine_frame_room(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    return PyLong_FromLongLong(frame_room(e));
+}
+
+static PyObject *u32_list(const uint32_t *v, int n)
+{
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLong(v[i]);
+        if (!x) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+/* Per-class totals: also read by the unlocked getters, hence LOAD. */
+static PyObject *u64_list(const unsigned long long *v, int n)
+{
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(LOAD(v[i]));
+        if (!x) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+/* The volatile scalars, under pool.Pool's attribute names. */
+static PyObject *volatile_unlocked(Engine *e);
+
+/* A consistent snapshot: every lock held while it is read. */
+static PyObject *Engine_volatile(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    lock_all(e);
+    PyObject *r = volatile_unlocked(e);
+    unlock_all(e);
+    return r;
+}
+
+static PyObject *volatile_unlocked(Engine *e)
+{
+    PyObject *frag = PyList_New(0);
+    if (!frag)
+        return NULL;
+    for (int c = 0; c < e->ncls; c++) {
+        if (e->fragmented[c]) {
+            PyObject *x = PyLong_FromLong(c);
+            if (!x || PyList_Append(frag, x) < 0) {
+                Py_XDECREF(x);
+                Py_DECREF(frag);
+                return NULL;
+            }
+            Py_DECREF(x);
+        }
+    }
+    return Py_BuildValue(
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:N,s:N,s:N,s:N,s:K,s:K,s:K,s:N}", "frames_made", e->frames_made,
+        "hot_top", e->hot_top, "cold_top", e->cold_top, "frames_used", e->frames_used, "zs_free_top", e->zs_free_top,
+        "zs_made", e->zs_made, "handle_free_top", e->handle_free_top, "handles_made", e->handles_made, "handles_used",
+        e->handles_used, "heads", u32_list(e->heads, e->ncls * (int)(GROUPS + 1)), "nonempty",
+        u32_list(e->nonempty, e->ncls), "cls_zspages", u64_list(e->cls_zspages, e->ncls), "cls_used",
+        u64_list(e->cls_used, e->ncls), "huge_objects", LOAD(e->huge_objects), "obj_bytes", LOAD(e->obj_bytes),
+        "pages_compacted", LOAD(e->pages_compacted), "fragmented", frag);
+}
+
+static int get_u64(PyObject *d, const char *k, unsigned long long *out, unsigned long long max)
+{
+    PyObject *o = PyDict_GetItemString(d, k);
+    if (!o) {
+        PyErr_Format(PyExc_KeyError, "volatile state lacks %s", k);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (v > max) {
+        PyErr_Format(StateError, "volatile %s = %llu is beyond %llu", k, v, max);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int get_list(PyObject *d, const char *k, unsigned long long *out, Py_ssize_t n, unsigned long long max)
+{
+    PyObject *o = PyDict_GetItemString(d, k);
+    if (!o || !PyList_Check(o) || PyList_GET_SIZE(o) != n) {
+        PyErr_Format(PyExc_ValueError, "volatile %s must be a list of %zd", k, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(o, i));
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        if (v > max) {
+            PyErr_Format(StateError, "volatile %s[%zd] = %llu is beyond %llu", k, i, v, max);
+            return -1;
+        }
+        out[i] = v;
+    }
+    return 0;
+}
+
+/* Adopt a Python Pool's volatile scalars (after its rebuild scan). */
+static PyObject *Engine_set_volatile(EngineObject *self, PyObject *d)
+{
+    Engine *e = &self->e;
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "set_volatile takes a dict");
+        return NULL;
+    }
+    unsigned long long v[9], huge, obj, comp;
+    static const char *const names[9] = {"frames_made", "hot_top", "cold_top", "frames_used", "zs_free_top",
+                                         "zs_made", "handle_free_top", "handles_made", "handles_used"};
+    unsigned long long maxes[9] = {e->max_frames, e->max_frames, e->max_frames, e->max_frames, e->max_frames,
+                                   e->max_frames, e->max_handles, e->max_handles, e->max_handles};
+    for (int i = 0; i < 9; i++)
+        if (get_u64(d, names[i], &v[i], maxes[i]) < 0)
+            return NULL;
+    if (get_u64(d, "huge_objects", &huge, e->max_frames) < 0 || get_u64(d, "obj_bytes", &obj, ULLONG_MAX) < 0 ||
+        get_u64(d, "pages_compacted", &comp, ULLONG_MAX) < 0)
+        return NULL;
+    int nh = e->ncls * (int)(GROUPS + 1);
+    unsigned long long *heads = PyMem_Malloc(sizeof *heads * (size_t)nh);
+    unsigned long long ne[MAX_CLASSES], zs[MAX_CLASSES], used[MAX_CLASSES];
+    if (!heads)
+        return PyErr_NoMemory();
+    if (get_list(d, "heads", heads, nh, e->max_frames) < 0 || get_list(d, "nonempty", ne, e->ncls, 0xFFFFFFFF) < 0 ||
+        get_list(d, "cls_zspages", zs, e->ncls, ULLONG_MAX) < 0 ||
+        get_list(d, "cls_used", used, e->ncls, ULLONG_MAX) < 0) {
+        PyMem_Free(heads);
+        return NULL;
+    }
+    PyObject *frag = PyDict_GetItemString(d, "fragmented");
+    PyObject *seq = frag ? PySequence_Fast(frag, "fragmented must be a sequence") : NULL;
+    if (!seq) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "volatile state lacks fragmented");
+        PyMem_Free(heads);
+        return NULL;
+    }
+    uint8_t fr[MAX_CLASSES] = {0};
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (c < 0 || c >= e->ncls) {
+            if (!PyErr_Occurred())
+                PyErr_Format(StateError, "fragmented names class %ld", c);
+            Py_DECREF(seq);
+            PyMem_Free(heads);
+            return NULL;
+        }
+        fr[c] = 1;
+    }
+    Py_DECREF(seq);
+    lock_all(e);
+    e->frames_made = (uint32_t)v[0];
+    STORE(e->hot_top, (uint32_t)v[1]);
+    e->cold_top = (uint32_t)v[2];
+    STORE(e->frames_used, (uint32_t)v[3]);
+    e->zs_free_top = (uint32_t)v[4];
+    e->zs_made = (uint32_t)v[5];
+    e->handle_free_top = (uint32_t)v[6];
+    STORE(e->handles_made, (uint32_t)v[7]);
+    STORE(e->handles_used, (uint32_t)v[8]);
+    for (int i = 0; i < nh; i++)
+        e->heads[i] = (uint32_t)heads[i];
+    for (int c = 0; c < e->ncls; c++) {
+        e->nonempty[c] = (uint32_t)ne[c];
+        STORE(e->cls_zspages[c], zs[c]);
+        STORE(e->cls_used[c], used[c]);
+        STORE(e->fragmented[c], fr[c]);
+    }
+    STORE(e->huge_objects, huge);
+    STORE(e->obj_bytes, obj);
+    STORE(e->pages_compacted, comp);
+    unlock_all(e);
+    PyMem_Free(heads);
+    Py_RETURN_NONE;
+}
+
+/* extents: a list of (first, end) page ranges, within the device. */
+static uint64_t *parse_extents(Engine *e, PyObject *list, size_t *n)
+{
+    PyObject *seq = PySequence_Fast(list, "extents must be a sequence of (first, end)");
+    if (!seq)
+        return NULL;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *ext = PyMem_RawMalloc(sizeof *ext * 2 * (size_t)(len ? len : 1));
+    if (!ext) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned long long first, end;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &first, &end))
+            goto bad;
+        if (first > end || end > e->npages) {
+            PyErr_Format(PyExc_ValueError, "extent %llu..%llu is outside the page table (%llu pages)", first, end,
+                         (unsigned long long)e->npages);
+            goto bad;
+        }
+        ext[2 * i] = first;
+        ext[2 * i + 1] = end;
+    }
+    Py_DECREF(seq);
+    *n = (size_t)len;
+    return ext;
+bad:
+    Py_DECREF(seq);
+    PyMem_RawFree(ext);
+    return NULL;
+}
+
+/* rebuild(extents, nalgos) -> (pages_stored, same_pages, huge_pages); also
+ * sets those counters.  Raises StateError as store.rebuild would. */
+static PyObject *Engine_rebuild(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    PyObject *list;
+    unsigned int nalgos;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "OI", &list, &nalgos))
+        return NULL;
+    size_t next = 0;
+    uint64_t *ext = parse_extents(e, list, &next);
+    if (!ext)
+        return NULL;
+    char err[1024] = "";
+    unsigned long long counts[3] = {0, 0, 0};
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = rebuild_all(e, ext, next, nalgos, counts, err, sizeof err);
+        if (r == 0) {
+            STORE(e->pages_stored, counts[0]);
+            STORE(e->same_pages, counts[1]);
+            STORE(e->huge_pages, counts[2]);
+        }
+        unlock_all(e);
+    });
+    PyMem_RawFree(ext);
+    if (r < 0) {
+        PyErr_SetString(StateError, err);
+        return NULL;
+    }
+    return Py_BuildValue("KKK", counts[0], counts[1], counts[2]);
+}
+
+/* check_invariants(extents): raises StateError as store.check_invariants. */
+static PyObject *Engine_check_pages(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    PyObject *list;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "O", &list))
+        return NULL;
+    size_t next = 0;
+    uint64_t *ext = parse_extents(e, list, &next);
+    if (!ext)
+        return NULL;
+    char fatal[1024] = "", msg[4096] = "";
+    Errs b = {msg, sizeof msg, 0, 0};
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = check_all(e, ext, next, &b, fatal, sizeof fatal);
+        unlock_all(e);
+    });
+    PyMem_RawFree(ext);
+    if (r < 0) {
+        PyErr_SetString(StateError, fatal);
+        return NULL;
+    }
+    if (b.n) {
+        PyErr_Format(StateError, "pool invariants broken: %s", msg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    if (e->locks_ready) {
+        /* The FUSE threads are stopped first (NativeServer.stop); the locks
+         * wait out any call still running from another Python thread. */
+        lock_all(e);
+        engine_release_buffers(self);
+        unlock_all(e);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_cls_zspages(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return u64_list(e->cls_zspages, e->ncls);
+}
+static PyObject *get_cls_used(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return u64_list(e->cls_used, e->ncls);
+}
+/* The getters hold no engine lock: every figure they read is LOAD/STORE
+ * (see the top), so a reading thread sees a recent value, never a torn one. */
+static PyObject *get_frames_used(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return PyLong_FromUnsignedLong(LOAD(e->frames_used));
+}
+static PyObject *get_handles_used(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return PyLong_FromUnsignedLong(LOAD(e->handles_used));
+}
+static PyObject *get_mem_used_total(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return PyLong_FromUnsignedLongLong((unsigned long long)LOAD(e->frames_used) * FRAME_SIZE);
+}
+static PyObject *get_reserve_bytes(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return PyLong_FromUnsignedLongLong((unsigned long long)LOAD(e->hot_top) * FRAME_SIZE);
+}
+static PyObject *get_frame_limit(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return PyLong_FromLongLong(LOAD(e->frame_limit));
+}
+static int set_frame_limit(EngineObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "frame_limit cannot be deleted");
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (x < 0) {
+        PyErr_SetString(PyExc_ValueError, "frame_limit must be >= 0");
+        return -1;
+    }
+    STORE(e->frame_limit, x);
+    return 0;
+}
+
+/* The counters (engine.Counters' names) and the other atomic totals, as
+ * attributes: a PyMemberDef would read and write them with plain accesses
+ * while the engine's threads ADD to them.  closure: the field's offset in
+ * Engine. */
+#define FIELD_U64(e, c) ((unsigned long long *)((char *)(e) + (size_t)(c)))
+static PyObject *get_u64_field(EngineObject *self, void *c)
+{
+    return PyLong_FromUnsignedLongLong(LOAD(*FIELD_U64(&self->e, c)));
+}
+static int set_u64_field(EngineObject *self, PyObject *v, void *c)
+{
+    Engine *e = &self->e;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "an engine counter cannot be deleted");
+        return -1;
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    STORE(*FIELD_U64(e, c), x);
+    return 0;
+}
+
+static PyObject *get_full(EngineObject *self, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    return PyLong_FromLong(LOAD(e->full));
+}
+static int set_full(EngineObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    Engine *e = &self->e;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "full cannot be deleted");
+        return -1;
+    }
+    int x = PyObject_IsTrue(v);
+    if (x < 0)
+        return -1;
+    STORE(e->full, x);
+    return 0;
+}
+
+#define COUNTER_NAME(f) #f,
+#define COUNTER_OFFSET(f) offsetof(Engine, f),
+static const char *const counter_names[] = {ENGINE_COUNTERS(COUNTER_NAME)};
+static const size_t counter_offsets[] = {ENGINE_COUNTERS(COUNTER_OFFSET)};
+#define NCOUNTERS (sizeof counter_offsets / sizeof counter_offsets[0])
+
+/* count(name, n=1): add n to counter `name` atomically.  Python's way to bump
+ * a counter: `engine.num_writes += 1` is a load and a store, and a native
+ * thread's bump in between would be lost. */
+static PyObject *Engine_count(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Engine *e = &self->e;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "count(name, n=1) takes 1 or 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    const char *name = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8(args[0]) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "count: the counter name must be a str");
+        return NULL;
+    }
+    long long n = 1;
+    if (nargs == 2) {
+        n = PyLong_AsLongLong(args[1]);
+        if (n == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    for (size_t i = 0; i < NCOUNTERS; i++) {
+        if (!strcmp(name, counter_names[i])) {
+            ADD(*FIELD_U64(e, counter_offsets[i]), (unsigned long long)n); /* n < 0 wraps: a subtraction */
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_AttributeError, "no engine counter named %R", args[0]);
+    return NULL;
+}
+
+static PyGetSetDef Engine_getset[] = {
+    {"cls_zspages", (getter)get_cls_zspages, NULL, "zspages per class (a copy)", NULL},
+    {"cls_used", (getter)get_cls_used, NULL, "objects per class (a copy)", NULL},
+    {"frames_used", (getter)get_frames_used, NULL, NULL, NULL},
+    {"handles_used", (getter)get_handles_used, NULL, NULL, NULL},
+    {"mem_used_total", (getter)get_mem_used_total, NULL, NULL, NULL},
+    {"reserve_bytes", (getter)get_reserve_bytes, NULL, NULL, NULL},
+    {"frame_limit", (getter)get_frame_limit, (setter)set_frame_limit, NULL, NULL},
+    {"full", (getter)get_full, (setter)set_full, "Store.full, for the native FUSE threads", NULL},
+#define COUNTER_GETSET(f) {#f, (getter)get_u64_field, (setter)set_u64_field, NULL, (void *)offsetof(Engine, f)},
+    ENGINE_COUNTERS(COUNTER_GETSET)
+    {"pages_compacted", (getter)get_u64_field, (setter)set_u64_field, NULL, (void *)offsetof(Engine, pages_compacted)},
+    {"huge_objects", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, huge_objects)},
+    {"obj_bytes", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, obj_bytes)},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Engine_members[] = {
+    {"huge_threshold", T_UINT, offsetof(EngineObject, e.huge_threshold), READONLY, NULL},
+    {"reserve_frames", T_UINT, offsetof(EngineObject, e.reserve_frames), READONLY, NULL},
+    {"max_frames", T_UINT, offsetof(EngineObject, e.max_frames), READONLY, NULL},
+    {"max_handles", T_UINT, offsetof(EngineObject, e.max_handles), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef Engine_methods[] = {
+    {"write", (PyCFunction)Engine_write, METH_VARARGS, "write(offset, data, refuse) -> (bytes done, status)"},
+    {"readinto", (PyCFunction)Engine_readinto, METH_VARARGS, "readinto(offset, out) -> bytes read"},
+    {"discard_pages", (PyCFunction)Engine_discard_pages, METH_VARARGS, "discard_pages(first, end) -> pages freed"},
+    {"compact", (PyCFunction)(void (*)(void))Engine_compact, METH_VARARGS | METH_KEYWORDS, "compact(max_moves=None) -> objects moved"},
+    {"trim", (PyCFunction)Engine_trim, METH_NOARGS, NULL},
+    {"refill_reserve", (PyCFunction)Engine_refill_reserve, METH_NOARGS, NULL},
+    {"count", (PyCFunction)(void (*)(void))Engine_count, METH_FASTCALL, "count(name, n=1): add n to a counter atomically"},
+    {"_set_codec", (PyCFunction)Engine_set_codec, METH_VARARGS, "set_codec(algo_id, zstd_level)"},
+    /* the pool's object API (object_api.c), for the pool tests */
+    {"store", (PyCFunction)Engine_store, METH_O, NULL},
+    {"load", (PyCFunction)Engine_load, METH_VARARGS, NULL},
+    {"free", (PyCFunction)Engine_free, METH_VARARGS, NULL},
+    {"store_word", (PyCFunction)Engine_store_word, METH_O, NULL},
+    {"word", (PyCFunction)Engine_word, METH_O, NULL},
+    {"free_word", (PyCFunction)Engine_free_word, METH_O, NULL},
+    /* figures for the store's policy */
+    {"freeable", (PyCFunction)Engine_freeable, METH_O, NULL},
+    {"freeable_frames", (PyCFunction)Engine_freeable_frames, METH_NOARGS, NULL},
+    {"frame_room", (PyCFunction)Engine_frame_room, METH_NOARGS, NULL},
+    {"volatile", (PyCFunction)Engine_volatile, METH_NOARGS, NULL},
+    {"set_volatile", (PyCFunction)Engine_set_volatile, METH_O, NULL},
+    {"rebuild", (PyCFunction)Engine_rebuild, METH_VARARGS, "rebuild(extents, nalgos) -> (stored, same, huge)"},
+    {"check_pages", (PyCFunction)Engine_check_pages, METH_VARARGS, "check_pages(extents): raise StateError unless every invariant holds"},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "release the state's buffers"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zswapd._engine.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The native engine over a zswapd state's tables",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_members = Engine_members,
+    .tp_getset = Engine_getset,
+};
+
+static PyMethodDef module_methods[] = {
+    {"serve_fuse", serve_fuse, METH_VARARGS, "serve_fuse(engine, fds, callback) -> Server: a thread per fd"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, .m_name = "zswapd._engine", .m_doc = "zswapd's native engine", .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__engine(void)
+{
+    PyObject *pool = PyImport_ImportModule("zswapd.pool");
+    if (!pool)
+        return NULL;
+    PoolError = PyObject_GetAttrString(pool, "PoolError");
+    PoolFull = PyObject_GetAttrString(pool, "PoolFull");
+    StateError = PyObject_GetAttrString(pool, "StateError");
+    Py_DECREF(pool);
+    if (!PoolError || !PoolFull || !StateError)
+        return NULL;
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    if (codec_init() != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&engine_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "OK", ST_OK) < 0 || PyModule_AddIntConstant(m, "REFUSED", ST_REFUSED) < 0 ||
+        PyModule_AddIntConstant(m, "NOROOM", ST_NOROOM) < 0 ||
+        PyModule_AddStringConstant(m, "LZ4_VERSION", codec_lz4_version()) < 0 ||
+        PyModule_AddStringConstant(m, "ZSTD_VERSION", codec_zstd_version()) < 0 || fuse_threads_ready(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

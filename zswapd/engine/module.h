@@ -1,0 +1,54 @@
+/* What the CPython-facing files of the engine share: the Engine object
+ * (Python's view of an Engine), the exceptions, and the argument and
+ * GIL helpers.  module.c owns the type; object_api.c and the fuse_*.c files
+ * add to it. */
+#ifndef ZSWAPD_MODULE_H
+#define ZSWAPD_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "engine.h"
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer bufs[NTABLES + 1]; /* the state's tables and its arena */
+    int nbufs;
+    Engine e;
+} EngineObject;
+
+extern PyTypeObject EngineType;
+/* pool.PoolError, pool.PoolFull, state.StateError, looked up at import. */
+extern PyObject *PoolError, *PoolFull, *StateError;
+
+/* The Python exception for an engine status; returns NULL. */
+PyObject *raise_status(Engine *e, int st);
+
+#define READY(e)                                                                                                   \
+    do {                                                                                                           \
+        if (!(e)->arena) {                                                                                         \
+            PyErr_SetString(PyExc_ValueError, "engine is closed");                                                  \
+            return NULL;                                                                                           \
+        }                                                                                                          \
+    } while (0)
+
+/* Run `stmt` with the GIL released; it takes the engine's own locks. */
+#define NOGIL(stmt)                                                                                                \
+    do {                                                                                                           \
+        Py_BEGIN_ALLOW_THREADS stmt;                                                                               \
+        Py_END_ALLOW_THREADS                                                                                       \
+    } while (0)
+
+/* object_api.c: the pool's object API, for the pool tests. */
+PyObject *Engine_store(EngineObject *self, PyObject *arg);
+PyObject *Engine_load(EngineObject *self, PyObject *args);
+PyObject *Engine_free(EngineObject *self, PyObject *args);
+PyObject *Engine_store_word(EngineObject *self, PyObject *arg);
+PyObject *Engine_word(EngineObject *self, PyObject *arg);
+PyObject *Engine_free_word(EngineObject *self, PyObject *arg);
+
+/* fuse_loop.c: readies the FUSE threads' type; serve_fuse() starts them. */
+int fuse_threads_ready(PyObject *module);
+PyObject *serve_fuse(PyObject *module, PyObject *args);
+
+#endif

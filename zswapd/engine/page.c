@@ -1,0 +1,218 @@
+/* The page level (store.py's mechanics, engine.py's PythonEngine): a page's
+ * store, load and discard, and the byte ranges the store and the FUSE
+ * threads call.  Each page is changed under its entry lock bit (engine.h),
+ * compressed or decompressed with no pool lock held, and switched in the
+ * crash order: new object complete, then the page-table entry (one 8-byte
+ * store), then the old object freed, after the entry bit is dropped.
+ *
+ * Locks: *_locked functions expect the page's entry bit held; the range
+ * functions take the entry bits, and through pool.c the class and pool
+ * locks.  No function here takes the GIL or allocates.
+ */
+#include "codec.h"
+
+#include <string.h>
+
+/* Free what an entry named; the entry no longer names it (crash rules 1, 2). */
+static void release(Engine *e, uint64_t entry)
+{
+    unsigned kind = entry_kind(entry);
+    if (!kind)
+        return;
+    uint32_t h = entry_handle(entry);
+    SUB(e->pages_stored, 1);
+    if (kind == KIND_SAME) {
+        pool_lock(e);
+        drop_handle(e, h);
+        pool_unlock(e);
+        SUB(e->same_pages, 1);
+    } else {
+        obj_free(e, h, entry_len(entry));
+        if (kind == KIND_HUGE)
+            SUB(e->huge_pages, 1);
+    }
+}
+
+static void note_used(Engine *e)
+{
+    unsigned long long used = (unsigned long long)__atomic_load_n(&e->frames_used, __ATOMIC_RELAXED) * FRAME_SIZE;
+    unsigned long long max = __atomic_load_n(&e->mem_used_max, __ATOMIC_RELAXED);
+    while (used > max &&
+           !__atomic_compare_exchange_n(&e->mem_used_max, &max, used, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+/* With page idx's entry lock held: encode (no pool lock), allocate (class and
+ * pool locks), switch the entry.  *old gets the entry replaced, to release
+ * once the entry lock is dropped. */
+static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *page, int refuse, uint64_t *old)
+{
+    const uint8_t *payload;
+    uint32_t len = 0;
+    uint64_t word = 0;
+    unsigned algo = (unsigned)__atomic_load_n(&e->algo, __ATOMIC_RELAXED);
+    unsigned kind = encode(e, t, algo, page, &payload, &len, &word);
+    *old = 0;
+    if (refuse && kind != KIND_SAME)
+        return ST_REFUSED;
+    /* Allocate before freeing the old object: a failed store keeps the page. */
+    uint32_t h;
+    uint64_t entry;
+    if (kind == KIND_SAME) {
+        pool_lock(e);
+        h = new_handle(e, word);
+        pool_unlock(e);
+        entry = make_entry(h, kind, 0, 0);
+    } else {
+        h = obj_store(e, payload, len);
+        entry = make_entry(h, kind, kind == KIND_COMPRESSED ? algo : 0, len);
+    }
+    if (!h)
+        return ST_NOROOM;
+    CHECK(idx < e->npages);
+    *old = e->page[idx];
+    __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
+    if (kind == KIND_SAME)
+        ADD(e->same_pages, 1);
+    else if (kind == KIND_HUGE)
+        ADD(e->huge_pages, 1);
+    ADD(e->pages_stored, 1);
+    return ST_OK;
+}
+
+/* With page idx's entry lock held: its bytes into dst (4096). */
+static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
+{
+    CHECK(idx < e->npages);
+    uint64_t entry = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
+    unsigned kind = entry_kind(entry);
+    if (!kind) {
+        memset(dst, 0, PAGE_SIZE);
+        return ST_OK;
+    }
+    uint32_t h = entry_handle(entry);
+    CHECK(h <= e->max_handles);
+    if (kind == KIND_SAME) {
+        uint64_t w = e->handle[h];
+        for (unsigned i = 0; i < PAGE_SIZE; i += 8)
+            memcpy(dst + i, &w, 8);
+        return ST_OK;
+    }
+    uint32_t n = entry_len(entry);
+    if (kind == KIND_HUGE) {
+        obj_copy(e, h, PAGE_SIZE, dst);
+        return ST_OK;
+    }
+    obj_copy(e, h, n, t->obuf);
+    if (decompress(t, entry_algo(entry), t->obuf, n, dst) != 0) {
+        ADD(e->failed_reads, 1);
+        return ST_CORRUPT;
+    }
+    return ST_OK;
+}
+
+/* Write len bytes at offset; stops at the first page that is refused or finds
+ * no room, with *done = bytes written before it.  Each page is updated under
+ * its entry lock (a partial page's read, modify and write too), so two
+ * threads never update one page at once; its old object is freed after. */
+int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done)
+{
+    Ctx *t = ctx_get(e);
+    uint64_t pos = 0;
+    int st = ST_OK;
+    if (!t) {
+        *done = 0;
+        return ST_NOMEM;
+    }
+    while (pos < len) {
+        uint64_t idx = (offset + pos) / PAGE_SIZE;
+        uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
+        uint64_t take = PAGE_SIZE - within;
+        if (take > len - pos)
+            take = len - pos;
+        uint64_t old = 0;
+        entry_lock(e, idx);
+        if (take == PAGE_SIZE) {
+            st = store_page_locked(e, t, idx, data + pos, refuse, &old);
+        } else {
+            st = load_page_locked(e, t, idx, t->pbuf);
+            if (st == ST_OK) {
+                memcpy(t->pbuf + within, data + pos, take);
+                st = store_page_locked(e, t, idx, t->pbuf, refuse, &old);
+            }
+        }
+        entry_unlock(e, idx);
+        if (entry_kind(old))
+            release(e, old);
+        if (st != ST_OK)
+            break;
+        note_used(e);
+        pos += take;
+    }
+    *done = pos;
+    if (trim(e) < 0 && st == ST_OK)
+        st = ST_PUNCH;
+    return st;
+}
+
+/* Each page's object is copied out under its entry lock, then decompressed
+ * with no lock held. */
+int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
+{
+    Ctx *t = ctx_get(e);
+    if (!t)
+        return ST_NOMEM;
+    uint64_t pos = 0;
+    while (pos < len) {
+        uint64_t idx = (offset + pos) / PAGE_SIZE;
+        uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
+        uint64_t take = PAGE_SIZE - within;
+        if (take > len - pos)
+            take = len - pos;
+        uint8_t *dst = take == PAGE_SIZE ? out + pos : t->pbuf;
+        int st = ST_OK;
+        entry_lock(e, idx);
+        uint64_t entry = e->page[idx];
+        if (entry_kind(entry) == KIND_COMPRESSED) {
+            uint32_t n = entry_len(entry);
+            obj_copy(e, entry_handle(entry), n, t->obuf);
+            entry_unlock(e, idx);
+            if (decompress(t, entry_algo(entry), t->obuf, n, dst) != 0) {
+                ADD(e->failed_reads, 1);
+                st = ST_CORRUPT;
+            }
+        } else {
+            st = load_page_locked(e, t, idx, dst);
+            entry_unlock(e, idx);
+        }
+        if (st != ST_OK)
+            return st;
+        if (dst == t->pbuf)
+            memcpy(out + pos, t->pbuf + within, take);
+        pos += take;
+    }
+    return ST_OK;
+}
+
+/* Free pages first..end-1: each entry zeroed under its lock, then its object
+ * freed.  Returns the pages freed. */
+unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end)
+{
+    unsigned long long freed = 0;
+    for (uint64_t idx = first; idx < end; idx++) {
+        if (!entry_kind(__atomic_load_n(&e->page[idx], __ATOMIC_RELAXED)))
+            continue; /* empty: nothing to lock for */
+        entry_lock(e, idx);
+        uint64_t old = e->page[idx];
+        if (entry_kind(old))
+            __atomic_store_n(&e->page[idx], 0, __ATOMIC_RELEASE);
+        entry_unlock(e, idx);
+        if (entry_kind(old)) {
+            release(e, old);
+            freed++;
+        }
+    }
+    ADD(e->notify_free, freed);
+    return freed;
+}
+
