@@ -198,7 +198,7 @@ static void *server_thread(void *arg)
     Thread *t = arg;
     Server *s = t->s;
     server_sigmask();
-    uint8_t *in = malloc(REQ_BUF), *out = malloc(OUT_HDR + MAX_IO);
+    uint8_t *in = malloc(REQ_BUF), *out = malloc(sizeof(struct fuse_out_header) + MAX_IO);
     ctx_get(&s->engine->e); /* this thread's codec context, before the first request */
     struct timespec last = {0, 0};
     while (in && out && !ending(s)) {
@@ -234,13 +234,13 @@ static void *server_thread(void *arg)
         int woke = __atomic_load_n(&s->followers, __ATOMIC_SEQ_CST) && more_queued(t->fd);
         if (woke)
             wake_followers(s, 1);
-        if (n >= IN_HDR && serve_hot(s, t->fd, in, (size_t)n, out)) {
+        if ((size_t)n >= sizeof(struct fuse_in_header) && serve_in_c(s, t->fd, in, (size_t)n, out)) {
             __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
         } else {
             if (!woke)
                 wake_followers(s, 1); /* Python's turn: the GIL may keep it */
             __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
-            serve_cold(s, t->fd, in, (size_t)n);
+            hand_up(s, t->fd, in, (size_t)n);
         }
         __atomic_sub_fetch(&s->busy, 1, __ATOMIC_RELAXED);
         clock_gettime(CLOCK_MONOTONIC, &last);

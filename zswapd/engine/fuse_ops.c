@@ -1,10 +1,17 @@
-/* What the FUSE threads do with a request: READ, WRITE and
- * FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file are served here, in C
- * and without the GIL, once Python has answered INIT (enable()); everything
- * else, and any such request that meets something the store's policy must
- * decide, goes up whole to the Python callback (FuseFS.handle behind
- * zswapd/fuse/native.py), which stays the single place for the protocol's
- * rules.  Nothing here holds an engine lock across a call into Python.
+/* What the FUSE threads do with a request: serve it in C, or hand it up.
+ *
+ * READ, WRITE and FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file are
+ * served here, in C and without the GIL, when admit() says so; everything
+ * else is handed up whole to the Python callback (FuseFS.handle behind
+ * zswapd/fuse/native.py), which answers every opcode.  For the requests
+ * admit() lets through, both answer byte for byte alike: FuseFS._read,
+ * _write and _fallocate are the protocol's rules, and this file is their
+ * fast path (tests/test_fuse_paths.py sends the edge cases through both).
+ * To serve another opcode in C: add its case to admit() and a serve_*
+ * below, and its edge cases to that test.
+ *
+ * The wire format is the kernel's <linux/fuse.h>.  No engine lock is held
+ * across a call into Python; the page level (page.c) takes the entry bits.
  */
 #include "fuse_server.h"
 
@@ -13,7 +20,51 @@
 #include <string.h>
 #include <unistd.h>
 
-void write_reply(Server *s, int fd, const void *buf, size_t n)
+/* protocol.FILE_ID: the one device file (FUSE_ROOT_ID is its directory). */
+#define FILE_NODE 2
+#define PUNCH_MODE (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+
+enum { HAND_UP, SERVE_READ, SERVE_WRITE, SERVE_PUNCH };
+
+/* The admission rule: which requests C answers itself.  Only after Python
+ * has answered INIT (enable(), which also sets max_write and the device
+ * size), only the device file, only a request whose length field is its
+ * length, and only within the device:
+ *   READ       size <= max_write, the whole range inside the device
+ *              (a read across or at the end is a short read: FuseFS's);
+ *   WRITE      the size field is the data's length, offset before the end,
+ *              the whole range inside (at or across the end: FuseFS's
+ *              ENOSPC or short write);
+ *   FALLOCATE  PUNCH_HOLE|KEEP_SIZE of whole pages inside the device (an
+ *              unaligned punch zeroes partial pages, other modes zero or
+ *              refuse: FuseFS's).
+ * Everything else goes up. */
+static int admit(const Server *s, const struct fuse_in_header *h, size_t n)
+{
+    if (!__atomic_load_n(&s->hot, __ATOMIC_ACQUIRE) || h->nodeid != FILE_NODE || h->len != n ||
+        !s->engine->e.arena)
+        return HAND_UP;
+    uint64_t size = s->dev_size;
+    size_t body = n - sizeof *h;
+    if (h->opcode == FUSE_READ && body >= sizeof(struct fuse_read_in)) {
+        const struct fuse_read_in *r = (const void *)(h + 1);
+        return r->size <= s->max_write && r->offset <= size && r->size <= size - r->offset ? SERVE_READ : HAND_UP;
+    }
+    if (h->opcode == FUSE_WRITE && body >= sizeof(struct fuse_write_in)) {
+        const struct fuse_write_in *w = (const void *)(h + 1);
+        return w->size == body - sizeof *w && w->offset < size && w->size <= size - w->offset ? SERVE_WRITE : HAND_UP;
+    }
+    if (h->opcode == FUSE_FALLOCATE && body >= sizeof(struct fuse_fallocate_in)) {
+        const struct fuse_fallocate_in *f = (const void *)(h + 1);
+        return f->mode == PUNCH_MODE && f->offset < size && f->length <= size - f->offset &&
+                       !(f->offset % PAGE_SIZE) && !(f->length % PAGE_SIZE)
+                   ? SERVE_PUNCH
+                   : HAND_UP;
+    }
+    return HAND_UP;
+}
+
+static void write_reply(Server *s, int fd, const void *buf, size_t n)
 {
     for (;;) {
         ssize_t w = write(fd, buf, n);
@@ -26,75 +77,76 @@ void write_reply(Server *s, int fd, const void *buf, size_t n)
     }
 }
 
-/* 1 if served here, 0 to hand up to Python. */
-int serve_hot(Server *s, int fd, const uint8_t *in, size_t n, uint8_t *out)
+/* The reply's header at the start of `out`, with `body` bytes after it. */
+static void reply(Server *s, int fd, uint8_t *out, uint64_t unique, uint32_t body)
 {
-    const struct in_header *h = (const void *)in;
-    Engine *e = &s->engine->e;
-    struct out_header *oh = (void *)out;
-    uint64_t size = s->dev_size;
-    if (!__atomic_load_n(&s->hot, __ATOMIC_ACQUIRE) || h->nodeid != FILE_NODE || h->len != n || !e->arena)
-        return 0;
+    struct fuse_out_header *oh = (void *)out;
+    oh->len = (uint32_t)sizeof *oh + body;
     oh->error = 0;
-    oh->unique = h->unique;
-    if (h->opcode == FUSE_READ && n >= IN_HDR + IO_IN) {
-        uint64_t off;
-        uint32_t len;
-        memcpy(&off, in + IN_HDR + 8, 8);
-        memcpy(&len, in + IN_HDR + 16, 4);
-        if (len > s->max_write || off > size || len > size - off)
-            return 0;
-        int st = read_range(e, off, out + OUT_HDR, len);
-        if (st == ST_OK)
-            ADD(e->num_reads, 1);
-        else if (st == ST_CORRUPT)
-            SUB(e->failed_reads, 1); /* Python reads it again and counts it */
-        if (st != ST_OK)
-            return 0;
-        oh->len = OUT_HDR + len;
-        write_reply(s, fd, out, OUT_HDR + len);
-        return 1;
-    }
-    if (h->opcode == FUSE_WRITE && n >= IN_HDR + IO_IN) {
-        uint64_t off;
-        uint32_t len;
-        memcpy(&off, in + IN_HDR + 8, 8);
-        memcpy(&len, in + IN_HDR + 16, 4);
-        if (len != n - IN_HDR - IO_IN || off > size || len > size - off)
-            return 0;
-        uint64_t done = 0;
-        int st = write_range(e, off, in + IN_HDR + IO_IN, len, __atomic_load_n(&e->full, __ATOMIC_RELAXED), &done);
-        if (st == ST_OK)
-            ADD(e->num_writes, 1);
-        if (st != ST_OK)
-            return 0; /* the policy's call: Python writes it (again) whole */
-        oh->len = OUT_HDR + 8;
-        memcpy(out + OUT_HDR, &len, 4);
-        memset(out + OUT_HDR + 4, 0, 4);
-        write_reply(s, fd, out, OUT_HDR + 8);
-        return 1;
-    }
-    if (h->opcode == FUSE_FALLOCATE && n >= IN_HDR + FALLOC_IN) {
-        uint64_t off, len;
-        uint32_t mode;
-        memcpy(&off, in + IN_HDR + 8, 8);
-        memcpy(&len, in + IN_HDR + 16, 8);
-        memcpy(&mode, in + IN_HDR + 24, 4);
-        if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) || off >= size || len > size - off ||
-            off % PAGE_SIZE || len % PAGE_SIZE)
-            return 0;
-        discard_range(e, off / PAGE_SIZE, (off + len) / PAGE_SIZE);
-        long t = trim(e);
-        if (t < 0)
-            __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
-        oh->len = OUT_HDR;
-        write_reply(s, fd, out, OUT_HDR);
-        return 1;
-    }
-    return 0;
+    oh->unique = unique;
+    write_reply(s, fd, out, oh->len);
 }
 
-void serve_cold(Server *s, int fd, const uint8_t *in, size_t n)
+static int serve_read(Server *s, int fd, const struct fuse_in_header *h, uint8_t *out)
+{
+    const struct fuse_read_in *r = (const void *)(h + 1);
+    Engine *e = &s->engine->e;
+    int st = read_range(e, r->offset, out + sizeof(struct fuse_out_header), r->size);
+    if (st == ST_OK)
+        ADD(e->num_reads, 1);
+    else if (st == ST_CORRUPT)
+        SUB(e->failed_reads, 1); /* Python reads it again and counts it */
+    if (st != ST_OK)
+        return 0;
+    reply(s, fd, out, h->unique, r->size);
+    return 1;
+}
+
+static int serve_write(Server *s, int fd, const struct fuse_in_header *h, uint8_t *out)
+{
+    const struct fuse_write_in *w = (const void *)(h + 1);
+    Engine *e = &s->engine->e;
+    uint64_t done = 0;
+    int st = write_range(e, w->offset, (const uint8_t *)(w + 1), w->size, __atomic_load_n(&e->full, __ATOMIC_RELAXED),
+                         &done);
+    if (st == ST_OK)
+        ADD(e->num_writes, 1);
+    if (st != ST_OK)
+        return 0; /* the policy's call: Python writes it (again) whole */
+    struct fuse_write_out *wo = (void *)(out + sizeof(struct fuse_out_header));
+    wo->size = w->size;
+    wo->padding = 0;
+    reply(s, fd, out, h->unique, sizeof *wo);
+    return 1;
+}
+
+static int serve_punch(Server *s, int fd, const struct fuse_in_header *h, uint8_t *out)
+{
+    const struct fuse_fallocate_in *f = (const void *)(h + 1);
+    Engine *e = &s->engine->e;
+    discard_range(e, f->offset / PAGE_SIZE, (f->offset + f->length) / PAGE_SIZE);
+    if (trim(e) < 0)
+        __atomic_add_fetch(&s->io_errors, 1, __ATOMIC_RELAXED);
+    reply(s, fd, out, h->unique, 0);
+    return 1;
+}
+
+int serve_in_c(Server *s, int fd, const uint8_t *in, size_t n, uint8_t *out)
+{
+    const struct fuse_in_header *h = (const void *)in;
+    switch (admit(s, h, n)) {
+    case SERVE_READ:
+        return serve_read(s, fd, h, out);
+    case SERVE_WRITE:
+        return serve_write(s, fd, h, out);
+    case SERVE_PUNCH:
+        return serve_punch(s, fd, h, out);
+    default:
+        return 0;
+    }
+}
+
+void hand_up(Server *s, int fd, const uint8_t *in, size_t n)
 {
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *req = PyBytes_FromStringAndSize((const char *)in, (Py_ssize_t)n);
@@ -111,9 +163,9 @@ void serve_cold(Server *s, int fd, const uint8_t *in, size_t n)
         /* native.py's callback catches everything; this is the last guard:
          * answer EIO rather than leave the request hanging. */
         PyErr_Clear();
-        const struct in_header *h = (const void *)in;
-        if (n >= IN_HDR) {
-            struct out_header oh = {OUT_HDR, -EIO, h->unique};
+        const struct fuse_in_header *h = (const void *)in;
+        if (n >= sizeof *h) {
+            struct fuse_out_header oh = {sizeof oh, -EIO, h->unique};
             write_reply(s, fd, &oh, sizeof oh);
         }
     }

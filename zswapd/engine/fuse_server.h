@@ -8,16 +8,12 @@
 
 #include "module.h"
 
-#define FUSE_READ 15
-#define FUSE_WRITE 16
-#define FUSE_FALLOCATE 43
-#define FILE_NODE 2
-#define IN_HDR 40
-#define OUT_HDR 16
-#define IO_IN 40
-#define FALLOC_IN 32
+#include <linux/fuse.h>
+
 #define MAX_IO (1u << 20)
-#define REQ_BUF (MAX_IO + 4096 + IN_HDR + IO_IN)
+/* The largest request: max_write of data after the WRITE headers, and a page
+ * spare (read(2) of /dev/fuse wants at least max_write + 80 bytes). */
+#define REQ_BUF (MAX_IO + 4096 + sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
 /* Threads per server: far past any CPU count we would serve with, and it
  * keeps the Server object fixed-size. */
 #define MAX_THREADS 64
@@ -57,23 +53,10 @@ struct Server {
     int alive; /* threads still serving: 0 once the connection is gone */
 };
 
-struct in_header {
-    uint32_t len, opcode;
-    uint64_t unique, nodeid;
-    uint32_t uid, gid, pid;
-    uint16_t total_extlen, padding;
-};
-struct out_header {
-    uint32_t len;
-    int32_t error;
-    uint64_t unique;
-};
-
 /* fuse_ops.c */
-/* 1 if the request was served here (and answered), 0 to hand it up. */
-int serve_hot(Server *s, int fd, const uint8_t *in, size_t n, uint8_t *out);
+/* 1 if the request was served in C (and answered), 0 to hand it up. */
+int serve_in_c(Server *s, int fd, const uint8_t *in, size_t n, uint8_t *out);
 /* Up to Python with the GIL, and its reply (EIO if it fails) back down. */
-void serve_cold(Server *s, int fd, const uint8_t *in, size_t n);
-void write_reply(Server *s, int fd, const void *buf, size_t n);
+void hand_up(Server *s, int fd, const uint8_t *in, size_t n);
 
 #endif

@@ -310,6 +310,13 @@ class FuseFS:
             return reply(hdr.unique, error=errno.ENOTDIR)
         return reply(hdr.unique, OPEN_OUT.pack(0, 0, 0))
 
+    # READ, WRITE and FALLOCATE below are the protocol's rules for the device
+    # file.  The C FUSE threads serve the requests that ``admit`` in
+    # zswapd/engine/fuse_ops.c lets through without coming here, and must
+    # answer them with the same bytes as these methods would
+    # (tests/test_fuse_paths.py sends the edges of that rule through both);
+    # a change to either side's rule changes the other.
+
     def _read(self, hdr: InHeader, body: memoryview) -> bytes | memoryview:
         _fh, offset, size = READ_IN.unpack_from(body, 0)[:3]
         if hdr.nodeid != FILE_ID:
