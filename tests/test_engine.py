@@ -149,6 +149,19 @@ def test_auto_prefers_native_and_falls_back_with_one_warning(
         Store(16 * PAGE, engine="native")
 
 
+def test_c_and_python_agree_on_every_shared_rule() -> None:
+    """The C engine exports every layout, list and limit Python also writes
+    down (RULES); engine.py refuses a build that disagrees, as if it were
+    not built, so auto falls back to the Python engine and says why."""
+    from zswapd import _engine
+
+    assert engine_mod.native_error() == ""
+    assert engine_mod.rules_disagreeing(_engine.RULES) == []
+    assert set(_engine.RULES) == set(engine_mod.python_rules())
+    other = dict(_engine.RULES, ENTRY_LEN_SHIFT=5, COUNTERS=(*_engine.RULES["COUNTERS"], "new_counter"))
+    assert [d.split(":")[0] for d in engine_mod.rules_disagreeing(other)] == ["COUNTERS", "ENTRY_LEN_SHIFT"]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_corrupt_object_is_a_clear_error_and_counted(engine: str) -> None:
     s = Store(8 * PAGE, engine=engine)

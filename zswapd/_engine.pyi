@@ -2,24 +2,14 @@
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-OK: int
-REFUSED: int
-NOROOM: int
+# Every rule Python also writes down (engine.python_rules names them).
+RULES: dict[str, Any]
 LZ4_VERSION: str
 ZSTD_VERSION: str
 
 class Engine:
-    num_reads: int
-    num_writes: int
-    failed_reads: int
-    failed_writes: int
-    notify_free: int
-    same_pages: int
-    huge_pages: int
-    pages_stored: int
-    mem_used_max: int
-    compactions: int
-    limit_hits: int
+    # The counters (engine.Counters' names) are attributes too, read and set
+    # by name through engine._EngineCounters.
     pages_compacted: int
     frame_limit: int
     full: int

@@ -36,57 +36,73 @@ Python engine (its crash points are Python stores).
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from . import codec, entry
+from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .config import MAX_FUSE_THREADS
 from .errors import BadRequest
 from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
-from .state import State, StateError
+from .state import TABLES, State, StateError
 
 ENGINES = ("auto", "native", "python")
+# Where a write stopped (Engine.write), for the store's policy to decide on.
 OK, REFUSED, NOROOM = 0, 1, 2
 
-_KIND_MASK = 0x3
-_LEN_SHIFT = 4
-_LEN_MASK = 0x1FFF
-_HANDLE_SHIFT = 32
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 log = logging.getLogger("zswapd")
 
 
+def _saved() -> Any:
+    return field(default=0, metadata={"saved": True})
+
+
 @dataclass
 class Counters:
-    num_reads: int = 0
-    num_writes: int = 0
-    failed_reads: int = 0
-    failed_writes: int = 0
-    notify_free: int = 0
+    """The event counters, under zram's stat names.  The C engine keeps the
+    same list (engine.h's ENGINE_COUNTERS, checked at import).  A *saved*
+    counter is snapshotted into the state header (Store.save_counters) and
+    comes back after a takeover; the others are recounted from the page
+    table by the rebuild.  The snapshot is positional (saved counters in
+    this order, then pages_compacted): never reorder, and a new counter is
+    appended unsaved unless the snapshot's layout changes with it."""
+
+    num_reads: int = _saved()
+    num_writes: int = _saved()
+    failed_reads: int = _saved()
+    failed_writes: int = _saved()
+    notify_free: int = _saved()
     same_pages: int = 0
     huge_pages: int = 0
     pages_stored: int = 0
-    mem_used_max: int = 0
-    compactions: int = 0
-    limit_hits: int = 0
+    mem_used_max: int = _saved()
+    compactions: int = _saved()
+    limit_hits: int = _saved()
 
 
-COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+COUNTER_NAMES = tuple(f.name for f in fields(Counters))
+SAVED_COUNTERS = tuple(f.name for f in fields(Counters) if f.metadata.get("saved"))
 
 
-class CounterSet(Protocol):
-    num_reads: int
-    num_writes: int
-    failed_reads: int
-    failed_writes: int
-    notify_free: int
-    same_pages: int
-    huge_pages: int
-    pages_stored: int
-    mem_used_max: int
-    compactions: int
-    limit_hits: int
+class _EngineCounters(Counters):
+    """The C engine's counters seen as a Counters: each field reads and sets
+    the engine's own (atomic) one."""
+
+    def __init__(self, engine: Any) -> None:  # no dataclass __init__: the fields are the engine's
+        object.__setattr__(self, "_engine", engine)
+
+
+def _counter_property(name: str) -> property:
+    return property(lambda self: getattr(self._engine, name), lambda self, v: setattr(self._engine, name, v))
+
+
+for _name in COUNTER_NAMES:
+    setattr(_EngineCounters, _name, _counter_property(_name))
 
 
 class Engine(Protocol):
@@ -96,10 +112,12 @@ class Engine(Protocol):
     state: State
     frame_limit: int
     pages_compacted: int
-    full: int  # the store's ``full``, mirrored
+    # The store's full flag (Store.full reads and sets this one): while set,
+    # a write refuses pages that need pool memory (REFUSED).
+    full: int
 
     @property
-    def c(self) -> CounterSet: ...
+    def c(self) -> Counters: ...
     @property
     def huge_threshold(self) -> int: ...
     @property
@@ -179,22 +197,22 @@ def reference_rebuild(pool: Pool, table: memoryview, extents: Extents) -> tuple[
     nalgos = len(ALGORITHMS)
     pool.begin_rebuild()
     for first, end in extents:
-        for idx, entry in enumerate(table[first:end].tolist(), first):
-            kind = entry & _KIND_MASK
+        for idx, e in enumerate(table[first:end].tolist(), first):
+            kind = entry.kind(e)
             if not kind:
                 continue
-            h = entry >> _HANDLE_SHIFT
-            if entry & (1 << 63) or (entry >> 17) & 0x7FFF:
-                raise StateError(f"page {idx}: entry {entry:#x} has bits set that no entry uses")
+            h = entry.handle(e)
+            if e & entry.UNUSED:
+                raise StateError(f"page {idx}: entry {e:#x} has bits set that no entry uses")
             stored += 1
             try:
                 if kind == KIND_SAME:
                     pool.claim_word(h)
                     same += 1
                     continue
-                n = (entry >> _LEN_SHIFT) & _LEN_MASK
-                if (kind == KIND_HUGE) != (n == PAGE_SIZE) or (entry >> 2) & 0x3 >= nalgos:
-                    raise StateError(f"entry {entry:#x} has a bad length or algorithm for its kind")
+                n = entry.length(e)
+                if (kind == KIND_HUGE) != (n == PAGE_SIZE) or entry.algo(e) >= nalgos:
+                    raise StateError(f"entry {e:#x} has a bad length or algorithm for its kind")
                 pool.claim_object(h, n)
                 huge += kind == KIND_HUGE
             except StateError as e:
@@ -210,17 +228,17 @@ def reference_check(pool: Pool, table: memoryview, extents: Extents, counts: tup
     owners: dict[int, int] = {}
     same = huge = stored = 0
     for first, end in extents:
-        for idx, entry in enumerate(table[first:end].tolist(), first):
-            kind = entry & _KIND_MASK
+        for idx, e in enumerate(table[first:end].tolist(), first):
+            kind = entry.kind(e)
             if not kind:
                 continue
-            h = entry >> _HANDLE_SHIFT
+            h = entry.handle(e)
             if h in owners:
                 raise StateError(f"page {idx} names handle {h}, which another page names too")
             stored += 1
             same += kind == KIND_SAME
             huge += kind == KIND_HUGE
-            owners[h] = -1 if kind == KIND_SAME else (entry >> _LEN_SHIFT) & _LEN_MASK
+            owners[h] = -1 if kind == KIND_SAME else entry.length(e)
     if (stored, same, huge) != counts:
         raise StateError(
             f"counters say {counts[0]} stored, {counts[1]} same-filled, {counts[2]} huge pages; "
@@ -274,17 +292,17 @@ class PythonEngine(Pool):
 
     # -- pages --------------------------------------------------------------
 
-    def _release(self, entry: int) -> None:
-        kind = entry & _KIND_MASK
+    def _release(self, e: int) -> None:
+        kind = entry.kind(e)
         if not kind:
             return
-        h = entry >> _HANDLE_SHIFT
+        h = entry.handle(e)
         self._c.pages_stored -= 1
         if kind == KIND_SAME:
             self.free_word(h)
             self._c.same_pages -= 1
         else:
-            self.free(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
+            self.free(h, entry.length(e))
             if kind == KIND_HUGE:
                 self._c.huge_pages -= 1
 
@@ -299,14 +317,14 @@ class PythonEngine(Pool):
             return NOROOM
         c = self._c
         if kind == KIND_SAME:
-            self.table[idx], old = h << _HANDLE_SHIFT | kind, self.table[idx]
+            self.table[idx], old = entry.make(h, kind), self.table[idx]
             c.same_pages += 1
         else:
-            self.table[idx], old = h << _HANDLE_SHIFT | len(payload) << _LEN_SHIFT | algo << 2 | kind, self.table[idx]  # type: ignore[arg-type]
+            self.table[idx], old = entry.make(h, kind, algo, len(payload)), self.table[idx]  # type: ignore[arg-type]
             if kind == KIND_HUGE:
                 c.huge_pages += 1
         c.pages_stored += 1
-        if old & _KIND_MASK:
+        if entry.kind(old):
             self._release(old)
         used = self.mem_used_total
         if used > c.mem_used_max:
@@ -314,18 +332,18 @@ class PythonEngine(Pool):
         return OK
 
     def _load_page(self, idx: int) -> Buffer:
-        entry = self.table[idx]
-        kind = entry & _KIND_MASK
+        e = self.table[idx]
+        kind = entry.kind(e)
         if not kind:
             return _ZERO_PAGE
-        h = entry >> _HANDLE_SHIFT
+        h = entry.handle(e)
         if kind == KIND_SAME:
             return fill_page(self.word(h))
-        data = self.load(h, (entry >> _LEN_SHIFT) & _LEN_MASK)
+        data = self.load(h, entry.length(e))
         if kind == KIND_HUGE:
             return data
         try:
-            return self.codec.decompress((entry >> 2) & 0x3, data)
+            return self.codec.decompress(entry.algo(e), data)
         except Exception as e:
             # One exception type for a bad object, whichever engine and codec.
             self._c.failed_reads += 1
@@ -376,7 +394,7 @@ class PythonEngine(Pool):
         table = self.table
         for idx in range(first, end):
             old = table[idx]
-            if old & _KIND_MASK:
+            if entry.kind(old):
                 table[idx] = 0  # the entry first, then the object (crash rule 2)
                 self._release(old)
                 freed += 1
@@ -385,10 +403,60 @@ class PythonEngine(Pool):
         return freed
 
 
+def python_rules() -> dict[str, Any]:
+    """Every rule the C engine also writes down (its RULES), from the Python
+    modules that define them; equal, or the C build is refused."""
+    return {
+        "ENTRY_KIND_MASK": entry.KIND_MASK,
+        "ENTRY_ALGO_SHIFT": entry.ALGO_SHIFT,
+        "ENTRY_ALGO_MASK": entry.ALGO_MASK,
+        "ENTRY_LEN_SHIFT": entry.LEN_SHIFT,
+        "ENTRY_LEN_MASK": entry.LEN_MASK,
+        "ENTRY_HANDLE_SHIFT": entry.HANDLE_SHIFT,
+        "ENTRY_UNUSED": entry.UNUSED,
+        "KIND_SAME": codec.KIND_SAME,
+        "KIND_COMPRESSED": codec.KIND_COMPRESSED,
+        "KIND_HUGE": codec.KIND_HUGE,
+        "ALGO_LZ4": codec.ALGO_LZ4,
+        "ALGO_ZSTD": codec.ALGO_ZSTD,
+        "LOC_HUGE": pool_rules.LOC_HUGE,
+        "LOC_FRAME_MASK": pool_rules.LOC_FRAME_MASK,
+        "LOC_ZSPAGE_SHIFT": pool_rules.LOC_ZSPAGE_SHIFT,
+        "LOC_SLOT_MASK": pool_rules.LOC_SLOT_MASK,
+        "SLOT_FREE": pool_rules.SLOT_FREE,
+        "SLOT_END": pool_rules.SLOT_END,
+        "FRAME_SIZE": pool_rules.FRAME_SIZE,
+        "HEADER": pool_rules.HEADER,
+        "GROUPS": pool_rules.GROUPS,
+        "MAX_FRAMES_PER_ZSPAGE": pool_rules.MAX_FRAMES_PER_ZSPAGE,
+        "ST_OK": OK,
+        "ST_REFUSED": REFUSED,
+        "ST_NOROOM": NOROOM,
+        "MAX_THREADS": MAX_FUSE_THREADS,
+        "TABLES": tuple((name, struct.calcsize(fmt), dim) for name, fmt, dim, _ in TABLES),
+        "COUNTERS": COUNTER_NAMES,
+    }
+
+
+def rules_disagreeing(native: dict[str, Any]) -> list[str]:
+    """The shared rules on which a C build's RULES and this Python differ."""
+    mine = python_rules()
+    return [
+        f"{k}: C {native.get(k)!r}, Python {mine.get(k)!r}"
+        for k in sorted(set(mine) | set(native))
+        if native.get(k) != mine.get(k)
+    ]
+
+
 try:
     from . import _engine
 
     _NATIVE_ERROR = ""
+    if _disagree := rules_disagreeing(_engine.RULES):
+        # A build from other sources than this Python: serving with it
+        # would misread the state.  Refused as if it were not built.
+        _NATIVE_ERROR = "the built engine disagrees with this zswapd's Python on " + "; ".join(_disagree)
+        _engine = None  # type: ignore[assignment]
 except ImportError as e:  # not built: no compiler or no lz4/zstd headers at install
     _engine = None  # type: ignore[assignment]
     _NATIVE_ERROR = str(e)
@@ -419,11 +487,11 @@ if _engine is not None:
             self.codec = codec
             self.classes = CLASSES
             self._ref: Pool | None = None
+            self._counters = _EngineCounters(self)  # bumped in C, atomically
 
         @property
-        def c(self) -> NativeEngine:
-            # The counters are this object's members, bumped in C.
-            return self
+        def c(self) -> Counters:
+            return self._counters
 
         @property
         def handles(self) -> memoryview:

@@ -97,11 +97,41 @@ HEADER = 4
 GROUPS = 10  # fullness groups 1..10; 0 is empty, 11 is full
 GROUP_FULL = GROUPS + 1
 
-_FREE_TAG = 0x80000000
-_END = 0xFFFF
-_HUGE_LOC = 1 << 63
 _MAX_HANDLE = 0x7FFFFFFF
-_FRAME_MASK = 0xFFFFFFFF
+
+# The handle table's word (the C engine's engine.h writes the same layout;
+# engine.py checks the two agree at import):
+#   huge object        LOC_HUGE | frame
+#   compressed object  zspage << LOC_ZSPAGE_SHIFT | slot
+#   same-filled page   the fill word itself (the page entry's kind tells)
+LOC_HUGE = 1 << 63
+LOC_FRAME_MASK = 0xFFFFFFFF
+LOC_ZSPAGE_SHIFT = 16
+LOC_SLOT_MASK = 0xFFFF
+# A slot's first 4 bytes: the owning handle, or SLOT_FREE | the next free
+# slot (SLOT_END: none).
+SLOT_FREE = 0x80000000
+SLOT_END = 0xFFFF
+
+
+def obj_loc(z: int, slot: int) -> int:
+    return z << LOC_ZSPAGE_SHIFT | slot
+
+
+def loc_zspage(loc: int) -> int:
+    return loc >> LOC_ZSPAGE_SHIFT
+
+
+def loc_slot(loc: int) -> int:
+    return loc & LOC_SLOT_MASK
+
+
+def loc_frame(loc: int) -> int:
+    return loc & LOC_FRAME_MASK
+
+
+def slot_next(hdr: int) -> int:
+    return hdr & SLOT_END
 
 
 class PoolError(Exception):
@@ -417,10 +447,10 @@ class Pool:
         """Make ``slots`` (ascending) zspage ``z``'s free list, in slot headers."""
         size = self._csize[cls]
         words = self._words
-        nxt = _END
+        nxt = SLOT_END
         for slot in reversed(slots):
             frame, off = self._slot_addr(z, size, slot)
-            words[((frame << FRAME_SHIFT) + off) >> 2] = _FREE_TAG | nxt
+            words[((frame << FRAME_SHIFT) + off) >> 2] = SLOT_FREE | nxt
             nxt = slot
         self.zs_free[z] = nxt
 
@@ -449,7 +479,7 @@ class Pool:
         for slot in range(c.objs_per_zspage):
             offset = slot * c.size
             at = ((frames[offset >> FRAME_SHIFT] << FRAME_SHIFT) + (offset & (FRAME_SIZE - 1))) >> 2
-            words[at] = _FREE_TAG | (slot + 1 if slot < last else _END)
+            words[at] = SLOT_FREE | (slot + 1 if slot < last else SLOT_END)
         self.cls_zspages[cls] += 1
         self._link(z, cls, 0)
         return z
@@ -477,7 +507,7 @@ class Pool:
         off = offset & (FRAME_SIZE - 1)
         words = self._words
         at = ((frame << FRAME_SHIFT) + off) >> 2
-        self.zs_free[z] = words[at] & 0xFFFF
+        self.zs_free[z] = slot_next(words[at])
         words[at] = h
         inuse = self.zs_inuse[z] + 1
         self.zs_inuse[z] = inuse
@@ -495,7 +525,7 @@ class Pool:
         for _ in range(offset >> FRAME_SHIFT):
             frame = self.frame_next[frame]
         off = offset & (FRAME_SIZE - 1)
-        self._words[((frame << FRAME_SHIFT) + off) >> 2] = _FREE_TAG | self.zs_free[z]
+        self._words[((frame << FRAME_SHIFT) + off) >> 2] = SLOT_FREE | self.zs_free[z]
         self.zs_free[z] = slot
         inuse = self.zs_inuse[z] - 1
         self.zs_inuse[z] = inuse
@@ -546,7 +576,7 @@ class Pool:
             frame = self._take_frame()
             at = frame << FRAME_SHIFT
             self._arena[at : at + FRAME_SIZE] = data
-            self.handles[h] = _HUGE_LOC | frame  # last: crash rule 1
+            self.handles[h] = LOC_HUGE | frame  # last: crash rule 1
             self.huge_objects += 1
             self.obj_bytes += FRAME_SIZE
             return h
@@ -563,7 +593,7 @@ class Pool:
             self._arena[at : at + n] = data
         else:
             self._put(frame, off + HEADER, data)
-        self.handles[h] = z << 16 | slot  # last: crash rule 1
+        self.handles[h] = obj_loc(z, slot)  # last: crash rule 1
         self.obj_bytes += n
         return h
 
@@ -571,12 +601,12 @@ class Pool:
         """The first ``n`` bytes of object ``h``.  A memoryview into the pool
         is valid only until the pool is next changed."""
         loc = self.handles[h]
-        if loc & _HUGE_LOC:
-            at = (loc & _FRAME_MASK) << FRAME_SHIFT
+        if loc & LOC_HUGE:
+            at = loc_frame(loc) << FRAME_SHIFT
             return self._arena[at : at + n]
         # _slot_addr and _get, inlined: once per page read.
-        z = loc >> 16
-        offset = (loc & 0xFFFF) * self._csize[self.zs_class[z]]
+        z = loc_zspage(loc)
+        offset = loc_slot(loc) * self._csize[self.zs_class[z]]
         frame = self.zs_first[z]
         for _ in range(offset >> FRAME_SHIFT):
             frame = self.frame_next[frame]
@@ -592,12 +622,12 @@ class Pool:
         self._check_handle(h)
         loc = self.handles[h]
         self.obj_bytes -= n
-        if loc & _HUGE_LOC:
-            self._give_frame(loc & _FRAME_MASK)
+        if loc & LOC_HUGE:
+            self._give_frame(loc_frame(loc))
             self.huge_objects -= 1
         else:
-            z = loc >> 16
-            self._push_slot(z, self.zs_class[z], loc & 0xFFFF)
+            z = loc_zspage(loc)
+            self._push_slot(z, self.zs_class[z], loc_slot(loc))
         self._drop_handle(h)
 
     # -- compaction -------------------------------------------------------
@@ -641,7 +671,7 @@ class Pool:
                 while True:
                     frame, off = self._slot_addr(src, c.size, slot)
                     hdr = self._words[((frame << FRAME_SHIFT) + off) >> 2]
-                    if not hdr & _FREE_TAG:
+                    if not hdr & SLOT_FREE:
                         break
                     slot += 1
                 # Crash rule 3: copy (header, then payload), switch the
@@ -649,7 +679,7 @@ class Pool:
                 dslot, dframe, doff = self._pop_slot(dst, cls, hdr)
                 payload = bytes(self._get(frame, off + HEADER, c.size - HEADER))
                 self._put(dframe, doff + HEADER, payload)
-                self.handles[hdr] = dst << 16 | dslot
+                self.handles[hdr] = obj_loc(dst, dslot)
                 moves += 1
                 if self.zs_inuse[src] == 1:
                     self.pages_compacted += c.frames_per_zspage
@@ -756,15 +786,15 @@ class Pool:
         self._claim_handle(h)
         loc = self.handles[h]
         if n == FRAME_SIZE:
-            if not loc & _HUGE_LOC:
+            if not loc & LOC_HUGE:
                 raise StateError(f"handle {h} holds a raw page but its entry {loc:#x} is not a huge location")
-            self._own_frame(loc & _FRAME_MASK, f"huge handle {h}")
+            self._own_frame(loc_frame(loc), f"huge handle {h}")
             self.huge_objects += 1
             self.obj_bytes += n
             return
-        if loc & _HUGE_LOC or not 0 < n < self.huge_threshold:
+        if loc & LOC_HUGE or not 0 < n < self.huge_threshold:
             raise StateError(f"handle {h} of a {n}-byte object has entry {loc:#x}")
-        z, slot = loc >> 16, loc & 0xFFFF
+        z, slot = loc_zspage(loc), loc_slot(loc)
         if not 0 < z < self.max_frames + 1:
             raise StateError(f"handle {h} points into zspage {z}, outside 1..{self.max_frames}")
         if not self._seen[z]:  # first claim into z: check and own its chain
@@ -812,9 +842,9 @@ class Pool:
             for slot in range(c.objs_per_zspage):
                 frame, off = self._slot_addr(z, c.size, slot)
                 hdr = self._words[((frame << FRAME_SHIFT) + off) >> 2]
-                if hdr & _FREE_TAG or not 0 < hdr <= self.max_handles or not claimed[hdr]:
+                if hdr & SLOT_FREE or not 0 < hdr <= self.max_handles or not claimed[hdr]:
                     free.append(slot)
-                elif self.handles[hdr] != z << 16 | slot:
+                elif self.handles[hdr] != obj_loc(z, slot):
                     free.append(slot)  # the other copy of a compaction move
             if c.objs_per_zspage - len(free) != self.zs_inuse[z]:
                 raise StateError(f"zspage {z}: {self.zs_inuse[z]} claims, {c.objs_per_zspage - len(free)} owned slots")
@@ -885,16 +915,16 @@ class Pool:
             loc = self.handles[h]
             if n == FRAME_SIZE:
                 huge += 1
-                frame = loc & _FRAME_MASK
-                if not loc & _HUGE_LOC or frame >= self._frames_made:
+                frame = loc_frame(loc)
+                if not loc & LOC_HUGE or frame >= self._frames_made:
                     bad(f"huge handle {h} has entry {loc:#x}")
                 elif frame in frame_owner:
                     bad(f"frame {frame} owned by huge handle {h} and {frame_owner[frame]}")
                 else:
                     frame_owner[frame] = f"huge handle {h}"
                 continue
-            z, slot = loc >> 16, loc & 0xFFFF
-            if loc & _HUGE_LOC or not 0 < z <= self._zs_made:
+            z, slot = loc_zspage(loc), loc_slot(loc)
+            if loc & LOC_HUGE or not 0 < z <= self._zs_made:
                 bad(f"handle {h} has entry {loc:#x}")
                 continue
             per_zspage.setdefault(z, set()).add(slot)
@@ -955,22 +985,22 @@ class Pool:
                     continue
                 f, off = self._slot_addr(z, c.size, slot)
                 hdr = self._words[((f << FRAME_SHIFT) + off) >> 2]
-                if hdr > self.max_handles or self.handles[hdr] != z << 16 | slot:
+                if hdr > self.max_handles or self.handles[hdr] != obj_loc(z, slot):
                     bad(f"zspage {z} slot {slot}: header {hdr:#x} does not name its owner")
             # The free list threads exactly the unowned slots.
             seen: set[int] = set()
             slot = self.zs_free[z]
-            while slot != _END and len(seen) <= c.objs_per_zspage:
+            while slot != SLOT_END and len(seen) <= c.objs_per_zspage:
                 if slot in seen or slot in used or slot >= c.objs_per_zspage:
                     bad(f"zspage {z}: free list reaches slot {slot} twice, owned or out of range")
                     break
                 seen.add(slot)
                 f, off = self._slot_addr(z, c.size, slot)
                 hdr = self._words[((f << FRAME_SHIFT) + off) >> 2]
-                if not hdr & _FREE_TAG:
+                if not hdr & SLOT_FREE:
                     bad(f"zspage {z}: free slot {slot} has an owned header {hdr:#x}")
                     break
-                slot = hdr & 0xFFFF
+                slot = slot_next(hdr)
             if len(seen) + len(used) != c.objs_per_zspage:
                 bad(f"zspage {z}: {len(seen)} free + {len(used)} owned slots != {c.objs_per_zspage}")
             group = self._group_of(self.zs_inuse[z], c.objs_per_zspage)  # any inuse, even a corrupt one

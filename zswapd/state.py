@@ -137,26 +137,38 @@ class Table(NamedTuple):
     persistent: bool
 
 
+# The tables of meta, in order: (name, entry format, what it is indexed by,
+# persistent).  The C engine lists them too (zswapd/engine/engine.h,
+# ENGINE_TABLES); engine.py checks at import that the two lists agree.
+TABLES = (
+    ("page", "Q", "pages", True),  # entry.py: kind, algorithm, length, handle
+    ("handle", "Q", "handles", True),  # zspage << 16 | slot, huge tag | frame, or a fill word
+    ("zs_first", "I", "zspages", True),  # first frame of a zspage
+    ("zs_class", "H", "zspages", True),  # size class of a zspage
+    ("frame_next", "I", "frames", True),  # next frame in a zspage's chain
+    ("zs_inuse", "H", "zspages", False),
+    ("zs_free", "H", "zspages", False),  # first free slot, 0xFFFF when full
+    ("zs_next", "I", "zspages", False),  # fullness-list links
+    ("zs_prev", "I", "zspages", False),
+    ("zs_group", "B", "zspages", False),
+    ("zs_stack", "I", "zspages", False),  # free zspage ids
+    ("hot", "I", "frames", False),  # free frames still resident
+    ("cold", "I", "frames", False),  # free frames punched out
+    ("handle_stack", "I", "handles", False),  # free handles
+)
+
+
+def dimensions(g: Geometry) -> dict[str, int]:
+    """Entries per table, by what the table is indexed by: handles and
+    zspages are numbered from 1 (0 means none)."""
+    return {"pages": g.npages, "handles": g.max_handles + 1, "zspages": g.max_zspages, "frames": g.max_frames}
+
+
 def layout(g: Geometry) -> list[Table]:
     """The tables of meta, in order.  Each starts on a page boundary so that
     mincore can tell them apart and an untouched one stays a hole."""
-    z, f, h = g.max_zspages, g.max_frames, g.max_handles + 1
-    return [
-        Table("page", "Q", g.npages, True),  # store.py: kind, algorithm, length, handle
-        Table("handle", "Q", h, True),  # zspage << 16 | slot, huge tag | frame, or a fill word
-        Table("zs_first", "I", z, True),  # first frame of a zspage
-        Table("zs_class", "H", z, True),  # size class of a zspage
-        Table("frame_next", "I", f, True),  # next frame in a zspage's chain
-        Table("zs_inuse", "H", z, False),
-        Table("zs_free", "H", z, False),  # first free slot, 0xFFFF when full
-        Table("zs_next", "I", z, False),  # fullness-list links
-        Table("zs_prev", "I", z, False),
-        Table("zs_group", "B", z, False),
-        Table("zs_stack", "I", z, False),  # free zspage ids
-        Table("hot", "I", f, False),  # free frames still resident
-        Table("cold", "I", f, False),  # free frames punched out
-        Table("handle_stack", "I", h, False),  # free handles
-    ]
+    entries = dimensions(g)
+    return [Table(name, fmt, entries[dim], persistent) for name, fmt, dim, persistent in TABLES]
 
 
 def _page_up(n: int) -> int:

@@ -5,13 +5,7 @@ Glossary (shared with pool.py, state.py and codec.py):
 
 page         4096 bytes of the device, numbered from 0.
 page table   one packed 64-bit entry per page, in the state's "page" table:
-               bits 0-1   kind: 0 empty (reads as zeros), 1 same-filled,
-                          2 compressed, 3 huge (raw page)
-               bits 2-3   algorithm of a compressed page (codec.ALGORITHMS,
-                          whose order the state header records)
-               bits 4-16  payload length in bytes
-               bits 32-62 handle in the pool (for a same-filled page, the
-                          handle holds the fill word and owns no frames)
+             kind, algorithm, payload length and handle (entry.py)
 limit        the most frames the pool may use (``mem_used_total``, as zram's
              ``mem_limit``); 0 means no limit.
 full         set when a store could not fit even after compaction; stores are
@@ -55,16 +49,13 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
+from . import entry
 from .codec import ALGORITHMS, PAGE_SIZE, Buffer, Codec
-from .engine import NOROOM, OK, REFUSED, Counters, CounterSet, Engine, make_engine
+from .engine import COUNTER_NAMES, NOROOM, OK, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
 from .state import Geometry, State
 
-_KIND_MASK = 0x3
-_LEN_SHIFT = 4
-_LEN_MASK = 0x1FFF
-_HANDLE_SHIFT = 32
 # Bound on objects moved by one synchronous compaction on the write path.
 SYNC_COMPACT_MOVES = 1 << 14
 
@@ -81,12 +72,6 @@ def store_geometry(size: int, reserve_frames: int = 64) -> Geometry:
     # always finds room.
     slack = len(CLASSES) * MAX_FRAMES_PER_ZSPAGE + reserve_frames
     return pool_geometry(npages + slack, npages + 64, npages)
-
-
-# Event counters saved in the state header, in this order (never reorder:
-# a new worker reads an older worker's snapshot).
-_SAVED = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_free", "mem_used_max",
-          "compactions", "limit_hits")  # fmt: skip
 
 
 __all__ = ["Counters", "Store", "StoreError", "StoreFull", "store_geometry"]
@@ -138,18 +123,17 @@ class Store:
 
     @property
     def full(self) -> bool:
-        return self._full
+        """The engine's flag, the one copy: a write refuses pages that need
+        memory while it is set, in Python and on the C FUSE threads."""
+        return bool(self.engine.full)
 
     @full.setter
     def full(self, value: bool) -> None:
-        # Mirrored into the engine: its native FUSE threads refuse pages
-        # that need memory while the store is full.
-        self._full = value
-        self.engine.full = value
+        self.engine.full = int(value)
 
     @property
-    def c(self) -> CounterSet:
-        """The counters (store.Counters' names), kept by the engine."""
+    def c(self) -> Counters:
+        """The counters (engine.Counters), kept by the engine."""
         return self.engine.c
 
     def close(self) -> None:
@@ -166,11 +150,11 @@ class Store:
         one, which leaves the same bytes); the event counters come back from
         the header snapshot."""
         self.engine.rebuild_pages(list(self.state.extents("page")))
-        saved = dict(zip(_SAVED, self.state.load_counters(), strict=False))
+        saved = dict(zip(SAVED_COUNTERS, self.state.load_counters(), strict=False))
         c = self.c
-        for name in _SAVED:
+        for name in SAVED_COUNTERS:
             setattr(c, name, saved.get(name, 0))
-        self.engine.pages_compacted = self.state.load_counters()[len(_SAVED)]
+        self.engine.pages_compacted = self.state.load_counters()[len(SAVED_COUNTERS)]
         c.mem_used_max = max(c.mem_used_max, self.engine.mem_used_total)
 
     def check_invariants(self) -> None:
@@ -181,7 +165,7 @@ class Store:
     def save_counters(self) -> None:
         """Snapshot the event counters into the state header."""
         c = self.c
-        self.state.save_counters([getattr(c, name) for name in _SAVED] + [self.engine.pages_compacted])
+        self.state.save_counters([getattr(c, name) for name in SAVED_COUNTERS] + [self.engine.pages_compacted])
 
     # -- limit ----------------------------------------------------------------
 
@@ -364,7 +348,7 @@ class Store:
         end = offset + length
         while offset < end:
             take = min(end, (offset // PAGE_SIZE + 1) * PAGE_SIZE) - offset
-            if self.table[offset // PAGE_SIZE] & _KIND_MASK:
+            if entry.kind(self.table[offset // PAGE_SIZE]):
                 self.write(offset, bytes(take))
             offset += take
 
@@ -391,29 +375,20 @@ class Store:
     def stats(self) -> dict[str, object]:
         pool = self.engine
         self.save_counters()
+        c = self.c
         return {
-            "orig_data_size": self.c.pages_stored * PAGE_SIZE,
+            "orig_data_size": c.pages_stored * PAGE_SIZE,
             "compr_data_size": pool.obj_bytes,
             "mem_used_total": pool.mem_used_total,
             "mem_limit": self.memory_limit,
-            "mem_used_max": self.c.mem_used_max,
-            "same_pages": self.c.same_pages,
             "pages_compacted": pool.pages_compacted,
-            "huge_pages": self.c.huge_pages,
-            "num_reads": self.c.num_reads,
-            "num_writes": self.c.num_writes,
-            "failed_reads": self.c.failed_reads,
-            "failed_writes": self.c.failed_writes,
-            "notify_free": self.c.notify_free,
-            "pages_stored": self.c.pages_stored,
+            **{name: getattr(c, name) for name in COUNTER_NAMES},
             "metadata_bytes": self.metadata_bytes(),
             "engine": self.engine.name,
             "reserve_bytes": pool.reserve_bytes,
             "algorithm": self.codec.algorithm,
             "zstd_level": self.codec.zstd_level,
             "accept_percent": self.accept_percent,
-            "compactions": self.c.compactions,
-            "limit_hits": self.c.limit_hits,
             "full": self.full,
             "freeable_bytes": pool.freeable_frames() * FRAME_SIZE,
             "classes": pool.class_stats(),

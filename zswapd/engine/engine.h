@@ -18,7 +18,10 @@
  *                  (zcomp.c's job); dictionaries go here
  *   page.c         a page's store, load and discard; byte ranges
  *   rebuild.c      the rebuild scan and the invariant check
- *   module.h/.c    the CPython type and module: arguments, errors, counters
+ *   module.h/.c    the CPython type and module: arguments, errors, counters,
+ *                  the constants Python checks its own copies against
+ *   takeover.c     rebuild(), check_pages(), the volatile indexes to and
+ *                  from a Python Pool
  *   object_api.c   the pool's object API, for the pool tests only
  *   fuse_server.h  the FUSE threads' shared state
  *   fuse_loop.c    the FUSE threads: reading /dev/fuse, waking, stopping

@@ -15,7 +15,8 @@
  * spare (read(2) of /dev/fuse wants at least max_write + 80 bytes). */
 #define REQ_BUF (MAX_IO + 4096 + sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
 /* Threads per server: far past any CPU count we would serve with, and it
- * keeps the Server object fixed-size. */
+ * keeps the Server object fixed-size.  The [fuse] threads maximum
+ * (config.MAX_FUSE_THREADS) is this number: engine.py checks at import. */
 #define MAX_THREADS 64
 
 typedef struct Server Server;

@@ -39,6 +39,15 @@ PyObject *raise_status(Engine *e, int st);
         Py_END_ALLOW_THREADS                                                                                       \
     } while (0)
 
+/* A list of n counters, each read with LOAD. */
+PyObject *u64_list(const unsigned long long *v, int n);
+
+/* takeover.c: rebuild, check, and the volatile indexes. */
+PyObject *Engine_volatile(EngineObject *self, PyObject *a);
+PyObject *Engine_set_volatile(EngineObject *self, PyObject *d);
+PyObject *Engine_rebuild(EngineObject *self, PyObject *args);
+PyObject *Engine_check_pages(EngineObject *self, PyObject *args);
+
 /* object_api.c: the pool's object API, for the pool tests. */
 PyObject *Engine_store(EngineObject *self, PyObject *arg);
 PyObject *Engine_load(EngineObject *self, PyObject *args);
