@@ -190,7 +190,7 @@ def test_native_refuses_bad_object_calls() -> None:
     with pytest.raises(PoolError, match="unknown handle"):
         pool.load(0, 10)  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="beyond the device size"):
-        pool.write(0, b"x", False)  # a bare pool has no device pages
+        pool.write(0, b"x")  # a bare pool has no device pages
     pool.close()
     with pytest.raises(ValueError, match="closed"):
         pool.compact()
@@ -248,7 +248,7 @@ def _sanitized_copy(tmp_path: Path, flags: list[str]) -> Path:
     built module."""
     shutil.copytree(ROOT / "zswapd", tmp_path / "zswapd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     (tmp_path / "tests").mkdir()
-    for name in ("conftest.py", "test_engine.py", "test_pool.py", "test_store.py"):
+    for name in ("conftest.py", "test_engine.py", "test_pool.py", "test_store.py", "test_fuse_paths.py"):
         shutil.copy(ROOT / "tests" / name, tmp_path / "tests" / name)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     lz4 = _gcc_file("liblz4.a")
@@ -290,7 +290,8 @@ def test_native_engine_under_asan_and_ubsan(tmp_path: Path) -> None:
     )
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/test_engine.py",
-         "tests/test_pool.py", "tests/test_store.py", "-k", "(native or Native or Alternating or both) and not asan and not tsan"],
+         "tests/test_pool.py", "tests/test_store.py", "tests/test_fuse_paths.py",
+         "-k", "(native or Native or Alternating or both or paths) and not asan and not tsan"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     tail = (run.stdout + run.stderr)[-6000:]
@@ -307,7 +308,8 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
     run the threaded test (writers, readers, discards, a compactor, and the
     unlocked policy reads and counter bumps of the store) and the native
     FUSE threads on a real mount (shared fd, shared clone, a clone each;
-    spinner token, O_NONBLOCK toggling, stop) with libtsan preloaded.  Any
+    spinner token, O_NONBLOCK toggling, stop) and over a socket pair where
+    a write stops and asks the store's policy, with libtsan preloaded.  Any
     ThreadSanitizer report that names a file of zswapd/engine/ fails it.
     The interpreter is not instrumented, so TSan sees only the engine's
     accesses and the intercepted calls (memcpy, locks) Python makes;
@@ -329,8 +331,10 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
         PYTHONPATH=str(tmp_path),
         PYTHONDONTWRITEBYTECODE="1",
     )
+    # The threaded test, the FUSE threads on a real mount, and writes that
+    # stop on a FUSE thread and ask the store's policy with the GIL.
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
-           "-k", "threads_against_a_model or serve_a_real_mount"]  # fmt: skip
+           "tests/test_fuse_paths.py", "-k", "threads_against_a_model or serve_a_real_mount or runs_out_of_room or the_store_refuses"]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     text = "".join(p.read_text(errors="replace") for p in sorted(logs.iterdir()))
     if "unexpected memory mapping" in text + run.stderr:
@@ -348,7 +352,7 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
         f"{len(engine_reports)} ThreadSanitizer report(s) in zswapd/engine/:\n" + "\n".join(engine_reports)[-12000:]
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-    assert re.search(r"\b4 passed", run.stdout), run.stdout[-3000:]  # the threaded tests really ran
+    assert re.search(r"\b6 passed", run.stdout), run.stdout[-3000:]  # the threaded tests really ran
     assert _engine_file(tmp_path, env) == str(out)  # under TSan, with the instrumented build
 
 
@@ -556,7 +560,7 @@ def test_native_engine_under_threads_against_a_model() -> None:
                     i = base + rnd.randrange(own_pages - 4)
                     n = rnd.randrange(1, 5)
                     data = b"".join(_stamped(k, seq * 8 + j, PAGE) for j in range(n))
-                    done, st = eng.write(i * PAGE, data, False)
+                    done, st = eng.write(i * PAGE, data)
                     assert (done, st) == (len(data), 0), (done, st)
                     for j in range(n):
                         model[i + j] = data[j * PAGE : (j + 1) * PAGE]
@@ -569,14 +573,14 @@ def test_native_engine_under_threads_against_a_model() -> None:
                     p = shared + rnd.randrange(shared)
                     at = p * PAGE + k * slice_len
                     data = _stamped(k, seq, slice_len)
-                    assert eng.write(at, data, False) == (slice_len, 0)
+                    assert eng.write(at, data) == (slice_len, 0)
                     model[-p - 1] = data
                 elif r < 0.85:  # a whole shared page, racing the others
                     p = rnd.randrange(shared)
                     data = _stamped(k + 100, seq, PAGE)
                     with versions_lock:
                         whole_versions[p].add(data)
-                    assert eng.write(p * PAGE, data, False) == (PAGE, 0)
+                    assert eng.write(p * PAGE, data) == (PAGE, 0)
                 elif r < 0.93:  # read a shared whole page: some complete version
                     p = rnd.randrange(shared)
                     eng.readinto(p * PAGE, memoryview(out))

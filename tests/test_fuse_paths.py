@@ -183,3 +183,73 @@ def test_the_cases_in_one_run(paths: Paths) -> None:
             c_reply, py_reply, _ = paths.send(p.READ, read(off, 32 * PAGE))
             assert c_reply == py_reply, (name, off)
     assert paths.stats()["bugs"] == 0
+
+
+def _corrupt(store: Store, idx: int) -> None:
+    """Garble the start of page ``idx``'s compressed object."""
+    e = store.table[idx]
+    assert e & 3 == 2, "a compressed page"
+    loc = store.state.view("handle")[e >> 32]
+    z, slot = loc >> 16, loc & 0xFFFF
+    offset = slot * store.pool.reference().classes[store.state.view("zs_class")[z]].size + 4
+    frame = store.state.view("zs_first")[z]
+    for _ in range(offset // PAGE):  # the zspage's chain of frames
+        frame = store.state.view("frame_next")[frame]
+    at = frame * PAGE + offset % PAGE
+    store.state.arena()[0][at : at + 8] = b"\xff" * 8
+
+
+def test_a_corrupt_object_is_eio_counted_once_and_serving_goes_on(paths: Paths) -> None:
+    """A READ served in C that meets an object that does not decompress is
+    answered EIO, as FuseFS answers it, counted once in failed_reads, and the
+    next requests are served as before."""
+    page = (b"zswapd corrupt test " * 300)[:PAGE]
+    c_reply, py_reply, _ = paths.send(p.WRITE, write(PAGE, page))
+    assert c_reply == py_reply
+    for s in (paths.c_store, paths.py_store):
+        _corrupt(s, 1)
+    failed = paths.c_store.c.failed_reads
+    c_reply, py_reply, took = paths.send(p.READ, read(0, 4 * PAGE))
+    assert took == IN_C and c_reply == py_reply and p.unpack_reply(c_reply)[0] == -errno.EIO
+    assert paths.c_store.c.failed_reads == failed + 1
+    c_reply, py_reply, took = paths.send(p.READ, read(2 * PAGE, 8 * PAGE))
+    assert took == IN_C and c_reply == py_reply and p.unpack_reply(c_reply)[0] == 0
+    # a punch frees the bad object: the device reads whole again
+    c_reply, py_reply, _ = paths.send(p.FALLOCATE, fallocate(PAGE, PAGE))
+    assert c_reply == py_reply
+    assert paths.stats()["bugs"] == 0
+
+
+def test_a_write_the_store_refuses_is_enospc_in_c(paths: Paths) -> None:
+    """The store is full and stays full (usage at the limit): C asks the
+    policy where the write stops, which says no; the reply is FuseFS's
+    ENOSPC, the refused page was compressed once, failed_writes counts it."""
+    for s in (paths.c_store, paths.py_store):
+        s.set_limit(s.pool.mem_used_total)
+        s.full = True
+    before, failed = paths.c_store.pool.compressions, paths.c_store.c.failed_writes
+    c_reply, py_reply, took = paths.send(p.WRITE, write(PAGE, DATA[:PAGE] * 4))
+    assert took == IN_C and c_reply == py_reply and p.unpack_reply(c_reply)[0] == -errno.ENOSPC
+    assert paths.c_store.pool.compressions - before == 1
+    assert paths.c_store.c.failed_writes == failed + 1 == paths.py_store.c.failed_writes
+
+
+def test_a_write_that_runs_out_of_room_goes_on_in_c(paths: Paths) -> None:
+    """At its limit with half its objects freed, a write runs out of frames
+    part way (NOROOM): C asks the policy, which compacts, and the write goes
+    on from that page in C: one reply, each page compressed once."""
+    for s in (paths.c_store, paths.py_store):
+        for i in range(0, SIZE // PAGE, 2):
+            s.discard(i * PAGE, PAGE)
+        s.set_limit(s.pool.mem_used_total)
+    data = b"".join(page_content(i) for i in range(16))
+    before, hits = paths.c_store.pool.compressions, paths.c_store.c.limit_hits
+    c_reply, py_reply, took = paths.send(p.WRITE, write(64 * PAGE, data))
+    assert took == IN_C and c_reply == py_reply and p.unpack_reply(c_reply)[0] == 0
+    assert paths.c_store.c.limit_hits > hits  # it did stop for room
+    assert paths.c_store.pool.compressions - before == 16
+
+
+def page_content(seed: int) -> bytes:
+    """A page that lz4 compresses to about half, unlike its neighbours."""
+    return (b"zswapd %d " % seed * 300)[: PAGE // 2] + bytes((seed * 31 + i * i) % 251 for i in range(PAGE // 2))

@@ -232,3 +232,61 @@ def test_compaction_before_full_makes_room(engine: str) -> None:
         assert s.read(i * PAGE, PAGE) == big[i]
     for i, p in enumerate(small):
         assert s.read((1000 + i) * PAGE, PAGE) == p
+
+
+def _fragmented_at_its_limit(engine: str) -> tuple[Store, list[bytes]]:
+    """A store whose limit is what it uses, half of it holes: a write finds
+    no room until compaction frees frames."""
+    big = [page_content(2, i, 2000) + page_content(1, i, PAGE - 2000) for i in range(600)]
+    s = Store(2048 * PAGE, Codec("lz4"), engine=engine)
+    for i, p in enumerate(big):
+        s.write(i * PAGE, p)
+    for i in range(0, 600, 2):
+        s.discard(i * PAGE, PAGE)
+    s.set_limit(s.pool.mem_used_total)
+    return s, big
+
+
+def test_a_write_that_stops_goes_on_and_compresses_each_page_once(engine: str) -> None:
+    """The engine asks the store's policy where a write stops and goes on
+    from that page with the form it already compressed: a 64-page write
+    that runs out of room part way (NOROOM), is compacted for and finishes,
+    gives each page to the compressor once; the limit hit is counted once,
+    by the policy."""
+    s, big = _fragmented_at_its_limit(engine)
+    small = b"".join(page_content(1, i, PAGE) for i in range(400))
+    before, hits = s.pool.compressions, s.c.limit_hits
+    moved = s.pool.pages_compacted
+    for at in range(0, 400, 64):
+        chunk = small[at * PAGE : (at + 64) * PAGE]
+        s.write((1000 + at) * PAGE, chunk)
+    assert s.pool.pages_compacted > moved and s.c.limit_hits > hits  # writes did stop for room
+    assert s.pool.compressions - before == 400  # and no page was compressed twice
+    assert s.c.failed_writes == 0
+    assert s.read(1000 * PAGE, 400 * PAGE) == small
+    for i in range(1, 600, 2):
+        assert s.read(i * PAGE, PAGE) == big[i]
+    s.check_invariants()
+    s.close()
+
+
+def test_a_refused_write_is_compressed_once_whichever_way_the_policy_goes(engine: str) -> None:
+    """REFUSED: the store is full and a page needs memory.  While usage is
+    above the accept threshold the policy ends the write (StoreFull, counted
+    once in failed_writes); once it has fallen below, the write goes on from
+    the refused page without compressing it again."""
+    s = Store(64 * PAGE, memory_limit=64 * FRAME_SIZE, engine=engine)
+    pages = b"".join(page_content(1, i, PAGE) for i in range(16))
+    s.full = True  # usage is far below the threshold: the policy clears it
+    before = s.pool.compressions
+    s.write(0, pages)
+    assert not s.full and s.pool.compressions - before == 16
+    assert s.read(0, 16 * PAGE) == pages
+    s.set_limit(s.pool.mem_used_total)  # now at the limit: full stays full
+    s.full = True
+    before, failed = s.pool.compressions, s.c.failed_writes
+    with pytest.raises(StoreFull, match="accept threshold"):
+        s.write(16 * PAGE, pages)
+    assert s.pool.compressions - before == 1 and s.c.failed_writes == failed + 1
+    assert s.read(16 * PAGE, 16 * PAGE) == bytes(16 * PAGE)  # nothing written
+    s.close()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -45,13 +45,18 @@ from . import codec, entry
 from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .config import MAX_FUSE_THREADS
-from .errors import BadRequest
+from .errors import BadRequest, CorruptObject
 from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
 from .state import TABLES, State, StateError
 
 ENGINES = ("auto", "native", "python")
 # Where a write stopped (Engine.write), for the store's policy to decide on.
 OK, REFUSED, NOROOM = 0, 1, 2
+
+# The store's policy, asked by Engine.write where a write stops:
+# policy(status, retried) -> go on from that page?  ``retried``: the page
+# already stopped for want of room (NOROOM) and the policy made room.
+Policy = Callable[[int, bool], bool]
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -115,6 +120,8 @@ class Engine(Protocol):
     # The store's full flag (Store.full reads and sets this one): while set,
     # a write refuses pages that need pool memory (REFUSED).
     full: int
+    # The store's policy for a write that stops (None: every stop ends it).
+    policy: Policy | None
 
     @property
     def c(self) -> Counters: ...
@@ -130,6 +137,11 @@ class Engine(Protocol):
     def reserve_bytes(self) -> int: ...
     @property
     def cls_zspages(self) -> list[int]: ...
+    @property
+    def compressions(self) -> int:
+        """Pages given to the compressor: a page a write stopped at and then
+        stored counts once (the write goes on with its compressed form)."""
+        ...
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (a Counters field).  The way the
@@ -138,14 +150,21 @@ class Engine(Protocol):
         the native count is one atomic add."""
         ...
 
-    def write(self, offset: int, data: Buffer, refuse: bool) -> tuple[int, int]:
-        """Store ``data`` at byte ``offset`` (partial pages read-modify-write).
-        Returns (bytes written, OK | REFUSED | NOROOM): it stops before the
-        first page that ``refuse`` turns away (it needs pool memory) or that
-        finds no room; that page keeps its old contents."""
+    def write(self, offset: int, data: Buffer) -> tuple[int, int]:
+        """One write request (counted in num_writes): ``data`` at byte
+        ``offset``, partial pages read-modify-write.  A page that needs pool
+        memory while ``full`` is set (REFUSED), or finds no room (NOROOM),
+        stops the write; ``policy`` decides whether it goes on from that
+        page, without compressing it again.  Returns (bytes written, OK), or
+        the status it ended on; the page it ended at keeps its old contents.
+        CorruptObject if a partial page's old contents do not decompress."""
         ...
 
-    def readinto(self, offset: int, out: memoryview) -> int: ...
+    def readinto(self, offset: int, out: memoryview) -> int:
+        """One read request (counted in num_reads); CorruptObject (counted
+        in failed_reads) for an object that does not decompress."""
+        ...
+
     def discard_pages(self, first: int, end: int) -> int:
         """Free pages first..end-1; returns how many held something."""
         ...
@@ -254,11 +273,16 @@ class PythonEngine(Pool):
 
     def __init__(self, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> None:
         self.full = 0
+        self.policy: Policy | None = None
+        self.compressions = 0
         g = state.geometry
         super().__init__(g.max_frames, g.max_handles, frame_limit, reserve_frames, state)
         self.table = state.view("page")
         self.codec = codec
         self._c = Counters()
+        # The page the last write stopped at: (index, its bytes, kind,
+        # algorithm, payload), to go on with instead of a second compression.
+        self._stopped: tuple[int, bytes, int, int, Buffer | int] | None = None
 
     @property
     def c(self) -> Counters:
@@ -307,13 +331,21 @@ class PythonEngine(Pool):
                 self._c.huge_pages -= 1
 
     def _store_page(self, idx: int, page: Buffer, refuse: bool) -> int:
-        kind, algo, payload = self.codec.encode(page, self.huge_threshold)
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None and stopped[0] == idx and stopped[1] == bytes(page):
+            kind, algo, payload = stopped[2:]  # the page this write stopped at
+        else:
+            kind, algo, payload = self.codec.encode(page, self.huge_threshold)
+            if kind != KIND_SAME:
+                self.compressions += 1
         if refuse and kind != KIND_SAME:
+            self._stopped = (idx, bytes(page), kind, algo, bytes(payload) if kind == KIND_HUGE else payload)  # type: ignore[arg-type]
             return REFUSED
         # Allocate before freeing the old object: a failed store keeps the page.
         try:
             h = self.store_word(payload) if kind == KIND_SAME else self.store(payload)  # type: ignore[arg-type]
         except PoolFull:
+            self._stopped = (idx, bytes(page), kind, algo, bytes(payload) if kind == KIND_HUGE else payload)  # type: ignore[arg-type]
             return NOROOM
         c = self._c
         if kind == KIND_SAME:
@@ -347,11 +379,25 @@ class PythonEngine(Pool):
         except Exception as e:
             # One exception type for a bad object, whichever engine and codec.
             self._c.failed_reads += 1
-            raise ValueError(f"corrupt object: page {idx} did not decompress to a 4096-byte page ({e})") from None
+            raise CorruptObject(f"corrupt object: page {idx} did not decompress to a 4096-byte page ({e})") from None
 
-    def write(self, offset: int, data: Buffer, refuse: bool) -> tuple[int, int]:
-        n = len(data)
+    def write(self, offset: int, data: Buffer) -> tuple[int, int]:
+        # write_request in zswapd/engine/page.c, step for step.
+        self._c.num_writes += 1
         mv = memoryview(data).cast("B")
+        done, retried = 0, False
+        while True:
+            step, st = self._write_range(offset + done, mv[done:], bool(self.full))
+            if step:
+                retried = False  # a new page stops, if one does
+            done += step
+            if st == OK or self.policy is None or not self.policy(st, retried):
+                return done, st
+            retried = retried or st == NOROOM
+
+    def _write_range(self, offset: int, mv: memoryview, refuse: bool) -> tuple[int, int]:
+        """Store ``mv`` at ``offset`` up to the first page that stops."""
+        n = len(mv)
         try:
             if not offset % PAGE_SIZE and not n % PAGE_SIZE:
                 # The swap path: whole pages, so no read-modify-write.
@@ -377,6 +423,7 @@ class PythonEngine(Pool):
             self.trim()  # also when a store failed part way
 
     def readinto(self, offset: int, out: memoryview) -> int:
+        self._c.num_reads += 1
         n = len(out)
         if not offset % PAGE_SIZE and not n % PAGE_SIZE:
             load_page = self._load_page
@@ -468,6 +515,9 @@ if _engine is not None:
         """The C engine on the same state; see the top of engine/engine.h."""
 
         name = "native"
+        # The store's; C reads it where a write from Python stops (the FUSE
+        # threads ask it through fuse/native.py).
+        policy: Policy | None = None
 
         def __init__(self, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> None:
             g = state.geometry

@@ -51,7 +51,7 @@ from collections.abc import Generator
 
 from . import entry
 from .codec import ALGORITHMS, PAGE_SIZE, Buffer, Codec
-from .engine import COUNTER_NAMES, NOROOM, OK, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
+from .engine import COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
 from .state import Geometry, State
@@ -110,6 +110,7 @@ class Store:
         # The engine serves the tables; ``pool`` is its old name, kept for
         # the pool-level figures (frames_used, freeable, ...).
         self.engine: Engine = make_engine(engine, state, self.codec, reserve_frames)
+        self.engine.policy = self.write_stopped
         self.pool = self.engine
         self.table = state.view("page")
         self.accept_percent = accept_percent
@@ -138,6 +139,7 @@ class Store:
 
     def close(self) -> None:
         """Unmap the state and close this process's fds on it."""
+        self.engine.policy = None  # and the engine's hold on this store
         self.engine.close()  # drops the engine's hold on the mappings first
         self.state.close()
 
@@ -272,52 +274,44 @@ class Store:
 
     # -- byte level -----------------------------------------------------------
 
+    def write_stopped(self, status: int, retried: bool) -> bool:
+        """The policy where a write stops at a page (the engine asks it,
+        from Python or from a C FUSE thread, with no engine lock held):
+        True for the write to go on from that page, False to end it there
+        (DeviceFull).  REFUSED (the store is full and the page needs
+        memory): go on once usage has fallen below the accept threshold.
+        NOROOM (no frame or handle): compact, bounded, and try the page
+        again; no room a second time makes the store full."""
+        engine = self.engine
+        if status == REFUSED:
+            self.update_full()
+            if self.full:
+                engine.count("failed_writes")
+                return False
+            return True
+        if retried:
+            self.full = True
+            engine.count("failed_writes")
+            return False
+        engine.count("limit_hits")
+        self._make_room()
+        return True
+
     def write(self, offset: int, data: Buffer) -> int:
         """Write ``data`` at byte ``offset``; partial pages read-modify-write.
         On StoreFull, pages before the failing one are written and the failing
         page keeps its old contents."""
         n = len(data)
         self._check(offset, n)
-        engine = self.engine
-        # engine.count, not ``c.num_writes += 1``: the native engine's own
-        # threads bump the same counters, and a read-modify-write of the
-        # attribute here would lose their bumps in between.
-        engine.count("num_writes")
-        done, status = engine.write(offset, data, self.full)
-        if status == OK:
-            return n
-        mv = memoryview(data).cast("B")
-        while True:
-            at = offset + done
-            if status == REFUSED:
-                # The store is full and this page needs pool memory: the
-                # hysteresis may have ended since (usage fell).
-                self.update_full()
-                if self.full:
-                    engine.count("failed_writes")
-                    raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
-            elif status == NOROOM:
-                engine.count("limit_hits")
-                self._make_room()
-                # Retry this one page; if it still finds no room, the store is full.
-                end = min(n, done + PAGE_SIZE - at % PAGE_SIZE)
-                step, status = engine.write(at, mv[done:end], False)
-                if status != OK:
-                    self.full = True
-                    engine.count("failed_writes")
-                    raise StoreFull("pool is full and compaction cannot make room")
-                done += step
-            if done >= n:
-                return n
-            step, status = engine.write(offset + done, mv[done:], self.full)
-            done += step
-            if status == OK:
-                return n
+        _done, status = self.engine.write(offset, data)
+        if status == REFUSED:
+            raise StoreFull("pool is full; waiting for usage to fall below the accept threshold")
+        if status == NOROOM:
+            raise StoreFull("pool is full and compaction cannot make room")
+        return n
 
     def readinto(self, offset: int, out: memoryview) -> int:
-        n = len(out)
-        self._check(offset, n)
-        self.engine.count("num_reads")
+        self._check(offset, len(out))
         return self.engine.readinto(offset, out)
 
     def read(self, offset: int, length: int) -> bytes:

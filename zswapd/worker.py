@@ -189,7 +189,8 @@ class Worker:
             "fuse_backend": self.cfg.fuse.backend,
             "discard_supported": self.p3 is None,
             "fuse_requests": self.p3.ops.requests if self.p3 else self.fs.requests,
-            "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors,
+            # FuseFS's error replies, and the ones the C threads wrote themselves.
+            "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors + self._native_stat("errors"),
             "fuse_internal_errors": 0 if self.p3 else self.fs.internal_errors,
             "fuse_native": self.native.stats() if self.native is not None else None,
             "control_internal_errors": self.controller.internal_errors,
@@ -346,8 +347,10 @@ class Worker:
                 await trio.to_thread.run_sync(self.native.stop)
 
     def _native_requests(self) -> int:
-        st = self.native.stats()
-        return int(st["hot_requests"]) + int(st["cold_requests"])
+        return self._native_stat("hot_requests") + self._native_stat("cold_requests")
+
+    def _native_stat(self, name: str) -> int:
+        return int(self.native.stats()[name]) if self.native is not None else 0
 
     # -- signals ----------------------------------------------------------------
 

@@ -112,6 +112,7 @@ unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uin
         return KIND_SAME;
     int room = (int)e->huge_threshold - 1;
     long n;
+    ADD(e->compressions, 1);
     if (algo == ALGO_LZ4) {
 #ifdef ZSWAPD_LZ4_FULL_RESET
         n = LZ4_compress_fast_extState(t->lz4_state, (const char *)page, (char *)t->cbuf, (int)PAGE_SIZE, room, 1);

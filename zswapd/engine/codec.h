@@ -8,6 +8,21 @@
 
 #include <zstd.h>
 
+/* The page a write stopped at (REFUSED, NOROOM), encoded.  The write goes
+ * on from it once the store's policy has decided, and stores this instead of
+ * compressing the page a second time; its bytes are kept to make sure it is
+ * the same page (a partial page is merged with whatever the page holds by
+ * then).  e NULL: none. */
+typedef struct {
+    const Engine *e;
+    uint64_t idx;
+    unsigned kind, algo;
+    uint32_t len;
+    uint64_t word;
+    uint8_t page[PAGE_SIZE];     /* the page as encoded */
+    uint8_t payload[FRAME_SIZE]; /* its compressed form */
+} Stopped;
+
 /* A thread's codec state: made on the thread's first page (a FUSE thread's
  * at its start), reused for every page after, freed when the thread ends.
  * A dictionary's digested form (ZSTD_CDict/DDict) would be shared by every
@@ -20,6 +35,7 @@ typedef struct {
     uint8_t cbuf[FRAME_SIZE]; /* compressed output */
     uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
     uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
+    Stopped stopped;
 } Ctx;
 
 /* Once, at module load: the key whose destructor frees a thread's Ctx. */

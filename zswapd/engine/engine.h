@@ -175,6 +175,7 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
 #define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
 #define ST_BAD 5     /* misuse of the object API */
 #define ST_NOMEM 6   /* no memory for a thread's codec context */
+#define ST_POLICY 7  /* asking the policy failed (a Python exception, left set) */
 
 #ifdef ZSWAPD_BOUNDS
 /* The sanitizer build checks every table index: ASan cannot see past the end
@@ -251,6 +252,7 @@ typedef struct {
     unsigned long long cls_zspages[MAX_CLASSES], cls_used[MAX_CLASSES]; /* class lock */
     uint8_t fragmented[MAX_CLASSES];                      /* class lock */
     unsigned long long huge_objects, obj_bytes, pages_compacted; /* atomic */
+    unsigned long long compressions; /* atomic: pages given to lz4/zstd */
 
     /* the event counters; the engine bumps them atomically */
 #define COUNTER_FIELD(name) unsigned long long name;
@@ -379,7 +381,28 @@ long long compact(Engine *e, unsigned long long budget);
 
 /* ---- page.c ---------------------------------------------------------------- */
 
-int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done);
+/* The store's policy, asked when a write stops at a page that is refused
+ * (the store is full) or finds no room: decide() returns 1 for the write to
+ * go on from that page (after it compacted, or found the store no longer
+ * full), 0 to end the write there, -1 if asking failed.  `retried`: this
+ * page already stopped for want of room, and the policy made room.  The
+ * engine decides nothing itself; decide() runs with no engine lock held. */
+typedef struct {
+    int (*decide)(void *arg, int status, int retried);
+    void *arg;
+} Policy;
+
+/* One write request: num_writes counted here.  Pages are stored in order,
+ * refused (REFUSED) while the engine's full flag is set if they need
+ * memory; at a page that stops it, the policy is asked, and the write goes
+ * on from that page (the page is not compressed again) or ends there.
+ * Returns ST_OK, the status it ended on (ST_REFUSED, ST_NOROOM: the
+ * policy's choice; ST_POLICY; ST_CORRUPT for a partial page whose old
+ * contents do not decompress; ST_NOMEM; ST_PUNCH), with *done the bytes
+ * written.  policy NULL: every stop ends the write. */
+int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, const Policy *policy, uint64_t *done);
+/* One read request: num_reads counted here, failed_reads for an object that
+ * does not decompress (ST_CORRUPT). */
 int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len);
 unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end);
 

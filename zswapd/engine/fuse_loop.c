@@ -1,17 +1,14 @@
 /* The FUSE threads (as libfuse's fuse_loop_mt.c: the thread pool only).
  *
- * N threads read /dev/fuse, each its own fd.  READ, WRITE and
- * FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file (nodeid 2), once
- * Python has answered INIT (enable()), are served here without the GIL under
- * the engine lock.  Everything else, and any hot request that meets
- * something the store's policy must decide (a full pool, a corrupt object,
- * a range at the device's end, an unaligned discard), goes up whole to the
- * Python callback (FuseFS.handle behind zswapd/fuse/native.py), which stays
- * the single place for the protocol's rules.  The callback runs with the
- * GIL, but the GIL does not serialize callbacks (the engine releases it
- * inside a read): native.py gives them turns and hands back a copy of the
- * reply, since FuseFS builds READ replies in one buffer of its own.  Per-thread buffers are allocated at
- * thread start: nothing is allocated per request on the hot path.
+ * N threads read /dev/fuse, each its own fd, and give each request to
+ * fuse_ops.c: served in C without the GIL (READ, WRITE and punch-hole of the
+ * device file, once Python has answered INIT: enable()), or handed up to
+ * the Python callback (FuseFS.handle behind zswapd/fuse/native.py).  The
+ * callback runs with the GIL, but the GIL does not serialize callbacks (the
+ * engine releases it inside a read): native.py gives them turns and hands
+ * back a copy of the reply, since FuseFS builds READ replies in one buffer
+ * of its own.  Per-thread buffers are allocated at thread start: nothing is
+ * allocated per request on the hot path.  This file knows no opcode.
  *
  * The fds.  A reply must be written on the fd its request was read from (the
  * kernel keeps a request in flight on that fd's own processing list).  The
@@ -19,7 +16,7 @@
  * keeps them, so a request a dead worker had read stays on a live list and
  * FUSE_NOTIFY_RESEND (which walks every clone) hands it to the next worker;
  * a clone made here would end those requests with EIO as the worker died
- * (kernel-facts).  A clone is its own open file description, so its
+ * (docs/design.md, "Concurrency").  A clone is its own open file description, so its
  * O_NONBLOCK is its own: the connection's fd stays non-blocking for the
  * Python session while a clone can sleep in read(2).  Without clones the
  * threads share the connection's fd.
@@ -293,6 +290,7 @@ static void Server_dealloc(Server *s)
         close(s->efd);
     Py_XDECREF(s->engine);
     Py_XDECREF(s->callback);
+    Py_XDECREF(s->decide);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -322,9 +320,10 @@ static PyObject *Server_enable(Server *s, PyObject *args)
 static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
 {
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i,s:i}", "hot_requests", __atomic_load_n(&s->hot_requests, __ATOMIC_RELAXED),
-        "cold_requests", __atomic_load_n(&s->cold_requests, __ATOMIC_RELAXED), "io_errors",
-        __atomic_load_n(&s->io_errors, __ATOMIC_RELAXED), "threads", s->nthreads, "fds", s->nfds, "clones",
+        "{s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i,s:i}", "hot_requests",
+        __atomic_load_n(&s->hot_requests, __ATOMIC_RELAXED), "cold_requests",
+        __atomic_load_n(&s->cold_requests, __ATOMIC_RELAXED), "io_errors", __atomic_load_n(&s->io_errors, __ATOMIC_RELAXED),
+        "errors", __atomic_load_n(&s->errors, __ATOMIC_RELAXED), "threads", s->nthreads, "fds", s->nfds, "clones",
         s->nblocking, "max_busy", __atomic_load_n(&s->max_busy, __ATOMIC_RELAXED), "hot",
         __atomic_load_n(&s->hot, __ATOMIC_ACQUIRE), "alive",
         __atomic_load_n(&s->alive, __ATOMIC_ACQUIRE));
@@ -364,20 +363,22 @@ static int install_wake_handler(void)
     return sigaction(WAKE_SIGNAL, &sa, NULL);
 }
 
-/* serve_fuse(engine, fds, callback) -> Server: one thread per entry of fds
- * (an fd may repeat), running. */
+/* serve_fuse(engine, fds, hand_up, decide) -> Server: one thread per entry
+ * of fds (an fd may repeat), running.  hand_up(request) -> reply | None
+ * answers what C does not serve; decide(status, retried) -> bool is the
+ * store's policy where a write stops. */
 PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    PyObject *eng, *fdseq, *cb;
-    if (!PyArg_ParseTuple(args, "O!OO", &EngineType, &eng, &fdseq, &cb))
+    PyObject *eng, *fdseq, *cb, *decide;
+    if (!PyArg_ParseTuple(args, "O!OOO", &EngineType, &eng, &fdseq, &cb, &decide))
         return NULL;
     PyObject *fds = PySequence_Fast(fdseq, "fds must be a sequence of file descriptors");
     if (!fds)
         return NULL;
     Py_ssize_t nthreads = PySequence_Fast_GET_SIZE(fds);
-    if (!PyCallable_Check(cb) || nthreads < 1 || nthreads > MAX_THREADS) {
+    if (!PyCallable_Check(cb) || !PyCallable_Check(decide) || nthreads < 1 || nthreads > MAX_THREADS) {
         Py_DECREF(fds);
-        PyErr_Format(PyExc_ValueError, "need a callable and 1..%d fds (one per thread)", MAX_THREADS);
+        PyErr_Format(PyExc_ValueError, "need two callables and 1..%d fds (one per thread)", MAX_THREADS);
         return NULL;
     }
     Server *s = PyObject_New(Server, &ServerType);
@@ -389,6 +390,8 @@ PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     Py_INCREF(eng);
     s->callback = cb;
     Py_INCREF(cb);
+    s->decide = decide;
+    Py_INCREF(decide);
     s->nthreads = s->nfds = s->nblocking = 0;
     s->started = 0;
     s->stop = 0;
@@ -401,7 +404,7 @@ PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->followers = 0;
     s->max_write = 0;
     s->dev_size = 0;
-    s->hot_requests = s->cold_requests = s->io_errors = 0;
+    s->hot_requests = s->cold_requests = s->io_errors = s->errors = 0;
     s->alive = 0;
     s->efd = -1;
     for (Py_ssize_t i = 0; i < nthreads; i++) {

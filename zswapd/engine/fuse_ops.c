@@ -10,6 +10,12 @@
  * To serve another opcode in C: add its case to admit() and a serve_*
  * below, and its edge cases to that test.
  *
+ * What C answers is what FuseFS would: the data, a short read or write at
+ * the end (handed up), ENOSPC when the store's policy ends a write (asked
+ * through `decide`, with the GIL, where the write stopped; the write goes on
+ * from that page if the policy made room), EIO for an object that does not
+ * decompress (counted in failed_reads by the page level; the daemon goes on).
+ *
  * The wire format is the kernel's <linux/fuse.h>.  No engine lock is held
  * across a call into Python; the page level (page.c) takes the entry bits.
  */
@@ -87,32 +93,53 @@ static void reply(Server *s, int fd, uint8_t *out, uint64_t unique, uint32_t bod
     write_reply(s, fd, out, oh->len);
 }
 
+/* An error reply: FuseFS's ENOSPC for DeviceFull, the session's EIO for a
+ * failure. */
+static void reply_error(Server *s, int fd, uint64_t unique, int error)
+{
+    struct fuse_out_header oh = {sizeof oh, -error, unique};
+    __atomic_add_fetch(&s->errors, 1, __ATOMIC_RELAXED);
+    write_reply(s, fd, &oh, sizeof oh);
+}
+
 static int serve_read(Server *s, int fd, const struct fuse_in_header *h, uint8_t *out)
 {
     const struct fuse_read_in *r = (const void *)(h + 1);
-    Engine *e = &s->engine->e;
-    int st = read_range(e, r->offset, out + sizeof(struct fuse_out_header), r->size);
-    if (st == ST_OK)
-        ADD(e->num_reads, 1);
-    else if (st == ST_CORRUPT)
-        SUB(e->failed_reads, 1); /* Python reads it again and counts it */
-    if (st != ST_OK)
-        return 0;
-    reply(s, fd, out, h->unique, r->size);
+    if (read_range(&s->engine->e, r->offset, out + sizeof(struct fuse_out_header), r->size) != ST_OK)
+        reply_error(s, fd, h->unique, EIO); /* a corrupt object (counted), or no memory for a context */
+    else
+        reply(s, fd, out, h->unique, r->size);
     return 1;
+}
+
+/* The Policy of a write on a FUSE thread: the `decide` callback, with the
+ * GIL.  It catches everything (fuse/native.py); should it fail anyway, the
+ * write ends (EIO). */
+static int decide_by_callback(void *arg, int status, int retried)
+{
+    Server *s = arg;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int go = call_policy(s->decide, status, retried);
+    if (go < 0)
+        PyErr_Clear();
+    PyGILState_Release(g);
+    return go;
 }
 
 static int serve_write(Server *s, int fd, const struct fuse_in_header *h, uint8_t *out)
 {
     const struct fuse_write_in *w = (const void *)(h + 1);
-    Engine *e = &s->engine->e;
     uint64_t done = 0;
-    int st = write_range(e, w->offset, (const uint8_t *)(w + 1), w->size, __atomic_load_n(&e->full, __ATOMIC_RELAXED),
-                         &done);
-    if (st == ST_OK)
-        ADD(e->num_writes, 1);
-    if (st != ST_OK)
-        return 0; /* the policy's call: Python writes it (again) whole */
+    Policy policy = {decide_by_callback, s};
+    int st = write_request(&s->engine->e, w->offset, (const uint8_t *)(w + 1), w->size, &policy, &done);
+    if (st == ST_REFUSED || st == ST_NOROOM) {
+        reply_error(s, fd, h->unique, ENOSPC); /* the store is full: the policy's word */
+        return 1;
+    }
+    if (st != ST_OK) {
+        reply_error(s, fd, h->unique, EIO);
+        return 1;
+    }
     struct fuse_write_out *wo = (void *)(out + sizeof(struct fuse_out_header));
     wo->size = w->size;
     wo->padding = 0;
@@ -163,11 +190,8 @@ void hand_up(Server *s, int fd, const uint8_t *in, size_t n)
         /* native.py's callback catches everything; this is the last guard:
          * answer EIO rather than leave the request hanging. */
         PyErr_Clear();
-        const struct fuse_in_header *h = (const void *)in;
-        if (n >= sizeof *h) {
-            struct fuse_out_header oh = {sizeof oh, -EIO, h->unique};
-            write_reply(s, fd, &oh, sizeof oh);
-        }
+        if (n >= sizeof(struct fuse_in_header))
+            reply_error(s, fd, ((const struct fuse_in_header *)in)->unique, EIO);
     }
     Py_XDECREF(r);
     PyGILState_Release(g);

@@ -35,7 +35,8 @@ typedef struct {
 struct Server {
     PyObject_HEAD
     EngineObject *engine;
-    PyObject *callback;
+    PyObject *callback; /* a request handed up: FuseFS.handle, behind fuse/native.py */
+    PyObject *decide;   /* a write stopped: the store's policy, behind fuse/native.py */
     int efd;
     int nthreads, nfds, nblocking;
     Thread threads[MAX_THREADS];
@@ -51,6 +52,7 @@ struct Server {
     uint32_t max_write;
     uint64_t dev_size;
     unsigned long long hot_requests, cold_requests, io_errors;
+    unsigned long long errors; /* error replies written in C (ENOSPC, EIO) */
     int alive; /* threads still serving: 0 once the connection is gone */
 };
 

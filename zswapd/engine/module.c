@@ -14,13 +14,13 @@
 #include "codec.h"
 #include "fuse_server.h"
 
-PyObject *PoolError, *PoolFull, *StateError;
+PyObject *PoolError, *PoolFull, *StateError, *CorruptObject;
 
 PyObject *raise_status(Engine *e, int st)
 {
     switch (st) {
     case ST_CORRUPT:
-        PyErr_SetString(PyExc_ValueError, "corrupt object: it did not decompress to a 4096-byte page");
+        PyErr_SetString(CorruptObject, "corrupt object: it did not decompress to a 4096-byte page");
         break;
     case ST_PUNCH:
         PyErr_Format(StateError, "punching frames out of the arena memfd failed: %s", strerror(LOAD(e->punch_errno)));
@@ -208,15 +208,42 @@ static PyObject *range_error(unsigned long long off, unsigned long long len, uns
     return NULL;
 }
 
-/* write(offset, data, refuse) -> (bytes done, status) */
+int call_policy(PyObject *fn, int status, int retried)
+{
+    PyObject *r = PyObject_CallFunction(fn, "ii", status, retried);
+    if (!r)
+        return -1;
+    int go = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return go;
+}
+
+/* The Policy of a write from Python: the engine's `policy` attribute (the
+ * store's, engine.py), called with the GIL, which the write runs without.
+ * An exception stays set for Engine_write to raise. */
+static int decide_by_attribute(void *arg, int status, int retried)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    int go = 0;
+    PyObject *policy = PyObject_GetAttrString((PyObject *)arg, "policy");
+    if (!policy)
+        PyErr_Clear(); /* a bare Engine (no store): every stop ends the write */
+    else if (policy != Py_None)
+        go = call_policy(policy, status, retried);
+    Py_XDECREF(policy);
+    PyGILState_Release(g);
+    return go;
+}
+
+/* write(offset, data) -> (bytes done, status): one write request; the
+ * engine's policy is asked where it stops (write_request). */
 static PyObject *Engine_write(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
     unsigned long long offset;
     Py_buffer data;
-    int refuse;
     READY(e);
-    if (!PyArg_ParseTuple(args, "Ky*p", &offset, &data, &refuse))
+    if (!PyArg_ParseTuple(args, "Ky*", &offset, &data))
         return NULL;
     if (offset > e->npages * PAGE_SIZE || (unsigned long long)data.len > e->npages * PAGE_SIZE - offset) {
         PyBuffer_Release(&data);
@@ -224,9 +251,12 @@ static PyObject *Engine_write(EngineObject *self, PyObject *args)
     }
     uint64_t done = 0;
     int st;
-    NOGIL(st = write_range(e, offset, data.buf, (uint64_t)data.len, refuse, &done));
+    Policy policy = {decide_by_attribute, self};
+    NOGIL(st = write_request(e, offset, data.buf, (uint64_t)data.len, &policy, &done));
     PyBuffer_Release(&data);
-    if (st == ST_PUNCH || st == ST_NOMEM)
+    if (st == ST_POLICY)
+        return NULL; /* the policy's exception */
+    if (st != ST_OK && st != ST_REFUSED && st != ST_NOROOM)
         return raise_status(e, st);
     return Py_BuildValue("Ki", (unsigned long long)done, st);
 }
@@ -524,6 +554,7 @@ static PyGetSetDef Engine_getset[] = {
     {"pages_compacted", (getter)get_u64_field, (setter)set_u64_field, NULL, (void *)offsetof(Engine, pages_compacted)},
     {"huge_objects", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, huge_objects)},
     {"obj_bytes", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, obj_bytes)},
+    {"compressions", (getter)get_u64_field, NULL, "pages given to lz4 or zstd", (void *)offsetof(Engine, compressions)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -536,7 +567,7 @@ static PyMemberDef Engine_members[] = {
 };
 
 static PyMethodDef Engine_methods[] = {
-    {"write", (PyCFunction)Engine_write, METH_VARARGS, "write(offset, data, refuse) -> (bytes done, status)"},
+    {"write", (PyCFunction)Engine_write, METH_VARARGS, "write(offset, data) -> (bytes done, status)"},
     {"readinto", (PyCFunction)Engine_readinto, METH_VARARGS, "readinto(offset, out) -> bytes read"},
     {"discard_pages", (PyCFunction)Engine_discard_pages, METH_VARARGS, "discard_pages(first, end) -> pages freed"},
     {"compact", (PyCFunction)(void (*)(void))Engine_compact, METH_VARARGS | METH_KEYWORDS, "compact(max_moves=None) -> objects moved"},
@@ -645,14 +676,18 @@ static struct PyModuleDef engine_module = {
 
 PyMODINIT_FUNC PyInit__engine(void)
 {
-    PyObject *pool = PyImport_ImportModule("zswapd.pool");
-    if (!pool)
+    PyObject *pool = PyImport_ImportModule("zswapd.pool"), *errors = PyImport_ImportModule("zswapd.errors");
+    if (!pool || !errors) {
+        Py_XDECREF(pool);
         return NULL;
+    }
     PoolError = PyObject_GetAttrString(pool, "PoolError");
     PoolFull = PyObject_GetAttrString(pool, "PoolFull");
     StateError = PyObject_GetAttrString(pool, "StateError");
+    CorruptObject = PyObject_GetAttrString(errors, "CorruptObject");
     Py_DECREF(pool);
-    if (!PoolError || !PoolFull || !StateError)
+    Py_DECREF(errors);
+    if (!PoolError || !PoolFull || !StateError || !CorruptObject)
         return NULL;
     if (PyType_Ready(&EngineType) < 0)
         return NULL;

@@ -18,8 +18,14 @@ typedef struct {
 } EngineObject;
 
 extern PyTypeObject EngineType;
-/* pool.PoolError, pool.PoolFull, state.StateError, looked up at import. */
-extern PyObject *PoolError, *PoolFull, *StateError;
+/* pool.PoolError, pool.PoolFull, state.StateError, errors.CorruptObject,
+ * looked up at import. */
+extern PyObject *PoolError, *PoolFull, *StateError, *CorruptObject;
+
+/* fn(status, retried) with the GIL held: 1 go on, 0 end the write, -1 an
+ * exception (left set).  The one way C asks the store's policy (Policy,
+ * engine.h): from Engine.write and from the FUSE threads. */
+int call_policy(PyObject *fn, int status, int retried);
 
 /* The Python exception for an engine status; returns NULL. */
 PyObject *raise_status(Engine *e, int st);

@@ -42,19 +42,51 @@ static void note_used(Engine *e)
     }
 }
 
+/* The page a write stopped at, encoded, for the write to go on with once
+ * the policy has decided (Stopped, codec.h). */
+static void keep_stopped(Engine *e, Ctx *t, uint64_t idx, const uint8_t *page, unsigned kind, unsigned algo,
+                         const uint8_t *payload, uint32_t len, uint64_t word)
+{
+    Stopped *st = &t->stopped;
+    memcpy(st->page, page, PAGE_SIZE);
+    if (kind == KIND_COMPRESSED && payload != st->payload)
+        memcpy(st->payload, payload, len);
+    st->idx = idx;
+    st->kind = kind;
+    st->algo = algo;
+    st->len = len;
+    st->word = word;
+    st->e = e;
+}
+
 /* With page idx's entry lock held: encode (no pool lock), allocate (class and
  * pool locks), switch the entry.  *old gets the entry replaced, to release
- * once the entry lock is dropped. */
+ * once the entry lock is dropped.  A page refused or without room is kept
+ * encoded in the thread's context: the write goes on with it, not with a
+ * second compression, if the policy lets it. */
 static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *page, int refuse, uint64_t *old)
 {
     const uint8_t *payload;
     uint32_t len = 0;
     uint64_t word = 0;
-    unsigned algo = (unsigned)__atomic_load_n(&e->algo, __ATOMIC_RELAXED);
-    unsigned kind = encode(e, t, algo, page, &payload, &len, &word);
+    unsigned algo, kind;
+    Stopped *stopped = &t->stopped;
     *old = 0;
-    if (refuse && kind != KIND_SAME)
+    if (stopped->e == e && stopped->idx == idx && !memcmp(stopped->page, page, PAGE_SIZE)) {
+        kind = stopped->kind; /* the page this write stopped at, the same bytes */
+        algo = stopped->algo;
+        len = stopped->len;
+        word = stopped->word;
+        payload = kind == KIND_HUGE ? page : stopped->payload;
+    } else {
+        algo = (unsigned)__atomic_load_n(&e->algo, __ATOMIC_RELAXED);
+        kind = encode(e, t, algo, page, &payload, &len, &word);
+    }
+    stopped->e = NULL;
+    if (refuse && kind != KIND_SAME) {
+        keep_stopped(e, t, idx, page, kind, algo, payload, len, word);
         return ST_REFUSED;
+    }
     /* Allocate before freeing the old object: a failed store keeps the page. */
     uint32_t h;
     uint64_t entry;
@@ -67,8 +99,10 @@ static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *pag
         h = obj_store(e, payload, len);
         entry = make_entry(h, kind, kind == KIND_COMPRESSED ? algo : 0, len);
     }
-    if (!h)
+    if (!h) {
+        keep_stopped(e, t, idx, page, kind, algo, payload, len, word);
         return ST_NOROOM;
+    }
     CHECK(idx < e->npages);
     *old = e->page[idx];
     __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
@@ -115,7 +149,7 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
  * no room, with *done = bytes written before it.  Each page is updated under
  * its entry lock (a partial page's read, modify and write too), so two
  * threads never update one page at once; its old object is freed after. */
-int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done)
+static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, int refuse, uint64_t *done)
 {
     Ctx *t = ctx_get(e);
     uint64_t pos = 0;
@@ -155,10 +189,35 @@ int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, i
     return st;
 }
 
+int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len, const Policy *policy, uint64_t *done)
+{
+    uint64_t pos = 0;
+    int retried = 0, st;
+    ADD(e->num_writes, 1);
+    for (;;) {
+        uint64_t step = 0;
+        st = write_range(e, offset + pos, data + pos, len - pos, __atomic_load_n(&e->full, __ATOMIC_RELAXED), &step);
+        if (step)
+            retried = 0; /* a new page stops, if one does */
+        pos += step;
+        if (st != ST_REFUSED && st != ST_NOROOM)
+            break;
+        int go = policy ? policy->decide(policy->arg, st, retried) : 0;
+        if (go < 0)
+            st = ST_POLICY;
+        if (go <= 0)
+            break;
+        retried |= st == ST_NOROOM;
+    }
+    *done = pos;
+    return st;
+}
+
 /* Each page's object is copied out under its entry lock, then decompressed
  * with no lock held. */
 int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
 {
+    ADD(e->num_reads, 1);
     Ctx *t = ctx_get(e);
     if (!t)
         return ST_NOMEM;

@@ -39,6 +39,7 @@ class NativeServer:
         if not isinstance(engine, _engine.Engine):
             raise TypeError("native FUSE serving needs the native engine ([pool] engine = native or auto)")
         self.fs = fs
+        self.engine: Any = engine  # the engine.NativeEngine serving the store
         # FuseFS is sans-I/O and single-threaded: it builds READ replies in
         # one buffer of its own.  Cold requests come up from several C
         # threads, and the GIL does not keep them apart (the engine releases
@@ -55,7 +56,7 @@ class NativeServer:
         # Thread i reads clone i; with fewer clones than threads, they share
         # (only one thread reads at a time anyway).
         fds = [clones[i % len(clones)] for i in range(n)] if clones else [fd] * n
-        self._server = _engine.serve_fuse(engine, fds, self._handle)
+        self._server = _engine.serve_fuse(engine, fds, self._handle, self._decide)
         self._maybe_enable()
 
     def _maybe_enable(self) -> None:
@@ -81,6 +82,19 @@ class NativeServer:
                 reply = error_reply(req)
             self._maybe_enable()
         return reply
+
+    def _decide(self, status: int, retried: bool) -> bool:
+        """A write served in C stopped at a page (REFUSED, NOROOM): the
+        store's policy says whether it goes on from there (the engine's
+        ``policy``, set by the store), from any C thread, with the GIL."""
+        try:
+            policy = self.engine.policy
+            return bool(policy is not None and policy(status, bool(retried)))
+        except Exception:
+            # As _handle: a bug ends this write (EIO) and serving goes on.
+            self.bugs += 1
+            log.exception("bug in the store's policy for a write stopped with status %d; answered EIO", status)
+            raise
 
     def stats(self) -> dict[str, int]:
         return {**self._server.stats(), "bugs": self.bugs}

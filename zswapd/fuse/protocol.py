@@ -14,7 +14,8 @@ state.  A READ reply is built in a buffer owned by the FuseFS and is valid
 until the next call.
 
 Errors, as h11 does them: what a request can cause (a malformed body, a range
-the device refuses, a full pool) is a reply (EINVAL, ENOSPC).  A genuine bug
+the device refuses, a full pool, a stored object that does not decompress) is
+a reply (EINVAL, ENOSPC, EIO).  A genuine bug
 raises out of ``handle``; the I/O loop decides what that means, and answers
 with ``error_reply`` so the caller is not left waiting.
 """
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import BadRequest, DeviceFull
+from ..errors import BadRequest, CorruptObject, DeviceFull
 
 log = logging.getLogger("zswapd.fuse")
 
@@ -245,6 +246,10 @@ class FuseFS:
         except DeviceFull:
             self.errors += 1
             return reply(hdr.unique, error=errno.ENOSPC)
+        except CorruptObject:
+            # Counted in failed_reads where it was found; the rest serves on.
+            self.errors += 1
+            return reply(hdr.unique, error=errno.EIO)
         except BadRequest:
             self.errors += 1
             return reply(hdr.unique, error=errno.EINVAL)
