@@ -7,7 +7,7 @@ random runs of 4 KiB to 512 KiB, discards random runs (BLKDISCARD), and reads
 random runs back.  Every 4 KiB block it writes carries its block number and a
 generation number that grows with every write of that block, so a block that
 reads back stale (an earlier pass's data, which a checksum alone would
-accept: see kernel-facts on fio) or zero where data was written is caught.
+accept, as fio's crc32c verify does) or zero where data was written is caught.
 A discarded block must read as zeros.  At the end every block is read back.
 
 Prints one summary line and exits 0 if every block matched, 3 otherwise.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -207,6 +208,15 @@ def test_accepted_values_are_normalised(tmp_path: Path) -> None:
     for listen in ("", "127.0.0.1:9100", "[::1]:9100", "localhost:9100", "metrics.example.org.:1", "0.0.0.0:65535"):
         assert load(write(tmp_path, f'[control]\nmetrics_listen = "{listen}"')).control.metrics_listen == listen
     assert load(write(tmp_path, "")).log.level == "info"
+
+
+def test_fuse_backend_native_is_the_old_name_of_builtin(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert load(write(tmp_path, "")).fuse.backend == "builtin"
+    with caplog.at_level(logging.WARNING, logger="zswapd"):
+        assert load(write(tmp_path, '[fuse]\nbackend = "native"')).fuse.backend == "builtin"
+    assert any('backend = "native" is deprecated' in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="expected one of 'builtin', 'pyfuse3'"):
+        load(write(tmp_path, '[fuse]\nbackend = "libfuse"'))
 
 
 def test_device_size_bound_is_the_stores() -> None:

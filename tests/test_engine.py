@@ -29,7 +29,7 @@ from zswapd.state import State
 from zswapd.store import Store
 
 if TYPE_CHECKING:
-    from zswapd.fuse.native import NativeServer
+    from zswapd.fuse.threads import FuseThreads
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -356,10 +356,10 @@ def test_native_engine_under_tsan(tmp_path: Path) -> None:
     assert _engine_file(tmp_path, env) == str(out)  # under TSan, with the instrumented build
 
 
-# -- native serving of the hot opcodes (stage 2) -----------------------------------
+# -- the C FUSE threads: READ, WRITE, punch-hole served in C, the rest handed up ------
 
 
-def _cold_reads_from_many_threads(server: NativeServer, model: bytearray) -> None:
+def _reads_handed_up_from_many_threads(server: FuseThreads, model: bytearray) -> None:
     """READs handed up to Python (as before enable(), right after a takeover)
     from four threads at once: each reply must carry its own unique and its
     own bytes, though FuseFS builds READ replies in one buffer and the engine
@@ -429,7 +429,7 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path, nclones: int) -> None
     from tests.conftest import fallocate
     from zswapd.fuse import mount as fmount
     from zswapd.fuse import protocol
-    from zswapd.fuse.native import NativeServer
+    from zswapd.fuse.threads import FuseThreads
 
     size = 64 << 20
     store = Store(size, engine="native")
@@ -437,14 +437,14 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path, nclones: int) -> None
     fd = fmount.open_fuse()
     mp = tmp_path / "mnt"
     mp.mkdir()
-    server: NativeServer | None = None
+    server: FuseThreads | None = None
     mounted = False
     clones: list[int] = []
     try:
         fmount.mount(fd, str(mp))
         mounted = True
         clones = [fmount.clone_fuse(fd) for _ in range(nclones)]
-        server = NativeServer(fd, fs, store.engine, threads=2, clones=clones)
+        server = FuseThreads(fd, fs, store.engine, threads=2, clones=clones)
         model = bytearray(size)
         corpus = b"".join(sample_pages(512))  # 2 MiB
         f = os.open(mp / "swap", os.O_RDWR | os.O_DIRECT)
@@ -474,19 +474,19 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path, nclones: int) -> None
         model[12345 : 12345 + 15] = b"unaligned bytes"
         assert store.read(0, 8 << 20) == model[: 8 << 20]
         stats = server.stats()
-        assert stats["hot"] == 1 and stats["threads"] == 2 and stats["clones"] == nclones
-        assert stats["hot_requests"] >= 200 and stats["cold_requests"] > 0 and stats["bugs"] == 0
+        assert stats["serving"] == 1 and stats["threads"] == 2 and stats["clones"] == nclones
+        assert stats["served_in_c"] >= 200 and stats["handed_up"] > 0 and stats["bugs"] == 0
         st = store.stats()
         assert st["num_writes"] >= 200 and st["notify_free"] > 0
         # Four writers at once, on files opened beforehand, so only hot
-        # WRITEs come (a cold request wakes a follower by itself): requests
+        # WRITEs come (a request handed up wakes a follower by itself): requests
         # queue, the reader wakes a follower, and both threads serve at once.
         # A new server counts max_busy from 0.  The rounds bound a scheduling
         # accident; they are not a timing.
         files = [os.open(mp / "swap", os.O_RDWR | os.O_DIRECT) for _ in range(4)]
         try:
             server.stop()
-            server = NativeServer(fd, fs, store.engine, threads=2, clones=clones)
+            server = FuseThreads(fd, fs, store.engine, threads=2, clones=clones)
             for rnd in range(20):
                 _concurrent_writes(files, model, corpus, seed=rnd)
                 if server.stats()["max_busy"] >= 2:
@@ -496,7 +496,7 @@ def test_native_threads_serve_a_real_mount(tmp_path: Path, nclones: int) -> None
             for f in files:
                 os.close(f)
         assert store.read(0, size) == model
-        _cold_reads_from_many_threads(server, model)
+        _reads_handed_up_from_many_threads(server, model)
     finally:
         if mounted:
             fmount.unmount(str(mp))
@@ -595,7 +595,7 @@ def test_native_engine_under_threads_against_a_model() -> None:
 
     def compactor() -> None:
         """Also what the store's policy, stats and counters do meanwhile
-        with no engine lock: figures read unlocked, the limit and ``full``
+        holding none of the engine's locks: figures read unlocked, the limit and ``full``
         set, counters bumped (the TSan target runs this test)."""
         try:
             rounds = 0

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.root
 MIB = 1 << 20
 
 
-@pytest.fixture(params=[("native", "native"), ("native", "python"), ("pyfuse3", "native")],
+@pytest.fixture(params=[("builtin", "native"), ("builtin", "python"), ("pyfuse3", "native")],
                 ids=["native", "python-engine", "pyfuse3"])  # fmt: skip
 def backend_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
     """The same tests against both FUSE backends (pyfuse3 is installed in CI)
@@ -56,7 +56,7 @@ def real_data(n: int) -> bytes:
 
 def test_random_unaligned_io_and_punch_holes_match_model(backend_daemon: Daemon) -> None:
     daemon = backend_daemon
-    native = daemon.stats()["fuse_backend"] == "native"
+    native = daemon.stats()["fuse_backend"] == "builtin"
     size = 256 * MIB
     model: dict[int, int] = {}  # sparse model: page index -> bytes of that page
     pages: dict[int, bytearray] = {}
@@ -174,8 +174,8 @@ def test_punch_half_releases_memory(engine_daemon: Daemon, tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     "backend, algorithm, engine",
-    [("native", "lz4", "native"), ("native", "zstd", "native"), ("native", "lz4", "python"),
-     ("native", "zstd", "python"), ("pyfuse3", "lz4", "native")],
+    [("builtin", "lz4", "native"), ("builtin", "zstd", "native"), ("builtin", "lz4", "python"),
+     ("builtin", "zstd", "python"), ("pyfuse3", "lz4", "native")],
 )  # fmt: skip
 def test_fio_verify_through_loop_device(tmp_path: Path, backend: str, algorithm: str, engine: str) -> None:
     with run_daemon(tmp_path, pool={"algorithm": algorithm, "engine": engine}, fuse={"backend": backend}) as d:
@@ -190,7 +190,7 @@ def test_fio_verify_through_loop_device(tmp_path: Path, backend: str, algorithm:
                 "--refill_buffers", "--output-format=terse", "--group_reporting",
             ]  # fmt: skip
             jobs = [["--name=mixed", "--rw=randwrite", "--bsrange=4k-512k", "--do_verify=1"]]
-            if backend == "native":  # pyfuse3 cannot take the trims (no fallocate)
+            if backend == "builtin":  # pyfuse3 cannot take the trims (no fallocate)
                 jobs.append(["--name=trim", "--rw=randtrimwrite", "--bs=64k", "--do_verify=1"])
             # fio writes its verify state (NAME-0-verify.state) into the current
             # directory: keep it out of the checkout.
@@ -200,7 +200,7 @@ def test_fio_verify_through_loop_device(tmp_path: Path, backend: str, algorithm:
                 r = subprocess.run(common + job, capture_output=True, text=True, cwd=fio_dir)
                 assert r.returncode == 0, r.stdout + r.stderr
                 assert "verify" not in r.stderr.lower(), r.stderr
-            if backend == "native":
+            if backend == "builtin":
                 assert int(d.stats()["notify_free"]) > 0  # the trims arrived as discards  # type: ignore[call-overload]
         finally:
             subprocess.run(["losetup", "-d", loop], check=False)

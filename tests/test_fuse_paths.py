@@ -67,12 +67,12 @@ class Paths:
         c_reply = self.c_sock.recv(p.OUT_HEADER.size + MAX_WRITE + PAGE)
         # The thread counts the request after it has replied.
         deadline = time.monotonic() + 10
-        while (after := self.stats())["hot_requests"] + after["cold_requests"] == before["hot_requests"] + before[
-            "cold_requests"
+        while (after := self.stats())["served_in_c"] + after["handed_up"] == before["served_in_c"] + before[
+            "handed_up"
         ]:
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        path = IN_C if after["hot_requests"] > before["hot_requests"] else UP
+        path = IN_C if after["served_in_c"] > before["served_in_c"] else UP
         py_reply = _session_reply(self.py_fs, req)
         assert py_reply is not None
         return c_reply, py_reply, path
@@ -91,7 +91,7 @@ def _sockets() -> tuple[socket.socket, socket.socket]:
 
 @pytest.fixture
 def paths() -> Iterator[Paths]:
-    from zswapd.fuse.native import NativeServer
+    from zswapd.fuse.threads import FuseThreads
 
     pages = sample_pages(64)
     stores = [Store(SIZE, engine="native") for _ in range(2)]
@@ -103,9 +103,9 @@ def paths() -> Iterator[Paths]:
         fs.restore_init(p.OUR_MINOR)  # as after a takeover: serving from the first request
         fs.max_write = MAX_WRITE
     mine, theirs = _sockets()
-    server = NativeServer(theirs.fileno(), fss[0], stores[0].engine, threads=1, clones=[theirs.fileno()])
+    server = FuseThreads(theirs.fileno(), fss[0], stores[0].engine, threads=1, clones=[theirs.fileno()])
     try:
-        assert server.stats()["hot"] == 1
+        assert server.stats()["serving"] == 1
         yield Paths(stores[0], stores[1], mine, server, fss[1])
     finally:
         server.stop()

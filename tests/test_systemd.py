@@ -598,7 +598,7 @@ def test_kill_main_only_systemd_ends_the_worker_before_restarting(boot: Boot) ->
     """SIGKILL to the supervisor alone: KillMode=mixed makes systemd SIGKILL
     the rest of the cgroup (the orphaned worker) and wait for it to be empty
     before the restart, so the old worker is gone before the new one asks
-    for a resend (kernel-facts: never resend while the old server lives)."""
+    for a resend (docs/operation.md: never resend while the old server lives)."""
     after = boot.show("show_kill_main")
     assert boot.ok("stats_kill_main"), boot.text("stats_kill_main")
     assert after.get("ActiveState") == "active" and after.get("NRestarts") == "2", after

@@ -128,7 +128,7 @@ def test_block_io_with_worker_killed_10_times_loses_no_write(tmp_path: Path, eng
     with run_daemon(tmp_path, device={"size": "256M"}, fuse={"threads": 4}, pool={"engine": engine}) as d:
         assert d.stats()["engine"] == engine
         if engine == "native":
-            assert "serving FUSE with 4 native threads on 4 cloned fds" in d.logtext()
+            assert "serving FUSE with 4 C threads on 4 cloned fds" in d.logtext()
         loop = subprocess.run(
             ["losetup", "--find", "--show", "--direct-io=on", d.file], capture_output=True, text=True, check=True
         ).stdout.strip()

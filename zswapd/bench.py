@@ -370,7 +370,7 @@ class ZswapdTarget(Target):
         size: int,
         algorithm: str,
         workdir: str,
-        backend: str = "native",
+        backend: str = "builtin",
         src: str | None = None,
         swap_priority: int | None = None,
         fuse_threads: int | None = None,
@@ -381,7 +381,7 @@ class ZswapdTarget(Target):
         ``fuse_threads``: [fuse] threads (default: the daemon's own default)."""
         from .control import request
 
-        self.name = "zswapd" if backend == "native" else f"zswapd-{backend}"
+        self.name = "zswapd" if backend == "builtin" else f"zswapd-{backend}"
         if src:
             self.name = "baseline"
         self._request = request
@@ -397,7 +397,9 @@ class ZswapdTarget(Target):
             f.write(
                 f'[device]\nsize = {size}\nmountpoint = "{self.mnt}"\n[pool]\nalgorithm = "{algorithm}"\n'
                 f"memory_limit = 0\n[swap]\n{swap}\n[compaction]\nbackground = false\n"
-                f'[control]\nsocket = "{self.sock}"\n[fuse]\nbackend = "{backend}"\n'
+                f'[control]\nsocket = "{self.sock}"\n[fuse]\n'
+                # the default named by no name: a --baseline-src tree may call it "native"
+                + (f'backend = "{backend}"\n' if backend != "builtin" else "")
                 + (f"threads = {fuse_threads}\n" if fuse_threads is not None else "")
             )
         self.file = os.path.join(self.mnt, "swap")
@@ -438,7 +440,7 @@ class ZswapdTarget(Target):
         on a fallback engine would otherwise pass for the native one)."""
         s = self._request(self.sock, {"cmd": "stats"})
         engine = str(s.get("engine", "python (no engine in stats)"))
-        m = re.search(rb"serving FUSE with (\d+) native threads", Path(self.log.name).read_bytes())
+        m = re.search(rb"serving FUSE with (\d+) (?:C|native) threads", Path(self.log.name).read_bytes())
         return f"{engine} engine, " + (f"{int(m.group(1))} native FUSE threads" if m else "no native FUSE threads")
 
     def compact(self) -> None:

@@ -175,15 +175,16 @@ class ControlConfig:
     metrics_listen: str = ""
 
 
-# [fuse] threads' maximum: far beyond the cores a swap device can keep busy;
-# the native server's MAX_THREADS and the unit's FileDescriptorStoreMax (one
-# stored clone per thread) are sized from it.
+# [fuse] threads' maximum: far beyond the cores a swap device can keep busy.
+# The C FUSE threads' MAX_THREADS is the same number (engine.py checks at
+# import), and the unit's FileDescriptorStoreMax leaves room for one stored
+# clone per thread (tests/test_docs.py checks).
 MAX_FUSE_THREADS = 64
 
 
 @dataclass
 class FuseConfig:
-    backend: str = "native"
+    backend: str = "builtin"
     threads: int = 0  # native serving threads on /dev/fuse; 0: one per CPU (serving_threads)
 
     def serving_threads(self) -> int:
@@ -228,6 +229,17 @@ def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError("true or false")
     return v
+
+
+def _fuse_backend(v: object) -> str:
+    """ "builtin" (zswapd's own FUSE layer: the codec, and the C threads with
+    the native engine) or "pyfuse3"; "native", its old name, still works."""
+    if v == "native":
+        logging.getLogger("zswapd").warning(
+            '[fuse] backend = "native" is deprecated: the same backend is now called "builtin"'
+        )
+        return "builtin"
+    return str(_choice("builtin", "pyfuse3")(v))
 
 
 def _choice(*options: str) -> Check:
@@ -382,7 +394,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "control": {"socket": _socket_path, "group": _group, "metrics_listen": _listen},
     # threads: with the native engine, C threads read /dev/fuse and serve
     # READ, WRITE and discards without the GIL.
-    "fuse": {"backend": _choice("native", "pyfuse3"), "threads": _int_in(0, MAX_FUSE_THREADS)},
+    "fuse": {"backend": _fuse_backend, "threads": _int_in(0, MAX_FUSE_THREADS)},
     "log": {"level": _choice(*LOG_LEVELS)},
 }
 

@@ -1,4 +1,4 @@
-"""The engine: the allocator and the hot path over a state's tables.
+"""The engine: the allocator and the page-level mechanics over a state's tables.
 
 Two engines implement one narrow interface (``Engine`` below):
 
@@ -516,7 +516,7 @@ if _engine is not None:
 
         name = "native"
         # The store's; C reads it where a write from Python stops (the FUSE
-        # threads ask it through fuse/native.py).
+        # threads ask it through fuse/threads.py).
         policy: Policy | None = None
 
         def __init__(self, state: State, codec: Codec, reserve_frames: int = 64, frame_limit: int = 0) -> None:

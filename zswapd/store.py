@@ -276,7 +276,7 @@ class Store:
 
     def write_stopped(self, status: int, retried: bool) -> bool:
         """The policy where a write stops at a page (the engine asks it,
-        from Python or from a C FUSE thread, with no engine lock held):
+        from Python or from a C FUSE thread, holding none of its locks):
         True for the write to go on from that page, False to end it there
         (DeviceFull).  REFUSED (the store is full and the page needs
         memory): go on once usage has fallen below the accept threshold.

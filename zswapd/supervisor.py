@@ -342,7 +342,7 @@ class Supervisor:
         # FUSE_DEV_IOC_CLONEs of the connection, one per serving thread.  The
         # supervisor keeps them: a request a dead worker had read on a clone
         # stays in flight on it until the next worker's RESEND, where a clone
-        # closed with its maker ends those requests with EIO (kernel-facts).
+        # closed with its maker ends those requests with EIO (docs/design.md).
         self.fuse_clones: list[int] = []
         self.control_sock: socket.socket | None = None
         self.state_fds: list[int] = []
@@ -804,7 +804,7 @@ class Supervisor:
         try:
             if self.adopted:
                 self._adopt()
-            elif cfg.fuse.backend == "native":
+            elif cfg.fuse.backend == "builtin":
                 self.fuse_fd = fmount.open_fuse()
                 fmount.mount(self.fuse_fd, self.mountpoint)
                 self.mounted = True

@@ -142,7 +142,9 @@ def swap_used_kib(device: str) -> int | None:
 
 
 def detach_sync(device: str, timeout: float = 10.0) -> None:
-    """Detach a loop device we did not attach (start-up recovery)."""
+    """Detach a loop device and wait until it lets go of its file: ours at
+    teardown (after our own fd on it is closed), one a dead instance left,
+    or one another process attached to our file."""
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     except OSError:

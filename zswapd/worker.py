@@ -159,7 +159,7 @@ class Worker:
         self.fs = FuseFS(self.store)
         self.fs.on_init = self._save_init
         self.p3: Any = None  # the pyfuse3 server, with [fuse] backend = "pyfuse3"
-        self.native: Any = None  # fuse.native.NativeServer: C threads serving the hot opcodes
+        self.threads: Any = None  # fuse.threads.FuseThreads, with the native engine
         self.compact_pauses: list[float] = []
         self.task_failures: Counter[str] = Counter()
         self.reloads = 0
@@ -190,9 +190,9 @@ class Worker:
             "discard_supported": self.p3 is None,
             "fuse_requests": self.p3.ops.requests if self.p3 else self.fs.requests,
             # FuseFS's error replies, and the ones the C threads wrote themselves.
-            "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors + self._native_stat("errors"),
+            "fuse_errors": self.p3.ops.errors if self.p3 else self.fs.errors + self._thread_stat("errors"),
             "fuse_internal_errors": 0 if self.p3 else self.fs.internal_errors,
-            "fuse_native": self.native.stats() if self.native is not None else None,
+            "fuse_threads": self.threads.stats() if self.threads is not None else None,
             "control_internal_errors": self.controller.internal_errors,
             "compaction_step_p99_us": round(p99 * 1e6, 1),
             "task_failures": dict(self.task_failures),
@@ -247,7 +247,7 @@ class Worker:
             if cfg.swap.enable:
                 log.warning(
                     "the pyfuse3 backend cannot receive discards (no fallocate): swap slots the kernel frees stay "
-                    "in the pool until overwritten, and the memory limit is reached sooner; use backend 'native'"
+                    "in the pool until overwritten, and the memory limit is reached sooner; use backend 'builtin'"
                 )
         else:
             if not self.args.state_fds:
@@ -312,7 +312,7 @@ class Worker:
         if self.p3:
             await self.p3.serve()
         elif self.store.engine.name == "native":
-            await self._serve_native()
+            await self._serve_threads()
         else:
             await serve(self.args.fuse_fd, self.fs, on_first_reply=self._first_reply)
         # The connection is gone (aborted, or unmounted with no user left):
@@ -321,36 +321,36 @@ class Worker:
         self.exit_code = EXIT_CONNECTION_GONE
         self.nursery.cancel_scope.cancel()
 
-    async def _serve_native(self) -> None:
+    async def _serve_threads(self) -> None:
         """C threads serve READ, WRITE and discards without the GIL; every
         other request comes up to FuseFS.handle through a callback.  This
         task only watches them: it returns when the connection is gone, and
         stops them (each finishes its request) when cancelled."""
-        from .fuse.native import NativeServer
+        from .fuse.threads import FuseThreads
 
         threads = self.cfg.fuse.serving_threads()
-        self.native = NativeServer(self.args.fuse_fd, self.fs, self.store.engine, threads, self.args.fuse_clones)
-        log.info("serving FUSE with %d native threads on %d cloned fds", threads, self.native.stats()["clones"])
+        self.threads = FuseThreads(self.args.fuse_fd, self.fs, self.store.engine, threads, self.args.fuse_clones)
+        log.info("serving FUSE with %d C threads on %d cloned fds", threads, self.threads.stats()["clones"])
         try:
             if self.args.died_at_ns:
                 # Recovery ends at the first request served; the threads do
                 # not call back for hot ones, so watch their counters.
                 with trio.move_on_after(30):
-                    while not self._native_requests():
+                    while not self._thread_requests():
                         await trio.sleep(0.0005)
                     self._first_reply()
-            while self.native.stats()["alive"]:
+            while self.threads.stats()["alive"]:
                 await trio.sleep(0.1)
         finally:
             # Shielded: the threads must be joined before the store closes.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.native.stop)
+                await trio.to_thread.run_sync(self.threads.stop)
 
-    def _native_requests(self) -> int:
-        return self._native_stat("hot_requests") + self._native_stat("cold_requests")
+    def _thread_requests(self) -> int:
+        return self._thread_stat("served_in_c") + self._thread_stat("handed_up")
 
-    def _native_stat(self, name: str) -> int:
-        return int(self.native.stats()[name]) if self.native is not None else 0
+    def _thread_stat(self, name: str) -> int:
+        return int(self.threads.stats()[name]) if self.threads is not None else 0
 
     # -- signals ----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """FUSE-file throughput against the number of native FUSE threads.
 
 Mounts zswapd's FUSE layer (FuseFS over a native-engine Store) served by
-NativeServer with 1, 2 and 4 C threads, and runs fio on the file itself (no
+FuseThreads with 1, 2 and 4 C threads, and runs fio on the file itself (no
 loop device): 4 jobs of 128 KiB O_DIRECT psync writes, then reads, over
 disjoint 64 MiB regions, with half-compressible buffers refilled per write.
 The thread counts are alternated over ROUNDS rounds; medians are printed.
@@ -19,8 +19,8 @@ import sys
 import tempfile
 
 from zswapd.fuse import mount as fmount
-from zswapd.fuse.native import NativeServer
 from zswapd.fuse.protocol import FuseFS
+from zswapd.fuse.threads import FuseThreads
 from zswapd.store import Store
 
 JOBS = 4
@@ -51,7 +51,7 @@ def one(threads: int) -> tuple[float, float]:
             fmount.mount(fd, mp)
             mounted = True
             clones = [fmount.clone_fuse(fd) for _ in range(threads)]  # as the supervisor makes them
-            server = NativeServer(fd, fs, store.engine, threads=threads, clones=clones)
+            server = FuseThreads(fd, fs, store.engine, threads=threads, clones=clones)
             path = os.path.join(mp, "swap")
             return fio(path, "write"), fio(path, "read")
         finally:

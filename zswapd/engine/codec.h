@@ -1,6 +1,6 @@
 /* The codecs and each thread's context for them (zcomp.h's job): the one
  * place in C that turns a page into a kind and a payload, and back.  Nothing
- * here takes an engine lock: a thread compresses in its own context. */
+ * here takes a lock of the engine's: a thread compresses in its own context. */
 #ifndef ZSWAPD_CODEC_H
 #define ZSWAPD_CODEC_H
 

@@ -1,7 +1,7 @@
 /* zswapd's C engine: the data, its small accessors and the rules every file
  * of the engine relies on (as zram_drv.h is to zram).
  *
- * The engine is the store's hot path (page table, zsmalloc-style pool,
+ * The engine is the store's fast path (page table, zsmalloc-style pool,
  * lz4/zstd) over the memfd state of zswapd/state.py.  It mirrors
  * zswapd/pool.py (the reference engine) and the page-level half of
  * zswapd/engine.py line for line, with the same names (frame, zspage, size
@@ -276,7 +276,7 @@ typedef struct {
 /* A field written under its lock and also read without it (see the top):
  * the lock holder writes with STORE (a plain read of its own lock's field is
  * fine), the unlocked reader uses LOAD.  Relaxed: on x86 these are the same
- * movs as plain accesses, so the hot path pays nothing. */
+ * movs as plain accesses, so the write and read paths pay nothing. */
 #define LOAD(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
 #define STORE(field, v) __atomic_store_n(&(field), (v), __ATOMIC_RELAXED)
 
@@ -386,7 +386,7 @@ long long compact(Engine *e, unsigned long long budget);
  * go on from that page (after it compacted, or found the store no longer
  * full), 0 to end the write there, -1 if asking failed.  `retried`: this
  * page already stopped for want of room, and the policy made room.  The
- * engine decides nothing itself; decide() runs with no engine lock held. */
+ * engine decides nothing itself; decide() runs holding none of its locks. */
 typedef struct {
     int (*decide)(void *arg, int status, int retried);
     void *arg;

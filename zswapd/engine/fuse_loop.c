@@ -3,12 +3,12 @@
  * N threads read /dev/fuse, each its own fd, and give each request to
  * fuse_ops.c: served in C without the GIL (READ, WRITE and punch-hole of the
  * device file, once Python has answered INIT: enable()), or handed up to
- * the Python callback (FuseFS.handle behind zswapd/fuse/native.py).  The
+ * the Python callback (FuseFS.handle behind zswapd/fuse/threads.py).  The
  * callback runs with the GIL, but the GIL does not serialize callbacks (the
- * engine releases it inside a read): native.py gives them turns and hands
+ * engine releases it inside a read): threads.py gives them turns and hands
  * back a copy of the reply, since FuseFS builds READ replies in one buffer
  * of its own.  Per-thread buffers are allocated at thread start: nothing is
- * allocated per request on the hot path.  This file knows no opcode.
+ * allocated per request.  This file knows no opcode.
  *
  * The fds.  A reply must be written on the fd its request was read from (the
  * kernel keeps a request in flight on that fd's own processing list).  The
@@ -232,11 +232,11 @@ static void *server_thread(void *arg)
         if (woke)
             wake_followers(s, 1);
         if ((size_t)n >= sizeof(struct fuse_in_header) && serve_in_c(s, t->fd, in, (size_t)n, out)) {
-            __atomic_add_fetch(&s->hot_requests, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&s->served_in_c, 1, __ATOMIC_RELAXED);
         } else {
             if (!woke)
                 wake_followers(s, 1); /* Python's turn: the GIL may keep it */
-            __atomic_add_fetch(&s->cold_requests, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&s->handed_up, 1, __ATOMIC_RELAXED);
             hand_up(s, t->fd, in, (size_t)n);
         }
         __atomic_sub_fetch(&s->busy, 1, __ATOMIC_RELAXED);
@@ -313,25 +313,25 @@ static PyObject *Server_enable(Server *s, PyObject *args)
     }
     s->max_write = max_write;
     s->dev_size = dev_size;
-    __atomic_store_n(&s->hot, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->serving, 1, __ATOMIC_RELEASE);
     Py_RETURN_NONE;
 }
 
 static PyObject *Server_stats(Server *s, PyObject *Py_UNUSED(a))
 {
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i,s:i}", "hot_requests",
-        __atomic_load_n(&s->hot_requests, __ATOMIC_RELAXED), "cold_requests",
-        __atomic_load_n(&s->cold_requests, __ATOMIC_RELAXED), "io_errors", __atomic_load_n(&s->io_errors, __ATOMIC_RELAXED),
+        "{s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:i,s:i}", "served_in_c",
+        __atomic_load_n(&s->served_in_c, __ATOMIC_RELAXED), "handed_up",
+        __atomic_load_n(&s->handed_up, __ATOMIC_RELAXED), "io_errors", __atomic_load_n(&s->io_errors, __ATOMIC_RELAXED),
         "errors", __atomic_load_n(&s->errors, __ATOMIC_RELAXED), "threads", s->nthreads, "fds", s->nfds, "clones",
-        s->nblocking, "max_busy", __atomic_load_n(&s->max_busy, __ATOMIC_RELAXED), "hot",
-        __atomic_load_n(&s->hot, __ATOMIC_ACQUIRE), "alive",
+        s->nblocking, "max_busy", __atomic_load_n(&s->max_busy, __ATOMIC_RELAXED), "serving",
+        __atomic_load_n(&s->serving, __ATOMIC_ACQUIRE), "alive",
         __atomic_load_n(&s->alive, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef Server_methods[] = {
     {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop and join the threads"},
-    {"enable", (PyCFunction)Server_enable, METH_VARARGS, "enable(max_write, device_size): serve hot opcodes"},
+    {"enable", (PyCFunction)Server_enable, METH_VARARGS, "enable(max_write, device_size): serve READ, WRITE and punches in C"},
     {"stats", (PyCFunction)Server_stats, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -395,7 +395,7 @@ PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->nthreads = s->nfds = s->nblocking = 0;
     s->started = 0;
     s->stop = 0;
-    s->hot = 0;
+    s->serving = 0;
     s->reader = 0;
     s->busy = 0;
     s->max_busy = 0;
@@ -404,7 +404,7 @@ PyObject *serve_fuse(PyObject *Py_UNUSED(m), PyObject *args)
     s->followers = 0;
     s->max_write = 0;
     s->dev_size = 0;
-    s->hot_requests = s->cold_requests = s->io_errors = s->errors = 0;
+    s->served_in_c = s->handed_up = s->io_errors = s->errors = 0;
     s->alive = 0;
     s->efd = -1;
     for (Py_ssize_t i = 0; i < nthreads; i++) {

@@ -3,7 +3,7 @@
  * READ, WRITE and FALLOCATE(PUNCH_HOLE|KEEP_SIZE) of the device file are
  * served here, in C and without the GIL, when admit() says so; everything
  * else is handed up whole to the Python callback (FuseFS.handle behind
- * zswapd/fuse/native.py), which answers every opcode.  For the requests
+ * zswapd/fuse/threads.py), which answers every opcode.  For the requests
  * admit() lets through, both answer byte for byte alike: FuseFS._read,
  * _write and _fallocate are the protocol's rules, and this file is their
  * fast path (tests/test_fuse_paths.py sends the edge cases through both).
@@ -16,8 +16,8 @@
  * from that page if the policy made room), EIO for an object that does not
  * decompress (counted in failed_reads by the page level; the daemon goes on).
  *
- * The wire format is the kernel's <linux/fuse.h>.  No engine lock is held
- * across a call into Python; the page level (page.c) takes the entry bits.
+ * The wire format is the kernel's <linux/fuse.h>.  None of the engine's
+ * locks is held across a call into Python; the page level (page.c) takes the entry bits.
  */
 #include "fuse_server.h"
 
@@ -47,7 +47,7 @@ enum { HAND_UP, SERVE_READ, SERVE_WRITE, SERVE_PUNCH };
  * Everything else goes up. */
 static int admit(const Server *s, const struct fuse_in_header *h, size_t n)
 {
-    if (!__atomic_load_n(&s->hot, __ATOMIC_ACQUIRE) || h->nodeid != FILE_NODE || h->len != n ||
+    if (!__atomic_load_n(&s->serving, __ATOMIC_ACQUIRE) || h->nodeid != FILE_NODE || h->len != n ||
         !s->engine->e.arena)
         return HAND_UP;
     uint64_t size = s->dev_size;
@@ -113,7 +113,7 @@ static int serve_read(Server *s, int fd, const struct fuse_in_header *h, uint8_t
 }
 
 /* The Policy of a write on a FUSE thread: the `decide` callback, with the
- * GIL.  It catches everything (fuse/native.py); should it fail anyway, the
+ * GIL.  It catches everything (fuse/threads.py); should it fail anyway, the
  * write ends (EIO). */
 static int decide_by_callback(void *arg, int status, int retried)
 {
@@ -187,7 +187,7 @@ void hand_up(Server *s, int fd, const uint8_t *in, size_t n)
         }
     }
     if (!r || PyErr_Occurred()) {
-        /* native.py's callback catches everything; this is the last guard:
+        /* threads.py's callback catches everything; this is the last guard:
          * answer EIO rather than leave the request hanging. */
         PyErr_Clear();
         if (n >= sizeof(struct fuse_in_header))

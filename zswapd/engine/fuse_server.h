@@ -35,14 +35,14 @@ typedef struct {
 struct Server {
     PyObject_HEAD
     EngineObject *engine;
-    PyObject *callback; /* a request handed up: FuseFS.handle, behind fuse/native.py */
-    PyObject *decide;   /* a write stopped: the store's policy, behind fuse/native.py */
+    PyObject *callback; /* a request handed up: FuseFS.handle, behind fuse/threads.py */
+    PyObject *decide;   /* a write stopped: the store's policy, behind fuse/threads.py */
     int efd;
     int nthreads, nfds, nblocking;
     Thread threads[MAX_THREADS];
     int started;
     int stop;
-    int hot;
+    int serving;   /* C serves what admit() lets through: set by enable(), after INIT */
     int reader;    /* 1 while a thread holds the reader token */
     int busy;      /* threads between a read and its reply */
     int max_busy;  /* the most at once: do followers join when a queue forms? */
@@ -51,7 +51,8 @@ struct Server {
     int followers; /* threads asleep on it */
     uint32_t max_write;
     uint64_t dev_size;
-    unsigned long long hot_requests, cold_requests, io_errors;
+    unsigned long long served_in_c, handed_up; /* requests, by the path they took */
+    unsigned long long io_errors;
     unsigned long long errors; /* error replies written in C (ENOSPC, EIO) */
     int alive; /* threads still serving: 0 once the connection is gone */
 };

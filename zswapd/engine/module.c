@@ -1,8 +1,8 @@
 /* The CPython module zswapd._engine and its Engine type: arguments, the
  * Python exceptions for the engine's statuses, the attributes (counters,
  * figures) and the module's constants.  It releases the GIL around every
- * call that takes an engine lock (NOGIL) and never takes the GIL while one
- * is held (engine.h).  The calls that read or replace every index at once
+ * call that takes one of the engine's locks (NOGIL) and never takes the GIL
+ * while one is held (engine.h).  The calls that read or replace every index at once
  * (volatile, set_volatile, rebuild, check_pages, close) hold lock_all.
  */
 #include "module.h"
@@ -396,7 +396,7 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(a))
 {
     Engine *e = &self->e;
     if (e->locks_ready) {
-        /* The FUSE threads are stopped first (NativeServer.stop); the locks
+        /* The FUSE threads are stopped first (FuseThreads.stop); the locks
          * wait out any call still running from another Python thread. */
         lock_all(e);
         engine_release_buffers(self);
@@ -415,7 +415,7 @@ static PyObject *get_cls_used(EngineObject *self, void *Py_UNUSED(c))
     Engine *e = &self->e;
     return u64_list(e->cls_used, e->ncls);
 }
-/* The getters hold no engine lock: every figure they read is LOAD/STORE
+/* The getters take none of the engine's locks: every figure they read is LOAD/STORE
  * (see the top), so a reading thread sees a recent value, never a torn one. */
 static PyObject *get_frames_used(EngineObject *self, void *Py_UNUSED(c))
 {

@@ -29,7 +29,7 @@
 long long frame_room(const Engine *e)
 {
     /* Under the pool lock from the allocator, unlocked from Python's
-     * frame_room(); frame_limit is set from Python with no engine lock. */
+     * frame_room(); frame_limit is set from Python holding none of the locks. */
     long long used = LOAD(e->frames_used), limit = LOAD(e->frame_limit);
     long long room = (long long)e->max_frames - used;
     if (limit) {

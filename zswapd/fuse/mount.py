@@ -31,7 +31,8 @@ def clone_fuse(fd: int) -> int:
     """A new /dev/fuse fd on ``fd``'s connection (FUSE_DEV_IOC_CLONE).  It
     is its own open file description, so blocking even though ``fd`` is not,
     and it keeps its own list of requests in flight: the holder that made it
-    must keep it for as long as the connection lives (kernel-facts)."""
+    must keep it for as long as the connection lives (docs/design.md,
+    "Concurrency": a clone closed with its maker ends its requests with EIO)."""
     clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(clone, FUSE_DEV_IOC_CLONE, struct.pack("I", fd))

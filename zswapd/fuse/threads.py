@@ -1,20 +1,23 @@
-"""Native serving of the hot opcodes: C threads on /dev/fuse.
+"""The C FUSE threads: N threads of the native engine on /dev/fuse.
 
-``NativeServer`` starts N threads in the native engine (zswapd/engine/fuse_loop.c,
-``serve_fuse``), each reading /dev/fuse on its own fd: one of the clones the
-supervisor made and keeps (``mount.clone_fuse``), or, without them, the
-connection's fd shared.  READ, WRITE and
-FALLOCATE(PUNCH_HOLE) of the device file are served in C without the GIL;
-every other request, and any hot one the store's policy must decide (a full
-pool, a bad range, an unaligned discard, a corrupt object), comes up here,
-whole, to ``FuseFS.handle``: the sans-I/O protocol stays the one place where
-the protocol's rules are written.  Hot serving starts once FuseFS has
-answered INIT (or had it restored after a takeover).
+``FuseThreads`` starts N threads in the native engine
+(zswapd/engine/fuse_loop.c, ``serve_fuse``), each reading /dev/fuse on its
+own fd: one of the clones the supervisor made and keeps
+(``mount.clone_fuse``), or, without them, the connection's fd shared.
+READ, WRITE and FALLOCATE(PUNCH_HOLE) of the device file are served in C
+without the GIL (the rule is ``admit`` in zswapd/engine/fuse_ops.c); every
+other request is handed up here, whole, to ``FuseFS.handle``, which answers
+every opcode and whose rules the C path follows byte for byte.  Where a
+write served in C stops (the store is full, or has no room), C asks the
+store's policy through ``_decide`` and goes on or answers ENOSPC itself.
+Serving in C starts once FuseFS has answered INIT (or had it restored after
+a takeover).
 
 The connection's fd must be O_NONBLOCK (``mount.open_fuse``); clones are
-blocking, so each request wakes one thread (see zswapd/engine/fuse_loop.c).  ``stop()`` must run before
-the store is closed.  This module knows FuseFS and an engine object with
-``serve_fuse``-compatible type, never Store: the worker passes both in.
+blocking, so each request wakes one thread (see zswapd/engine/fuse_loop.c).
+``stop()`` must run before the store is closed.  This module knows FuseFS
+and the native engine (and its ``policy``, the store's), never Store: the
+worker passes both in.
 """
 
 from __future__ import annotations
@@ -30,18 +33,18 @@ from .protocol import IN_HEADER, FuseFS, error_reply
 log = logging.getLogger("zswapd")
 
 
-class NativeServer:
+class FuseThreads:
     def __init__(
         self, fd: int, fs: FuseFS, engine: Any, threads: int | None = None, clones: Sequence[int] = ()
     ) -> None:
-        from .. import _engine  # only the native engine can serve natively
+        from .. import _engine  # the threads are the native engine's
 
         if not isinstance(engine, _engine.Engine):
-            raise TypeError("native FUSE serving needs the native engine ([pool] engine = native or auto)")
+            raise TypeError("the C FUSE threads need the native engine ([pool] engine = native or auto)")
         self.fs = fs
         self.engine: Any = engine  # the engine.NativeEngine serving the store
         # FuseFS is sans-I/O and single-threaded: it builds READ replies in
-        # one buffer of its own.  Cold requests come up from several C
+        # one buffer of its own.  Requests are handed up from several C
         # threads, and the GIL does not keep them apart (the engine releases
         # it inside a read), so they take turns here.
         self._turn = threading.Lock()
@@ -65,8 +68,7 @@ class NativeServer:
             self._enabled = True
 
     def _handle(self, req: bytes) -> bytes | None:
-        """A cold request (or a hot one handed up), from any C thread.  The
-        reply is a copy: FuseFS's own buffer is the next caller's as soon as
+        """A request handed up, from any C thread.  The reply is a copy: FuseFS's own buffer is the next caller's as soon as
         the turn is given up, and C writes the reply after that."""
         with self._turn:
             try:
@@ -78,7 +80,7 @@ class NativeServer:
                 self.fs.errors += 1
                 self.fs.internal_errors += 1
                 op = IN_HEADER.unpack_from(req, 0)[1] if len(req) >= IN_HEADER.size else -1
-                log.exception("bug handling FUSE opcode %d natively handed up; answered EIO", op)
+                log.exception("bug handling FUSE opcode %d handed up by a C thread; answered EIO", op)
                 reply = error_reply(req)
             self._maybe_enable()
         return reply
