@@ -24,11 +24,27 @@ import pytest
 
 from zswapd.bench import remove_cgroup
 from zswapd.control import request
+from zswapd.pool import CLASSES
+from zswapd.state import State
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 PUNCH = 0x3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 INJECT = Path(__file__).with_name("inject.py")
+
+
+def corrupt_object(state: State, idx: int) -> None:
+    """Garble the start of page ``idx``'s compressed object, in the arena."""
+    entry = state.view("page")[idx]
+    assert entry & 3 == 2, "a compressed page"
+    loc = state.view("handle")[entry >> 32]
+    z, slot = loc >> 16, loc & 0xFFFF
+    offset = slot * CLASSES[state.view("zs_class")[z]].size + 4  # past the slot's header
+    frame = state.view("zs_first")[z]
+    for _ in range(offset // 4096):  # the zspage's chain of frames
+        frame = state.view("frame_next")[frame]
+    at = frame * 4096 + offset % 4096
+    state.arena()[0][at : at + 8] = b"\xff" * 8
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

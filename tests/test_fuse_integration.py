@@ -5,10 +5,12 @@ Privilege: root (mount(2), /dev/fuse, loop devices, setpriv).  Runs in CI.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PUNCH, Daemon, fallocate, force_cleanup, run_daemon, write_config
+from conftest import PUNCH, Daemon, corrupt_object, fallocate, force_cleanup, run_daemon, write_config
+
+from zswapd.state import State
 
 pytestmark = pytest.mark.root
 
@@ -119,6 +123,7 @@ def test_random_unaligned_io_and_punch_holes_match_model(backend_daemon: Daemon)
             fallocate(fd, 0, 0, 4096)
         assert e.value.errno == errno.EOPNOTSUPP
         assert daemon.stats()["discard_supported"] is native
+        assert_c_threads_served(daemon)
     finally:
         os.close(fd)
     del model
@@ -137,10 +142,24 @@ def dd_fill(d: Daemon, tmp_path: Path) -> bytes:
     return data
 
 
+def assert_c_threads_served(d: Daemon) -> None:
+    """With the builtin backend and the native engine, the C threads served
+    the I/O (if they never were started, every data test would still pass,
+    on the Python path); otherwise there are none."""
+    s = d.stats()
+    threads = s["fuse_threads"]
+    if s["fuse_backend"] == "builtin" and s["engine"] == "native":
+        assert isinstance(threads, dict) and threads["serving"] == 1, s
+        assert threads["served_in_c"] > 0 and threads["handed_up"] > 0 and threads["bugs"] == 0, threads
+    else:
+        assert threads is None
+
+
 def test_dd_direct_roundtrip(backend_daemon: Daemon, tmp_path: Path) -> None:
     dd_fill(backend_daemon, tmp_path)
     s = backend_daemon.stats()
     assert s["orig_data_size"] == 64 * MIB and s["compr_data_size"] < 64 * MIB  # it compressed
+    assert_c_threads_served(backend_daemon)
 
 
 @pytest.fixture(params=["native", "python"])
@@ -148,6 +167,56 @@ def engine_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Da
     with run_daemon(tmp_path, pool={"engine": request.param}) as d:
         assert d.stats()["engine"] == request.param
         yield d
+
+
+def _state_of(d: Daemon) -> State:
+    """The daemon's state, mapped from the memfds its supervisor holds."""
+    fds: dict[str, int] = {}
+    try:
+        for n in os.listdir(f"/proc/{d.proc.pid}/fd"):
+            path = f"/proc/{d.proc.pid}/fd/{n}"
+            with contextlib.suppress(OSError):
+                target = os.readlink(path)
+                for name in ("meta", "arena"):
+                    if target.startswith(f"/memfd:zswapd-{name} "):
+                        fds[name] = os.open(path, os.O_RDWR)
+        return State.attach([fds["meta"], fds["arena"]])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_a_corrupt_object_is_eio_through_the_c_threads_and_serving_goes_on(tmp_path: Path) -> None:
+    """A page whose object no longer decompresses: its READ, served by a C
+    thread, fails with EIO, failed_reads counts it once, and the same
+    worker goes on serving every other page, and that page once rewritten."""
+    with run_daemon(tmp_path, pool={"engine": "native"}) as d:
+        page = (b"zswapd corrupt page " * 210)[:4096]
+        fd = os.open(d.file, os.O_RDWR)
+        try:
+            for i in range(8):
+                assert os.pwrite(fd, page[i:] + page[:i], i * 4096) == 4096
+            state = _state_of(d)
+            try:
+                corrupt_object(state, 5)
+            finally:
+                state.close()
+            before = d.stats()
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 4096, 5 * 4096)
+            assert e.value.errno == errno.EIO
+            after = d.stats()
+            assert after["failed_reads"] == before["failed_reads"] + 1  # type: ignore[operator]
+            assert after["fuse_threads"]["served_in_c"] > before["fuse_threads"]["served_in_c"]  # type: ignore[index]
+            assert after["fuse_errors"] == before["fuse_errors"] + 1  # type: ignore[operator]
+            assert after["process"]["worker_pid"] == before["process"]["worker_pid"]  # type: ignore[index]
+            for i in (0, 4, 6, 7):
+                assert os.pread(fd, 4096, i * 4096) == page[i:] + page[:i]
+            assert os.pwrite(fd, page, 5 * 4096) == 4096
+            assert os.pread(fd, 4096, 5 * 4096) == page
+        finally:
+            os.close(fd)
+        assert d.stop() == 0, d.logtext()
 
 
 def test_punch_half_releases_memory(engine_daemon: Daemon, tmp_path: Path) -> None:
@@ -245,11 +314,14 @@ def test_bad_mountpoints_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and "is not empty" in r.stderr
     # a missing mountpoint is created with mode 0700
     with run_daemon(tmp_path, name="fresh") as d:
-        assert (d.mountpoint.stat().st_mode & 0o777) == 0o700 or os.path.ismount(d.mountpoint)
+        assert os.path.ismount(d.mountpoint)  # (its stat is the FUSE root's now)
         # a second instance on the same mountpoint names the first
         r = _run_fails([sys.executable, "-m", "zswapd", "run", "--config", str(d.config)])
         assert r.returncode == 2
         assert f"pid {d.proc.pid}" in r.stderr, r.stderr
+        assert d.stop() == 0
+    assert not os.path.ismount(d.mountpoint)
+    assert stat.S_IMODE(d.mountpoint.stat().st_mode) == 0o700
 
 
 def test_already_mounted_mountpoint_exit_2(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.conftest import corrupt_object
 from zswapd.bench import sample_pages
 from zswapd.fuse import protocol as p
 from zswapd.store import Store
@@ -185,20 +186,6 @@ def test_the_cases_in_one_run(paths: Paths) -> None:
     assert paths.stats()["bugs"] == 0
 
 
-def _corrupt(store: Store, idx: int) -> None:
-    """Garble the start of page ``idx``'s compressed object."""
-    e = store.table[idx]
-    assert e & 3 == 2, "a compressed page"
-    loc = store.state.view("handle")[e >> 32]
-    z, slot = loc >> 16, loc & 0xFFFF
-    offset = slot * store.pool.reference().classes[store.state.view("zs_class")[z]].size + 4
-    frame = store.state.view("zs_first")[z]
-    for _ in range(offset // PAGE):  # the zspage's chain of frames
-        frame = store.state.view("frame_next")[frame]
-    at = frame * PAGE + offset % PAGE
-    store.state.arena()[0][at : at + 8] = b"\xff" * 8
-
-
 def test_a_corrupt_object_is_eio_counted_once_and_serving_goes_on(paths: Paths) -> None:
     """A READ served in C that meets an object that does not decompress is
     answered EIO, as FuseFS answers it, counted once in failed_reads, and the
@@ -207,7 +194,7 @@ def test_a_corrupt_object_is_eio_counted_once_and_serving_goes_on(paths: Paths) 
     c_reply, py_reply, _ = paths.send(p.WRITE, write(PAGE, page))
     assert c_reply == py_reply
     for s in (paths.c_store, paths.py_store):
-        _corrupt(s, 1)
+        corrupt_object(s.state, 1)
     failed = paths.c_store.c.failed_reads
     c_reply, py_reply, took = paths.send(p.READ, read(0, 4 * PAGE))
     assert took == IN_C and c_reply == py_reply and p.unpack_reply(c_reply)[0] == -errno.EIO

@@ -159,6 +159,8 @@ def test_block_io_with_worker_killed_10_times_loses_no_write(tmp_path: Path, eng
                 if v.poll() is None:
                     v.kill()
             report("block I/O", recoveries)
+            if engine == "native":  # the last worker served on its C threads too
+                assert d.stats()["fuse_threads"]["served_in_c"] > 0  # type: ignore[index]
             text = subprocess.run(
                 [sys.executable, "-m", "zswapd", "stats", "--socket", d.socket], capture_output=True, text=True
             ).stdout
@@ -169,6 +171,36 @@ def test_block_io_with_worker_killed_10_times_loses_no_write(tmp_path: Path, eng
     dev = f"dev {os.path.basename(loop)},"
     new = dmesg_lines()[dmesg_before:]
     assert not [x for x in new if dev in x], new
+
+
+def test_the_c_threads_serve_again_after_a_kill(tmp_path: Path) -> None:
+    """The worker that takes over serves READ and WRITE on its C threads
+    from its first request, as the dead one did (INIT restored from the
+    state), not on the Python path.  No swap on this device: a kill costs
+    nobody's pages."""
+    with run_daemon(tmp_path, swap={"enable": False}, fuse={"threads": 2}, pool={"engine": "native"}) as d:
+        rnd = random.Random(5)
+        data = b"".join(b"zswapd takeover %08d " % rnd.randrange(10**8) * 160 for _ in range(256))[: 1 << 20]
+        fd = os.open(d.file, os.O_RDWR)
+        try:
+            assert os.pwrite(fd, data, 0) == len(data)
+            assert os.pread(fd, len(data), 0) == data
+            before = d.stats()["fuse_threads"]
+            assert before["served_in_c"] > 0, before  # type: ignore[index]
+            old = worker_pid(d)
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: worker_pid(d) != old, timeout=60, what="a new worker")
+            assert os.pread(fd, len(data), 0) == data
+            assert os.pwrite(fd, data[::-1], 1 << 20) == len(data)
+            assert os.pread(fd, len(data), 1 << 20) == data[::-1]
+        finally:
+            os.close(fd)
+        s = d.stats()
+        threads = s["fuse_threads"]
+        assert s["process"]["worker_restarts"] == 1 and threads["serving"] == 1, s  # type: ignore[index]
+        # a new worker's counters start at 0: these three 1 MiB requests were its own
+        assert threads["served_in_c"] >= 3 and threads["bugs"] == 0, threads  # type: ignore[index]
+        assert d.stop() == 0, d.logtext()
 
 
 def test_reload_5_times_under_swap_pressure(tmp_path: Path) -> None:
