@@ -11,16 +11,18 @@ The store (store.py) keeps the policy (memory limit, full/accept_percent,
 when and how much to compact, the names of the stats) and calls the engine
 for the mechanics: write/readinto/discard_pages of byte ranges and pages,
 a bounded compaction step, trim and refill of the frame reserve, counters.
-A write that meets a full pool stops at that page and reports why (REFUSED:
-the store is full and the page needs memory; NOROOM: the pool had no frame);
-the store decides what happens next.
+A write that meets a full pool stops at that page (REFUSED: the store is
+full and the page needs memory; NOROOM: the pool had no frame or handle)
+and asks the store's ``policy`` what to do: compact and go on from that
+page, with the form it already compressed, or end the write there.  The
+engine never decides; the store never redoes the engine's work.
 
 Rebuild and the invariant checks (what a new worker runs before serving)
-are written twice: in Python (``reference_rebuild``/``reference_check``
-below, over pool.py's ``begin_rebuild``/``claim_*``/``finish_rebuild``/
-``check_invariants``), the reference and what the Python engine runs; and in
-C (``rebuild``/``check_pages``, engine/rebuild.c), one pass over the page table's
-resident extents and one over the pool tables, about 50 times faster.  The
+are written twice: in Python (rebuild.py, over pool.py's ``begin_rebuild``/
+``claim_*``/``finish_rebuild``), the reference and what the Python engine
+runs; and in C (``rebuild``/``check_pages``, engine/rebuild.c), one pass
+over the page table's resident extents and one over the pool tables, about
+50 times faster.  The
 two leave the same bytes and raise on the same corruptions
 (tests/test_state.py compares them, also after crash-point kills).  An
 engine still hands out a Python ``Pool`` carrying its volatile indexes
@@ -41,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
-from . import codec, entry
+from . import codec, entry, rebuild
 from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .config import MAX_FUSE_THREADS
@@ -205,65 +207,7 @@ def _spans(offset: int, length: int) -> Any:
         pos += take
 
 
-Extents = Sequence[tuple[int, int]]
-
-
-def reference_rebuild(pool: Pool, table: memoryview, extents: Extents) -> tuple[int, int, int]:
-    """The rebuild scan in Python (the reference): the page table once,
-    claiming each named handle, then pool.finish_rebuild.  Returns
-    (pages_stored, same_pages, huge_pages)."""
-    stored = same = huge = 0
-    nalgos = len(ALGORITHMS)
-    pool.begin_rebuild()
-    for first, end in extents:
-        for idx, e in enumerate(table[first:end].tolist(), first):
-            kind = entry.kind(e)
-            if not kind:
-                continue
-            h = entry.handle(e)
-            if e & entry.UNUSED:
-                raise StateError(f"page {idx}: entry {e:#x} has bits set that no entry uses")
-            stored += 1
-            try:
-                if kind == KIND_SAME:
-                    pool.claim_word(h)
-                    same += 1
-                    continue
-                n = entry.length(e)
-                if (kind == KIND_HUGE) != (n == PAGE_SIZE) or entry.algo(e) >= nalgos:
-                    raise StateError(f"entry {e:#x} has a bad length or algorithm for its kind")
-                pool.claim_object(h, n)
-                huge += kind == KIND_HUGE
-            except StateError as e:
-                raise StateError(f"page {idx}: {e}") from None
-    pool.finish_rebuild()
-    return stored, same, huge
-
-
-def reference_check(pool: Pool, table: memoryview, extents: Extents, counts: tuple[int, int, int]) -> None:
-    """The invariant check in Python (the reference): owners from the page
-    table, the counters (pages_stored, same_pages, huge_pages) against it,
-    then pool.check_invariants."""
-    owners: dict[int, int] = {}
-    same = huge = stored = 0
-    for first, end in extents:
-        for idx, e in enumerate(table[first:end].tolist(), first):
-            kind = entry.kind(e)
-            if not kind:
-                continue
-            h = entry.handle(e)
-            if h in owners:
-                raise StateError(f"page {idx} names handle {h}, which another page names too")
-            stored += 1
-            same += kind == KIND_SAME
-            huge += kind == KIND_HUGE
-            owners[h] = -1 if kind == KIND_SAME else entry.length(e)
-    if (stored, same, huge) != counts:
-        raise StateError(
-            f"counters say {counts[0]} stored, {counts[1]} same-filled, {counts[2]} huge pages; "
-            f"the page table holds {stored}, {same}, {huge}"
-        )
-    pool.check_invariants(owners)
+Extents = rebuild.Extents
 
 
 class PythonEngine(Pool):
@@ -303,13 +247,13 @@ class PythonEngine(Pool):
         setattr(self._c, name, getattr(self._c, name) + n)
 
     def rebuild_pages(self, extents: Extents) -> tuple[int, int, int]:
-        counts = reference_rebuild(self, self.table, extents)
+        counts = rebuild.rebuild_pages(self, self.table, extents)
         self._c.pages_stored, self._c.same_pages, self._c.huge_pages = counts
         return counts
 
     def check_pages(self, extents: Extents) -> None:
         c = self._c
-        reference_check(self, self.table, extents, (c.pages_stored, c.same_pages, c.huge_pages))
+        rebuild.check_pages(self, self.table, extents, (c.pages_stored, c.same_pages, c.huge_pages))
 
     def close(self) -> None:
         pass

@@ -148,7 +148,7 @@ class Store:
     def rebuild(self) -> None:
         """Recompute every volatile index and derived counter from the page
         table and the pool's persistent tables, freeing what no page names.
-        The scan is the engine's (engine.reference_rebuild, or the native
+        The scan is the engine's (rebuild.py's, or the native
         one, which leaves the same bytes); the event counters come back from
         the header snapshot."""
         self.engine.rebuild_pages(list(self.state.extents("page")))

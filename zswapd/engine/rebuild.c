@@ -1,8 +1,8 @@
 /* The rebuild scan and the invariant check.
  *
- * The scan a new worker runs before serving (store.py's rebuild and
- * check_invariants over pool.py's begin_rebuild / claim_word / claim_object /
- * finish_rebuild / check_invariants), in one pass over the page table's
+ * The scan a new worker runs before serving (rebuild.py's rebuild_pages and
+ * check_pages, over pool.py's begin_rebuild / claim_word / claim_object /
+ * finish_rebuild, and rebuild.check_pool), in one pass over the page table's
  * resident extents and then one over the pool tables.  It writes exactly what
  * the Python reference writes, in the same order where order shows (the
  * fullness lists are linked in the order the page table first names each
@@ -27,7 +27,7 @@
 static void errs_add(Errs *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void errs_add(Errs *b, const char *fmt, ...)
 {
-    if (b->n++ >= 20) /* as pool.check_invariants: the first 20 */
+    if (b->n++ >= 20) /* as rebuild.check_pool: the first 20 */
         return;
     if (b->len && b->len + 2 < b->cap) {
         memcpy(b->msg + b->len, "; ", 2);
@@ -307,7 +307,7 @@ int rebuild_all(Engine *e, const uint64_t *ext, size_t next, unsigned nalgos, un
     return r;
 }
 
-/* store.check_invariants + pool.check_invariants.  Returns -1 with `fatal`
+/* rebuild.check_pages + rebuild.check_pool.  Returns -1 with `fatal`
  * set for what the reference raises at once (a handle named twice, counters
  * that disagree with the page table), else 0 with any broken invariant in
  * `b`.  It also checks, where the reference compares sets, that the header
