@@ -18,7 +18,7 @@ apart from the allocator only for length.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from . import entry
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE
@@ -42,6 +42,16 @@ from .state import StateError
 Extents = Sequence[tuple[int, int]]
 
 
+def _stored(table: memoryview, extents: Extents) -> Iterator[tuple[int, int, int, int]]:
+    """(page, entry, kind, handle) of each page in ``extents`` that holds
+    something, in page order."""
+    for first, end in extents:
+        for idx, e in enumerate(table[first:end].tolist(), first):
+            kind = entry.kind(e)
+            if kind:
+                yield idx, e, kind, entry.handle(e)
+
+
 def rebuild_pages(pool: Pool, table: memoryview, extents: Extents) -> tuple[int, int, int]:
     """The rebuild scan in Python (the reference): the page table once,
     claiming each named handle, then pool.finish_rebuild.  Returns
@@ -49,27 +59,22 @@ def rebuild_pages(pool: Pool, table: memoryview, extents: Extents) -> tuple[int,
     stored = same = huge = 0
     nalgos = len(ALGORITHMS)
     pool.begin_rebuild()
-    for first, end in extents:
-        for idx, e in enumerate(table[first:end].tolist(), first):
-            kind = entry.kind(e)
-            if not kind:
+    for idx, e, kind, h in _stored(table, extents):
+        if e & entry.UNUSED:
+            raise StateError(f"page {idx}: entry {e:#x} has bits set that no entry uses")
+        stored += 1
+        try:
+            if kind == KIND_SAME:
+                pool.claim_word(h)
+                same += 1
                 continue
-            h = entry.handle(e)
-            if e & entry.UNUSED:
-                raise StateError(f"page {idx}: entry {e:#x} has bits set that no entry uses")
-            stored += 1
-            try:
-                if kind == KIND_SAME:
-                    pool.claim_word(h)
-                    same += 1
-                    continue
-                n = entry.length(e)
-                if (kind == KIND_HUGE) != (n == PAGE_SIZE) or entry.algo(e) >= nalgos:
-                    raise StateError(f"entry {e:#x} has a bad length or algorithm for its kind")
-                pool.claim_object(h, n)
-                huge += kind == KIND_HUGE
-            except StateError as e:
-                raise StateError(f"page {idx}: {e}") from None
+            n = entry.length(e)
+            if (kind == KIND_HUGE) != (n == PAGE_SIZE) or entry.algo(e) >= nalgos:
+                raise StateError(f"entry {e:#x} has a bad length or algorithm for its kind")
+            pool.claim_object(h, n)
+            huge += kind == KIND_HUGE
+        except StateError as err:
+            raise StateError(f"page {idx}: {err}") from None
     pool.finish_rebuild()
     return stored, same, huge
 
@@ -80,18 +85,13 @@ def check_pages(pool: Pool, table: memoryview, extents: Extents, counts: tuple[i
     then check_pool."""
     owners: dict[int, int] = {}
     same = huge = stored = 0
-    for first, end in extents:
-        for idx, e in enumerate(table[first:end].tolist(), first):
-            kind = entry.kind(e)
-            if not kind:
-                continue
-            h = entry.handle(e)
-            if h in owners:
-                raise StateError(f"page {idx} names handle {h}, which another page names too")
-            stored += 1
-            same += kind == KIND_SAME
-            huge += kind == KIND_HUGE
-            owners[h] = -1 if kind == KIND_SAME else entry.length(e)
+    for idx, e, kind, h in _stored(table, extents):
+        if h in owners:
+            raise StateError(f"page {idx} names handle {h}, which another page names too")
+        stored += 1
+        same += kind == KIND_SAME
+        huge += kind == KIND_HUGE
+        owners[h] = -1 if kind == KIND_SAME else entry.length(e)
     if (stored, same, huge) != counts:
         raise StateError(
             f"counters say {counts[0]} stored, {counts[1]} same-filled, {counts[2]} huge pages; "

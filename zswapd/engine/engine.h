@@ -16,7 +16,8 @@
  *   pool.c         frames, handles, zspages, object bytes, compaction
  *   codec.h/.c     same-filled detection, lz4/zstd, the per-thread contexts
  *                  (zcomp.c's job); dictionaries go here
- *   page.c         a page's store, load and discard; byte ranges
+ *   page.c         a page's store, load and discard; byte ranges; where a
+ *                  write stops, it asks the store's policy (Policy, below)
  *   rebuild.c      the rebuild scan and the invariant check
  *   module.h/.c    the CPython type and module: arguments, errors, counters,
  *                  the constants Python checks its own copies against
@@ -29,7 +30,8 @@
  * A tier of colder storage (recompression, writeback) belongs in a file of
  * its own beside page.c, with bounded steps the policy calls, as compact()
  * is in pool.c.  engine.h, pool.c, codec.c, page.c and rebuild.c include no
- * Python: what crosses to Python is in module.c and the fuse_*.c files.
+ * Python: what crosses to Python is in module.c, takeover.c, object_api.c
+ * and the fuse_*.c files.
  *
  * Crash consistency: the same order as pool.py and store.py.
  *   write:   new object complete (slot header, payload), then handle-table
@@ -109,7 +111,7 @@
 #define ALGO_LZ4 0
 #define ALGO_ZSTD 1
 
-/* ---- the page-table entry (store.py's glossary; engine.py asserts it) ------
+/* ---- the page-table entry (entry.py; engine.py checks the two agree) ------
  *   bits 0-1   kind: 0 empty (reads as zeros), 1 same-filled, 2 compressed,
  *              3 huge (a raw page)
  *   bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
@@ -173,9 +175,8 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
 #define ST_NOROOM 2  /* the pool had no frame or handle for it */
 #define ST_CORRUPT 3 /* an object did not decompress to a page */
 #define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
-#define ST_BAD 5     /* misuse of the object API */
+#define ST_POLICY 5  /* asking the policy failed (a Python exception, left set) */
 #define ST_NOMEM 6   /* no memory for a thread's codec context */
-#define ST_POLICY 7  /* asking the policy failed (a Python exception, left set) */
 
 #ifdef ZSWAPD_BOUNDS
 /* The sanitizer build checks every table index: ASan cannot see past the end

@@ -1,4 +1,4 @@
-/* The page level (store.py's mechanics, engine.py's PythonEngine): a page's
+/* The page level (engine.py's PythonEngine is the reference): a page's
  * store, load and discard, and the byte ranges the store and the FUSE
  * threads call.  Each page is changed under its entry lock bit (engine.h),
  * compressed or decompressed with no pool lock held, and switched in the
@@ -40,6 +40,15 @@ static void note_used(Engine *e)
     while (used > max &&
            !__atomic_compare_exchange_n(&e->mem_used_max, &max, used, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
+}
+
+/* Byte `at` of a range with `left` bytes to go: its page (returned), its
+ * offset in that page, and how many of the bytes fall in that page. */
+static inline uint64_t span(uint64_t at, uint64_t left, uint32_t *within, uint64_t *take)
+{
+    *within = (uint32_t)(at % PAGE_SIZE);
+    *take = PAGE_SIZE - *within < left ? PAGE_SIZE - *within : left;
+    return at / PAGE_SIZE;
 }
 
 /* The page a write stopped at, encoded, for the write to go on with once
@@ -159,11 +168,8 @@ static int write_range(Engine *e, uint64_t offset, const uint8_t *data, uint64_t
         return ST_NOMEM;
     }
     while (pos < len) {
-        uint64_t idx = (offset + pos) / PAGE_SIZE;
-        uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
-        uint64_t take = PAGE_SIZE - within;
-        if (take > len - pos)
-            take = len - pos;
+        uint32_t within;
+        uint64_t take, idx = span(offset + pos, len - pos, &within, &take);
         uint64_t old = 0;
         entry_lock(e, idx);
         if (take == PAGE_SIZE) {
@@ -223,11 +229,8 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         return ST_NOMEM;
     uint64_t pos = 0;
     while (pos < len) {
-        uint64_t idx = (offset + pos) / PAGE_SIZE;
-        uint32_t within = (uint32_t)((offset + pos) % PAGE_SIZE);
-        uint64_t take = PAGE_SIZE - within;
-        if (take > len - pos)
-            take = len - pos;
+        uint32_t within;
+        uint64_t take, idx = span(offset + pos, len - pos, &within, &take);
         uint8_t *dst = take == PAGE_SIZE ? out + pos : t->pbuf;
         int st = ST_OK;
         entry_lock(e, idx);

@@ -68,8 +68,9 @@ class FuseThreads:
             self._enabled = True
 
     def _handle(self, req: bytes) -> bytes | None:
-        """A request handed up, from any C thread.  The reply is a copy: FuseFS's own buffer is the next caller's as soon as
-        the turn is given up, and C writes the reply after that."""
+        """A request handed up, from any C thread.  The reply is a copy:
+        FuseFS's own buffer is the next caller's as soon as the turn is
+        given up, and C writes the reply after that."""
         with self._turn:
             try:
                 out = self.fs.handle(req)
