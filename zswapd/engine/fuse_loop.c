@@ -8,7 +8,10 @@
  * engine releases it inside a read): threads.py gives them turns and hands
  * back a copy of the reply, since FuseFS builds READ replies in one buffer
  * of its own.  Per-thread buffers are allocated at thread start: nothing is
- * allocated per request.  This file knows no opcode.
+ * allocated per request.  This file knows no opcode, and takes none of the
+ * engine's locks (fuse_ops.c and the page level do): its own state is
+ * atomics (the reader token, the futex word, the counters) and, in Python's
+ * calls (stats, enable, stop), the GIL.
  *
  * The fds.  A reply must be written on the fd its request was read from (the
  * kernel keeps a request in flight on that fd's own processing list).  The
