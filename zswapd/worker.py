@@ -64,6 +64,10 @@ log = logging.getLogger("zswapd")
 
 # Objects moved per background compaction step: keeps each pause well under 1 ms.
 COMPACT_STEP_MOVES = 16
+# Pause before a compaction step that follows one that moved nothing
+# (store.COMPACT_RETRIES): long enough for the writer that took the slots to
+# finish its request, short against the housekeeping interval.
+COMPACT_RETRY_PAUSE = 0.01
 # A failed task restarts after this back-off, doubled per failure up to the
 # cap: quick recovery from a one-off bug, no log flood from a persistent one.
 RESTART_BACKOFF = 0.1
@@ -447,13 +451,14 @@ class Worker:
             try:
                 while True:
                     t = time.perf_counter()
-                    moved = next(steps, 0)
+                    moved = next(steps, None)
                     self.compact_pauses.append(time.perf_counter() - t)
                     if len(self.compact_pauses) > 4096:
                         del self.compact_pauses[:2048]
-                    if not moved:
+                    if moved is None:
                         break
-                    await trio.sleep(0)
+                    # An empty step means a writer took the slots: let it finish.
+                    await trio.sleep(0 if moved else COMPACT_RETRY_PAUSE)
             finally:
                 steps.close()
 
