@@ -11,7 +11,12 @@ import time
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, load
+from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, control_socket, load
+
+# The commands that only read from the daemon: they work with a config file
+# that does not load (a typo the running daemon refused at SIGHUP), warning
+# about it, since all they need from it is the control socket's path.
+READ_ONLY_COMMANDS = ("stats", "top", "status")
 
 
 def _human(n: float) -> str:
@@ -25,6 +30,11 @@ def _human(n: float) -> str:
 def _socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
+    if args.command in READ_ONLY_COMMANDS:
+        path, warning = control_socket(args.config)
+        if warning:
+            print(f"zswapd: warning: {warning}", file=sys.stderr)
+        return path
     try:
         cfg = load(args.config)
     except ConfigError as e:
