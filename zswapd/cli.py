@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="device, app: [fuse] threads of zswapd and of the --baseline-src build (default: each one's own default)",
     )
     p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
+    p_status = sub.add_parser(
+        "status", help="one line; exit 0 serving, 1 degraded, 3 not running, 4 unknown (as systemctl is-active)"
+    )
+    with_target(p_status)
     for choice in sub._choices_actions:  # each command's --help opens with its line in the list
         sub.choices[choice.dest].description = choice.help
     return parser
@@ -307,6 +311,8 @@ def _main(argv: list[str] | None = None) -> int:
                 return 0
         print(f"zswapd: worker {before} was not replaced within 60 s; see the daemon's log", file=sys.stderr)
         return 1
+    if args.command == "status":
+        return _status(_socket_path(args))
     if args.command == "reset-max":
         r = _call(args, {"cmd": "reset_max"})
         print(f"mem_used_max = {r['mem_used_max']}")
@@ -370,6 +376,27 @@ def _main(argv: list[str] | None = None) -> int:
             fuse_threads=args.fuse_threads,
         )
     return 2
+
+
+# `zswapd status` gives up waiting for a reply after this long: a daemon
+# that answers nothing for 5 s is not serving well (a worker starting, or
+# stuck), and a monitoring script must not hang.
+STATUS_TIMEOUT = 5.0
+
+
+def _status(path: str) -> int:
+    from .health import DEGRADED, NOT_RUNNING, UNKNOWN, summary
+
+    try:
+        s = call(path, {"cmd": "stats"}, STATUS_TIMEOUT)
+    except CallError as e:
+        code = {"not running": NOT_RUNNING, "no reply": DEGRADED}.get(e.why, UNKNOWN)
+        # The one line on stdout, as systemctl is-active prints "inactive".
+        print(str(e) if code == NOT_RUNNING else f"{'degraded' if code == DEGRADED else 'unknown'}: {e}")
+        return code
+    code, line = summary(s)
+    print(line)
+    return code
 
 
 if __name__ == "__main__":
