@@ -67,7 +67,7 @@ def test_read_only_commands_work_with_a_broken_config(tmp_path: Path) -> None:
     with run_daemon(tmp_path) as d:
         broken = tmp_path / "broken.toml"
         broken.write_text(d.config.read_text() + '\n[pool]\nmemory_limit = "lots"\n')
-        for args in (["stats"], ["stats", "--prometheus"], ["status"]):
+        for args in (["stats"], ["stats", "--prometheus"], ["status"], ["top", "-n", "1"]):
             r = cli(*args, "--config", str(broken))
             assert r.returncode == 0, (args, r)
             assert r.stderr == (

@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="device, app: [fuse] threads of zswapd and of the --baseline-src build (default: each one's own default)",
     )
     p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
+    p_top = sub.add_parser("top", help="live view of memory, rates, tiers and size classes (keys: q, c, s)")
+    with_target(p_top)
+    p_top.add_argument(
+        "-d", "--delay", type=float, default=1.0, metavar="SECONDS", help="seconds between updates (default 1)"
+    )
+    p_top.add_argument(
+        "-n", "--iterations", type=int, metavar="N", help="stop after N updates (default: until q or Ctrl-C)"
+    )
     p_status = sub.add_parser(
         "status", help="one line; exit 0 serving, 1 degraded, 3 not running, 4 unknown (as systemctl is-active)"
     )
@@ -311,6 +319,14 @@ def _main(argv: list[str] | None = None) -> int:
                 return 0
         print(f"zswapd: worker {before} was not replaced within 60 s; see the daemon's log", file=sys.stderr)
         return 1
+    if args.command == "top":
+        from .top import MAX_DELAY, MIN_DELAY, run_top
+
+        if not MIN_DELAY <= args.delay <= MAX_DELAY or (args.iterations is not None and args.iterations < 1):
+            print(f"zswapd top: -d: expected {MIN_DELAY:g} to {MAX_DELAY:g} seconds; -n: expected 1 or more",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return run_top(_socket_path(args), args.delay, args.iterations)
     if args.command == "status":
         return _status(_socket_path(args))
     if args.command == "reset-max":
