@@ -13,12 +13,10 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 import traceback
@@ -328,16 +326,6 @@ def _write_pages(d: Daemon, n: int) -> None:
     with open(d.file, "r+b", buffering=0) as f:
         for i in range(n):
             f.write((b"page %d " % i * 300)[:4096].ljust(4096, b"\0"))
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="zswapd-test-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _no_rich(*argv: str) -> list[str]:
