@@ -1,9 +1,15 @@
-"""Builds the optional native engine, zswapd/_engine.c.
+"""Builds the optional native engine, zswapd/_engine.c, and the man pages.
 
 ``pip install .`` must succeed without a compiler or the lz4/zstd headers:
 a failed build is reported and skipped, and zswapd then runs on its Python
-engine (``[pool] engine = "auto"`` warns once at start).  Everything else is
-in pyproject.toml.
+engine (``[pool] engine = "auto"`` warns once at start).
+
+The man pages zswapd(8) and zswapd.toml(5) are written at build time from
+the CLI's parser, the config schema and the example config
+(zswapd/manpage.py), into build/man, and installed as data files into
+share/man: /usr/local/share/man for ``pip install .`` as root, where man(1)
+looks.  (An editable install, ``pip install -e``, installs no data files.)
+Everything else is in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -74,7 +80,22 @@ else:
     cflags.append("-DZSWAPD_LZ4_FULL_RESET")
     libs = ["-llz4", "-lzstd"]
 
+
+def _man_pages() -> list[tuple[str, list[str]]]:
+    """data_files for the man pages, written now from this source tree
+    (zswapd.manpage imports nothing beyond the standard library)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    try:
+        from zswapd.manpage import PAGES, write
+    finally:
+        sys.path.remove(here)
+    write(os.path.join(here, "build", "man"))
+    return [(f"share/man/{section}", [f"build/man/{name}"]) for name, section in PAGES.items()]
+
+
 setup(
+    data_files=_man_pages(),
     ext_modules=[
         Extension(
             "zswapd._engine",

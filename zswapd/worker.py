@@ -53,6 +53,7 @@ from . import swap
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError, check_value
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
+from .engine import native_error
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
@@ -199,6 +200,11 @@ class Worker:
             "control_internal_errors": self.controller.internal_errors,
             "compaction_step_p99_us": round(p99 * 1e6, 1),
             "task_failures": dict(self.task_failures),
+            # Why [pool] engine = "auto" serves with Python ("" when it does
+            # not): `zswapd status` calls that degraded.
+            "engine_fallback": native_error()
+            if self.cfg.pool.engine == "auto" and self.store.engine.name == "python"
+            else "",
             "reloads": self.reloads,
             "signals_ignored": self.signals_ignored,
             "process": {
