@@ -1,9 +1,16 @@
-"""Builds the optional native engine, zswapd._engine, from zswapd/engine/*.c.
+"""Builds the optional native engine, zswapd._engine, from zswapd/engine/*.c,
+and the man pages.
 
 ``pip install .`` must succeed without a compiler or the lz4/zstd headers:
 a failed build is reported and skipped, and zswapd then runs on its Python
-engine (``[pool] engine = "auto"`` warns once at start).  Everything else is
-in pyproject.toml.
+engine (``[pool] engine = "auto"`` warns once at start).
+
+The man pages zswapd(8) and zswapd.toml(5) are written at build time from
+the CLI's parser, the config schema and the example config
+(zswapd/manpage.py), into build/man, and installed as data files into
+share/man: /usr/local/share/man for ``pip install .`` as root, where man(1)
+looks.  (An editable install, ``pip install -e``, installs no data files.)
+Everything else is in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -74,6 +81,20 @@ else:
     cflags.append("-DZSWAPD_LZ4_FULL_RESET")
     libs = ["-llz4", "-lzstd"]
 
+
+def _man_pages() -> list[tuple[str, list[str]]]:
+    """data_files for the man pages, written now from this source tree
+    (zswapd.manpage imports nothing beyond the standard library)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    try:
+        from zswapd.manpage import PAGES, write
+    finally:
+        sys.path.remove(here)
+    write(os.path.join(here, "build", "man"))
+    return [(f"share/man/{section}", [f"build/man/{name}"]) for name, section in PAGES.items()]
+
+
 # The engine's files, one job each (see the top of zswapd/engine/engine.h).
 ENGINE_DIR = "zswapd/engine"
 ENGINE_SOURCES = sorted(f"{ENGINE_DIR}/{f}" for f in os.listdir(ENGINE_DIR) if f.endswith(".c"))
@@ -83,7 +104,9 @@ ENGINE_HEADERS = sorted(f"{ENGINE_DIR}/{f}" for f in os.listdir(ENGINE_DIR) if f
 # stand in for them, and only PyInit__engine is exported.
 ENGINE_CFLAGS = ["-O2", "-std=gnu11", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
 
+
 setup(
+    data_files=_man_pages(),
     ext_modules=[
         Extension(
             "zswapd._engine",

@@ -12,9 +12,11 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,6 +186,18 @@ def run_daemon(
         finally:
             force_cleanup(str(mountpoint), proc)
             logf.close()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users may enter (pytest's tmp_path is root's
+    alone): for tests that reach the daemon as a member of [control] group."""
+    d = Path(tempfile.mkdtemp(prefix="zswapd-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

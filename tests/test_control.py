@@ -11,15 +11,13 @@ import errno
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -51,16 +49,6 @@ def raw(sock_path: str, payload: bytes, timeout: float = 10) -> bytes:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "zswapd", *args], capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="zswapd-test-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.root

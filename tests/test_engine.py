@@ -11,9 +11,11 @@ import os
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -415,6 +417,39 @@ def _concurrent_writes(files: list[int], model: bytearray, corpus: bytes, seed: 
         t.start()
     for t in threads:
         t.join()
+
+
+def test_init_read_before_the_fuse_threads_exist_is_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C thread can read INIT and hand it up before serve_fuse has returned
+    (the kernel queues INIT at mount, so the first thread finds it at once).
+    INIT must get its real reply, never EIO: an error reply to INIT marks
+    the connection failed for good (every open then fails ECONNREFUSED, as
+    a start-up under load showed about one time in ten).  Serving in C is
+    enabled once the server exists."""
+    from zswapd import _engine
+    from zswapd.fuse import protocol
+    from zswapd.fuse.threads import FuseThreads
+
+    store = Store(64 * PAGE, engine="native")
+    fs = protocol.FuseFS(store)
+    replies: list[bytes | None] = []
+    enabled: list[tuple[int, int]] = []
+
+    class Server:
+        def enable(self, max_write: int, size: int) -> None:
+            enabled.append((max_write, size))
+
+    def serve_fuse(engine: object, fds: list[int], callback: Callable[[bytes], bytes | None], decide: object) -> Server:
+        init = struct.pack("<IIII", 7, 45, 131072, 0xFFFFFFFF) + bytes(48)
+        replies.append(callback(protocol.pack_request(protocol.INIT, 5, 0, init)))  # a thread, before the return
+        return Server()
+
+    monkeypatch.setattr(_engine, "serve_fuse", serve_fuse)
+    server = FuseThreads(-1, fs, store.engine, threads=1)
+    error, unique, _ = protocol.unpack_reply(replies[0])  # type: ignore[arg-type]
+    assert (error, unique) == (0, 5) and fs.initialized
+    assert enabled == [(fs.max_write, 64 * PAGE)] and server.bugs == 0
+    store.close()
 
 
 @pytest.mark.root

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.root, pytest.mark.parametrize("engine", ["native", "py
 
 MIB = 1 << 20
 LIMIT = 64 * MIB
+THRESHOLD = 2 * MIB  # the background compaction test's waste_threshold
 
 
 def page(seed: int, incompressible: int) -> bytes:
@@ -143,7 +144,7 @@ def test_background_compaction_with_concurrent_reader(tmp_path: Path, engine: st
     with run_daemon(
         tmp_path,
         pool={"memory_limit": "128M", "engine": engine},
-        compaction={"background": True, "interval": 0.1, "waste_threshold": "2M"},
+        compaction={"background": True, "interval": 0.1, "waste_threshold": THRESHOLD},
     ) as d:
         fd = os.open(d.file, os.O_RDWR)
         try:
@@ -167,29 +168,29 @@ def test_background_compaction_with_concurrent_reader(tmp_path: Path, engine: st
             for idx in holes:
                 fallocate(fd, PUNCH, idx * 4096, 4096)
                 del pages[idx]
+            # What background compaction promises (Store.compaction_wanted):
+            # once the device is quiet, the waste is at most the threshold or
+            # nothing is freeable.  Wait for that; the deadline is a hang
+            # guard, not a timing assertion.
             start = time.monotonic()
-            while time.monotonic() - start < 30:
+            while True:
                 s = d.stats()
-                waste = int(s["mem_used_total"]) - int(s["compr_data_size"])  # type: ignore[call-overload]
-                if waste <= 2 * MIB + 4 * MIB and int(s["freeable_bytes"]) == 0:  # type: ignore[call-overload]
+                used, compr = int(s["mem_used_total"]), int(s["compr_data_size"])  # type: ignore[call-overload]
+                freeable = int(s["freeable_bytes"])  # type: ignore[call-overload]
+                if used - compr <= THRESHOLD or freeable == 0 or time.monotonic() - start > 300:
                     break
                 time.sleep(0.1)
             took = time.monotonic() - start
             stop.set()
             t.join()
-            s = d.stats()
-            used, compr = int(s["mem_used_total"]), int(s["compr_data_size"])  # type: ignore[call-overload]
             lat.sort()
             print(
-                f"background compaction settled in {took:.1f}s: used/compr {used / compr:.3f}, "
-                f"pages_compacted {s['pages_compacted']}, step p99 {s['compaction_step_p99_us']} us; "
-                f"reader p50 {statistics.median(lat) * 1e6:.0f} us p99 {lat[int(len(lat) * 0.99)] * 1e6:.0f} us "
-                f"over {len(lat)} reads"
+                f"background compaction settled in {took:.1f}s: waste {used - compr} B, freeable {freeable} B, "
+                f"used/compr {used / compr:.3f}, pages_compacted {s['pages_compacted']}, "
+                f"step p99 {s['compaction_step_p99_us']} us; reader p50 {statistics.median(lat) * 1e6:.0f} us "
+                f"p99 {lat[int(len(lat) * 0.99)] * 1e6:.0f} us over {len(lat)} reads"
             )
-            # hole punching spread over many classes leaves up to one partial
-            # zspage per class; the threshold is what compaction promises
-            assert int(s["freeable_bytes"]) == 0  # type: ignore[call-overload]
-            assert used - compr <= 6 * MIB
+            assert used - compr <= THRESHOLD or freeable == 0, "compaction left more waste than it promises"
             assert int(s["pages_compacted"]) > 0  # type: ignore[call-overload]
             verify(fd, pages)
         finally:

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from zswapd import store
 from zswapd.codec import Codec
 from zswapd.pool import CLASSES, FRAME_SIZE
 from zswapd.state import State
@@ -290,3 +291,32 @@ def test_a_refused_write_is_compressed_once_whichever_way_the_policy_goes(engine
     assert s.pool.compressions - before == 1 and s.c.failed_writes == failed + 1
     assert s.read(16 * PAGE, 16 * PAGE) == bytes(16 * PAGE)  # nothing written
     s.close()
+
+
+def test_a_compaction_run_retries_empty_steps_then_ends() -> None:
+    """A step can move nothing while the figures still show something
+    freeable (a native writer took the slots between the unlocked figure and
+    the class lock).  The run yields 0 so its caller can pause, tries again,
+    and ends after COMPACT_RETRIES empty steps in a row, never on the first."""
+    s = Store(2048 * PAGE, Codec("lz4"), engine="python")
+    for i in range(600):
+        s.write(i * PAGE, page_content(2, i, 2000) + page_content(1, i, PAGE - 2000))
+    for i in range(0, 600, 2):
+        s.discard(i * PAGE, PAGE)
+    assert s.pool.freeable_frames() > 0
+    real = s.engine.compact
+    script = iter([0, 0, 5])  # two steps find nothing, then one moves
+
+    def contended(max_moves: int | None = None) -> int:
+        moved = next(script, None)
+        return real(max_moves) if moved is None else (real(moved) if moved else 0)
+
+    s.engine.compact = contended  # type: ignore[method-assign]
+    steps = list(s.compact_steps(16))
+    assert steps[:3] == [0, 0, 5] and all(steps[3:]), steps
+    assert s.pool.freeable_frames() == 0  # the run went on to the end
+    s.engine.compact = lambda max_moves=None: 0  # type: ignore[method-assign]
+    s.discard(1 * PAGE, PAGE)  # more holes: something freeable, but no step moves
+    s.discard(3 * PAGE, 197 * PAGE)
+    assert s.pool.freeable_frames() > 0
+    assert list(s.compact_steps(16)) == [0] * store.COMPACT_RETRIES

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, memory_cgroup, run_daemon
-from test_failclosed import others_in_swap, wait_for
+from test_failclosed import bring_others_home, wait_for
 from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, dmesg_lines, run_in_cgroup, swap_used_pages
 
 pytestmark = pytest.mark.root
@@ -36,11 +36,7 @@ def worker_pid(d: Daemon) -> int:
 def kill_worker(d: Daemon, exclude: set[int]) -> float:
     """SIGKILL the worker; return the recovery time the new one reports."""
     old = worker_pid(d)
-    deadline = time.monotonic() + 60
-    while others := others_in_swap(exclude | {d.proc.pid, old}):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes {others} have pages in swap: refusing to kill the swap backend")
-        time.sleep(0.5)
+    bring_others_home(exclude | {d.proc.pid, old})
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: worker_pid(d) != old, timeout=60, what="a new worker")
     process = d.stats()["process"]

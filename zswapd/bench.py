@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -244,9 +244,11 @@ def _capture(pid: int, limit: int, out: Any) -> int:
     return taken
 
 
-def capture_corpus(size: int, path: str) -> Corpus:
-    """Anonymous pages of real processes: our workloads, then the rest of the
-    machine's processes, until ``size`` bytes."""
+def capture_corpus(size: int, path: str, also: Mapping[str, int] | None = None) -> Corpus:
+    """Anonymous pages of real processes: our workloads, then ``also`` (name
+    -> pid of a program the caller runs, e.g. a database), each with the same
+    share, then the rest of the machine's processes, until ``size`` bytes."""
+    also = dict(also or {})
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, code in _WORKLOADS.items():
@@ -258,13 +260,15 @@ def capture_corpus(size: int, path: str) -> Corpus:
             assert p.stdout is not None
             ready[name] = p.stdout.readline().strip() == b"ready"
         corpus = Corpus(path, 0)
-        share = size // (len(procs) + 1)
+        share = size // (len(procs) + len(also) + 1)
         with os.fdopen(create_private(path), "wb") as out:
             for name, p in procs.items():
                 if ready[name]:
                     corpus.sources[name] = _capture(p.pid, share, out) // PAGE
+            for name, pid in also.items():
+                corpus.sources[name] = _capture(pid, share, out) // PAGE
             others = size - sum(corpus.sources.values()) * PAGE
-            mine = {os.getpid(), *[p.pid for p in procs.values()]}
+            mine = {os.getpid(), *[p.pid for p in procs.values()], *also.values()}
             taken = 0
             for entry in sorted(os.listdir("/proc")):
                 if taken >= others:

@@ -11,8 +11,12 @@ import time
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, load
-from .control import prometheus
+from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, control_socket, load
+
+# The commands that only read from the daemon: they work with a config file
+# that does not load (a typo the running daemon refused at SIGHUP), warning
+# about it, since all they need from it is the control socket's path.
+READ_ONLY_COMMANDS = ("stats", "top", "status")
 
 
 def _human(n: float) -> str:
@@ -26,6 +30,11 @@ def _human(n: float) -> str:
 def _socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
+    if args.command in READ_ONLY_COMMANDS:
+        path, warning = control_socket(args.config)
+        if warning:
+            print(f"zswapd: warning: {warning}", file=sys.stderr)
+        return path
     try:
         cfg = load(args.config)
     except ConfigError as e:
@@ -34,25 +43,55 @@ def _socket_path(args: argparse.Namespace) -> str:
     return cfg.control.socket
 
 
-def _call(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any]:
+class CallError(Exception):
+    """A request that got no answer, or an error for one.  ``why`` is
+    "not running" (no socket, or nobody listening), "denied", "no reply"
+    (connected, but no answer in time), "refused" (the daemon's error
+    reply) or "error" (anything else)."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+def call(path: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One request to the daemon at control socket ``path``; its reply.
+    Raises CallError, with a message for the user, and nothing else."""
     from .control import request
 
-    path = _socket_path(args)
     try:
-        reply = request(path, req)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"zswapd: the daemon is not running (no control socket at {path})", file=sys.stderr)
-        sys.exit(1)
+        reply = request(path, req, timeout)
+    except FileNotFoundError:
+        raise CallError(f"the daemon is not running (no control socket at {path})", "not running") from None
+    except ConnectionRefusedError:
+        raise CallError(f"the daemon is not running (nothing listens on {path})", "not running") from None
     except PermissionError:
-        print(f"zswapd: permission denied on {path} (run as root or as a member of [control] group)", file=sys.stderr)
-        sys.exit(1)
+        raise CallError(
+            f"permission denied on {path} (run as root or as a member of [control] group)", "denied"
+        ) from None
+    except TimeoutError:
+        raise CallError(f"control socket {path}: no reply within {timeout:g} s", "no reply") from None
     except (OSError, ValueError) as e:
-        print(f"zswapd: control socket {path}: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise CallError(f"control socket {path}: {e}", "error") from None
+    if not isinstance(reply, dict):
+        raise CallError(f"control socket {path}: not a reply: {str(reply)[:80]}", "error")
     if not reply.get("ok"):
-        print(f"zswapd: {reply.get('error', 'unknown error')}", file=sys.stderr)
-        sys.exit(1)
+        raise CallError(str(reply.get("error", "unknown error")), "refused")
     return reply
+
+
+def _call(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return call(_socket_path(args), req)
+    except CallError as e:
+        print(f"zswapd: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def compact_result(r: dict[str, Any]) -> str:
+    """What `zswapd compact` (and top's `c`) says about a compact reply."""
+    freed = r["frames_freed"]
+    return f"freed {freed} frames ({_human(freed * 4096)}), moved {r['objects_moved']} objects in {r['seconds']:.3f}s"
 
 
 def format_stats(s: dict[str, Any], classes: bool = False) -> str:
@@ -116,18 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option; zswapd/manpage.py writes zswapd(8) from it."""
     parser = argparse.ArgumentParser(prog="zswapd", description="userspace compressed swap daemon")
     parser.add_argument("--version", action="version", version=f"zswapd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_target(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help=f"config file (default {DEFAULT_PATH} if present)")
-        p.add_argument("--socket", help="control socket path (overrides the config)")
+        p.add_argument("--config", metavar="FILE", help=f"config file (default {DEFAULT_PATH} if present)")
+        p.add_argument("--socket", metavar="PATH", help="control socket path (overrides the config)")
 
     p_run = sub.add_parser("run", help="run the daemon in the foreground")
-    p_run.add_argument("--config", help=f"config file (default {DEFAULT_PATH} if present, else built-in defaults)")
-    p_run.add_argument("-v", "--verbose", action="store_true")
+    p_run.add_argument(
+        "--config", metavar="FILE", help=f"config file (default {DEFAULT_PATH} if present, else built-in defaults)"
+    )
+    p_run.add_argument("-v", "--verbose", action="store_true", help="log at debug level, whatever [log] level says")
     p_stats = sub.add_parser("stats", help="show compression and memory statistics")
     with_target(p_stats)
     p_stats.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -145,16 +187,25 @@ def _main(argv: list[str] | None = None) -> int:
     p_reset = sub.add_parser("reset-max", help="reset mem_used_max")
     with_target(p_reset)
     p_check = sub.add_parser("check-config", help="validate a config file and print the result")
-    p_check.add_argument("--config")
+    p_check.add_argument("--config", metavar="FILE", help=f"the file to check (default {DEFAULT_PATH} if present)")
     p_bench = sub.add_parser("bench", help="benchmarks against baselines in the same run (docs/benchmarks.md)")
-    p_bench.add_argument("what", nargs="?", default="device", choices=["device", "pool", "app"])
+    p_bench.add_argument(
+        "what",
+        nargs="?",
+        default="device",
+        choices=["device", "pool", "app"],
+        help="device: real memory pages through zswapd, zram and a tmpfs loop device; pool: the store against bare "
+        "lz4; app: a program swapping in a memory cgroup (default: device)",
+    )
     p_bench.add_argument("--pages", type=int, default=20000, help="pool: pages to store")
     p_bench.add_argument("--corpus", help="device: a file of raw 4 KiB pages instead of captured memory")
     p_bench.add_argument("--corpus-size", default="128M", help="device: how much process memory to capture")
     p_bench.add_argument("--algorithms", default="lz4,zstd", help="device: comma-separated")
     p_bench.add_argument("--repeat", type=int, default=3, help="device: runs per figure (the median is reported)")
-    p_bench.add_argument("--latency-seconds", type=int, default=5)
-    p_bench.add_argument("--json", action="store_true")
+    p_bench.add_argument(
+        "--latency-seconds", type=int, default=5, help="device: seconds of each QD1 random-read latency run"
+    )
+    p_bench.add_argument("--json", action="store_true", help="print the results as JSON")
     p_bench.add_argument(
         "--baseline-src",
         help="device: also run the zswapd of this source tree (e.g. a worktree of the previous commit)",
@@ -171,7 +222,25 @@ def _main(argv: list[str] | None = None) -> int:
         help="device, app: [fuse] threads of zswapd and of the --baseline-src build (default: each one's own default)",
     )
     p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
+    p_top = sub.add_parser("top", help="live view of memory, rates, tiers and size classes (keys: q, c, s)")
+    with_target(p_top)
+    p_top.add_argument(
+        "-d", "--delay", type=float, default=1.0, metavar="SECONDS", help="seconds between updates (default 1)"
+    )
+    p_top.add_argument(
+        "-n", "--iterations", type=int, metavar="N", help="stop after N updates (default: until q or Ctrl-C)"
+    )
+    p_status = sub.add_parser(
+        "status", help="one line; exit 0 serving, 1 degraded, 3 not running, 4 unknown (as systemctl is-active)"
+    )
+    with_target(p_status)
+    for choice in sub._choices_actions:  # each command's --help opens with its line in the list
+        sub.choices[choice.dest].description = choice.help
+    return parser
 
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["worker"]:
@@ -209,16 +278,14 @@ def _main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(s, indent=2))
         elif args.prometheus:
+            from .control import prometheus
+
             sys.stdout.write(prometheus(s))
         else:
             print(format_stats(s, args.classes))
         return 0
     if args.command == "compact":
-        r = _call(args, {"cmd": "compact"})
-        freed = r["frames_freed"]
-        print(
-            f"freed {freed} frames ({_human(freed * 4096)}), moved {r['objects_moved']} objects in {r['seconds']:.3f}s"
-        )
+        print(compact_result(_call(args, {"cmd": "compact"})))
         return 0
     if args.command == "set":
         key, sep, value = args.assignment.partition("=")
@@ -252,6 +319,16 @@ def _main(argv: list[str] | None = None) -> int:
                 return 0
         print(f"zswapd: worker {before} was not replaced within 60 s; see the daemon's log", file=sys.stderr)
         return 1
+    if args.command == "top":
+        from .top import MAX_DELAY, MIN_DELAY, run_top
+
+        if not MIN_DELAY <= args.delay <= MAX_DELAY or (args.iterations is not None and args.iterations < 1):
+            print(f"zswapd top: -d: expected {MIN_DELAY:g} to {MAX_DELAY:g} seconds; -n: expected 1 or more",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return run_top(_socket_path(args), args.delay, args.iterations)
+    if args.command == "status":
+        return _status(_socket_path(args))
     if args.command == "reset-max":
         r = _call(args, {"cmd": "reset_max"})
         print(f"mem_used_max = {r['mem_used_max']}")
@@ -315,6 +392,27 @@ def _main(argv: list[str] | None = None) -> int:
             fuse_threads=args.fuse_threads,
         )
     return 2
+
+
+# `zswapd status` gives up waiting for a reply after this long: a daemon
+# that answers nothing for 5 s is not serving well (a worker starting, or
+# stuck), and a monitoring script must not hang.
+STATUS_TIMEOUT = 5.0
+
+
+def _status(path: str) -> int:
+    from .health import DEGRADED, NOT_RUNNING, UNKNOWN, summary
+
+    try:
+        s = call(path, {"cmd": "stats"}, STATUS_TIMEOUT)
+    except CallError as e:
+        code = {"not running": NOT_RUNNING, "no reply": DEGRADED}.get(e.why, UNKNOWN)
+        # The one line on stdout, as systemctl is-active prints "inactive".
+        print(str(e) if code == NOT_RUNNING else f"{'degraded' if code == DEGRADED else 'unknown'}: {e}")
+        return code
+    code, line = summary(s)
+    print(line)
+    return code
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ def fill_word(page: Buffer) -> int | None:
     return int.from_bytes(head, "little")
 
 
+def is_huge(compressed_len: int, huge_threshold: int) -> bool:
+    """The huge rule, written once: a page that compresses to ``huge_threshold``
+    bytes or more is stored raw (a whole frame, no decompression on read).
+    The store passes the pool's threshold (pool.HUGE_THRESHOLD)."""
+    return compressed_len >= huge_threshold
+
+
 def fill_page(word: int) -> bytes:
     return word.to_bytes(8, "little") * (PAGE_SIZE // 8)
 
@@ -80,7 +87,7 @@ class Codec:
             if word is not None:
                 return KIND_SAME, 0, word
         data = self.compress(page)
-        if len(data) >= huge_threshold:
+        if is_huge(len(data), huge_threshold):
             return KIND_HUGE, 0, page
         return KIND_COMPRESSED, self.algo_id, data
 

@@ -532,3 +532,55 @@ def load(path: str | None = None) -> Config:
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML here: arrays or tables nested too deeply") from None
     return from_dict(data, path)
+
+
+_SECTION_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(?:#.*)?$")
+_SOCKET_LINE = re.compile(r"""^\s*socket\s*=\s*("(?:[^"\\]|\\.)*"|'[^']*')\s*(?:#.*)?$""")
+
+
+def _salvage_socket(path: str) -> object:
+    """[control] socket as written in a file that does not load, or None:
+    from the TOML if it parses, else from a ``socket = "..."`` line under
+    ``[control]``, so that a typo elsewhere does not hide it."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_FILE_SIZE).removeprefix(_BOM).decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+    try:
+        control = tomllib.loads(text).get("control")
+        return control.get("socket") if isinstance(control, dict) else None
+    except (tomllib.TOMLDecodeError, RecursionError):
+        pass
+    section = None
+    for line in text.splitlines():
+        if m := _SECTION_LINE.match(line):
+            section = m.group(1)
+        elif section == "control" and (m := _SOCKET_LINE.match(line)):
+            try:
+                return tomllib.loads(f"v = {m.group(1)}")["v"]
+            except tomllib.TOMLDecodeError:
+                return None
+    return None
+
+
+def control_socket(path: str | None = None) -> tuple[str, str | None]:
+    """The control socket's path for the commands that only talk to the
+    daemon (stats, top, status), and a warning or None.  They must work
+    while the file holds an error that the running daemon refused at
+    SIGHUP: if the file does not load, the warning names its error and the
+    path comes from the file's [control] socket where that much can be read
+    and is valid, else it is the default."""
+    try:
+        return load(path).control.socket, None
+    except ConfigError as e:
+        error = str(e)
+    default = ControlConfig().socket
+    raw = _salvage_socket(path or DEFAULT_PATH)
+    if raw is None:
+        return default, f"{error}; using the default control socket {default}"
+    try:
+        sock = _socket_path(raw)
+    except ValueError as e:
+        return default, f"{error}; [control] socket = {_show(raw)} is not usable either (expected {e}); using {default}"
+    return sock, f"{error}; using its [control] socket = {sock!r}"

@@ -481,6 +481,8 @@ def prometheus(s: dict[str, Any]) -> str:
         "full": "1 while the pool refuses stores",
     }
     counters = {
+        "num_reads": "Read requests served (swap-ins; a request is one or more pages)",
+        "num_writes": "Write requests served (swap-outs; a request is one or more pages)",
         "pages_compacted": "Frames freed by compaction",
         "failed_reads": "Failed reads",
         "failed_writes": "Failed writes",
@@ -495,6 +497,13 @@ def prometheus(s: dict[str, Any]) -> str:
             f"# HELP zswapd_{name}_total {help_}",
             f"# TYPE zswapd_{name}_total counter",
             f"zswapd_{name}_total {int(s[name])}",
+        ]
+    proc = s.get("process")
+    if isinstance(proc, dict):  # a worker under a supervisor (zswapd run)
+        out += [
+            "# HELP zswapd_worker_restarts_total Workers replaced, by a crash or a reload, since the device was made",
+            "# TYPE zswapd_worker_restarts_total counter",
+            f"zswapd_worker_restarts_total {int(proc['worker_restarts'])}",
         ]
     out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
     for c in s["classes"]:

@@ -58,6 +58,13 @@ from .state import Geometry, State
 
 # Bound on objects moved by one synchronous compaction on the write path.
 SYNC_COMPACT_MOVES = 1 << 14
+# Steps in a row that may move nothing before a compaction run gives up.  The
+# native engine reads the freeable figures without the class locks, so a
+# writer can take the free slots between the figure and the step; the run
+# retries (the caller pausing between tries) rather than end on the first
+# empty step, and a few tries cover a writer that keeps taking slots without
+# spinning on a class that truly has nothing to give.
+COMPACT_RETRIES = 3
 
 
 StoreError = BadRequest
@@ -218,7 +225,15 @@ class Store:
     def compaction_wanted(self, waste_threshold: int, watermark: int) -> bool:
         """The background policy: compact when the bytes lost to partly used
         zspages pass ``waste_threshold``, or when usage passes ``watermark``
-        percent of the limit, and only if compaction can free a frame."""
+        percent of the limit, and only if compaction can free a frame.
+
+        What it promises, asked every round: once the device is quiet, either
+        the waste is at most ``waste_threshold`` or nothing is freeable (and,
+        over the watermark, nothing is freeable).  A run started above the
+        threshold goes on until nothing is freeable (compact_steps), so it
+        ends below it; discards after a run may leave waste under the
+        threshold with a zspage or two freeable, and that is kept: it costs
+        less than the threshold says is worth a run."""
         pool = self.engine
         waste = pool.mem_used_total - pool.obj_bytes
         high = bool(self.memory_limit) and pool.mem_used_total * 100 >= self.memory_limit * watermark
@@ -246,13 +261,18 @@ class Store:
 
     def compact_steps(self, moves_per_step: int) -> Generator[int, None, None]:
         """One compaction run in bounded steps, yielding the objects each step
-        moved, so a caller doing I/O can serve requests in between.  It ends
-        when nothing is freeable (or when the caller stops iterating)."""
+        moved, so a caller doing I/O can serve requests in between.  A step
+        that moved nothing while something is still freeable yields 0: the
+        caller should pause before the next try.  The run ends when nothing is
+        freeable, after COMPACT_RETRIES such steps in a row, or when the
+        caller stops iterating."""
         self.engine.count("compactions")
+        empty = 0
         try:
             while self.engine.freeable_frames():
                 moved = self.engine.compact(moves_per_step)
-                if not moved:
+                empty = 0 if moved else empty + 1
+                if empty > COMPACT_RETRIES:
                     return
                 yield moved
         finally:

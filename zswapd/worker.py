@@ -53,6 +53,7 @@ from . import swap
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError, check_value
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
+from .engine import native_error
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
@@ -64,6 +65,10 @@ log = logging.getLogger("zswapd")
 
 # Objects moved per background compaction step: keeps each pause well under 1 ms.
 COMPACT_STEP_MOVES = 16
+# Pause before a compaction step that follows one that moved nothing
+# (store.COMPACT_RETRIES): long enough for the writer that took the slots to
+# finish its request, short against the housekeeping interval.
+COMPACT_RETRY_PAUSE = 0.01
 # A failed task restarts after this back-off, doubled per failure up to the
 # cap: quick recovery from a one-off bug, no log flood from a persistent one.
 RESTART_BACKOFF = 0.1
@@ -196,6 +201,11 @@ class Worker:
             "control_internal_errors": self.controller.internal_errors,
             "compaction_step_p99_us": round(p99 * 1e6, 1),
             "task_failures": dict(self.task_failures),
+            # Why [pool] engine = "auto" serves with Python ("" when it does
+            # not): `zswapd status` calls that degraded.
+            "engine_fallback": native_error()
+            if self.cfg.pool.engine == "auto" and self.store.engine.name == "python"
+            else "",
             "reloads": self.reloads,
             "signals_ignored": self.signals_ignored,
             "process": {
@@ -450,13 +460,14 @@ class Worker:
             try:
                 while True:
                     t = time.perf_counter()
-                    moved = next(steps, 0)
+                    moved = next(steps, None)
                     self.compact_pauses.append(time.perf_counter() - t)
                     if len(self.compact_pauses) > 4096:
                         del self.compact_pauses[:2048]
-                    if not moved:
+                    if moved is None:
                         break
-                    await trio.sleep(0)
+                    # An empty step means a writer took the slots: let it finish.
+                    await trio.sleep(0 if moved else COMPACT_RETRY_PAUSE)
             finally:
                 steps.close()
 

@@ -59,13 +59,28 @@ class FuseThreads:
         # Thread i reads clone i; with fewer clones than threads, they share
         # (only one thread reads at a time anyway).
         fds = [clones[i % len(clones)] for i in range(n)] if clones else [fd] * n
-        self._server = _engine.serve_fuse(engine, fds, self._handle, self._decide)
-        self._maybe_enable()
+        # The threads start inside serve_fuse, and one may read INIT and
+        # call _handle before serve_fuse returns: _handle then answers INIT
+        # and leaves enabling to the turn taken here, once the server exists.
+        self._server: Any = None
+        server = _engine.serve_fuse(engine, fds, self._handle, self._decide)
+        with self._turn:
+            self._server = server
+            self._maybe_enable()
 
     def _maybe_enable(self) -> None:
-        if not self._enabled and self.fs.initialized:
+        """Serve READ, WRITE and punches in C once INIT is answered.  Called
+        with the turn.  Never raises: the reply to INIT must go out whatever
+        happens here (an error reply to INIT disables the connection for
+        good)."""
+        if self._enabled or self._server is None or not self.fs.initialized:
+            return
+        self._enabled = True  # tried once: on failure every request keeps going up
+        try:
             self._server.enable(self.fs.max_write, self.fs.device.size)
-            self._enabled = True
+        except Exception:
+            self.bugs += 1
+            log.exception("bug enabling the C threads' serving; every request is handed up to Python")
 
     def _handle(self, req: bytes) -> bytes | None:
         """A request handed up, from any C thread.  The reply is a copy:
