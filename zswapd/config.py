@@ -173,6 +173,7 @@ class ControlConfig:
     socket: str = "/run/zswapd/control.sock"
     group: str = ""
     metrics_listen: str = ""
+    metrics_access: str = "group"  # "group": root and group only; "any": every peer
 
 
 # [fuse] threads' maximum: far beyond the cores a swap device can keep busy;
@@ -379,7 +380,12 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "interval": _seconds,
     },
     "swap": {"enable": _bool, "priority": _int_in(-1, 32767), "discard": _choice("pages", "once", "both", "none")},
-    "control": {"socket": _socket_path, "group": _group, "metrics_listen": _listen},
+    "control": {
+        "socket": _socket_path,
+        "group": _group,
+        "metrics_listen": _listen,
+        "metrics_access": _choice("group", "any"),
+    },
     # threads: with the native engine, C threads read /dev/fuse and serve
     # READ, WRITE and discards without the GIL.
     "fuse": {"backend": _choice("native", "pyfuse3"), "threads": _int_in(0, MAX_FUSE_THREADS)},
@@ -405,6 +411,7 @@ RELOADABLE: frozenset[tuple[str, str]] = frozenset(
         *RUNTIME_KEYS.values(),
         *(("compaction", key) for key in ("background", "waste_threshold", "watermark", "interval")),
         ("control", "group"),
+        ("control", "metrics_access"),
         ("log", "level"),
     }
 )

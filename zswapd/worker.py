@@ -173,6 +173,7 @@ class Worker:
         self.nursery: trio.Nursery  # set by run(), before any task that uses it starts
         self.channel = socket.socket(fileno=args.channel_fd) if args.channel_fd >= 0 else None
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
+        self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
         self.controller.replace_worker = lambda: self._tell("replace")
 
@@ -406,8 +407,10 @@ class Worker:
                 self.store.set_algorithm(algorithm=str(value))
             elif (section, key) == ("pool", "zstd_level"):
                 self.store.set_algorithm(zstd_level=int(value))  # type: ignore[call-overload]
-            elif section == "control":
+            elif (section, key) == ("control", "group"):
                 self._set_group(gid)
+            elif (section, key) == ("control", "metrics_access"):
+                self.controller.metrics_access = str(value)
             elif section == "log" and not self.args.verbose:
                 logging.getLogger("zswapd").setLevel(config_mod.LOG_LEVELS[str(value)])
             applied.append(f"[{section}] {key} = {value!r}")
@@ -423,7 +426,7 @@ class Worker:
                 zstd_level=new.pool.zstd_level,
             ),
             compaction=new.compaction,
-            control=replace(self.cfg.control, group=new.control.group),
+            control=replace(self.cfg.control, group=new.control.group, metrics_access=new.control.metrics_access),
             log=new.log,
         )
         self.controller.config_path = new.path
