@@ -39,7 +39,10 @@ The rules
    (a mincore scan, at each worker death and every LOCK_SCAN_INTERVAL).
 4. The supervisor runs one thread.  It forks workers, and a fork from a
    multi-threaded process can inherit a lock held by another thread.
-5. Signals: SIGTERM and SIGINT shut down (swapoff while the worker serves,
+5. Only installed code runs: the supervisor leaves the directory it was
+   started from first thing (process.settle), and a fresh worker is
+   `python -I -m zswapd worker` (process.worker_argv).
+6. Signals: SIGTERM and SIGINT shut down (swapoff while the worker serves,
    detach, unmount; a failed swapoff keeps serving until the next SIGTERM).
    SIGHUP is forwarded to the worker, which reloads the config.  The rest of
    process.py's ignored signals are logged and ignored here too.  Workers
@@ -61,7 +64,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +73,17 @@ from . import paths, swap
 from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
-from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, StartupError, _libc, harden, no_core_dumps, sd_notify
+from .process import (
+    EXIT_CONNECTION_GONE,
+    IGNORED_SIGNALS,
+    StartupError,
+    _libc,
+    harden,
+    no_core_dumps,
+    sd_notify,
+    settle,
+    worker_argv,
+)
 from .state import read_restarts
 
 if TYPE_CHECKING:
@@ -459,9 +471,7 @@ class Supervisor:
         inherit = [fd for fd in held if fd >= 0]
         if fresh:
             env = dict(os.environ, ZSWAPD_WORKER=json.dumps(args.to_json()))
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "zswapd", "worker"], env=env, pass_fds=inherit, process_group=0
-            )
+            proc = subprocess.Popen(worker_argv(), env=env, pass_fds=inherit, process_group=0, cwd="/")
             pid = proc.pid
             proc.returncode = 0  # reaped through the pidfd, not by Popen
         else:
@@ -919,6 +929,7 @@ def _how(code: int) -> str:
 
 def main_run(cfg: Config, config_arg: str | None = None) -> int:
     adopted = listen_fds()
+    closed = settle(set(adopted.values()))
     if adopted and ("fuse" not in adopted or fmount.mount_type(cfg.device.mountpoint) != "fuse.zswapd"):
         log.warning("systemd handed back fds, but no live zswapd mount at %s: starting afresh", cfg.device.mountpoint)
         for name, fd in adopted.items():
@@ -927,6 +938,8 @@ def main_run(cfg: Config, config_arg: str | None = None) -> int:
         adopted = {}
     sup = Supervisor(cfg, config_arg, adopted)
     sup.install_signals()
+    if closed:
+        log.info("closed fds %s inherited from the caller: a worker holds only what it is given", closed)
     no_core_dumps()
     try:
         preflight(cfg)
