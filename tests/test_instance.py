@@ -1,7 +1,9 @@
 """How `zswapd run` starts and what it trusts (issue #22): only installed
-code runs, and nothing the caller left open reaches a worker.
+code runs, one instance holds a device for as long as any of its processes
+lives, and nothing the caller left open reaches a worker.
 
-Privilege: root, /dev/fuse.  Swap stays off.  Every daemon and mount is
+Privilege: root, /dev/fuse.  Swap stays off: the kills here hit daemons
+that hold no process's pages.  Every daemon, mount and stray worker is
 cleaned up even when a test fails.
 """
 
@@ -10,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Daemon, run_daemon
+from test_failclosed import wait_for
 from test_takeover import worker_pid
 
 pytestmark = pytest.mark.root
@@ -37,6 +42,29 @@ def zswapd_script() -> str:
     if found is None:
         pytest.fail("no zswapd console script: `pip install -e .` installs one")
     return found
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: it holds no fd any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@contextlib.contextmanager
+def killed_at_exit(pids: list[int]) -> Iterator[list[int]]:
+    """SIGKILL whatever pid the test adds here, if it still lives at the end
+    (a worker left on its own, a second instance that should have refused)."""
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            wait_for(lambda pid=pid: gone(pid), what=f"pid {pid} to exit")  # type: ignore[misc]
 
 
 def pattern(npages: int) -> bytes:
@@ -61,7 +89,21 @@ def read_file(d: Daemon, size: int, offset: int = 0) -> bytes:
         os.close(fd)
 
 
-# -- only installed code runs ------------------------------------------------------
+def start_second(config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`zswapd run` on a config an instance already serves.  It must refuse
+    at once; if it starts instead (the bug), it is stopped here."""
+    p = subprocess.Popen([sys.executable, "-m", "zswapd", "run", "--config", str(config)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        pytest.fail(f"a second instance started on the same config instead of refusing:\n{err}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+# -- only installed code runs ----------------------------------------------------------
 
 
 def test_a_hostile_package_in_the_start_directory_is_never_imported(tmp_path: Path) -> None:
@@ -97,7 +139,51 @@ def test_a_hostile_package_in_the_start_directory_is_never_imported(tmp_path: Pa
     assert not mark.exists(), f"the hostile package was imported: {mark.read_text()}"
 
 
-# -- nothing inherited -------------------------------------------------------------------
+# -- one instance, always --------------------------------------------------------------
+
+
+def test_reload_then_supervisor_killed_keeps_the_instance_and_every_page(tmp_path: Path) -> None:
+    """128 MiB written, `zswapd reload`, the supervisor SIGKILLed: the fresh
+    worker serves on alone and holds the instance lock, so a new `zswapd
+    run` refuses, naming it, and touches nothing: every page reads back."""
+    with run_daemon(tmp_path) as d, killed_at_exit([]) as strays:
+        data = pattern(32768)
+        write_file(d, data)
+        assert d.stats()["pages_stored"] == 32768
+        r = subprocess.run([sys.executable, "-m", "zswapd", "reload", "--socket", d.socket], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        worker = worker_pid(d)
+        strays.append(worker)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(30)
+        assert worker_pid(d) == worker  # on its own, still serving
+        second = start_second(d.config)
+        assert second.returncode == 2, second.stderr
+        assert "its supervisor" in second.stderr and "has exited" in second.stderr, second.stderr
+        assert f"pid {worker}" in second.stderr and "refusing" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        s = d.stats()
+        assert s["pages_stored"] == 32768 and s["process"]["worker_pid"] == worker  # type: ignore[index]
+        assert read_file(d, len(data)) == data
+        # Released only by the last close: the files stay where they are.
+        assert Path(str(d.mountpoint) + ".lock").exists() and Path(d.socket + ".lock").exists()
+
+
+def test_lock_files_are_never_unlinked(tmp_path: Path) -> None:
+    """The lock files stay where a stopped instance leaves them and the next
+    start locks the same files (an unlink at release would let two racing
+    starters each lock a file of its own)."""
+    with run_daemon(tmp_path) as d:
+        lock = Path(str(d.mountpoint) + ".lock")
+        inode = os.stat(lock).st_ino
+        assert d.stop() == 0
+    assert lock.exists() and os.stat(lock).st_ino == inode
+    with run_daemon(tmp_path) as d:
+        assert os.stat(lock).st_ino == inode and lock.read_text().strip() == str(d.proc.pid)
+
+
+# -- nothing inherited -----------------------------------------------------------------
 
 
 def _holds(pid: int, link: str) -> bool:

@@ -94,6 +94,9 @@ class WorkerArgs:
     channel_fd: int
     state_fds: list[int] = field(default_factory=list)
     fuse_clones: list[int] = field(default_factory=list)  # FUSE_DEV_IOC_CLONEs the supervisor keeps
+    # The instance lock's fds: held, never used, so that the lock lives as
+    # long as any process of the instance (supervisor.py, rule 5).
+    lock_fds: list[int] = field(default_factory=list)
     restarts: int = 0  # workers before this one on the connection
     died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
     supervisor_pid: int = 0
