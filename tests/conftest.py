@@ -96,6 +96,7 @@ def write_config(path: Path, mountpoint: Path, socket: str, **sections: dict[str
         for k, v in values.items():
             lines.append(f"{k} = {json.dumps(v)}")
     path.write_text("\n".join(lines) + "\n")
+    os.chmod(path, 0o644)  # whatever the umask: the daemon reads only a file root alone can change
 
 
 def _fuse_connections_for(mountpoint: str) -> list[str]:
@@ -182,7 +183,9 @@ def run_daemon(
         except subprocess.TimeoutExpired:
             pass
         finally:
-            force_cleanup(str(mountpoint), proc)
+            # The mount is at the real path (the daemon resolves it); the
+            # mountpoint itself is not stat'ed: a dead mount cannot be.
+            force_cleanup(os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name), proc)
             logf.close()
 
 

@@ -259,7 +259,7 @@ def _main(argv: list[str] | None = None) -> int:
         # worker reads the file again from /.
         config = os.path.abspath(args.config) if args.config else None
         try:
-            cfg = load(config)
+            cfg = load(config, strict=True)
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2
@@ -268,7 +268,7 @@ def _main(argv: list[str] | None = None) -> int:
         return main_run(cfg, config)
     if args.command == "check-config":
         try:
-            cfg = load(args.config)
+            cfg = load(args.config, strict=True)
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2

@@ -41,7 +41,7 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, paths
 from .config import RUNTIME_KEYS, ConfigError, check_value
 from .errors import BadRequest
 from .store import Store
@@ -425,23 +425,43 @@ def bind_control_socket(path: str, gid: int | None) -> socket.socket:
     dead instance's (the instance lock is ours)."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise paths.UnsafePath(f"{path} exists and is not a socket; expected the control socket's path, free")
+        os.unlink(path)
     except FileNotFoundError:
         pass
     plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # no window in which the socket is world-usable
     try:
-        plain.bind(path)
-    finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, 0, gid)
-        os.chmod(path, 0o660)
-    else:
-        os.chmod(path, 0o600)
-    plain.listen(1024)  # bursts of clients must not see EAGAIN
+        old = os.umask(0o177)  # no window in which the socket is world-usable
+        try:
+            plain.bind(path)
+        finally:
+            os.umask(old)
+        set_socket_access(path, gid)
+        plain.listen(1024)  # bursts of clients must not see EAGAIN
+    except BaseException:
+        plain.close()
+        raise
     return plain
+
+
+def set_socket_access(path: str, gid: int | None) -> None:
+    """Give the socket bound at ``path`` to root and ``gid`` (0660), or to
+    root alone (0600).  The directory is checked again (paths.safe_parent),
+    the name is opened without following a symlink and must be a socket,
+    and owner and mode are set on that inode (through /proc/self/fd), so
+    nothing put at the name in its place is chowned.  Raises
+    paths.UnsafePath or OSError."""
+    paths.safe_parent(path)
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise paths.UnsafePath(f"{path} is not a socket (a symlink?); expected the control socket the daemon bound")
+        os.chown(f"/proc/self/fd/{fd}", 0, gid if gid is not None else 0)
+        os.chmod(f"/proc/self/fd/{fd}", 0o660 if gid is not None else 0o600)
+    finally:
+        os.close(fd)
 
 
 class ControlServer:

@@ -545,6 +545,7 @@ class Supervisor:
             state_fds=list(self.state_fds),
             fuse_clones=list(self.fuse_clones),
             lock_fds=list(self.lock_fds),
+            mountpoint=self.mountpoint,
             restarts=self.worker_restarts,
             died_at_ns=self.died_at_ns,
             supervisor_pid=os.getpid(),
@@ -843,7 +844,15 @@ class Supervisor:
         a = self.adopted
         log.warning("taking over from a supervisor that died: %s from systemd's fd store", ", ".join(sorted(a)))
         self.fuse_fd = a["fuse"]
-        self.mounted = True
+        # Unmounted at the end only if it is ours: if the config now names
+        # another mountpoint, that one may hold someone else's mount.
+        self.mounted = fmount.mount_type(self.mountpoint) == "fuse.zswapd"
+        if not self.mounted:
+            log.error(
+                "systemd handed back the FUSE connection, but %s holds no zswapd mount (was [device] mountpoint "
+                "changed?); serving the connection anyway, since swap may be on it",
+                self.mountpoint,
+            )
         # Every clone comes back, even beyond what [fuse] threads now asks
         # for: each may hold requests a dead worker had read.
         self.fuse_clones = [a[n] for n in sorted(a, key=_clone_index) if n.startswith(CLONE_PREFIX)]
@@ -1023,10 +1032,16 @@ def _how(code: int) -> str:
 
 
 def main_run(cfg: Config, config_arg: str | None = None) -> int:
+    """``cfg`` comes from config.load(strict=True): its paths are real and
+    absolute.  So is ``config_arg`` (the CLI made it so), which every fresh
+    worker reads after this process has left its starting directory."""
     adopted = listen_fds()
     closed = settle(set(adopted.values()))
-    if adopted and ("fuse" not in adopted or fmount.mount_type(cfg.device.mountpoint) != "fuse.zswapd"):
-        log.warning("systemd handed back fds, but no live zswapd mount at %s: starting afresh", cfg.device.mountpoint)
+    if adopted and "fuse" not in adopted:
+        # Only a held /dev/fuse fd keeps a connection, and the swap on it,
+        # alive: without one there is nothing to take over.  With one, it is
+        # taken over whatever the mount table says (Supervisor._adopt).
+        log.warning("systemd handed back fds, but no FUSE connection: starting afresh")
         for name, fd in adopted.items():
             os.close(fd)
             fd_store_remove(name)
@@ -1064,6 +1079,9 @@ def main_run(cfg: Config, config_arg: str | None = None) -> int:
         return sup.run()
     except (StartupError, ConfigError) as e:
         log.error("%s", e)
+        return 2
+    except paths.UnsafePath as e:
+        log.error("control socket: %s", e)
         return 2
     except OSError as e:
         log.error("%s", e)
