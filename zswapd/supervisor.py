@@ -372,6 +372,7 @@ class LockedMapping:
         self.npages = -(-self.size // mmap.PAGESIZE)
         self.vec = (ctypes.c_ubyte * max(1, self.npages))()  # allocated once
         self.addr = 0
+        self.warned = False
         if self.size:
             libc = _libc()
             libc.mmap.restype = ctypes.c_void_p
@@ -394,6 +395,10 @@ class LockedMapping:
             return 0
         libc = _libc()
         if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
+            if not self.warned:
+                self.warned = True
+                log.warning("mincore of the state refused (%s): its pages are locked only while a worker runs",
+                            os.strerror(ctypes.get_errno()))  # fmt: skip
             return 0
         count = 0
         for m in _RUN.finditer(memoryview(self.vec).cast("B")):
