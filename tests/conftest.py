@@ -112,6 +112,7 @@ def write_config(path: Path, mountpoint: Path, socket: str, **sections: dict[str
         for k, v in values.items():
             lines.append(f"{k} = {json.dumps(v)}")
     path.write_text("\n".join(lines) + "\n")
+    os.chmod(path, 0o644)  # whatever the umask: the daemon reads only a file root alone can change
 
 
 def _fuse_connections_for(mountpoint: str) -> list[str]:
@@ -147,13 +148,27 @@ def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) 
 
 @contextlib.contextmanager
 def run_daemon(
-    tmp: Path, name: str = "d", ready: bool = True, inject: str = "", patch: str = "", **sections: dict[str, object]
+    tmp: Path,
+    name: str = "d",
+    ready: bool = True,
+    inject: str = "",
+    patch: str = "",
+    mountpoint: Path | None = None,
+    command: list[str] | None = None,
+    cwd: Path | None = None,
+    config_arg: str = "",
+    pass_fds: tuple[int, ...] = (),
+    **sections: dict[str, object],
 ) -> Iterator[Daemon]:
     """A real daemon on a config made from ``sections``.  ``inject`` names a
     function (``module:Class.attr``) that tests/inject.py replaces with one
     that raises; ``patch`` is Python run before the CLI (to plant a subtler
-    bug).  Either proves a bug is contained."""
-    mountpoint = tmp / f"{name}-mnt"
+    bug).  Either proves a bug is contained.  ``command`` starts it instead
+    of ``python -m zswapd`` (with ``cwd``, from there; ``config_arg`` is
+    what it gets for --config, if not the config's absolute path), and
+    ``pass_fds`` are left open for it.  The mountpoint is ``mountpoint``,
+    or NAME-mnt in ``tmp``."""
+    mountpoint = mountpoint or tmp / f"{name}-mnt"
     sock = str(tmp / f"{name}-ctl" / "control.sock")
     config = tmp / f"{name}.toml"
     write_config(config, mountpoint, sock, **sections)
@@ -166,8 +181,8 @@ def run_daemon(
         argv = [sys.executable, "-c", code]
     else:
         prefix = [sys.executable, str(INJECT), inject] if inject else [sys.executable, "-m", "zswapd"]
-        argv = [*prefix, "run", "--config", str(config)]
-    proc = subprocess.Popen(argv, stdout=logf, stderr=logf)
+        argv = [*(command or prefix), "run", "--config", config_arg or str(config)]
+    proc = subprocess.Popen(argv, stdout=logf, stderr=logf, cwd=cwd, pass_fds=pass_fds)
     d = Daemon(proc, config, mountpoint, sock, log)
     try:
         if ready:
@@ -184,7 +199,9 @@ def run_daemon(
         except subprocess.TimeoutExpired:
             pass
         finally:
-            force_cleanup(str(mountpoint), proc)
+            # The mount is at the real path (the daemon resolves it); the
+            # mountpoint itself is not stat'ed: a dead mount cannot be.
+            force_cleanup(os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name), proc)
             logf.close()
 
 

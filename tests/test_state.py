@@ -4,6 +4,7 @@ recovery after the process that wrote it died at any point."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -137,6 +138,28 @@ def test_attach_refuses_truncated_memfds_and_wrong_counts() -> None:
         finally:
             for fd in (short, small_arena, tiny):
                 os.close(fd)
+    finally:
+        s.close()
+
+
+def test_memfds_are_sealed_once_sized() -> None:
+    """No holder can shrink a state memfd (every mapping would SIGBUS on
+    the pages cut off), grow it, or seal it against writes; punching a
+    frame out still works."""
+    s = State.create(Geometry(16, 64, 16, 0))
+    try:
+        for fd in s.fds():
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            want = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            assert seals == want, seals
+            size = os.fstat(fd).st_size
+            for bad in (size - 4096, size + 4096):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, bad)
+            with pytest.raises(PermissionError):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+            assert os.fstat(fd).st_size == size
+        s.punch(1, 2)
     finally:
         s.close()
 

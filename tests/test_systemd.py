@@ -13,6 +13,9 @@ overlay is a two-line wrapper that runs this interpreter (sys.executable) with
 ``-m zswapd`` and PYTHONPATH set to this checkout, bind-mounted read-only at
 /opt/zswapd-test/src.  PYTHONPATH comes before site-packages, so it wins over
 an editable install of another checkout (the runner checks zswapd.__file__).
+A reload's fresh worker is `python -I -m zswapd worker`, which ignores
+PYTHONPATH by design (only installed code runs): it imports the zswapd
+installed for this interpreter, in CI an editable install of this checkout.
 The unit itself is installed byte for byte as shipped, with `systemctl
 --root=... enable`, so its ExecStart=/usr/local/bin/zswapd is what starts it.
 
@@ -188,6 +191,11 @@ journal() {
 step boot systemctl is-system-running --wait
 step started show
 step import zswapd-python -c 'import zswapd; print(zswapd.__file__)'
+# What the unit confines, as the kernel sees it, in the supervisor and the worker.
+step sandbox sh -c 'for pid in $(systemctl show -p MainPID --value zswapd.service) \
+        $(zswapd stats --json | sed -n "s/.*\"worker_pid\": \([0-9]*\).*/\1/p"); do
+    echo "pid $pid"; grep -E "^(CapBnd|NoNewPrivs|Seccomp):" /proc/$pid/status; done'
+step security systemd-analyze security --no-pager zswapd.service
 step verify systemd-analyze verify /etc/systemd/system/zswapd.service
 # PID 1 noticing the mount is asynchronous to READY=1.
 until_ok mount_unit 30 mount_unit_active
@@ -526,6 +534,33 @@ def test_service_reaches_active_with_ready_and_status(boot: Boot) -> None:
     notify = [line for line in boot.console_lines() if "zswapd.service: Got notification message" in line]
     assert any("READY=1" in line and "STATUS=serving " in line for line in notify), notify
     assert boot.text("import").strip() == f"{SRC_IN_CONTAINER}/zswapd/__init__.py", boot.text("import")
+
+
+# linux/capability.h: what the unit keeps, and the two it used to keep.
+CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_IPC_LOCK, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_MKNOD = 0, 1, 14, 21, 24, 27
+SECCOMP_MODE_FILTER = 2
+# `systemd-analyze security` of the unit as it was before it was tightened.
+EXPOSURE_BEFORE = 7.5
+
+
+def test_the_unit_is_confined(boot: Boot) -> None:
+    """Both processes run with the unit's bounding set (at most what it
+    names: nspawn itself grants fewer), no new privileges and a seccomp
+    filter, and systemd scores the unit well below where it was."""
+    assert boot.ok("sandbox"), boot.text("sandbox")
+    procs = boot.text("sandbox").split("pid ")[1:]
+    assert len(procs) == 2, boot.text("sandbox")
+    allowed = {CAP_CHOWN, CAP_IPC_LOCK, CAP_SYS_ADMIN, CAP_SYS_RESOURCE}
+    for proc in procs:
+        fields = dict(line.split(":\t") for line in proc.splitlines()[1:])
+        caps = {bit for bit in range(64) if int(fields["CapBnd"], 16) >> bit & 1}
+        assert CAP_SYS_ADMIN in caps and caps <= allowed, (proc, caps)
+        assert CAP_DAC_OVERRIDE not in caps and CAP_MKNOD not in caps
+        assert fields["NoNewPrivs"] == "1" and int(fields["Seccomp"]) == SECCOMP_MODE_FILTER, proc
+    m = re.search(r"Overall exposure level for zswapd\.service: ([0-9.]+)", boot.text("security"))
+    assert m, boot.text("security")
+    print(f"systemd-analyze security: exposure {m[1]} (was {EXPOSURE_BEFORE})")
+    assert float(m[1]) <= 5.0, boot.text("security")
 
 
 def test_no_ordering_cycle_at_boot_or_shutdown(boot: Boot) -> None:

@@ -253,7 +253,7 @@ def capture_corpus(size: int, path: str, also: Mapping[str, int] | None = None) 
     try:
         for name, code in _WORKLOADS.items():
             procs[name] = subprocess.Popen(
-                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                [sys.executable, "-I", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/"
             )
         ready = {}
         for name, p in procs.items():
@@ -397,7 +397,9 @@ class ZswapdTarget(Target):
         # With swap, the daemon itself attaches the loop device, runs mkswap
         # and swapon, and undoes them at SIGTERM, as a user's daemon would.
         swap = f"enable = true\npriority = {swap_priority}" if self.swap else "enable = false"
-        with open(cfg, "w") as f:
+        # 0600 and root's, whatever the umask: the daemon refuses a config
+        # that others could change (config.load strict).
+        with os.fdopen(create_private(cfg), "w") as f:
             f.write(
                 f'[device]\nsize = {size}\nmountpoint = "{self.mnt}"\n[pool]\nalgorithm = "{algorithm}"\n'
                 f"memory_limit = 0\n[swap]\n{swap}\n[compaction]\nbackground = false\n"
@@ -408,10 +410,14 @@ class ZswapdTarget(Target):
             )
         self.file = os.path.join(self.mnt, "swap")
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(src)) if src else None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zswapd", "run", "--config", cfg], stderr=self.log, env=env, cwd=src
-        )
+        # Isolated (-I), from /: the daemon is this checkout's installed
+        # zswapd, or the source tree ``src`` named explicitly, never whatever
+        # lies in the directory the bench was started from.
+        prefix = [sys.executable, "-I", "-m", "zswapd"]
+        if src:
+            boot = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('zswapd', run_name='__main__')"
+            prefix = [sys.executable, "-I", "-c", boot, os.path.abspath(src)]
+        self.proc = subprocess.Popen([*prefix, "run", "--config", cfg], stderr=self.log, cwd="/")
         try:
             deadline = time.monotonic() + 60
             while not self._ready():

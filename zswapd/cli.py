@@ -255,17 +255,20 @@ def _main(argv: list[str] | None = None) -> int:
         from .supervisor import main_run
 
         setup_logging(args.verbose)
+        # Absolute before the supervisor leaves this directory: a reload's
+        # worker reads the file again from /.
+        config = os.path.abspath(args.config) if args.config else None
         try:
-            cfg = load(args.config)
+            cfg = load(config, strict=True)
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2
         if not args.verbose:  # -v means debug, whatever [log] level says
             logging.getLogger("zswapd").setLevel(LOG_LEVELS[cfg.log.level])
-        return main_run(cfg, args.config)
+        return main_run(cfg, config)
     if args.command == "check-config":
         try:
-            cfg = load(args.config)
+            cfg = load(args.config, strict=True)
         except ConfigError as e:
             print(f"zswapd: {e}", file=sys.stderr)
             return 2

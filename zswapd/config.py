@@ -25,6 +25,14 @@ fuzzes it).  The rules that are not obvious from the schema:
 - ``[control] group`` must exist when the file is checked, so that
   ``check-config`` reports it rather than the daemon's start.
 - ``RELOADABLE`` and ``diff`` say what a reload (SIGHUP) may apply.
+- The daemon reads its file with ``load(..., strict=True)``, as sshd's
+  StrictModes: the file must be root's and writable by root alone, and so
+  must every directory on its way (sticky ones such as /tmp aside, see
+  paths.py), or the file is refused with the fix in the message: whoever
+  can change it could choose what root mounts, binds and chowns.  Strict
+  loading also resolves ``[device] mountpoint`` and ``[control] socket`` to
+  their real paths (paths.resolve_parent), once: every later comparison
+  (the mount table, the lock files) is of those strings.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from . import paths
 
 DEFAULT_PATH = "/etc/zswapd/zswapd.toml"
 PAGE = 4096
@@ -173,6 +183,7 @@ class ControlConfig:
     socket: str = "/run/zswapd/control.sock"
     group: str = ""
     metrics_listen: str = ""
+    metrics_access: str = "group"  # "group": root and group only; "any": every peer
 
 
 # [fuse] threads' maximum: far beyond the cores a swap device can keep busy.
@@ -391,7 +402,12 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "interval": _seconds,
     },
     "swap": {"enable": _bool, "priority": _int_in(-1, 32767), "discard": _choice("pages", "once", "both", "none")},
-    "control": {"socket": _socket_path, "group": _group, "metrics_listen": _listen},
+    "control": {
+        "socket": _socket_path,
+        "group": _group,
+        "metrics_listen": _listen,
+        "metrics_access": _choice("group", "any"),
+    },
     # threads: with the native engine, C threads read /dev/fuse and serve
     # READ, WRITE and discards without the GIL.
     "fuse": {"backend": _fuse_backend, "threads": _int_in(0, MAX_FUSE_THREADS)},
@@ -417,6 +433,7 @@ RELOADABLE: frozenset[tuple[str, str]] = frozenset(
         *RUNTIME_KEYS.values(),
         *(("compaction", key) for key in ("background", "waste_threshold", "watermark", "interval")),
         ("control", "group"),
+        ("control", "metrics_access"),
         ("log", "level"),
     }
 )
@@ -453,19 +470,40 @@ def from_dict(data: dict[str, Any], path: str) -> Config:
                 allowed = ", ".join(f.name for f in fields(target))
                 raise ConfigError(f"{path}: unknown key [{section}] {_name(key)}; expected one of {allowed}")
             setattr(target, key, check_value(path, section, key, value))
-    mnt, sock = cfg.device.mountpoint, cfg.control.socket
-    if sock == mnt or sock.startswith(mnt + "/") or sock == mnt + ".lock":
-        raise ConfigError(
-            f"{path}: [control] socket = {sock!r}: expected a path outside [device] mountpoint = {mnt!r} "
-            "(the mount would hide it) and not the mountpoint's lock file"
-        )
-    if mnt == sock + ".lock" or mnt.startswith(sock + "/"):
-        raise ConfigError(f"{path}: [device] mountpoint = {mnt!r}: expected a path apart from [control] socket")
+    _check_apart(cfg)
     if cfg.device.size == 0:
         cfg.device.size = _default_size()
     if cfg.pool.memory_limit < 0:
         cfg.pool.memory_limit = parse_limit("20%", mem_total())
     return cfg
+
+
+def _check_apart(cfg: Config) -> None:
+    mnt, sock = cfg.device.mountpoint, cfg.control.socket
+    if sock == mnt or sock.startswith(mnt + "/") or sock == mnt + ".lock":
+        raise ConfigError(
+            f"{cfg.path}: [control] socket = {sock!r}: expected a path outside [device] mountpoint = {mnt!r} "
+            "(the mount would hide it) and not the mountpoint's lock file"
+        )
+    if mnt == sock + ".lock" or mnt.startswith(sock + "/"):
+        raise ConfigError(f"{cfg.path}: [device] mountpoint = {mnt!r}: expected a path apart from [control] socket")
+
+
+def _resolve_paths(cfg: Config) -> None:
+    """Strict loading: the daemon's paths as their real paths, each
+    checked again by the schema and against the other."""
+    for section, key in (("device", "mountpoint"), ("control", "socket")):
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        try:
+            real = paths.resolve_parent(value)
+        except paths.UnsafePath as e:
+            raise ConfigError(f"{cfg.path}: [{section}] {key} = {value!r}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{cfg.path}: [{section}] {key} = {value!r}: cannot resolve: {e.strerror}") from None
+        if real != value:
+            setattr(part, key, check_value(cfg.path, section, key, real))
+    _check_apart(cfg)
 
 
 def diff(old: Config, new: Config) -> tuple[list[tuple[str, str, object]], list[str]]:
@@ -500,18 +538,36 @@ def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> ConfigError:
     return ConfigError(f"{path}: {where}: byte 0x{raw[at]:02x} at offset {at} is not UTF-8; expected a UTF-8 TOML file")
 
 
-def load(path: str | None = None) -> Config:
+def load(path: str | None = None, strict: bool = False) -> Config:
     """Read ``path``; with None, the default path if it exists, else the
-    embedded defaults.  Raises ConfigError and nothing else."""
+    embedded defaults.  ``strict``: the daemon's own reading (see the top of
+    this file).  Raises ConfigError and nothing else."""
     if path is None:
         if not os.path.exists(DEFAULT_PATH):
-            return from_dict({}, "<defaults>")
+            cfg = from_dict({}, "<defaults>")
+            if strict:
+                _resolve_paths(cfg)
+            return cfg
         path = DEFAULT_PATH
+    cfg = from_dict(_parse(path, strict), path)
+    if strict:
+        _resolve_paths(cfg)
+    return cfg
+
+
+def _parse(path: str, strict: bool) -> dict[str, Any]:
+    opened = path
     try:
-        with open(path, "rb") as f:
+        if strict:
+            opened = paths.resolve(os.path.abspath(path))
+        with open(opened, "rb") as f:
+            if strict:  # the file read, not a name: its directories were checked on the way
+                paths.root_only(path, os.fstat(f.fileno()), "regular file")
             raw = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except paths.UnsafePath as e:
+        raise ConfigError(f"{path}: {e}; zswapd runs as root and takes its paths from this file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except ValueError as e:  # a path with a NUL in it
@@ -526,12 +582,11 @@ def load(path: str | None = None) -> Config:
     except UnicodeDecodeError as e:
         raise _not_utf8(path, raw, e) from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML here: arrays or tables nested too deeply") from None
-    return from_dict(data, path)
 
 
 _SECTION_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(?:#.*)?$")

@@ -11,6 +11,15 @@ client sends, and no bug in a handler, may raise out of it.  A handler bug is
 logged with its traceback and answered ``internal error``; a bug in one
 client's connection code closes that client only; the accept loops log their
 errors and go on.
+
+Bounded work per byte: a request line is decoded by ``json.loads`` (linear
+in its length, no pre-scan that could backtrack), its length is checked as
+bytes arrive, and every line, blank ones included, is a request that yields
+to the other tasks and counts against its peer's rate (``PeerLimits``).  Each
+peer uid other than root has a cap on its connections and on its requests
+per second, on the control socket and the metrics listener alike, so one
+member of ``[control] group`` can neither hold every slot nor keep the
+worker's event loop busy; root's reserved slots stay free for root.
 """
 
 from __future__ import annotations
@@ -21,18 +30,18 @@ import json
 import logging
 import math
 import os
-import re
+import pwd
 import socket
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
-from itertools import accumulate
 from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, paths
 from .config import RUNTIME_KEYS, ConfigError, check_value
 from .errors import BadRequest
 from .store import Store
@@ -40,6 +49,8 @@ from .store import Store
 log = logging.getLogger("zswapd.control")
 
 MAX_LINE = 64 * 1024
+# Read at most this much at a time: a line and its newline fit in one read.
+RECEIVE_SIZE = MAX_LINE + 1
 IDLE_TIMEOUT = 10.0
 # A request line must be complete this long after its first byte: the idle
 # timeout alone lets a client that sends a byte every few seconds keep its
@@ -53,9 +64,19 @@ SEND_TIMEOUT = 5.0
 # well under the usual 1024 open files.
 MAX_CLIENTS = 512
 MAX_CLIENTS_NON_ROOT = 256
+# Each uid other than root: at most this many connections at once, and this
+# many requests a second (blank lines count) after a burst of CONTROL_BURST.
+# zswapd's own clients use one connection and a few requests a second (a
+# reload polls stats 20 times a second, as root); a member of [control]
+# group that goes beyond waits for its turn: its requests are answered
+# later, nobody else's.
+MAX_CLIENTS_PER_UID = 16
+CONTROL_RATE = 50.0
+CONTROL_BURST = 100
 # json.loads recurses per nesting level (RecursionError near 1000) and turns
-# digit strings over 4300 long into a ValueError: bound both before decoding.
-# No request needs more than 2 levels or a 20-digit number.
+# digit strings over 4300 long into a ValueError: the depth is checked on the
+# decoded value, numbers by the parse hooks before int() or float() sees
+# them.  No request needs more than 2 levels or a 20-digit number.
 MAX_DEPTH = 32
 MAX_NUMBER = 40
 # The widest integer any setting takes: a 64-bit byte count.
@@ -65,11 +86,6 @@ MUTATING = {"compact", "set", "reset_max", "reload"}
 COMPACT_STEP = 256
 # After a failed accept (EMFILE, ENFILE, ENOBUFS...): wait, then try again.
 ACCEPT_RETRY = 0.1
-
-# A JSON string, or an unterminated one up to the end of the line.
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|$)', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
-_LONG_NUMBER = re.compile(rf"[0-9.eE+-]{{{MAX_NUMBER + 1},}}")
 
 
 class RequestError(ValueError):
@@ -101,34 +117,61 @@ def _reject_constant(name: str) -> Any:
     raise RequestError(f"{name} is not allowed; expected a finite number")
 
 
+_LONG_NUMBER = f"a number in the request is longer than {MAX_NUMBER} characters; expected a 64-bit value"
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER:
+        raise RequestError(_LONG_NUMBER)
+    return int(text)
+
+
 def _finite_float(text: str) -> float:
+    if len(text) > MAX_NUMBER:
+        raise RequestError(_LONG_NUMBER)
     value = float(text)
     if not math.isfinite(value):
         raise RequestError(f"number {text} is out of range; expected a finite number")
     return value
 
 
+def _too_deep(value: Any) -> bool:
+    """Whether a decoded value nests deeper than MAX_DEPTH (an object or a
+    list is one level).  Iterative: linear in the value's size."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+    return False
+
+
 def decode_request(line: bytes) -> Any:
     """The JSON value of a request line.  Raises RequestError naming what is
-    wrong, never anything else, whatever the bytes."""
+    wrong, never anything else, whatever the bytes.  Linear in the line's
+    length: json.loads scans once, the hooks see each number once, and the
+    depth check visits each container once."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(f"request is not valid UTF-8 (byte {e.start}); expected a UTF-8 JSON object") from None
-    # Strings may hold any brackets and digits: only what is outside counts.
-    bare = _STRING.sub('""', text)
-    if bare.count("[") + bare.count("{") > MAX_DEPTH:
-        depths = accumulate(1 if c in "[{" else -1 for c in _BRACKET.findall(bare))
-        if any(depth > MAX_DEPTH for depth in depths):
-            raise RequestError(f"request nests more than {MAX_DEPTH} levels deep; expected at most {MAX_DEPTH}")
-    if _LONG_NUMBER.search(bare):
-        raise RequestError(f"a number in the request is longer than {MAX_NUMBER} characters; expected a 64-bit value")
+    deep = RequestError(f"request nests more than {MAX_DEPTH} levels deep; expected at most {MAX_DEPTH}")
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_reject_constant)
     except RequestError:
         raise
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise deep from None
+    except ValueError as e:
         raise RequestError(f"invalid JSON: {e}") from None
+    if _too_deep(value):
+        raise deep
+    return value
 
 
 def _check_width(key: str, value: Any) -> None:
@@ -156,6 +199,9 @@ class Controller:
         self.device_info = device_info
         self.config_path = config_path
         self.group_gid = group_gid
+        # Who the metrics listener answers: "group" (root and group_gid's
+        # members, on this machine) or "any" ([control] metrics_access).
+        self.metrics_access = "group"
         self.started = time.monotonic()
         self.extra_stats: Callable[[], dict[str, Any]] = dict
         # Set by the worker: ask the supervisor for a worker running the
@@ -262,6 +308,65 @@ class Controller:
         return {"mem_used_max": self.store.c.mem_used_max}
 
 
+class PeerLimits:
+    """Per-uid caps for one listener: connections at once, and requests per
+    second.  The rate is a virtual schedule (GCRA): each request takes the
+    next slot, ``1 / rate`` after the last one taken, and may run as soon as
+    its slot is at most ``burst`` slots ahead of now.  Root is not capped
+    here; the listener's reserved slots keep root served."""
+
+    def __init__(self, max_conns: int, rate: float, burst: int) -> None:
+        self.max_conns = max_conns
+        self.interval = 1.0 / rate
+        self.burst = burst
+        self.conns: Counter[int] = Counter()
+        self._next: dict[int, float] = {}  # per uid: the next free slot
+
+    def admit(self, uid: int) -> bool:
+        """Count a new connection of ``uid``; False if it is at its cap."""
+        if uid == 0:
+            return True
+        if self.conns[uid] >= self.max_conns:
+            return False
+        self.conns[uid] += 1
+        return True
+
+    def release(self, uid: int) -> None:
+        if uid == 0:
+            return
+        self.conns[uid] -= 1
+        if self.conns[uid] <= 0:
+            del self.conns[uid]
+            if self._next.get(uid, 0.0) <= trio.current_time():
+                self._next.pop(uid, None)  # back on schedule: nothing to remember
+
+    def _slot(self, uid: int) -> tuple[float, float]:
+        """(the uid's next slot, the time a request in it may run)."""
+        now = trio.current_time()
+        slot = max(self._next.get(uid, now), now)
+        return slot, slot - (self.burst - 1) * self.interval
+
+    async def request(self, uid: int) -> None:
+        """Wait for ``uid``'s turn; for root, only yield.  Either way the
+        other tasks run before the request does."""
+        if uid == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        slot, start = self._slot(uid)
+        self._next[uid] = slot + self.interval
+        await trio.sleep_until(start)
+
+    def try_request(self, uid: int) -> bool:
+        """Take ``uid``'s next slot if it may run now; never waits."""
+        if uid == 0:
+            return True
+        slot, start = self._slot(uid)
+        if start > trio.current_time():
+            return False
+        self._next[uid] = slot + self.interval
+        return True
+
+
 def _peercred(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -320,23 +425,43 @@ def bind_control_socket(path: str, gid: int | None) -> socket.socket:
     dead instance's (the instance lock is ours)."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise paths.UnsafePath(f"{path} exists and is not a socket; expected the control socket's path, free")
+        os.unlink(path)
     except FileNotFoundError:
         pass
     plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # no window in which the socket is world-usable
     try:
-        plain.bind(path)
-    finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, 0, gid)
-        os.chmod(path, 0o660)
-    else:
-        os.chmod(path, 0o600)
-    plain.listen(1024)  # bursts of clients must not see EAGAIN
+        old = os.umask(0o177)  # no window in which the socket is world-usable
+        try:
+            plain.bind(path)
+        finally:
+            os.umask(old)
+        set_socket_access(path, gid)
+        plain.listen(1024)  # bursts of clients must not see EAGAIN
+    except BaseException:
+        plain.close()
+        raise
     return plain
+
+
+def set_socket_access(path: str, gid: int | None) -> None:
+    """Give the socket bound at ``path`` to root and ``gid`` (0660), or to
+    root alone (0600).  The directory is checked again (paths.safe_parent),
+    the name is opened without following a symlink and must be a socket,
+    and owner and mode are set on that inode (through /proc/self/fd), so
+    nothing put at the name in its place is chowned.  Raises
+    paths.UnsafePath or OSError."""
+    paths.safe_parent(path)
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise paths.UnsafePath(f"{path} is not a socket (a symlink?); expected the control socket the daemon bound")
+        os.chown(f"/proc/self/fd/{fd}", 0, gid if gid is not None else 0)
+        os.chmod(f"/proc/self/fd/{fd}", 0o660 if gid is not None else 0o600)
+    finally:
+        os.close(fd)
 
 
 class ControlServer:
@@ -345,6 +470,7 @@ class ControlServer:
         self.path = path
         self.clients = 0
         self.non_root_clients = 0
+        self.limits = PeerLimits(MAX_CLIENTS_PER_UID, CONTROL_RATE, CONTROL_BURST)
         self._accept_log = RateLimitedLog(log)
         self._refuse_log = RateLimitedLog(log)
         self._client_log = RateLimitedLog(log, 1.0)
@@ -380,17 +506,15 @@ class ControlServer:
                 continue
             if self.clients >= MAX_CLIENTS or (uid != 0 and self.non_root_clients >= MAX_CLIENTS_NON_ROOT):
                 limit = MAX_CLIENTS if uid == 0 else MAX_CLIENTS_NON_ROOT
-                self._refuse_log(
-                    logging.WARNING,
-                    "control socket: %d connections open; refused pid %d uid %d",
-                    self.clients,
-                    pid,
-                    uid,
-                )
-                _refuse(
-                    conn,
-                    f"too many connections ({limit} open for {'root' if uid == 0 else 'non-root'} peers); try again later",
-                )
+                why = f"{limit} open for {'root' if uid == 0 else 'non-root'} peers"
+            elif not self.limits.admit(uid):
+                why = f"{MAX_CLIENTS_PER_UID} open for uid {uid}"
+            else:
+                why = ""
+            if why:
+                self._refuse_log(logging.WARNING, "control socket: too many connections (%s); refused pid %d uid %d",
+                                 why, pid, uid)  # fmt: skip
+                _refuse(conn, f"too many connections ({why}); try again later")
                 continue
             # Counted here, not in the task: a burst is accepted before any
             # client task runs, and must not get past the cap.
@@ -413,41 +537,52 @@ class ControlServer:
             self.clients -= 1
             if uid != 0:
                 self.non_root_clients -= 1
+            self.limits.release(uid)
             await _close(stream, conn)
 
     async def _converse(self, stream: trio.SocketStream, pid: int, uid: int, gid: int) -> None:
+        """Lines in, replies out.  The buffer holds at most one unfinished
+        line of MAX_LINE bytes plus one chunk: a line is refused once it is
+        longer, finished or not, and lines are cut without copying the rest
+        of the buffer.  Each line, blank or not, waits for its peer's turn
+        (PeerLimits.request), which also lets every other task run first."""
         groups = _groups_of(pid) if uid != 0 else []
         buf = bytearray()
         line_deadline = math.inf
         while True:
             with trio.move_on_at(min(trio.current_time() + IDLE_TIMEOUT, line_deadline)) as scope:
-                chunk = await stream.receive_some(65536)
+                chunk = await stream.receive_some(RECEIVE_SIZE)
             if scope.cancelled_caught and trio.current_time() >= line_deadline:
                 err = {"ok": False, "error": f"request line not finished within {LINE_TIMEOUT:g} s; closing"}
                 await self._send(stream, encode_reply(err), pid, uid)
                 return
             if scope.cancelled_caught or not chunk:
                 return
+            searched = len(buf)  # no newline in what was there before
             buf += chunk
-            consumed = b"\n" in buf
-            while b"\n" in buf:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf = bytearray(rest)
+            start = 0
+            while (end := buf.find(b"\n", max(start, searched))) >= 0:
+                if end - start > MAX_LINE:
+                    break
+                line = bytes(buf[start:end])
+                start = end + 1
+                await self.limits.request(uid)
                 if line.strip():
                     reply = await self.controller.handle(line, uid, gid, groups)
                     if not await self._send(stream, encode_reply(reply), pid, uid):
                         return
-            if not buf:
-                line_deadline = math.inf
-            elif consumed or line_deadline == math.inf:
-                line_deadline = trio.current_time() + LINE_TIMEOUT
-            if len(buf) > MAX_LINE:
+            if len(buf) - start > MAX_LINE:  # what is left has no newline within MAX_LINE
                 err = {
                     "ok": False,
                     "error": f"request line longer than {MAX_LINE} bytes; expected one JSON object per line",
                 }
                 await self._send(stream, encode_reply(err), pid, uid)
                 return
+            del buf[:start]
+            if not buf:
+                line_deadline = math.inf
+            elif start or line_deadline == math.inf:
+                line_deadline = trio.current_time() + LINE_TIMEOUT
 
     async def _send(self, stream: trio.SocketStream, data: bytes, pid: int, uid: int) -> bool:
         """False if the client did not take the reply in SEND_TIMEOUT: it is
@@ -512,6 +647,14 @@ def prometheus(s: dict[str, Any]) -> str:
 
 
 METRICS_MAX_CLIENTS = 16
+# Of METRICS_MAX_CLIENTS, peers other than root hold at most this many, each
+# uid (remote peers together count as one) at most METRICS_MAX_PER_UID and
+# METRICS_RATE new connections a second after a burst: a scraper needs one
+# every few seconds.
+METRICS_MAX_CLIENTS_NON_ROOT = 12
+METRICS_MAX_PER_UID = 4
+METRICS_RATE = 2.0
+METRICS_BURST = 10
 METRICS_TIMEOUT = 5.0
 METRICS_MAX_HEAD = 8192
 METRICS_RETRY_MAX = 60.0
@@ -586,15 +729,86 @@ async def serve_metrics(controller: Controller, listen: str, render: Callable[[d
         await trio.sleep(delay)
 
 
+# sock_diag(7): the kernel's socket table, asked for one TCP socket by its
+# addresses (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h).
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_INET_DIAG_REQ = struct.Struct("=BBBxI")  # family, protocol, ext, (pad), states; then the socket id
+_INET_DIAG_MSG_UID = 4 + 48 + 12  # struct inet_diag_msg: 4 bytes, the socket id, expires/rqueue/wqueue, uid
+# A peer whose socket is not on this machine: no uid to know.
+REMOTE_UID = -1
+
+
+def _diag_address(family: int, host: str) -> bytes:
+    return socket.inet_pton(family, host.partition("%")[0]).ljust(16, b"\0")
+
+
+async def tcp_peer_uid(conn: trio.socket.SocketType) -> int:
+    """The uid that owns the other end of a TCP connection when that end is
+    on this machine (any local address): the kernel's sock_diag lookup of
+    the socket whose local address is our peer's.  REMOTE_UID otherwise."""
+    try:
+        family = conn.family
+        ours, theirs = conn.getsockname(), conn.getpeername()
+        sockid = (
+            struct.pack(">HH", theirs[1], ours[1])
+            + _diag_address(family, theirs[0])
+            + _diag_address(family, ours[0])
+            + struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        )
+        body = _INET_DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+        request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+        with trio.socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+            await nl.sendto(request, (0, 0))
+            with trio.move_on_after(1.0):
+                reply = await nl.recv(4096)
+                at = _NLMSGHDR.size + _INET_DIAG_MSG_UID
+                if len(reply) >= at + 4 and _NLMSGHDR.unpack_from(reply)[1] == SOCK_DIAG_BY_FAMILY:
+                    return int(struct.unpack_from("=I", reply, at)[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return REMOTE_UID
+
+
+def _metrics_allowed(controller: Controller, uid: int) -> bool:
+    """[control] metrics_access: "any", or "group": root and the members of
+    [control] group (by the user database: a TCP peer has no process to
+    read groups from), both only on this machine."""
+    if controller.metrics_access == "any" or uid == 0:
+        return True
+    if controller.group_gid is None or uid < 0:
+        return False
+    try:
+        user = pwd.getpwuid(uid)
+        return controller.group_gid in os.getgrouplist(user.pw_name, user.pw_gid)
+    except (KeyError, OSError):
+        return False
+
+
+def _refuse_http(conn: trio.socket.SocketType, status: str, why: str) -> None:
+    """Best effort, never blocking: say why, then close."""
+    body = why.encode() + b"\n"
+    try:
+        os.write(conn.fileno(), f"HTTP/1.0 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    except OSError:
+        pass
+    conn.close()
+
+
 async def _metrics_accept_loop(
     sock: trio.socket.SocketType, controller: Controller, render: Callable[[dict[str, Any]], str]
 ) -> None:
     active = 0
+    non_root = 0
+    limits = PeerLimits(METRICS_MAX_PER_UID, METRICS_RATE, METRICS_BURST)
     accept_log = RateLimitedLog(log)
     refuse_log = RateLimitedLog(log)
 
-    async def handler(conn: trio.socket.SocketType) -> None:
-        nonlocal active
+    async def handler(conn: trio.socket.SocketType, uid: int) -> None:
+        nonlocal active, non_root
         stream: trio.SocketStream | None = None
         try:
             stream = trio.SocketStream(conn)
@@ -605,6 +819,8 @@ async def _metrics_accept_loop(
             log.exception("metrics request failed")
         finally:
             active -= 1
+            non_root -= uid != 0
+            limits.release(uid)
             await _close(stream, conn)
 
     async with trio.open_nursery() as nursery:
@@ -615,12 +831,33 @@ async def _metrics_accept_loop(
                 accept_log(logging.ERROR, "metrics: accept failed: %s%s", e, _accept_error_hint(e))
                 await trio.sleep(ACCEPT_RETRY)
                 continue
-            if active >= METRICS_MAX_CLIENTS:
+            uid = await tcp_peer_uid(conn)
+            if not _metrics_allowed(controller, uid):
+                who = f"uid {uid}" if uid != REMOTE_UID else "a peer on another machine"
+                refuse_log(logging.WARNING, "metrics: refused %s ([control] metrics_access = %r)", who,
+                           controller.metrics_access)  # fmt: skip
+                _refuse_http(conn, "403 Forbidden", "zswapd answers metrics to root and [control] group only "
+                             '(metrics_access = "group"; "any" opens them to every peer)')  # fmt: skip
+                continue
+            if active >= METRICS_MAX_CLIENTS or (uid != 0 and non_root >= METRICS_MAX_CLIENTS_NON_ROOT):
                 refuse_log(logging.WARNING, "metrics: %d connections open; closing new ones", active)
                 conn.close()
                 continue
-            active += 1  # here, not in the task: a burst must not get past the cap
-            nursery.start_soon(handler, conn)
+            if not limits.admit(uid):
+                refuse_log(logging.WARNING, "metrics: uid %d has %d connections open; closing new ones", uid,
+                           METRICS_MAX_PER_UID)  # fmt: skip
+                conn.close()
+                continue
+            if not limits.try_request(uid):
+                limits.release(uid)
+                refuse_log(logging.WARNING, "metrics: uid %d connects more than %g times a second; closing", uid,
+                           METRICS_RATE)  # fmt: skip
+                _refuse_http(conn, "429 Too Many Requests", f"at most {METRICS_RATE:g} scrapes a second per user")
+                continue
+            # Counted here, not in the task: a burst must not get past the cap.
+            active += 1
+            non_root += uid != 0
+            nursery.start_soon(handler, conn, uid)
 
 
 async def _metrics_exchange(

@@ -1,6 +1,9 @@
 """What every zswapd process sets up, the supervisor and each worker alike:
 logging, systemd notification, no core dumps, memory locking, and the
-signals that must never end or stop a process in the swap path."""
+signals that must never end or stop a process in the swap path; and what
+the supervisor does first of all: leave the directory it was started from
+and close the fds it was started with (``settle``), and the command line
+of a worker started afresh (``worker_argv``)."""
 
 from __future__ import annotations
 
@@ -42,6 +45,39 @@ IGNORED_SIGNALS = (
 
 class StartupError(Exception):
     """A problem found before anything was changed; exit status 2."""
+
+
+# -- where code comes from -------------------------------------------------------
+
+
+def worker_argv() -> list[str]:
+    """A fresh worker (`zswapd reload`): this interpreter in isolated mode.
+    -I leaves the current directory and the script's off sys.path and
+    ignores PYTHON* variables and the user's site-packages, so the worker
+    runs the zswapd installed in site-packages, not whatever a user left in
+    a directory root happened to start the daemon from."""
+    return [sys.executable, "-I", "-m", "zswapd", "worker"]
+
+
+def settle(keep: set[int]) -> list[int]:
+    """The supervisor's first steps, once its configured paths are
+    absolute: close every fd it inherited except 0-2 and ``keep`` (what
+    systemd passed), so that none reaches a worker; drop the starting
+    directory from sys.path (`python -m` and `-c` put it first); and
+    chdir("/").  Returns the fds it closed."""
+    closed = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                continue  # the directory listing's own fd, closed already
+            closed.append(fd)
+    start = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != start]
+    os.chdir("/")
+    return closed
 
 
 # -- process set-up shared with the worker -------------------------------------

@@ -42,6 +42,7 @@ I/O.  It imports nothing else of zswapd: the pool and the store sit above it.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import struct
@@ -73,6 +74,15 @@ ALGORITHMS_BYTES = 32
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 1)
+# Sealed once sized: nobody holding a state fd (a worker, the supervisor,
+# systemd's fd store) can shrink it, which would SIGBUS every mapping, or
+# grow it.  Both memfds are sized once, at create (sparse, to their final
+# size: the geometry fixes every table and the arena), so nothing of ours
+# ever resizes them.  F_SEAL_SEAL: nor can anyone add F_SEAL_WRITE or
+# F_SEAL_FUTURE_WRITE later, which would fail the next worker's writable
+# mapping.  Punching holes (frames given back) is still allowed: only a
+# write seal would refuse it.
+_STATE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 # Fixed header fields, little-endian, at offset 0.
 _HEAD = struct.Struct(
@@ -325,12 +335,14 @@ class State:
         if len(tables) > _MAX_TABLES:
             raise StateError("too many tables for the header directory")
         _, meta_bytes = _offsets(tables)
-        meta = os.memfd_create("zswapd-meta", _MFD_CLOEXEC)
-        arena = os.memfd_create("zswapd-arena", _MFD_CLOEXEC)
+        meta = os.memfd_create("zswapd-meta", _MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        arena = os.memfd_create("zswapd-arena", _MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             # Sparse: shmem gives a page only when it is first written.
             os.ftruncate(meta, meta_bytes)
             os.ftruncate(arena, geometry.max_frames * FRAME_BYTES)
+            for fd in (meta, arena):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _STATE_SEALS)
             state = cls((meta, arena), geometry, hook)
         except BaseException:
             _close_fds((meta, arena))

@@ -16,7 +16,8 @@ worker      the process that serves: FUSE session, control socket, metrics,
 held fds    /dev/fuse (the connection lives while any process holds it), the
             state memfds (the device's contents), the control socket's
             listening socket (clients see no refused connection during a
-            takeover).  The supervisor holds them for its whole life.
+            takeover), the instance lock.  The supervisor holds them for
+            its whole life, and hands every one of them to each worker.
 takeover    a new worker attaching to the held fds: it rebuilds the volatile
             indexes from the state, restores the negotiated FUSE INIT and
             only then sends FUSE_NOTIFY_RESEND, so that every request the
@@ -39,7 +40,14 @@ The rules
    (a mincore scan, at each worker death and every LOCK_SCAN_INTERVAL).
 4. The supervisor runs one thread.  It forks workers, and a fork from a
    multi-threaded process can inherit a lock held by another thread.
-5. Signals: SIGTERM and SIGINT shut down (swapoff while the worker serves,
+5. Every process that serves holds the instance lock: a worker gets the
+   lock fds with the others (forked or started afresh), so while any
+   process of an instance lives, no other instance starts, and none takes
+   its mount for a dead one.  The lock is released only by the last close.
+6. Only installed code runs: the supervisor leaves the directory it was
+   started from first thing (process.settle), and a fresh worker is
+   `python -I -m zswapd worker` (process.worker_argv).
+7. Signals: SIGTERM and SIGINT shut down (swapoff while the worker serves,
    detach, unmount; a failed swapoff keeps serving until the next SIGTERM).
    SIGHUP is forwarded to the worker, which reloads the config.  The rest of
    process.py's ignored signals are logged and ignored here too.  Workers
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import fcntl
 import json
 import logging
@@ -61,7 +70,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +79,17 @@ from . import paths, swap
 from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
-from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, StartupError, _libc, harden, no_core_dumps, sd_notify
+from .process import (
+    EXIT_CONNECTION_GONE,
+    IGNORED_SIGNALS,
+    StartupError,
+    _libc,
+    harden,
+    no_core_dumps,
+    sd_notify,
+    settle,
+    worker_argv,
+)
 from .state import read_restarts
 
 if TYPE_CHECKING:
@@ -93,6 +111,12 @@ RESTART_RESET_AFTER = 10.0
 LOCK_SCAN_INTERVAL = 2.0
 # A worker that does not exit within this after SIGTERM is killed.
 WORKER_STOP_TIMEOUT = 10.0
+# How long a statfs of a zswapd mount found at start may take before we call
+# the connection held (a server that does not answer is still a holder).
+HELD_PROBE_TIMEOUT = 5.0
+# Retries of the instance lock when the locked file turns out to be gone
+# from its path (an older zswapd unlinked it at exit).
+LOCK_ATTEMPTS = 10
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS, signal.SIGCHLD)
@@ -154,7 +178,13 @@ def fd_store_remove(name: str) -> None:
 class InstanceLock:
     """flock'ed files next to the mountpoint and the control socket, holding
     the owner's pid, so a second instance can name the first.  Created in
-    root-only directories and never through a symlink (paths.py)."""
+    root-only directories and never through a symlink (paths.py).
+
+    The lock belongs to the open file: the supervisor hands the fds to
+    every worker (rule 5), and it is released only when the last process
+    of the instance closes them.  The files are never unlinked: a starter
+    that opened the name before an unlink would lock a file nobody else
+    can find, and two instances would both win."""
 
     def __init__(self, lock_paths: list[str]) -> None:
         self.paths = lock_paths
@@ -162,6 +192,10 @@ class InstanceLock:
 
     def acquire(self) -> None:
         for path in self.paths:
+            self.fds.append(self._take(path))
+
+    def _take(self, path: str) -> int:
+        for _ in range(LOCK_ATTEMPTS):
             try:
                 fd = paths.open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
             except paths.UnsafePath as e:
@@ -170,22 +204,60 @@ class InstanceLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                message = _held_by(fd, path)
                 os.close(fd)
                 self.release()
-                raise StartupError(f"another zswapd (pid {owner}) already holds {path}") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.fds.append(fd)
+                raise StartupError(message) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.lstat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            os.close(fd)  # locked a file since unlinked: take the one at the path now
+        self.release()
+        raise StartupError(f"lock file {path} keeps being replaced while we lock it; is another zswapd starting?")
 
     def release(self) -> None:
-        for fd, path in zip(self.fds, self.paths):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+
+def _held_by(fd: int, path: str) -> str:
+    """Who holds the lock on ``fd``'s file, for the refusal."""
+    owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    holders = _pids_holding(os.fstat(fd))
+    if not holders or owner in holders:
+        return f"another zswapd (pid {owner}) already holds {path}"
+    return (
+        f"another zswapd instance already holds {path}: its supervisor (pid {owner}) has exited, but pid "
+        f"{', '.join(holders)} (a worker it started) still serves its device; refusing to start a second "
+        "instance on it.  Stopping that worker while its device is swap loses every page in it: swapoff first"
+    )
+
+
+def _pids_holding(st: os.stat_result) -> list[str]:
+    """Processes with an fd open on the file ``st`` describes, other than
+    this one.  Best effort: a process we may not inspect is left out."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), st):
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found
 
 
 def check_mountpoint(path: str) -> None:
@@ -208,6 +280,13 @@ def recover_stale(mountpoint: str) -> None:
     page still in that swap was lost when it died."""
     if fmount.mount_type(mountpoint) != "fuse.zswapd":
         return
+    if _connection_held(mountpoint):
+        # The instance lock is ours, so no zswapd process holds it; but
+        # something does, and aborting it would take its pages with it.
+        raise StartupError(
+            f"the zswapd mount at {mountpoint} is still held by a process that has not got the instance lock "
+            "(its connection is alive); refusing to clean it up.  Find it with: fuser -v /dev/fuse"
+        )
     log.warning("found a zswapd mount at %s left by an instance that is no longer running; cleaning up", mountpoint)
     backing = os.path.join(mountpoint, FILE_NAME.decode())
     for loop in swap.loops_backed_by(backing):
@@ -230,6 +309,31 @@ def recover_stale(mountpoint: str) -> None:
     fmount.abort_connection(mountpoint)
     fmount.unmount(mountpoint)
     log.warning("unmounted the dead mount at %s", mountpoint)
+
+
+def _connection_held(mountpoint: str) -> bool:
+    """Whether some process still holds the FUSE connection mounted at
+    ``mountpoint``.  Once the last /dev/fuse fd on a connection closes, the
+    kernel aborts it, and a statfs there fails at once with ENOTCONN; any
+    other outcome (an answer, another error, or no answer at all) means a
+    holder.  Asked from a child, which is killed if it waits too long."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.statvfs(mountpoint)
+        except OSError as e:
+            code = 1 if e.errno == errno.ENOTCONN else 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + HELD_PROBE_TIMEOUT
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return True
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(waited[1]) != 1
 
 
 def preflight(cfg: Config) -> None:
@@ -268,6 +372,7 @@ class LockedMapping:
         self.npages = -(-self.size // mmap.PAGESIZE)
         self.vec = (ctypes.c_ubyte * max(1, self.npages))()  # allocated once
         self.addr = 0
+        self.warned = False
         if self.size:
             libc = _libc()
             libc.mmap.restype = ctypes.c_void_p
@@ -290,6 +395,10 @@ class LockedMapping:
             return 0
         libc = _libc()
         if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
+            if not self.warned:
+                self.warned = True
+                log.warning("mincore of the state refused (%s): its pages are locked only while a worker runs",
+                            os.strerror(ctypes.get_errno()))  # fmt: skip
             return 0
         count = 0
         for m in _RUN.finditer(memoryview(self.vec).cast("B")):
@@ -345,6 +454,8 @@ class Supervisor:
         # closed with its maker ends those requests with EIO (docs/design.md).
         self.fuse_clones: list[int] = []
         self.control_sock: socket.socket | None = None
+        # The instance lock's fds (InstanceLock), handed to every worker.
+        self.lock_fds: list[int] = []
         self.state_fds: list[int] = []
         self.locked: list[LockedMapping] = []
         self.mounted = False
@@ -438,6 +549,8 @@ class Supervisor:
             channel_fd=channel_fd,
             state_fds=list(self.state_fds),
             fuse_clones=list(self.fuse_clones),
+            lock_fds=list(self.lock_fds),
+            mountpoint=self.mountpoint,
             restarts=self.worker_restarts,
             died_at_ns=self.died_at_ns,
             supervisor_pid=os.getpid(),
@@ -455,13 +568,11 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         args = self._worker_args(theirs.fileno(), standby=fresh)
-        held = (args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds, *args.fuse_clones)
+        held = (args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds, *args.fuse_clones, *args.lock_fds)
         inherit = [fd for fd in held if fd >= 0]
         if fresh:
             env = dict(os.environ, ZSWAPD_WORKER=json.dumps(args.to_json()))
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "zswapd", "worker"], env=env, pass_fds=inherit, process_group=0
-            )
+            proc = subprocess.Popen(worker_argv(), env=env, pass_fds=inherit, process_group=0, cwd="/")
             pid = proc.pid
             proc.returncode = 0  # reaped through the pidfd, not by Popen
         else:
@@ -738,7 +849,15 @@ class Supervisor:
         a = self.adopted
         log.warning("taking over from a supervisor that died: %s from systemd's fd store", ", ".join(sorted(a)))
         self.fuse_fd = a["fuse"]
-        self.mounted = True
+        # Unmounted at the end only if it is ours: if the config now names
+        # another mountpoint, that one may hold someone else's mount.
+        self.mounted = fmount.mount_type(self.mountpoint) == "fuse.zswapd"
+        if not self.mounted:
+            log.error(
+                "systemd handed back the FUSE connection, but %s holds no zswapd mount (was [device] mountpoint "
+                "changed?); serving the connection anyway, since swap may be on it",
+                self.mountpoint,
+            )
         # Every clone comes back, even beyond what [fuse] threads now asks
         # for: each may hold requests a dead worker had read.
         self.fuse_clones = [a[n] for n in sorted(a, key=_clone_index) if n.startswith(CLONE_PREFIX)]
@@ -752,7 +871,6 @@ class Supervisor:
             path = os.readlink(f"/proc/self/fd/{a['loop']}")
             self.loop = swap.Loop(path, a["loop"])
             self.swap_on = swap.swap_used_kib(path) is not None
-        self._kill_old_workers()
         # A worker killed together with the old supervisor had its state, or
         # none was made yet (nothing was written: a fresh store is right).
         self.worker_restarts = read_restarts(self.state_fds[0]) + 1 if self.state_fds else 0
@@ -764,7 +882,8 @@ class Supervisor:
         instance may still serve when our first worker sends RESEND.  Under
         systemd with KillMode=mixed they are gone already; a drop-in with
         KillMode=process would leave them, so any other process in our own
-        cgroup is killed and waited for."""
+        cgroup is killed and waited for.  They hold the instance lock (rule
+        5): main_run calls this before it takes the lock."""
         others = [pid for pid in _cgroup_peers() if pid != os.getpid() and _is_zswapd(pid)]
         if not others:
             return
@@ -918,20 +1037,33 @@ def _how(code: int) -> str:
 
 
 def main_run(cfg: Config, config_arg: str | None = None) -> int:
+    """``cfg`` comes from config.load(strict=True): its paths are real and
+    absolute.  So is ``config_arg`` (the CLI made it so), which every fresh
+    worker reads after this process has left its starting directory."""
     adopted = listen_fds()
-    if adopted and ("fuse" not in adopted or fmount.mount_type(cfg.device.mountpoint) != "fuse.zswapd"):
-        log.warning("systemd handed back fds, but no live zswapd mount at %s: starting afresh", cfg.device.mountpoint)
+    closed = settle(set(adopted.values()))
+    if adopted and "fuse" not in adopted:
+        # Only a held /dev/fuse fd keeps a connection, and the swap on it,
+        # alive: without one there is nothing to take over.  With one, it is
+        # taken over whatever the mount table says (Supervisor._adopt).
+        log.warning("systemd handed back fds, but no FUSE connection: starting afresh")
         for name, fd in adopted.items():
             os.close(fd)
             fd_store_remove(name)
         adopted = {}
     sup = Supervisor(cfg, config_arg, adopted)
     sup.install_signals()
+    if closed:
+        log.info("closed fds %s inherited from the caller: a worker holds only what it is given", closed)
     no_core_dumps()
     try:
         preflight(cfg)
+        if adopted:
+            # Before the lock, which a worker of the dead supervisor holds.
+            sup._kill_old_workers()
         lock = InstanceLock([cfg.device.mountpoint.rstrip("/") + ".lock", cfg.control.socket + ".lock"])
         lock.acquire()
+        sup.lock_fds = lock.fds
     except (StartupError, ConfigError) as e:
         log.error("%s", e)
         return 2
@@ -952,6 +1084,9 @@ def main_run(cfg: Config, config_arg: str | None = None) -> int:
         return sup.run()
     except (StartupError, ConfigError) as e:
         log.error("%s", e)
+        return 2
+    except paths.UnsafePath as e:
+        log.error("control socket: %s", e)
         return 2
     except OSError as e:
         log.error("%s", e)

@@ -26,7 +26,9 @@ The rules
    signals reach only the supervisor): SIGTERM ends the worker after the
    request in hand (the supervisor's replacement or shutdown); SIGHUP
    reloads the config and applies what can change at runtime; everything
-   else of the supervisor's ignored list is logged and ignored.
+   else of the supervisor's ignored list is logged and ignored.  A reload
+   that fails (a config refused, a chown refused) is reported once and
+   changes nothing; it is not retried until the next SIGHUP.
 5. Nothing here allocates without bound while a write is being served: the
    frame reserve is refilled by housekeeping, off the write path.
 """
@@ -52,11 +54,12 @@ from . import config as config_mod
 from . import swap
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError, check_value
-from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics
+from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics, set_socket_access
 from .engine import native_error
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
+from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
 from .state import InitParams, State
 from .store import Store
@@ -94,6 +97,14 @@ class WorkerArgs:
     channel_fd: int
     state_fds: list[int] = field(default_factory=list)
     fuse_clones: list[int] = field(default_factory=list)  # FUSE_DEV_IOC_CLONEs the supervisor keeps
+    # The instance lock's fds: held, never used, so that the lock lives as
+    # long as any process of the instance (supervisor.py, rule 5).
+    lock_fds: list[int] = field(default_factory=list)
+    # The running device's mountpoint as the supervisor resolved it: a
+    # fresh worker reads the config anew, and a path changed there since
+    # takes a restart.  Empty from a supervisor older than this field.  (The
+    # control socket's path is the one its fd is bound to.)
+    mountpoint: str = ""
     restarts: int = 0  # workers before this one on the connection
     died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
     supervisor_pid: int = 0
@@ -119,6 +130,7 @@ class WorkerArgs:
 
 class Worker:
     def __init__(self, cfg: Config, args: WorkerArgs) -> None:
+        cfg = _running_paths(cfg, args)
         self.cfg = cfg
         self.args = args
         self.mountpoint = cfg.device.mountpoint
@@ -173,6 +185,7 @@ class Worker:
         self.nursery: trio.Nursery  # set by run(), before any task that uses it starts
         self.channel = socket.socket(fileno=args.channel_fd) if args.channel_fd >= 0 else None
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
+        self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
         self.controller.replace_worker = lambda: self._tell("replace")
 
@@ -228,9 +241,10 @@ class Worker:
 
     # -- the task tree --------------------------------------------------------
 
-    async def _guarded(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+    async def _guarded(self, name: str, fn: Callable[[], Awaitable[None]], retry: bool = True) -> None:
         """Run ``fn`` until it returns; if it raises, log, count and run it
-        again after a back-off (rule 2).  Cancellation passes through."""
+        again after a back-off (rule 2), or with ``retry`` false not at all
+        (a reload: the next SIGHUP asks again).  Cancellation passes through."""
         delay = RESTART_BACKOFF
         while True:
             started = trio.current_time()
@@ -241,6 +255,9 @@ class Worker:
                 self.task_failures[name] += 1
                 if trio.current_time() - started > RESTART_RESET_AFTER:
                     delay = RESTART_BACKOFF
+                if not retry:
+                    log.exception("task %s failed (failure %d)", name, self.task_failures[name])
+                    return
                 log.exception(
                     "task %s failed (failure %d); restarting in %.1f s", name, self.task_failures[name], delay
                 )
@@ -375,7 +392,7 @@ class Worker:
             self.nursery.cancel_scope.cancel()
         elif signum in RELOAD_SIGNALS:
             log.info("%s: reloading %s", name, self.cfg.path)
-            self.nursery.start_soon(self._guarded, "reload", self.reload)
+            self.nursery.start_soon(self._guarded, "reload", self.reload, False)
         else:
             self.signals_ignored += 1
             log.info("%s ignored (zswapd stops only on SIGTERM or SIGINT; SIGHUP reloads the config)", name)
@@ -385,13 +402,14 @@ class Worker:
     async def reload(self) -> None:
         """SIGHUP: re-read the config and apply what can change at runtime."""
         try:
-            new = config_mod.load(self.args.config_arg)
+            new = config_mod.load(self.args.config_arg, strict=True)
             gid = resolve_group(new.control.group)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return
         runtime, restart = config_mod.diff(self.cfg, new)
         applied: list[str] = []
+        group = new.control.group
         for section, key, value in runtime:
             if (section, key) == ("pool", "memory_limit"):
                 assert isinstance(value, int)
@@ -409,8 +427,12 @@ class Worker:
                 self.store.set_algorithm(algorithm=str(value))
             elif (section, key) == ("pool", "zstd_level"):
                 self.store.set_algorithm(zstd_level=int(value))  # type: ignore[call-overload]
-            elif section == "control":
-                self._set_group(gid)
+            elif (section, key) == ("control", "group"):
+                if not self._set_group(gid):
+                    group = self.cfg.control.group
+                    continue
+            elif (section, key) == ("control", "metrics_access"):
+                self.controller.metrics_access = str(value)
             elif section == "log" and not self.args.verbose:
                 logging.getLogger("zswapd").setLevel(config_mod.LOG_LEVELS[str(value)])
             applied.append(f"[{section}] {key} = {value!r}")
@@ -426,7 +448,7 @@ class Worker:
                 zstd_level=new.pool.zstd_level,
             ),
             compaction=new.compaction,
-            control=replace(self.cfg.control, group=new.control.group),
+            control=replace(self.cfg.control, group=group, metrics_access=new.control.metrics_access),
             log=new.log,
         )
         self.controller.config_path = new.path
@@ -435,11 +457,19 @@ class Worker:
         if restart:
             log.warning("changed but not applied until a restart: %s", ", ".join(restart))
 
-    def _set_group(self, gid: int | None) -> None:
+    def _set_group(self, gid: int | None) -> bool:
+        """[control] group: the socket's group and mode, then who may read
+        stats.  On the socket this worker serves (the path it is bound to,
+        with the checks of set_socket_access), never on what the file now
+        names.  False, and nothing changed, if that fails: the error is
+        logged once; the next SIGHUP tries again."""
+        try:
+            set_socket_access(self.cfg.control.socket, gid)
+        except (OSError, UnsafePath) as e:
+            log.error("[control] group not applied: the control socket %s: %s", self.cfg.control.socket, e)
+            return False
         self.controller.group_gid = gid
-        path = self.cfg.control.socket
-        os.chown(path, 0, gid if gid is not None else 0)
-        os.chmod(path, 0o660 if gid is not None else 0o600)
+        return True
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -516,7 +546,7 @@ def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
         no_core_dumps()
     try:
         if cfg is None:
-            cfg = config_mod.load(args.config_arg)
+            cfg = config_mod.load(args.config_arg, strict=True)
         harden(cfg.swap.enable)
         if args.standby and not _wait_for_go(args):
             return 0
@@ -550,6 +580,29 @@ def _wait_for_go(args: WorkerArgs) -> bool:
     args.died_at_ns = int(go.get("died_at_ns", args.died_at_ns))
     args.restarts = int(go.get("restarts", args.restarts))
     return True
+
+
+def _running_paths(cfg: Config, args: WorkerArgs) -> Config:
+    """``cfg`` with the paths of the device this worker serves: the
+    mountpoint the supervisor resolved, and the path its control socket is
+    bound to.  A fresh worker's file may name others; they take a restart,
+    and the reload's diff reports them."""
+    socket_path = cfg.control.socket
+    if args.control_fd >= 0:
+        with socket.socket(fileno=os.dup(args.control_fd)) as bound:
+            name = bound.getsockname()
+        if isinstance(name, str) and name:
+            socket_path = name
+    mountpoint = args.mountpoint or cfg.device.mountpoint
+    for key, running, named in (("[device] mountpoint", mountpoint, cfg.device.mountpoint),
+                                ("[control] socket", socket_path, cfg.control.socket)):  # fmt: skip
+        if running != named:
+            log.warning("%s: %s = %r takes a restart; serving %s until then", cfg.path, key, named, running)
+    return replace(
+        cfg,
+        device=replace(cfg.device, mountpoint=mountpoint),
+        control=replace(cfg.control, socket=socket_path),
+    )
 
 
 def _early(signum: int, frame: object) -> None:

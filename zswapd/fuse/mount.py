@@ -81,23 +81,28 @@ def _mounts() -> list[tuple[str, str, str]]:
     return out
 
 
+def _mounts_at(path: str) -> list[tuple[str, str]]:
+    """(fs type, major:minor) of each mount at ``path``, bottom to top.
+    The one comparison every check here uses: mountinfo lists real paths,
+    and ``path`` is one (config.load resolves the daemon's paths once, at
+    load), so the strings are compared as they are; no symlink is
+    resolved here, and no path is stat'ed (a dead FUSE mount cannot be)."""
+    path = os.path.normpath(path)
+    return [(fstype, dev) for point, fstype, dev in _mounts() if point == path]
+
+
 def mount_type(path: str) -> str | None:
     """The fs type of the topmost mount at exactly ``path``, or None.  Works
     on a dead FUSE mount, which cannot even be stat'ed (ENOTCONN)."""
-    path = os.path.normpath(path)
-    found = None
-    for point, fstype, _ in _mounts():
-        if point == path:
-            found = fstype
-    return found
+    found = _mounts_at(path)
+    return found[-1][0] if found else None
 
 
 def abort_connection(path: str) -> None:
     """Abort the FUSE connection mounted at ``path`` through fusectl, so
     that nothing can wait on it for ever.  A no-op if it is gone already."""
-    path = os.path.normpath(path)
-    for point, fstype, dev in _mounts():
-        if point == path and fstype.startswith("fuse"):
+    for fstype, dev in _mounts_at(path):
+        if fstype.startswith("fuse"):
             try:
                 with open(f"/sys/fs/fuse/connections/{dev.split(':')[1]}/abort", "w") as f:
                     f.write("1")
@@ -106,5 +111,4 @@ def abort_connection(path: str) -> None:
 
 
 def is_mountpoint(path: str) -> bool:
-    target = os.path.realpath(path)
-    return any(point == target for point, _, _ in _mounts())
+    return bool(_mounts_at(path))
