@@ -199,6 +199,16 @@ static void *server_thread(void *arg)
     Server *s = t->s;
     server_sigmask();
     uint8_t *in = malloc(REQ_BUF), *out = malloc(sizeof(struct fuse_out_header) + MAX_IO);
+    /* Touched now, so that read() and write() of /dev/fuse never fault on
+     * them (and under mlockall they stay resident).  The kernel copies a
+     * request into `in` and a reply out of `out` with the request taken
+     * off its lists; a fault there is killable, and a worker SIGKILLed in
+     * it fails the copy, which ends that request with EIO instead of
+     * leaving it for the next worker's RESEND (fs/fuse/dev.c). */
+    if (in)
+        memset(in, 0, REQ_BUF);
+    if (out)
+        memset(out, 0, sizeof(struct fuse_out_header) + MAX_IO);
     ctx_get(&s->engine->e); /* this thread's codec context, before the first request */
     struct timespec last = {0, 0};
     while (in && out && !ending(s)) {
