@@ -3,7 +3,6 @@ recovery after the process that wrote it died at any point."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -20,6 +19,7 @@ from conftest import rss_kib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from zswapd import libc
 from zswapd.codec import ALGORITHMS, Codec
 from zswapd.engine import COUNTER_NAMES
 from zswapd.pool import CLASSES, FRAME_SIZE, Pool
@@ -249,8 +249,7 @@ def test_why_punch_and_not_madvise() -> None:
         assert m[5] == 1
 
         def locked_remove() -> dict[str, int]:
-            libc = ctypes.CDLL(None, use_errno=True)
-            assert libc.mlockall(1 | 2 | 4) == 0
+            libc.mlockall(libc.MCL_CURRENT | libc.MCL_FUTURE | libc.MCL_ONFAULT)
             try:
                 m.madvise(mmap.MADV_REMOVE, 0, 4096)
             except OSError as e:
@@ -269,9 +268,7 @@ def test_punch_works_under_mlockall_onfault() -> None:
     frees the frames, through two locked mappings."""
 
     def locked() -> dict[str, int]:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mlockall(1 | 2 | 4) != 0:
-            raise OSError(ctypes.get_errno(), "mlockall")
+        libc.mlockall(libc.MCL_CURRENT | libc.MCL_FUTURE | libc.MCL_ONFAULT)
         out = _fill_free_trim(reserve=4)
         with open("/proc/self/status") as f:
             out["vmlck"] = int(next(line for line in f if line.startswith("VmLck:")).split()[1])

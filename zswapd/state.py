@@ -51,6 +51,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
+from . import libc
+
 MAGIC = b"zswapdST"
 # Bumped on any change to the header or to a table's format or order; an
 # older or newer worker then refuses the state instead of misreading it.
@@ -71,8 +73,6 @@ COUNTER_SLOTS = 16
 # name their algorithm by index, so the list must mean the same to every
 # worker that attaches.
 ALGORITHMS_BYTES = 32
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 _MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 1)
 # Sealed once sized: nobody holding a state fd (a worker, the supervisor,
 # systemd's fd store) can shrink it, which would SIGBUS every mapping, or
@@ -258,16 +258,6 @@ class _SteppedView:
     def tolist(self) -> list[int]:
         out: list[int] = self._view.tolist()
         return out
-
-
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
-
-
-_LIBC = _libc()
 
 
 def _address(m: mmap.mmap) -> int:
@@ -462,14 +452,11 @@ class State:
             self.hook.step()
         if count <= 0:
             return
-        if (
-            _LIBC.fallocate(
-                self._fds[1], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first * FRAME_BYTES, count * FRAME_BYTES
-            )
-            != 0
-        ):
-            err = ctypes.get_errno()
-            raise StateError(f"punching frames {first}+{count} out of the arena memfd failed: {os.strerror(err)}")
+        try:
+            libc.fallocate(self._fds[1], libc.PUNCH_HOLE, first * FRAME_BYTES, count * FRAME_BYTES)
+        except OSError as e:
+            why = os.strerror(e.errno or 0)
+            raise StateError(f"punching frames {first}+{count} out of the arena memfd failed: {why}") from None
 
     def arena_allocated_bytes(self) -> int:
         """Bytes of the arena memfd backed by memory (or swap)."""
@@ -494,9 +481,10 @@ class State:
         if not pages:
             return 0
         vec = (ctypes.c_ubyte * pages)()
-        if _LIBC.mincore(self._meta_addr + offset, length, vec) != 0:
-            err = ctypes.get_errno()
-            raise StateError(f"mincore over the metadata failed: {os.strerror(err)}")
+        try:
+            libc.mincore(self._meta_addr + offset, length, vec)
+        except OSError as e:
+            raise StateError(f"mincore over the metadata failed: {os.strerror(e.errno or 0)}") from None
         return (pages - bytes(vec).count(0)) * mmap.PAGESIZE
 
     def extents(self, name: str) -> Iterator[tuple[int, int]]:
