@@ -24,6 +24,7 @@ from zswapd.codec import ALGORITHMS, Codec
 from zswapd.engine import COUNTER_NAMES
 from zswapd.pool import CLASSES, FRAME_SIZE, Pool
 from zswapd.state import (
+    COUNTER_SNAPSHOT,
     LAYOUT_VERSION,
     CrashHook,
     Geometry,
@@ -62,14 +63,18 @@ def test_create_attach_roundtrip_and_header_fields() -> None:
         assert a.load_init() is None
         a.save_init(InitParams(38, 1 << 20, 0x1000, 1 << 40 | 0x4A, 256, 1))
         a.view("page")[7] = 0xDEADBEEF << 32 | 2
-        a.save_counters([5, 6, 7])
+        a.save_counters({"num_reads": 5, "num_writes": 6, "failed_reads": 7})
         b = State.attach(a.fds())
         try:
             assert b.geometry == g
             assert b.algorithms() == ALGORITHMS
             assert b.load_init() == InitParams(38, 1 << 20, 0x1000, 1 << 40 | 0x4A, 256, 1)
             assert b.view("page")[7] == 0xDEADBEEF << 32 | 2
-            assert b.load_counters()[:4] == (5, 6, 7, 0)
+            assert b.load_counters() == {name: 0 for name in COUNTER_SNAPSHOT} | {
+                "num_reads": 5,
+                "num_writes": 6,
+                "failed_reads": 7,
+            }
             assert b.fds() != a.fds()  # attach duplicates: each side closes its own
         finally:
             b.close()

@@ -44,7 +44,7 @@ import trio
 from . import __version__, paths
 from .config import RUNTIME_KEYS, ConfigError, check_value
 from .errors import BadRequest
-from .store import Store
+from .store import METRICS, Store
 
 log = logging.getLogger("zswapd.control")
 
@@ -280,22 +280,7 @@ class Controller:
         section, name = RUNTIME_KEYS[key]
         checked = check_value("<control>", section, name, value)
         _check_width(key, checked)
-        if name == "memory_limit":
-            result = self.store.set_limit(checked)
-            out: dict[str, Any] = {"key": key, "value": checked, **result}
-            if not result["met"]:
-                out["warning"] = (
-                    f"limit {checked} is below the {self.store.mem_used_total} bytes in use and compaction "
-                    "cannot free enough without dropping data; nothing was dropped, new stores fail until it fits"
-                )
-            return out
-        if name == "algorithm":
-            self.store.set_algorithm(algorithm=checked)
-        elif name == "zstd_level":
-            self.store.set_algorithm(zstd_level=checked)
-        else:
-            self.store.set_accept_percent(checked)
-        return {"key": key, "value": checked}
+        return {"key": key, "value": checked, **self.store.apply_setting(name, checked)}
 
     async def _cmd_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.replace_worker is None:
@@ -603,36 +588,9 @@ class ControlServer:
 def prometheus(s: dict[str, Any]) -> str:
     """Prometheus text exposition of the stats reply."""
     out: list[str] = []
-    gauges = {
-        "orig_data_size": "Bytes of pages stored, uncompressed (zram mm_stat)",
-        "compr_data_size": "Bytes of compressed payload stored",
-        "mem_used_total": "Bytes of pool frames in use",
-        "mem_limit": "Memory limit in bytes (0 = none)",
-        "mem_used_max": "Peak of mem_used_total",
-        "same_pages": "Same-filled pages stored",
-        "huge_pages": "Incompressible pages stored raw",
-        "pages_stored": "Pages stored",
-        "metadata_bytes": "Bytes of metadata (page table, handles, zspages)",
-        "full": "1 while the pool refuses stores",
-    }
-    counters = {
-        "num_reads": "Read requests served (swap-ins; a request is one or more pages)",
-        "num_writes": "Write requests served (swap-outs; a request is one or more pages)",
-        "pages_compacted": "Frames freed by compaction",
-        "failed_reads": "Failed reads",
-        "failed_writes": "Failed writes",
-        "notify_free": "Pages freed by discard",
-        "compactions": "Compaction runs",
-        "limit_hits": "Stores that hit the memory limit",
-    }
-    for name, help_ in gauges.items():
-        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {int(s[name])}"]
-    for name, help_ in counters.items():
-        out += [
-            f"# HELP zswapd_{name}_total {help_}",
-            f"# TYPE zswapd_{name}_total counter",
-            f"zswapd_{name}_total {int(s[name])}",
-        ]
+    for name, (kind, help_) in METRICS.items():
+        metric = f"zswapd_{name}_total" if kind == "counter" else f"zswapd_{name}"
+        out += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}", f"{metric} {int(s[name])}"]
     proc = s.get("process")
     if isinstance(proc, dict):  # a worker under a supervisor (zswapd run)
         out += [

@@ -46,12 +46,11 @@ from typing import Any, Protocol
 from . import codec, entry, rebuild
 from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
-from .config import MAX_FUSE_THREADS
+from .config import ENGINES, MAX_FUSE_THREADS
 from .errors import BadRequest, CorruptObject
 from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
-from .state import TABLES, State, StateError
+from .state import COUNTER_SNAPSHOT, TABLES, State, StateError
 
-ENGINES = ("auto", "native", "python")
 # Where a write stopped (Engine.write), for the store's policy to decide on.
 OK, REFUSED, NOROOM = 0, 1, 2
 
@@ -65,35 +64,41 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 log = logging.getLogger("zswapd")
 
 
-def _saved() -> Any:
-    return field(default=0, metadata={"saved": True})
+def _stat(kind: str, help_: str) -> Any:
+    """A Counters field.  ``kind`` as in Prometheus: "counter" only grows,
+    "gauge" goes up and down; ``help_`` says what it counts (the metrics'
+    HELP line, control.prometheus)."""
+    return field(default=0, metadata={"kind": kind, "help": help_})
 
 
 @dataclass
 class Counters:
-    """The event counters, under zram's stat names.  The C engine keeps the
-    same list (engine.h's ENGINE_COUNTERS, checked at import).  A *saved*
-    counter is snapshotted into the state header (Store.save_counters) and
-    comes back after a takeover; the others are recounted from the page
-    table by the rebuild.  The snapshot is positional (saved counters in
-    this order, then pages_compacted): never reorder, and a new counter is
-    appended unsaved unless the snapshot's layout changes with it."""
+    """The event counters, under zram's stat names, with what each counts.
+    The C engine keeps the same list in the same order (engine.h's
+    ENGINE_COUNTERS, checked at import).  The ones state.COUNTER_SNAPSHOT
+    names are snapshotted into the state header (Store.save_counters) and
+    come back after a takeover; the others are recounted from the page
+    table by the rebuild."""
 
-    num_reads: int = _saved()
-    num_writes: int = _saved()
-    failed_reads: int = _saved()
-    failed_writes: int = _saved()
-    notify_free: int = _saved()
-    same_pages: int = 0
-    huge_pages: int = 0
-    pages_stored: int = 0
-    mem_used_max: int = _saved()
-    compactions: int = _saved()
-    limit_hits: int = _saved()
+    num_reads: int = _stat("counter", "Read requests served (swap-ins; a request is one or more pages)")
+    num_writes: int = _stat("counter", "Write requests served (swap-outs; a request is one or more pages)")
+    failed_reads: int = _stat("counter", "Failed reads")
+    failed_writes: int = _stat("counter", "Failed writes")
+    notify_free: int = _stat("counter", "Pages freed by discard")
+    same_pages: int = _stat("gauge", "Same-filled pages stored")
+    huge_pages: int = _stat("gauge", "Incompressible pages stored raw")
+    pages_stored: int = _stat("gauge", "Pages stored")
+    mem_used_max: int = _stat("gauge", "Peak of mem_used_total")
+    compactions: int = _stat("counter", "Compaction runs")
+    limit_hits: int = _stat("counter", "Stores that hit the memory limit")
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))
-SAVED_COUNTERS = tuple(f.name for f in fields(Counters) if f.metadata.get("saved"))
+# name -> (kind, help), in the order above.
+COUNTER_METRICS = {f.name: (str(f.metadata["kind"]), str(f.metadata["help"])) for f in fields(Counters)}
+SAVED_COUNTERS = tuple(name for name in COUNTER_NAMES if name in COUNTER_SNAPSHOT)
+# Every name the snapshot keeps is a counter, or the engine's pages_compacted.
+assert set(COUNTER_SNAPSHOT) == {*SAVED_COUNTERS, "pages_compacted"}, COUNTER_SNAPSHOT
 
 
 class _EngineCounters(Counters):

@@ -47,7 +47,7 @@ import mmap
 import os
 import struct
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -66,9 +66,23 @@ FRAME_BYTES = 4096  # pool.FRAME_SIZE; repeated here because state sits below po
 MAX_FRAMES = (1 << 32) - 2
 # The page table keeps a handle in bits 32-62, so handles fit in 31 bits.
 MAX_HANDLES = 0x7FFFFFFF
-# Event counters kept in the header snapshot; 16 leaves room to add some
-# without a layout change (a new worker reads unknown ones as 0).
+# Event counters kept in the header snapshot, by name: slot i holds
+# COUNTER_SNAPSHOT[i] (engine.Counters' names, and the engine's
+# pages_compacted).  Only ever appended to: 16 slots leave room for more
+# without a layout change (a worker reads a slot it does not name as 0).
 COUNTER_SLOTS = 16
+COUNTER_SNAPSHOT = (
+    "num_reads",
+    "num_writes",
+    "failed_reads",
+    "failed_writes",
+    "notify_free",
+    "mem_used_max",
+    "compactions",
+    "limit_hits",
+    "pages_compacted",
+)
+assert len(COUNTER_SNAPSHOT) <= COUNTER_SLOTS
 # Up to this many bytes of ",".join(codec algorithm names): page-table entries
 # name their algorithm by index, so the list must mean the same to every
 # worker that attaches.
@@ -544,12 +558,15 @@ class State:
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)
 
-    def save_counters(self, values: Sequence[int]) -> None:
-        vals = list(values)[:COUNTER_SLOTS]
-        _COUNTERS.pack_into(self._header, _COUNTERS_AT, *(vals + [0] * (COUNTER_SLOTS - len(vals))))
+    def save_counters(self, values: Mapping[str, int]) -> None:
+        """Snapshot the counters COUNTER_SNAPSHOT names (one missing from
+        ``values`` is saved as 0)."""
+        vals = [values.get(name, 0) for name in COUNTER_SNAPSHOT]
+        _COUNTERS.pack_into(self._header, _COUNTERS_AT, *vals, *[0] * (COUNTER_SLOTS - len(vals)))
 
-    def load_counters(self) -> tuple[int, ...]:
-        return tuple(_COUNTERS.unpack_from(self._header, _COUNTERS_AT))
+    def load_counters(self) -> dict[str, int]:
+        """The snapshot, by name: every name COUNTER_SNAPSHOT has."""
+        return dict(zip(COUNTER_SNAPSHOT, _COUNTERS.unpack_from(self._header, _COUNTERS_AT), strict=False))
 
 
 def read_restarts(meta_fd: int) -> int:
