@@ -21,6 +21,7 @@ import pytest
 from conftest import force_cleanup
 
 from zswapd.bench import _describe, create_private, exit_on_signals, private_dir, sample_pages
+from zswapd.swap import loops_backed_by
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = [sys.executable, "-m", "zswapd", "bench", "device", "--repeat", "1", "--latency-seconds", "1", "--json",
@@ -154,9 +155,8 @@ def test_bench_device_sigterm_mid_run_leaves_nothing() -> None:
                     os.kill(pid, signal.SIGKILL)
             shutil.rmtree(workdir, ignore_errors=True)
         if private is not None and private.exists():
-            out = subprocess.run(["losetup", "-j", str(private / "tmpfs-loop")], capture_output=True, text=True)
-            for line in out.stdout.splitlines():
-                subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+            for loop in loops_backed_by(str(private / "tmpfs-loop")):
+                subprocess.run(["losetup", "-d", loop], check=False)
             shutil.rmtree(private, ignore_errors=True)
 
 

@@ -44,6 +44,7 @@ import zstandard
 
 from .codec import Codec, fill_word
 from .store import Store
+from .swap import loops_backed_by
 
 PAGE = 4096
 MIB = 1 << 20
@@ -54,8 +55,10 @@ SHM = "/dev/shm"
 
 @contextlib.contextmanager
 def private_dir(parent: str = SHM) -> Iterator[str]:
-    """A fresh directory only root can enter, removed with its contents at exit."""
-    path = tempfile.mkdtemp(prefix="zswapd-bench-", dir=parent)  # mode 0700, unpredictable name
+    """A fresh directory only root can enter, removed with its contents at exit.
+    Its path is resolved (no symlink in it), as the kernel names the file of
+    a loop device on a file in it (swap.loops_backed_by)."""
+    path = os.path.realpath(tempfile.mkdtemp(prefix="zswapd-bench-", dir=parent))  # mode 0700, unpredictable name
     try:
         yield path
     finally:
@@ -88,15 +91,10 @@ def exit_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) 
             signal.signal(n, h)
 
 
-def _loops_of(path: str) -> list[str]:
-    out = subprocess.run(["losetup", "-j", path], capture_output=True, text=True).stdout
-    return [line.split(":")[0] for line in out.splitlines()]
-
-
 def _detach_loops_of(path: str) -> None:
     """Detach every loop device backed by ``path``; also catches one attached
     by a losetup that was interrupted before it printed its name."""
-    for loop in _loops_of(path):
+    for loop in loops_backed_by(path):
         subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
@@ -425,7 +423,7 @@ class ZswapdTarget(Target):
                     raise RuntimeError(Path(workdir, "daemon.log").read_text())
                 time.sleep(0.05)
             if self.swap:
-                self.path = _loops_of(self.file)[0]
+                self.path = loops_backed_by(self.file)[0]
             else:
                 time.sleep(0.2)
                 self.path = _sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
@@ -446,12 +444,13 @@ class ZswapdTarget(Target):
 
     def serving(self) -> str:
         """What actually served this target: the engine stats report and the
-        number of native FUSE threads the worker logged (a figure measured
-        on a fallback engine would otherwise pass for the native one)."""
+        number of C FUSE threads the worker logged (a figure measured on the
+        Python engine would otherwise pass for the C one's).  An older
+        --baseline-src tree may call them "native" threads."""
         s = self._request(self.sock, {"cmd": "stats"})
         engine = str(s.get("engine", "python (no engine in stats)"))
         m = re.search(rb"serving FUSE with (\d+) (?:C|native) threads", Path(self.log.name).read_bytes())
-        return f"{engine} engine, " + (f"{int(m.group(1))} native FUSE threads" if m else "no native FUSE threads")
+        return f"{engine} engine, " + (f"{int(m.group(1))} C FUSE threads" if m else "no C FUSE threads")
 
     def compact(self) -> None:
         self._request(self.sock, {"cmd": "compact"}, timeout=600)
@@ -470,7 +469,7 @@ class ZswapdTarget(Target):
         if self.swap:
             # Only if the daemon could not undo its own swap (killed above,
             # or it failed on the way up).
-            for loop in _loops_of(self.file):
+            for loop in loops_backed_by(self.file):
                 subprocess.run(["swapoff", loop], capture_output=True)
                 subprocess.run(["losetup", "-d", loop], capture_output=True)
             if any(line.split()[1] == self.mnt for line in Path("/proc/mounts").read_text().splitlines()):
@@ -767,9 +766,9 @@ def _bench_device(
                 ratios[f"zswapd-{algo}/zram-lz4 {key}"] = mine[key] / z[key]
     p3 = results.get(f"zswapd-pyfuse3-{algorithms[0]}")
     if p3:
-        native = results[f"zswapd-{algorithms[0]}"]
-        ratios[f"zswapd-{algorithms[0]} native/pyfuse3 write_MBps"] = native["write_MBps"] / p3["write_MBps"]
-        ratios[f"zswapd-{algorithms[0]} native/pyfuse3 read_MBps"] = native["read_MBps"] / p3["read_MBps"]
+        builtin = results[f"zswapd-{algorithms[0]}"]
+        ratios[f"zswapd-{algorithms[0]} builtin/pyfuse3 write_MBps"] = builtin["write_MBps"] / p3["write_MBps"]
+        ratios[f"zswapd-{algorithms[0]} builtin/pyfuse3 read_MBps"] = builtin["read_MBps"] / p3["read_MBps"]
     for algo in algorithms:
         mine = results[f"zswapd-{algo}"]
         ratios[f"zswapd-{algo}/tmpfs-loop write_MBps"] = mine["write_MBps"] / results["tmpfs-loop"]["write_MBps"]
@@ -1142,7 +1141,7 @@ class TmpfsLoopSwap(TmpfsLoopTarget):
         _swapon(self, priority)
 
     def close(self) -> None:
-        for loop in _loops_of(self.file):  # swapoff before the loop device can go
+        for loop in loops_backed_by(self.file):  # swapoff before the loop device can go
             if loop in _swaps():
                 subprocess.run(["swapoff", loop], capture_output=True)
         super().close()
