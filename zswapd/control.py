@@ -44,6 +44,7 @@ import trio
 from . import __version__, paths
 from .config import RUNTIME_KEYS, ConfigError, check_value
 from .errors import BadRequest
+from .ratelog import RateLimitedLog
 from .store import METRICS, Store
 
 log = logging.getLogger("zswapd.control")
@@ -90,27 +91,6 @@ ACCEPT_RETRY = 0.1
 
 class RequestError(ValueError):
     """A request refused before it reaches a command: the reply's error."""
-
-
-class RateLimitedLog:
-    """At most one message per interval; says how many were held back."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.next = 0.0
-        self.held = 0
-
-    def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now < self.next:
-            self.held += 1
-            return
-        if self.held:
-            msg += f" ({self.held} more like this in the last {self.interval:g} s not logged)"
-            self.held = 0
-        self.next = now + self.interval
-        self.logger.log(level, msg, *args, exc_info=exc_info)
 
 
 def _reject_constant(name: str) -> Any:
@@ -208,6 +188,8 @@ class Controller:
         # code installed now.  None where there is no supervisor.
         self.replace_worker: Callable[[], None] | None = None
         self.internal_errors = 0
+        # A request that hits a bug can be sent again and again.
+        self._bug_log = RateLimitedLog(log)
 
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
@@ -248,7 +230,8 @@ class Controller:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a bug must not take the daemon down
             self.internal_errors += 1
-            log.exception("control command %s failed", cmd if isinstance(cmd, str) else "(unparsed)")
+            shown = cmd if isinstance(cmd, str) else "(unparsed)"
+            self._bug_log(logging.ERROR, "control command %s failed", shown, exc_info=True)
             return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
 
     async def _cmd_ping(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -764,17 +747,18 @@ async def _metrics_accept_loop(
     limits = PeerLimits(METRICS_MAX_PER_UID, METRICS_RATE, METRICS_BURST)
     accept_log = RateLimitedLog(log)
     refuse_log = RateLimitedLog(log)
+    bug_log = RateLimitedLog(log)
 
     async def handler(conn: trio.socket.SocketType, uid: int) -> None:
         nonlocal active, non_root
         stream: trio.SocketStream | None = None
         try:
             stream = trio.SocketStream(conn)
-            await _metrics_exchange(stream, controller, render)
+            await _metrics_exchange(stream, controller, render, bug_log)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:
-            log.exception("metrics request failed")
+            bug_log(logging.ERROR, "metrics request failed", exc_info=True)
         finally:
             active -= 1
             non_root -= uid != 0
@@ -819,7 +803,10 @@ async def _metrics_accept_loop(
 
 
 async def _metrics_exchange(
-    stream: trio.SocketStream, controller: Controller, render: Callable[[dict[str, Any]], str]
+    stream: trio.SocketStream,
+    controller: Controller,
+    render: Callable[[dict[str, Any]], str],
+    bug_log: RateLimitedLog,
 ) -> None:
     head = b""
     with trio.move_on_after(METRICS_TIMEOUT):
@@ -836,7 +823,7 @@ async def _metrics_exchange(
         try:
             body = render(controller.stats()).encode()
         except Exception:
-            log.exception("metrics: rendering the stats failed")
+            bug_log(logging.ERROR, "metrics: rendering the stats failed", exc_info=True)
             response = b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
         else:
             response = (
