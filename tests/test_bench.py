@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import force_cleanup
 
-from zswapd.bench import _describe, create_private, exit_on_signals, private_dir, sample_pages
+from zswapd.bench import create_private, describe_corpus, exit_on_signals, private_dir, sample_pages
 from zswapd.swap import loops_backed_by
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_bench_pool_prints_ratios() -> None:
 def test_corpus_description_counts_same_filled(tmp_path: Path) -> None:
     path = tmp_path / "c.bin"
     path.write_bytes(bytes(4096) * 3 + b"\x07" * 4096 + b"".join(sample_pages(4)))
-    c = _describe(str(path))
+    c = describe_corpus(str(path))
     assert (c.pages, c.zero_pages, c.same_pages) == (8, 3, 4)
 
 
