@@ -34,6 +34,11 @@ def swaps() -> list[str]:
     return [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
 
 
+def _attach_loop(path: str) -> str:
+    """A loop device with direct I/O on the file ``path``: its path."""
+    return sh("losetup", "--find", "--show", "--direct-io=on", path).strip()
+
+
 def _detach_loops_of(path: str) -> None:
     """Detach every loop device backed by ``path``; also catches one attached
     by a losetup that was interrupted before it printed its name."""
@@ -167,7 +172,7 @@ class ZswapdTarget(Target):
                 self.path = loops_backed_by(self.file)[0]
             else:
                 time.sleep(0.2)
-                self.path = sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+                self.path = _attach_loop(self.file)
         except BaseException:
             self.close()
             raise
@@ -230,7 +235,7 @@ class TmpfsLoopTarget(Target):
         finally:
             os.close(fd)
         try:
-            self.path = sh("losetup", "--find", "--show", "--direct-io=on", self.file).strip()
+            self.path = _attach_loop(self.file)
         except BaseException:
             self.close()
             raise
