@@ -37,15 +37,18 @@ Python engine (its crash points are Python stores).
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+import zstandard
+
 from . import codec, entry, rebuild
 from . import pool as pool_rules
-from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .codec import ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .config import MAX_FUSE_THREADS
 from .errors import BadRequest, CorruptObject
 from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
@@ -90,6 +93,14 @@ class Counters:
     mem_used_max: int = _saved()
     compactions: int = _saved()
     limit_hits: int = _saved()
+    # The recompression tier (tier.c, PythonEngine.recompress_step): pages
+    # recompressed and the bytes that saved when it happened; pages tried
+    # and kept because they did not save enough, or did not compress below
+    # the huge threshold at all.
+    recompressed: int = _saved()
+    recompress_saved: int = _saved()
+    recompress_skipped: int = _saved()
+    recompress_incompressible: int = _saved()
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))
@@ -119,6 +130,9 @@ class Engine(Protocol):
     state: State
     frame_limit: int
     pages_compacted: int
+    # The idle tick stamped on every write and read (entry.tick_of); the
+    # store sets it as time passes.
+    now_tick: int
     # The store's full flag (Store.full reads and sets this one): while set,
     # a write refuses pages that need pool memory (REFUSED).
     full: int
@@ -184,6 +198,24 @@ class Engine(Protocol):
         the page counters match the table and every index is right."""
         ...
 
+    def recompress_step(
+        self, first: int, end: int, min_len: int, max_len: int, idle_ticks: int, threshold: int, level: int,
+        max_pages: int,
+    ) -> tuple[int, int, int, int, int]:
+        """Recompress candidates among pages first..end-1 (tier.c; the
+        crash order at its top): objects stored by a write, never tried,
+        of min_len..max_len bytes (4096: a huge page), idle at least
+        idle_ticks, until max_pages were compressed.  A new object is kept
+        if it is ``threshold`` bytes smaller and in a smaller size class;
+        otherwise the page is marked tried.  Returns (next page, pages
+        recompressed, bytes saved, candidates compressed, OK or NOROOM)."""
+        ...
+
+    def census(self) -> tuple[list[int], list[int], list[int]]:
+        """(stored pages by idle age in ticks, pages by codec, payload bytes
+        by codec), codec index kind * 32 + algorithm * 8 + tier."""
+        ...
+
     def trim(self) -> int: ...
     def refill_reserve(self) -> int: ...
     def freeable(self, cls: int) -> int: ...
@@ -219,6 +251,12 @@ class PythonEngine(Pool):
         self.full = 0
         self.policy: Policy | None = None
         self.compressions = 0
+        self.now_tick = 0
+        # The secondary codec: recompress_page(page, level, room) -> the
+        # page compressed by zstd at ``level`` if it fits in ``room`` bytes.
+        # Tests hand it the C engine's (_engine.recompress_page) to compare
+        # tables byte for byte: python-zstandard bundles its own libzstd.
+        self.recompress_page: Callable[[Buffer, int, int], bytes | None] = _recompress_page
         g = state.geometry
         super().__init__(g.max_frames, g.max_handles, frame_limit, reserve_frames, state)
         self.table = state.view("page")
@@ -292,11 +330,12 @@ class PythonEngine(Pool):
             self._stopped = (idx, bytes(page), kind, algo, bytes(payload) if kind == KIND_HUGE else payload)  # type: ignore[arg-type]
             return NOROOM
         c = self._c
+        now = self.now_tick  # a write is an access
         if kind == KIND_SAME:
-            self.table[idx], old = entry.make(h, kind), self.table[idx]
+            self.table[idx], old = entry.make(h, kind, stamp=now), self.table[idx]
             c.same_pages += 1
         else:
-            self.table[idx], old = entry.make(h, kind, algo, len(payload)), self.table[idx]  # type: ignore[arg-type]
+            self.table[idx], old = entry.make(h, kind, algo, len(payload), stamp=now), self.table[idx]  # type: ignore[arg-type]
             if kind == KIND_HUGE:
                 c.huge_pages += 1
         c.pages_stored += 1
@@ -312,6 +351,8 @@ class PythonEngine(Pool):
         kind = entry.kind(e)
         if not kind:
             return _ZERO_PAGE
+        if entry.idle(e) != self.now_tick:  # a read is an access: page.c's stamp_locked
+            self.table[idx] = entry.with_idle(e, self.now_tick)
         h = entry.handle(e)
         if kind == KIND_SAME:
             return fill_page(self.word(h))
@@ -319,11 +360,93 @@ class PythonEngine(Pool):
         if kind == KIND_HUGE:
             return data
         try:
-            return self.codec.decompress(entry.algo(e), data)
+            return self._decompress(e, data)
         except Exception as e:
             # One exception type for a bad object, whichever engine and codec.
             self._c.failed_reads += 1
             raise CorruptObject(f"corrupt object: page {idx} did not decompress to a 4096-byte page ({e})") from None
+
+    def _decompress(self, e: int, data: Buffer) -> bytes:
+        tier = entry.tier(e)
+        if tier and tier != entry.TIER_PLAIN:
+            raise ValueError(f"dictionary slot {tier} is not held")
+        return self.codec.decompress(entry.algo(e), data)
+
+    # -- the recompression tier (zswapd/engine/tier.c, step for step) ----------
+
+    def recompress_step(
+        self, first: int, end: int, min_len: int, max_len: int, idle_ticks: int, threshold: int, level: int,
+        max_pages: int,
+    ) -> tuple[int, int, int, int, int]:
+        if not 1 <= level <= _ZSTD_MAX_LEVEL:
+            raise ValueError(f"zstd level {level} is outside 1..{_ZSTD_MAX_LEVEL}")
+        table, c = self.table, self._c
+        now = self.now_tick & entry.IDLE_MASK
+        room = self.huge_threshold - 1
+        pages = saved = looked = 0
+        st = OK
+        idx = first
+        end = min(end, len(table))
+        while idx < end and looked < max_pages:
+            e = table[idx]
+            kind = entry.kind(e)
+            if not kind:
+                idx += 1
+                continue
+            if entry.age(e, now) > entry.IDLE_CLAMP:
+                e = entry.with_idle(e, now - entry.IDLE_CLAMP)
+                table[idx] = e
+            n = entry.length(e)
+            if (
+                kind not in (KIND_COMPRESSED, KIND_HUGE)
+                or entry.tier(e)
+                or entry.tried(e)
+                or not min_len <= n <= max_len
+                or entry.age(e, now) < idle_ticks
+            ):
+                idx += 1
+                continue
+            looked += 1
+            h = entry.handle(e)
+            data = bytes(self.load(h, n))
+            if kind == KIND_COMPRESSED:
+                try:
+                    page = self.codec.decompress(entry.algo(e), data)
+                except Exception:  # corrupt: a read reports it
+                    idx += 1
+                    continue
+            else:
+                page = data
+            out = self.recompress_page(page, level, room)
+            m = len(out) if out else 0
+            old_cls = len(CLASSES) if kind == KIND_HUGE else _CLASS_OF[n + pool_rules.HEADER]
+            if not m or m + threshold > n or _CLASS_OF[m + pool_rules.HEADER] >= old_cls:
+                table[idx] = e | entry.TRIED
+                if m:
+                    c.recompress_skipped += 1
+                else:
+                    c.recompress_incompressible += 1
+                idx += 1
+                continue
+            try:
+                h2 = self.store(out)  # type: ignore[arg-type]
+            except PoolFull:
+                st = NOROOM
+                break
+            table[idx] = entry.make(h2, KIND_COMPRESSED, codec.ALGO_ZSTD, m, entry.TIER_PLAIN, entry.idle(e))
+            self.free(h, n)
+            if kind == KIND_HUGE:
+                c.huge_pages -= 1
+            c.recompressed += 1
+            c.recompress_saved += n - m
+            pages += 1
+            saved += n - m
+            idx += 1
+        self.trim()
+        return idx, pages, saved, looked, st
+
+    def census(self) -> tuple[list[int], list[int], list[int]]:
+        return census_of(self.table.tolist(), self.now_tick)
 
     def write(self, offset: int, data: Buffer) -> tuple[int, int]:
         # write_request in zswapd/engine/page.c, step for step.
@@ -394,6 +517,37 @@ class PythonEngine(Pool):
         return freed
 
 
+_ZSTD_MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
+
+
+@functools.lru_cache(maxsize=4)
+def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    # The frame codec.py writes: no content size, checksum or dictionary id.
+    return zstandard.ZstdCompressor(level=level, write_content_size=False, write_checksum=False, write_dict_id=False)
+
+
+def _recompress_page(page: Buffer, level: int, room: int) -> bytes | None:
+    out: bytes = _zstd_compressor(level).compress(page)
+    return out if len(out) <= room else None
+
+
+def census_of(entries: Sequence[int], now: int) -> tuple[list[int], list[int], list[int]]:
+    """Engine.census over a list of page-table entries (tier_api.c's)."""
+    ages = [0] * (entry.IDLE_MASK + 1)
+    pages = [0] * 128
+    nbytes = [0] * 128
+    for e in entries:
+        kind = e & entry.KIND_MASK
+        if not kind:
+            continue
+        ages[entry.age(e, now)] += 1
+        i = kind * 32 + entry.algo(e) * 8 + entry.tier(e)
+        pages[i] += 1
+        if kind != KIND_SAME:
+            nbytes[i] += entry.length(e)
+    return ages, pages, nbytes
+
+
 def python_rules() -> dict[str, Any]:
     """Every rule the C engine also writes down (its RULES), from the Python
     modules that define them; equal, or the C build is refused."""
@@ -403,6 +557,14 @@ def python_rules() -> dict[str, Any]:
         "ENTRY_ALGO_MASK": entry.ALGO_MASK,
         "ENTRY_LEN_SHIFT": entry.LEN_SHIFT,
         "ENTRY_LEN_MASK": entry.LEN_MASK,
+        "ENTRY_TIER_SHIFT": entry.TIER_SHIFT,
+        "ENTRY_TIER_MASK": entry.TIER_MASK,
+        "DICT_SLOTS": entry.DICT_SLOTS,
+        "TIER_PLAIN": entry.TIER_PLAIN,
+        "ENTRY_TRIED": entry.TRIED,
+        "ENTRY_IDLE_SHIFT": entry.IDLE_SHIFT,
+        "ENTRY_IDLE_MASK": entry.IDLE_MASK,
+        "IDLE_CLAMP": entry.IDLE_CLAMP,
         "ENTRY_HANDLE_SHIFT": entry.HANDLE_SHIFT,
         "ENTRY_UNUSED": entry.UNUSED,
         "KIND_SAME": codec.KIND_SAME,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from . import entry
-from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE
+from .codec import ALGO_ZSTD, ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE
 from .pool import (
     FRAME_SHIFT,
     FRAME_SIZE,
@@ -69,8 +69,13 @@ def rebuild_pages(pool: Pool, table: memoryview, extents: Extents) -> tuple[int,
                 same += 1
                 continue
             n = entry.length(e)
+            tier = entry.tier(e)
             if (kind == KIND_HUGE) != (n == PAGE_SIZE) or entry.algo(e) >= nalgos:
                 raise StateError(f"entry {e:#x} has a bad length or algorithm for its kind")
+            if tier and (kind != KIND_COMPRESSED or entry.algo(e) != ALGO_ZSTD):
+                raise StateError(f"entry {e:#x} names tier {tier} but is not a zstd object")
+            if tier and tier != entry.TIER_PLAIN:
+                raise StateError(f"entry {e:#x} names dictionary slot {tier}, which the state does not hold")
             pool.claim_object(h, n)
             huge += kind == KIND_HUGE
         except StateError as err:

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, cast
 MAGIC = b"zswapdST"
 # Bumped on any change to the header or to a table's format or order; an
 # older or newer worker then refuses the state instead of misreading it.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # One header page: mincore and holes work in pages, and the tables after it
 # start page aligned.
 HEADER_BYTES = 4096
@@ -151,7 +151,7 @@ class Table(NamedTuple):
 # persistent).  The C engine lists them too (zswapd/engine/engine.h,
 # ENGINE_TABLES); engine.py checks at import that the two lists agree.
 TABLES = (
-    ("page", "Q", "pages", True),  # entry.py: kind, algorithm, length, handle
+    ("page", "Q", "pages", True),  # entry.py: kind, algorithm, length, tier, tried, idle stamp, handle
     ("handle", "Q", "handles", True),  # zspage << 16 | slot, huge tag | frame, or a fill word
     ("zs_first", "I", "zspages", True),  # first frame of a zspage
     ("zs_class", "H", "zspages", True),  # size class of a zspage

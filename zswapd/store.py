@@ -50,11 +50,28 @@ from __future__ import annotations
 from collections.abc import Generator
 
 from . import entry
-from .codec import ALGORITHMS, PAGE_SIZE, Buffer, Codec
+from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
 from .engine import COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
 from .state import Geometry, State
+
+# The recompression tier's defaults (docs/benchmarks.md, "ceiling"): zstd
+# level 8 is where a dictionary starts to pay on real memory; an object is
+# kept only if it shrinks by 128 bytes (and lands in a smaller class).
+RECOMPRESS_LEVEL = 8
+RECOMPRESS_THRESHOLD = 128
+# A recompression pass takes objects by bands of length, the biggest first
+# (zram since 6.13: the biggest objects save the most per page compressed):
+# huge pages, then these lower bounds, each band up to the one above.
+RECOMPRESS_BANDS = (3072, 2048, 1024, 512, 256, 1)
+# Page-table entries one recompression step scans at most (a C step scans
+# 64 Ki entries in well under a millisecond) and pages it compresses at most
+# (zstd level 8: 50-100 us a page, so a step stays a few milliseconds).
+RECOMPRESS_SCAN = 1 << 16
+RECOMPRESS_STEP_PAGES = 32
+# Idle histogram buckets (stats "idle"): lower bounds of age in seconds.
+IDLE_BUCKETS = (0, 5 * 60, 30 * 60, 3600, 2 * 3600, 6 * 3600, entry.IDLE_CLAMP * entry.IDLE_TICK)
 
 # Bound on objects moved by one synchronous compaction on the write path.
 SYNC_COMPACT_MOVES = 1 << 14
@@ -278,6 +295,111 @@ class Store:
         finally:
             self.update_full()
 
+    # -- recompression ---------------------------------------------------------
+
+    def tick(self, seconds: float) -> None:
+        """The time now (CLOCK_MONOTONIC seconds, time.monotonic()), which
+        writes and reads stamp on their pages as their idle stamp."""
+        self.engine.now_tick = entry.tick_of(seconds)
+
+    def recompress_bands(self, threshold: int) -> list[tuple[int, int]]:
+        """(min_len, max_len) of each band a pass takes, the biggest first;
+        bands whose objects cannot shrink by ``threshold`` are left out."""
+        top = self.engine.huge_threshold - 1
+        bands = [(PAGE_SIZE, PAGE_SIZE)]
+        for low in RECOMPRESS_BANDS:
+            if top > threshold and top >= low:
+                bands.append((max(low, threshold + 1), top))
+            top = low - 1
+        return bands
+
+    def recompress_steps(
+        self,
+        idle_ticks: int,
+        threshold: int = RECOMPRESS_THRESHOLD,
+        level: int = RECOMPRESS_LEVEL,
+        max_pages: int | None = None,
+        step_pages: int = RECOMPRESS_STEP_PAGES,
+    ) -> Generator[tuple[int, int, int], None, None]:
+        """One recompression pass in bounded steps (engine.recompress_step),
+        yielding (pages recompressed, bytes saved, candidates compressed) of
+        each.  Idle pages of at least ``idle_ticks`` ticks, biggest objects
+        first, at most ``max_pages`` candidates in all.  It ends when every
+        band was scanned, when the pool has no room for a new object, or
+        when the caller stops iterating."""
+        if not 0 <= threshold <= PAGE_SIZE:
+            raise StoreError(f"recompression threshold must be in 0..{PAGE_SIZE} bytes, got {threshold}")
+        left = (1 << 62) if max_pages is None else max_pages
+        try:
+            for low, high in self.recompress_bands(threshold):
+                at = 0
+                while at < self.npages and left > 0:
+                    end = min(at + RECOMPRESS_SCAN, self.npages)
+                    at, pages, saved, looked, st = self.engine.recompress_step(
+                        at, end, low, high, idle_ticks, threshold, level, min(step_pages, left)
+                    )
+                    left -= looked
+                    yield pages, saved, looked
+                    if st == NOROOM:
+                        return
+        finally:
+            self.update_full()
+
+    def recompress(
+        self,
+        idle_ticks: int = 0,
+        threshold: int = RECOMPRESS_THRESHOLD,
+        level: int = RECOMPRESS_LEVEL,
+        max_pages: int | None = None,
+    ) -> dict[str, int]:
+        """A whole pass at once (``zswapd recompress``): pages recompressed,
+        bytes saved and candidates compressed."""
+        total = [0, 0, 0]
+        for step in self.recompress_steps(idle_ticks, threshold, level, max_pages):
+            for i, v in enumerate(step):
+                total[i] += v
+        return {"pages": total[0], "bytes_saved": total[1], "candidates": total[2]}
+
+    def tier_stats(self) -> dict[str, object]:
+        """stats' "recompress", "idle" and "codecs": one census of the page
+        table (engine.census)."""
+        ages, pages, nbytes = self.engine.census()
+        c = self.c
+        tick = entry.IDLE_TICK
+        idle = []
+        for i, low in enumerate(IDLE_BUCKETS):
+            high = IDLE_BUCKETS[i + 1] if i + 1 < len(IDLE_BUCKETS) else (entry.IDLE_MASK + 1) * tick
+            idle.append({"min_age_seconds": low, "pages": sum(ages[low // tick : high // tick])})
+        codecs = []
+        for i, n in enumerate(pages):
+            if not n:
+                continue
+            kind, algo, tier = i // 32, i // 8 % 4, i % 8
+            name = {KIND_SAME: "same", KIND_HUGE: "huge"}.get(kind, ALGORITHMS[algo] if algo < len(ALGORITHMS) else "?")
+            codecs.append(
+                {
+                    "codec": name,
+                    "tier": "primary" if not tier else "recompressed",
+                    "dictionary": tier if 0 < tier <= entry.DICT_SLOTS else None,
+                    "pages": n,
+                    "bytes": nbytes[i],
+                }
+            )
+        recompressed = sum(n for i, n in enumerate(pages) if i % 8)
+        return {
+            "recompress": {
+                "pages": recompressed,
+                "bytes_saved": c.recompress_saved,
+                "recompressed": c.recompressed,
+                "skipped": c.recompress_skipped,
+                "incompressible": c.recompress_incompressible,
+                "cpu_seconds": 0.0,
+                "dictionaries": [],
+            },
+            "idle": idle,
+            "codecs": codecs,
+        }
+
     def _make_room(self) -> None:
         """Synchronous, bounded compaction until a new zspage fits."""
         if self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
@@ -406,6 +528,7 @@ class Store:
             "full": self.full,
             "freeable_bytes": pool.freeable_frames() * FRAME_SIZE,
             "classes": pool.class_stats(),
+            **self.tier_stats(),
         }
 
     def reset_max(self) -> None:

@@ -116,9 +116,13 @@
  *              3 huge (a raw page)
  *   bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
  *   bits 4-16  payload length in bytes
- *   bits 17-31 unused, 0
+ *   bits 17-19 tier: 0 as a write stored it; 1..DICT_SLOTS recompressed with
+ *              zstd and that dictionary slot; TIER_PLAIN recompressed, no
+ *              dictionary (tier.c)
+ *   bit 20     tried: recompression kept the object as it was; not retried
+ *   bits 21-31 idle stamp: last access in IDLE_TICK ticks, mod 2048
  *   bits 32-62 handle (of a same-filled page: the handle holding its word)
- *   bit 63     unused, 0 */
+ *   bit 63     unused, 0 (the writeback tier's) */
 #define KIND_SAME 1u
 #define KIND_COMPRESSED 2u
 #define KIND_HUGE 3u
@@ -127,13 +131,35 @@
 #define ENTRY_ALGO_MASK 0x3ull
 #define ENTRY_LEN_SHIFT 4
 #define ENTRY_LEN_MASK 0x1FFFull
+#define ENTRY_TIER_SHIFT 17
+#define ENTRY_TIER_MASK 0x7ull
+#define DICT_SLOTS 6u
+#define TIER_PLAIN 7u
+#define ENTRY_TRIED (1ull << 20)
+#define ENTRY_IDLE_SHIFT 21
+#define ENTRY_IDLE_MASK 0x7FFull
+#define IDLE_CLAMP 1024u
 #define ENTRY_HANDLE_SHIFT 32
-#define ENTRY_UNUSED (1ull << 63 | 0x7FFFull << 17)
+#define ENTRY_UNUSED (1ull << 63)
+/* what a page's contents depend on: not the stamp, not tried */
+#define ENTRY_CONTENT_MASK (~(ENTRY_TRIED | ENTRY_IDLE_MASK << ENTRY_IDLE_SHIFT))
 
 static inline unsigned entry_kind(uint64_t entry) { return (unsigned)(entry & ENTRY_KIND_MASK); }
 static inline unsigned entry_algo(uint64_t entry) { return (unsigned)(entry >> ENTRY_ALGO_SHIFT & ENTRY_ALGO_MASK); }
 static inline uint32_t entry_len(uint64_t entry) { return (uint32_t)(entry >> ENTRY_LEN_SHIFT & ENTRY_LEN_MASK); }
+static inline unsigned entry_tier(uint64_t entry) { return (unsigned)(entry >> ENTRY_TIER_SHIFT & ENTRY_TIER_MASK); }
+static inline int entry_tried(uint64_t entry) { return (entry & ENTRY_TRIED) != 0; }
+static inline unsigned entry_idle(uint64_t entry) { return (unsigned)(entry >> ENTRY_IDLE_SHIFT & ENTRY_IDLE_MASK); }
 static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT); }
+static inline uint64_t entry_with_idle(uint64_t entry, unsigned tick)
+{
+    return (entry & ~(ENTRY_IDLE_MASK << ENTRY_IDLE_SHIFT)) | ((uint64_t)tick & ENTRY_IDLE_MASK) << ENTRY_IDLE_SHIFT;
+}
+/* ticks since the page's last access, modulo the stamp's range */
+static inline unsigned entry_age(uint64_t entry, unsigned now)
+{
+    return (unsigned)((now - entry_idle(entry)) & ENTRY_IDLE_MASK);
+}
 static inline uint64_t make_entry(uint32_t h, unsigned kind, unsigned algo, uint32_t len)
 {
     return (uint64_t)h << ENTRY_HANDLE_SHIFT | (uint64_t)len << ENTRY_LEN_SHIFT | (uint64_t)algo << ENTRY_ALGO_SHIFT |
@@ -222,7 +248,8 @@ enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
  * engine.py asserts the list; the store counts through Engine.count. */
 #define ENGINE_COUNTERS(X)                                                                                         \
     X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages) X(huge_pages)         \
-        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits)
+        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits) X(recompressed) X(recompress_saved)          \
+            X(recompress_skipped) X(recompress_incompressible)
 
 typedef struct {
 #define TABLE_FIELD(name, type, dim) type *name;
@@ -261,6 +288,9 @@ typedef struct {
 #undef COUNTER_FIELD
 
     int algo, zstd_level; /* read by each thread's codec context */
+    /* The idle tick now (entry.tick_of of CLOCK_MONOTONIC), stamped on every
+     * write and read; the store sets it, relaxed, as time passes. */
+    unsigned now_tick;
 
     int full; /* the store's full flag: while set, a page that needs memory is refused */
     int punch_errno;

@@ -189,9 +189,18 @@ static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t n
                 counts[1]++;
             } else {
                 uint32_t n = entry_len(entry);
+                unsigned tier = entry_tier(entry);
                 if ((kind == KIND_HUGE) != (n == PAGE_SIZE) || entry_algo(entry) >= nalgos) {
                     snprintf(inner, sizeof inner, "entry 0x%llx has a bad length or algorithm for its kind",
                              (unsigned long long)entry);
+                    r = -1;
+                } else if (tier && (kind != KIND_COMPRESSED || entry_algo(entry) != ALGO_ZSTD)) {
+                    snprintf(inner, sizeof inner, "entry 0x%llx names tier %u but is not a zstd object",
+                             (unsigned long long)entry, tier);
+                    r = -1;
+                } else if (tier && tier != TIER_PLAIN) {
+                    snprintf(inner, sizeof inner, "entry 0x%llx names dictionary slot %u, which the state does not hold",
+                             (unsigned long long)entry, tier);
                     r = -1;
                 } else {
                     r = claim_object(e, s, h, n);
