@@ -41,13 +41,18 @@ def content(seed: int) -> bytes:
     """Pages of every encoding and many object sizes: same-filled, a random
     prefix of 40..3900 bytes followed by zeros (compresses to about the
     prefix, so it lands in a wide range of classes, some straddling frames),
-    or wholly random (stored raw)."""
+    words from a small random vocabulary (which recompression shrinks), or
+    wholly random (stored raw)."""
     rnd = random.Random(seed)
     pick = seed % 7
     if pick == 0:
         return bytes([seed % 251 + 1]) * PAGE
     if pick == 6:
         return rnd.randbytes(PAGE)
+    if pick == 5:  # words: zstd's entropy coding beats lz4, so recompression moves it
+        words = [rnd.randbytes(rnd.randrange(2, 9)) for _ in range(rnd.randrange(8, 200))]
+        text = b" ".join(rnd.choice(words) for _ in range(PAGE))
+        return text[:PAGE]
     n = rnd.randrange(40, 3900)
     return rnd.randbytes(n) + bytes(PAGE - n)
 
@@ -421,6 +426,7 @@ ops_strategy = st.lists(
         st.tuples(st.just("unaligned"), st.integers(0, SIZE - 1), st.integers(1, 3 * PAGE), st.integers(0, 10**6)),
         st.tuples(st.just("discard"), st.integers(0, SIZE - 1), st.integers(0, 6 * PAGE), st.just(0)),
         st.tuples(st.just("compact"), st.integers(1, 12), st.just(0), st.just(0)),
+        st.tuples(st.just("recompress"), st.integers(1, 12), st.just(0), st.just(0)),
     ),
     min_size=1,
     max_size=20,
@@ -446,6 +452,10 @@ def _apply(store: Store, op: Op) -> None:
     kind, a, _, _ = op
     if kind == "compact":
         store.compact(max_moves=a)
+        return
+    if kind == "recompress":
+        # a low threshold, so that most candidates move
+        store.recompress(0, threshold=16, max_pages=a)
         return
     offset, data = _op_bytes(op)
     if kind == "discard":
@@ -589,7 +599,7 @@ def test_crash_at_any_step_recovers_each_page_before_or_after(
 
 def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]) -> list[Op]:
     """``count`` ops: a write below cuts[0], an unaligned write below
-    cuts[1], a discard below cuts[2], else a compaction."""
+    cuts[1], a discard below cuts[2], else a compaction or a recompression."""
     ops: list[Op] = []
     for _ in range(count):
         pick = rnd.random()
@@ -600,14 +610,15 @@ def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]
         elif pick < cuts[2]:
             ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
         else:
-            ops.append(("compact", rnd.randrange(1, 12), 0, 0))
+            ops.append((rnd.choice(("compact", "recompress")), rnd.randrange(1, 12), 0, 0))
     return ops
 
 
 def test_crash_sweep_over_every_step_of_one_run() -> None:
-    """One fixed run with writes, rewrites, discards and compaction, killed
-    at hundreds of evenly spread steps from the first to the last."""
-    ops = _random_ops(random.Random(12), 24, (0.45, 0.6, 0.8))
+    """One fixed run with writes, rewrites, discards, compaction and
+    recompression, killed at hundreds of evenly spread steps from the first
+    to the last."""
+    ops = _random_ops(random.Random(14), 24, (0.45, 0.6, 0.8))
     # Count the steps of the whole run.
     hook = CrashHook()
     state = State.create(store_geometry(SIZE, 2), ALGORITHMS, hook=hook)
@@ -617,8 +628,10 @@ def test_crash_sweep_over_every_step_of_one_run() -> None:
     for op in ops:
         _apply(store, op)
     steps = (1 << 40) - hook.left
+    moved = store.c.recompressed
     store.close()
     assert steps > 300
+    assert moved > 0, "the run recompresses pages, so the sweep kills recompression steps too"
     stride = max(1, steps // 300)
     for n in range(0, steps + 2, stride):
         _crash_run(ops, n)
