@@ -140,7 +140,7 @@ def test_biggest_objects_go_first_and_max_pages_bounds_a_pass(engine: str) -> No
 
 
 def _secondary(s: Store) -> object:
-    return s.engine.recompress_page if s.engine.name == "python" else _engine.recompress_page  # type: ignore[union-attr]
+    return s.engine.recompress_page if s.engine.name == "python" else _engine.recompress_page  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -242,7 +242,7 @@ def test_native_recompression_equals_the_reference_byte_for_byte(seed: int) -> N
             st = Store(npages * PAGE, Codec("lz4"), reserve_frames=4, state=_clone(base.state), engine=engine)
             st.engine.now_tick = 20
             if engine == "python":
-                st.engine.recompress_page = _engine.recompress_page  # type: ignore[union-attr]
+                st.engine.recompress_page = _engine.recompress_page  # type: ignore[attr-defined]
             stores.append(st)
         try:
             results = []

@@ -804,7 +804,9 @@ def _corrupt_persistent(store: Store, what: str) -> None:
     elif what == "slot header names another":
         table[comp] = table[comp] ^ (1 << 33)
     elif what == "unused entry bits":
-        table[comp] = table[comp] | 1 << 20
+        table[comp] = table[comp] | 1 << 63
+    elif what == "tier on an lz4 object":
+        table[comp] = table[comp] | 7 << 17
     elif what == "class out of range":
         v("zs_class")[_zspage_of(store, comp)] = 250
     elif what == "frame owned twice":
@@ -825,7 +827,7 @@ def _corrupt_persistent(store: Store, what: str) -> None:
 PERSISTENT_CORRUPTIONS = [
     "two pages, one handle", "slot header names another", "unused entry bits", "class out of range",
     "frame owned twice", "huge entry not huge", "owned slot header lost", "handle out of range",
-    "bad length for kind",
+    "bad length for kind", "tier on an lz4 object",
 ]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ class Engine:
     pages_compacted: int
     frame_limit: int
     full: int
+    now_tick: int
     @property
     def huge_objects(self) -> int: ...
     @property
@@ -75,6 +76,20 @@ class Engine:
     def rebuild(self, extents: list[tuple[int, int]], nalgos: int) -> tuple[int, int, int]: ...
     def check_pages(self, extents: list[tuple[int, int]]) -> None: ...
     def close(self) -> None: ...
+    def recompress_step(
+        self,
+        first: int,
+        end: int,
+        min_len: int,
+        max_len: int,
+        idle_ticks: int,
+        threshold: int,
+        level: int,
+        max_pages: int,
+    ) -> tuple[int, int, int, int, int]: ...
+    def census(self) -> tuple[list[int], list[int], list[int]]: ...
+
+def recompress_page(page: Any, level: int, room: int) -> bytes | None: ...
 
 class Server:
     def stop(self) -> None: ...

@@ -127,6 +127,7 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
             f"engine {s.get('engine', '?')}; supervisor {proc['supervisor_pid']}, worker {proc['worker_pid']}, "
             f"worker restarts {proc['worker_restarts']}" + (f" (last took {rec:.0f} ms)" if rec is not None else "")
         )
+    lines += _tier_lines(s)
     if classes:
         cols = (
             "size",
@@ -144,6 +145,42 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
             if c["zspages"]:
                 lines.append(" ".join(f"{c[k]:>17}" if i else f"{c[k]:>6}" for i, k in enumerate(cols)))
     return "\n".join(lines)
+
+
+def _tier_lines(s: dict[str, Any]) -> list[str]:
+    """The recompression tier: a line of its counters, the per-codec table
+    and the idle histogram."""
+    r = s.get("recompress")
+    if not isinstance(r, dict):
+        return []
+    lines = [
+        f"recompressed {r['pages']} pages now, saved {_human(r['bytes_saved'])}; skipped {r['skipped']}, "
+        f"incompressible {r['incompressible']}; cpu {r['cpu_seconds']:.1f} s; "
+        + (", ".join(f"dictionary {d['id']}: {_human(d['bytes'])}, {d['pages']} pages" for d in r["dictionaries"])
+           or "no dictionary")
+    ]  # fmt: skip
+    codecs = s.get("codecs") or []
+    if codecs:
+        lines.append("")
+        lines.append(f"{'CODEC':<8} {'TIER':<13} {'DICT':>4} {'PAGES':>10} {'BYTES':>10} {'AVG':>6}")
+        for c in codecs:
+            avg = f"{c['bytes'] / c['pages']:.0f}" if c["pages"] and c["codec"] != "same" else "-"
+            lines.append(
+                f"{c['codec']:<8} {c['tier']:<13} {c['dictionary'] or '-':>4} {c['pages']:>10} "
+                f"{_human(c['bytes']):>10} {avg:>6}"
+            )
+    idle = s.get("idle") or []
+    if idle:
+        lines.append("idle: " + ", ".join(f">={_age(b['min_age_seconds'])} {b['pages']}" for b in idle))
+    return lines
+
+
+def _age(seconds: int) -> str:
+    """An idle age, rounded down to the largest unit that fits."""
+    for unit, n in (("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -643,7 +643,48 @@ def prometheus(s: dict[str, Any]) -> str:
     out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
     for c in s["classes"]:
         out.append(f'zswapd_class_frames_used{{size="{c["size"]}"}} {c["frames_used"]}')
+    out += _tier_metrics(s)
     return "\n".join(out) + "\n"
+
+
+def _tier_metrics(s: dict[str, Any]) -> list[str]:
+    """The recompression tier's metrics: the pass counters, pages and bytes
+    per codec, the dictionaries and the idle histogram."""
+    r = s.get("recompress")
+    if not isinstance(r, dict):
+        return []
+    out: list[str] = []
+    for name, key, help_ in (
+        ("recompressed_pages", "pages", "Pages stored recompressed now"),
+        ("recompress_cpu_seconds", "cpu_seconds", "CPU seconds spent recompressing and training"),
+    ):
+        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {r[key]}"]
+    for name, key, help_ in (
+        ("recompress_pages", "recompressed", "Pages recompressed"),
+        ("recompress_saved_bytes", "bytes_saved", "Bytes saved by recompression when it happened"),
+        ("recompress_skipped", "skipped", "Pages recompression kept as they were (saving under the threshold)"),
+        ("recompress_incompressible", "incompressible", "Pages the secondary codec could not compress"),
+    ):
+        out += [f"# HELP zswapd_{name}_total {help_}", f"# TYPE zswapd_{name}_total counter"]
+        out.append(f"zswapd_{name}_total {int(r[key])}")
+    out += ["# HELP zswapd_codec_pages Pages stored per codec", "# TYPE zswapd_codec_pages gauge"]
+    out += ["# HELP zswapd_codec_bytes Payload bytes stored per codec", "# TYPE zswapd_codec_bytes gauge"]
+    for c in s.get("codecs", []):
+        labels = f'codec="{c["codec"]}",tier="{c["tier"]}",dictionary="{c["dictionary"] or ""}"'
+        out.append(f"zswapd_codec_pages{{{labels}}} {c['pages']}")
+        out.append(f"zswapd_codec_bytes{{{labels}}} {c['bytes']}")
+    out += ["# HELP zswapd_dictionary_bytes Bytes of each dictionary", "# TYPE zswapd_dictionary_bytes gauge"]
+    out += ["# HELP zswapd_dictionary_pages Pages using each dictionary", "# TYPE zswapd_dictionary_pages gauge"]
+    for d in r.get("dictionaries", []):
+        out.append(f'zswapd_dictionary_bytes{{id="{d["id"]}"}} {d["bytes"]}')
+        out.append(f'zswapd_dictionary_pages{{id="{d["id"]}"}} {d["pages"]}')
+    out += [
+        "# HELP zswapd_idle_pages Stored pages by idle age (lower bound, seconds)",
+        "# TYPE zswapd_idle_pages gauge",
+    ]
+    for b in s.get("idle", []):
+        out.append(f'zswapd_idle_pages{{min_age_seconds="{b["min_age_seconds"]}"}} {b["pages"]}')
+    return out
 
 
 METRICS_MAX_CLIENTS = 16

@@ -199,7 +199,14 @@ class Engine(Protocol):
         ...
 
     def recompress_step(
-        self, first: int, end: int, min_len: int, max_len: int, idle_ticks: int, threshold: int, level: int,
+        self,
+        first: int,
+        end: int,
+        min_len: int,
+        max_len: int,
+        idle_ticks: int,
+        threshold: int,
+        level: int,
         max_pages: int,
     ) -> tuple[int, int, int, int, int]:
         """Recompress candidates among pages first..end-1 (tier.c; the
@@ -375,7 +382,14 @@ class PythonEngine(Pool):
     # -- the recompression tier (zswapd/engine/tier.c, step for step) ----------
 
     def recompress_step(
-        self, first: int, end: int, min_len: int, max_len: int, idle_ticks: int, threshold: int, level: int,
+        self,
+        first: int,
+        end: int,
+        min_len: int,
+        max_len: int,
+        idle_ticks: int,
+        threshold: int,
+        level: int,
         max_pages: int,
     ) -> tuple[int, int, int, int, int]:
         if not 1 <= level <= _ZSTD_MAX_LEVEL:

@@ -26,6 +26,10 @@ process's death cannot tear.  So every mutation is ordered:
 2. discard: the entry is zeroed first, then the object is freed.
 3. compaction moves objects under their handles and never touches the page
    table (pool.py, rule 3).
+3a. recompression (engine.recompress_step; zswapd/engine/tier.c) stores the
+   page's new object, switches the entry if it is still the one the object
+   was read from, then frees the old object: rule 1 again.  The idle stamp
+   and the tried bit are rewritten in place (one store, same object).
 4. partial-page writes read, modify and store a whole page: rule 1 again.
 
 ``rebuild`` (run when a Store attaches to an existing state) walks the page

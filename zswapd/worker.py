@@ -167,6 +167,7 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
+        self.store.tick(time.monotonic())  # idle stamps from the first request on
         if state is not None:
             log.info(
                 "state attached, rebuilt and checked: %d pages in %.1f ms",
@@ -482,6 +483,7 @@ class Worker:
         while True:
             await trio.sleep(self.cfg.compaction.interval)
             cc = self.cfg.compaction
+            store.tick(time.monotonic())
             store.refill_reserve()
             store.save_counters()
             if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):

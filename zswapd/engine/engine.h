@@ -27,11 +27,14 @@
  *   fuse_server.h  the FUSE threads' shared state
  *   fuse_loop.c    the FUSE threads: reading /dev/fuse, waking, stopping
  *   fuse_ops.c     which requests C serves and how (READ, WRITE, punch)
+ *   tier.h/.c      the recompression tier: a bounded step the store's policy
+ *                  calls off the serving threads, as compact() in pool.c
+ *   tier_api.c     its Python face: recompress_step, census, recompress_page
  * A tier of colder storage (recompression, writeback) belongs in a file of
  * its own beside page.c, with bounded steps the policy calls, as compact()
- * is in pool.c.  engine.h, pool.c, codec.c, page.c and rebuild.c include no
- * Python: what crosses to Python is in module.c, takeover.c, object_api.c
- * and the fuse_*.c files.
+ * is in pool.c.  engine.h, pool.c, codec.c, page.c, tier.c and rebuild.c
+ * include no Python: what crosses to Python is in module.c, takeover.c,
+ * object_api.c, tier_api.c and the fuse_*.c files.
  *
  * Crash consistency: the same order as pool.py and store.py.
  *   write:   new object complete (slot header, payload), then handle-table
@@ -40,6 +43,11 @@
  *   discard: page-table entry zeroed, then the object freed.
  *   compact: copy (slot header, payload), switch the handle entry, free the
  *            old slot.
+ *   recompress: new object complete, then the page-table entry (only if it
+ *            still is the entry the object was read from), then the old
+ *            object freed (tier.c).
+ *   idle stamp, tried bit: one 8-byte store of the entry, naming the same
+ *            object, under the entry lock.
  * A frame is punched only while free.  Locks change none of this: they
  * decide which thread makes a step, never the order of the steps.
  *
