@@ -140,7 +140,10 @@ def test_biggest_objects_go_first_and_max_pages_bounds_a_pass(engine: str) -> No
 
 
 def _secondary(s: Store) -> object:
-    return s.engine.recompress_page if s.engine.name == "python" else _engine.recompress_page  # type: ignore[attr-defined]
+    """The engine's own secondary codec, as recompress_page(page, level, room)."""
+    if s.engine.name == "python":
+        return lambda page, level, room: s.engine._secondary(page, level, room, 0)  # type: ignore[attr-defined]
+    return _engine.recompress_page
 
 
 @pytest.mark.parametrize("engine", ENGINES)

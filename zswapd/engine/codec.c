@@ -139,9 +139,15 @@ unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uin
 
 int decompress(Engine *e, Ctx *t, unsigned algo, unsigned tier, const uint8_t *src, uint32_t n, uint8_t *dst)
 {
-    (void)e;
-    if (tier && tier != TIER_PLAIN)
-        return -1; /* a dictionary slot: none is held yet */
+    if (tier && tier != TIER_PLAIN) {
+        /* a dictionary slot: the caller holds the entry lock of a page
+         * naming it, which keeps it installed (tier.c) */
+        const ZSTD_DDict *dd = tier <= DICT_SLOTS ? __atomic_load_n(&e->ddict[tier], __ATOMIC_ACQUIRE) : NULL;
+        if (!dd || algo != ALGO_ZSTD)
+            return -1;
+        size_t r = ZSTD_decompress_usingDDict(t->zd, dst, PAGE_SIZE, src, n, dd);
+        return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
+    }
     if (algo == ALGO_LZ4) {
         int r = LZ4_decompress_safe((const char *)src, (char *)dst, (int)n, (int)PAGE_SIZE);
         return r == (int)PAGE_SIZE ? 0 : -1;
@@ -150,7 +156,7 @@ int decompress(Engine *e, Ctx *t, unsigned algo, unsigned tier, const uint8_t *s
     return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
 }
 
-uint32_t recompress_page(Ctx *t, int level, const uint8_t *page, uint32_t room)
+uint32_t recompress_page(Ctx *t, int level, const ZSTD_CDict *cdict, const uint8_t *page, uint32_t room)
 {
     if (!t->rzc) {
         t->rzc = ZSTD_createCCtx();
@@ -158,7 +164,12 @@ uint32_t recompress_page(Ctx *t, int level, const uint8_t *page, uint32_t room)
         if (!t->rzc)
             return 0;
     }
-    if (t->rzlevel != level) {
+    if (cdict) {
+        /* the CDict carries the level; the frame as codec.py's, no dictionary id */
+        if (set_zstd_level(t->rzc, level) < 0 || ZSTD_isError(ZSTD_CCtx_refCDict(t->rzc, cdict)))
+            return 0;
+        t->rzlevel = INT_MIN; /* the next page without a dictionary sets it again */
+    } else if (t->rzlevel != level) {
         if (set_zstd_level(t->rzc, level) < 0)
             return 0;
         t->rzlevel = level;

@@ -56,8 +56,9 @@ unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uin
  * -1 if they are not one. */
 int decompress(Engine *e, Ctx *t, unsigned algo, unsigned tier, const uint8_t *src, uint32_t n, uint8_t *dst);
 /* The secondary codec (tier.c): the page compressed with zstd at `level`
- * into at most room bytes of t->rbuf; 0 if it does not fit. */
-uint32_t recompress_page(Ctx *t, int level, const uint8_t *page, uint32_t room);
+ * (with cdict, if not NULL) into at most room bytes of t->rbuf; 0 if it
+ * does not fit. */
+uint32_t recompress_page(Ctx *t, int level, const ZSTD_CDict *cdict, const uint8_t *page, uint32_t room);
 const char *codec_lz4_version(void);
 const char *codec_zstd_version(void);
 

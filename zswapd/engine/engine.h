@@ -230,8 +230,11 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
  * X(name, C type, what it is indexed by), in state.layout's order; module.c
  * exports the list as TABLES and engine.py asserts it equals state.py's.
  * Entries: DIM_PAGES npages, DIM_HANDLES max_handles + 1 (0 is no handle),
- * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames. */
-enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES };
+ * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames,
+ * DIM_DICTS DICT_SLOTS + 1 (slot 0 unused), DIM_DICT_BYTES DICT_SLOTS *
+ * DICT_MAX_BYTES (state.py). */
+enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_DICTS, DIM_DICT_BYTES };
+#define DICT_MAX_BYTES (256u * 1024u)
 #define ENGINE_TABLES(X)                                                                                           \
     X(page, uint64_t, DIM_PAGES)                                                                                   \
     X(handle, uint64_t, DIM_HANDLES)                                                                               \
@@ -246,7 +249,10 @@ enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES };
     X(zs_stack, uint32_t, DIM_ZSPAGES)                                                                             \
     X(hot, uint32_t, DIM_FRAMES)                                                                                   \
     X(cold, uint32_t, DIM_FRAMES)                                                                                  \
-    X(handle_stack, uint32_t, DIM_HANDLES)
+    X(handle_stack, uint32_t, DIM_HANDLES)                                                                         \
+    X(dict_head, uint64_t, DIM_DICTS)                                                                              \
+    X(dict_refs, uint64_t, DIM_DICTS)                                                                              \
+    X(dict_bytes, uint8_t, DIM_DICT_BYTES)
 
 #define TABLE_ENUM(name, type, dim) T_##name,
 enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
@@ -257,7 +263,7 @@ enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
 #define ENGINE_COUNTERS(X)                                                                                         \
     X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages) X(huge_pages)         \
         X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits) X(recompressed) X(recompress_saved)          \
-            X(recompress_skipped) X(recompress_incompressible)
+            X(recompress_skipped) X(recompress_incompressible) X(recompress_cpu_us) X(dictionaries_trained)
 
 typedef struct {
 #define TABLE_FIELD(name, type, dim) type *name;
@@ -294,6 +300,15 @@ typedef struct {
 #define COUNTER_FIELD(name) unsigned long long name;
     ENGINE_COUNTERS(COUNTER_FIELD)
 #undef COUNTER_FIELD
+
+    /* The dictionaries' digested forms (tier.c): a DDict per installed slot,
+     * shared by every reading thread (read under the entry lock of a page
+     * naming the slot, which keeps the slot installed); the CDict of the
+     * slot and level the recompression step last used (its caller's only). */
+    void *ddict[DICT_SLOTS + 1];
+    void *cdict;
+    unsigned cdict_slot;
+    int cdict_level;
 
     int algo, zstd_level; /* read by each thread's codec context */
     /* The idle tick now (entry.tick_of of CLOCK_MONOTONIC), stamped on every

@@ -30,6 +30,9 @@ static void release(Engine *e, uint64_t entry)
         obj_free(e, h, entry_len(entry));
         if (kind == KIND_HUGE)
             SUB(e->huge_pages, 1);
+        unsigned tier = entry_tier(entry);
+        if (tier && tier <= DICT_SLOTS)
+            SUB(e->dict_refs[tier], 1); /* after the entry stopped naming it (tier.c) */
     }
 }
 
@@ -247,7 +250,8 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         int st = ST_OK;
         entry_lock(e, idx);
         uint64_t entry = e->page[idx];
-        if (entry_kind(entry) == KIND_COMPRESSED) {
+        unsigned tier = entry_tier(entry);
+        if (entry_kind(entry) == KIND_COMPRESSED && (!tier || tier == TIER_PLAIN)) {
             uint32_t n = entry_len(entry);
             obj_copy(e, entry_handle(entry), n, t->obuf);
             stamp_locked(e, idx, entry);
@@ -257,6 +261,9 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
                 st = ST_CORRUPT;
             }
         } else {
+            /* A dictionary's object is decompressed under the entry lock:
+             * while the entry names the slot, the slot stays installed
+             * (tier.c drops only a slot no entry names). */
             st = load_page_locked(e, t, idx, dst);
             entry_unlock(e, idx);
         }
