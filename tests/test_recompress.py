@@ -318,3 +318,193 @@ def test_rebuild_refuses_a_tier_on_a_page_that_cannot_have_one(engine: str) -> N
             Store(16 * PAGE, state=State.attach(s.state.fds()), engine=engine)
     finally:
         s.close()
+
+
+# -- dictionaries ------------------------------------------------------------------
+
+
+def _trained(s: Store, pages: int = 600) -> bytes:
+    """A dictionary trained by the store's engine on its idle pages."""
+    samples = s.training_samples(0, pages)
+    assert len(samples) >= 100 * PAGE
+    return s.engine.train(samples, 16 << 10)
+
+
+def _word_corpus(n: int, seed: int = 0) -> list[bytes]:
+    """Pages of words from one shared vocabulary: what a dictionary learns."""
+    rnd = random.Random(seed)
+    vocab = [rnd.randbytes(rnd.randrange(3, 12)) for _ in range(400)]
+    return [b" ".join(rnd.choice(vocab) for _ in range(PAGE))[:PAGE] for _ in range(n)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_dictionary_beats_plain_zstd_and_lives_while_pages_name_it(engine: str) -> None:
+    pages = _word_corpus(700)
+    s = Store(1024 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        model = _fill(s, pages)
+        plain = Store(1024 * PAGE, Codec("lz4"), engine=engine)
+        _fill(plain, pages)
+        without = plain.recompress(0)["bytes_saved"]
+        plain.close()
+
+        slot = s.install_dictionary(_trained(s))
+        assert s.dictionary_slot() == slot
+        got = s.recompress(0)
+        assert got["bytes_saved"] > without * 1.05, (got, without)  # the dictionary pays
+        assert s.probe_base[0] > 0  # the retrain rule measured it
+        named = sum(1 for e in _entries(s) if entry.tier(e) == slot)
+        assert named == got["pages"] > 600
+        [(slot_, id1, nbytes, refs)] = s.engine.dictionaries()
+        assert (slot_, refs) == (slot, named) and nbytes <= 16 << 10
+        st = s.stats()["recompress"]
+        assert st["dictionaries"] == [{"id": id1, "bytes": nbytes, "pages": named, "current": True}]
+        s.check_invariants()
+        assert s.read(0, len(model)) == model
+
+        # rewritten pages are primary again and no longer name it
+        half = len(pages) // 2
+        for i in range(half):
+            s.write(i * PAGE, pages[i])
+        named = sum(1 for e in _entries(s) if entry.tier(e) == slot)
+        assert [d[3] for d in s.engine.dictionaries()] == [named]
+        # a second dictionary: the first stays while pages name it
+        slot2 = s.install_dictionary(_trained(s, 300))
+        assert slot2 != slot and s.dictionary_slot() == slot2
+        assert [d[0] for d in s.engine.dictionaries()] == sorted([slot, slot2])
+        with pytest.raises(ValueError, match=f"slot {slot} is still named by {named} pages"):
+            s.engine.drop_dictionary(slot)
+        assert s.drop_unused_dictionaries() == 0
+        # discarding its last pages releases it; then it is dropped
+        s.discard(half * PAGE, (len(pages) - half) * PAGE)
+        model = model[: half * PAGE] + bytes(len(model) - half * PAGE)
+        s.check_invariants()
+        assert [d[3] for d in s.engine.dictionaries() if d[0] == slot] == [0]
+        assert s.drop_unused_dictionaries() == 1
+        assert [d[0] for d in s.engine.dictionaries()] == [slot2]
+        s.recompress(0)
+        assert all(entry.tier(e) in (0, slot2) for e in _entries(s))
+        s.check_invariants()
+        assert s.read(0, len(model)) == model
+        with pytest.raises(ValueError, match="holds no dictionary"):
+            s.engine.drop_dictionary(slot)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_slots_run_out_and_bad_dictionaries_are_refused(engine: str) -> None:
+    s = Store(64 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        for i in range(entry.DICT_SLOTS):
+            s.engine.add_dictionary(random.Random(i).randbytes(2048))
+        with pytest.raises(ValueError, match=f"every dictionary slot \\({entry.DICT_SLOTS}\\) is in use"):
+            s.engine.add_dictionary(b"x" * 2048)
+        with pytest.raises(ValueError, match="a dictionary must be 1..262144 bytes"):
+            s.engine.add_dictionary(b"")
+        with pytest.raises(ValueError, match="dictionary slot 0 holds no dictionary"):
+            s.engine.drop_dictionary(0)
+        ids = [d[1] for d in s.engine.dictionaries()]
+        assert ids == list(range(1, entry.DICT_SLOTS + 1))
+        assert s.drop_unused_dictionaries() == entry.DICT_SLOTS - 1  # all but the newest
+        s.engine.add_dictionary(b"y" * 4096)
+        assert max(d[1] for d in s.engine.dictionaries()) == entry.DICT_SLOTS + 1
+        with pytest.raises(ValueError, match="zstd could not train"):
+            s.engine.train(bytes(PAGE) * 3, 16 << 10)
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(_engine is None, reason="the native engine is not built")
+def test_native_dictionary_recompression_equals_the_reference_byte_for_byte() -> None:
+    pages = _word_corpus(500, seed=4) + sample_pages(100)
+    base = Store(700 * PAGE, Codec("lz4"), reserve_frames=4, engine="native")
+    try:
+        _fill(base, pages)
+        dictionary = _trained(base, 400)
+        stores = []
+        for engine in ENGINES:
+            st = Store(700 * PAGE, Codec("lz4"), reserve_frames=4, state=_clone(base.state), engine=engine)
+            if engine == "python":
+                st.engine.recompress_page = _engine.recompress_page  # type: ignore[attr-defined]
+            stores.append(st)
+        try:
+            results = []
+            for st in stores:
+                st.install_dictionary(dictionary)
+                r = [st.recompress(0, max_pages=300)]
+                st.discard(0, 40 * PAGE)
+                st.install_dictionary(dictionary[: len(dictionary) // 2])
+                r.append(st.recompress(0, threshold=32))
+                r.append(st.drop_unused_dictionaries())
+                r.append((st.probe_base, st.probe_recent))
+                st.check_invariants()
+                results.append(r)
+            py, nat = stores
+            assert results[0] == results[1]
+            assert _digest(py) == _digest(nat)
+            a, b = py.stats(), nat.stats()
+            a.pop("engine"), b.pop("engine")
+            assert a == b
+            assert py.read(0, 700 * PAGE) == nat.read(0, 700 * PAGE)
+        finally:
+            for st in stores:
+                st.close()
+    finally:
+        base.close()
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("python", "native"), ("native", "python")])
+def test_takeover_keeps_dictionaries_and_their_pages(writer: str, reader: str) -> None:
+    pages = _word_corpus(500, seed=2)
+    a = Store(512 * PAGE, Codec("lz4"), engine=writer)
+    model = _fill(a, pages)
+    slot = a.install_dictionary(_trained(a, 400))
+    a.recompress(0, max_pages=300)
+    before = a.stats()
+    b = Store(512 * PAGE, Codec("lz4"), state=State.attach(a.state.fds()), engine=reader)
+    a.close()
+    try:
+        assert b.dictionary_slot() == slot
+        after = b.stats()
+        for key in ("recompress", "codecs", "compr_data_size", "mem_used_total"):
+            if key == "recompress":
+                before[key].pop("dictionary_gain"), after[key].pop("dictionary_gain")  # type: ignore[attr-defined]
+            assert after[key] == before[key], key
+        assert b.read(0, len(model)) == model
+        b.recompress(0)
+        b.check_invariants()
+        assert b.read(0, len(model)) == model
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rebuild_refuses_a_missing_dictionary_and_check_counts_references(engine: str) -> None:
+    pages = _word_corpus(300, seed=5)
+    s = Store(512 * PAGE, Codec("lz4"), engine="python")
+    try:
+        _fill(s, pages)
+        slot = s.install_dictionary(_trained(s, 300))
+        s.recompress(0)
+        heads = s.state.view("dict_head")
+        head = heads[slot]
+        heads[slot] = 0
+        with pytest.raises(StateError, match=f"names dictionary slot {slot}, which the state does not hold"):
+            Store(512 * PAGE, state=State.attach(s.state.fds()), engine=engine)
+        heads[slot] = 1 << 32 | (1 << 20)
+        with pytest.raises(StateError, match=f"dictionary slot {slot} has a bad head"):
+            Store(512 * PAGE, state=State.attach(s.state.fds()), engine=engine)
+        heads[slot] = head
+        again = Store(512 * PAGE, state=State.attach(s.state.fds()), engine=engine)
+        try:
+            again.check_invariants()
+            refs = again.state.view("dict_refs")
+            refs[slot] += 1
+            with pytest.raises(StateError, match=f"dictionary slot {slot}: .* references counted"):
+                again.check_invariants()
+            refs[slot] -= 1
+        finally:
+            again.close()
+    finally:
+        s.close()

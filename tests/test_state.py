@@ -427,6 +427,7 @@ ops_strategy = st.lists(
         st.tuples(st.just("discard"), st.integers(0, SIZE - 1), st.integers(0, 6 * PAGE), st.just(0)),
         st.tuples(st.just("compact"), st.integers(1, 12), st.just(0), st.just(0)),
         st.tuples(st.just("recompress"), st.integers(1, 12), st.just(0), st.just(0)),
+        st.tuples(st.just("dictionary"), st.integers(0, 10**6), st.just(0), st.just(0)),
     ),
     min_size=1,
     max_size=20,
@@ -456,6 +457,11 @@ def _apply(store: Store, op: Op) -> None:
     if kind == "recompress":
         # a low threshold, so that most candidates move
         store.recompress(0, threshold=16, max_pages=a)
+        return
+    if kind == "dictionary":
+        # a raw-content dictionary of word pages: install it (dropping the
+        # dictionaries no page names); the next recompressions use it
+        store.install_dictionary(b"".join(content((a + k) * 7 + 5) for k in range(3)))
         return
     offset, data = _op_bytes(op)
     if kind == "discard":
@@ -599,7 +605,8 @@ def test_crash_at_any_step_recovers_each_page_before_or_after(
 
 def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]) -> list[Op]:
     """``count`` ops: a write below cuts[0], an unaligned write below
-    cuts[1], a discard below cuts[2], else a compaction or a recompression."""
+    cuts[1], a discard below cuts[2], else a compaction, a recompression or
+    a new dictionary."""
     ops: list[Op] = []
     for _ in range(count):
         pick = rnd.random()
@@ -610,7 +617,8 @@ def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]
         elif pick < cuts[2]:
             ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
         else:
-            ops.append((rnd.choice(("compact", "recompress")), rnd.randrange(1, 12), 0, 0))
+            kind = rnd.choice(("compact", "recompress", "recompress", "dictionary"))
+            ops.append((kind, rnd.randrange(1, 12), 0, 0))
     return ops
 
 
@@ -618,7 +626,7 @@ def test_crash_sweep_over_every_step_of_one_run() -> None:
     """One fixed run with writes, rewrites, discards, compaction and
     recompression, killed at hundreds of evenly spread steps from the first
     to the last."""
-    ops = _random_ops(random.Random(14), 24, (0.45, 0.6, 0.8))
+    ops = _random_ops(random.Random(25), 24, (0.45, 0.6, 0.8))
     # Count the steps of the whole run.
     hook = CrashHook()
     state = State.create(store_geometry(SIZE, 2), ALGORITHMS, hook=hook)
@@ -629,9 +637,10 @@ def test_crash_sweep_over_every_step_of_one_run() -> None:
         _apply(store, op)
     steps = (1 << 40) - hook.left
     moved = store.c.recompressed
+    named = sum(1 for e in store.table.tolist() if 0 < e >> 17 & 7 < 7)
     store.close()
     assert steps > 300
-    assert moved > 0, "the run recompresses pages, so the sweep kills recompression steps too"
+    assert moved > 0 and named > 0, "the run recompresses pages with a dictionary: the sweep kills those steps too"
     stride = max(1, steps // 300)
     for n in range(0, steps + 2, stride):
         _crash_run(ops, n)

@@ -255,10 +255,12 @@ int recompress_step(Engine *e, uint64_t *cursor, uint64_t end, const TierStep *p
                 continue; /* corrupt: a read reports it (failed_reads) */
             page = t->pbuf;
         }
+        uint32_t plain = 0;
+        int probe = cd && d->looked % PROBE_EVERY == 1;
+        if (probe) /* the retrain rule's probe, first: both write t->rbuf */
+            plain = recompress_page(t, p->level, NULL, page, room);
         uint32_t m = recompress_page(t, p->level, cd, page, room);
-        if (cd && d->looked % PROBE_EVERY == 1) {
-            /* the retrain rule's probe: the same page without the dictionary */
-            uint32_t plain = recompress_page(t, p->level, NULL, page, room);
+        if (probe) {
             d->probes++;
             d->probe_plain += plain ? plain : PAGE_SIZE;
             d->probe_dict += m ? m : PAGE_SIZE;
