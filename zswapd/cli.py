@@ -81,12 +81,56 @@ def call(path: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any
     return reply
 
 
-def _call(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any]:
+def _call(args: argparse.Namespace, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     try:
-        return call(_socket_path(args), req)
+        return call(_socket_path(args), req, timeout)
     except CallError as e:
         print(f"zswapd: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# A manual recompression pass answers when it is done: a million idle pages
+# at zstd level 8 take a few CPU-minutes.
+RECOMPRESS_TIMEOUT = 3600.0
+
+
+def _idle_arg(text: str) -> int:
+    from .config import check_value
+
+    try:
+        out: int = check_value("--idle-age", "recompress", "idle_age", int(text) if text.isdigit() else text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return out
+
+
+def _count_arg(text: str) -> int:
+    if not text.isdigit() or len(text) > 18:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
+    return int(text)
+
+
+def _set_value(text: str) -> object:
+    """A `zswapd set` value as JSON would carry it: an integer, true/false,
+    a decimal number, or else the string."""
+    if text.isdigit():
+        return int(text)
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def recompress_result(r: dict[str, Any]) -> str:
+    """What `zswapd recompress` says about its reply."""
+    d = r.get("dictionary")
+    return (
+        f"recompressed {r['pages']} pages of {r['candidates']} candidates, saved {_human(r['bytes_saved'])} "
+        f"({r['bytes_saved']} bytes) in {r['seconds']:.3f}s, {r['cpu_seconds']:.3f} CPU-s; "
+        + (f"dictionary {d}" if d else "no dictionary")
+    )
 
 
 def compact_result(r: dict[str, Any]) -> str:
@@ -222,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_stats.add_argument("--prometheus", action="store_true", help="print Prometheus text-format metrics")
     p_compact = sub.add_parser("compact", help="run a full compaction now")
     with_target(p_compact)
+    p_recompress = sub.add_parser(
+        "recompress", help="recompress idle pages now (zram's recompress), with the current dictionary"
+    )
+    with_target(p_recompress)
+    p_recompress.add_argument(
+        "--idle-age",
+        metavar="S",
+        type=_idle_arg,
+        help='only pages idle at least this long: seconds, or "90s", "30m", "2h" (default [recompress] idle_age)',
+    )
+    p_recompress.add_argument(
+        "--max-pages", metavar="N", type=_count_arg, help="compress at most N candidate pages (default: all)"
+    )
+    p_recompress.add_argument(
+        "--threshold",
+        metavar="B",
+        type=_count_arg,
+        help="keep a page only if it shrinks by B bytes, 0..4096 (default [recompress] threshold)",
+    )
     p_set = sub.add_parser("set", help="change a runtime setting, e.g. memory_limit=1G")
     with_target(p_set)
     p_set.add_argument("assignment", help="KEY=VALUE")
@@ -335,12 +398,20 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "compact":
         print(compact_result(_call(args, {"cmd": "compact"})))
         return 0
+    if args.command == "recompress":
+        req: dict[str, Any] = {"cmd": "recompress"}
+        for key in ("idle_age", "max_pages", "threshold"):
+            if getattr(args, key) is not None:
+                req[key] = getattr(args, key)
+        # a pass over a large pool takes a while: it answers when done
+        print(recompress_result(_call(args, req, RECOMPRESS_TIMEOUT)))
+        return 0
     if args.command == "set":
         key, sep, value = args.assignment.partition("=")
         if not sep:
             print("zswapd: expected KEY=VALUE, e.g. memory_limit=1G", file=sys.stderr)
             return 2
-        val: Any = int(value) if value.isdigit() else value
+        val: Any = _set_value(value)
         r = _call(args, {"cmd": "set", "key": key.strip(), "value": val})
         print(f"{r['key']} = {r['value']}")
         if r.get("warning"):

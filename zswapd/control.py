@@ -1,7 +1,7 @@
 """Control socket: JSON lines over a Unix stream socket.
 
 One request per line, ``{"cmd": ...}``; one reply per line, ``{"ok": true, ...}``
-or ``{"ok": false, "error": "..."}``.  Commands: stats, compact, set, reset_max.
+or ``{"ok": false, "error": "..."}``.  Commands: stats, compact, recompress, set, reset_max.
 Mutating commands need uid 0 (checked with SO_PEERCRED); stats is also open to
 ``[control] group``.  ``Controller.handle`` is separate from the socket code so
 it can be fuzzed without I/O.
@@ -42,8 +42,9 @@ from typing import Any
 import trio
 
 from . import __version__, paths
-from .config import RUNTIME_KEYS, ConfigError, check_value
+from .config import RUNTIME_KEYS, ConfigError, RecompressConfig, check_value
 from .errors import BadRequest
+from .recompress import Recompressor, idle_ticks
 from .store import Store
 
 log = logging.getLogger("zswapd.control")
@@ -82,7 +83,7 @@ MAX_NUMBER = 40
 # The widest integer any setting takes: a 64-bit byte count.
 MAX_INT = (1 << 63) - 1
 READ_ONLY = {"stats", "ping"}
-MUTATING = {"compact", "set", "reset_max", "reload"}
+MUTATING = {"compact", "recompress", "set", "reset_max", "reload"}
 COMPACT_STEP = 256
 # After a failed accept (EMFILE, ENFILE, ENOBUFS...): wait, then try again.
 ACCEPT_RETRY = 0.1
@@ -207,6 +208,10 @@ class Controller:
         # Set by the worker: ask the supervisor for a worker running the
         # code installed now.  None where there is no supervisor.
         self.replace_worker: Callable[[], None] | None = None
+        # Set by the worker: the recompression policy, and how `set` changes
+        # one of its [recompress] keys.  None: a pass runs on the store alone.
+        self.recompressor: Recompressor | None = None
+        self.set_recompress: Callable[[str, Any], None] | None = None
         self.internal_errors = 0
 
     def stats(self) -> dict[str, Any]:
@@ -270,6 +275,33 @@ class Controller:
             "seconds": round(time.monotonic() - start, 6),
         }
 
+    async def _cmd_recompress(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A recompression pass now, outside the budget (zram's recompress):
+        ``idle_age`` seconds (default [recompress] idle_age), ``max_pages``,
+        ``threshold`` bytes.  Trains a dictionary first if there is none
+        and one is configured.  Answers when the pass is done."""
+        rec = self.recompressor
+        cfg = rec.config() if rec is not None else RecompressConfig()
+        idle = check_value("<control>", "recompress", "idle_age", req.get("idle_age", cfg.idle_age))
+        threshold = check_value("<control>", "recompress", "threshold", req.get("threshold", cfg.threshold))
+        max_pages = req.get("max_pages")
+        if max_pages is not None and (isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 0):
+            raise RequestError(f"max_pages = {max_pages!r}: expected a non-negative integer")
+        start = time.monotonic()
+        if rec is None:  # a bare controller (tests): the store's pass, inline
+            out: dict[str, Any] = {**self.store.recompress(idle_ticks(idle), threshold, cfg.level, max_pages)}
+            out["cpu_seconds"] = 0.0
+        else:
+            self.store.tick(time.monotonic())
+            if cfg.dictionary_size and not self.store.dictionary_slot():
+                await rec.train(idle_ticks(idle), cfg.dictionary_size, budget=False)
+            out = await rec.run_pass(idle_ticks(idle), threshold, cfg.level, max_pages, budget=False)
+        dicts = self.store.engine.dictionaries()
+        slot = self.store.dictionary_slot()
+        out["dictionary"] = next((i for s, i, _n, _r in dicts if s == slot), None)
+        out["seconds"] = round(time.monotonic() - start, 6)
+        return out
+
     async def _cmd_set(self, req: dict[str, Any]) -> dict[str, Any]:
         key, value = req.get("key"), req.get("value")
         if not isinstance(key, str) or key not in RUNTIME_KEYS:
@@ -289,7 +321,11 @@ class Controller:
                     "cannot free enough without dropping data; nothing was dropped, new stores fail until it fits"
                 )
             return out
-        if name == "algorithm":
+        if section == "recompress":
+            if self.set_recompress is None:
+                raise RequestError(f"{key}: this server has no recompression policy")
+            self.set_recompress(name, checked)
+        elif name == "algorithm":
             self.store.set_algorithm(algorithm=checked)
         elif name == "zstd_level":
             self.store.set_algorithm(zstd_level=checked)

@@ -603,9 +603,9 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
     if (nstack + nfown != fm)
         errs_add(b, "%llu free + %llu owned frames != %u made", nstack, nfown, fm);
     for (unsigned slot = 1; slot <= DICT_SLOTS; slot++)
-        if (drefs[slot] != LOAD(e->dict_refs[slot]))
+        if (drefs[slot] != (unsigned long long)LOAD(e->dict_refs[slot]))
             errs_add(b, "dictionary slot %u: %llu references counted, %llu entries name it", slot,
-                     LOAD(e->dict_refs[slot]), drefs[slot]);
+                     (unsigned long long)LOAD(e->dict_refs[slot]), drefs[slot]);
     r = 0;
 out:
     free(own);

@@ -78,7 +78,7 @@ PyObject *Engine_drop_dictionary(EngineObject *self, PyObject *arg)
     int r = slot < 1 || slot > (long)DICT_SLOTS ? -1 : dict_drop(e, (unsigned)slot);
     if (r == -2) {
         PyErr_Format(PyExc_ValueError, "dictionary slot %ld is still named by %llu pages", slot,
-                     LOAD(e->dict_refs[slot]));
+                     (unsigned long long)LOAD(e->dict_refs[slot]));
         return NULL;
     }
     if (r < 0) {
@@ -124,7 +124,7 @@ PyObject *Engine_dictionaries(EngineObject *self, PyObject *Py_UNUSED(a))
         if (!head)
             continue;
         PyObject *t = Py_BuildValue("IkkK", s, (unsigned long)(head >> 32), (unsigned long)(uint32_t)head,
-                                    LOAD(e->dict_refs[s]));
+                                    (unsigned long long)LOAD(e->dict_refs[s]));
         if (!t || PyList_Append(out, t) < 0)
             Py_CLEAR(out);
         Py_XDECREF(t);
