@@ -301,17 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="device",
-        choices=["device", "pool", "app"],
+        choices=["device", "pool", "app", "recompress"],
         help="device: real memory pages through zswapd, zram and a tmpfs loop device; pool: the store against bare "
-        "lz4; app: a program swapping in a memory cgroup (default: device)",
+        "lz4; app: a program swapping in a memory cgroup; recompress: the recompression tier's ratio against zram "
+        "lz4 and the per-page ceiling, its CPU and its read latency (default: device)",
     )
     p_bench.add_argument("--pages", type=int, default=20000, help="pool: pages to store")
-    p_bench.add_argument("--corpus", help="device: a file of raw 4 KiB pages instead of captured memory")
-    p_bench.add_argument("--corpus-size", default="128M", help="device: how much process memory to capture")
+    p_bench.add_argument("--corpus", help="device, recompress: a file of raw 4 KiB pages instead of captured memory")
+    p_bench.add_argument("--corpus-size", default="128M", help="device, recompress: how much process memory to capture")
     p_bench.add_argument("--algorithms", default="lz4,zstd", help="device: comma-separated")
-    p_bench.add_argument("--repeat", type=int, default=3, help="device: runs per figure (the median is reported)")
     p_bench.add_argument(
-        "--latency-seconds", type=int, default=5, help="device: seconds of each QD1 random-read latency run"
+        "--repeat", type=int, default=3, help="device, recompress: runs per figure (the median is reported)"
+    )
+    p_bench.add_argument(
+        "--latency-seconds",
+        type=int,
+        default=5,
+        help="device, recompress: seconds of each QD1 random-read latency run",
     )
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON")
     p_bench.add_argument(
@@ -453,7 +459,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"mem_used_max = {r['mem_used_max']}")
         return 0
     if args.command == "bench":
-        from .bench import bench_app, bench_device, bench_pool
+        from .bench import bench_app, bench_device, bench_pool, bench_recompress
         from .config import parse_size
 
         algorithms = tuple(a for a in args.algorithms.split(",") if a)
@@ -475,6 +481,16 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         if args.what == "pool":
             return bench_pool(args.pages, args.json)
+        if args.what == "recompress":
+            try:
+                corpus_size = parse_size(args.corpus_size)
+                if corpus_size < 1 << 20:
+                    raise ValueError("too small")
+            except ValueError:
+                print(f"zswapd bench: --corpus-size {args.corpus_size!r}: expected a size of 1M or more, e.g. 128M",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            return bench_recompress(corpus_size, args.corpus, args.repeat, args.latency_seconds, as_json=args.json)
         if args.what == "app":
             try:
                 input_size = parse_size(args.input_size)

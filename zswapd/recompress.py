@@ -54,8 +54,9 @@ ROUND_INTERVAL = 10.0
 # Between rounds while usage is over the compaction watermark or writes are
 # refused: the ladder's rung must not wait ten seconds.
 PRESSED_INTERVAL = 0.5
-# After training was not possible (too few idle pages) or did not pay, wait
-# this long before trying again: training costs a CPU-second or more.
+# After zstd could not train on the samples, wait this long before trying
+# again: training costs a CPU-second or more.  (Too few idle pages to train
+# on costs only a sample, and is tried again at the next round.)
 RETRAIN_BACKOFF = 600.0
 
 T = TypeVar("T")
@@ -155,7 +156,8 @@ class Recompressor:
     async def train(self, idle: int, size: int, budget: bool = True) -> int | None:
         """Sample idle pages, train a dictionary of ``size`` bytes on them
         (off the trio thread) and install it.  The new dictionary's id, or
-        None if there were too few idle pages or zstd could not train."""
+        None if there were too few idle pages or zstd could not train (then
+        no training is tried for RETRAIN_BACKOFF seconds)."""
         async with self.lock:
             store = self.store
             self.training = True
@@ -163,7 +165,7 @@ class Recompressor:
                 samples, cpu = await self._run(lambda: store.training_samples(idle, TRAIN_PAGES), self.threaded)
                 self._account(cpu)
                 if len(samples) < TRAIN_MIN_PAGES * PAGE_SIZE:
-                    log.info(
+                    log.debug(
                         "recompression: %d idle pages, too few to train a dictionary (%d needed)",
                         len(samples) // PAGE_SIZE,
                         TRAIN_MIN_PAGES,
@@ -174,6 +176,7 @@ class Recompressor:
                     data, cpu2 = await self._run(lambda: store.engine.train(samples, size), True)
                 except ValueError as e:
                     log.warning("recompression: no dictionary: %s", e)
+                    self.next_training = trio.current_time() + RETRAIN_BACKOFF
                     return None
                 self._account(cpu2)
                 slot = store.install_dictionary(data)
@@ -197,8 +200,7 @@ class Recompressor:
         idle = 0 if refused else idle_ticks(cfg.idle_age)
         now = trio.current_time()
         if cfg.dictionary_size and not pressed and now >= self.next_training and store.retrain_wanted():
-            if await self.train(idle, cfg.dictionary_size) is None:
-                self.next_training = trio.current_time() + RETRAIN_BACKOFF
+            await self.train(idle, cfg.dictionary_size)
         await self.run_pass(idle, cfg.threshold, cfg.level, budget=not refused, oldest_first=pressed)
         store.drop_unused_dictionaries()
 
