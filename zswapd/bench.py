@@ -812,7 +812,8 @@ def ceiling_dictionary(pages: list[bytes], size: int, samples: int = 4096) -> by
     if native is not None:
         out: bytes = native.train_dictionary(b"".join(chosen), size)
         return out
-    return bytes(zstandard.train_dictionary(size, chosen).as_bytes())
+    training: list[bytes | bytearray | memoryview] = list(chosen)
+    return bytes(zstandard.train_dictionary(size, training).as_bytes())
 
 
 def bench_recompress(
