@@ -61,6 +61,7 @@ from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
 from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
+from .recompress import Recompressor
 from .state import InitParams, State
 from .store import Store
 
@@ -167,6 +168,7 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
+        self.store.tick(time.monotonic())  # idle stamps from the first request on
         if state is not None:
             log.info(
                 "state attached, rebuilt and checked: %d pages in %.1f ms",
@@ -188,6 +190,14 @@ class Worker:
         self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
         self.controller.replace_worker = lambda: self._tell("replace")
+        self.recompressor = Recompressor(
+            self.store,
+            lambda: self.cfg.recompress,
+            lambda: self.cfg.compaction.watermark,
+            threaded=self.store.engine.name == "native",
+        )
+        self.controller.recompressor = self.recompressor
+        self.controller.set_recompress = self._set_recompress
 
     def device_info(self) -> dict[str, Any]:
         loops = swap.loops_backed_by(self.file)
@@ -300,6 +310,7 @@ class Worker:
                 nursery.start_soon(self._guarded, "fuse", self._serve_fuse)
                 nursery.start_soon(self._guarded, "control", lambda: server.serve(sock))
                 nursery.start_soon(self._guarded, "housekeeping", self._housekeeping)
+                nursery.start_soon(self._guarded, "recompress", self.recompressor.run)
                 if cfg.control.metrics_listen:
                     listen = cfg.control.metrics_listen
                     nursery.start_soon(
@@ -411,7 +422,7 @@ class Worker:
         applied: list[str] = []
         group = new.control.group
         for section, key, value in runtime:
-            if (section, key) in config_mod.RUNTIME_KEYS.values():
+            if section == "pool" and (section, key) in config_mod.RUNTIME_KEYS.values():
                 assert isinstance(value, int | str)
                 warning = self.store.apply_setting(key, value).get("warning")
                 if warning:
@@ -434,6 +445,7 @@ class Worker:
                 **{k: getattr(new.pool, k) for s, k in config_mod.RUNTIME_KEYS.values() if s == "pool"},
             ),
             compaction=new.compaction,
+            recompress=new.recompress,
             control=replace(self.cfg.control, group=group, metrics_access=new.control.metrics_access),
             log=new.log,
         )
@@ -442,6 +454,12 @@ class Worker:
         log.info("reloaded %s: %s", new.path, "; ".join(applied) if applied else "no runtime change")
         if restart:
             log.warning("changed but not applied until a restart: %s", ", ".join(restart))
+
+    def _set_recompress(self, name: str, value: Any) -> None:
+        """`zswapd set` of a [recompress] key: the policy reads it at its
+        next round.  Kept until the next reload or restart (the file's
+        value then applies)."""
+        self.cfg = replace(self.cfg, recompress=replace(self.cfg.recompress, **{name: value}))
 
     def _set_group(self, gid: int | None) -> bool:
         """[control] group: the socket's group and mode, then who may read
@@ -468,6 +486,7 @@ class Worker:
         while True:
             await trio.sleep(self.cfg.compaction.interval)
             cc = self.cfg.compaction
+            store.tick(time.monotonic())
             store.refill_reserve()
             store.save_counters()
             if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):

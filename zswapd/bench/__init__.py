@@ -9,6 +9,8 @@ run; ``docs/benchmarks.md`` says how to read them.  One module per job:
 ``device``   ``bench device``: dd, fio, ratio and fragmentation on every
              target, alternated, medians, ratios;
 ``app``      ``bench app``: a real program swapping in a memory cgroup;
+``recompress`` ``bench recompress``: the recompression tier against zram
+             and the per-page ceiling (bench_ceiling);
 ``pool``     ``bench pool``: the store against bare lz4, in process;
 ``report``   the tables and the chart they print.
 
@@ -22,6 +24,7 @@ from .app import bench_app, remove_cgroup
 from .corpus import MIB, PAGE, Corpus, capture_corpus, create_private, describe_corpus, exit_on_signals, private_dir
 from .device import bench_device, run_targets
 from .pool import bench_pool, sample_pages
+from .recompress import bench_recompress
 from .targets import Target, TmpfsLoopTarget, ZramTarget, ZswapdTarget
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "bench_app",
     "bench_device",
     "bench_pool",
+    "bench_recompress",
     "capture_corpus",
     "create_private",
     "describe_corpus",

@@ -44,7 +44,7 @@ def _dd_rate(args: list[str], nbytes: int) -> float:
     return nbytes / (time.perf_counter() - t) / 1e6
 
 
-def _fio_randread(dev: str, size: int, seconds: int, workdir: str) -> tuple[float, float, float]:
+def fio_randread(dev: str, size: int, seconds: int, workdir: str) -> tuple[float, float, float]:
     # fio may leave state files (*-verify.state) in its working directory.
     out = sh(
         "fio", "--name=lat", f"--filename={dev}", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
@@ -98,7 +98,7 @@ def run_targets(
     lat: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in targets}
     for _ in range(repeat):
         for t in targets:
-            lat[t.name].append(_fio_randread(t.path, size, latency_seconds, workdir))
+            lat[t.name].append(fio_randread(t.path, size, latency_seconds, workdir))
     for t in targets:
         r = res[t.name]
         runs = lat[t.name]

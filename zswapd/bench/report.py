@@ -1,6 +1,6 @@
-"""What a benchmark prints: the tables of ``bench device`` and ``bench app``,
-the bar chart of the ratios (``--plot``), and a failed run said in one line
-with its exit status.  No measurement here: the results are dicts the
+"""What a benchmark prints: the tables of ``bench device``, ``bench app`` and
+``bench recompress``, the bar chart of the ratios (``--plot``), and a failed
+run said in one line with its exit status.  No measurement here: the results are dicts the
 benchmarks made (their JSON is the same dict).
 """
 
@@ -66,6 +66,24 @@ def plot_ratios(r: dict[str, Any], path: str) -> None:
     ax.set_xlabel("ratio")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def format_recompress(r: dict[str, Any]) -> str:
+    mine, c = r["recompressed"], r["ceiling"]
+    lines = [
+        f"corpus: {r['corpus']['pages']} pages",
+        f"ratio (orig_data_size / mem_used_total): zswapd lz4 {r['lz4']['ratio']:.3f}, recompressed "
+        f"{mine['ratio']:.3f}" + (f", zram lz4 {r['zram-lz4']['ratio']:.3f}" if "zram-lz4" in r else ""),
+        f"ceiling (per page, same level and dictionary, the engine's keep rule): {c['tier']:.3f} "
+        f"(packed into full zspages {c['tier_packed']:.3f}; lz4 alone {c['lz4']:.3f})",
+        f"pass: {mine['pages']} of {mine['candidates']} candidates recompressed, {mine['bytes_saved']} bytes saved, "
+        f"{mine['cpu_seconds']:.2f} CPU-s ({mine['pages_per_cpu_second']:.0f} pages per CPU-second), "
+        f"{mine['seconds']:.2f} s; verified {mine['verified']}",
+        f"QD1 4 KiB read p50/p99 us: recompressed {mine['randread_p50_us']:.1f}/{mine['randread_p99_us']:.1f}, "
+        f"lz4 {r['lz4']['randread_p50_us']:.1f}/{r['lz4']['randread_p99_us']:.1f}",
+    ]
+    lines += [f"  {k}: {v:.3f}" for k, v in r["ratios"].items()]
+    return "\n".join(lines)
 
 
 def format_app(r: dict[str, Any]) -> str:

@@ -122,11 +122,13 @@ class ZswapdTarget(Target):
         src: str | None = None,
         swap_priority: int | None = None,
         fuse_threads: int | None = None,
+        extra: str = "",
     ) -> None:
         """``src``: run the zswapd of that source tree instead of this one
         (a baseline, e.g. the previous commit, measured in the same run).
         ``swap_priority``: the daemon turns its device on as swap.
-        ``fuse_threads``: [fuse] threads (default: the daemon's own default)."""
+        ``fuse_threads``: [fuse] threads (default: the daemon's own default).
+        ``extra``: more TOML, whole sections, appended to the config."""
         from ..control import request
 
         self.name = "zswapd" if backend == "builtin" else f"zswapd-{backend}"
@@ -151,6 +153,7 @@ class ZswapdTarget(Target):
                 # the default named by no name: a --baseline-src tree may call it "native"
                 + (f'backend = "{backend}"\n' if backend != "builtin" else "")
                 + (f"threads = {fuse_threads}\n" if fuse_threads is not None else "")
+                + extra
             )
         self.file = os.path.join(self.mnt, "swap")
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
