@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import random
-import shutil
 import statistics
 import struct
 import subprocess
@@ -33,7 +32,16 @@ import zstandard
 from .corpus import MIB, PAGE, Corpus, capture_corpus, describe_corpus, exit_on_signals, private_dir
 from .pool import median_rate
 from .report import failed, format_device, plot_ratios
-from .targets import Target, TmpfsLoopTarget, ZramTarget, ZswapdTarget, engine_module, pyfuse3_available, sh
+from .targets import (
+    Target,
+    TmpfsLoopTarget,
+    ZramTarget,
+    ZswapdTarget,
+    cannot_set_up,
+    engine_module,
+    pyfuse3_available,
+    sh,
+)
 
 BLKDISCARD = 0x1277
 
@@ -176,13 +184,9 @@ def bench_device(
     baseline_src: str | None = None,
     fuse_threads: int | None = None,
 ) -> int:
-    if os.geteuid() != 0:
-        print("zswapd bench device: needs root (loop devices, zram, FUSE)", file=sys.stderr)
-        return 2
-    for tool in ("fio", "dd", "losetup", "cmp"):
-        if shutil.which(tool) is None:
-            print(f"zswapd bench device: {tool} not found (apt-get install fio util-linux)", file=sys.stderr)
-            return 2
+    refused = cannot_set_up("zswapd bench device")
+    if refused is not None:
+        return refused
     try:
         with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
             print(

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from ..codec import fill_word
 from .corpus import MIB, PAGE, capture_corpus, describe_corpus, exit_on_signals, private_dir
 from .device import fio_randread
 from .report import failed, format_recompress
-from .targets import Target, ZramTarget, ZswapdTarget, sh
+from .targets import Target, ZramTarget, ZswapdTarget, cannot_set_up, sh
 
 
 def ceiling_dictionary(pages: list[bytes], size: int, samples: int = 4096) -> bytes:
@@ -70,13 +68,9 @@ def bench_recompress(
     the pass's pages per CPU-second; and the QD1 4 KiB read p99 of a
     recompressed device against an lz4 one holding the same pages, the two
     measured in alternation."""
-    if os.geteuid() != 0:
-        print("zswapd bench recompress: needs root (loop devices, zram, FUSE)", file=sys.stderr)
-        return 2
-    for tool in ("fio", "dd", "losetup", "cmp"):
-        if shutil.which(tool) is None:
-            print(f"zswapd bench recompress: {tool} not found (apt-get install fio util-linux)", file=sys.stderr)
-            return 2
+    refused = cannot_set_up("zswapd bench recompress")
+    if refused is not None:
+        return refused
     try:
         with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
             results = _bench_recompress(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,19 @@ from pathlib import Path
 
 from ..swap import loops_backed_by
 from .corpus import PAGE, create_private
+
+
+def cannot_set_up(name: str) -> int | None:
+    """Why a benchmark of devices cannot run here, said on stderr: 2 (its
+    exit status) if not root or a tool is missing, else None."""
+    if os.geteuid() != 0:
+        print(f"{name}: needs root (loop devices, zram, FUSE)", file=sys.stderr)
+        return 2
+    for tool in ("fio", "dd", "losetup", "cmp"):
+        if shutil.which(tool) is None:
+            print(f"{name}: {tool} not found (apt-get install fio util-linux)", file=sys.stderr)
+            return 2
+    return None
 
 
 def sh(*argv: str, check: bool = True, cwd: str | None = None) -> str:
