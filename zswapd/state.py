@@ -47,9 +47,11 @@ import mmap
 import os
 import struct
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
+
+from . import libc
 
 MAGIC = b"zswapdST"
 # Bumped on any change to the header or to a table's format or order; an
@@ -64,9 +66,29 @@ FRAME_BYTES = 4096  # pool.FRAME_SIZE; repeated here because state sits below po
 MAX_FRAMES = (1 << 32) - 2
 # The page table keeps a handle in bits 32-62, so handles fit in 31 bits.
 MAX_HANDLES = 0x7FFFFFFF
-# Event counters kept in the header snapshot; 32 leaves room to add some
-# without a layout change (a new worker reads unknown ones as 0).
+# Event counters kept in the header snapshot, by name: slot i holds
+# COUNTER_SNAPSHOT[i] (engine.Counters' names, and the engine's
+# pages_compacted).  Only ever appended to: 32 slots leave room for more
+# without a layout change (a worker reads a slot it does not name as 0).
 COUNTER_SLOTS = 32
+COUNTER_SNAPSHOT = (
+    "num_reads",
+    "num_writes",
+    "failed_reads",
+    "failed_writes",
+    "notify_free",
+    "mem_used_max",
+    "compactions",
+    "limit_hits",
+    "recompressed",
+    "recompress_saved",
+    "recompress_skipped",
+    "recompress_incompressible",
+    "recompress_cpu_us",
+    "dictionaries_trained",
+    "pages_compacted",
+)
+assert len(COUNTER_SNAPSHOT) <= COUNTER_SLOTS
 # Up to this many bytes of ",".join(codec algorithm names): page-table entries
 # name their algorithm by index, so the list must mean the same to every
 # worker that attaches.
@@ -78,8 +100,6 @@ ALGORITHMS_BYTES = 32
 # while it holds a dictionary.
 DICT_SLOTS = 6
 DICT_MAX_BYTES = 256 * 1024
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 _MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 1)
 # Sealed once sized: nobody holding a state fd (a worker, the supervisor,
 # systemd's fd store) can shrink it, which would SIGBUS every mapping, or
@@ -276,16 +296,6 @@ class _SteppedView:
         return out
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
-
-
-_LIBC = _libc()
-
-
 def _address(m: mmap.mmap) -> int:
     # The ctypes object holds a buffer export on the mapping; drop it at once
     # so close() can unmap.  The address stays valid while the mapping lives.
@@ -478,14 +488,11 @@ class State:
             self.hook.step()
         if count <= 0:
             return
-        if (
-            _LIBC.fallocate(
-                self._fds[1], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first * FRAME_BYTES, count * FRAME_BYTES
-            )
-            != 0
-        ):
-            err = ctypes.get_errno()
-            raise StateError(f"punching frames {first}+{count} out of the arena memfd failed: {os.strerror(err)}")
+        try:
+            libc.fallocate(self._fds[1], libc.PUNCH_HOLE, first * FRAME_BYTES, count * FRAME_BYTES)
+        except OSError as e:
+            why = os.strerror(e.errno or 0)
+            raise StateError(f"punching frames {first}+{count} out of the arena memfd failed: {why}") from None
 
     def arena_allocated_bytes(self) -> int:
         """Bytes of the arena memfd backed by memory (or swap)."""
@@ -510,9 +517,10 @@ class State:
         if not pages:
             return 0
         vec = (ctypes.c_ubyte * pages)()
-        if _LIBC.mincore(self._meta_addr + offset, length, vec) != 0:
-            err = ctypes.get_errno()
-            raise StateError(f"mincore over the metadata failed: {os.strerror(err)}")
+        try:
+            libc.mincore(self._meta_addr + offset, length, vec)
+        except OSError as e:
+            raise StateError(f"mincore over the metadata failed: {os.strerror(e.errno or 0)}") from None
         return (pages - bytes(vec).count(0)) * mmap.PAGESIZE
 
     def extents(self, name: str) -> Iterator[tuple[int, int]]:
@@ -572,12 +580,15 @@ class State:
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)
 
-    def save_counters(self, values: Sequence[int]) -> None:
-        vals = list(values)[:COUNTER_SLOTS]
-        _COUNTERS.pack_into(self._header, _COUNTERS_AT, *(vals + [0] * (COUNTER_SLOTS - len(vals))))
+    def save_counters(self, values: Mapping[str, int]) -> None:
+        """Snapshot the counters COUNTER_SNAPSHOT names (one missing from
+        ``values`` is saved as 0)."""
+        vals = [values.get(name, 0) for name in COUNTER_SNAPSHOT]
+        _COUNTERS.pack_into(self._header, _COUNTERS_AT, *vals, *[0] * (COUNTER_SLOTS - len(vals)))
 
-    def load_counters(self) -> tuple[int, ...]:
-        return tuple(_COUNTERS.unpack_from(self._header, _COUNTERS_AT))
+    def load_counters(self) -> dict[str, int]:
+        """The snapshot, by name: every name COUNTER_SNAPSHOT has."""
+        return dict(zip(COUNTER_SNAPSHOT, _COUNTERS.unpack_from(self._header, _COUNTERS_AT), strict=False))
 
 
 def read_restarts(meta_fd: int) -> int:

@@ -79,11 +79,11 @@ from . import paths, swap
 from .config import Config, ConfigError
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
+from .libc import LIBC
 from .process import (
     EXIT_CONNECTION_GONE,
     IGNORED_SIGNALS,
     StartupError,
-    _libc,
     harden,
     no_core_dumps,
     sd_notify,
@@ -374,7 +374,7 @@ class LockedMapping:
         self.addr = 0
         self.warned = False
         if self.size:
-            libc = _libc()
+            libc = LIBC
             libc.mmap.restype = ctypes.c_void_p
             libc.mmap.argtypes = [
                 ctypes.c_void_p,
@@ -393,7 +393,7 @@ class LockedMapping:
         """mlock every resident page; returns how many are resident."""
         if not self.addr:
             return 0
-        libc = _libc()
+        libc = LIBC
         if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
             if not self.warned:
                 self.warned = True
@@ -412,7 +412,7 @@ class LockedMapping:
 
     def close(self) -> None:
         if self.addr:
-            _libc().munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
+            LIBC.munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
             self.addr = 0
 
 

@@ -422,22 +422,11 @@ class Worker:
         applied: list[str] = []
         group = new.control.group
         for section, key, value in runtime:
-            if (section, key) == ("pool", "memory_limit"):
-                assert isinstance(value, int)
-                result = self.store.set_limit(value)
-                if not result["met"]:
-                    log.warning(
-                        "memory_limit %d is below the %d bytes in use; nothing was dropped, new stores fail until it "
-                        "fits",
-                        value,
-                        self.store.mem_used_total,
-                    )
-            elif (section, key) == ("pool", "accept_percent"):
-                self.store.set_accept_percent(int(value))  # type: ignore[call-overload]
-            elif (section, key) == ("pool", "algorithm"):
-                self.store.set_algorithm(algorithm=str(value))
-            elif (section, key) == ("pool", "zstd_level"):
-                self.store.set_algorithm(zstd_level=int(value))  # type: ignore[call-overload]
+            if section == "pool" and (section, key) in config_mod.RUNTIME_KEYS.values():
+                assert isinstance(value, int | str)
+                warning = self.store.apply_setting(key, value).get("warning")
+                if warning:
+                    log.warning("%s", warning)
             elif (section, key) == ("control", "group"):
                 if not self._set_group(gid):
                     group = self.cfg.control.group
@@ -453,10 +442,7 @@ class Worker:
             path=new.path,
             pool=replace(
                 self.cfg.pool,
-                memory_limit=new.pool.memory_limit,
-                accept_percent=new.pool.accept_percent,
-                algorithm=new.pool.algorithm,
-                zstd_level=new.pool.zstd_level,
+                **{k: getattr(new.pool, k) for s, k in config_mod.RUNTIME_KEYS.values() if s == "pool"},
             ),
             compaction=new.compaction,
             recompress=new.recompress,
