@@ -228,8 +228,7 @@ def test_restart_over_a_killed_instance(tmp_path: Path) -> None:
         worker = int(d.stats()["process"]["worker_pid"])  # type: ignore[index]
         bring_others_home(set())
         assert swap_used_pages(loop) == 0, "swap holds pages: refusing to kill it"
-        for pid in (d.proc.pid, worker):  # every process of the instance
-            os.kill(pid, signal.SIGKILL)
+        kill_instance([d.proc.pid, worker])  # every process of the instance, at once
         d.proc.wait(10)
         wait_for(lambda: not os.path.exists(f"/proc/{worker}"), what="the worker to die")
         assert loop in open("/proc/swaps").read()  # what a kill leaves: swap on a dead device
