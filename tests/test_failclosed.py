@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, force_cleanup, memory_cgroup, run_daemon, write_config
+from conftest import Daemon, force_cleanup, kill_instance, memory_cgroup, run_daemon, write_config
 from test_control import raw
 from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, dmesg_lines, run_in_cgroup, swap_used_pages
 
