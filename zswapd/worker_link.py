@@ -108,7 +108,10 @@ class SupervisorLink:
             self.channel.setblocking(False)
         self.channel_open = self.channel is not None
         self._channel_changed = trio.Event()
-        self.state = "supervised" if self.pidfd >= 0 and self.channel is not None else "alone"
+        # Supervised until we see it gone; one that died before we could
+        # watch it (pidfd -1) is seen gone at the start of run().
+        self.state = "supervised" if args.supervisor_pid > 0 else "alone"
+        self.stop_asked = False  # a SIGTERM passed on, that the supervisor has not acted on yet
         self.stop_wanted = False
         self.stopping_alone = False
         self.stopped_alone = False  # swap off, detached, unmounted by us: the session's end is ours
@@ -180,13 +183,15 @@ class SupervisorLink:
             while True:
                 if self.pidfd >= 0:
                     await trio.lowlevel.wait_readable(self.pidfd)
+                if self.state == "supervised":
                     self._supervisor_gone()
                 if self.state == "alone":
                     await trio.sleep_forever()
                 await self._hand_over()
 
     def _supervisor_gone(self) -> None:
-        os.close(self.pidfd)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
         self.pidfd = -1
         if self.child is not None and self.child.pid == self.pid:
             self.child.poll()  # ours: reap it
@@ -201,6 +206,9 @@ class SupervisorLink:
             log.error("supervisor %d died; starting a new one and handing it our fds", self.pid)
             self.state = "handing-over"
         self.pid = 0
+        if self.stop_asked and not self.args.service:
+            # It died before acting on our SIGTERM: the next one (or we) will.
+            self.stop_wanted = True
         if self.state == "alone" and self.stop_wanted:
             self._stop_alone_soon()
 
@@ -305,6 +313,7 @@ class SupervisorLink:
                 log.info("SIGINT ignored (the supervisor decides when to stop)")
                 return
             log.info("%s from outside: asking supervisor %d to stop zswapd", name, self.pid)
+            self.stop_asked = True
             self.tell("stop")
         elif self.state == "handing-over":
             log.info("%s while a new supervisor starts: asking it to stop zswapd once it has our fds", name)
