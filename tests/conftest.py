@@ -148,12 +148,17 @@ def pids_holding(path: str) -> list[int]:
 
 def kill_instance(pids: list[int]) -> None:
     """SIGKILL every process of a daemon at once, as a crash of the whole
-    instance would: stopped first, so that none sees another die and starts
-    a supervisor (the worker would hand its fds to a new one)."""
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+    instance would: stopped first, so that none sees another die and acts
+    (a worker would hand its fds to a new supervisor).  Killed in reverse
+    order, supervisor (first) last: its death orphans the worker's process
+    group, and the kernel sends SIGCONT to an orphaned group that has a
+    stopped member."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -261,7 +261,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         from .process import setup_logging
-        from .supervisor import main_run
+        from .run import main_run
 
         setup_logging(args.verbose)
         # Absolute before the supervisor leaves this directory: a reload's

@@ -22,7 +22,7 @@ lock-N           the instance lock files (startup.InstanceLock); the lock
 
 systemd's fd store keeps every name but the lock: a supervisor it restarts
 first makes sure no process of the old instance is left, then takes the
-lock anew (supervisor.main_run).  A handover passes the lock too: the worker
+lock anew (run.main_run).  A handover passes the lock too: the worker
 that hands over goes on serving, and holds it.
 """
 

@@ -95,20 +95,21 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import handover as handover_mod
-from . import paths, swap
-from .config import Config, ConfigError
+from . import swap
+from .config import Config
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
 from .held import CLONE_PREFIX, FUSE, STATE_NAMES, HeldFds
-from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, StartupError, harden, no_core_dumps, settle, worker_argv
-from .startup import InstanceLock, check_mountpoint, kill_old_instance, preflight, recover_stale, write_owner
+from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, worker_argv
+from .startup import write_owner
 from .state import read_restarts, read_supervisor_restarts, write_supervisor_restarts
 from .state_mlock import LockedMapping
-from .systemd import fd_store, fd_store_remove, listen_fds, sd_notify, under_service_manager
+from .swap_life import SwapLife
+from .systemd import fd_store, fd_store_remove, sd_notify, under_service_manager
 
 if TYPE_CHECKING:
     from .worker import WorkerArgs
@@ -129,9 +130,6 @@ RESTART_RESET_AFTER = 10.0
 LOCK_SCAN_INTERVAL = 2.0
 # A worker that does not exit within this after "stop" is killed.
 WORKER_STOP_TIMEOUT = 10.0
-# An adopted supervisor waits this long for the worker's handover: the
-# worker sends it before starting us, so it is there at once or never.
-HANDOVER_TIMEOUT = 10.0
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS, signal.SIGCHLD)
@@ -181,7 +179,7 @@ class Supervisor:
         self.held = HeldFds()
         self.locked: list[LockedMapping] = []
         self.mounted = False
-        self.swap_on = False
+        self.swap = SwapLife(self.held, self.file, self._wait)
         self.worker: Child | None = None
         self.spare: Child | None = None  # a reload's new worker, until it takes over
         self.worker_restarts = 0
@@ -416,7 +414,7 @@ class Supervisor:
         if code == EXIT_CONNECTION_GONE:
             log.error("worker %d: the FUSE connection is gone; nothing left to serve", pid)
             self.connection_gone = True
-            self.swap_on = False
+            self.swap.on = False
             return
         if self.cfg.fuse.backend == "pyfuse3":
             log.critical("worker %d died (%s); the pyfuse3 backend cannot be taken over", pid, how)
@@ -483,106 +481,12 @@ class Supervisor:
         for m in self.locked:
             m.lock_resident()
 
-    # -- commands that need the worker serving -----------------------------------
-
-    def _run(self, *argv: str) -> None:
-        """Run a util-linux tool while the event loop goes on (it may need
-        FUSE requests served, by a worker we may have to restart)."""
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
-        self._wait(lambda: proc.poll() is not None)
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            msg = (err or out).decode(errors="replace").strip()
-            raise swap.SwapError(f"{' '.join(argv)} failed ({proc.returncode}): {msg}")
-
-    def _attach(self) -> swap.Loop:
-        """LOOP_CONFIGURE opens the FUSE file, which the worker must answer;
-        run it in a short-lived child so this loop keeps serving signals."""
-        r, w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                os.close(r)
-                loop = swap.attach_blocking(self.file)
-                os.write(w, loop.path.encode())
-            except BaseException as e:  # reported to the parent, which decides
-                os.write(w, b"!" + str(e).encode(errors="replace"))
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(w)
-        pidfd = os.pidfd_open(pid)
-        done: list[int] = []
-
-        def exited() -> bool:
-            if not done and select.select([pidfd], [], [], 0)[0]:
-                done.append(os.waitpid(pid, 0)[1])
-            return bool(done)
-
-        try:
-            self._wait(exited)
-        finally:
-            os.close(pidfd)
-        out = os.read(r, 4096).decode(errors="replace")
-        os.close(r)
-        if out.startswith("!") or not out:
-            raise swap.SwapError(out[1:] or "attaching the loop device failed")
-        # The child's fd closed; the device stays bound (no autoclear) until
-        # we detach it.  Hold it open, for the fd store.
-        return swap.Loop(out, os.open(out, os.O_RDWR | os.O_CLOEXEC))
-
-    def _swap_up(self) -> None:
-        cfg = self.cfg.swap
-        if self.held.loop is None:
-            sd_notify("STATUS=attaching loop device")
-            self.held.loop = self._attach()
-            fd_store("loop", self.held.loop.fd)
-            if self.worker is not None:
-                self.worker.tell("loop " + self.held.loop.path)
-        loop = self.held.loop
-        if not swap.dio_enabled(loop):
-            log.warning("%s is not using direct I/O: swap pages will be cached twice", loop.path)
-        self._run(*swap.mkswap_argv(loop.path))
-        self._run(*swap.swapon_argv(loop.path, cfg.priority, cfg.discard))
-        self.swap_on = True
-        log.info("swap on %s (priority %d, discard %s)", loop.path, cfg.priority, cfg.discard)
-
     def _teardown(self) -> bool:
         """swapoff, detach, unmount.  False if swapoff failed: we keep
         serving, because exiting now would take live swap pages with us."""
-        loop = self.held.loop
-        if self.swap_on and loop:
-            log.info("swapoff %s: bringing its pages back into memory", loop.path)
-            try:
-                self._run(*swap.swapoff_argv(loop.path))
-            except swap.SwapError as e:
-                if swap.swap_used_kib(loop.path) is not None:
-                    log.error("%s; still serving. Free some memory and send SIGTERM again.", e)
-                    return False
-            self.swap_on = False
-        if loop:
-            fd_store_remove("loop")
-            # Our own fd first: while any fd is open, LOOP_CLR_FD only defers
-            # the detach to the last close, and detach_sync would wait it out.
-            self.held.close_loop()
-            swap.detach_sync(loop.path)
-            log.info("detached %s", loop.path)
-            if self.worker is not None:
-                self.worker.tell("loop ")
-        # Loop devices someone else attached to our file cannot work once we
-        # are gone, and after a lazy unmount nobody could find them by path:
-        # take them down with us (and keep serving if one is swap we cannot
-        # swap off).
-        for dev in swap.loops_backed_by(self.file):
-            if swap.swap_used_kib(dev) is not None:
-                try:
-                    self._run(*swap.swapoff_argv(dev))
-                except swap.SwapError as e:
-                    log.error("%s is swap on our file and cannot be swapped off (%s); still serving", dev, e)
-                    return False
-            swap.detach_sync(dev)
-            log.warning("detached %s, which another process had attached to %s", dev, self.file)
+        if not self.swap.down():
+            return False
+        self._tell_loop("")  # gone: a handover must not pass on a loop device now someone else's
         for name in self.held.stored():
             fd_store_remove(name)  # nothing left for a restart to take over
         if self.mounted:
@@ -600,9 +504,9 @@ class Supervisor:
         live: the worker that handed them over serves on, or under systemd
         the first worker takes over."""
         a = self.adopted
-        lock = self.held.lock
-        self.held = HeldFds.adopt(a)
-        self.held.lock = self.held.lock or lock
+        held = HeldFds.adopt(a)
+        held.lock = held.lock or self.held.lock
+        self.held = self.swap.held = held
         source = f"worker {self.handover[0].info.get('worker_pid')}" if self.handover else "systemd's fd store"
         log.warning("taking over from a supervisor that died: %s from %s", ", ".join(sorted(a)), source)
         # Unmounted at the end only if it is ours: if the config now names
@@ -619,7 +523,7 @@ class Supervisor:
             self.locked = [LockedMapping(fd) for fd in self.held.state]
             self._lock_state()
         if self.held.loop:
-            self.swap_on = swap.swap_used_kib(self.held.loop.path) is not None
+            self.swap.on = swap.swap_used_kib(self.held.loop.path) is not None
         meta = self.held.state[0] if self.held.state else -1
         self.supervisor_restarts = read_supervisor_restarts(meta) + 1 if meta >= 0 else 0
         if meta >= 0:
@@ -633,6 +537,10 @@ class Supervisor:
             self.worker_restarts = read_restarts(meta) + 1 if meta >= 0 else 0
             self.died_at_ns = time.monotonic_ns()
         self.ever_served = meta >= 0
+
+    def _tell_loop(self, path: str) -> None:
+        if self.worker is not None:
+            self.worker.tell("loop " + path)
 
     def _clone_fuse(self) -> None:
         """One clone per serving thread, made once, here, and kept: a worker
@@ -677,9 +585,9 @@ class Supervisor:
                 return 1
             if cfg.fuse.backend == "pyfuse3":
                 self.mounted = fmount.is_mountpoint(self.mountpoint)
-            if cfg.swap.enable and not self.swap_on and not self.shutdown_requested and not self.connection_gone:
+            if cfg.swap.enable and not self.swap.on and not self.shutdown_requested and not self.connection_gone:
                 try:
-                    self._swap_up()
+                    self.swap.up(cfg.swap, self._tell_loop)
                 except (swap.SwapError, OSError) as e:
                     log.error("%s", e)
                     rc = 1
@@ -706,7 +614,7 @@ class Supervisor:
             log.info("stopped")
 
     def _close(self) -> None:
-        if self.swap_on:
+        if self.swap.on:
             # Unreachable by the rules above; say so loudly if it ever is.
             loop = self.held.loop
             log.critical("exiting with swap still on %s: its pages are lost", loop.path if loop else "?")
@@ -734,86 +642,3 @@ def _bound_path(fd: int) -> str:
 
 def _how(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-
-
-def _receive_handover(fd: int) -> tuple[handover_mod.Handover, socket.socket]:
-    sock = socket.socket(fileno=fd)
-    try:
-        return handover_mod.receive(sock, HANDOVER_TIMEOUT), sock
-    except handover_mod.HandoverError:
-        sock.close()
-        raise
-
-
-def main_run(cfg: Config, config_arg: str | None = None, adopt_fd: int | None = None) -> int:
-    """``cfg`` comes from config.load(strict=True): its paths are real and
-    absolute.  So is ``config_arg`` (the CLI made it so), which every fresh
-    worker reads after this process has left its starting directory.
-    ``adopt_fd``: started by a worker whose supervisor died (`run --adopt`),
-    the socket its handover comes on."""
-    handover = None
-    if adopt_fd is not None:
-        closed = settle({adopt_fd})
-        try:
-            handover = _receive_handover(adopt_fd)
-        except handover_mod.HandoverError as e:
-            log.error("cannot adopt the worker's fds: %s", e)
-            return 2
-        adopted, start = handover[0].fds, "adopted"
-        mountpoint = str(handover[0].info.get("mountpoint") or cfg.device.mountpoint)
-        cfg = replace(cfg, device=replace(cfg.device, mountpoint=mountpoint))
-    else:
-        adopted = listen_fds()
-        closed = settle(set(adopted.values()))
-        start = "service" if under_service_manager() else "shell"
-        if adopted and FUSE not in adopted:
-            # Only a held /dev/fuse fd keeps a connection, and the swap on it,
-            # alive: without one there is nothing to take over.  With one, it
-            # is taken over whatever the mount table says (Supervisor._adopt).
-            log.warning("systemd handed back fds, but no FUSE connection: starting afresh")
-            for name, fd in adopted.items():
-                os.close(fd)
-                fd_store_remove(name)
-            adopted = {}
-    sup = Supervisor(cfg, config_arg, start, adopted, handover)
-    sup.install_signals()
-    if closed:
-        log.info("closed fds %s inherited from the caller: a worker holds only what it is given", closed)
-    no_core_dumps()
-    try:
-        try:
-            preflight(cfg)
-            if handover is None:
-                if adopted:
-                    # Before the lock, which a worker of the dead supervisor holds.
-                    kill_old_instance()
-                lock = InstanceLock([cfg.device.mountpoint.rstrip("/") + ".lock", cfg.control.socket + ".lock"])
-                lock.acquire()
-                sup.held.lock = lock.fds
-            if not adopted:
-                recover_stale(cfg.device.mountpoint)
-                check_mountpoint(cfg.device.mountpoint)
-            paths.safe_parent(cfg.control.socket)
-            harden(cfg.swap.enable)
-            # Imported now, so that a worker forked after a crash starts
-            # serving without importing anything.
-            from . import worker  # noqa: F401
-        except paths.UnsafePath as e:
-            raise StartupError(f"control socket: {e}") from None
-        except OSError as e:
-            raise StartupError(f"cannot start: {e}") from None
-        return sup.run()
-    except (StartupError, ConfigError) as e:
-        log.error("%s", e)
-        return 2
-    except paths.UnsafePath as e:
-        log.error("control socket: %s", e)
-        return 2
-    except OSError as e:
-        log.error("%s", e)
-        return 1
-    except Exception:
-        log.exception("internal error; please report it")
-        return 1
-    finally:
-        sup.held.close()
