@@ -113,6 +113,7 @@ class SupervisorLink:
         self.state = "supervised" if args.supervisor_pid > 0 else "alone"
         self.stop_asked = False  # a SIGTERM passed on, that the supervisor has not acted on yet
         self.stop_wanted = False
+        self.starting = False  # a new supervisor is starting: a SIGTERM waits for it
         self.stopping_alone = False
         self.stopped_alone = False  # swap off, detached, unmounted by us: the session's end is ours
         self.child: subprocess.Popen[bytes] | None = None  # a supervisor we started
@@ -216,21 +217,23 @@ class SupervisorLink:
         """Start a new supervisor until one adopts us; a SIGTERM meanwhile
         is passed on to it, or if none can be started, stops us alone."""
         delay = HANDOVER_BACKOFF
-        while True:
+        while not self.stop_wanted:
             try:
+                self.starting = True
                 child, ours = self._start_supervisor()
             except (OSError, handover.HandoverError) as e:
                 log.error("cannot start a new supervisor: %s", e)
             else:
                 if await self._adopted(child, ours):
                     return
-            if self.stop_wanted:
-                self.state = "alone"
-                self._stop_alone_soon()
-                return
-            log.error("still without a supervisor; trying again in %.1f s", delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, HANDOVER_BACKOFF_MAX)
+            finally:
+                self.starting = False
+            if not self.stop_wanted:
+                log.error("still without a supervisor; trying again in %.1f s", delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, HANDOVER_BACKOFF_MAX)
+        self.state = "alone"
+        self._stop_alone_soon()
 
     def _start_supervisor(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
         """Hand every fd over on a new socket, then start the supervisor
@@ -315,10 +318,11 @@ class SupervisorLink:
             log.info("%s from outside: asking supervisor %d to stop zswapd", name, self.pid)
             self.stop_asked = True
             self.tell("stop")
-        elif self.state == "handing-over":
+        elif self.state == "handing-over" and self.starting:
             log.info("%s while a new supervisor starts: asking it to stop zswapd once it has our fds", name)
             self.stop_wanted = True
-        else:
+        else:  # alone, or between two failed starts of a supervisor
+            self.state = "alone"
             log.info("%s with no supervisor: stopping alone (swapoff, detach, unmount)", name)
             self.stop_wanted = True
             self._stop_alone_soon()
