@@ -129,6 +129,13 @@ def kill_worker(d: Daemon, exclude: set[int], reap: list[int]) -> float:
     return float(p["last_recovery_ms"])  # type: ignore[index]
 
 
+def zswapd(d: Daemon, *argv: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "zswapd", *argv, "--socket", d.socket], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def lift(cg: Path) -> None:
     limit = cg / "memory.limit_in_bytes"
     (limit if limit.exists() else cg / "memory.max").write_text(str(4 << 30))
@@ -184,6 +191,9 @@ def test_supervisor_killed_then_worker_killed(tmp_path: Path, subreaper: list[in
         print(f"supervisor adopted in {adopted:.0f} ms; worker recovered in {recovered:.1f} ms")
         s = d.stats()
         assert (s["process"]["supervisor_restarts"], s["process"]["worker_restarts"]) == (1, 1), s  # type: ignore[index]
+        text = zswapd(d, "stats")
+        assert "worker restarts 1" in text and "supervisor restarts 1 (this one: adopted)" in text, text
+        assert "zswapd_supervisor_restarts_total 1\n" in zswapd(d, "stats", "--prometheus")
         finish(w, lines, 12)
         lift(cg)
         stop_by_sigterm_to_worker(d, subreaper)
@@ -241,6 +251,9 @@ def test_orphaned_worker_stops_alone_on_sigterm(tmp_path: Path, subreaper: list[
         os.kill(sup, signal.SIGKILL)
         wait_for(lambda: "still without a supervisor" in d.logtext(), timeout=60, what="a refused new supervisor")
         assert pair(d)[0] == 0 and "writable by group or others" in d.logtext(), d.logtext()
+        r = subprocess.run([sys.executable, "-m", "zswapd", "status", "--socket", d.socket], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert r.returncode != 0 and "no supervisor: the worker serves alone" in r.stdout + r.stderr, r
         os.kill(worker, signal.SIGTERM)
         wait_for(lambda: "still serving" in d.logtext() or "stopped alone" in d.logtext(), timeout=300,
                  what="the swapoff to end")  # fmt: skip
