@@ -69,6 +69,7 @@ from .fuse.session import serve
 from .held import STATE_NAMES, HeldFds
 from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
+from .recompress import Recompressor
 from .state import InitParams, State
 from .store import Store
 from .worker_link import SupervisorLink, watch_pid
@@ -189,6 +190,7 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
+        self.store.tick(time.monotonic())  # idle stamps from the first request on
         if state is not None:
             log.info(
                 "state attached, rebuilt and checked: %d pages in %.1f ms",
@@ -220,6 +222,14 @@ class Worker:
         self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
         self.controller.replace_worker = lambda: self._tell("replace")
+        self.recompressor = Recompressor(
+            self.store,
+            lambda: self.cfg.recompress,
+            lambda: self.cfg.compaction.watermark,
+            threaded=self.store.engine.name == "native",
+        )
+        self.controller.recompressor = self.recompressor
+        self.controller.set_recompress = self._set_recompress
 
     def device_info(self) -> dict[str, Any]:
         loops = swap.loops_backed_by(self.file)
@@ -340,6 +350,7 @@ class Worker:
                 nursery.start_soon(self._guarded, "fuse", self._serve_fuse)
                 nursery.start_soon(self._guarded, "control", lambda: server.serve(sock))
                 nursery.start_soon(self._guarded, "housekeeping", self._housekeeping)
+                nursery.start_soon(self._guarded, "recompress", self.recompressor.run)
                 if cfg.control.metrics_listen:
                     listen = cfg.control.metrics_listen
                     nursery.start_soon(
@@ -492,6 +503,7 @@ class Worker:
                 zstd_level=new.pool.zstd_level,
             ),
             compaction=new.compaction,
+            recompress=new.recompress,
             control=replace(self.cfg.control, group=group, metrics_access=new.control.metrics_access),
             log=new.log,
         )
@@ -500,6 +512,12 @@ class Worker:
         log.info("reloaded %s: %s", new.path, "; ".join(applied) if applied else "no runtime change")
         if restart:
             log.warning("changed but not applied until a restart: %s", ", ".join(restart))
+
+    def _set_recompress(self, name: str, value: Any) -> None:
+        """`zswapd set` of a [recompress] key: the policy reads it at its
+        next round.  Kept until the next reload or restart (the file's
+        value then applies)."""
+        self.cfg = replace(self.cfg, recompress=replace(self.cfg.recompress, **{name: value}))
 
     def _set_group(self, gid: int | None) -> bool:
         """[control] group: the socket's group and mode, then who may read
@@ -526,6 +544,7 @@ class Worker:
         while True:
             await trio.sleep(self.cfg.compaction.interval)
             cc = self.cfg.compaction
+            store.tick(time.monotonic())
             store.refill_reserve()
             store.save_counters()
             if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):

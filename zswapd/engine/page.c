@@ -30,6 +30,9 @@ static void release(Engine *e, uint64_t entry)
         obj_free(e, h, entry_len(entry));
         if (kind == KIND_HUGE)
             SUB(e->huge_pages, 1);
+        unsigned tier = entry_tier(entry);
+        if (tier && tier <= DICT_SLOTS)
+            SUB(e->dict_refs[tier], 1); /* after the entry stopped naming it (tier.c) */
     }
 }
 
@@ -114,6 +117,7 @@ static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *pag
     }
     CHECK(idx < e->npages);
     *old = e->page[idx];
+    entry = entry_with_idle(entry, LOAD(e->now_tick)); /* a write is an access */
     __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
     if (kind == KIND_SAME)
         ADD(e->same_pages, 1);
@@ -121,6 +125,16 @@ static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *pag
         ADD(e->huge_pages, 1);
     ADD(e->pages_stored, 1);
     return ST_OK;
+}
+
+/* With page idx's entry lock held: a read is an access.  The entry is
+ * stored again only when the tick moved on: one 8-byte store naming the
+ * same object (crash-safe), about once a minute per page read. */
+static inline void stamp_locked(Engine *e, uint64_t idx, uint64_t entry)
+{
+    unsigned now = LOAD(e->now_tick);
+    if (entry_idle(entry) != (now & ENTRY_IDLE_MASK))
+        __atomic_store_n(&e->page[idx], entry_with_idle(entry, now), __ATOMIC_RELEASE);
 }
 
 /* With page idx's entry lock held: its bytes into dst (4096). */
@@ -133,6 +147,7 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
         memset(dst, 0, PAGE_SIZE);
         return ST_OK;
     }
+    stamp_locked(e, idx, entry);
     uint32_t h = entry_handle(entry);
     CHECK(h <= e->max_handles);
     if (kind == KIND_SAME) {
@@ -147,7 +162,7 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
         return ST_OK;
     }
     obj_copy(e, h, n, t->obuf);
-    if (decompress(t, entry_algo(entry), t->obuf, n, dst) != 0) {
+    if (decompress(e, t, entry_algo(entry), entry_tier(entry), t->obuf, n, dst) != 0) {
         ADD(e->failed_reads, 1);
         return ST_CORRUPT;
     }
@@ -235,15 +250,20 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         int st = ST_OK;
         entry_lock(e, idx);
         uint64_t entry = e->page[idx];
-        if (entry_kind(entry) == KIND_COMPRESSED) {
+        unsigned tier = entry_tier(entry);
+        if (entry_kind(entry) == KIND_COMPRESSED && (!tier || tier == TIER_PLAIN)) {
             uint32_t n = entry_len(entry);
             obj_copy(e, entry_handle(entry), n, t->obuf);
+            stamp_locked(e, idx, entry);
             entry_unlock(e, idx);
-            if (decompress(t, entry_algo(entry), t->obuf, n, dst) != 0) {
+            if (decompress(e, t, entry_algo(entry), entry_tier(entry), t->obuf, n, dst) != 0) {
                 ADD(e->failed_reads, 1);
                 st = ST_CORRUPT;
             }
         } else {
+            /* A dictionary's object is decompressed under the entry lock:
+             * while the entry names the slot, the slot stays installed
+             * (tier.c drops only a slot no entry names). */
             st = load_page_locked(e, t, idx, dst);
             entry_unlock(e, idx);
         }
