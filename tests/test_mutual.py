@@ -326,3 +326,58 @@ def test_10_random_kills_of_either_process_under_swap_pressure(tmp_path: Path, s
         assert "Traceback" not in d.logtext()
     assert_clean(loop, d.mountpoint)
     assert not bad_dmesg(marker), bad_dmesg(marker)
+
+
+def test_an_adopted_supervisor_reloads_and_stops_like_the_first(tmp_path: Path, subreaper: list[int]) -> None:
+    """After the handover, `zswapd reload` (a fresh worker, the adopted
+    supervisor's own child, replacing one that is not) and SIGHUP work as
+    under the first supervisor, and SIGTERM to it stops everything.  No
+    swap on this device: a kill costs nobody's pages."""
+    with run_daemon(tmp_path, swap={"enable": False}) as d:
+        data = os.urandom(1 << 20)
+        with open(d.file, "r+b", buffering=0) as f:
+            f.write(data)
+        kill_supervisor(d, set(), subreaper)
+        sup, old = pair(d)
+        print(zswapd(d, "reload").strip())
+        new = pair(d)[1]
+        assert new != old and pair(d)[0] == sup and new in children(sup)
+        os.kill(sup, signal.SIGHUP)
+        wait_for(lambda: "reloaded" in d.logtext(), what="the worker to reload its config")
+        with open(d.file, "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+        assert d.stats()["process"]["worker_restarts"] == 1  # type: ignore[index]
+        os.kill(sup, signal.SIGTERM)
+        assert exit_status(sup, 60) == 0, d.logtext()
+        log = d.logtext()
+        assert f"worker {old} stopped (exit status 0 (as it said; not our child))" in log, log
+        assert "Traceback" not in log, log
+    assert not os.path.ismount(d.mountpoint)
+
+
+def test_worker_killed_while_it_hands_its_fds_over(tmp_path: Path, subreaper: list[int]) -> None:
+    """The supervisor SIGKILLed, then the worker SIGKILLed as soon as the
+    new supervisor exists, before it has adopted anything: the fds are in
+    the handover socket by then, so the new supervisor takes them and takes
+    over with a worker of its own."""
+    marker = dmesg_marker()
+    with run_daemon(tmp_path, **SWAP) as d, pressure(d, "handover-kill", 330, 12) as (w, lines, cg):  # type: ignore[arg-type]
+        loop = str(d.stats()["device"]["loop"])  # type: ignore[index]
+        sup, worker = pair(d)
+        bring_others_home({w.pid, sup, worker})
+        os.kill(sup, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not (started := children(worker)):
+            assert time.monotonic() < deadline, "no new supervisor"
+        os.kill(worker, signal.SIGKILL)
+        subreaper += [worker, *started]
+        wait_for(lambda: pair(d)[1] != worker, timeout=60, what="a worker of the new supervisor")
+        s = d.stats()["process"]
+        assert s["supervisor_pid"] == started[0] and s["supervisor_start"] == "adopted", s  # type: ignore[index]
+        assert s["worker_restarts"] == 1 and s["supervisor_restarts"] == 1, s  # type: ignore[index]
+        finish(w, lines, 12)
+        lift(cg)
+        stop_by_sigterm_to_worker(d, subreaper)
+        assert f"worker {worker} died (signal SIGKILL" in d.logtext(), d.logtext()
+    assert_clean(loop, d.mountpoint)
+    assert not bad_dmesg(marker), bad_dmesg(marker)
