@@ -221,7 +221,7 @@ class Worker:
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
         self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
-        self.controller.replace_worker = lambda: self._tell("replace")
+        self.controller.replace_worker = self._ask_replace
         self.recompressor = Recompressor(
             self.store,
             lambda: self.cfg.recompress,
@@ -274,6 +274,13 @@ class Worker:
     def _tell(self, message: str, fds: list[int] | None = None) -> None:
         """A message to the supervisor over the channel."""
         self.link.tell(message, fds)
+
+    def _ask_replace(self) -> None:
+        """`zswapd reload`: the supervisor starts the new worker."""
+        if self.link.state != "supervised":
+            log.error("reload: no supervisor lives to start a new worker (%s); try again once one has adopted us",
+                      self.link.state)  # fmt: skip
+        self._tell("replace")
 
     def _stop(self, code: int) -> None:
         """End the worker after the request in hand, with exit status ``code``."""
