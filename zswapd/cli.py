@@ -331,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument(
         "--budget-seconds", type=float, default=60.0, help="recompress: how long it is measured (0: not at all)"
     )
+    p_bench.add_argument(
+        "--recompress",
+        action="store_true",
+        help="app: zswapd with its recompression on every page (idle_age 0) against it off, instead of tmpfs",
+    )
     p_bench.add_argument("--program", default="sort", choices=["sort", "xz"], help="app: the program to run")
     p_bench.add_argument("--input-size", default="192M", help="app: size of the program's generated input")
     p_bench.add_argument(
@@ -515,7 +520,7 @@ def _main(argv: list[str] | None = None) -> int:
                 print("zswapd bench: --limit-ratio: expected 1 to 10; --timeout: expected > 0", file=sys.stderr)
                 return 2
             return bench_app(args.program, input_size, args.limit_ratio, args.repeat, algorithms[0], args.timeout,
-                             args.json, args.fuse_threads)  # fmt: skip
+                             args.json, args.fuse_threads, args.recompress)  # fmt: skip
         try:
             corpus_size = parse_size(args.corpus_size)
             if corpus_size < 1 << 20:
