@@ -939,6 +939,7 @@ def _bench_recompress(
             lz = targets["lz4"]
             assert isinstance(lz, ZswapdTarget)
             results["budget"] = _measure_budget(lz.sock, budget_percent, budget_seconds)
+            results["interference"] = _measure_interference(lz.sock, lz.path, nbytes, workdir, repeat)
     # The ceiling on the same pages: lz4 as written, then zstd at the level
     # with a dictionary trained the daemon's way, kept by the engine's rule.
     data = Path(corpus.path).read_bytes()[:nbytes]
@@ -956,6 +957,10 @@ def _bench_recompress(
         "recompressed/lz4 randread_p99_us": mine["randread_p99_us"] / results["lz4"]["randread_p99_us"],
         "recompressed/lz4 randread_p50_us": mine["randread_p50_us"] / results["lz4"]["randread_p50_us"],
     }
+    i = results.get("interference")
+    if i:
+        ratios["policy on/off randread_p50_us"] = i["on_p50_us"] / i["off_p50_us"]
+        ratios["policy on/off randread_p99_us"] = i["on_p99_us"] / i["off_p99_us"]
     if "zram-lz4" in results:
         ratios["recompressed/zram-lz4 ratio"] = mine["ratio"] / results["zram-lz4"]["ratio"]
         ratios["lz4/zram-lz4 ratio"] = results["lz4"]["ratio"] / results["zram-lz4"]["ratio"]
@@ -1004,6 +1009,31 @@ def _measure_budget(sock: str, percent: float, seconds: float) -> dict[str, floa
     }
 
 
+def _measure_interference(sock: str, dev: str, nbytes: int, workdir: str, pairs: int) -> dict[str, float]:
+    """QD1 4 KiB reads of the device whose pages the policy is recompressing,
+    with it at the default budget and nearly off (0.1%), in alternating
+    windows of INTERFERENCE_SECONDS: what the default costs the hot path.
+    The budget applies from the policy's next step."""
+    from .config import RecompressConfig
+    from .control import request
+
+    default = RecompressConfig().cpu_percent
+    runs: dict[str, list[tuple[float, float, float]]] = {"on": [], "off": []}
+    for _ in range(pairs):
+        for state, percent in (("on", default), ("off", 0.1)):
+            request(sock, {"cmd": "set", "key": "recompress_cpu_percent", "value": percent})
+            runs[state].append(_fio_randread(dev, nbytes, INTERFERENCE_SECONDS, workdir))
+    out: dict[str, float] = {"percent": default}
+    for state, r in runs.items():
+        out[f"{state}_p50_us"] = statistics.median(x[0] for x in r)
+        out[f"{state}_p99_us"] = statistics.median(x[1] for x in r)
+    return out
+
+
+# Seconds of each window of _measure_interference.
+INTERFERENCE_SECONDS = 8
+
+
 def format_recompress(r: dict[str, Any]) -> str:
     mine, c = r["recompressed"], r["ceiling"]
     lines = [
@@ -1023,6 +1053,12 @@ def format_recompress(r: dict[str, Any]) -> str:
         lines.append(
             f"budget {b['percent']:g}% over {b['seconds']:.0f} s: its own CPU clock {b['own_cpu_percent']:.2f}%, "
             f"the worker process {b['process_cpu_percent']:.2f}% ({b['pages_recompressed']} pages recompressed)"
+        )
+    i = r.get("interference")
+    if i:
+        lines.append(
+            f"QD1 4 KiB read p50/p99 us while the policy recompresses that device at {i['percent']:g}%: "
+            f"{i['on_p50_us']:.1f}/{i['on_p99_us']:.1f}; at 0.1%: {i['off_p50_us']:.1f}/{i['off_p99_us']:.1f}"
         )
     lines += [f"  {k}: {v:.3f}" for k, v in r["ratios"].items()]
     return "\n".join(lines)
