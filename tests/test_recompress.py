@@ -625,3 +625,58 @@ def test_control_recompress_is_root_only_and_answers_with_its_pass() -> None:
         assert s.read(0, len(model)) == model
     finally:
         s.close()
+
+
+@pytest.mark.skipif(_engine is None, reason="the native engine is not built")
+def test_a_write_racing_the_step_is_never_undone_by_a_reused_handle() -> None:
+    """The step compresses a copy of a page's object with no lock held, then
+    switches the entry only if it is unchanged.  Two writes meanwhile can
+    leave an equal entry naming another object: the first write's new
+    object takes a fresh handle and frees the old one, the second takes
+    that handle back (the handle stack is LIFO), and a huge page always has
+    the same length, kind and, within a tick, stamp.  The switch must see
+    that the object is not the one it compressed: a writer that reads each
+    page back right after writing it must always get what it wrote.  Pages
+    of random nibbles are huge for lz4 and halve with zstd, so every step
+    that wins the race moves the page (zstd 19: long in C)."""
+    import threading
+    import time
+
+    def nibbles(seed: int) -> bytes:
+        rnd = random.Random(seed)
+        return bytes(rnd.randrange(16) * 17 for _ in range(PAGE))
+
+    pages = [nibbles(i) for i in range(64)]
+    store = Store(16 * PAGE, Codec("lz4"), engine="native")
+    store.engine.now_tick = 5
+    store.write(0, pages[0])
+    assert entry.kind(store.table[0]) == KIND_HUGE
+    stop = threading.Event()
+    moved = [0]
+
+    def recompressor() -> None:
+        while not stop.is_set():
+            moved[0] += store.engine.recompress_step(0, 1, 1, PAGE, 0, 0, 19, 1)[1]
+
+    t = threading.Thread(target=recompressor)
+    t.start()
+    lost: list[tuple[int, int | None]] = []
+    try:
+        deadline = time.monotonic() + 4
+        i = 0
+        while time.monotonic() < deadline and not lost:
+            data = pages[i % len(pages)]
+            store.write(0, data)
+            got = store.read(0, PAGE)
+            if got != data:
+                lost.append((i % len(pages), pages.index(got) if got in pages else None))
+            i += 1
+    finally:
+        stop.set()
+        t.join()
+    try:
+        assert not lost, f"write {lost[0][0]} read back as the older page {lost[0][1]}"
+        assert moved[0] > 0  # the step really raced the writes
+        store.check_invariants()
+    finally:
+        store.close()

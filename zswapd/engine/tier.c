@@ -9,10 +9,12 @@
  *   1. under the entry lock: the entry read, the object copied out;
  *   2. no lock: decompressed and compressed again (the expensive part);
  *   3. no entry lock: the new object stored (class, pool locks in pool.c);
- *   4. under the entry lock: if the entry is unchanged, the switch (one
- *      8-byte store: tier, algorithm, length, handle; the idle stamp kept);
- *      if it changed (a write, a read restamping it, a discard), the new
- *      object is freed instead: it was never named;
+ *   4. under the entry lock: if the entry is unchanged and still names the
+ *      bytes copied in 1 (an equal entry may name a new object: see
+ *      switch_if_same_object), the switch (one 8-byte store: tier,
+ *      algorithm, length, handle; the idle stamp kept); if it changed (a
+ *      write, a read restamping it, a discard), the new object is freed
+ *      instead: it was never named;
  *   5. the old object freed, after the entry lock is dropped.
  * A crash before 4 leaves an unnamed new object (the rebuild frees it);
  * after it, an unnamed old one.  A page kept as it was gets the tried bit,
@@ -185,12 +187,39 @@ static unsigned class_or_huge(const Engine *e, unsigned kind, uint32_t n)
 }
 
 /* Under the page's entry lock: replace `entry` by `next` if it is still the
- * page's entry.  1 if replaced. */
+ * page's entry.  1 if replaced.  For a change that keeps the object (the
+ * idle stamp's clamp); a change made from a copy of the object checks the
+ * copy too (switch_if_same_object). */
 static int switch_if_unchanged(Engine *e, uint64_t idx, uint64_t entry, uint64_t next)
 {
     int ok;
     entry_lock(e, idx);
     ok = e->page[idx] == entry;
+    if (ok)
+        __atomic_store_n(&e->page[idx], next, __ATOMIC_RELEASE);
+    entry_unlock(e, idx);
+    return ok;
+}
+
+/* As switch_if_unchanged, for a decision made from the copy of the object
+ * in t->obuf: the entry must be the same AND still name those bytes.  An
+ * equal entry alone can name another object (ABA): two writes of the page
+ * while the step compressed, the second given the handle the first freed
+ * (the handle stack is LIFO) at the same length and tick, as every huge
+ * page has, would let the step put the old contents back over the newest
+ * write.  The bytes compared under the entry lock rule that out: equal
+ * bytes are the same contents, whoever stored them.  Costs a copy and a
+ * compare of the object, small beside the compression.  Uses t->pbuf. */
+static int switch_if_same_object(Engine *e, Ctx *t, uint64_t idx, uint64_t entry, uint64_t next)
+{
+    uint32_t n = entry_len(entry);
+    int ok;
+    entry_lock(e, idx);
+    ok = e->page[idx] == entry;
+    if (ok) {
+        obj_copy(e, entry_handle(entry), n, t->pbuf);
+        ok = memcmp(t->pbuf, t->obuf, n) == 0;
+    }
     if (ok)
         __atomic_store_n(&e->page[idx], next, __ATOMIC_RELEASE);
     entry_unlock(e, idx);
@@ -267,7 +296,7 @@ int recompress_step(Engine *e, uint64_t *cursor, uint64_t end, const TierStep *p
         }
         if (!m || m + p->threshold > n || e->class_of[m + HEADER] >= class_or_huge(e, kind, n)) {
             /* kept: never tried again until rewritten */
-            if (switch_if_unchanged(e, idx, entry, entry | ENTRY_TRIED))
+            if (switch_if_same_object(e, t, idx, entry, entry | ENTRY_TRIED))
                 ADD(*(m ? &e->recompress_skipped : &e->recompress_incompressible), 1);
             continue;
         }
@@ -280,7 +309,7 @@ int recompress_step(Engine *e, uint64_t *cursor, uint64_t end, const TierStep *p
         next = entry_with_idle(next, entry_idle(entry));
         if (tier != TIER_PLAIN)
             ADD(e->dict_refs[tier], 1); /* counted before the entry names it */
-        if (!switch_if_unchanged(e, idx, entry, next)) {
+        if (!switch_if_same_object(e, t, idx, entry, next)) {
             if (tier != TIER_PLAIN)
                 SUB(e->dict_refs[tier], 1);
             obj_free(e, h2, m); /* never named */
