@@ -172,7 +172,10 @@ def test_recompression_under_real_swap_with_a_kill(tmp_path: Path) -> None:
     config = {**SWAP, "recompress": {"idle_age": 0, "cpu_percent": 100}}
     with run_daemon(tmp_path, **config) as d, memory_cgroup("zswapd-test-recompress", CG_LIMIT) as cg:  # type: ignore[arg-type]
         loop = str(d.stats()["device"]["loop"])  # type: ignore[index]
-        rounds = 12
+        # Enough verify rounds to outlive the policy's first rounds (every
+        # 10 s): pages the program keeps in the swap cache verify in about a
+        # second a round, and it must still be running when the kill comes.
+        rounds = 60
         w = run_in_cgroup(cg, [sys.executable, WORKER, "200", str(rounds)])
         lines: list[str] = []
         try:
@@ -191,6 +194,7 @@ def test_recompression_under_real_swap_with_a_kill(tmp_path: Path) -> None:
                 return int(r["recompressed"]) > 2000  # type: ignore[call-overload]
 
             wait_for(progress, timeout=240, what="swapped pages recompressed")
+            assert w.poll() is None, "the program ended before the kill: raise rounds"
             old = worker_pid(d)
             bring_others_home({w.pid, d.proc.pid, old})
             os.kill(old, signal.SIGKILL)
