@@ -510,6 +510,123 @@ def test_rebuild_refuses_a_missing_dictionary_and_check_counts_references(engine
         s.close()
 
 
+# -- the policy and the control command ----------------------------------------------
+
+
+def _policy(s: Store, **cfg: object) -> object:
+    import dataclasses
+
+    from zswapd.config import RecompressConfig
+    from zswapd.recompress import Recompressor
+
+    config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
+    return Recompressor(s, lambda: config, lambda: 90, threaded=s.engine.name == "native")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_policy_trains_recompresses_and_keeps_its_budget(engine: str) -> None:
+    """A round trains a dictionary and recompresses; the pass sleeps so that
+    its CPU (each step's, on the thread that ran it) is cpu_percent of the
+    time it spans.  trio's mock clock advances only by those sleeps, so the
+    virtual time a round took is exactly what the pacing asked for."""
+    import trio
+    import trio.testing
+
+    pages = _word_corpus(1200, seed=9)
+    s = Store(2048 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        model = _fill(s, pages)
+        rec = _policy(s, idle_age=0, cpu_percent=10.0, dictionary_size=16 << 10)
+        spans: list[float] = []
+
+        async def main() -> None:
+            t = trio.current_time()
+            await rec.round()  # type: ignore[attr-defined]
+            spans.append(trio.current_time() - t)
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        st = s.stats()["recompress"]
+        assert st["trainings"] == 1 and st["pages"] > 1000 and st["dictionaries"], st  # type: ignore[index]
+        cpu = s.c.recompress_cpu_us / 1e6
+        assert cpu > 0
+        # at 10%, the round spans 10 s for each CPU-second it spent (on the
+        # mock clock a step takes no time, so its sleeps are the whole span)
+        assert spans[0] == pytest.approx(cpu * 10, rel=0.05), (spans, cpu)
+        assert s.ladder == (8, 128)
+        s.check_invariants()
+        assert s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_refused_writes_make_the_policy_take_the_oldest_first_without_budget(engine: str) -> None:
+    import trio
+    import trio.testing
+
+    pages = _word_corpus(400, seed=3)
+    s = Store(512 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        s.engine.now_tick = 10
+        _fill(s, pages[:200])
+        s.engine.now_tick = 50
+        _fill(s, pages[:0])
+        for i, p in enumerate(pages[200:], 200):
+            s.write(i * PAGE, p)
+        s.full = True  # writes refused: the ladder's rung
+        rec = _policy(s, idle_age=3600, cpu_percent=1.0, dictionary_size=0)
+        spans: list[float] = []
+
+        async def main() -> None:
+            t = trio.current_time()
+            out = await rec.run_pass(0, 128, 8, max_pages=100, budget=not s.full, oldest_first=True)  # type: ignore[attr-defined]
+            spans.append(trio.current_time() - t)
+            assert out["candidates"] == 100
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert spans == [0.0]  # no budget while writes are refused
+        taken = {i for i, e in enumerate(_entries(s)) if entry.tier(e) or entry.tried(e)}
+        assert taken == set(range(100))  # the oldest (stamped at tick 10) first
+    finally:
+        s.close()
+
+
+def test_control_recompress_is_root_only_and_answers_with_its_pass() -> None:
+    import trio
+
+    from zswapd.control import Controller
+
+    s = Store(256 * PAGE, Codec("lz4"))
+    try:
+        model = _fill(s, _word_corpus(200, seed=1))
+        c = Controller(s, lambda: {"path": "x"}, "<test>", group_gid=65534)
+
+        def ask(line: bytes, uid: int = 0) -> dict[str, object]:
+            async def go() -> dict[str, object]:
+                return await c.handle(line, uid, 65534, [])
+
+            return trio.run(go)
+
+        assert ask(b'{"cmd": "recompress", "idle_age": 0}', uid=65534) == {
+            "ok": False,
+            "error": "permission denied: recompress needs root",
+        }
+        r = ask(b'{"cmd": "recompress", "idle_age": 0, "max_pages": 50}')
+        assert r["ok"] and r["candidates"] == 50 and r["pages"] == s.stats()["recompress"]["pages"], r  # type: ignore[index]
+        bad = ask(b'{"cmd": "recompress", "threshold": 5000}')
+        assert bad == {
+            "ok": False,
+            "error": "<control>: [recompress] threshold = 5000: expected an integer from 0 to 4096",
+        }
+        assert ask(b'{"cmd": "recompress", "max_pages": -1}')["error"] == (
+            "max_pages = -1: expected a non-negative integer"
+        )
+        assert "no recompression policy" in str(ask(b'{"cmd": "set", "key": "idle_age", "value": "2h"}')["error"])
+        assert s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
 @pytest.mark.skipif(_engine is None, reason="the native engine is not built")
 def test_a_write_racing_the_step_is_never_undone_by_a_reused_handle() -> None:
     """The step compresses a copy of a page's object with no lock held, then

@@ -14,7 +14,7 @@ budget      ``[recompress] cpu_percent`` of one core.  Each step and each
             training is timed with the CPU clock of the thread that ran it
             (time.thread_time, CLOCK_THREAD_CPUTIME_ID), and the policy then
             sleeps long enough for that CPU to be the budget's share of the
-            elapsed time.  The CPU is counted in stats (recompress
+            time from the end of the last sleep to the end of this one.  The CPU is counted in stats (recompress
             cpu_seconds), so the budget can be checked from outside.
 ladder      before the pool is full: compaction (housekeeping), then this
             policy's passes take the oldest pages first; while writes are
@@ -75,6 +75,19 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float]:
     return out, time.thread_time() - start
 
 
+class _Span:
+    """The wall time since the last pause: a step's CPU is paid for by the
+    time it spans, the step's own (and its hand-off to a thread) included."""
+
+    def __init__(self) -> None:
+        self.start = trio.current_time()
+
+    def take(self) -> float:
+        now = trio.current_time()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
 class Recompressor:
     """The policy over one store.  ``config`` and ``watermark`` are read at
     every round (a reload or ``zswapd set`` applies at the next one)."""
@@ -100,13 +113,20 @@ class Recompressor:
     def _account(self, cpu: float) -> None:
         self.store.engine.count("recompress_cpu_us", max(0, round(cpu * 1e6)))
 
-    async def _pace(self, cpu: float, budget: bool) -> None:
-        """Sleep so that ``cpu`` is cpu_percent of the time it spans."""
+    async def _pace(self, cpu: float, budget: bool, span: _Span | None = None) -> None:
+        """Sleep so that ``cpu`` is cpu_percent of the time it spans: the
+        wall time ``span`` measured since the last pause (the step's own),
+        then the sleep."""
         if not budget:
             await trio.sleep(0)  # requests in between
+            if span is not None:
+                span.take()
             return
         pct = self.config().cpu_percent
-        await trio.sleep(cpu * (100.0 / pct - 1.0))
+        spent = span.take() if span is not None else cpu
+        await trio.sleep(max(0.0, cpu * 100.0 / pct - spent))
+        if span is not None:
+            span.take()
 
     # -- what a round does ------------------------------------------------------------
 
@@ -134,6 +154,7 @@ class Recompressor:
                 idle, threshold, level, max_pages, dictionary=dictionary, oldest_first=oldest_first
             )
             total = {"pages": 0, "bytes_saved": 0, "candidates": 0, "cpu_seconds": 0.0}
+            span = _Span()
             try:
                 while True:
                     step, cpu = await self._run(lambda: next(steps, None), self.threaded)
@@ -146,7 +167,7 @@ class Recompressor:
                     total["bytes_saved"] += saved
                     total["candidates"] += looked
                     # writes refused: the ladder's rung, as fast as it can go
-                    await self._pace(cpu, budget and not store.full)
+                    await self._pace(cpu, budget and not store.full, span)
             finally:
                 steps.close()
             # The zspages it left sparse are housekeeping's to compact.
@@ -161,6 +182,7 @@ class Recompressor:
         async with self.lock:
             store = self.store
             self.training = True
+            span = _Span()
             try:
                 samples, cpu = await self._run(lambda: store.training_samples(idle, TRAIN_PAGES), self.threaded)
                 self._account(cpu)
@@ -183,7 +205,7 @@ class Recompressor:
                 store.engine.count("dictionaries_trained")
                 new_id = next(i for s, i, _n, _r in store.engine.dictionaries() if s == slot)
                 log.info("recompression: dictionary %d (%d bytes) trained in %.2f CPU-s", new_id, len(data), cpu2)
-                await self._pace(cpu + cpu2, budget)
+                await self._pace(cpu + cpu2, budget, span)
                 return new_id
             finally:
                 self.training = False

@@ -8,9 +8,14 @@ page table   one packed 64-bit entry per page, in the state's "page" table:
              kind, algorithm, payload length and handle (entry.py)
 limit        the most frames the pool may use (``mem_used_total``, as zram's
              ``mem_limit``); 0 means no limit.
-full         set when a store could not fit even after compaction; stores are
-             then refused until usage falls below ``accept_percent`` of the
-             limit (zswap's accept threshold), so the edge does not thrash.
+full         set when a store could not fit even after compaction (and the
+             ladder's recompression); stores are then refused until usage
+             falls below ``accept_percent`` of the limit (zswap's accept
+             threshold), so the edge does not thrash.
+idle stamp   a page's last write or read, in minutes, in its entry (entry.py).
+tier         how a page's object is stored: as a write stored it, or
+             recompressed with zstd and perhaps a dictionary (entry.py;
+             the mechanics in engine/tier.c, the policy in recompress.py).
 
 Crash consistency
 -----------------
