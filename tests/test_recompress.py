@@ -26,6 +26,7 @@ from zswapd import entry
 from zswapd.bench import sample_pages
 from zswapd.codec import KIND_COMPRESSED, KIND_HUGE, Codec
 from zswapd.engine import _engine
+from zswapd.errors import DeviceFull
 from zswapd.state import State, StateError
 from zswapd.store import Store, StoreError
 
@@ -563,3 +564,122 @@ def test_a_write_racing_the_step_is_never_undone_by_a_reused_handle() -> None:
         store.check_invariants()
     finally:
         store.close()
+
+
+# -- the ladder: compaction, then recompression, then full ------------------------------
+
+
+def _policy_of(s: Store, **cfg: object) -> object:
+    import dataclasses
+
+    from zswapd.config import RecompressConfig
+    from zswapd.recompress import Recompressor
+
+    config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
+    return Recompressor(s, lambda: config, lambda: 90, threaded=s.engine.name == "native")
+
+
+def _full_of_idle_pages(engine: str) -> tuple[Store, dict[int, bytes]]:
+    """A store whose memory limit its idle word pages (stamped long ago,
+    compressible by recompression) fill: writes from now on find no room."""
+    s = Store(1024 * PAGE, Codec("lz4"), memory_limit=96 * PAGE, engine=engine)
+    s.engine.now_tick = 10
+    model: dict[int, bytes] = {}
+    for i, p in enumerate(_word_corpus(1024, seed=5)):
+        try:
+            s.write(i * PAGE, p)
+        except DeviceFull:
+            break
+        model[i] = p
+    s.full = False  # as after usage fell below the accept threshold
+    s.engine.full = 0
+    s.engine.now_tick = 200
+    return s, model
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_write_that_finds_no_room_never_recompresses_on_its_thread(engine: str) -> None:
+    """The thread that asks the store's policy where a write stopped is a
+    serving one (a C FUSE thread, with the native engine): it may compact
+    (no allocation), but recompressing there compresses at zstd level 8 on
+    the serving path and allocates the thread's secondary zstd context (and
+    the dictionary's CDict) exactly when memory is short.  The write is
+    refused instead, and the policy's thread takes the rung (next test)."""
+    import trio
+    import trio.testing
+
+    s, model = _full_of_idle_pages(engine)
+    try:
+        rec = _policy_of(s, idle_age=3600, dictionary_size=0)
+
+        async def one_round() -> None:
+            # configures the store as the daemon's policy does, and finds
+            # nothing to do: every page is younger than the idle age
+            await rec.round()  # type: ignore[attr-defined]
+
+        s.engine.now_tick = 10
+        trio.run(one_round, clock=trio.testing.MockClock(autojump_threshold=0))
+        s.engine.now_tick = 200  # now they are old
+        before = s.c.recompressed
+        assert before == 0
+        with pytest.raises(DeviceFull):
+            for i in range(len(model), 1024):
+                s.write(i * PAGE, _words(10_000 + i))
+        assert s.c.recompressed == before, "the write path recompressed on the writing thread"
+        assert s.full
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) -> None:
+    """Usage below the watermark at a round, then a burst of writes fills
+    the store: the first refused write must bring the policy's pass (oldest
+    first, no idle age, no budget) within PRESSED_INTERVAL, not at the end
+    of a ten-second pause."""
+    import time
+
+    import trio
+    import trio.testing
+
+    from zswapd.recompress import PRESSED_INTERVAL, ROUND_INTERVAL
+
+    pages = _word_corpus(400, seed=6)
+    s = Store(1024 * PAGE, Codec("lz4"), memory_limit=1024 * PAGE, engine=engine)
+    try:
+        s.tick(time.monotonic())  # as the policy's rounds stamp: these pages are fresh
+        model = bytearray(_fill(s, pages[:100]))
+        rec = _policy_of(s, idle_age=3600, dictionary_size=0)
+        passes: list[tuple[float, bool]] = []
+        run_pass = rec.run_pass  # type: ignore[attr-defined]
+
+        async def watched(*args: object, **kw: object) -> object:
+            passes.append((trio.current_time(), bool(kw.get("oldest_first"))))
+            return await run_pass(*args, **kw)
+
+        rec.run_pass = watched  # type: ignore[attr-defined]
+        refused_at: list[float] = []
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rec.run)  # type: ignore[attr-defined]
+                await trio.sleep(1.0)
+                assert passes == [(0.0, False)]  # a round, nothing idle, no pressure
+                s.set_limit(24 * PAGE)  # e.g. `zswapd set memory_limit`, then a burst of writes
+                with pytest.raises(DeviceFull):
+                    for i, p in enumerate(pages[100:], 100):
+                        s.write(i * PAGE, p)
+                        model.extend(p)
+                refused_at.append(trio.current_time())
+                while len(passes) < 2:
+                    await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        at, oldest_first = passes[1]
+        assert oldest_first and at - refused_at[0] <= PRESSED_INTERVAL < ROUND_INTERVAL, (passes, refused_at)
+        assert s.c.recompressed > 0
+        assert s.read(0, len(model)) == model
+        s.check_invariants()
+    finally:
+        s.close()

@@ -19,7 +19,9 @@ budget      ``[recompress] cpu_percent`` of one core.  Each step and each
 ladder      before the pool is full: compaction (housekeeping), then this
             policy's passes take the oldest pages first; while writes are
             refused (the store's ``full``) they ignore the budget and the
-            idle age.  The write path's own rung is Store._ladder.
+            idle age.  A refused write wakes this task within
+            PRESSED_INTERVAL: the write path itself never recompresses (it
+            is a serving thread; Store.write_stopped).
 
 Threads: with the native engine each step and each training runs on a trio
 worker thread (the C engine releases the GIL; the steps take the engine's
@@ -52,7 +54,8 @@ log = logging.getLogger("zswapd")
 # of the page table per band (milliseconds for a million pages in C).
 ROUND_INTERVAL = 10.0
 # Between rounds while usage is over the compaction watermark or writes are
-# refused: the ladder's rung must not wait ten seconds.
+# refused, and how often a pause looks for that: the ladder's rung must not
+# wait ten seconds.
 PRESSED_INTERVAL = 0.5
 # After zstd could not train on the samples, wait this long before trying
 # again: training costs a CPU-second or more.  (Too few idle pages to train
@@ -192,7 +195,6 @@ class Recompressor:
         """One round of the policy (see the top)."""
         cfg = self.config()
         store = self.store
-        store.ladder = (cfg.level, cfg.threshold) if cfg.enable else None
         if not cfg.enable:
             return
         store.tick(time.monotonic())
@@ -205,7 +207,15 @@ class Recompressor:
         store.drop_unused_dictionaries()
 
     async def run(self) -> None:
-        """The policy task: a round, then a pause, for ever."""
+        """The policy task: a round, then a pause, for ever.  The pause is
+        ROUND_INTERVAL, cut short once usage passes the watermark or a
+        write is refused: the ladder's rung is this task's alone, so it
+        must not sleep through a burst of writes that fills the store."""
         while True:
             await self.round()
-            await trio.sleep(PRESSED_INTERVAL if self.pressure()[0] else ROUND_INTERVAL)
+            waited = 0.0
+            while True:
+                await trio.sleep(PRESSED_INTERVAL)
+                waited += PRESSED_INTERVAL
+                if waited >= ROUND_INTERVAL or self.pressure()[0]:
+                    break
