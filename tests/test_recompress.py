@@ -651,19 +651,31 @@ def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) ->
         model = bytearray(_fill(s, pages[:100]))
         rec = _policy_of(s, idle_age=3600, dictionary_size=0)
         passes: list[tuple[float, bool]] = []
-        run_pass = rec.run_pass  # type: ignore[attr-defined]
-
-        async def watched(*args: object, **kw: object) -> object:
-            passes.append((trio.current_time(), bool(kw.get("oldest_first"))))
-            return await run_pass(*args, **kw)
-
-        rec.run_pass = watched  # type: ignore[attr-defined]
         refused_at: list[float] = []
+        run_pass, round_ = rec.run_pass, rec.round  # type: ignore[attr-defined]
 
         async def main() -> None:
+            # Events, not the clock, order the test: with the native engine
+            # the steps run on threads, and the mock clock jumps while trio
+            # waits for them.
+            first_round, second_pass = trio.Event(), trio.Event()
+
+            async def watched_pass(*args: object, **kw: object) -> object:
+                passes.append((trio.current_time(), bool(kw.get("oldest_first"))))
+                n = len(passes)
+                out = await run_pass(*args, **kw)
+                if n == 2:
+                    second_pass.set()
+                return out
+
+            async def watched_round() -> None:
+                await round_()
+                first_round.set()
+
+            rec.run_pass, rec.round = watched_pass, watched_round  # type: ignore[attr-defined]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(rec.run)  # type: ignore[attr-defined]
-                await trio.sleep(1.0)
+                await first_round.wait()
                 assert passes == [(0.0, False)]  # a round, nothing idle, no pressure
                 s.set_limit(24 * PAGE)  # e.g. `zswapd set memory_limit`, then a burst of writes
                 with pytest.raises(DeviceFull):
@@ -671,8 +683,7 @@ def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) ->
                         s.write(i * PAGE, p)
                         model.extend(p)
                 refused_at.append(trio.current_time())
-                while len(passes) < 2:
-                    await trio.sleep(0.1)
+                await second_pass.wait()
                 nursery.cancel_scope.cancel()
 
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
