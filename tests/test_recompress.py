@@ -694,3 +694,47 @@ def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) ->
         s.check_invariants()
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_retrain_with_every_slot_pinned_by_pages_leaves_the_policy_running(engine: str) -> None:
+    """Each retraining takes a new slot, and a dictionary is freed only when
+    its last page is rewritten or discarded; idle pages, the very ones it
+    recompressed, can keep all six slots named for days.  The retrain rule
+    then asks for a seventh: the policy must go on recompressing with the
+    current dictionary and not train again for RETRAIN_BACKOFF (a CPU-second
+    each time), instead of failing every round on the full slot table (the
+    pass never ran, the training's CPU was spent and not paced)."""
+    import time
+
+    import trio
+    import trio.testing
+
+    from zswapd.recompress import RETRAIN_BACKOFF
+
+    pages = _word_corpus(600, seed=8)
+    s = Store(1024 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        s.tick(time.monotonic())
+        model = _fill(s, pages)
+        for k in range(entry.DICT_SLOTS):  # six dictionaries, each named by pages
+            s.install_dictionary(bytes([k + 1]) * 64 + b"".join(pages[k * 4 : k * 4 + 4]))
+            assert s.recompress(0, threshold=16, max_pages=8)["pages"] > 0
+        assert len(s.engine.dictionaries()) == entry.DICT_SLOTS
+        assert all(refs for *_, refs in s.engine.dictionaries())
+        s.probe_base, s.probe_recent = (32, 100_000, 50_000), (32, 100_000, 99_000)  # the gain fell: retrain
+        assert s.retrain_wanted()
+        rec = _policy_of(s, idle_age=0, dictionary_size=16 << 10, cpu_percent=100.0)
+        before = s.c.recompressed
+
+        async def main() -> None:
+            await rec.round()  # type: ignore[attr-defined]
+            assert rec.next_training >= trio.current_time() + RETRAIN_BACKOFF / 2  # type: ignore[attr-defined]
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert s.c.recompressed > before  # the round's pass ran, with the current dictionary
+        assert len(s.engine.dictionaries()) == entry.DICT_SLOTS
+        assert s.read(0, len(model)) == model
+        s.check_invariants()
+    finally:
+        s.close()

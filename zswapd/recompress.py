@@ -159,10 +159,21 @@ class Recompressor:
     async def train(self, idle: int, size: int, budget: bool = True) -> int | None:
         """Sample idle pages, train a dictionary of ``size`` bytes on them
         (off the trio thread) and install it.  The new dictionary's id, or
-        None if there were too few idle pages or zstd could not train (then
-        no training is tried for RETRAIN_BACKOFF seconds)."""
+        None if there were too few idle pages, or if zstd could not train or
+        every slot holds a dictionary that pages still name (then no
+        training is tried for RETRAIN_BACKOFF seconds: the slots free up as
+        those pages are rewritten or discarded)."""
         async with self.lock:
             store = self.store
+            if not store.dictionary_slot_free():
+                log.warning(
+                    "recompression: every dictionary slot (%d) holds a dictionary that pages still use; "
+                    "not training for %.0f s",
+                    entry.DICT_SLOTS,
+                    RETRAIN_BACKOFF,
+                )
+                self.next_training = trio.current_time() + RETRAIN_BACKOFF
+                return None
             self.training = True
             try:
                 samples, cpu = await self._run(lambda: store.training_samples(idle, TRAIN_PAGES), self.threaded)

@@ -427,6 +427,12 @@ class Store:
         self.drop_unused_dictionaries()
         return slot
 
+    def dictionary_slot_free(self) -> bool:
+        """Whether a new dictionary would find a slot, once those no page
+        names (but the current one) are dropped."""
+        self.drop_unused_dictionaries()
+        return len(self.engine.dictionaries()) < entry.DICT_SLOTS
+
     def drop_unused_dictionaries(self) -> int:
         """Free every dictionary but the current one that no page names."""
         dropped = 0
