@@ -738,3 +738,32 @@ def test_a_retrain_with_every_slot_pinned_by_pages_leaves_the_policy_running(eng
         s.check_invariants()
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_idle_stamps_do_not_wrap_while_recompression_is_off(engine: str) -> None:
+    """Only a scan clamps a stamp older than IDLE_CLAMP (entry.py), and the
+    scans were the recompression passes: with ``enable = false`` a page
+    idle for 35 hours wrapped to look an hour old in the idle histogram
+    (and to a pass enabled later).  The policy's rounds clamp while off."""
+    import trio
+    import trio.testing
+
+    pages = [_words(i) for i in range(30)]
+    s = Store(64 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        s.engine.now_tick = 100
+        model = _fill(s, pages)
+        rec = _policy_of(s, enable=False)
+        s.engine.now_tick = 100 + entry.IDLE_CLAMP + 100  # 18.7 hours later: a round while off
+
+        async def one_round() -> None:
+            await rec.round()  # type: ignore[attr-defined]
+
+        trio.run(one_round, clock=trio.testing.MockClock(autojump_threshold=0))
+        s.engine.now_tick = (100 + 2100) & entry.IDLE_MASK  # 35 hours after the writes
+        assert s.stats()["idle"][-1]["pages"] == len(pages)  # all in the oldest bucket, none wrapped
+        assert s.c.recompressed == 0 and all(not entry.tier(e) and not entry.tried(e) for e in _entries(s))
+        assert s.read(0, len(model)) == model
+    finally:
+        s.close()

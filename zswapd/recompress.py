@@ -7,7 +7,8 @@ Glossary:
 
 round       every ROUND_INTERVAL seconds (PRESSED_INTERVAL under pressure):
             tick the idle clock, train a dictionary if the retrain rule
-            asks, run one pass, drop dictionaries no page names.
+            asks, run one pass, drop dictionaries no page names.  While
+            ``enable`` is off, only the idle stamps' clamp, hourly.
 pass        Store.recompress_steps: candidates idle at least ``idle_age``,
             biggest objects first; bounded steps.
 budget      ``[recompress] cpu_percent`` of one core.  Each step and each
@@ -61,6 +62,9 @@ PRESSED_INTERVAL = 0.5
 # again: training costs a CPU-second or more.  (Too few idle pages to train
 # on costs only a sample, and is tried again at the next round.)
 RETRAIN_BACKOFF = 600.0
+# While recompression is off, how often a round still clamps the idle stamps
+# (Store.clamp_idle): well within the 17 hours after which one would wrap.
+CLAMP_INTERVAL = 3600.0
 
 T = TypeVar("T")
 
@@ -91,6 +95,7 @@ class Recompressor:
         self.threaded = threaded  # steps on worker threads (the native engine)
         self.lock = trio.Lock()
         self.next_training = 0.0  # trio time before which no training is tried
+        self.next_clamp = 0.0  # trio time of the next clamp-only scan while off
         self.training = False  # a training is running (tests and `zswapd stats`)
 
     # -- pacing -------------------------------------------------------------------
@@ -207,6 +212,12 @@ class Recompressor:
         cfg = self.config()
         store = self.store
         if not cfg.enable:
+            # no pass scans the page table: keep the idle stamps from wrapping
+            # (the idle histogram, and the passes once enabled, rely on them)
+            if trio.current_time() >= self.next_clamp:
+                self.next_clamp = trio.current_time() + CLAMP_INTERVAL
+                _, cpu = await self._run(store.clamp_idle, self.threaded)
+                self._account(cpu)
             return
         store.tick(time.monotonic())
         pressed, refused = self.pressure()

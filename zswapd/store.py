@@ -393,6 +393,18 @@ class Store:
         finally:
             self.update_full()
 
+    def clamp_idle(self) -> None:
+        """Restamp every page idle longer than entry.IDLE_CLAMP ticks to
+        exactly that age, so its stamp never wraps to look fresh (entry.py).
+        Each recompression scan does this on its way; this is the scan alone
+        (an empty band of lengths: no candidate, nothing compressed), for
+        while no pass runs."""
+        at = 0
+        while at < self.npages:
+            end = min(at + RECOMPRESS_SCAN, self.npages)
+            with self.tier_lock:
+                at = self.engine.recompress_step(at, end, 1, 0, entry.IDLE_MASK, 0, RECOMPRESS_LEVEL, 1 << 62)[0]
+
     def recompress(
         self,
         idle_ticks: int = 0,
