@@ -580,9 +580,14 @@ def _policy_of(s: Store, **cfg: object) -> object:
 
 
 def _full_of_idle_pages(engine: str) -> tuple[Store, dict[int, bytes]]:
-    """A store whose memory limit its idle word pages (stamped long ago,
-    compressible by recompression) fill: writes from now on find no room."""
-    s = Store(1024 * PAGE, Codec("lz4"), memory_limit=96 * PAGE, engine=engine)
+    return _full_of_idle_pages_of(engine, 96)
+
+
+def _full_of_idle_pages_of(engine: str, frames: int) -> tuple[Store, dict[int, bytes]]:
+    """A store whose memory limit (``frames``) its idle word pages (stamped
+    long ago, compressible by recompression) fill: writes from now on find
+    no room."""
+    s = Store(1024 * PAGE, Codec("lz4"), memory_limit=frames * PAGE, engine=engine)
     s.engine.now_tick = 10
     model: dict[int, bytes] = {}
     for i, p in enumerate(_word_corpus(1024, seed=5)):
@@ -765,5 +770,33 @@ def test_idle_stamps_do_not_wrap_while_recompression_is_off(engine: str) -> None
         assert s.stats()["idle"][-1]["pages"] == len(pages)  # all in the oldest bucket, none wrapped
         assert s.c.recompressed == 0 and all(not entry.tier(e) and not entry.tried(e) for e in _entries(s))
         assert s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zswapd_recompress_under_pressure_does_not_train(engine: str) -> None:
+    """`zswapd recompress` trains a dictionary first if there is none, but a
+    training takes 16 MiB of samples and zstd's trainer's own memory on top,
+    locked in (mlockall): the policy never trains while usage is past the
+    watermark, and neither may the command.  The pass itself runs."""
+    import trio
+
+    from zswapd.control import Controller
+
+    s, model = _full_of_idle_pages_of(engine, 448)
+    try:
+        c = Controller(s, lambda: {"path": "x"}, "<test>")
+        c.recompressor = _policy_of(s, idle_age=0, dictionary_size=16 << 10)  # type: ignore[assignment]
+        assert c.recompressor.pressure()[0]  # type: ignore[attr-defined]
+        assert len(s.training_samples(0)) >= 256 * PAGE  # enough to train on, were it allowed
+
+        async def ask() -> dict[str, object]:
+            return await c.handle(b'{"cmd": "recompress", "idle_age": 0, "max_pages": 64}', 0, 0, [])
+
+        r = trio.run(ask)
+        assert r["ok"] and r["candidates"] and r["dictionary"] is None, r
+        assert s.c.dictionaries_trained == 0 and not s.engine.dictionaries()
+        assert s.read(0, len(model) * PAGE) == b"".join(model[i] for i in range(len(model)))
     finally:
         s.close()
