@@ -800,3 +800,45 @@ def test_zswapd_recompress_under_pressure_does_not_train(engine: str) -> None:
         assert s.read(0, len(model) * PAGE) == b"".join(model[i] for i in range(len(model)))
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_dictionary_is_trained_when_idle_pages_come_a_few_at_a_time(engine: str) -> None:
+    """Training samples idle pages; a round with fewer than TRAIN_MIN_PAGES
+    of them skips training and its pass then recompresses those pages
+    without a dictionary.  If only pages stored by a write were samples,
+    pages going idle at a trickle (fewer per round than the minimum) would
+    never add up and no dictionary would ever be trained: the ones the pass
+    recompressed plainly are idle pages too, and must count."""
+    import trio
+    import trio.testing
+
+    from zswapd.store import TRAIN_MIN_PAGES
+
+    pages = _word_corpus(600, seed=11)
+    per_round = TRAIN_MIN_PAGES // 3
+    s = Store(1024 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        rec = _policy_of(s, idle_age=60, dictionary_size=16 << 10, cpu_percent=100.0)
+        written = 0
+        tick = 100
+
+        async def rounds() -> None:
+            nonlocal written, tick
+            for _ in range(6):
+                for p in pages[written : written + per_round]:  # a batch written now...
+                    s.engine.now_tick = tick
+                    s.write(written * PAGE, p)
+                    written += 1
+                tick += 2  # ...idle by the next round
+                s.engine.now_tick = tick
+                s.tick = lambda _seconds: None  # type: ignore[method-assign]  # the test keeps the clock
+                await rec.round()  # type: ignore[attr-defined]
+
+        trio.run(rounds, clock=trio.testing.MockClock(autojump_threshold=0))
+        r = s.stats()["recompress"]
+        assert r["trainings"] == 1 and r["dictionaries"], r  # type: ignore[index]
+        assert s.read(0, written * PAGE) == b"".join(pages[:written])
+        s.check_invariants()
+    finally:
+        s.close()
