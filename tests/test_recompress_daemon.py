@@ -187,7 +187,17 @@ def test_recompression_under_real_swap_with_a_kill(tmp_path: Path) -> None:
             assert w.stdout.readline().strip() == "filled"
             reader = read_lines(w, lines)
             wait_for(lambda: swap_used_pages(loop) * PAGE >= 100e6, what="100 MB in our swap")
-            wait_for(lambda: _rec(d)["pages"] > 2000, timeout=120, what="swapped pages recompressed")
+
+            shown = [0.0]
+
+            def progress() -> bool:
+                r = _rec(d)
+                if time.monotonic() > shown[0] + 5:
+                    shown[0] = time.monotonic()
+                    print(f"swap {swap_used_pages(loop)} pages; recompress {r}", flush=True)
+                return int(r["recompressed"]) > 2000  # type: ignore[call-overload]
+
+            wait_for(progress, timeout=240, what="swapped pages recompressed")
             old = worker_pid(d)
             bring_others_home({w.pid, d.proc.pid, old})
             os.kill(old, signal.SIGKILL)
