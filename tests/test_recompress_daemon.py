@@ -123,7 +123,14 @@ def test_the_policy_recompresses_idle_pages_and_set_changes_it(tmp_path: Path) -
     rc = {"idle_age": 0, "cpu_percent": 100}
     with run_daemon(tmp_path, device={"size": "64M"}, recompress=rc) as d:
         _write(d, data)
-        wait_for(lambda: _rec(d)["pages"] > 4000, timeout=120, what="the policy to recompress the pages")
+        # a round that overlaps the write recompresses its first pages
+        # without a dictionary; the next one trains on them (samples include
+        # them) and the rest go with the dictionary: wait for both
+        wait_for(
+            lambda: _rec(d)["pages"] > 4000 and _rec(d)["trainings"] == 1,
+            timeout=120,
+            what="the policy to train a dictionary and recompress the pages",
+        )
         r = _rec(d)
         assert r["trainings"] == 1 and r["dictionaries"], r
         assert "recompression: training a 114688-byte dictionary on" in d.logtext()

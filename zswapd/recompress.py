@@ -7,7 +7,8 @@ Glossary:
 
 round       every ROUND_INTERVAL seconds (PRESSED_INTERVAL under pressure):
             tick the idle clock, train a dictionary if the retrain rule
-            asks, run one pass, drop dictionaries no page names.
+            asks, run one pass, drop dictionaries no page names.  While
+            ``enable`` is off, only the idle stamps' clamp, hourly.
 pass        Store.recompress_steps: candidates idle at least ``idle_age``,
             biggest objects first; bounded steps.
 budget      ``[recompress] cpu_percent`` of one core.  Each step and each
@@ -19,7 +20,9 @@ budget      ``[recompress] cpu_percent`` of one core.  Each step and each
 ladder      before the pool is full: compaction (housekeeping), then this
             policy's passes take the oldest pages first; while writes are
             refused (the store's ``full``) they ignore the budget and the
-            idle age.  The write path's own rung is Store._ladder.
+            idle age.  A refused write wakes this task within
+            PRESSED_INTERVAL: the write path itself never recompresses (it
+            is a serving thread; Store.write_stopped).
 
 Threads: with the native engine each step and each training runs on a trio
 worker thread (the C engine releases the GIL; the steps take the engine's
@@ -28,7 +31,7 @@ engine is not thread safe, so its steps run on the trio thread between
 requests, as compaction's do; training (a pure function of the samples)
 still runs on a worker thread.  ``lock`` (a trio lock) makes a manual
 ``zswapd recompress`` and a round take turns; the store's tier lock
-serialises them with the write path's ladder.
+serialises them.
 """
 
 from __future__ import annotations
@@ -52,12 +55,16 @@ log = logging.getLogger("zswapd")
 # of the page table per band (milliseconds for a million pages in C).
 ROUND_INTERVAL = 10.0
 # Between rounds while usage is over the compaction watermark or writes are
-# refused: the ladder's rung must not wait ten seconds.
+# refused, and how often a pause looks for that: the ladder's rung must not
+# wait ten seconds.
 PRESSED_INTERVAL = 0.5
 # After zstd could not train on the samples, wait this long before trying
 # again: training costs a CPU-second or more.  (Too few idle pages to train
 # on costs only a sample, and is tried again at the next round.)
 RETRAIN_BACKOFF = 600.0
+# While recompression is off, how often a round still clamps the idle stamps
+# (Store.clamp_idle): well within the 17 hours after which one would wrap.
+CLAMP_INTERVAL = 3600.0
 
 T = TypeVar("T")
 
@@ -101,6 +108,7 @@ class Recompressor:
         self.threaded = threaded  # steps on worker threads (the native engine)
         self.lock = trio.Lock()
         self.next_training = 0.0  # trio time before which no training is tried
+        self.next_clamp = 0.0  # trio time of the next clamp-only scan while off
         self.training = False  # a training is running (tests and `zswapd stats`)
 
     # -- pacing -------------------------------------------------------------------
@@ -177,10 +185,21 @@ class Recompressor:
     async def train(self, idle: int, size: int, budget: bool = True) -> int | None:
         """Sample idle pages, train a dictionary of ``size`` bytes on them
         (off the trio thread) and install it.  The new dictionary's id, or
-        None if there were too few idle pages or zstd could not train (then
-        no training is tried for RETRAIN_BACKOFF seconds)."""
+        None if there were too few idle pages, or if zstd could not train or
+        every slot holds a dictionary that pages still name (then no
+        training is tried for RETRAIN_BACKOFF seconds: the slots free up as
+        those pages are rewritten or discarded)."""
         async with self.lock:
             store = self.store
+            if not store.dictionary_slot_free():
+                log.warning(
+                    "recompression: every dictionary slot (%d) holds a dictionary that pages still use; "
+                    "not training for %.0f s",
+                    entry.DICT_SLOTS,
+                    RETRAIN_BACKOFF,
+                )
+                self.next_training = trio.current_time() + RETRAIN_BACKOFF
+                return None
             self.training = True
             span = _Span()
             try:
@@ -214,8 +233,13 @@ class Recompressor:
         """One round of the policy (see the top)."""
         cfg = self.config()
         store = self.store
-        store.ladder = (cfg.level, cfg.threshold) if cfg.enable else None
         if not cfg.enable:
+            # no pass scans the page table: keep the idle stamps from wrapping
+            # (the idle histogram, and the passes once enabled, rely on them)
+            if trio.current_time() >= self.next_clamp:
+                self.next_clamp = trio.current_time() + CLAMP_INTERVAL
+                _, cpu = await self._run(store.clamp_idle, self.threaded)
+                self._account(cpu)
             return
         store.tick(time.monotonic())
         pressed, refused = self.pressure()
@@ -227,7 +251,15 @@ class Recompressor:
         store.drop_unused_dictionaries()
 
     async def run(self) -> None:
-        """The policy task: a round, then a pause, for ever."""
+        """The policy task: a round, then a pause, for ever.  The pause is
+        ROUND_INTERVAL, cut short once usage passes the watermark or a
+        write is refused: the ladder's rung is this task's alone, so it
+        must not sleep through a burst of writes that fills the store."""
         while True:
             await self.round()
-            await trio.sleep(PRESSED_INTERVAL if self.pressure()[0] else ROUND_INTERVAL)
+            waited = 0.0
+            while True:
+                await trio.sleep(PRESSED_INTERVAL)
+                waited += PRESSED_INTERVAL
+                if waited >= ROUND_INTERVAL or self.pressure()[0]:
+                    break
