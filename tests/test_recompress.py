@@ -521,7 +521,12 @@ def _policy(s: Store, **cfg: object) -> object:
     from zswapd.recompress import Recompressor
 
     config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
-    return Recompressor(s, lambda: config, lambda: 90, threaded=s.engine.name == "native")
+    # The round's "now" is the tick the test set (s.engine.now_tick), not
+    # CLOCK_MONOTONIC, whose tick depends on the machine's uptime.
+    return Recompressor(
+        s, lambda: config, lambda: 90, threaded=s.engine.name == "native",
+        clock=lambda: s.engine.now_tick * entry.IDLE_TICK,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -692,7 +697,12 @@ def _policy_of(s: Store, **cfg: object) -> object:
     from zswapd.recompress import Recompressor
 
     config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
-    return Recompressor(s, lambda: config, lambda: 90, threaded=s.engine.name == "native")
+    # The round's "now" is the tick the test set (s.engine.now_tick), not
+    # CLOCK_MONOTONIC, whose tick depends on the machine's uptime.
+    return Recompressor(
+        s, lambda: config, lambda: 90, threaded=s.engine.name == "native",
+        clock=lambda: s.engine.now_tick * entry.IDLE_TICK,
+    )  # fmt: skip
 
 
 def _full_of_idle_pages(engine: str) -> tuple[Store, dict[int, bytes]]:

@@ -100,9 +100,17 @@ class Recompressor:
     every round (a reload or ``zswapd set`` applies at the next one)."""
 
     def __init__(
-        self, store: Store, config: Callable[[], RecompressConfig], watermark: Callable[[], int], threaded: bool
+        self,
+        store: Store,
+        config: Callable[[], RecompressConfig],
+        watermark: Callable[[], int],
+        threaded: bool,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        # What each round stamps as "now" for the idle ages (CLOCK_MONOTONIC
+        # in the daemon; a test's own clock, so ages do not depend on uptime).
+        self.clock = clock
         self.config = config
         self.watermark = watermark
         self.threaded = threaded  # steps on worker threads (the native engine)
@@ -241,7 +249,7 @@ class Recompressor:
                 _, cpu = await self._run(store.clamp_idle, self.threaded)
                 self._account(cpu)
             return
-        store.tick(time.monotonic())
+        store.tick(self.clock())
         pressed, refused = self.pressure()
         idle = 0 if refused else idle_ticks(cfg.idle_age)
         now = trio.current_time()
