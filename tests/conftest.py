@@ -119,6 +119,41 @@ def _fuse_connections_for(mountpoint: str) -> list[str]:
     return out
 
 
+def pids_holding(path: str) -> list[int]:
+    """Processes with an fd open on ``path`` (the instance lock: every
+    process of a daemon, supervisors it adopted included)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), st):
+                        found.append(int(pid))
+                        break
+    return found
+
+
+def kill_instance(pids: list[int]) -> None:
+    """SIGKILL every process of a daemon at once, as a crash of the whole
+    instance would: stopped first, so that none sees another die and acts
+    (a worker would hand its fds to a new supervisor).  Killed in reverse
+    order, supervisor (first) last: its death orphans the worker's process
+    group, and the kernel sends SIGCONT to an orphaned group that has a
+    stopped member."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Undo whatever a daemon left behind, in the safe order."""
     target = os.path.join(mountpoint, "swap")
@@ -129,6 +164,8 @@ def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) 
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+    # Supervisors a worker started (and their workers) are no child of ours.
+    kill_instance(pids_holding(mountpoint.rstrip("/") + ".lock"))
     for conn in _fuse_connections_for(mountpoint):
         with contextlib.suppress(OSError):
             Path(f"/sys/fs/fuse/connections/{conn}/abort").write_text("1")

@@ -621,6 +621,9 @@ def prometheus(s: dict[str, Any]) -> str:
             "# HELP zswapd_worker_restarts_total Workers replaced, by a crash or a reload, since the device was made",
             "# TYPE zswapd_worker_restarts_total counter",
             f"zswapd_worker_restarts_total {int(proc['worker_restarts'])}",
+            "# HELP zswapd_supervisor_restarts_total Supervisors replaced (by systemd, or adopted) since the device was made",
+            "# TYPE zswapd_supervisor_restarts_total counter",
+            f"zswapd_supervisor_restarts_total {int(proc.get('supervisor_restarts', 0))}",
         ]
     out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
     for c in s["classes"]:

@@ -1,5 +1,5 @@
 """What every zswapd process sets up, the supervisor and each worker alike:
-logging, systemd notification, no core dumps, memory locking, and the
+logging, no core dumps, memory locking, and the
 signals that must never end or stop a process in the swap path; and what
 the supervisor does first of all: leave the directory it was started from
 and close the fds it was started with (``settle``), and the command line
@@ -7,12 +7,10 @@ of a worker started afresh (``worker_argv``)."""
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import resource
 import signal
-import socket
 import sys
 
 from . import libc
@@ -104,20 +102,6 @@ def setup_logging(verbose: bool = False) -> None:
     root.propagate = False
 
 
-def sd_notify(message: str, fds: list[int] | None = None) -> None:
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            s.sendmsg([message.encode()], anc, 0, path)
-    except OSError as e:
-        log.warning("sd_notify failed: %s", e)
-
-
 def no_core_dumps() -> None:
     """The pool holds other processes' memory: it must never reach a core
     file, and a non-dumpable process cannot be ptrace-attached by non-root."""
@@ -156,3 +140,12 @@ def harden(swap_enabled: bool) -> None:
             f.write("-1000")
     except OSError as e:
         log.warning("cannot set oom_score_adj: %s", e)
+
+
+def adopt_argv(adopt_fd: int, config_arg: str | None, verbose: bool) -> list[str]:
+    """A new supervisor a worker starts when its own died (supervisor.py,
+    "who restarts whom"): installed code only, as worker_argv."""
+    argv = [sys.executable, "-I", "-m", "zswapd", "run", "--adopt", str(adopt_fd)]
+    if config_arg:
+        argv += ["--config", config_arg]
+    return argv + (["--verbose"] if verbose else [])

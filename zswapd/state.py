@@ -129,6 +129,9 @@ _INIT = struct.Struct("<I I I I Q I I")
 # Zero in a state written before it existed, which is the right reading.
 _RESTARTS_AT = 320
 _RESTARTS = struct.Struct("<Q")
+# The number of supervisors before the one running (stats'
+# supervisor_restarts), written by the supervisor itself with pwrite.
+_SUPERVISOR_RESTARTS_AT = 328
 # The runtime settings in force (what `zswapd set` changes; the algorithm and
 # zstd level are in the fixed fields): a worker that takes over after a crash
 # goes on with them, as zram keeps what was written to its sysfs files.
@@ -594,5 +597,17 @@ class State:
 def read_restarts(meta_fd: int) -> int:
     """The worker count a state's header holds (State.save_restarts), read
     with pread: the supervisor calls it without attaching the state."""
-    raw = os.pread(meta_fd, _RESTARTS.size, _RESTARTS_AT)
+    return _read_count(meta_fd, _RESTARTS_AT)
+
+
+def read_supervisor_restarts(meta_fd: int) -> int:
+    return _read_count(meta_fd, _SUPERVISOR_RESTARTS_AT)
+
+
+def write_supervisor_restarts(meta_fd: int, n: int) -> None:
+    os.pwrite(meta_fd, _RESTARTS.pack(n), _SUPERVISOR_RESTARTS_AT)
+
+
+def _read_count(meta_fd: int, at: int) -> int:
+    raw = os.pread(meta_fd, _RESTARTS.size, at)
     return int(_RESTARTS.unpack(raw)[0]) if len(raw) == _RESTARTS.size else 0
