@@ -13,7 +13,6 @@ their exit status seen.  Fixtures clean up on failure.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import signal
@@ -31,6 +30,8 @@ from test_failclosed import bring_others_home, wait_for
 from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, run_in_cgroup, swap_used_pages
 from test_takeover import read_lines
 
+from zswapd import libc
+
 pytestmark = pytest.mark.root
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -41,13 +42,12 @@ DMESG_BAD = ("Read-error on swap-device", "Write-error on swap-device", "I/O err
 @pytest.fixture
 def subreaper() -> Iterator[list[int]]:
     """The test process adopts orphans; the pids it adds are reaped at the end."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     reap: list[int] = []
     try:
         yield reap
     finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
         for pid in reap:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)

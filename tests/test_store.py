@@ -320,3 +320,23 @@ def test_a_compaction_run_retries_empty_steps_then_ends() -> None:
     s.discard(3 * PAGE, 197 * PAGE)
     assert s.pool.freeable_frames() > 0
     assert list(s.compact_steps(16)) == [0] * store.COMPACT_RETRIES
+
+
+def test_apply_setting_is_what_set_and_reload_change(engine: str) -> None:
+    """Store.apply_setting, the one place control's `set` and a reload change
+    the store: each [pool] runtime key takes effect; a limit below what is
+    stored is kept with a warning and drops nothing; any other key is refused."""
+    s = Store(SIZE, Codec("lz4"), engine=engine)
+    pages = [page_content(2, i, PAGE) for i in range(8)]
+    for i, p in enumerate(pages):
+        s.write(i * PAGE, p)
+    assert s.apply_setting("algorithm", "zstd") == {} and s.codec.algorithm == "zstd"
+    assert s.apply_setting("zstd_level", 5) == {} and s.codec.zstd_level == 5
+    assert s.apply_setting("accept_percent", 70) == {} and s.accept_percent == 70
+    out = s.apply_setting("memory_limit", FRAME_SIZE)
+    assert out["met"] is False and "below the" in str(out["warning"]) and s.memory_limit == FRAME_SIZE
+    assert [s.read(i * PAGE, PAGE) for i in range(8)] == pages
+    assert "warning" not in s.apply_setting("memory_limit", 0)
+    with pytest.raises(StoreError):
+        s.apply_setting("reserve", 1 << 20)
+    s.close()

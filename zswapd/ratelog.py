@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 # One line per interval: a bug or a refusal hit by every request shows in
 # the log within seconds of starting, and costs one line per interval after.
@@ -23,9 +24,12 @@ class RateLimitedLog:
     """At most one message per ``interval`` seconds through ``logger``; the
     next one logged says how many were held back since the last."""
 
-    def __init__(self, logger: logging.Logger, interval: float = INTERVAL) -> None:
+    def __init__(
+        self, logger: logging.Logger, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.logger = logger
         self.interval = interval
+        self.clock = clock
         self.next = 0.0
         self.held = 0
         self._lock = threading.Lock()
@@ -33,7 +37,7 @@ class RateLimitedLog:
     def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log unless one was logged less than ``interval`` ago; True if it was."""
         with self._lock:
-            now = time.monotonic()
+            now = self.clock()
             if now < self.next:
                 self.held += 1
                 return False
