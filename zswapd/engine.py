@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
-from . import codec, entry, rebuild
+from . import backing, codec, entry, rebuild
 from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .config import MAX_FUSE_THREADS
@@ -90,6 +90,12 @@ class Counters:
     mem_used_max: int = _saved()
     compactions: int = _saved()
     limit_hits: int = _saved()
+    # Writeback (backing.py), as zram's bd_stat: pages in the backing file
+    # (recounted by the rebuild), pages read from it and written to it.
+    bd_count: int = 0
+    bd_reads: int = _saved()
+    bd_writes: int = _saved()
+    segments_cleaned: int = _saved()
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))
@@ -184,6 +190,31 @@ class Engine(Protocol):
         the page counters match the table and every index is right."""
         ...
 
+    def attach_backing(self, fd: int, size: int) -> None:
+        """Serve and write back with the backing file ``fd`` of ``size``
+        bytes (backing.py); the segment table must fit it (StateError)."""
+        ...
+
+    def writeback(self, max_objects: int, max_bytes: int) -> tuple[int, int]:
+        """One bounded writeback step: (objects moved, bytes appended)."""
+        ...
+
+    def clean(self, max_objects: int, max_bytes: int, percent: int) -> tuple[int, int]:
+        """One bounded cleaning step: (objects moved, segments freed)."""
+        ...
+
+    def backing_figures(self) -> dict[str, int]:
+        """size, live_bytes, dead_bytes, segments_used, bytes_written."""
+        ...
+
+    def rebuild_backing(self, pages: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int]]) -> int:
+        """After rebuild_pages: the segment table's live bytes recomputed
+        from the backed entries, open and cleaning segments made full;
+        sets and returns bd_count.  StateError for a location no segment
+        holds."""
+        ...
+
+    def check_backing(self, pages: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int]]) -> None: ...
     def trim(self) -> int: ...
     def refill_reserve(self) -> int: ...
     def freeable(self, cls: int) -> int: ...
@@ -224,6 +255,8 @@ class PythonEngine(Pool):
         self.table = state.view("page")
         self.codec = codec
         self._c = Counters()
+        self.segs = state.view("segment")
+        self.backing: backing.Backing | None = None
         # The page the last write stopped at: (index, its bytes, kind,
         # algorithm, payload), to go on with instead of a second compression.
         self._stopped: tuple[int, bytes, int, int, Buffer | int] | None = None
@@ -258,14 +291,45 @@ class PythonEngine(Pool):
     def close(self) -> None:
         pass
 
+    # -- the backing file (backing.py) ----------------------------------------
+
+    def attach_backing(self, fd: int, size: int) -> None:
+        self.backing = backing.Backing(self, backing.BackingFile(fd, size, self.state.hook))
+
+    def _backing(self) -> backing.Backing:
+        if self.backing is None:
+            raise BadRequest("no backing file is attached")
+        return self.backing
+
+    def writeback(self, max_objects: int, max_bytes: int) -> tuple[int, int]:
+        return self._backing().writeback_step(max_objects, max_bytes)
+
+    def clean(self, max_objects: int, max_bytes: int, percent: int) -> tuple[int, int]:
+        return self._backing().clean_step(max_objects, max_bytes, percent)
+
+    def backing_figures(self) -> dict[str, int]:
+        return self._backing().figures()
+
+    def rebuild_backing(self, pages: Extents, segments: Extents) -> int:
+        self._c.bd_count = rebuild.rebuild_segments(self.table, self.segs, pages, segments)
+        return self._c.bd_count
+
+    def check_backing(self, pages: Extents, segments: Extents) -> None:
+        rebuild.check_segments(self.table, self.segs, pages, segments, self._c.bd_count)
+
     # -- pages --------------------------------------------------------------
 
     def _release(self, e: int) -> None:
         kind = entry.kind(e)
         if not kind:
             return
-        h = entry.handle(e)
         self._c.pages_stored -= 1
+        if e & entry.BACKED:
+            # The object stays in its segment as dead bytes (cleaning's).
+            self.segs[entry.location(e) * backing.OBJ_ALIGN // backing.SEG_SIZE] -= backing.span(entry.length(e))
+            self._c.bd_count -= 1
+            return
+        h = entry.handle(e)
         if kind == KIND_SAME:
             self.free_word(h)
             self._c.same_pages -= 1
@@ -313,9 +377,12 @@ class PythonEngine(Pool):
         if not kind:
             return _ZERO_PAGE
         h = entry.handle(e)
-        if kind == KIND_SAME:
+        if e & entry.BACKED:
+            data: Buffer = self._backing().load(idx, e)
+        elif kind == KIND_SAME:
             return fill_page(self.word(h))
-        data = self.load(h, entry.length(e))
+        else:
+            data = self.load(h, entry.length(e))
         if kind == KIND_HUGE:
             return data
         try:
@@ -405,6 +472,19 @@ def python_rules() -> dict[str, Any]:
         "ENTRY_LEN_MASK": entry.LEN_MASK,
         "ENTRY_HANDLE_SHIFT": entry.HANDLE_SHIFT,
         "ENTRY_UNUSED": entry.UNUSED,
+        "ENTRY_BACKED": entry.BACKED,
+        "SEG_SIZE": backing.SEG_SIZE,
+        "SEG_BLOCK": backing.BLOCK,
+        "OBJ_ALIGN": backing.OBJ_ALIGN,
+        "OBJ_HEADER": backing.OBJ_HEADER,
+        "MAX_SEGMENTS": backing.MAX_SEGMENTS,
+        "MAX_PENDING": backing.MAX_PENDING,
+        "SEG_FILL_SHIFT": backing.SEG_FILL_SHIFT,
+        "SEG_STATE_SHIFT": backing.SEG_STATE_SHIFT,
+        "SEG_FREE": backing.SEG_FREE,
+        "SEG_OPEN": backing.SEG_OPEN,
+        "SEG_FULL": backing.SEG_FULL,
+        "SEG_CLEANING": backing.SEG_CLEANING,
         "KIND_SAME": codec.KIND_SAME,
         "KIND_COMPRESSED": codec.KIND_COMPRESSED,
         "KIND_HUGE": codec.KIND_HUGE,
@@ -511,6 +591,13 @@ if _engine is not None:
 
         def check_pages(self, extents: Extents) -> None:
             super().check_pages(list(extents))
+
+        def rebuild_backing(self, pages: Extents, segments: Extents) -> int:
+            count: int = super().rebuild_backing(list(pages), list(segments))
+            return count
+
+        def check_backing(self, pages: Extents, segments: Extents) -> None:
+            super().check_backing(list(pages), list(segments))
 
         def class_stats(self) -> list[dict[str, int]]:
             return self.reference().class_stats()

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, cast
 MAGIC = b"zswapdST"
 # Bumped on any change to the header or to a table's format or order; an
 # older or newer worker then refuses the state instead of misreading it.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # One header page: mincore and holes work in pages, and the tables after it
 # start page aligned.
 HEADER_BYTES = 4096
@@ -64,6 +64,11 @@ FRAME_BYTES = 4096  # pool.FRAME_SIZE; repeated here because state sits below po
 MAX_FRAMES = (1 << 32) - 2
 # The page table keeps a handle in bits 32-62, so handles fit in 31 bits.
 MAX_HANDLES = 0x7FFFFFFF
+# Segments of the backing file (backing.py): 32 GiB, the most a page
+# entry's 31-bit location in 16-byte units addresses, of 256 KiB.  The
+# segment table is that long whatever the file's size: it is sparse, so
+# only the segments a file has ever used cost memory.
+MAX_SEGMENTS = 1 << 17
 # Event counters kept in the header snapshot; 16 leaves room to add some
 # without a layout change (a new worker reads unknown ones as 0).
 COUNTER_SLOTS = 16
@@ -165,13 +170,20 @@ TABLES = (
     ("hot", "I", "frames", False),  # free frames still resident
     ("cold", "I", "frames", False),  # free frames punched out
     ("handle_stack", "I", "handles", False),  # free handles
+    ("segment", "Q", "segments", True),  # backing.py: live bytes, fill, state of each segment
 )
 
 
 def dimensions(g: Geometry) -> dict[str, int]:
     """Entries per table, by what the table is indexed by: handles and
     zspages are numbered from 1 (0 means none)."""
-    return {"pages": g.npages, "handles": g.max_handles + 1, "zspages": g.max_zspages, "frames": g.max_frames}
+    return {
+        "pages": g.npages,
+        "handles": g.max_handles + 1,
+        "zspages": g.max_zspages,
+        "frames": g.max_frames,
+        "segments": MAX_SEGMENTS,
+    }
 
 
 def layout(g: Geometry) -> list[Table]:

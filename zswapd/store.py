@@ -158,7 +158,9 @@ class Store:
         The scan is the engine's (rebuild.py's, or the native
         one, which leaves the same bytes); the event counters come back from
         the header snapshot."""
-        self.engine.rebuild_pages(list(self.state.extents("page")))
+        pages = list(self.state.extents("page"))
+        self.engine.rebuild_pages(pages)
+        self.engine.rebuild_backing(pages, list(self.state.extents("segment")))
         saved = dict(zip(SAVED_COUNTERS, self.state.load_counters(), strict=False))
         c = self.c
         for name in SAVED_COUNTERS:
@@ -169,7 +171,9 @@ class Store:
     def check_invariants(self) -> None:
         """Raise StateError unless each live handle is named by exactly one
         page and every pool index agrees with the persistent tables."""
-        self.engine.check_pages(list(self.state.extents("page")))
+        pages = list(self.state.extents("page"))
+        self.engine.check_pages(pages)
+        self.engine.check_backing(pages, list(self.state.extents("segment")))
 
     def save_counters(self) -> None:
         """Snapshot the event counters into the state header."""

@@ -27,7 +27,7 @@ typedef struct {
  * at its start), reused for every page after, freed when the thread ends.
  * A dictionary's digested form (ZSTD_CDict/DDict) would be shared by every
  * thread and referenced from here, never copied per thread. */
-typedef struct {
+typedef struct Ctx {
     void *lz4_state;
     ZSTD_CCtx *zc;
     ZSTD_DCtx *zd;
@@ -35,6 +35,7 @@ typedef struct {
     uint8_t cbuf[FRAME_SIZE]; /* compressed output */
     uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
     uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
+    uint8_t *dbuf;            /* READ_BUFFER, block aligned: a backed object read O_DIRECT */
     Stopped stopped;
 } Ctx;
 

@@ -117,8 +117,10 @@
  *   bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
  *   bits 4-16  payload length in bytes
  *   bits 17-31 unused, 0
- *   bits 32-62 handle (of a same-filled page: the handle holding its word)
- *   bit 63     unused, 0 */
+ *   bits 32-62 handle (of a same-filled page: the handle holding its word);
+ *              with bit 63, the object's location in the backing file in
+ *              OBJ_ALIGN units (backing.c)
+ *   bit 63     BACKED: the payload lives in the backing file */
 #define KIND_SAME 1u
 #define KIND_COMPRESSED 2u
 #define KIND_HUGE 3u
@@ -128,16 +130,25 @@
 #define ENTRY_LEN_SHIFT 4
 #define ENTRY_LEN_MASK 0x1FFFull
 #define ENTRY_HANDLE_SHIFT 32
-#define ENTRY_UNUSED (1ull << 63 | 0x7FFFull << 17)
+#define ENTRY_HANDLE_MASK 0x7FFFFFFFull
+#define ENTRY_BACKED (1ull << 63)
+#define ENTRY_UNUSED (0x7FFFull << 17)
 
 static inline unsigned entry_kind(uint64_t entry) { return (unsigned)(entry & ENTRY_KIND_MASK); }
 static inline unsigned entry_algo(uint64_t entry) { return (unsigned)(entry >> ENTRY_ALGO_SHIFT & ENTRY_ALGO_MASK); }
 static inline uint32_t entry_len(uint64_t entry) { return (uint32_t)(entry >> ENTRY_LEN_SHIFT & ENTRY_LEN_MASK); }
-static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT); }
+static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT & ENTRY_HANDLE_MASK); }
+static inline int entry_backed(uint64_t entry) { return (entry & ENTRY_BACKED) != 0; }
+static inline uint32_t entry_loc(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT & ENTRY_HANDLE_MASK); }
 static inline uint64_t make_entry(uint32_t h, unsigned kind, unsigned algo, uint32_t len)
 {
     return (uint64_t)h << ENTRY_HANDLE_SHIFT | (uint64_t)len << ENTRY_LEN_SHIFT | (uint64_t)algo << ENTRY_ALGO_SHIFT |
            kind;
+}
+
+static inline uint64_t make_backed(uint32_t loc, unsigned kind, unsigned algo, uint32_t len)
+{
+    return ENTRY_BACKED | make_entry(loc, kind, algo, len);
 }
 
 /* ---- the handle table's word (pool.py's glossary) --------------------------
@@ -177,6 +188,7 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
 #define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
 #define ST_POLICY 5  /* asking the policy failed (a Python exception, left set) */
 #define ST_NOMEM 6   /* no memory for a thread's codec context */
+#define ST_IO 7      /* the backing file's read or write failed (Backing.err) */
 
 #ifdef ZSWAPD_BOUNDS
 /* The sanitizer build checks every table index: ASan cannot see past the end
@@ -196,8 +208,9 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
  * X(name, C type, what it is indexed by), in state.layout's order; module.c
  * exports the list as TABLES and engine.py asserts it equals state.py's.
  * Entries: DIM_PAGES npages, DIM_HANDLES max_handles + 1 (0 is no handle),
- * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames. */
-enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES };
+ * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames,
+ * DIM_SEGMENTS MAX_SEGMENTS (backing.c). */
+enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_SEGMENTS };
 #define ENGINE_TABLES(X)                                                                                           \
     X(page, uint64_t, DIM_PAGES)                                                                                   \
     X(handle, uint64_t, DIM_HANDLES)                                                                               \
@@ -212,7 +225,8 @@ enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES };
     X(zs_stack, uint32_t, DIM_ZSPAGES)                                                                             \
     X(hot, uint32_t, DIM_FRAMES)                                                                                   \
     X(cold, uint32_t, DIM_FRAMES)                                                                                  \
-    X(handle_stack, uint32_t, DIM_HANDLES)
+    X(handle_stack, uint32_t, DIM_HANDLES)                                                                         \
+    X(segment, uint64_t, DIM_SEGMENTS)
 
 #define TABLE_ENUM(name, type, dim) T_##name,
 enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
@@ -222,7 +236,8 @@ enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
  * engine.py asserts the list; the store counts through Engine.count. */
 #define ENGINE_COUNTERS(X)                                                                                         \
     X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages) X(huge_pages)         \
-        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits)
+        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits) X(bd_count) X(bd_reads) X(bd_writes)          \
+            X(segments_cleaned)
 
 typedef struct {
 #define TABLE_FIELD(name, type, dim) type *name;
@@ -261,6 +276,8 @@ typedef struct {
 #undef COUNTER_FIELD
 
     int algo, zstd_level; /* read by each thread's codec context */
+
+    struct Backing *bk; /* the backing file (backing.c); NULL: none attached */
 
     int full; /* the store's full flag: while set, a page that needs memory is refused */
     int punch_errno;
@@ -406,6 +423,56 @@ int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len,
  * does not decompress (ST_CORRUPT). */
 int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len);
 unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end);
+
+/* ---- backing.c: the backing file (backing.py is the reference) ----------- */
+
+#define SEG_SIZE (256u * 1024)
+#define SEG_SHIFT 18
+#define SEG_BLOCK 4096u
+#define OBJ_ALIGN 16u
+#define OBJ_HEADER 8u
+#define MAX_SEGMENTS (1u << 17)
+#define MAX_PENDING 1024
+#define SEG_LIVE_MASK 0xFFFFFull
+#define SEG_FILL_SHIFT 20
+#define SEG_FILL_MASK 0xFFFFFull
+#define SEG_STATE_SHIFT 40
+#define SEG_FREE 0
+#define SEG_OPEN 1
+#define SEG_FULL 2
+#define SEG_CLEANING 3
+#define READ_BUFFER (2 * SEG_BLOCK) /* an object from a 16-byte boundary spans at most two blocks */
+
+static inline uint32_t obj_span(uint32_t len) { return (OBJ_HEADER + len + OBJ_ALIGN - 1) / OBJ_ALIGN * OBJ_ALIGN; }
+static inline uint32_t seg_live(uint64_t w) { return (uint32_t)(w & SEG_LIVE_MASK); }
+static inline uint32_t seg_fill(uint64_t w) { return (uint32_t)(w >> SEG_FILL_SHIFT & SEG_FILL_MASK); }
+static inline unsigned seg_state(uint64_t w) { return (unsigned)(w >> SEG_STATE_SHIFT & 3); }
+static inline uint64_t seg_word(uint32_t live, uint32_t fill, unsigned state)
+{
+    return (uint64_t)state << SEG_STATE_SHIFT | (uint64_t)fill << SEG_FILL_SHIFT | live;
+}
+/* The segment an entry's location is in. */
+static inline uint32_t loc_segment(uint32_t loc) { return (uint32_t)((uint64_t)loc * OBJ_ALIGN >> SEG_SHIFT); }
+
+struct Ctx;
+/* 0, or -errno (no memory: -ENOMEM; a file too small for the table: -EFBIG). */
+int backing_attach(Engine *e, int fd, uint64_t size);
+void backing_detach(Engine *e);
+/* Bounded steps (the backing lock held inside): objects moved. */
+long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned long long *nbytes);
+long clean_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned percent, int *freed);
+/* A backed page's payload into t's read buffer: ST_OK (*payload set),
+ * ST_CORRUPT (the file does not hold its object there), ST_IO. */
+int backing_load(Engine *e, struct Ctx *t, uint64_t idx, uint64_t entry, const uint8_t **payload);
+/* What a backed entry leaves: its object's bytes are dead from now on. */
+void backing_release(Engine *e, uint64_t entry);
+/* figures: size, live, dead, used segments, bytes written; -1 without a file. */
+int backing_figures(Engine *e, unsigned long long out[5]);
+int backing_errno(Engine *e);
+int rebuild_segments(Engine *e, const uint64_t *pages, size_t npx, const uint64_t *segs, size_t nsx,
+                     unsigned long long *count, char *err, size_t errlen);
+int check_segments(Engine *e, const uint64_t *pages, size_t npx, const uint64_t *segs, size_t nsx, char *err,
+                   size_t errlen);
 
 /* ---- rebuild.c ------------------------------------------------------------- */
 

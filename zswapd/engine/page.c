@@ -21,6 +21,10 @@ static void release(Engine *e, uint64_t entry)
         return;
     uint32_t h = entry_handle(entry);
     SUB(e->pages_stored, 1);
+    if (entry_backed(entry)) {
+        backing_release(e, entry); /* dead bytes in its segment, for cleaning */
+        return;
+    }
     if (kind == KIND_SAME) {
         pool_lock(e);
         drop_handle(e, h);
@@ -134,6 +138,23 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
         return ST_OK;
     }
     uint32_t h = entry_handle(entry);
+    if (entry_backed(entry)) {
+        /* Under the entry bit nothing can move the object (cleaning
+         * switches entries under it), so one read is enough. */
+        const uint8_t *payload;
+        int st = backing_load(e, t, idx, entry, &payload);
+        if (st != ST_OK)
+            return st;
+        if (kind == KIND_HUGE) {
+            memcpy(dst, payload, PAGE_SIZE);
+            return ST_OK;
+        }
+        if (decompress(t, entry_algo(entry), payload, entry_len(entry), dst) != 0) {
+            ADD(e->failed_reads, 1);
+            return ST_CORRUPT;
+        }
+        return ST_OK;
+    }
     CHECK(h <= e->max_handles);
     if (kind == KIND_SAME) {
         uint64_t w = e->handle[h];
@@ -219,8 +240,46 @@ int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len,
     return st;
 }
 
+/* A backed page, read with no lock held: the entry as seen under its bit,
+ * then the file (O_DIRECT, this thread's buffer), then the entry again.
+ * Cleaning may have moved the object (and punched the old copy) meanwhile:
+ * then the entry has changed and the page is read again from where it is
+ * now.  An unchanged entry means the copy read was the page's, since a
+ * segment is only punched after every entry into it has switched away and
+ * is reused only after that; the object's header, which names the page,
+ * is checked too. */
+static int read_backed(Engine *e, Ctx *t, uint64_t idx, uint64_t entry, uint8_t *dst)
+{
+    for (;;) {
+        const uint8_t *payload;
+        int st = backing_load(e, t, idx, entry, &payload);
+        uint64_t now = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
+        if (now != entry) {
+            if (!entry_backed(now)) { /* back in the pool, rewritten or discarded: the locked path */
+                entry_lock(e, idx);
+                st = load_page_locked(e, t, idx, dst);
+                entry_unlock(e, idx);
+                return st;
+            }
+            entry = now;
+            continue;
+        }
+        if (st != ST_OK)
+            return st;
+        if (entry_kind(entry) == KIND_HUGE) {
+            memcpy(dst, payload, PAGE_SIZE);
+            return ST_OK;
+        }
+        if (decompress(t, entry_algo(entry), payload, entry_len(entry), dst) != 0) {
+            ADD(e->failed_reads, 1);
+            return ST_CORRUPT;
+        }
+        return ST_OK;
+    }
+}
+
 /* Each page's object is copied out under its entry lock, then decompressed
- * with no lock held. */
+ * with no lock held; a backed one is read from the file with none held. */
 int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
 {
     ADD(e->num_reads, 1);
@@ -235,7 +294,10 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         int st = ST_OK;
         entry_lock(e, idx);
         uint64_t entry = e->page[idx];
-        if (entry_kind(entry) == KIND_COMPRESSED) {
+        if (entry_backed(entry)) {
+            entry_unlock(e, idx);
+            st = read_backed(e, t, idx, entry, dst);
+        } else if (entry_kind(entry) == KIND_COMPRESSED) {
             uint32_t n = entry_len(entry);
             obj_copy(e, entry_handle(entry), n, t->obuf);
             entry_unlock(e, idx);

@@ -179,6 +179,8 @@ static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t n
                 FAIL(s, "page %llu: entry 0x%llx has bits set that no entry uses", (unsigned long long)idx,
                      (unsigned long long)entry);
             counts[0]++;
+            if (entry_backed(entry))
+                continue; /* in the backing file: rebuild_segments' part */
             int r;
             char *outer = s->err;
             size_t outer_len = s->errlen;
@@ -342,6 +344,10 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
             if (!kind)
                 continue;
             uint64_t h = entry_handle(entry);
+            if (entry_backed(entry)) {
+                stored++;
+                continue; /* check_segments' part */
+            }
             if (h <= e->max_handles) {
                 if (own[h]) {
                     snprintf(fatal, fatlen, "page %llu names handle %llu, which another page names too",
