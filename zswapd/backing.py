@@ -74,7 +74,8 @@ from typing import TYPE_CHECKING
 from . import entry
 from .codec import KIND_COMPRESSED, KIND_HUGE, PAGE_SIZE
 from .errors import BadRequest, CorruptObject
-from .state import MAX_SEGMENTS, CrashHook, StateError
+from .state import MAX_SEGMENTS as MAX_SEGMENTS
+from .state import CrashHook, StateError
 
 if TYPE_CHECKING:
     from .engine import PythonEngine
@@ -215,8 +216,7 @@ def check_backing_fd(fd: int, path: str) -> None:
 def check_backing_size(size: int) -> None:
     if size <= 0 or size % SEG_SIZE:
         raise BadRequest(
-            f"[writeback] size must be a positive multiple of the segment size {SEG_SIZE} bytes "
-            f"(256 KiB), got {size}"
+            f"[writeback] size must be a positive multiple of the segment size {SEG_SIZE} bytes (256 KiB), got {size}"
         )
     if size > MAX_FILE_BYTES:
         raise BadRequest(f"[writeback] size {size} is beyond the {MAX_FILE_BYTES} bytes (32 GiB) a location addresses")
@@ -488,7 +488,9 @@ class Backing:
             if e & entry.BACKED and entry.location(e) == loc and entry.length(e) == n:
                 if not self._room(span(n), 0):
                     break
-                self._append(page, e, entry.kind(e), entry.algo(e), self.cbuf[at + OBJ_HEADER : at + OBJ_HEADER + n], victim)
+                self._append(
+                    page, e, entry.kind(e), entry.algo(e), self.cbuf[at + OBJ_HEADER : at + OBJ_HEADER + n], victim
+                )
                 moved += 1
                 nbytes += span(n)
             self.cpos = at + span(n)

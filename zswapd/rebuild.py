@@ -266,7 +266,11 @@ def _backed(table: memoryview, pages: Extents) -> Iterator[tuple[int, int, int, 
         n = entry.length(e)
         off = entry.location(e) * backing.OBJ_ALIGN
         seg, at = off >> backing.SEG_SHIFT, off & (backing.SEG_SIZE - 1)
-        if kind not in (KIND_HUGE, KIND_COMPRESSED) or not 0 < n <= PAGE_SIZE or (kind == KIND_HUGE) != (n == PAGE_SIZE):
+        if (
+            kind not in (KIND_HUGE, KIND_COMPRESSED)
+            or not 0 < n <= PAGE_SIZE
+            or (kind == KIND_HUGE) != (n == PAGE_SIZE)
+        ):
             raise StateError(f"page {idx}: backed entry {e:#x} has a bad kind or length")
         if seg >= MAX_SEGMENTS or at + backing.span(n) > backing.SEG_SIZE:
             raise StateError(f"page {idx}: backed entry {e:#x} names no segment's object")
@@ -311,7 +315,9 @@ def check_segments(table: memoryview, segs: memoryview, pages: Extents, segments
         if backing.seg_state(w) == backing.SEG_FREE:
             errors.append(f"segment {s} is free but its word is {w:#x}")
         elif backing.seg_live(w) != live.get(s, 0) or backing.seg_live(w) > backing.seg_fill(w):
-            errors.append(f"segment {s}: live {backing.seg_live(w)}, fill {backing.seg_fill(w)}, pages name {live.get(s, 0)}")
+            errors.append(
+                f"segment {s}: live {backing.seg_live(w)}, fill {backing.seg_fill(w)}, pages name {live.get(s, 0)}"
+            )
     for s in sorted(set(live) - seen)[:4]:
         errors.append(f"segment {s} is free but pages name {live[s]} bytes in it")
     if errors:
