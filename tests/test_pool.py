@@ -15,6 +15,7 @@ from zswapd.engine import Engine, open_pool
 from zswapd.pool import (
     CLASSES,
     FRAME_SIZE,
+    FULLNESS_LABELS,
     HUGE_THRESHOLD,
     MAX_FRAMES_PER_ZSPAGE,
     PoolError,
@@ -83,6 +84,29 @@ def test_store_load_free_roundtrip_including_straddlers(make_pool: Any) -> None:
     for h, data in items:
         pool.free(h, len(data))
     assert pool.frames_used == 0 and pool.obj_bytes == 0 and pool.handles_used == 0
+
+
+def test_class_fullness_histogram_like_zsmalloc_debugfs(make_pool: Any) -> None:
+    """stats' per-class "fullness": zspages by fullness group, then the full
+    ones, counted from the pool's own lists; it sums to the class's zspages."""
+    pool = make_pool(4096, 8192, reserve_frames=0)
+    rnd = random.Random(2)
+    handles = [pool.store(rnd.randbytes(1000)) for _ in range(400)]  # one class, 4 to a zspage
+    for h in handles[:200:3] + handles[1:200:12]:  # the second half stays full
+        pool.free(h, 1000)
+    stats = pool.class_stats()
+    (row,) = [c for c in stats[:-1] if c["zspages"]]
+    assert len(row["fullness"]) == len(FULLNESS_LABELS) and sum(row["fullness"]) == row["zspages"]
+    objs = row["objs_per_zspage"]
+    ref = pool.reference()
+    cls = next(i for i, c in enumerate(ref.classes) if c.size == row["size"])
+    want = [0] * len(FULLNESS_LABELS)
+    for z in range(1, len(ref.zs_class)):
+        if ref.zs_class[z] == cls and ref.zs_inuse[z]:
+            inuse = ref.zs_inuse[z]
+            want[-1 if inuse == objs else -(-inuse * 10 // objs) - 1] += 1
+    assert row["fullness"] == want and want[-1] and any(want[:-1])
+    assert stats[-1]["fullness"][-1] == stats[-1]["zspages"]  # huge objects: a full frame each
 
 
 def test_bad_input_is_a_clear_exception(make_pool: Any) -> None:

@@ -190,6 +190,25 @@ def test_sorts_cycle_and_a_short_screen_says_what_it_left_out() -> None:
                             "... 2 more classes"]  # fmt: skip
 
 
+def test_classes_show_zspages_by_fullness_when_the_daemon_reports_them() -> None:
+    """Each class's zspages by fullness group (stats' "fullness", as the
+    kernel's zsmalloc classes file), one cell per group, as high as its
+    share of the row's largest; a narrow terminal drops the column first."""
+    after = copy.deepcopy(AFTER)
+    for c, groups in zip(after["classes"], ([0] * 10 + [2], [0] * 11, [6, 0, 3, 1] + [0] * 7, [0] * 10 + [5])):
+        c["fullness"] = groups
+    lines = topview.plain(topview.layout(topview.build(BEFORE, after, 2.0), 100, None, unicode=False)).splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("size  fullness"))
+    assert lines[heading].endswith("10%..100%")
+    assert lines[heading + 2].startswith("1024 [") and lines[heading + 2].endswith(
+        "  @ =:"
+    )  # trailing empty groups: blank
+    assert lines[heading + 1].endswith("          @")  # size 48: two zspages, both full
+    narrow = topview.plain(topview.layout(topview.build(BEFORE, after, 2.0), 80, None)).splitlines()
+    assert not any("10%..100%" in line for line in narrow)
+    assert topview.spark([0, 1, 2, 4], " .:-=+*#%@") == " .=@" and topview.spark([0, 0], "ab") == "aa"
+
+
 @pytest.mark.parametrize("width", [20, 33, 61, 200])
 @pytest.mark.parametrize("height", [1, 5, 24, 60])
 def test_every_size_fits(width: int, height: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_PATH, LOG_LEVELS, ConfigError, control_socket, load
+from .pool import FULLNESS_LABELS
 
 # The commands that only read from the daemon: they work with a config file
 # that does not load (a typo the running daemon refused at SIGHUP), warning
@@ -138,11 +139,18 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
             "frames_used",
             "freeable",
         )
+        # Zspages by fullness after the size, as the kernel's zsmalloc
+        # classes file has them (a daemon that does not report them: none).
+        groups = FULLNESS_LABELS if all("fullness" in c for c in s["classes"]) else ()
         lines.append("")
-        lines.append(" ".join(f"{c:>17}" if i else f"{c:>6}" for i, c in enumerate(cols)))
+        lines.append(f"{cols[0]:>6}" + "".join(f" {g:>5}" for g in groups) + "".join(f" {c:>17}" for c in cols[1:]))
         for c in s["classes"]:
             if c["zspages"]:
-                lines.append(" ".join(f"{c[k]:>17}" if i else f"{c[k]:>6}" for i, k in enumerate(cols)))
+                lines.append(
+                    f"{c[cols[0]]:>6}"
+                    + "".join(f" {n:>5}" for n in (c["fullness"] if groups else ()))
+                    + "".join(f" {c[k]:>17}" for k in cols[1:])
+                )
     return "\n".join(lines)
 
 

@@ -96,6 +96,10 @@ MAX_FRAMES_PER_ZSPAGE = 8
 HEADER = 4
 GROUPS = 10  # fullness groups 1..10; 0 is empty, 11 is full
 GROUP_FULL = GROUPS + 1
+# class_stats' "fullness" histogram: zspages in groups 1..10, then full ones,
+# under the column names of the kernel's /sys/kernel/debug/zsmalloc/*/classes
+# (group 10 holds zspages over 90% used but not full, hence "99%").
+FULLNESS_LABELS = ("10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "99%", "100%")
 
 _MAX_HANDLE = 0x7FFFFFFF
 
@@ -891,7 +895,7 @@ class Pool:
         zspage records, frame links and the free stacks."""
         return self.state.resident_bytes([t.name for t in self.state.tables if t.name != "page"])
 
-    def class_stats(self) -> list[dict[str, int]]:
+    def class_stats(self) -> list[dict[str, Any]]:
         out = []
         for i, c in enumerate(self.classes):
             zspages = self.cls_zspages[i]
@@ -905,6 +909,7 @@ class Pool:
                     "zspages": zspages,
                     "frames_used": zspages * c.frames_per_zspage,
                     "freeable": self.freeable(i),
+                    "fullness": self.fullness(i),
                 }
             )
         out.append(
@@ -917,6 +922,24 @@ class Pool:
                 "zspages": self.huge_objects,
                 "frames_used": self.huge_objects,
                 "freeable": 0,
+                "fullness": [0] * GROUPS + [self.huge_objects],
             }
         )
+        return out
+
+    def fullness(self, cls: int) -> list[int]:
+        """A class's zspages by fullness group (FULLNESS_LABELS): the length
+        of each group's list, then the full ones, which sit on no list.
+        A native engine's lists can change under this walk (its heads were
+        copied a moment ago); the walk stops after the class's zspage count,
+        so it ends, and what it returns is then a close estimate."""
+        out = [0] * (GROUPS + 1)
+        left = self.cls_zspages[cls]
+        for group in range(1, GROUPS + 1):
+            z = self._heads[cls * (GROUPS + 1) + group]
+            while z and left > 0:
+                out[group - 1] += 1
+                left -= 1
+                z = self.zs_next[z]
+        out[GROUPS] = max(0, left)
         return out

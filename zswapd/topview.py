@@ -95,6 +95,9 @@ class ClassRow:
     zspages: int
     frames: int
     freeable: int  # zspages compaction could free
+    # Zspages by fullness group, emptiest first, full last (stats'
+    # "fullness", pool.FULLNESS_LABELS); () from a daemon without it.
+    groups: tuple[int, ...] = ()
 
     @property
     def waste(self) -> int:
@@ -247,7 +250,15 @@ def _tiers(s: Mapping[str, Any]) -> tuple[Bar, ...]:
 
 def _classes(s: Mapping[str, Any], sort: str) -> tuple[ClassRow, ...]:
     rows = [
-        ClassRow(c["size"], c["obj_used"], c["obj_allocated"], c["zspages"], c["frames_used"], c["freeable"])
+        ClassRow(
+            c["size"],
+            c["obj_used"],
+            c["obj_allocated"],
+            c["zspages"],
+            c["frames_used"],
+            c["freeable"],
+            tuple(c.get("fullness", ())),
+        )  # fmt: skip
         for c in s.get("classes", ())
         if c["zspages"]
     ]
@@ -313,24 +324,39 @@ def _rate_lines(rates: Sequence[Rate], width: int) -> list[Line]:
     return out
 
 
-CLASS_COLUMNS = ("size", "used/alloc", "zspages", "frames", "waste", "freeable")
+CLASS_COLUMNS = ("size", "used/alloc", "zspages", "frames", "waste", "freeable", "10%..100%")
+# Heights of the fullness histogram's cells, none to most: each cell is one
+# group's zspages against the row's largest group.
+UNICODE_SPARK = " ▁▂▃▄▅▆▇█"
+ASCII_SPARK = " .:-=+*#%@"
+
+
+def spark(counts: Sequence[int], levels: str) -> str:
+    """One character per count, its height the count's share of the largest;
+    anything above zero shows."""
+    top = max(counts, default=0)
+    if top <= 0:
+        return levels[0] * len(counts)
+    return "".join(levels[0] if n <= 0 else levels[max(1, round((len(levels) - 1) * n / top))] for n in counts)
 
 
 def _class_lines(view: View, width: int, rows: int | None, chars: str) -> list[Line]:
     """The class table, at most ``rows`` lines with its title and heading
     (all of it when None)."""
+    levels = UNICODE_SPARK if chars == UNICODE_BAR else ASCII_SPARK
     cells = [
         (c, (str(c.size), f"{c.obj_used}/{c.obj_allocated}", str(c.zspages), str(c.frames), human(c.waste),
-             str(c.freeable)))
+             str(c.freeable), spark(c.groups, levels)))
         for c in view.classes
     ]  # fmt: skip
-    w = [max([len(name)] + [len(row[i]) for _, row in cells]) for i, name in enumerate(CLASS_COLUMNS)]
+    columns = CLASS_COLUMNS if any(c.groups for c in view.classes) else CLASS_COLUMNS[:-1]
+    w = [max([len(name)] + [len(row[i]) for _, row in cells]) for i, name in enumerate(columns)]
     while len(w) > 1 and w[0] + len(" [] 100%") + sum(x + 2 for x in w[1:]) + MIN_BAR > width:
         w.pop()  # a narrow terminal: whole columns go, from the right
     bar_width = max(MIN_BAR, width - w[0] - len(" [] 100%") - sum(x + 2 for x in w[1:]))
     heading: Line = [
         (CLASS_COLUMNS[0].rjust(w[0]) + "  " + "fullness".ljust(bar_width + 6), "title"),
-        ("".join(("  " + name).rjust(x + 2) for name, x in zip(CLASS_COLUMNS[1:], w[1:])), "title"),
+        ("".join(("  " + name).rjust(x + 2) for name, x in zip(columns[1:], w[1:])), "title"),
     ]
     out: list[Line] = [[("classes", "title"), (f" by {view.sort}", "dim")], heading]
     shown = cells if rows is None else cells[: max(0, rows - 2)]
