@@ -304,11 +304,11 @@ def test_a_smaller_file_than_the_state_names_is_refused(engine: str, files: Path
     state = State.attach(store.state.fds())
     store.close()
     os.close(fd)
-    small = open_backing_file(str(files / "small.img"), SEG_SIZE)
+    small = open_backing_file(str(files / "small.img"), 2 * SEG_SIZE)
     other = Store(SIZE, Codec("lz4"), reserve_frames=2, state=state, engine=engine)
     try:
         with pytest.raises(StateError, match="smaller than the one the state was written to"):
-            other.engine.attach_backing(small, SEG_SIZE)
+            other.engine.attach_backing(small, 2 * SEG_SIZE)
     finally:
         other.close()
         os.close(small)
@@ -622,7 +622,7 @@ def test_a_backing_file_in_memory_is_refused() -> None:
     for d in ("/dev/shm", "/run"):
         if os.path.isdir(d) and backing.fs_type(os.open(d, os.O_RDONLY)) == 0x01021994:
             with pytest.raises(BadRequest, match="tmpfs, whose pages live in memory"):
-                open_backing_file(f"{d}/zswapd-test-backing.img", SEG_SIZE)
+                open_backing_file(f"{d}/zswapd-test-backing.img", 2 * SEG_SIZE)
             assert (
                 not os.path.exists(f"{d}/zswapd-test-backing.img") or os.unlink(f"{d}/zswapd-test-backing.img") is None
             )
@@ -631,14 +631,103 @@ def test_a_backing_file_in_memory_is_refused() -> None:
 
 
 def test_bad_sizes_and_paths_are_clear_errors(files: Path) -> None:
-    with pytest.raises(BadRequest, match="multiple of the segment size 262144"):
-        open_backing_file(str(files / "x.img"), 1000 * 4096 + 4096)
-    with pytest.raises(BadRequest, match="positive multiple"):
-        open_backing_file(str(files / "x.img"), 0)
+    with pytest.raises(BadRequest, match=r"multiple of the block size \(4096 bytes\) of at least two segments"):
+        open_backing_file(str(files / "x.img"), 1000 * 4096 + 100)
+    with pytest.raises(BadRequest, match="at least two segments"):
+        open_backing_file(str(files / "x.img"), SEG_SIZE)
     with pytest.raises(BadRequest, match="32 GiB"):
         open_backing_file(str(files / "x.img"), 64 << 30)
     with pytest.raises(BadRequest, match="cannot open it O_DIRECT"):
-        open_backing_file(str(files / "no" / "such" / "x.img"), SEG_SIZE)
+        open_backing_file(str(files / "no" / "such" / "x.img"), 2 * SEG_SIZE)
     os.mkdir(files / "dir.img")
     with pytest.raises(BadRequest, match="cannot open it O_DIRECT for writing: Is a directory"):
-        open_backing_file(str(files / "dir.img"), SEG_SIZE)
+        open_backing_file(str(files / "dir.img"), 2 * SEG_SIZE)
+
+
+# -- the store's ladder before full ------------------------------------------------------------
+
+
+def _compressible(i: int) -> bytes:
+    rnd = random.Random(i)
+    n = rnd.randrange(900, 2400)
+    return rnd.randbytes(n) + bytes(PAGE - n)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_ladder_writes_back_before_full_and_full_comes_with_the_file(engine: str, files: Path) -> None:
+    """More than twice the pool's limit of data: writes go on (pages to the
+    file) until the file cannot take more; then, and only then, full."""
+    limit = 64 * PAGE
+    npages = 1024
+    store = Store(npages * PAGE, Codec("lz4"), memory_limit=limit, reserve_frames=2, engine=engine)
+    fd = open_backing_file(str(files / "b.img"), 2 * SEG_SIZE)
+    store.attach_backing(fd, 2 * SEG_SIZE, str(files / "b.img"))
+    try:
+        model = bytearray(npages * PAGE)
+        written = 0
+        for i in range(npages):
+            data = _compressible(i)
+            try:
+                store.write(i * PAGE, data)
+            except Exception:
+                break
+            model[i * PAGE : (i + 1) * PAGE] = data
+            written += 1
+        assert written * PAGE > 2 * limit, written  # far beyond the pool alone
+        assert store.mem_used_total <= limit
+        assert store.c.bd_count > 0 and store.backing_full()
+        assert written < npages and store.full  # full came with the file full
+        assert store.read(0, npages * PAGE) == model
+        st = store.stats()["writeback"]
+        assert isinstance(st, dict) and st["live_bytes"] > 0 and st["written_today"] > 0
+        # Discards leave dead bytes that cleaning frees; writes go on.
+        for i in range(0, written, 2):
+            store.discard(i * PAGE, PAGE)
+            model[i * PAGE : (i + 1) * PAGE] = bytes(PAGE)
+        for i in range(0, written // 2, 2):
+            data = _compressible(10_000 + i)
+            store.write(i * PAGE, data)
+            model[i * PAGE : (i + 1) * PAGE] = data
+        assert store.c.segments_cleaned > 0
+        assert store.read(0, npages * PAGE) == model
+        store.check_invariants()
+    finally:
+        store.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_daily_limit_holds_and_full_comes_when_it_is_spent(engine: str, files: Path) -> None:
+    limit = 64 * PAGE
+    day_limit = 150_000
+    store = Store(SIZE, Codec("lz4"), memory_limit=limit, reserve_frames=2, engine=engine)
+    fd = open_backing_file(str(files / "b.img"), NSEG * SEG_SIZE)
+    store.attach_backing(fd, NSEG * SEG_SIZE, str(files / "b.img"), daily_limit=day_limit)
+    now = [1_000_000.0]
+    store.clock = lambda: now[0]
+    try:
+        model = bytearray(SIZE)
+        i = 0
+        with pytest.raises(Exception, match="full"):
+            for i in range(NPAGES):  # noqa: B007
+                data = _compressible(i)
+                store.write(i * PAGE, data)
+                model[i * PAGE : (i + 1) * PAGE] = data
+        assert 0 < store.written_today <= day_limit
+        assert day_limit - store.written_today < backing.MAX_SPAN  # spent, to the last object that fitted
+        assert not store.backing_full()  # the file had room: the limit made it full
+        assert store.read(0, SIZE) == model
+        # The next day, the ladder writes back again.
+        now[0] += 86400
+        data = _compressible(i)
+        store.write(i * PAGE, data)
+        model[i * PAGE : (i + 1) * PAGE] = data
+        assert 0 < store.written_today <= day_limit
+        assert store.read(0, SIZE) == model
+        # The meter is in the state: a takeover goes on counting.
+        state = State.attach(store.state.fds())
+        assert state.load_writeback_day() == (store.wb_day, store.written_today)
+        state.close()
+    finally:
+        store.close()
+        os.close(fd)

@@ -71,7 +71,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import entry
+from . import config, entry
 from .codec import KIND_COMPRESSED, KIND_HUGE, PAGE_SIZE
 from .errors import BadRequest, CorruptObject
 from .state import MAX_SEGMENTS as MAX_SEGMENTS
@@ -88,7 +88,8 @@ OBJ_HEADER = 8
 # 32 GiB: the most the 31-bit location can address; the state's segment
 # table (state.MAX_SEGMENTS entries) covers exactly that.
 MAX_FILE_BYTES = (1 << 31) * OBJ_ALIGN
-assert MAX_SEGMENTS * SEG_SIZE == MAX_FILE_BYTES
+assert MAX_SEGMENTS * SEG_SIZE == MAX_FILE_BYTES == config.WRITEBACK_MAX_SIZE
+assert config.WRITEBACK_SEGMENT == SEG_SIZE and config.WRITEBACK_MIN_SIZE == 2 * SEG_SIZE
 # The segment table word.
 SEG_LIVE_MASK = (1 << 20) - 1
 SEG_FILL_SHIFT = 20
@@ -214,9 +215,12 @@ def check_backing_fd(fd: int, path: str) -> None:
 
 
 def check_backing_size(size: int) -> None:
-    if size <= 0 or size % SEG_SIZE:
+    """A multiple of the block size, of at least two segments (the open one
+    and one kept for cleaning); a tail shorter than a segment is not used."""
+    if size < 2 * SEG_SIZE or size % BLOCK:
         raise BadRequest(
-            f"[writeback] size must be a positive multiple of the segment size {SEG_SIZE} bytes (256 KiB), got {size}"
+            f"[writeback] size must be a multiple of the block size ({BLOCK} bytes) of at least two segments "
+            f"({2 * SEG_SIZE} bytes), got {size}"
         )
     if size > MAX_FILE_BYTES:
         raise BadRequest(f"[writeback] size {size} is beyond the {MAX_FILE_BYTES} bytes (32 GiB) a location addresses")
@@ -427,8 +431,9 @@ class Backing:
     # -- the steps ------------------------------------------------------------------
 
     def writeback_step(self, max_objects: int, max_bytes: int) -> tuple[int, int]:
-        """Move up to ``max_objects`` pool objects (about ``max_bytes`` of
-        segment) to the file.  Returns (objects moved, bytes appended)."""
+        """Move up to ``max_objects`` pool objects, at most ``max_bytes`` of
+        segment (the daily limit's rest), to the file.  Returns (objects
+        moved, bytes appended)."""
         max_objects = min(max_objects, MAX_PENDING)
         done = nbytes = 0
         eng = self.engine
@@ -440,7 +445,7 @@ class Backing:
                     break
                 e = self.table[idx]
                 n = entry.length(e)
-                if not self._room(span(n), 1):
+                if nbytes + span(n) > max_bytes or not self._room(span(n), 1):
                     self.cursor = idx  # try it first next time
                     break
                 self._append(idx, e, entry.kind(e), entry.algo(e), bytes(eng.load(entry.handle(e), n)), NO_SEGMENT)

@@ -207,6 +207,35 @@ class FuseConfig:
         return self.threads or min(MAX_FUSE_THREADS, os.cpu_count() or 1)
 
 
+# [writeback] size: the backing file holds segments of this many bytes
+# (backing.SEG_SIZE, which asserts the two agree); it needs two, the open
+# one and one kept free for cleaning, and at most what a page entry's
+# 31-bit location in 16-byte units addresses.
+WRITEBACK_SEGMENT = 256 << 10
+WRITEBACK_MIN_SIZE = 2 * WRITEBACK_SEGMENT
+WRITEBACK_MAX_SIZE = 32 << 30
+# [writeback] idle_age: up to 30 days.
+MAX_IDLE_AGE = 30 * 86400
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGE_RE = re.compile(r"^\s*([0-9]{1,9})\s*([smhd]?)\s*$", re.ASCII)
+
+
+@dataclass
+class WritebackConfig:
+    """Cold pages written to a backing file (backing.py).  Off by default:
+    it needs a file on a disk, which only the administrator can name."""
+
+    enable: bool = False
+    file: str = ""
+    size: int = 0
+    # Background writeback of pages idle this long (zram's `writeback idle`
+    # after `idle` marking; ChromeOS uses 20-25 h); 0: only before full.
+    idle_age: int = 20 * 3600
+    # Bytes written to the file per day at most (zram's writeback_limit);
+    # 0: no limit.  When spent, the pool reports full as without writeback.
+    daily_limit: int = 0
+
+
 @dataclass
 class LogConfig:
     level: str = "info"
@@ -221,6 +250,7 @@ class Config:
     swap: SwapConfig = field(default_factory=SwapConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    writeback: WritebackConfig = field(default_factory=WritebackConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -348,6 +378,37 @@ def _seconds(v: object) -> float:
     return float(v)
 
 
+def _age(v: object) -> int:
+    """Seconds: an integer, or a string with s, m, h or d ("30m", "20h")."""
+    n = -1
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str) and (m := _AGE_RE.match(v)):
+        n = int(m.group(1)) * _AGE_UNITS[m.group(2)]
+    if not 0 <= n <= MAX_IDLE_AGE:
+        raise ValueError(f'seconds from 0 to {MAX_IDLE_AGE} (30 days), as an integer or with s/m/h/d, e.g. "20h"')
+    return n
+
+
+def _backing_file(v: object) -> str:
+    if v == "":
+        return ""
+    return _path(v)
+
+
+def _backing_size(v: object) -> int:
+    try:
+        n = parse_size(v)
+    except ValueError:
+        n = -1
+    if n and (not WRITEBACK_MIN_SIZE <= n <= WRITEBACK_MAX_SIZE or n % PAGE):
+        raise ValueError(
+            "a size that is a multiple of the block size (4096 bytes), from 512K (two 256 KiB segments: the "
+            'open one and one kept for cleaning) to 32G (what a page entry addresses), e.g. "8G"'
+        )
+    return n
+
+
 _LISTEN_EXPECT = '"" (off) or "HOST:PORT" with an IPv4 address, [IPv6] address or host name, e.g. "127.0.0.1:9100"'
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$", re.ASCII)
 
@@ -411,6 +472,13 @@ SCHEMA: dict[str, dict[str, Check]] = {
     # threads: with the native engine, C threads read /dev/fuse and serve
     # READ, WRITE and discards without the GIL.
     "fuse": {"backend": _fuse_backend, "threads": _int_in(0, MAX_FUSE_THREADS)},
+    "writeback": {
+        "enable": _bool,
+        "file": _backing_file,
+        "size": _backing_size,
+        "idle_age": _age,
+        "daily_limit": _small_size,
+    },
     "log": {"level": _choice(*LOG_LEVELS)},
 }
 
@@ -434,6 +502,8 @@ RELOADABLE: frozenset[tuple[str, str]] = frozenset(
         *(("compaction", key) for key in ("background", "waste_threshold", "watermark", "interval")),
         ("control", "group"),
         ("control", "metrics_access"),
+        ("writeback", "idle_age"),
+        ("writeback", "daily_limit"),
         ("log", "level"),
     }
 )
@@ -478,7 +548,26 @@ def from_dict(data: dict[str, Any], path: str) -> Config:
     return cfg
 
 
+def _check_writeback(cfg: Config) -> None:
+    wb = cfg.writeback
+    if not wb.enable:
+        return
+    for key in ("file", "size"):
+        if not getattr(wb, key):
+            raise ConfigError(
+                f"{cfg.path}: [writeback] enable = true needs [writeback] {key}: "
+                + ("the path of a file on a disk filesystem" if key == "file" else 'its size, e.g. "8G"')
+            )
+    mnt = cfg.device.mountpoint
+    if wb.file == mnt or wb.file.startswith(mnt + "/"):
+        raise ConfigError(
+            f"{cfg.path}: [writeback] file = {wb.file!r}: expected a path outside [device] mountpoint = {mnt!r}: "
+            "swap written back into zswapd's own mount would come back to it"
+        )
+
+
 def _check_apart(cfg: Config) -> None:
+    _check_writeback(cfg)
     mnt, sock = cfg.device.mountpoint, cfg.control.socket
     if sock == mnt or sock.startswith(mnt + "/") or sock == mnt + ".lock":
         raise ConfigError(
@@ -492,7 +581,10 @@ def _check_apart(cfg: Config) -> None:
 def _resolve_paths(cfg: Config) -> None:
     """Strict loading: the daemon's paths as their real paths, each
     checked again by the schema and against the other."""
-    for section, key in (("device", "mountpoint"), ("control", "socket")):
+    keys = [("device", "mountpoint"), ("control", "socket")]
+    if cfg.writeback.enable:
+        keys.append(("writeback", "file"))
+    for section, key in keys:
         part = getattr(cfg, section)
         value = getattr(part, key)
         try:

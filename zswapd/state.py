@@ -113,6 +113,11 @@ _RESTARTS = struct.Struct("<Q")
 # valid, accept_percent, memory_limit; valid is 0 in an older state.
 _SETTINGS_AT = 336
 _SETTINGS = struct.Struct("<I I Q")
+# Writeback's daily meter ([writeback] daily_limit): the day (UTC days
+# since the epoch) and the bytes written back in it, so a takeover goes on
+# counting.  valid is 0 in an older state.
+_WRITEBACK_AT = 448
+_WRITEBACK = struct.Struct("<I I Q Q")  # valid, pad, day, bytes written that day
 _COUNTERS_AT = 512
 _COUNTERS = struct.Struct(f"<{COUNTER_SLOTS}Q")
 _DIR_AT = 1024
@@ -564,6 +569,14 @@ class State:
         """(memory_limit, accept_percent) last in force, or None if never saved."""
         valid, accept_percent, memory_limit = _SETTINGS.unpack_from(self._header, _SETTINGS_AT)
         return (int(memory_limit), int(accept_percent)) if valid == 1 else None
+
+    def save_writeback_day(self, day: int, written: int) -> None:
+        _WRITEBACK.pack_into(self._header, _WRITEBACK_AT, 1, 0, day, written)
+
+    def load_writeback_day(self) -> tuple[int, int]:
+        """(day, bytes written back that day), (0, 0) if never saved."""
+        valid, _, day, written = _WRITEBACK.unpack_from(self._header, _WRITEBACK_AT)
+        return (int(day), int(written)) if valid == 1 else (0, 0)
 
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)

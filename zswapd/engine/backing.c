@@ -66,8 +66,8 @@ int backing_attach(Engine *e, int fd, uint64_t size)
 {
     if (e->bk)
         return -EBUSY;
-    if (!size || size % SEG_SIZE || size / SEG_SIZE > MAX_SEGMENTS)
-        return -EINVAL;
+    if (size < 2 * SEG_SIZE || size % SEG_BLOCK || size / SEG_SIZE > MAX_SEGMENTS)
+        return -EINVAL; /* backing.check_backing_size */
     uint32_t nseg = (uint32_t)(size / SEG_SIZE);
     /* The table must fit the file: a state written with a larger one names
      * segments this file does not have. */
@@ -308,7 +308,7 @@ long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_byte
         /* Room first (it may commit, taking other pages' bits), then this
          * page's bit for the copy, with the entry seen checked again. */
         uint32_t n = entry_len(w);
-        int r = room(e, b, t, obj_span(n), 1);
+        int r = *nbytes + obj_span(n) > max_bytes ? 0 : room(e, b, t, obj_span(n), 1);
         if (r <= 0) {
             b->cursor = (uint64_t)idx; /* first next time */
             failed = r < 0;

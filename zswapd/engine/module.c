@@ -427,8 +427,9 @@ static PyObject *Engine_attach_backing(EngineObject *self, PyObject *args)
         return NULL;
     }
     if (r == -EINVAL) {
-        PyErr_Format(PyExc_ValueError, "backing file size %llu is not a positive multiple of %u up to %llu", size,
-                     SEG_SIZE, (unsigned long long)MAX_SEGMENTS * SEG_SIZE);
+        PyErr_Format(PyExc_ValueError,
+                     "backing file size %llu is not a multiple of %u bytes from two segments (%u bytes) to %llu", size,
+                     SEG_BLOCK, 2 * SEG_SIZE, (unsigned long long)MAX_SEGMENTS * SEG_SIZE);
         return NULL;
     }
     if (r < 0)
