@@ -68,6 +68,7 @@ import ctypes
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,9 @@ CLEAN_PERCENT = 50
 # may touch: from a 16-byte-aligned start it never crosses more than two.
 MAX_SPAN = -(-(OBJ_HEADER + PAGE_SIZE) // OBJ_ALIGN) * OBJ_ALIGN
 READ_BUFFER = 2 * BLOCK
+# Reads of backed pages by latency, log2 microseconds: bucket i counts those
+# of 2^(i-1) < us <= 2^i (up to 8 s).
+LAT_BUCKETS = 24
 
 _HDR = struct.Struct("<Q")
 
@@ -320,6 +324,7 @@ class Backing:
         self.cpos = 0
         self.cfill = 0
         self.pending: list[_Pending] = []
+        self.latency = [0] * LAT_BUCKETS
         self.used = 0
         for s in range(self.nseg):
             if seg_state(self.segs[s]) != SEG_FREE:
@@ -521,8 +526,11 @@ class Backing:
         n = entry.length(e)
         first = off // BLOCK * BLOCK
         end = -(-(off + OBJ_HEADER + n) // BLOCK) * BLOCK
-        self.file.read(self.rbuf, end - first, first)
         at = off - first
+        t0 = time.perf_counter_ns()
+        self.file.read(self.rbuf, end - first, first)
+        us = -(-(time.perf_counter_ns() - t0) // 1000)
+        self.latency[min(LAT_BUCKETS - 1, max(0, us - 1).bit_length())] += 1
         if _HDR.unpack_from(self.rbuf, at)[0] != obj_header(page, n):
             self.engine.c.failed_reads += 1
             raise CorruptObject(f"page {page}: the backing file at {off} does not hold its object")

@@ -81,9 +81,9 @@ def call(path: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any
     return reply
 
 
-def _call(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any]:
+def _call(args: argparse.Namespace, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     try:
-        return call(_socket_path(args), req)
+        return call(_socket_path(args), req, timeout)
     except CallError as e:
         print(f"zswapd: {e}", file=sys.stderr)
         sys.exit(1)
@@ -121,6 +121,18 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
         f"failed writes {s['failed_writes']}; metadata {_human(s['metadata_bytes'])}"
         + ("; FULL" if s.get("full") else "")
     )
+    wb = s.get("writeback")
+    if isinstance(wb, dict):
+        lat = wb.get("read_latency_p99_us")
+        limit = wb["daily_limit"]
+        lines.append(
+            f"writeback {wb['file']} ({_human(wb['size'])}): {s.get('bd_count', 0)} pages, live "
+            f"{_human(wb['live_bytes'])}, dead {_human(wb['dead_bytes'])}; read {s.get('bd_reads', 0)}, written "
+            f"{s.get('bd_writes', 0)} pages; segments cleaned {wb['segments_cleaned']}; today "
+            f"{_human(wb['written_today'])}"
+            + (f" of {_human(limit)}" if limit else "")
+            + (f"; read p99 <= {lat} us" if lat is not None else "")
+        )
     proc = s.get("process")
     if proc:
         rec = proc.get("last_recovery_ms")
@@ -185,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_stats.add_argument("--prometheus", action="store_true", help="print Prometheus text-format metrics")
     p_compact = sub.add_parser("compact", help="run a full compaction now")
     with_target(p_compact)
+    p_wb = sub.add_parser(
+        "writeback", help="write pool pages back to the backing file now, as zram's writeback; returns when done"
+    )
+    with_target(p_wb)
+    p_wb.add_argument(
+        "--idle-age", metavar="S", type=int, default=None,
+        help="only pages idle at least S seconds (default: [writeback] idle_age)",
+    )  # fmt: skip
+    p_wb.add_argument("--max-pages", metavar="N", type=int, default=None, help="at most N pages (default: all)")
     p_set = sub.add_parser("set", help="change a runtime setting, e.g. memory_limit=1G")
     with_target(p_set)
     p_set.add_argument("assignment", help="KEY=VALUE")
@@ -297,6 +318,18 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compact":
         print(compact_result(_call(args, {"cmd": "compact"})))
+        return 0
+    if args.command == "writeback":
+        req: dict[str, Any] = {"cmd": "writeback"}
+        if args.idle_age is not None:
+            req["idle_age"] = args.idle_age
+        if args.max_pages is not None:
+            req["max_pages"] = args.max_pages
+        r = _call(args, req, timeout=3600)
+        print(
+            f"wrote back {r['pages']} pages ({_human(r['bytes'])} in the file) in {r['seconds']:.3f}s"
+            + (f"; stopped: {r['stopped']}" if r.get("stopped") else "")
+        )
         return 0
     if args.command == "set":
         key, sep, value = args.assignment.partition("=")

@@ -207,6 +207,10 @@ class Engine(Protocol):
         """size, live_bytes, dead_bytes, segments_used, bytes_written."""
         ...
 
+    def backing_latency(self) -> list[int]:
+        """Reads of backed pages by latency: [<= 1 us, <= 2 us, <= 4 us, ...]."""
+        ...
+
     def rebuild_backing(self, pages: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int]]) -> int:
         """After rebuild_pages: the segment table's live bytes recomputed
         from the backed entries, open and cleaning segments made full;
@@ -309,6 +313,9 @@ class PythonEngine(Pool):
 
     def backing_figures(self) -> dict[str, int]:
         return self._backing().figures()
+
+    def backing_latency(self) -> list[int]:
+        return list(self._backing().latency)
 
     def rebuild_backing(self, pages: Extents, segments: Extents) -> int:
         self._c.bd_count = rebuild.rebuild_segments(self.table, self.segs, pages, segments)
@@ -481,6 +488,7 @@ def python_rules() -> dict[str, Any]:
         "MAX_PENDING": backing.MAX_PENDING,
         "SEG_FILL_SHIFT": backing.SEG_FILL_SHIFT,
         "SEG_STATE_SHIFT": backing.SEG_STATE_SHIFT,
+        "LAT_BUCKETS": backing.LAT_BUCKETS,
         "SEG_FREE": backing.SEG_FREE,
         "SEG_OPEN": backing.SEG_OPEN,
         "SEG_FULL": backing.SEG_FULL,

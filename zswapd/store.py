@@ -94,6 +94,19 @@ def store_geometry(size: int, reserve_frames: int = 64) -> Geometry:
 __all__ = ["Counters", "Store", "StoreError", "StoreFull", "store_geometry"]
 
 
+def _quantile(hist: list[int], q: float) -> int | None:
+    """The upper bound (2^i us) of the bucket holding quantile ``q``."""
+    total = sum(hist)
+    if not total:
+        return None
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= q * total:
+            return 1 << i
+    return 1 << (len(hist) - 1)
+
+
 class Store:
     def __init__(
         self,
@@ -359,6 +372,16 @@ class Store:
             return 0, 0
         return self.engine.clean(max_objects, max_bytes, percent)
 
+    def cleaning_wanted(self, dead_share: int) -> bool:
+        """Dead bytes over ``dead_share`` percent of what the file holds, or
+        at most two free segments left with dead bytes to reclaim."""
+        if not self.backed:
+            return False
+        fig = self.engine.backing_figures()
+        dead, used = fig["dead_bytes"], fig["live_bytes"] + fig["dead_bytes"]
+        free = self.backing_size // backing.SEG_SIZE - fig["segments_used"]
+        return dead * 100 > used * dead_share or (free <= 2 and dead >= backing.SEG_SIZE // 2)
+
     def backing_full(self) -> bool:
         """No segment left for writeback (one is kept for cleaning)."""
         return (
@@ -416,6 +439,11 @@ class Store:
             "written_today": self.written_today,
             "daily_limit": self.daily_limit,
             "bytes_written": fig["bytes_written"],
+            # Reads of written-back pages (pread of their blocks, O_DIRECT):
+            # the bucket bound (a power of two) under which the median and
+            # the 99th percentile fall, since this worker started.
+            "read_latency_p50_us": _quantile(self.engine.backing_latency(), 0.5),
+            "read_latency_p99_us": _quantile(self.engine.backing_latency(), 0.99),
         }
 
     # -- byte level -----------------------------------------------------------

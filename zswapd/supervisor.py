@@ -126,7 +126,7 @@ HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS, signal.SI
 SD_LISTEN_FDS_START = 3
 # Names of the fds kept in systemd's fd store, one name per fd so that the
 # order LISTEN_FDNAMES gives them back in does not matter.
-FD_NAMES = ("fuse", "control", "state-meta", "state-arena", "loop")
+FD_NAMES = ("fuse", "control", "state-meta", "state-arena", "loop", "backing")
 # The FUSE clones are stored as fuse-clone-0, fuse-clone-1, ...
 CLONE_PREFIX = "fuse-clone-"
 
@@ -354,6 +354,39 @@ def preflight(cfg: Config) -> None:
             swap.preflight()
         except swap.SwapError as e:
             raise StartupError(f"swap is enabled but cannot be set up: {e}") from None
+        warn_kernel_zswap()
+
+
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+
+
+def warn_kernel_zswap() -> None:
+    """The kernel's zswap would sit in front of us: it compresses every page
+    a second time and fills its own pool first (zram's documentation says
+    the same of zram)."""
+    try:
+        with open(ZSWAP_ENABLED) as f:
+            enabled = f.read().strip()
+    except OSError:
+        return
+    if enabled in ("Y", "1"):
+        log.warning(
+            "the kernel's zswap is enabled (%s): it compresses pages before they reach zswapd, a second time, "
+            "and fills its own pool first; boot with zswap.enabled=0 or write N to that file",
+            ZSWAP_ENABLED,
+        )
+
+
+def open_backing(cfg: Config) -> int:
+    """[writeback] file, created afresh (backing.open_backing_file: O_DIRECT,
+    allocated, on a disk filesystem), or StartupError naming what is wrong."""
+    from .backing import open_backing_file
+    from .errors import BadRequest
+
+    try:
+        return open_backing_file(cfg.writeback.file, cfg.writeback.size)
+    except BadRequest as e:
+        raise StartupError(f"{cfg.path}: {e}") from None
 
 
 # -- locking the state ------------------------------------------------------------
@@ -457,6 +490,8 @@ class Supervisor:
         # The instance lock's fds (InstanceLock), handed to every worker.
         self.lock_fds: list[int] = []
         self.state_fds: list[int] = []
+        # [writeback] file, held like the state: its contents are pages.
+        self.backing_fd = -1
         self.locked: list[LockedMapping] = []
         self.mounted = False
         self.loop: swap.Loop | None = None
@@ -548,6 +583,7 @@ class Supervisor:
             control_fd=self.control_sock.fileno() if self.control_sock else -1,
             channel_fd=channel_fd,
             state_fds=list(self.state_fds),
+            backing_fd=self.backing_fd,
             fuse_clones=list(self.fuse_clones),
             lock_fds=list(self.lock_fds),
             mountpoint=self.mountpoint,
@@ -568,7 +604,10 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         args = self._worker_args(theirs.fileno(), standby=fresh)
-        held = (args.fuse_fd, args.control_fd, args.channel_fd, *args.state_fds, *args.fuse_clones, *args.lock_fds)
+        held = (
+            args.fuse_fd, args.control_fd, args.channel_fd, args.backing_fd,
+            *args.state_fds, *args.fuse_clones, *args.lock_fds,
+        )  # fmt: skip
         inherit = [fd for fd in held if fd >= 0]
         if fresh:
             env = dict(os.environ, ZSWAPD_WORKER=json.dumps(args.to_json()))
@@ -867,6 +906,8 @@ class Supervisor:
             self.state_fds = [a["state-meta"], a["state-arena"]]
             self.locked = [LockedMapping(fd) for fd in self.state_fds]
             self._lock_state()
+        if "backing" in a:
+            self.backing_fd = a["backing"]
         if "loop" in a:
             path = os.readlink(f"/proc/self/fd/{a['loop']}")
             self.loop = swap.Loop(path, a["loop"])
@@ -933,6 +974,10 @@ class Supervisor:
             if self.control_sock is None:
                 self.control_sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
                 fd_store("control", self.control_sock.fileno())
+            if cfg.writeback.enable and self.backing_fd < 0 and not self.state_fds:
+                self.backing_fd = open_backing(cfg)
+                fd_store("backing", self.backing_fd)
+                log.info("backing file %s: %d MiB", cfg.writeback.file, cfg.writeback.size >> 20)
             self.worker = self._spawn(fresh=False)
             if not self._wait(lambda: self._serving() or self.shutdown_requested or self.connection_gone):
                 return 1
@@ -988,6 +1033,15 @@ class Supervisor:
         for fd in self.fuse_clones:
             os.close(fd)
         self.fuse_clones = []
+        if self.backing_fd >= 0:
+            # Swap lives one boot: what the file held is discarded with it.
+            os.close(self.backing_fd)
+            self.backing_fd = -1
+            if not self.swap_on and self.cfg.writeback.file:
+                try:
+                    os.unlink(self.cfg.writeback.file)
+                except OSError as e:
+                    log.warning("cannot remove the backing file %s: %s", self.cfg.writeback.file, e)
         if self.fuse_fd >= 0:
             os.close(self.fuse_fd)
             self.fuse_fd = -1

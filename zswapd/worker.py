@@ -36,6 +36,7 @@ The rules
 from __future__ import annotations
 
 import array
+import functools
 import json
 import logging
 import os
@@ -50,12 +51,13 @@ from typing import Any
 
 import trio
 
+from . import backing, swap
 from . import config as config_mod
-from . import swap
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError, check_value
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics, set_socket_access
 from .engine import native_error
+from .errors import BadRequest
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
@@ -72,6 +74,19 @@ COMPACT_STEP_MOVES = 16
 # (store.COMPACT_RETRIES): long enough for the writer that took the slots to
 # finish its request, short against the housekeeping interval.
 COMPACT_RETRY_PAUSE = 0.01
+# Background writeback and cleaning (_writeback_round): objects per step
+# (a step holds the backing lock for one segment write at most), bytes of
+# segment writes per housekeeping round (a disk's few ms; the daily limit
+# bounds writeback over the day), usage points below the watermark that
+# pressure writeback aims for, and the dead share of the file's used bytes
+# beyond which cleaning runs.
+WRITEBACK_STEP_OBJECTS = 256
+WRITEBACK_ROUND_BYTES = 8 << 20
+WRITEBACK_HYSTERESIS = 5
+CLEAN_DEAD_SHARE = 25
+# Cleaning steps per round: each reads a segment once and moves at most
+# WRITEBACK_STEP_OBJECTS objects, so a round moves at most ~8 segments.
+CLEAN_ROUND_STEPS = 8
 # A failed task restarts after this back-off, doubled per failure up to the
 # cap: quick recovery from a one-off bug, no log flood from a persistent one.
 RESTART_BACKOFF = 0.1
@@ -96,6 +111,7 @@ class WorkerArgs:
     control_fd: int
     channel_fd: int
     state_fds: list[int] = field(default_factory=list)
+    backing_fd: int = -1  # [writeback] file, opened and held by the supervisor
     fuse_clones: list[int] = field(default_factory=list)  # FUSE_DEV_IOC_CLONEs the supervisor keeps
     # The instance lock's fds: held, never used, so that the lock lives as
     # long as any process of the instance (supervisor.py, rule 5).
@@ -167,6 +183,15 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
+        if args.backing_fd >= 0:
+            wb = cfg.writeback
+            self.store.attach_backing(args.backing_fd, os.fstat(args.backing_fd).st_size, wb.file, wb.daily_limit)
+        elif self.store.c.bd_count:
+            # The supervisor lost the file (restarted without it in the fd
+            # store): those pages cannot be read.  Say so; serve the rest.
+            log.error(
+                "%d pages live in a backing file this worker was not given: reads of them fail", self.store.c.bd_count
+            )
         if state is not None:
             log.info(
                 "state attached, rebuilt and checked: %d pages in %.1f ms",
@@ -188,6 +213,7 @@ class Worker:
         self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
         self.controller.replace_worker = lambda: self._tell("replace")
+        self.controller.writeback_pass = self.writeback_pass
 
     def device_info(self) -> dict[str, Any]:
         loops = swap.loops_backed_by(self.file)
@@ -484,6 +510,8 @@ class Worker:
             cc = self.cfg.compaction
             store.refill_reserve()
             store.save_counters()
+            if store.backed:
+                await self._writeback_round()
             if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):
                 continue
             steps = store.compact_steps(COMPACT_STEP_MOVES)
@@ -500,6 +528,69 @@ class Worker:
                     await trio.sleep(0 if moved else COMPACT_RETRY_PAUSE)
             finally:
                 steps.close()
+
+    async def _step(self, fn: Callable[[], Any]) -> Any:
+        """A writeback or cleaning step: on a thread with the native engine
+        (its disk I/O runs without the GIL, the FUSE threads go on), inline
+        with the Python one (whose serving is this thread's)."""
+        if self.store.engine.name == "native":
+            return await trio.to_thread.run_sync(fn)
+        result = fn()
+        await trio.sleep(0)
+        return result
+
+    async def writeback_pass(self, max_pages: int, idle_age: int | None) -> tuple[int, int, str]:
+        """`zswapd writeback`: steps until ``max_pages`` (0: every page the
+        pass finds) are written back or nothing more can be; compaction
+        then gives back the frames they left.  Returns (pages, bytes, why
+        it stopped early or "")."""
+        store = self.store
+        if idle_age:
+            raise BadRequest(
+                "--idle-age needs the pages' idle stamps (the recompression's), which this build does not keep; "
+                "omit it to write back every page"
+            )
+        pages = nbytes = 0
+        stopped = ""
+        while not max_pages or pages < max_pages:
+            want = min(WRITEBACK_STEP_OBJECTS, max_pages - pages) if max_pages else WRITEBACK_STEP_OBJECTS
+            moved, n = await self._step(functools.partial(store.writeback, want))
+            pages += moved
+            nbytes += n
+            if not moved:
+                if store.daily_limit and store.written_today + backing.MAX_SPAN > store.daily_limit:
+                    stopped = "the daily limit is spent"
+                elif store.backing_full():
+                    stopped = "the backing file is full"
+                break
+        for _moved in store.compact_steps(COMPACT_STEP_MOVES * 16):
+            await trio.sleep(0)
+        return pages, nbytes, stopped
+
+    async def _writeback_round(self) -> None:
+        """Background writeback and cleaning, each bounded per round
+        (WRITEBACK_ROUND_BYTES of segment writes, CLEAN_ROUND_STEPS of
+        cleaning): under pressure (usage
+        over [compaction] watermark of the limit), write back until usage
+        is WRITEBACK_HYSTERESIS points below it, within the daily limit;
+        then clean when dead bytes pass CLEAN_DEAD_SHARE of what the file
+        holds, or when free segments run short."""
+        store, cc = self.store, self.cfg.compaction
+        left = WRITEBACK_ROUND_BYTES
+        if store.memory_limit and store.mem_used_total * 100 >= store.memory_limit * cc.watermark:
+            target = store.memory_limit * max(1, cc.watermark - WRITEBACK_HYSTERESIS) // 100
+            while left > 0 and store.mem_used_total > target:
+                moved, nbytes = await self._step(functools.partial(store.writeback, WRITEBACK_STEP_OBJECTS, left))
+                if not moved:
+                    break
+                left -= nbytes
+                await self._step(lambda: store.compact(COMPACT_STEP_MOVES * 16))
+        for _ in range(CLEAN_ROUND_STEPS):
+            if not store.cleaning_wanted(CLEAN_DEAD_SHARE):
+                break
+            moved, freed = await self._step(lambda: store.clean(WRITEBACK_STEP_OBJECTS))
+            if not moved and not freed:
+                break
 
 
 def _settings_in_force(

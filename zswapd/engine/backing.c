@@ -31,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct {
@@ -55,6 +56,9 @@ typedef struct Backing {
     uint32_t npending;
     Pending pending[MAX_PENDING];
     unsigned long long written; /* atomic: bytes written, ever */
+    /* reads of backed pages by latency: bucket i counts those of
+     * 2^(i-1) < us <= 2^i microseconds (atomic) */
+    unsigned long long lat[LAT_BUCKETS];
     int err;                    /* atomic: errno of the last failed I/O */
 } Backing;
 
@@ -134,11 +138,19 @@ int backing_load(Engine *e, Ctx *t, uint64_t idx, uint64_t entry, const uint8_t 
     uint64_t end = (off + OBJ_HEADER + n + SEG_BLOCK - 1) / SEG_BLOCK * SEG_BLOCK;
     if (end > b->size)
         return ST_CORRUPT;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     ssize_t got = pread(b->fd, t->dbuf, (size_t)(end - first), (off_t)first);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     if (got != (ssize_t)(end - first)) {
         io_failed(b, got < 0 ? errno : EIO);
         return ST_IO;
     }
+    long long us = ((long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec) + 999) / 1000;
+    unsigned bucket = 0;
+    while (bucket + 1 < LAT_BUCKETS && (1LL << bucket) < us)
+        bucket++;
+    ADD(b->lat[bucket], 1);
     uint64_t hdr;
     memcpy(&hdr, t->dbuf + (off - first), 8);
     if (hdr != obj_header(idx, n)) {
@@ -430,6 +442,16 @@ long clean_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, u
 out:
     pthread_mutex_unlock(&b->lock);
     return failed ? -EIO : moved;
+}
+
+int backing_latency(Engine *e, unsigned long long out[LAT_BUCKETS])
+{
+    Backing *b = e->bk;
+    if (!b)
+        return -1;
+    for (unsigned i = 0; i < LAT_BUCKETS; i++)
+        out[i] = LOAD(b->lat[i]);
+    return 0;
 }
 
 int backing_figures(Engine *e, unsigned long long out[5])

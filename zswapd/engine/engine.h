@@ -469,6 +469,8 @@ void backing_release(Engine *e, uint64_t entry);
 /* figures: size, live, dead, used segments, bytes written; -1 without a file. */
 int backing_figures(Engine *e, unsigned long long out[5]);
 int backing_errno(Engine *e);
+#define LAT_BUCKETS 24 /* backed-read latency, log2 microseconds: up to 8 s */
+int backing_latency(Engine *e, unsigned long long out[LAT_BUCKETS]);
 int rebuild_segments(Engine *e, const uint64_t *pages, size_t npx, const uint64_t *segs, size_t nsx,
                      unsigned long long *count, char *err, size_t errlen);
 int check_segments(Engine *e, const uint64_t *pages, size_t npx, const uint64_t *segs, size_t nsx, char *err,

@@ -494,6 +494,19 @@ static PyObject *Engine_backing_figures(EngineObject *self, PyObject *Py_UNUSED(
                          "segments_used", f[3], "bytes_written", f[4]);
 }
 
+/* backing_latency() -> [reads with latency <= 1, 2, 4, ... us] (LAT_BUCKETS) */
+static PyObject *Engine_backing_latency(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    unsigned long long h[LAT_BUCKETS];
+    READY(e);
+    if (backing_latency(e, h) < 0) {
+        PyErr_SetString(PyExc_ValueError, "no backing file is attached");
+        return NULL;
+    }
+    return u64_list(h, LAT_BUCKETS);
+}
+
 static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(a))
 {
     Engine *e = &self->e;
@@ -698,6 +711,7 @@ static PyMethodDef Engine_methods[] = {
     {"writeback", (PyCFunction)Engine_writeback, METH_VARARGS, "writeback(max_objects, max_bytes) -> (moved, bytes)"},
     {"clean", (PyCFunction)Engine_clean, METH_VARARGS, "clean(max_objects, max_bytes, percent) -> (moved, freed)"},
     {"backing_figures", (PyCFunction)Engine_backing_figures, METH_NOARGS, NULL},
+    {"backing_latency", (PyCFunction)Engine_backing_latency, METH_NOARGS, NULL},
     {"rebuild_backing", (PyCFunction)Engine_rebuild_backing, METH_VARARGS, "rebuild_backing(pages, segments) -> bd_count"},
     {"check_backing", (PyCFunction)Engine_check_backing, METH_VARARGS, "check_backing(pages, segments)"},
     {NULL, NULL, 0, NULL},
@@ -761,7 +775,7 @@ static PyObject *rules(void)
                             RULE(ST_OK) RULE(ST_REFUSED) RULE(ST_NOROOM) RULE(MAX_THREADS) RULE(ENTRY_BACKED)
                                 RULE(SEG_SIZE) RULE(SEG_BLOCK) RULE(OBJ_ALIGN) RULE(OBJ_HEADER) RULE(MAX_SEGMENTS)
                                     RULE(MAX_PENDING) RULE(SEG_FILL_SHIFT) RULE(SEG_STATE_SHIFT) RULE(SEG_FREE)
-                                        RULE(SEG_OPEN) RULE(SEG_FULL) RULE(SEG_CLEANING)
+                                        RULE(SEG_OPEN) RULE(SEG_FULL) RULE(SEG_CLEANING) RULE(LAT_BUCKETS)
                                 PyDict_SetItemString(d, "TABLES", tables) < 0 ||
         PyDict_SetItemString(d, "COUNTERS", counters) < 0)
         goto fail;
