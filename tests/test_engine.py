@@ -564,7 +564,9 @@ def test_native_engine_under_threads_against_a_model() -> None:
     read-modify-write that is not under the page's entry lock would lose
     another thread's slice), readers of shared whole pages that must never
     see a torn page, discards, and a compactor looping in small steps: at
-    the end every page is what the models say and the invariants hold."""
+    the end every page is what the models say and the invariants hold.
+    Meanwhile a recompressor moves pages to the secondary codec and
+    dictionaries come and go (tier.c's step, sampling, install, drop)."""
     import threading
 
     workers, own_pages, shared = 3, 96, 8
@@ -649,18 +651,51 @@ def test_native_engine_under_threads_against_a_model() -> None:
         except BaseException as e:
             errors.append(f"compactor: {e!r}")
 
+    tier = [0, 0]  # pages recompressed, dictionaries installed
+
+    def recompressor() -> None:
+        """The recompression tier's thread (tier.c, as the policy drives it):
+        steps over every page with no idle age, with the newest dictionary;
+        now and then a dictionary made of sampled pages (so the pages in it
+        shrink, move, and are read back through its DDict by the workers),
+        the unused ones dropped, and the census stats take."""
+        try:
+            rounds = 0
+            while not stop.is_set():
+                slot = store.dictionary_slot()
+                at = 0
+                while at < npages and not stop.is_set():
+                    at, pages, *_ = eng.recompress_step(at, npages, 1, PAGE, 0, 0, 3, 16, slot)
+                    tier[0] += pages
+                if rounds % 4 == 0:
+                    data, _ = eng.sample(0, npages, 0, 5, 48)
+                    if data:
+                        try:
+                            store.install_dictionary(data)
+                            tier[1] += 1
+                        except ValueError:  # every slot still named by pages
+                            store.drop_unused_dictionaries()
+                eng.census()
+                rounds += 1
+        except BaseException as e:
+            errors.append(f"recompressor: {e!r}")
+
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
     comp = threading.Thread(target=compactor)
+    rec = threading.Thread(target=recompressor)
     comp.start()
+    rec.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     stop.set()
     comp.join()
+    rec.join()
     try:
         assert not errors, errors
         assert moved[0] > 0  # compaction really ran alongside
+        assert tier[0] > 0 and tier[1] > 0, tier  # and recompression, with dictionaries
         assert store.stats()["compactions"] == compactions_before + counted[0]  # no bump lost
         got = store.read(0, npages * PAGE)
         for k in range(workers):

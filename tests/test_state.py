@@ -41,13 +41,18 @@ def content(seed: int) -> bytes:
     """Pages of every encoding and many object sizes: same-filled, a random
     prefix of 40..3900 bytes followed by zeros (compresses to about the
     prefix, so it lands in a wide range of classes, some straddling frames),
-    or wholly random (stored raw)."""
+    words from a small random vocabulary (which recompression shrinks), or
+    wholly random (stored raw)."""
     rnd = random.Random(seed)
     pick = seed % 7
     if pick == 0:
         return bytes([seed % 251 + 1]) * PAGE
     if pick == 6:
         return rnd.randbytes(PAGE)
+    if pick == 5:  # words: zstd's entropy coding beats lz4, so recompression moves it
+        words = [rnd.randbytes(rnd.randrange(2, 9)) for _ in range(rnd.randrange(8, 200))]
+        text = b" ".join(rnd.choice(words) for _ in range(PAGE))
+        return text[:PAGE]
     n = rnd.randrange(40, 3900)
     return rnd.randbytes(n) + bytes(PAGE - n)
 
@@ -421,6 +426,8 @@ ops_strategy = st.lists(
         st.tuples(st.just("unaligned"), st.integers(0, SIZE - 1), st.integers(1, 3 * PAGE), st.integers(0, 10**6)),
         st.tuples(st.just("discard"), st.integers(0, SIZE - 1), st.integers(0, 6 * PAGE), st.just(0)),
         st.tuples(st.just("compact"), st.integers(1, 12), st.just(0), st.just(0)),
+        st.tuples(st.just("recompress"), st.integers(1, 12), st.just(0), st.just(0)),
+        st.tuples(st.just("dictionary"), st.integers(0, 10**6), st.just(0), st.just(0)),
     ),
     min_size=1,
     max_size=20,
@@ -446,6 +453,15 @@ def _apply(store: Store, op: Op) -> None:
     kind, a, _, _ = op
     if kind == "compact":
         store.compact(max_moves=a)
+        return
+    if kind == "recompress":
+        # a low threshold, so that most candidates move
+        store.recompress(0, threshold=16, max_pages=a)
+        return
+    if kind == "dictionary":
+        # a raw-content dictionary of word pages: install it (dropping the
+        # dictionaries no page names); the next recompressions use it
+        store.install_dictionary(b"".join(content((a + k) * 7 + 5) for k in range(3)))
         return
     offset, data = _op_bytes(op)
     if kind == "discard":
@@ -589,7 +605,8 @@ def test_crash_at_any_step_recovers_each_page_before_or_after(
 
 def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]) -> list[Op]:
     """``count`` ops: a write below cuts[0], an unaligned write below
-    cuts[1], a discard below cuts[2], else a compaction."""
+    cuts[1], a discard below cuts[2], else a compaction, a recompression or
+    a new dictionary."""
     ops: list[Op] = []
     for _ in range(count):
         pick = rnd.random()
@@ -600,14 +617,16 @@ def _random_ops(rnd: random.Random, count: int, cuts: tuple[float, float, float]
         elif pick < cuts[2]:
             ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
         else:
-            ops.append(("compact", rnd.randrange(1, 12), 0, 0))
+            kind = rnd.choice(("compact", "recompress", "recompress", "dictionary"))
+            ops.append((kind, rnd.randrange(1, 12), 0, 0))
     return ops
 
 
 def test_crash_sweep_over_every_step_of_one_run() -> None:
-    """One fixed run with writes, rewrites, discards and compaction, killed
-    at hundreds of evenly spread steps from the first to the last."""
-    ops = _random_ops(random.Random(12), 24, (0.45, 0.6, 0.8))
+    """One fixed run with writes, rewrites, discards, compaction and
+    recompression, killed at hundreds of evenly spread steps from the first
+    to the last."""
+    ops = _random_ops(random.Random(25), 24, (0.45, 0.6, 0.8))
     # Count the steps of the whole run.
     hook = CrashHook()
     state = State.create(store_geometry(SIZE, 2), ALGORITHMS, hook=hook)
@@ -617,8 +636,11 @@ def test_crash_sweep_over_every_step_of_one_run() -> None:
     for op in ops:
         _apply(store, op)
     steps = (1 << 40) - hook.left
+    moved = store.c.recompressed
+    named = sum(1 for e in store.table.tolist() if 0 < e >> 17 & 7 < 7)
     store.close()
     assert steps > 300
+    assert moved > 0 and named > 0, "the run recompresses pages with a dictionary: the sweep kills those steps too"
     stride = max(1, steps // 300)
     for n in range(0, steps + 2, stride):
         _crash_run(ops, n)
@@ -791,7 +813,9 @@ def _corrupt_persistent(store: Store, what: str) -> None:
     elif what == "slot header names another":
         table[comp] = table[comp] ^ (1 << 33)
     elif what == "unused entry bits":
-        table[comp] = table[comp] | 1 << 20
+        table[comp] = table[comp] | 1 << 63
+    elif what == "tier on an lz4 object":
+        table[comp] = table[comp] | 7 << 17
     elif what == "class out of range":
         v("zs_class")[_zspage_of(store, comp)] = 250
     elif what == "frame owned twice":
@@ -812,7 +836,7 @@ def _corrupt_persistent(store: Store, what: str) -> None:
 PERSISTENT_CORRUPTIONS = [
     "two pages, one handle", "slot header names another", "unused entry bits", "class out of range",
     "frame owned twice", "huge entry not huge", "owned slot header lost", "handle out of range",
-    "bad length for kind",
+    "bad length for kind", "tier on an lz4 object",
 ]  # fmt: skip
 
 

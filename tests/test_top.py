@@ -190,7 +190,7 @@ def test_sorts_cycle_and_a_short_screen_says_what_it_left_out() -> None:
                             "... 2 more classes"]  # fmt: skip
 
 
-def test_classes_show_zspages_by_fullness_when_the_daemon_reports_them() -> None:
+def test_classes_show_zspages_by_fullness_group() -> None:
     """Each class's zspages by fullness group (stats' "fullness", as the
     kernel's zsmalloc classes file), one cell per group, as high as its
     share of the row's largest; a narrow terminal drops the column first."""
@@ -206,7 +206,7 @@ def test_classes_show_zspages_by_fullness_when_the_daemon_reports_them() -> None
     assert lines[heading + 1].endswith("          @")  # size 48: two zspages, both full
     narrow = topview.plain(topview.layout(topview.build(BEFORE, after, 2.0), 80, None)).splitlines()
     assert not any("10%..100%" in line for line in narrow)
-    assert topview.spark([0, 1, 2, 4], " .:-=+*#%@") == " .=@" and topview.spark([0, 0], "ab") == "aa"
+    assert topview.spark([0, 1, 2, 4], " .:-=+*#%@") == " :=@" and topview.spark([0, 0], "ab") == "aa"
 
 
 @pytest.mark.parametrize("width", [20, 33, 61, 200])

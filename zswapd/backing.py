@@ -339,18 +339,23 @@ class Backing:
 
     # -- candidates -------------------------------------------------------------
 
-    def next_candidate(self) -> int:
+    def next_candidate(self, idle_ticks: int) -> int:
         """The next page to write back, or -1 once this step has looked at
-        every page (``scan_left``).  The one place that chooses: oldest
-        first needs the idle stamps (entry bits 21-31); until they land, a
-        clock hand over the page table, every pool page once a lap."""
+        every page (``scan_left``).  The one place that chooses: a clock
+        hand over the pool pages idle at least ``idle_ticks``; the store
+        asks for the oldest first, age band by age band (store.IDLE_LADDER)."""
         table, n = self.table, self.npages
+        now = self.engine.now_tick & entry.IDLE_MASK
         while self.scan_left > 0:
             idx = self.cursor
             self.cursor = idx + 1 if idx + 1 < n else 0
             self.scan_left -= 1
             e = table[idx]
-            if not e & entry.BACKED and entry.kind(e) in (KIND_COMPRESSED, KIND_HUGE):
+            if (
+                not e & entry.BACKED
+                and entry.kind(e) in (KIND_COMPRESSED, KIND_HUGE)
+                and entry.age(e, now) >= idle_ticks
+            ):
                 return idx
         return -1
 
@@ -382,7 +387,7 @@ class Backing:
         self.buf[:] = bytes(SEG_SIZE)
         return True
 
-    def _append(self, page: int, old: int, kind: int, algo: int, payload: bytes, from_seg: int) -> None:
+    def _append(self, page: int, old: int, payload: bytes, from_seg: int) -> None:
         n = len(payload)
         at = self.pos
         loc = (self.open * SEG_SIZE + at) // OBJ_ALIGN
@@ -390,7 +395,10 @@ class Backing:
         self.buf[at + OBJ_HEADER : at + OBJ_HEADER + n] = payload
         sp = span(n)
         self.pos += sp
-        self.pending.append(_Pending(page, old, entry.make_backed(loc, kind, algo, n), at, sp, from_seg))
+        # The object as ``old`` names it (kind, algorithm, length, tier,
+        # stamp) at its place in the file.
+        new = entry.BACKED | loc << entry.HANDLE_SHIFT | old & ~(entry.BACKED | entry.HANDLE_MASK << entry.HANDLE_SHIFT)
+        self.pending.append(_Pending(page, old, new, at, sp, from_seg))
 
     def commit(self) -> None:
         """Write the open segment's new blocks, store its fill, then switch
@@ -415,13 +423,16 @@ class Backing:
         c = eng.c
         for p in pending:
             n = entry.length(p.new)
-            if table[p.page] != p.old:
+            cur = table[p.page]
+            if (cur ^ p.old) & entry.CONTENT_MASK:
                 continue  # rewritten or discarded meanwhile: the copy is dead
+            # The entry as it is now (a read may have stamped it) at the new place.
+            new = p.new & entry.CONTENT_MASK | cur & ~entry.CONTENT_MASK
             if p.from_seg == NO_SEGMENT:
                 h = entry.handle(p.old)
                 if bytes(eng.load(h, n)) != self.buf[p.at + OBJ_HEADER : p.at + OBJ_HEADER + n]:
                     continue  # the same handle holds other bytes now (an ABA rewrite)
-                table[p.page] = p.new
+                table[p.page] = new
                 self.segs[seg] += p.nbytes
                 c.bd_count += 1
                 c.bd_writes += 1
@@ -429,13 +440,13 @@ class Backing:
                     c.huge_pages -= 1
                 eng.free(h, n)
             else:
-                table[p.page] = p.new
+                table[p.page] = new
                 self.segs[seg] += p.nbytes
                 self.segs[p.from_seg] -= p.nbytes
 
     # -- the steps ------------------------------------------------------------------
 
-    def writeback_step(self, max_objects: int, max_bytes: int) -> tuple[int, int]:
+    def writeback_step(self, max_objects: int, max_bytes: int, idle_ticks: int = 0) -> tuple[int, int]:
         """Move up to ``max_objects`` pool objects, at most ``max_bytes`` of
         segment (the daily limit's rest), to the file.  Returns (objects
         moved, bytes appended)."""
@@ -445,7 +456,7 @@ class Backing:
         self.scan_left = self.npages
         try:
             while done < max_objects and nbytes < max_bytes:
-                idx = self.next_candidate()
+                idx = self.next_candidate(idle_ticks)
                 if idx < 0:
                     break
                 e = self.table[idx]
@@ -453,7 +464,7 @@ class Backing:
                 if nbytes + span(n) > max_bytes or not self._room(span(n), 1):
                     self.cursor = idx  # try it first next time
                     break
-                self._append(idx, e, entry.kind(e), entry.algo(e), bytes(eng.load(entry.handle(e), n)), NO_SEGMENT)
+                self._append(idx, e, bytes(eng.load(entry.handle(e), n)), NO_SEGMENT)
                 done += 1
                 nbytes += span(n)
             self.commit()
@@ -498,9 +509,7 @@ class Backing:
             if e & entry.BACKED and entry.location(e) == loc and entry.length(e) == n:
                 if not self._room(span(n), 0):
                     break
-                self._append(
-                    page, e, entry.kind(e), entry.algo(e), self.cbuf[at + OBJ_HEADER : at + OBJ_HEADER + n], victim
-                )
+                self._append(page, e, self.cbuf[at + OBJ_HEADER : at + OBJ_HEADER + n], victim)
                 moved += 1
                 nbytes += span(n)
             self.cpos = at + span(n)

@@ -171,12 +171,16 @@ class Tier:
     packed_ratio: float
 
 
-def tier(primary: Ceiling, secondary: Ceiling, threshold: int, zram_rule: bool = False) -> Tier:
+def tier(
+    primary: Ceiling, secondary: Ceiling, threshold: int, zram_rule: bool = False, engine_rule: bool = False
+) -> Tier:
     """The pool after one recompression pass over every page (both Ceilings
     over the same pages, in the same order).  Our rule keeps the new object
-    if it saves at least ``threshold`` bytes.  zram's (recompress_slot) skips
-    objects under ``threshold`` bytes and keeps a new one only if it falls in
-    a smaller size class and, with a threshold, under it."""
+    if it saves at least ``threshold`` bytes; the engine's (engine/tier.c,
+    ``engine_rule``) also wants it in a smaller size class.  zram's
+    (recompress_slot) skips objects under ``threshold`` bytes and keeps a
+    new one only if it falls in a smaller size class and, with a threshold,
+    under it."""
     if primary.pages != secondary.pages:
         raise ValueError("the two ceilings are not over the same pages")
     total = 0
@@ -189,6 +193,9 @@ def tier(primary: Ceiling, secondary: Ceiling, threshold: int, zram_rule: bool =
             if zram_rule:
                 smaller = _CLASS_OF[min(new + HEADER, PAGE_SIZE)] < _CLASS_OF[min(old + HEADER, PAGE_SIZE)]
                 keep = old >= threshold and smaller and not (threshold and new >= threshold)
+            elif engine_rule:
+                old_cls = len(CLASSES) if old == PAGE_SIZE else _CLASS_OF[old + HEADER]
+                keep = new < PAGE_SIZE and old - new >= threshold and _CLASS_OF[new + HEADER] < old_cls
             else:
                 keep = old - new >= max(threshold, 1)
         if keep:
@@ -198,7 +205,8 @@ def tier(primary: Ceiling, secondary: Ceiling, threshold: int, zram_rule: bool =
         total += cost
         packed += packed_cost(cost)
     orig = primary.pages * PAGE_SIZE
-    return Tier(threshold, "zram" if zram_rule else "saved", cand, n, saved, orig / max(1, total),
+    rule = "zram" if zram_rule else "engine" if engine_rule else "saved"
+    return Tier(threshold, rule, cand, n, saved, orig / max(1, total),
                 orig / max(1.0, packed))  # fmt: skip
 
 

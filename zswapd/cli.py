@@ -89,6 +89,50 @@ def _call(args: argparse.Namespace, req: dict[str, Any], timeout: float = 30.0) 
         sys.exit(1)
 
 
+# A manual recompression pass answers when it is done: a million idle pages
+# at zstd level 8 take a few CPU-minutes.
+RECOMPRESS_TIMEOUT = 3600.0
+
+
+def _idle_arg(text: str) -> int:
+    from .config import check_value
+
+    try:
+        out: int = check_value("--idle-age", "recompress", "idle_age", int(text) if text.isdigit() else text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return out
+
+
+def _count_arg(text: str) -> int:
+    if not text.isdigit() or len(text) > 18:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
+    return int(text)
+
+
+def _set_value(text: str) -> object:
+    """A `zswapd set` value as JSON would carry it: an integer, true/false,
+    a decimal number, or else the string."""
+    if text.isdigit():
+        return int(text)
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def recompress_result(r: dict[str, Any]) -> str:
+    """What `zswapd recompress` says about its reply."""
+    d = r.get("dictionary")
+    return (
+        f"recompressed {r['pages']} pages of {r['candidates']} candidates, saved {_human(r['bytes_saved'])} "
+        f"({r['bytes_saved']} bytes) in {r['seconds']:.3f}s, {r['cpu_seconds']:.3f} CPU-s; "
+        + (f"dictionary {d}" if d else "no dictionary")
+    )
+
+
 def compact_result(r: dict[str, Any]) -> str:
     """What `zswapd compact` (and top's `c`) says about a compact reply."""
     freed = r["frames_freed"]
@@ -140,6 +184,7 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
             f"engine {s.get('engine', '?')}; supervisor {proc['supervisor_pid']}, worker {proc['worker_pid']}, "
             f"worker restarts {proc['worker_restarts']}" + (f" (last took {rec:.0f} ms)" if rec is not None else "")
         )
+    lines += _tier_lines(s)
     if classes:
         cols = (
             "size",
@@ -164,6 +209,42 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
                     + "".join(f" {c[k]:>17}" for k in cols[1:])
                 )
     return "\n".join(lines)
+
+
+def _tier_lines(s: dict[str, Any]) -> list[str]:
+    """The recompression tier: a line of its counters, the per-codec table
+    and the idle histogram."""
+    r = s.get("recompress")
+    if not isinstance(r, dict):
+        return []
+    lines = [
+        f"recompressed {r['pages']} pages now, saved {_human(r['bytes_saved'])}; skipped {r['skipped']}, "
+        f"incompressible {r['incompressible']}; cpu {r['cpu_seconds']:.1f} s; "
+        + (", ".join(f"dictionary {d['id']}: {_human(d['bytes'])}, {d['pages']} pages" for d in r["dictionaries"])
+           or "no dictionary")
+    ]  # fmt: skip
+    codecs = s.get("codecs") or []
+    if codecs:
+        lines.append("")
+        lines.append(f"{'CODEC':<8} {'TIER':<13} {'DICT':>4} {'PAGES':>10} {'BYTES':>10} {'AVG':>6}")
+        for c in codecs:
+            avg = f"{c['bytes'] / c['pages']:.0f}" if c["pages"] and c["codec"] != "same" else "-"
+            lines.append(
+                f"{c['codec']:<8} {c['tier']:<13} {c['dictionary'] or '-':>4} {c['pages']:>10} "
+                f"{_human(c['bytes']):>10} {avg:>6}"
+            )
+    idle = s.get("idle") or []
+    if idle:
+        lines.append("idle: " + ", ".join(f">={_age(b['min_age_seconds'])} {b['pages']}" for b in idle))
+    return lines
+
+
+def _age(seconds: int) -> str:
+    """An idle age, rounded down to the largest unit that fits."""
+    for unit, n in (("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,15 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
     p_stats.add_argument("--prometheus", action="store_true", help="print Prometheus text-format metrics")
     p_compact = sub.add_parser("compact", help="run a full compaction now")
     with_target(p_compact)
+    p_recompress = sub.add_parser(
+        "recompress", help="recompress idle pages now (zram's recompress), with the current dictionary"
+    )
+    with_target(p_recompress)
+    p_recompress.add_argument(
+        "--idle-age",
+        metavar="S",
+        type=_idle_arg,
+        help='only pages idle at least this long: seconds, or "90s", "30m", "2h" (default [recompress] idle_age)',
+    )
+    p_recompress.add_argument(
+        "--max-pages", metavar="N", type=_count_arg, help="compress at most N candidate pages (default: all)"
+    )
+    p_recompress.add_argument(
+        "--threshold",
+        metavar="B",
+        type=_count_arg,
+        help="keep a page only if it shrinks by B bytes, 0..4096 (default [recompress] threshold)",
+    )
     p_wb = sub.add_parser(
         "writeback", help="write pool pages back to the backing file now, as zram's writeback; returns when done"
     )
     with_target(p_wb)
     p_wb.add_argument(
-        "--idle-age", metavar="S", type=int, default=None,
-        help="only pages idle at least S seconds (default: [writeback] idle_age)",
-    )  # fmt: skip
-    p_wb.add_argument("--max-pages", metavar="N", type=int, default=None, help="at most N pages (default: all)")
+        "--idle-age",
+        metavar="S",
+        type=_idle_arg,
+        help='only pages idle at least this long: seconds, or "90s", "30m", "2h" (default: every page, oldest first)',
+    )
+    p_wb.add_argument("--max-pages", metavar="N", type=_count_arg, help="write back at most N pages (default: all)")
     p_set = sub.add_parser("set", help="change a runtime setting, e.g. memory_limit=1G")
     with_target(p_set)
     p_set.add_argument("assignment", help="KEY=VALUE")
@@ -222,17 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="device",
-        choices=["device", "pool", "app"],
+        choices=["device", "pool", "app", "recompress"],
         help="device: real memory pages through zswapd, zram and a tmpfs loop device; pool: the store against bare "
-        "lz4; app: a program swapping in a memory cgroup (default: device)",
+        "lz4; app: a program swapping in a memory cgroup; recompress: the recompression tier's ratio against zram "
+        "lz4 and the per-page ceiling, its CPU and its read latency (default: device)",
     )
     p_bench.add_argument("--pages", type=int, default=20000, help="pool: pages to store")
-    p_bench.add_argument("--corpus", help="device: a file of raw 4 KiB pages instead of captured memory")
-    p_bench.add_argument("--corpus-size", default="128M", help="device: how much process memory to capture")
+    p_bench.add_argument("--corpus", help="device, recompress: a file of raw 4 KiB pages instead of captured memory")
+    p_bench.add_argument("--corpus-size", default="128M", help="device, recompress: how much process memory to capture")
     p_bench.add_argument("--algorithms", default="lz4,zstd", help="device: comma-separated")
-    p_bench.add_argument("--repeat", type=int, default=3, help="device: runs per figure (the median is reported)")
     p_bench.add_argument(
-        "--latency-seconds", type=int, default=5, help="device: seconds of each QD1 random-read latency run"
+        "--repeat", type=int, default=3, help="device, recompress: runs per figure (the median is reported)"
+    )
+    p_bench.add_argument(
+        "--latency-seconds",
+        type=int,
+        default=5,
+        help="device, recompress: seconds of each QD1 random-read latency run",
     )
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON")
     p_bench.add_argument(
@@ -319,13 +427,20 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "compact":
         print(compact_result(_call(args, {"cmd": "compact"})))
         return 0
+    if args.command == "recompress":
+        req: dict[str, Any] = {"cmd": "recompress"}
+        for key in ("idle_age", "max_pages", "threshold"):
+            if getattr(args, key) is not None:
+                req[key] = getattr(args, key)
+        # a pass over a large pool takes a while: it answers when done
+        print(recompress_result(_call(args, req, RECOMPRESS_TIMEOUT)))
     if args.command == "writeback":
-        req: dict[str, Any] = {"cmd": "writeback"}
+        wreq: dict[str, Any] = {"cmd": "writeback"}
         if args.idle_age is not None:
-            req["idle_age"] = args.idle_age
+            wreq["idle_age"] = args.idle_age
         if args.max_pages is not None:
-            req["max_pages"] = args.max_pages
-        r = _call(args, req, timeout=3600)
+            wreq["max_pages"] = args.max_pages
+        r = _call(args, wreq, RECOMPRESS_TIMEOUT)
         print(
             f"wrote back {r['pages']} pages ({_human(r['bytes'])} in the file) in {r['seconds']:.3f}s"
             + (f"; stopped: {r['stopped']}" if r.get("stopped") else "")
@@ -336,7 +451,7 @@ def _main(argv: list[str] | None = None) -> int:
         if not sep:
             print("zswapd: expected KEY=VALUE, e.g. memory_limit=1G", file=sys.stderr)
             return 2
-        val: Any = int(value) if value.isdigit() else value
+        val: Any = _set_value(value)
         r = _call(args, {"cmd": "set", "key": key.strip(), "value": val})
         print(f"{r['key']} = {r['value']}")
         if r.get("warning"):
@@ -378,7 +493,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"mem_used_max = {r['mem_used_max']}")
         return 0
     if args.command == "bench":
-        from .bench import bench_app, bench_device, bench_pool
+        from .bench import bench_app, bench_device, bench_pool, bench_recompress
         from .config import parse_size
 
         algorithms = tuple(a for a in args.algorithms.split(",") if a)
@@ -400,6 +515,16 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         if args.what == "pool":
             return bench_pool(args.pages, args.json)
+        if args.what == "recompress":
+            try:
+                corpus_size = parse_size(args.corpus_size)
+                if corpus_size < 1 << 20:
+                    raise ValueError("too small")
+            except ValueError:
+                print(f"zswapd bench: --corpus-size {args.corpus_size!r}: expected a size of 1M or more, e.g. 128M",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            return bench_recompress(corpus_size, args.corpus, args.repeat, args.latency_seconds, as_json=args.json)
         if args.what == "app":
             try:
                 input_size = parse_size(args.input_size)

@@ -172,6 +172,28 @@ class CompactionConfig:
 
 
 @dataclass
+class RecompressConfig:
+    """The recompression tier (docs/operation.md, "Recompression"); the
+    defaults are measured (docs/benchmarks.md, "ceiling" and "recompression")."""
+
+    enable: bool = True
+    idle_age: int = 3600  # seconds since a page's last access
+    level: int = 8  # zstd's; a dictionary starts to pay from here on
+    threshold: int = 128  # bytes an object must shrink by to be kept
+    cpu_percent: float = 5.0  # of one core, from the policy thread's own CPU time
+    dictionary_size: int = 112 << 10  # 0: no dictionary
+
+
+# The oldest idle age the page table can tell (entry.IDLE_CLAMP ticks of
+# entry.IDLE_TICK seconds: 17 hours 4 minutes); entry.py sits below config,
+# so engine.py checks that the two agree.
+MAX_IDLE_AGE = 1024 * 60
+# A dictionary's size: state.DICT_MAX_BYTES at most (engine.py checks).
+MAX_DICTIONARY_SIZE = 256 << 10
+MIN_DICTIONARY_SIZE = 1 << 10
+
+
+@dataclass
 class SwapConfig:
     enable: bool = True
     priority: int = 100
@@ -214,10 +236,6 @@ class FuseConfig:
 WRITEBACK_SEGMENT = 256 << 10
 WRITEBACK_MIN_SIZE = 2 * WRITEBACK_SEGMENT
 WRITEBACK_MAX_SIZE = 32 << 30
-# [writeback] idle_age: up to 30 days.
-MAX_IDLE_AGE = 30 * 86400
-_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_AGE_RE = re.compile(r"^\s*([0-9]{1,9})\s*([smhd]?)\s*$", re.ASCII)
 
 
 @dataclass
@@ -229,8 +247,10 @@ class WritebackConfig:
     file: str = ""
     size: int = 0
     # Background writeback of pages idle this long (zram's `writeback idle`
-    # after `idle` marking; ChromeOS uses 20-25 h); 0: only before full.
-    idle_age: int = 20 * 3600
+    # after `idle` marking; ChromeOS uses 20-25 h, beyond the 17 h the idle
+    # stamp tells apart, so the oldest it tells: a page idle that long is
+    # one the recompression pass has long had its go at); 0: only before full.
+    idle_age: int = MAX_IDLE_AGE
     # Bytes written to the file per day at most (zram's writeback_limit);
     # 0: no limit.  When spent, the pool reports full as without writeback.
     daily_limit: int = 0
@@ -247,6 +267,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     compaction: CompactionConfig = field(default_factory=CompactionConfig)
+    recompress: RecompressConfig = field(default_factory=RecompressConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
@@ -378,15 +399,23 @@ def _seconds(v: object) -> float:
     return float(v)
 
 
-def _age(v: object) -> int:
-    """Seconds: an integer, or a string with s, m, h or d ("30m", "20h")."""
+_AGE_RE = re.compile(r"^\s*([0-9]{1,9})\s*([smh]?)\s*$", re.ASCII)
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _idle_age(v: object) -> int:
+    """Seconds, as an integer or a string with an s/m/h suffix ("90s", "30m",
+    "2h"), up to the oldest age the page table tells apart."""
     n = -1
     if isinstance(v, int) and not isinstance(v, bool):
         n = v
     elif isinstance(v, str) and (m := _AGE_RE.match(v)):
         n = int(m.group(1)) * _AGE_UNITS[m.group(2)]
     if not 0 <= n <= MAX_IDLE_AGE:
-        raise ValueError(f'seconds from 0 to {MAX_IDLE_AGE} (30 days), as an integer or with s/m/h/d, e.g. "20h"')
+        raise ValueError(
+            f'seconds as an integer or a string such as "90s", "30m", "2h", from 0 to {MAX_IDLE_AGE} '
+            "(17 hours: the oldest idle age a page's stamp tells apart)"
+        )
     return n
 
 
@@ -406,6 +435,22 @@ def _backing_size(v: object) -> int:
             "a size that is a multiple of the block size (4096 bytes), from 512K (two 256 KiB segments: the "
             'open one and one kept for cleaning) to 32G (what a page entry addresses), e.g. "8G"'
         )
+    return n
+
+
+def _percent(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.1 <= v <= 100:
+        raise ValueError("a percentage of one CPU core from 0.1 to 100")
+    return float(v)
+
+
+def _dictionary_size(v: object) -> int:
+    try:
+        n = parse_size(v)
+    except ValueError:
+        n = -1
+    if not (n == 0 or MIN_DICTIONARY_SIZE <= n <= MAX_DICTIONARY_SIZE):
+        raise ValueError('0 (no dictionary) or a size from 1K to 256K, e.g. "112K"')
     return n
 
 
@@ -462,6 +507,14 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "watermark": _int_in(1, 100),
         "interval": _seconds,
     },
+    "recompress": {
+        "enable": _bool,
+        "idle_age": _idle_age,
+        "level": _int_in(1, 22),
+        "threshold": _int_in(0, PAGE),
+        "cpu_percent": _percent,
+        "dictionary_size": _dictionary_size,
+    },
     "swap": {"enable": _bool, "priority": _int_in(-1, 32767), "discard": _choice("pages", "once", "both", "none")},
     "control": {
         "socket": _socket_path,
@@ -476,7 +529,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "enable": _bool,
         "file": _backing_file,
         "size": _backing_size,
-        "idle_age": _age,
+        "idle_age": _idle_age,
         "daily_limit": _small_size,
     },
     "log": {"level": _choice(*LOG_LEVELS)},
@@ -490,6 +543,12 @@ RUNTIME_KEYS = {
     # old pages stay readable (zram needs a reset for this).
     "algorithm": ("pool", "algorithm"),
     "zstd_level": ("pool", "zstd_level"),
+    # The recompression policy reads these each round.
+    "recompress": ("recompress", "enable"),
+    "idle_age": ("recompress", "idle_age"),
+    "recompress_level": ("recompress", "level"),
+    "recompress_threshold": ("recompress", "threshold"),
+    "recompress_cpu_percent": ("recompress", "cpu_percent"),
 }
 
 # Keys a reload of the file (SIGHUP) may apply to a running daemon: those of
@@ -500,6 +559,7 @@ RELOADABLE: frozenset[tuple[str, str]] = frozenset(
     {
         *RUNTIME_KEYS.values(),
         *(("compaction", key) for key in ("background", "waste_threshold", "watermark", "interval")),
+        *(("recompress", f.name) for f in fields(RecompressConfig)),
         ("control", "group"),
         ("control", "metrics_access"),
         ("writeback", "idle_age"),

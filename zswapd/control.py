@@ -1,7 +1,7 @@
 """Control socket: JSON lines over a Unix stream socket.
 
 One request per line, ``{"cmd": ...}``; one reply per line, ``{"ok": true, ...}``
-or ``{"ok": false, "error": "..."}``.  Commands: stats, compact, set, reset_max.
+or ``{"ok": false, "error": "..."}``.  Commands: stats, compact, recompress, set, reset_max.
 Mutating commands need uid 0 (checked with SO_PEERCRED); stats is also open to
 ``[control] group``.  ``Controller.handle`` is separate from the socket code so
 it can be fuzzed without I/O.
@@ -42,8 +42,9 @@ from typing import Any
 import trio
 
 from . import __version__, paths
-from .config import RUNTIME_KEYS, ConfigError, check_value
+from .config import RUNTIME_KEYS, ConfigError, RecompressConfig, check_value
 from .errors import BadRequest
+from .recompress import Recompressor, idle_ticks
 from .store import Store
 
 log = logging.getLogger("zswapd.control")
@@ -82,7 +83,7 @@ MAX_NUMBER = 40
 # The widest integer any setting takes: a 64-bit byte count.
 MAX_INT = (1 << 63) - 1
 READ_ONLY = {"stats", "ping"}
-MUTATING = {"compact", "set", "reset_max", "reload", "writeback"}
+MUTATING = {"compact", "recompress", "set", "reset_max", "reload", "writeback"}
 COMPACT_STEP = 256
 # After a failed accept (EMFILE, ENFILE, ENOBUFS...): wait, then try again.
 ACCEPT_RETRY = 0.1
@@ -210,6 +211,10 @@ class Controller:
         # Set by the worker: one writeback pass (max_pages, idle_age) ->
         # (pages, bytes, why it stopped), run in bounded steps.
         self.writeback_pass: Callable[[int, int | None], Awaitable[tuple[int, int, str]]] | None = None
+        # Set by the worker: the recompression policy, and how `set` changes
+        # one of its [recompress] keys.  None: a pass runs on the store alone.
+        self.recompressor: Recompressor | None = None
+        self.set_recompress: Callable[[str, Any], None] | None = None
         self.internal_errors = 0
 
     def stats(self) -> dict[str, Any]:
@@ -273,6 +278,33 @@ class Controller:
             "seconds": round(time.monotonic() - start, 6),
         }
 
+    async def _cmd_recompress(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A recompression pass now, outside the budget (zram's recompress):
+        ``idle_age`` seconds (default [recompress] idle_age), ``max_pages``,
+        ``threshold`` bytes.  Trains a dictionary first if there is none
+        and one is configured.  Answers when the pass is done."""
+        rec = self.recompressor
+        cfg = rec.config() if rec is not None else RecompressConfig()
+        idle = check_value("<control>", "recompress", "idle_age", req.get("idle_age", cfg.idle_age))
+        threshold = check_value("<control>", "recompress", "threshold", req.get("threshold", cfg.threshold))
+        max_pages = req.get("max_pages")
+        if max_pages is not None and (isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 0):
+            raise RequestError(f"max_pages = {max_pages!r}: expected a non-negative integer")
+        start = time.monotonic()
+        if rec is None:  # a bare controller (tests): the store's pass, inline
+            out: dict[str, Any] = {**self.store.recompress(idle_ticks(idle), threshold, cfg.level, max_pages)}
+            out["cpu_seconds"] = 0.0
+        else:
+            self.store.tick(time.monotonic())
+            if cfg.dictionary_size and not self.store.dictionary_slot():
+                await rec.train(idle_ticks(idle), cfg.dictionary_size, budget=False)
+            out = await rec.run_pass(idle_ticks(idle), threshold, cfg.level, max_pages, budget=False)
+        dicts = self.store.engine.dictionaries()
+        slot = self.store.dictionary_slot()
+        out["dictionary"] = next((i for s, i, _n, _r in dicts if s == slot), None)
+        out["seconds"] = round(time.monotonic() - start, 6)
+        return out
+
     async def _cmd_set(self, req: dict[str, Any]) -> dict[str, Any]:
         key, value = req.get("key"), req.get("value")
         if not isinstance(key, str) or key not in RUNTIME_KEYS:
@@ -292,7 +324,11 @@ class Controller:
                     "cannot free enough without dropping data; nothing was dropped, new stores fail until it fits"
                 )
             return out
-        if name == "algorithm":
+        if section == "recompress":
+            if self.set_recompress is None:
+                raise RequestError(f"{key}: this server has no recompression policy")
+            self.set_recompress(name, checked)
+        elif name == "algorithm":
             self.store.set_algorithm(algorithm=checked)
         elif name == "zstd_level":
             self.store.set_algorithm(zstd_level=checked)
@@ -679,7 +715,48 @@ def prometheus(s: dict[str, Any]) -> str:
     out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
     for c in s["classes"]:
         out.append(f'zswapd_class_frames_used{{size="{c["size"]}"}} {c["frames_used"]}')
+    out += _tier_metrics(s)
     return "\n".join(out) + "\n"
+
+
+def _tier_metrics(s: dict[str, Any]) -> list[str]:
+    """The recompression tier's metrics: the pass counters, pages and bytes
+    per codec, the dictionaries and the idle histogram."""
+    r = s.get("recompress")
+    if not isinstance(r, dict):
+        return []
+    out: list[str] = []
+    for name, key, help_ in (
+        ("recompressed_pages", "pages", "Pages stored recompressed now"),
+        ("recompress_cpu_seconds", "cpu_seconds", "CPU seconds spent recompressing and training"),
+    ):
+        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {r[key]}"]
+    for name, key, help_ in (
+        ("recompress_pages", "recompressed", "Pages recompressed"),
+        ("recompress_saved_bytes", "bytes_saved", "Bytes saved by recompression when it happened"),
+        ("recompress_skipped", "skipped", "Pages recompression kept as they were (saving under the threshold)"),
+        ("recompress_incompressible", "incompressible", "Pages the secondary codec could not compress"),
+    ):
+        out += [f"# HELP zswapd_{name}_total {help_}", f"# TYPE zswapd_{name}_total counter"]
+        out.append(f"zswapd_{name}_total {int(r[key])}")
+    out += ["# HELP zswapd_codec_pages Pages stored per codec", "# TYPE zswapd_codec_pages gauge"]
+    out += ["# HELP zswapd_codec_bytes Payload bytes stored per codec", "# TYPE zswapd_codec_bytes gauge"]
+    for c in s.get("codecs", []):
+        labels = f'codec="{c["codec"]}",tier="{c["tier"]}",dictionary="{c["dictionary"] or ""}"'
+        out.append(f"zswapd_codec_pages{{{labels}}} {c['pages']}")
+        out.append(f"zswapd_codec_bytes{{{labels}}} {c['bytes']}")
+    out += ["# HELP zswapd_dictionary_bytes Bytes of each dictionary", "# TYPE zswapd_dictionary_bytes gauge"]
+    out += ["# HELP zswapd_dictionary_pages Pages using each dictionary", "# TYPE zswapd_dictionary_pages gauge"]
+    for d in r.get("dictionaries", []):
+        out.append(f'zswapd_dictionary_bytes{{id="{d["id"]}"}} {d["bytes"]}')
+        out.append(f'zswapd_dictionary_pages{{id="{d["id"]}"}} {d["pages"]}')
+    out += [
+        "# HELP zswapd_idle_pages Stored pages by idle age (lower bound, seconds)",
+        "# TYPE zswapd_idle_pages gauge",
+    ]
+    for b in s.get("idle", []):
+        out.append(f'zswapd_idle_pages{{min_age_seconds="{b["min_age_seconds"]}"}} {b["pages"]}')
+    return out
 
 
 METRICS_MAX_CLIENTS = 16

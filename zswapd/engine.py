@@ -37,19 +37,22 @@ Python engine (its crash points are Python stores).
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+import zstandard
+
 from . import backing, codec, entry, rebuild
 from . import pool as pool_rules
-from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
-from .config import MAX_FUSE_THREADS
+from .codec import ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
+from .config import MAX_DICTIONARY_SIZE, MAX_FUSE_THREADS, MAX_IDLE_AGE
 from .errors import BadRequest, CorruptObject
 from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
-from .state import TABLES, State, StateError
+from .state import DICT_MAX_BYTES, DICT_SLOTS, TABLES, State, StateError
 
 ENGINES = ("auto", "native", "python")
 # Where a write stopped (Engine.write), for the store's policy to decide on.
@@ -90,6 +93,18 @@ class Counters:
     mem_used_max: int = _saved()
     compactions: int = _saved()
     limit_hits: int = _saved()
+    # The recompression tier (tier.c, PythonEngine.recompress_step): pages
+    # recompressed and the bytes that saved when it happened; pages tried
+    # and kept because they did not save enough, or did not compress below
+    # the huge threshold at all.
+    recompressed: int = _saved()
+    recompress_saved: int = _saved()
+    recompress_skipped: int = _saved()
+    recompress_incompressible: int = _saved()
+    # CPU the tier's policy spent (steps and training), in microseconds,
+    # measured from its thread's own CPU clock; dictionaries trained.
+    recompress_cpu_us: int = _saved()
+    dictionaries_trained: int = _saved()
     # Writeback (backing.py), as zram's bd_stat: pages in the backing file
     # (recounted by the rebuild), pages read from it and written to it.
     bd_count: int = 0
@@ -125,6 +140,9 @@ class Engine(Protocol):
     state: State
     frame_limit: int
     pages_compacted: int
+    # The idle tick stamped on every write and read (entry.tick_of); the
+    # store sets it as time passes.
+    now_tick: int
     # The store's full flag (Store.full reads and sets this one): while set,
     # a write refuses pages that need pool memory (REFUSED).
     full: int
@@ -190,13 +208,68 @@ class Engine(Protocol):
         the page counters match the table and every index is right."""
         ...
 
+    def recompress_step(
+        self,
+        first: int,
+        end: int,
+        min_len: int,
+        max_len: int,
+        idle_ticks: int,
+        threshold: int,
+        level: int,
+        max_pages: int,
+        slot: int = 0,
+    ) -> tuple[int, int, int, int, int, int, int, int]:
+        """Recompress candidates among pages first..end-1 (tier.c; the
+        crash order at its top): objects stored by a write, never tried,
+        of min_len..max_len bytes (4096: a huge page), idle at least
+        idle_ticks, until max_pages were compressed, with dictionary
+        ``slot`` (0: none).  A new object is kept if it is ``threshold``
+        bytes smaller and in a smaller size class; otherwise the page is
+        marked tried.  Returns (next page, pages recompressed, bytes saved,
+        candidates compressed, OK or NOROOM, probes, probe bytes without the
+        dictionary, probe bytes with it): one candidate in PROBE_EVERY is
+        also compressed without the dictionary, for the retrain rule."""
+        ...
+
+    def census(self) -> tuple[list[int], list[int], list[int]]:
+        """(stored pages by idle age in ticks, pages by codec, payload bytes
+        by codec), codec index kind * 32 + algorithm * 8 + tier."""
+        ...
+
+    def add_dictionary(self, data: bytes) -> tuple[int, int]:
+        """Install a dictionary in the lowest free slot (tier.c's order:
+        bytes, then the head); returns (slot, id).  ValueError if every slot
+        is in use."""
+        ...
+
+    def drop_dictionary(self, slot: int) -> None:
+        """Free a slot no entry names (ValueError otherwise)."""
+        ...
+
+    def dictionaries(self) -> list[tuple[int, int, int, int]]:
+        """(slot, id, bytes, pages naming it) of each installed dictionary."""
+        ...
+
+    def sample(self, first: int, end: int, idle_ticks: int, stride: int, max_pages: int) -> tuple[bytes, int]:
+        """Up to ``max_pages`` idle pages stored by a write (compressed, tier
+        0), decompressed and concatenated, every ``stride`` pages from
+        ``first``; and the page to go on from.  No idle stamp changes."""
+        ...
+
+    def train(self, samples: bytes, size: int) -> bytes:
+        """A zstd dictionary of at most ``size`` bytes trained on the pages
+        of ``samples`` (zdict.h); ValueError if zstd cannot train on them."""
+        ...
+
     def attach_backing(self, fd: int, size: int) -> None:
         """Serve and write back with the backing file ``fd`` of ``size``
         bytes (backing.py); the segment table must fit it (StateError)."""
         ...
 
-    def writeback(self, max_objects: int, max_bytes: int) -> tuple[int, int]:
-        """One bounded writeback step: (objects moved, bytes appended)."""
+    def writeback(self, max_objects: int, max_bytes: int, idle_ticks: int = 0) -> tuple[int, int]:
+        """One bounded writeback step over pages idle at least ``idle_ticks``:
+        (objects moved, bytes appended)."""
         ...
 
     def clean(self, max_objects: int, max_bytes: int, percent: int) -> tuple[int, int]:
@@ -254,9 +327,21 @@ class PythonEngine(Pool):
         self.full = 0
         self.policy: Policy | None = None
         self.compressions = 0
+        self.now_tick = 0
+        # The secondary codec: recompress_page(page, level, room) -> the
+        # page compressed by zstd at ``level`` if it fits in ``room`` bytes.
+        # Tests hand it the C engine's (_engine.recompress_page) to compare
+        # tables byte for byte: python-zstandard bundles its own libzstd.
+        # (None: python-zstandard's, with _dicts and _cdicts below.)
+        self.recompress_page: Callable[..., bytes | None] | None = None
+        self._dicts: dict[int, zstandard.ZstdCompressionDict] = {}
+        self._cdicts: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
         g = state.geometry
         super().__init__(g.max_frames, g.max_handles, frame_limit, reserve_frames, state)
         self.table = state.view("page")
+        self._dict_head = state.view("dict_head")
+        self._dict_refs = state.view("dict_refs")
+        self._dict_bytes = state.view("dict_bytes")
         self.codec = codec
         self._c = Counters()
         self.segs = state.view("segment")
@@ -286,6 +371,7 @@ class PythonEngine(Pool):
     def rebuild_pages(self, extents: Extents) -> tuple[int, int, int]:
         counts = rebuild.rebuild_pages(self, self.table, extents)
         self._c.pages_stored, self._c.same_pages, self._c.huge_pages = counts
+        self._load_dicts()
         return counts
 
     def check_pages(self, extents: Extents) -> None:
@@ -305,8 +391,8 @@ class PythonEngine(Pool):
             raise BadRequest("no backing file is attached")
         return self.backing
 
-    def writeback(self, max_objects: int, max_bytes: int) -> tuple[int, int]:
-        return self._backing().writeback_step(max_objects, max_bytes)
+    def writeback(self, max_objects: int, max_bytes: int, idle_ticks: int = 0) -> tuple[int, int]:
+        return self._backing().writeback_step(max_objects, max_bytes, idle_ticks)
 
     def clean(self, max_objects: int, max_bytes: int, percent: int) -> tuple[int, int]:
         return self._backing().clean_step(max_objects, max_bytes, percent)
@@ -335,6 +421,8 @@ class PythonEngine(Pool):
             # The object stays in its segment as dead bytes (cleaning's).
             self.segs[entry.location(e) * backing.OBJ_ALIGN // backing.SEG_SIZE] -= backing.span(entry.length(e))
             self._c.bd_count -= 1
+            if 0 < entry.tier(e) <= entry.DICT_SLOTS:
+                self._dict_refs[entry.tier(e)] -= 1
             return
         h = entry.handle(e)
         if kind == KIND_SAME:
@@ -344,6 +432,9 @@ class PythonEngine(Pool):
             self.free(h, entry.length(e))
             if kind == KIND_HUGE:
                 self._c.huge_pages -= 1
+            tier = entry.tier(e)
+            if 0 < tier <= entry.DICT_SLOTS:
+                self._dict_refs[tier] -= 1  # after the entry stopped naming it
 
     def _store_page(self, idx: int, page: Buffer, refuse: bool) -> int:
         stopped, self._stopped = self._stopped, None
@@ -363,11 +454,12 @@ class PythonEngine(Pool):
             self._stopped = (idx, bytes(page), kind, algo, bytes(payload) if kind == KIND_HUGE else payload)  # type: ignore[arg-type]
             return NOROOM
         c = self._c
+        now = self.now_tick  # a write is an access
         if kind == KIND_SAME:
-            self.table[idx], old = entry.make(h, kind), self.table[idx]
+            self.table[idx], old = entry.make(h, kind, stamp=now), self.table[idx]
             c.same_pages += 1
         else:
-            self.table[idx], old = entry.make(h, kind, algo, len(payload)), self.table[idx]  # type: ignore[arg-type]
+            self.table[idx], old = entry.make(h, kind, algo, len(payload), stamp=now), self.table[idx]  # type: ignore[arg-type]
             if kind == KIND_HUGE:
                 c.huge_pages += 1
         c.pages_stored += 1
@@ -383,6 +475,8 @@ class PythonEngine(Pool):
         kind = entry.kind(e)
         if not kind:
             return _ZERO_PAGE
+        if entry.idle(e) != self.now_tick:  # a read is an access: page.c's stamp_locked
+            self.table[idx] = entry.with_idle(e, self.now_tick)
         h = entry.handle(e)
         if e & entry.BACKED:
             data: Buffer = self._backing().load(idx, e)
@@ -393,11 +487,215 @@ class PythonEngine(Pool):
         if kind == KIND_HUGE:
             return data
         try:
-            return self.codec.decompress(entry.algo(e), data)
+            return self._decompress(e, data)
         except Exception as e:
             # One exception type for a bad object, whichever engine and codec.
             self._c.failed_reads += 1
             raise CorruptObject(f"corrupt object: page {idx} did not decompress to a 4096-byte page ({e})") from None
+
+    def _decompress(self, e: int, data: Buffer) -> bytes:
+        tier = entry.tier(e)
+        if tier and tier != entry.TIER_PLAIN:
+            d = self._dicts.get(tier)
+            if d is None or entry.algo(e) != codec.ALGO_ZSTD:
+                raise ValueError(f"dictionary slot {tier} is not held")
+            out: bytes = zstandard.ZstdDecompressor(dict_data=d).decompress(data, max_output_size=PAGE_SIZE)
+            if len(out) != PAGE_SIZE:
+                raise ValueError(f"decompressed to {len(out)} bytes")
+            return out
+        return self.codec.decompress(entry.algo(e), data)
+
+    # -- dictionaries (tier.c's order) ------------------------------------------
+
+    def _dict_at(self, slot: int) -> int:
+        return (slot - 1) * DICT_MAX_BYTES
+
+    def _load_dicts(self) -> None:
+        self._dicts.clear()
+        self._cdicts.clear()
+        for slot in range(1, entry.DICT_SLOTS + 1):
+            head = self._dict_head[slot]
+            if head:
+                at, n = self._dict_at(slot), head & 0xFFFFFFFF
+                self._dicts[slot] = zstandard.ZstdCompressionDict(bytes(self._dict_bytes[at : at + n]))
+
+    def add_dictionary(self, data: bytes) -> tuple[int, int]:
+        n = len(data)
+        if not 0 < n <= DICT_MAX_BYTES:
+            raise ValueError(f"a dictionary must be 1..{DICT_MAX_BYTES} bytes that zstd accepts")
+        heads = [self._dict_head[s] for s in range(entry.DICT_SLOTS + 1)]
+        free = [s for s in range(1, entry.DICT_SLOTS + 1) if not heads[s]]
+        if not free:
+            raise ValueError(f"every dictionary slot ({entry.DICT_SLOTS}) is in use")
+        slot, top = free[0], max(h >> 32 for h in heads)
+        d = zstandard.ZstdCompressionDict(bytes(data))
+        at = self._dict_at(slot)
+        self._dict_bytes[at : at + n] = data
+        self._dicts[slot] = d
+        self._dict_refs[slot] = 0
+        self._dict_head[slot] = (top + 1) << 32 | n  # last
+        return slot, top + 1
+
+    def drop_dictionary(self, slot: int) -> None:
+        if not 0 < slot <= entry.DICT_SLOTS or not self._dict_head[slot]:
+            raise ValueError(f"dictionary slot {slot} holds no dictionary")
+        if self._dict_refs[slot]:
+            raise ValueError(f"dictionary slot {slot} is still named by {self._dict_refs[slot]} pages")
+        self._dict_head[slot] = 0  # first
+        self._dicts.pop(slot, None)
+        for key in [k for k in self._cdicts if k[0] == slot]:
+            del self._cdicts[key]
+
+    def dictionaries(self) -> list[tuple[int, int, int, int]]:
+        out = []
+        for slot in range(1, entry.DICT_SLOTS + 1):
+            head = self._dict_head[slot]
+            if head:
+                out.append((slot, head >> 32, head & 0xFFFFFFFF, self._dict_refs[slot]))
+        return out
+
+    def sample(self, first: int, end: int, idle_ticks: int, stride: int, max_pages: int) -> tuple[bytes, int]:
+        if stride < 1 or max_pages > 1 << 20:
+            raise ValueError("sample: stride must be >= 1 and max at most 2^20 pages")
+        now = self.now_tick & entry.IDLE_MASK
+        out: list[bytes] = []
+        idx = first
+        end = min(end, len(self.table))
+        while idx < end and len(out) < max_pages:
+            e = self.table[idx]
+            if (
+                entry.kind(e) == KIND_COMPRESSED
+                and not entry.tier(e)
+                and not e & entry.BACKED
+                and entry.age(e, now) >= idle_ticks
+            ):
+                try:
+                    out.append(self.codec.decompress(entry.algo(e), self.load(entry.handle(e), entry.length(e))))
+                except Exception:
+                    pass
+            idx += stride
+        return b"".join(out), idx
+
+    def train(self, samples: bytes, size: int) -> bytes:
+        return _train(samples, size)
+
+    def _secondary(self, page: Buffer, level: int, room: int, slot: int) -> bytes | None:
+        """The page compressed by zstd at ``level`` (with dictionary
+        ``slot``), if it fits in ``room`` bytes."""
+        if self.recompress_page is not None:  # a test's codec (see __init__)
+            if not slot:
+                return self.recompress_page(page, level, room)
+            at, n = self._dict_at(slot), self._dict_head[slot] & 0xFFFFFFFF
+            return self.recompress_page(page, level, room, bytes(self._dict_bytes[at : at + n]))
+        zc = self._cdicts.get((slot, level))
+        if zc is None:
+            if slot:
+                zc = zstandard.ZstdCompressor(
+                    level=level, dict_data=self._dicts[slot], write_content_size=False, write_checksum=False,
+                    write_dict_id=False,
+                )  # fmt: skip
+                self._cdicts.clear()  # one at a time, as tier.c's CDict
+                self._cdicts[(slot, level)] = zc
+            else:
+                zc = _zstd_compressor(level)
+        out: bytes = zc.compress(page)
+        return out if len(out) <= room else None
+
+    # -- the recompression tier (zswapd/engine/tier.c, step for step) ----------
+
+    def recompress_step(
+        self,
+        first: int,
+        end: int,
+        min_len: int,
+        max_len: int,
+        idle_ticks: int,
+        threshold: int,
+        level: int,
+        max_pages: int,
+        slot: int = 0,
+    ) -> tuple[int, int, int, int, int, int, int, int]:
+        if not 1 <= level <= _ZSTD_MAX_LEVEL:
+            raise ValueError(f"zstd level {level} is outside 1..{_ZSTD_MAX_LEVEL}")
+        if slot and (slot > entry.DICT_SLOTS or not self._dict_head[slot]):
+            raise ValueError(f"dictionary slot {slot} holds no dictionary")
+        tier = slot or entry.TIER_PLAIN
+        probes = probe_plain = probe_dict = 0
+        table, c = self.table, self._c
+        now = self.now_tick & entry.IDLE_MASK
+        room = self.huge_threshold - 1
+        pages = saved = looked = 0
+        st = OK
+        idx = first
+        end = min(end, len(table))
+        while idx < end and looked < max_pages:
+            e = table[idx]
+            kind = entry.kind(e)
+            if not kind:
+                idx += 1
+                continue
+            if entry.age(e, now) > entry.IDLE_CLAMP:
+                e = entry.with_idle(e, now - entry.IDLE_CLAMP)
+                table[idx] = e
+            n = entry.length(e)
+            if (
+                kind not in (KIND_COMPRESSED, KIND_HUGE)
+                or entry.tier(e)
+                or entry.tried(e)
+                or e & entry.BACKED
+                or not min_len <= n <= max_len
+                or entry.age(e, now) < idle_ticks
+            ):
+                idx += 1
+                continue
+            looked += 1
+            h = entry.handle(e)
+            data = bytes(self.load(h, n))
+            if kind == KIND_COMPRESSED:
+                try:
+                    page = self.codec.decompress(entry.algo(e), data)
+                except Exception:  # corrupt: a read reports it
+                    idx += 1
+                    continue
+            else:
+                page = data
+            out = self._secondary(page, level, room, slot)
+            m = len(out) if out else 0
+            if slot and looked % PROBE_EVERY == 1:  # the retrain rule's probe
+                plain = self._secondary(page, level, room, 0)
+                probes += 1
+                probe_plain += len(plain) if plain else PAGE_SIZE
+                probe_dict += m or PAGE_SIZE
+            old_cls = len(CLASSES) if kind == KIND_HUGE else _CLASS_OF[n + pool_rules.HEADER]
+            if not m or m + threshold > n or _CLASS_OF[m + pool_rules.HEADER] >= old_cls:
+                table[idx] = e | entry.TRIED
+                if m:
+                    c.recompress_skipped += 1
+                else:
+                    c.recompress_incompressible += 1
+                idx += 1
+                continue
+            try:
+                h2 = self.store(out)  # type: ignore[arg-type]
+            except PoolFull:
+                st = NOROOM
+                break
+            if slot:
+                self._dict_refs[slot] += 1  # counted before the entry names it
+            table[idx] = entry.make(h2, KIND_COMPRESSED, codec.ALGO_ZSTD, m, tier, entry.idle(e))
+            self.free(h, n)
+            if kind == KIND_HUGE:
+                c.huge_pages -= 1
+            c.recompressed += 1
+            c.recompress_saved += n - m
+            pages += 1
+            saved += n - m
+            idx += 1
+        self.trim()
+        return idx, pages, saved, looked, st, probes, probe_plain, probe_dict
+
+    def census(self) -> tuple[list[int], list[int], list[int]]:
+        return census_of(self.table.tolist(), self.now_tick)
 
     def write(self, offset: int, data: Buffer) -> tuple[int, int]:
         # write_request in zswapd/engine/page.c, step for step.
@@ -468,6 +766,57 @@ class PythonEngine(Pool):
         return freed
 
 
+_ZSTD_MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
+
+
+@functools.lru_cache(maxsize=4)
+def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    # The frame codec.py writes: no content size, checksum or dictionary id.
+    return zstandard.ZstdCompressor(level=level, write_content_size=False, write_checksum=False, write_dict_id=False)
+
+
+# tier.h's PROBE_EVERY: one candidate in this many is also compressed
+# without the dictionary, for the retrain rule.
+PROBE_EVERY = 32
+
+
+def _train(samples: bytes, size: int) -> bytes:
+    """python-zstandard's trainer (zdict.h's fastCover) over 4096-byte pages."""
+    pages: list[Buffer] = [samples[i : i + PAGE_SIZE] for i in range(0, len(samples) - PAGE_SIZE + 1, PAGE_SIZE)]
+    if not 0 < size <= DICT_MAX_BYTES:
+        raise ValueError(f"dictionary size must be 1..{DICT_MAX_BYTES} bytes")
+    try:
+        out: bytes = zstandard.train_dictionary(size, pages).as_bytes()
+    except zstandard.ZstdError as e:
+        raise ValueError(f"zstd could not train a {size}-byte dictionary on {len(pages)} pages ({e})") from None
+    return out
+
+
+def census_of(entries: Sequence[int], now: int) -> tuple[list[int], list[int], list[int]]:
+    """Engine.census over a list of page-table entries (tier_api.c's)."""
+    ages = [0] * (entry.IDLE_MASK + 1)
+    pages = [0] * 128
+    nbytes = [0] * 128
+    for e in entries:
+        kind = e & entry.KIND_MASK
+        if not kind:
+            continue
+        ages[entry.age(e, now)] += 1
+        i = kind * 32 + entry.algo(e) * 8 + entry.tier(e)
+        pages[i] += 1
+        if kind != KIND_SAME:
+            nbytes[i] += entry.length(e)
+    return ages, pages, nbytes
+
+
+# The tier field names state's dictionary slots, and config bounds the idle
+# age and dictionary size by what the entry and the state can hold: one
+# number each, written where it belongs and asserted here.
+assert entry.DICT_SLOTS == DICT_SLOTS, "entry.DICT_SLOTS and state.DICT_SLOTS disagree"
+assert MAX_IDLE_AGE == entry.IDLE_CLAMP * entry.IDLE_TICK, "config.MAX_IDLE_AGE and entry's clamp disagree"
+assert MAX_DICTIONARY_SIZE == DICT_MAX_BYTES, "config.MAX_DICTIONARY_SIZE and state.DICT_MAX_BYTES disagree"
+
+
 def python_rules() -> dict[str, Any]:
     """Every rule the C engine also writes down (its RULES), from the Python
     modules that define them; equal, or the C build is refused."""
@@ -477,6 +826,15 @@ def python_rules() -> dict[str, Any]:
         "ENTRY_ALGO_MASK": entry.ALGO_MASK,
         "ENTRY_LEN_SHIFT": entry.LEN_SHIFT,
         "ENTRY_LEN_MASK": entry.LEN_MASK,
+        "ENTRY_TIER_SHIFT": entry.TIER_SHIFT,
+        "ENTRY_TIER_MASK": entry.TIER_MASK,
+        "DICT_SLOTS": entry.DICT_SLOTS,
+        "DICT_MAX_BYTES": DICT_MAX_BYTES,
+        "TIER_PLAIN": entry.TIER_PLAIN,
+        "ENTRY_TRIED": entry.TRIED,
+        "ENTRY_IDLE_SHIFT": entry.IDLE_SHIFT,
+        "ENTRY_IDLE_MASK": entry.IDLE_MASK,
+        "IDLE_CLAMP": entry.IDLE_CLAMP,
         "ENTRY_HANDLE_SHIFT": entry.HANDLE_SHIFT,
         "ENTRY_UNUSED": entry.UNUSED,
         "ENTRY_BACKED": entry.BACKED,
@@ -596,6 +954,9 @@ if _engine is not None:
 
         def rebuild_pages(self, extents: Extents) -> tuple[int, int, int]:
             return self.rebuild(list(extents), len(ALGORITHMS))
+
+        def train(self, samples: bytes, size: int) -> bytes:
+            return _engine.train_dictionary(samples, size)
 
         def check_pages(self, extents: Extents) -> None:
             super().check_pages(list(extents))

@@ -81,6 +81,7 @@ single threaded and deterministic, so it can be tested byte for byte.
 
 from __future__ import annotations
 
+import array
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -333,6 +334,9 @@ class Pool:
         if top <= keep:
             return 0
         frames = sorted(self._hot[keep:top].tolist())
+        # Sorted in place, as the native engine's trim does: the stack's
+        # tail is volatile, but both engines then leave the same bytes.
+        self._hot[keep:top] = array.array("I", frames)
         self._hot_top = keep
         # One punch per run of adjacent frames: freed zspages often are.
         first = prev = frames[0]

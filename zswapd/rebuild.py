@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from . import backing, entry
-from .codec import ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE
+from .codec import ALGO_ZSTD, ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE
 from .pool import (
     FRAME_SHIFT,
     FRAME_SIZE,
@@ -37,7 +37,7 @@ from .pool import (
     obj_loc,
     slot_next,
 )
-from .state import MAX_SEGMENTS, StateError
+from .state import DICT_MAX_BYTES, DICT_SLOTS, MAX_SEGMENTS, StateError
 
 Extents = Sequence[tuple[int, int]]
 
@@ -59,22 +59,36 @@ def rebuild_pages(pool: Pool, table: memoryview, extents: Extents) -> tuple[int,
     stored = same = huge = 0
     nalgos = len(ALGORITHMS)
     pool.begin_rebuild()
+    heads = pool.state.view("dict_head")
+    refs = pool.state.view("dict_refs")
+    for slot in range(1, DICT_SLOTS + 1):
+        head = heads[slot]
+        refs[slot] = 0
+        if head and (not head & 0xFFFFFFFF or head & 0xFFFFFFFF > DICT_MAX_BYTES or not head >> 32):
+            raise StateError(f"dictionary slot {slot} has a bad head {head:#x}")
     for idx, e, kind, h in _stored(table, extents):
         if e & entry.UNUSED:
             raise StateError(f"page {idx}: entry {e:#x} has bits set that no entry uses")
         stored += 1
-        if e & entry.BACKED:
-            continue  # in the backing file: rebuild_segments' part
+        backed = e & entry.BACKED  # its object in the file: rebuild_segments' part, its dictionary here
         try:
-            if kind == KIND_SAME:
+            if kind == KIND_SAME and not backed:
                 pool.claim_word(h)
                 same += 1
                 continue
             n = entry.length(e)
+            tier = entry.tier(e)
             if (kind == KIND_HUGE) != (n == PAGE_SIZE) or entry.algo(e) >= nalgos:
                 raise StateError(f"entry {e:#x} has a bad length or algorithm for its kind")
-            pool.claim_object(h, n)
-            huge += kind == KIND_HUGE
+            if tier and (kind != KIND_COMPRESSED or entry.algo(e) != ALGO_ZSTD):
+                raise StateError(f"entry {e:#x} names tier {tier} but is not a zstd object")
+            if tier and tier != entry.TIER_PLAIN and not heads[tier]:
+                raise StateError(f"entry {e:#x} names dictionary slot {tier}, which the state does not hold")
+            if not backed:
+                pool.claim_object(h, n)
+                huge += kind == KIND_HUGE
+            if tier and tier != entry.TIER_PLAIN:
+                refs[tier] += 1
         except StateError as err:
             raise StateError(f"page {idx}: {err}") from None
     pool.finish_rebuild()
@@ -87,9 +101,12 @@ def check_pages(pool: Pool, table: memoryview, extents: Extents, counts: tuple[i
     then check_pool."""
     owners: dict[int, int] = {}
     same = huge = stored = 0
+    drefs = [0] * (DICT_SLOTS + 1)
     for idx, e, kind, h in _stored(table, extents):
         if e & entry.BACKED:
             stored += 1
+            if 0 < entry.tier(e) <= DICT_SLOTS:
+                drefs[entry.tier(e)] += 1
             continue
         if h in owners:
             raise StateError(f"page {idx} names handle {h}, which another page names too")
@@ -97,18 +114,27 @@ def check_pages(pool: Pool, table: memoryview, extents: Extents, counts: tuple[i
         same += kind == KIND_SAME
         huge += kind == KIND_HUGE
         owners[h] = -1 if kind == KIND_SAME else entry.length(e)
+        if 0 < entry.tier(e) <= DICT_SLOTS:
+            drefs[entry.tier(e)] += 1
+    refs = pool.state.view("dict_refs")
+    last = [
+        f"dictionary slot {slot}: {refs[slot]} references counted, {drefs[slot]} entries name it"
+        for slot in range(1, DICT_SLOTS + 1)
+        if refs[slot] != drefs[slot]
+    ]
     if (stored, same, huge) != counts:
         raise StateError(
             f"counters say {counts[0]} stored, {counts[1]} same-filled, {counts[2]} huge pages; "
             f"the page table holds {stored}, {same}, {huge}"
         )
-    check_pool(pool, owners)
+    check_pool(pool, owners, last)
 
 
-def check_pool(pool: Pool, owners: Mapping[int, int]) -> None:
+def check_pool(pool: Pool, owners: Mapping[int, int], last: Sequence[str] = ()) -> None:
     """Verify every volatile index against the persistent tables, given
     the owners' view: handle -> payload length (-1 for a word handle).
-    Raises StateError naming each broken invariant."""
+    Raises StateError naming each broken invariant (``last``: those the
+    caller found, reported after the pool's)."""
     errors: list[str] = []
 
     def bad(msg: str) -> None:
@@ -246,6 +272,8 @@ def check_pool(pool: Pool, owners: Mapping[int, int]) -> None:
             bad(f"free frame {f} is owned by {frame_owner.get(f)} or out of range")
     if len(stacks) + len(frame_owner) != pool._frames_made:
         bad(f"{len(stacks)} free + {len(frame_owner)} owned frames != {pool._frames_made} made")
+    for msg in last:
+        bad(msg)
     if errors:
         raise StateError("pool invariants broken: " + "; ".join(errors))
 

@@ -69,13 +69,20 @@ MAX_HANDLES = 0x7FFFFFFF
 # segment table is that long whatever the file's size: it is sparse, so
 # only the segments a file has ever used cost memory.
 MAX_SEGMENTS = 1 << 17
-# Event counters kept in the header snapshot; 16 leaves room to add some
+# Event counters kept in the header snapshot; 32 leaves room to add some
 # without a layout change (a new worker reads unknown ones as 0).
-COUNTER_SLOTS = 16
+COUNTER_SLOTS = 32
 # Up to this many bytes of ",".join(codec algorithm names): page-table entries
 # name their algorithm by index, so the list must mean the same to every
 # worker that attaches.
 ALGORITHMS_BYTES = 32
+# Dictionary slots 1..DICT_SLOTS (entry.DICT_SLOTS, whose tier field names
+# them; engine.py checks the two agree), each up to DICT_MAX_BYTES: zstd's
+# own guidance is 100 KiB-class dictionaries, and 256 KiB leaves room for a
+# dictionary_size of twice the default.  Sparse: a slot costs memory only
+# while it holds a dictionary.
+DICT_SLOTS = 6
+DICT_MAX_BYTES = 256 * 1024
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 1)
@@ -161,7 +168,7 @@ class Table(NamedTuple):
 # persistent).  The C engine lists them too (zswapd/engine/engine.h,
 # ENGINE_TABLES); engine.py checks at import that the two lists agree.
 TABLES = (
-    ("page", "Q", "pages", True),  # entry.py: kind, algorithm, length, handle
+    ("page", "Q", "pages", True),  # entry.py: kind, algorithm, length, tier, tried, idle stamp, handle
     ("handle", "Q", "handles", True),  # zspage << 16 | slot, huge tag | frame, or a fill word
     ("zs_first", "I", "zspages", True),  # first frame of a zspage
     ("zs_class", "H", "zspages", True),  # size class of a zspage
@@ -175,6 +182,14 @@ TABLES = (
     ("hot", "I", "frames", False),  # free frames still resident
     ("cold", "I", "frames", False),  # free frames punched out
     ("handle_stack", "I", "handles", False),  # free handles
+    # Dictionaries of the recompression tier, slot 0 unused (tier 0 names
+    # none).  dict_head: id << 32 | length in bytes, 0 for a free slot,
+    # written after the bytes (a slot is installed complete or not at all)
+    # and zeroed before a slot is reused; dict_refs: entries naming the
+    # slot (volatile: the rebuild recounts them).
+    ("dict_head", "Q", "dicts", True),
+    ("dict_refs", "Q", "dicts", False),
+    ("dict_bytes", "B", "dict_bytes", True),  # slot s at (s - 1) * DICT_MAX_BYTES
     ("segment", "Q", "segments", True),  # backing.py: live bytes, fill, state of each segment
 )
 
@@ -182,13 +197,8 @@ TABLES = (
 def dimensions(g: Geometry) -> dict[str, int]:
     """Entries per table, by what the table is indexed by: handles and
     zspages are numbered from 1 (0 means none)."""
-    return {
-        "pages": g.npages,
-        "handles": g.max_handles + 1,
-        "zspages": g.max_zspages,
-        "frames": g.max_frames,
-        "segments": MAX_SEGMENTS,
-    }
+    return {"pages": g.npages, "handles": g.max_handles + 1, "zspages": g.max_zspages, "frames": g.max_frames,
+            "dicts": DICT_SLOTS + 1, "dict_bytes": DICT_SLOTS * DICT_MAX_BYTES, "segments": MAX_SEGMENTS}  # fmt: skip
 
 
 def layout(g: Geometry) -> list[Table]:

@@ -26,6 +26,10 @@ process's death cannot tear.  So every mutation is ordered:
 2. discard: the entry is zeroed first, then the object is freed.
 3. compaction moves objects under their handles and never touches the page
    table (pool.py, rule 3).
+3a. recompression (engine.recompress_step; zswapd/engine/tier.c) stores the
+   page's new object, switches the entry if it is still the one the object
+   was read from, then frees the old object: rule 1 again.  The idle stamp
+   and the tried bit are rewritten in place (one store, same object).
 4. partial-page writes read, modify and store a whole page: rule 1 again.
 
 ``rebuild`` (run when a Store attaches to an existing state) walks the page
@@ -47,15 +51,46 @@ No I/O here beyond the state's own mappings; deterministic.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator
 
 from . import backing, entry
-from .codec import ALGORITHMS, PAGE_SIZE, Buffer, Codec
+from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
 from .engine import COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
 from .state import Geometry, State
+
+# The recompression tier's defaults (docs/benchmarks.md, "ceiling"): zstd
+# level 8 is where a dictionary starts to pay on real memory; an object is
+# kept only if it shrinks by 128 bytes (and lands in a smaller class).
+RECOMPRESS_LEVEL = 8
+RECOMPRESS_THRESHOLD = 128
+# A recompression pass takes objects by bands of length, the biggest first
+# (zram since 6.13: the biggest objects save the most per page compressed):
+# huge pages, then these lower bounds, each band up to the one above.
+RECOMPRESS_BANDS = (3072, 2048, 1024, 512, 256, 1)
+# Page-table entries one recompression step scans at most (a C step scans
+# 64 Ki entries in well under a millisecond) and pages it compresses at most
+# (zstd level 8: 50-100 us a page, so a step stays a few milliseconds).
+RECOMPRESS_SCAN = 1 << 16
+RECOMPRESS_STEP_PAGES = 32
+# The ladder's order (oldest first): passes over pages idle at least this
+# many ticks, then the pass's own idle age.
+IDLE_LADDER = (entry.IDLE_CLAMP, 360, 120, 60, 30, 10, 5, 1)
+# Pages sampled to train a dictionary (16 MiB of samples, zstd's advice of
+# about 100 times the dictionary's size), and the fewest worth training on.
+TRAIN_PAGES = 4096
+TRAIN_MIN_PAGES = 256
+# Probes (one recompressed page in engine.PROBE_EVERY) the retrain rule
+# averages: right after training (the base) and lately (a rolling window).
+RETRAIN_PROBES = 32
+# Candidates the write path's ladder recompresses at most before the store
+# is full: about 20 ms of zstd at level 8, as a synchronous compaction.
+LADDER_PAGES = 256
+# Idle histogram buckets (stats "idle"): lower bounds of age in seconds.
+IDLE_BUCKETS = (0, 5 * 60, 30 * 60, 3600, 2 * 3600, 6 * 3600, entry.IDLE_CLAMP * entry.IDLE_TICK)
 
 # Bound on objects moved by one synchronous compaction on the write path.
 SYNC_COMPACT_MOVES = 1 << 14
@@ -143,6 +178,13 @@ class Store:
         self.engine.policy = self.write_stopped
         self.pool = self.engine
         self.table = state.view("page")
+        self.tier_lock = threading.Lock()
+        # The ladder before full (write_stopped): (level, threshold) of its
+        # recompression, None while recompression is off.  The worker sets it.
+        self.ladder: tuple[int, int] | None = None
+        # The retrain rule's probes (note_probes): (probes, bytes without the
+        # dictionary, bytes with it), right after training and lately.
+        self.probe_base = self.probe_recent = (0, 0, 0)
         self.accept_percent = accept_percent
         self.full = False
         self.memory_limit = 0
@@ -311,6 +353,200 @@ class Store:
         finally:
             self.update_full()
 
+    # -- recompression ---------------------------------------------------------
+    #
+    # The tier lock serialises everything that changes the tier's state:
+    # steps, sampling, installing and dropping dictionaries (tier.c relies on
+    # one such thread at a time).  The policy's thread or task holds it per
+    # step; the write path only tries it (the ladder, write_stopped).
+
+    def tick(self, seconds: float) -> None:
+        """The time now (CLOCK_MONOTONIC seconds, time.monotonic()), which
+        writes and reads stamp on their pages as their idle stamp."""
+        self.engine.now_tick = entry.tick_of(seconds)
+
+    def recompress_bands(self, threshold: int) -> list[tuple[int, int]]:
+        """(min_len, max_len) of each band a pass takes, the biggest first;
+        bands whose objects cannot shrink by ``threshold`` are left out."""
+        top = self.engine.huge_threshold - 1
+        bands = [(PAGE_SIZE, PAGE_SIZE)]
+        for low in RECOMPRESS_BANDS:
+            if top > threshold and top >= low:
+                bands.append((max(low, threshold + 1), top))
+            top = low - 1
+        return bands
+
+    def dictionary_slot(self) -> int:
+        """The current dictionary's slot (the newest), 0 if there is none."""
+        dicts = self.engine.dictionaries()
+        return max(dicts, key=lambda d: d[1])[0] if dicts else 0
+
+    def recompress_steps(
+        self,
+        idle_ticks: int,
+        threshold: int = RECOMPRESS_THRESHOLD,
+        level: int = RECOMPRESS_LEVEL,
+        max_pages: int | None = None,
+        step_pages: int = RECOMPRESS_STEP_PAGES,
+        dictionary: bool = True,
+        oldest_first: bool = False,
+    ) -> Generator[tuple[int, int, int], None, None]:
+        """One recompression pass in bounded steps (engine.recompress_step),
+        yielding (pages recompressed, bytes saved, candidates compressed) of
+        each.  Idle pages of at least ``idle_ticks`` ticks, biggest objects
+        first (``oldest_first``: by idle age, the ladder's order), at most
+        ``max_pages`` candidates in all, with the current dictionary if
+        ``dictionary`` and there is one.  It ends when every band was
+        scanned, when the pool has no room for a new object, or when the
+        caller stops iterating."""
+        if not 0 <= threshold <= PAGE_SIZE:
+            raise StoreError(f"recompression threshold must be in 0..{PAGE_SIZE} bytes, got {threshold}")
+        left = (1 << 62) if max_pages is None else max_pages
+        slot = self.dictionary_slot() if dictionary else 0
+        if oldest_first:
+            ages = [a for a in IDLE_LADDER if a >= idle_ticks] + [idle_ticks]
+            passes = [(age, 1, PAGE_SIZE) for age in dict.fromkeys(ages)]
+        else:
+            passes = [(idle_ticks, low, high) for low, high in self.recompress_bands(threshold)]
+        try:
+            for age, low, high in passes:
+                at = 0
+                while at < self.npages and left > 0:
+                    end = min(at + RECOMPRESS_SCAN, self.npages)
+                    with self.tier_lock:
+                        if slot and not any(d[0] == slot for d in self.engine.dictionaries()):
+                            slot = 0  # dropped meanwhile: go on without
+                        at, pages, saved, looked, st, probes, plain, with_dict = self.engine.recompress_step(
+                            at, end, low, max(high, low), age, threshold, level, min(step_pages, left), slot
+                        )
+                    self.note_probes(probes, plain, with_dict)
+                    left -= looked
+                    yield pages, saved, looked
+                    if st == NOROOM:
+                        return
+        finally:
+            self.update_full()
+
+    def recompress(
+        self,
+        idle_ticks: int = 0,
+        threshold: int = RECOMPRESS_THRESHOLD,
+        level: int = RECOMPRESS_LEVEL,
+        max_pages: int | None = None,
+        dictionary: bool = True,
+    ) -> dict[str, int]:
+        """A whole pass at once (``zswapd recompress``): pages recompressed,
+        bytes saved and candidates compressed."""
+        total = [0, 0, 0]
+        for step in self.recompress_steps(idle_ticks, threshold, level, max_pages, dictionary=dictionary):
+            for i, v in enumerate(step):
+                total[i] += v
+        return {"pages": total[0], "bytes_saved": total[1], "candidates": total[2]}
+
+    # -- dictionaries -----------------------------------------------------------
+
+    def training_samples(self, idle_ticks: int, pages: int = TRAIN_PAGES) -> bytes:
+        """Up to ``pages`` idle pages, spread over the device, for training."""
+        stride = max(1, self.c.pages_stored // max(1, pages))
+        with self.tier_lock:
+            data, _ = self.engine.sample(0, self.npages, idle_ticks, stride, pages)
+        return data
+
+    def install_dictionary(self, data: bytes) -> int:
+        """Make ``data`` the current dictionary (a new slot; the retrain
+        rule starts measuring afresh) and drop those no page uses."""
+        with self.tier_lock:
+            slot, _id = self.engine.add_dictionary(data)
+        self.probe_base = self.probe_recent = (0, 0, 0)
+        self.drop_unused_dictionaries()
+        return slot
+
+    def drop_unused_dictionaries(self) -> int:
+        """Free every dictionary but the current one that no page names."""
+        dropped = 0
+        with self.tier_lock:
+            current = self.dictionary_slot()
+            for slot, _id, _n, refs in self.engine.dictionaries():
+                if slot != current and not refs:
+                    self.engine.drop_dictionary(slot)
+                    dropped += 1
+        return dropped
+
+    def note_probes(self, probes: int, plain: int, with_dict: int) -> None:
+        """The retrain rule's measure: the first RETRAIN_PROBES probes after
+        training are the base, later ones a rolling window of as many."""
+        if not probes:
+            return
+        n, p, d = self.probe_base
+        if n < RETRAIN_PROBES:
+            self.probe_base = (n + probes, p + plain, d + with_dict)
+            return
+        n, p, d = self.probe_recent
+        if n >= RETRAIN_PROBES:
+            n = p = d = 0
+        self.probe_recent = (n + probes, p + plain, d + with_dict)
+
+    @staticmethod
+    def _gain(probe: tuple[int, int, int]) -> float:
+        _, plain, with_dict = probe
+        return (plain - with_dict) / plain if plain else 0.0
+
+    def retrain_wanted(self) -> bool:
+        """No dictionary yet, or the recent pages gain less than half of
+        what the pages right after training gained (docs/design.md)."""
+        if not self.dictionary_slot():
+            return True
+        if self.probe_base[0] < RETRAIN_PROBES or self.probe_recent[0] < RETRAIN_PROBES:
+            return False
+        return self._gain(self.probe_recent) < self._gain(self.probe_base) / 2
+
+    def tier_stats(self) -> dict[str, object]:
+        """stats' "recompress", "idle" and "codecs": one census of the page
+        table (engine.census)."""
+        ages, pages, nbytes = self.engine.census()
+        c = self.c
+        tick = entry.IDLE_TICK
+        idle = []
+        for i, low in enumerate(IDLE_BUCKETS):
+            high = IDLE_BUCKETS[i + 1] if i + 1 < len(IDLE_BUCKETS) else (entry.IDLE_MASK + 1) * tick
+            idle.append({"min_age_seconds": low, "pages": sum(ages[low // tick : high // tick])})
+        dicts = self.engine.dictionaries()
+        ids = {slot: i for slot, i, _n, _r in dicts}
+        codecs = []
+        for i, n in enumerate(pages):
+            if not n:
+                continue
+            kind, algo, tier = i // 32, i // 8 % 4, i % 8
+            name = {KIND_SAME: "same", KIND_HUGE: "huge"}.get(kind, ALGORITHMS[algo] if algo < len(ALGORITHMS) else "?")
+            codecs.append(
+                {
+                    "codec": name,
+                    "tier": "primary" if not tier else "recompressed",
+                    "dictionary": ids.get(tier) if 0 < tier <= entry.DICT_SLOTS else None,
+                    "pages": n,
+                    "bytes": nbytes[i],
+                }
+            )
+        recompressed = sum(n for i, n in enumerate(pages) if i % 8)
+        return {
+            "recompress": {
+                "pages": recompressed,
+                "bytes_saved": c.recompress_saved,
+                "recompressed": c.recompressed,
+                "skipped": c.recompress_skipped,
+                "incompressible": c.recompress_incompressible,
+                "cpu_seconds": round(c.recompress_cpu_us / 1e6, 3),
+                "trainings": c.dictionaries_trained,
+                "dictionary_gain": round(self._gain(self.probe_recent if self.probe_recent[0] else self.probe_base), 4),
+                "dictionaries": [
+                    {"id": i, "bytes": nb, "pages": refs, "current": slot == self.dictionary_slot()}
+                    for slot, i, nb, refs in sorted(dicts, key=lambda d: d[1])
+                ],
+            },
+            "idle": idle,
+            "codecs": codecs,
+        }
+
     def _make_room(self) -> None:
         """Synchronous, bounded compaction until a new zspage fits."""
         if self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
@@ -349,15 +585,16 @@ class Store:
             return 1 << 62
         return max(0, self.daily_limit - self.written_today)
 
-    def writeback(self, max_objects: int, max_bytes: int = 1 << 62) -> tuple[int, int]:
-        """One bounded writeback step within the daily limit: (objects
-        moved, bytes appended).  (0, 0) without a file or budget."""
+    def writeback(self, max_objects: int, max_bytes: int = 1 << 62, idle_ticks: int = 0) -> tuple[int, int]:
+        """One bounded writeback step within the daily limit, over pages
+        idle at least ``idle_ticks``: (objects moved, bytes appended).
+        (0, 0) without a file or budget."""
         if not self.backed:
             return 0, 0
         budget = min(max_bytes, self._day_budget())
         if budget <= 0:
             return 0, 0
-        moved, nbytes = self.engine.writeback(max_objects, budget)
+        moved, nbytes = self.engine.writeback(max_objects, budget, idle_ticks)
         if nbytes:
             self.written_today += nbytes
             self.state.save_writeback_day(self.wb_day, self.written_today)
@@ -400,9 +637,13 @@ class Store:
             return False
         room = self.engine.frame_room()
         moved_any = False
-        for _ in range(SYNC_WRITEBACK_PASSES):
-            moved, _ = self.writeback(SYNC_WRITEBACK_OBJECTS)
+        ages = list(IDLE_LADDER) + [0]  # the oldest first
+        for _ in range(SYNC_WRITEBACK_PASSES + len(ages)):
+            moved, _ = self.writeback(SYNC_WRITEBACK_OBJECTS, idle_ticks=ages[0])
             if not moved:
+                if len(ages) > 1:
+                    ages.pop(0)  # none that old left: the next band
+                    continue
                 if not self.backing_full() or not self._clean_for_room():
                     break
                 continue
@@ -465,10 +706,11 @@ class Store:
             self.full = False
             return True
         if retried:
-            # Compaction made no room: write the oldest pages back (the
-            # ladder's next rung), full only when the file or the day's
-            # limit cannot take more.
-            if self._write_back_for_room():
+            # Compaction made no room: recompress the oldest pages, then
+            # write the oldest back (the ladder's rungs); full only when
+            # neither makes room (no file, the file full or the day's
+            # limit spent).
+            if self._ladder() or self._write_back_for_room():
                 return True
             self.full = True
             engine.count("failed_writes")
@@ -476,6 +718,27 @@ class Store:
         engine.count("limit_hits")
         self._make_room()
         return True
+
+    def _ladder(self) -> bool:
+        """The ladder's second rung, where compaction made no room: a
+        bounded recompression of the oldest pages (``ladder``: (level,
+        threshold), None when recompression is off), skipped if the tier's
+        thread is at work (it is recompressing already).  True if it made
+        room for the page to try again."""
+        if self.ladder is None or not self.tier_lock.acquire(blocking=False):
+            return False
+        self.tier_lock.release()  # the steps take it, each
+        level, threshold = self.ladder
+        steps = self.recompress_steps(0, threshold, level, max_pages=LADDER_PAGES, oldest_first=True)
+        try:
+            for pages, _saved, _looked in steps:
+                if pages:
+                    self.engine.compact(SYNC_COMPACT_MOVES)
+                if self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+                    return True
+        finally:
+            steps.close()
+        return False
 
     def write(self, offset: int, data: Buffer) -> int:
         """Write ``data`` at byte ``offset``; partial pages read-modify-write.
@@ -566,6 +829,7 @@ class Store:
             "full": self.full,
             "freeable_bytes": pool.freeable_frames() * FRAME_SIZE,
             "classes": pool.class_stats(),
+            **self.tier_stats(),
             "writeback": self.backing_stats(),
         }
 

@@ -51,18 +51,18 @@ from typing import Any
 
 import trio
 
-from . import backing, swap
+from . import backing, entry, swap
 from . import config as config_mod
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError, check_value
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics, set_socket_access
 from .engine import native_error
-from .errors import BadRequest
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
 from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
+from .recompress import Recompressor
 from .state import InitParams, State
 from .store import Store
 
@@ -192,6 +192,7 @@ class Worker:
             log.error(
                 "%d pages live in a backing file this worker was not given: reads of them fail", self.store.c.bd_count
             )
+        self.store.tick(time.monotonic())  # idle stamps from the first request on
         if state is not None:
             log.info(
                 "state attached, rebuilt and checked: %d pages in %.1f ms",
@@ -213,6 +214,14 @@ class Worker:
         self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
         self.controller.replace_worker = lambda: self._tell("replace")
+        self.recompressor = Recompressor(
+            self.store,
+            lambda: self.cfg.recompress,
+            lambda: self.cfg.compaction.watermark,
+            threaded=self.store.engine.name == "native",
+        )
+        self.controller.recompressor = self.recompressor
+        self.controller.set_recompress = self._set_recompress
         self.controller.writeback_pass = self.writeback_pass
 
     def device_info(self) -> dict[str, Any]:
@@ -326,6 +335,7 @@ class Worker:
                 nursery.start_soon(self._guarded, "fuse", self._serve_fuse)
                 nursery.start_soon(self._guarded, "control", lambda: server.serve(sock))
                 nursery.start_soon(self._guarded, "housekeeping", self._housekeeping)
+                nursery.start_soon(self._guarded, "recompress", self.recompressor.run)
                 if cfg.control.metrics_listen:
                     listen = cfg.control.metrics_listen
                     nursery.start_soon(
@@ -474,6 +484,7 @@ class Worker:
                 zstd_level=new.pool.zstd_level,
             ),
             compaction=new.compaction,
+            recompress=new.recompress,
             control=replace(self.cfg.control, group=group, metrics_access=new.control.metrics_access),
             log=new.log,
         )
@@ -482,6 +493,12 @@ class Worker:
         log.info("reloaded %s: %s", new.path, "; ".join(applied) if applied else "no runtime change")
         if restart:
             log.warning("changed but not applied until a restart: %s", ", ".join(restart))
+
+    def _set_recompress(self, name: str, value: Any) -> None:
+        """`zswapd set` of a [recompress] key: the policy reads it at its
+        next round.  Kept until the next reload or restart (the file's
+        value then applies)."""
+        self.cfg = replace(self.cfg, recompress=replace(self.cfg.recompress, **{name: value}))
 
     def _set_group(self, gid: int | None) -> bool:
         """[control] group: the socket's group and mode, then who may read
@@ -508,6 +525,7 @@ class Worker:
         while True:
             await trio.sleep(self.cfg.compaction.interval)
             cc = self.cfg.compaction
+            store.tick(time.monotonic())
             store.refill_reserve()
             store.save_counters()
             if store.backed:
@@ -541,20 +559,16 @@ class Worker:
 
     async def writeback_pass(self, max_pages: int, idle_age: int | None) -> tuple[int, int, str]:
         """`zswapd writeback`: steps until ``max_pages`` (0: every page the
-        pass finds) are written back or nothing more can be; compaction
-        then gives back the frames they left.  Returns (pages, bytes, why
-        it stopped early or "")."""
+        pass finds) idle at least ``idle_age`` seconds (None or 0: any) are
+        written back or nothing more can be; compaction then gives back the
+        frames they left.  Returns (pages, bytes, why it stopped early or "")."""
         store = self.store
-        if idle_age:
-            raise BadRequest(
-                "--idle-age needs the pages' idle stamps (the recompression's), which this build does not keep; "
-                "omit it to write back every page"
-            )
+        ticks = -(-(idle_age or 0) // entry.IDLE_TICK)
         pages = nbytes = 0
         stopped = ""
         while not max_pages or pages < max_pages:
             want = min(WRITEBACK_STEP_OBJECTS, max_pages - pages) if max_pages else WRITEBACK_STEP_OBJECTS
-            moved, n = await self._step(functools.partial(store.writeback, want))
+            moved, n = await self._step(functools.partial(store.writeback, want, 1 << 62, ticks))
             pages += moved
             nbytes += n
             if not moved:
@@ -575,8 +589,19 @@ class Worker:
         is WRITEBACK_HYSTERESIS points below it, within the daily limit;
         then clean when dead bytes pass CLEAN_DEAD_SHARE of what the file
         holds, or when free segments run short."""
-        store, cc = self.store, self.cfg.compaction
+        store, cc, wb = self.store, self.cfg.compaction, self.cfg.writeback
         left = WRITEBACK_ROUND_BYTES
+        if wb.idle_age:
+            # Pages idle that long go to the file whatever the pressure:
+            # the pool keeps its room for what is hot (zram's idle writeback).
+            ticks = -(-wb.idle_age // entry.IDLE_TICK)
+            while left > 0:
+                moved, nbytes = await self._step(
+                    functools.partial(store.writeback, WRITEBACK_STEP_OBJECTS, left, ticks)
+                )
+                if not moved:
+                    break
+                left -= nbytes
         if store.memory_limit and store.mem_used_total * 100 >= store.memory_limit * cc.watermark:
             target = store.memory_limit * max(1, cc.watermark - WRITEBACK_HYSTERESIS) // 100
             while left > 0 and store.mem_used_total > target:

@@ -166,16 +166,18 @@ int backing_load(Engine *e, Ctx *t, uint64_t idx, uint64_t entry, const uint8_t 
 
 /* The next page to write back, or -1 once this step has looked at every
  * page.  The one place that chooses (backing.py's next_candidate): a clock
- * hand until the idle stamps give "oldest first". */
-static int64_t next_candidate(Engine *e, Backing *b, uint64_t *seen)
+ * hand over the pages idle at least idle_ticks; the store asks for the
+ * oldest first, age band by age band (store.IDLE_LADDER). */
+static int64_t next_candidate(Engine *e, Backing *b, unsigned idle_ticks, uint64_t *seen)
 {
+    unsigned now = LOAD(e->now_tick) & ENTRY_IDLE_MASK;
     while (b->scan_left) {
         uint64_t idx = b->cursor;
         b->cursor = idx + 1 < e->npages ? idx + 1 : 0;
         b->scan_left--;
         uint64_t w = __atomic_load_n(&e->page[idx], __ATOMIC_RELAXED);
         unsigned kind = entry_kind(w);
-        if (!entry_backed(w) && (kind == KIND_COMPRESSED || kind == KIND_HUGE)) {
+        if (!entry_backed(w) && (kind == KIND_COMPRESSED || kind == KIND_HUGE) && entry_age(w, now) >= idle_ticks) {
             *seen = w;
             return (int64_t)idx;
         }
@@ -217,10 +219,13 @@ static int commit(Engine *e, Backing *b, Ctx *t)
         Pending *p = &b->pending[i];
         uint32_t n = entry_len(p->new);
         entry_lock(e, p->page);
-        if (__atomic_load_n(&e->page[p->page], __ATOMIC_RELAXED) != p->old) {
+        uint64_t cur = __atomic_load_n(&e->page[p->page], __ATOMIC_RELAXED);
+        if ((cur ^ p->old) & ENTRY_CONTENT_MASK) {
             entry_unlock(e, p->page); /* rewritten or discarded meanwhile: the copy is dead */
             continue;
         }
+        /* The entry as it is now (a read may have stamped it) at the new place. */
+        uint64_t next = (p->new & ENTRY_CONTENT_MASK) | (cur & ~ENTRY_CONTENT_MASK);
         if (p->from_seg < 0) {
             uint32_t h = entry_handle(p->old);
             /* The same entry may name other bytes (rewritten twice, the
@@ -230,7 +235,7 @@ static int commit(Engine *e, Backing *b, Ctx *t)
                 entry_unlock(e, p->page);
                 continue;
             }
-            __atomic_store_n(&e->page[p->page], p->new, __ATOMIC_RELEASE); /* the switch */
+            __atomic_store_n(&e->page[p->page], next, __ATOMIC_RELEASE); /* the switch */
             ADD(e->segment[seg], p->nbytes);
             entry_unlock(e, p->page);
             ADD(e->bd_count, 1);
@@ -239,7 +244,7 @@ static int commit(Engine *e, Backing *b, Ctx *t)
                 SUB(e->huge_pages, 1);
             obj_free(e, h, n);
         } else {
-            __atomic_store_n(&e->page[p->page], p->new, __ATOMIC_RELEASE);
+            __atomic_store_n(&e->page[p->page], next, __ATOMIC_RELEASE);
             ADD(e->segment[seg], p->nbytes);
             SUB(e->segment[p->from_seg], p->nbytes);
             entry_unlock(e, p->page);
@@ -290,7 +295,7 @@ static void append(Engine *e, Backing *b, uint64_t page, uint64_t old, const uin
     Pending *p = &b->pending[b->npending++];
     p->page = page;
     p->old = old;
-    p->new = make_backed(loc, entry_kind(old), entry_algo(old), n);
+    p->new = make_backed(loc, old);
     p->at = at;
     p->nbytes = obj_span(n);
     p->from_seg = from_seg;
@@ -299,7 +304,8 @@ static void append(Engine *e, Backing *b, uint64_t page, uint64_t old, const uin
 
 /* ---- the steps --------------------------------------------------------------- */
 
-long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned long long *nbytes)
+long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned idle_ticks,
+                   unsigned long long *nbytes)
 {
     Backing *b = e->bk;
     Ctx *t = ctx_get(e);
@@ -314,7 +320,7 @@ long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_byte
     b->scan_left = e->npages;
     while ((unsigned)done < max_objects && *nbytes < max_bytes) {
         uint64_t w = 0;
-        int64_t idx = next_candidate(e, b, &w);
+        int64_t idx = next_candidate(e, b, idle_ticks, &w);
         if (idx < 0)
             break;
         /* Room first (it may commit, taking other pages' bits), then this
@@ -327,7 +333,7 @@ long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_byte
             break;
         }
         entry_lock(e, (uint64_t)idx);
-        if (e->page[idx] != w) {
+        if ((e->page[idx] ^ w) & ENTRY_CONTENT_MASK) {
             entry_unlock(e, (uint64_t)idx); /* changed since the hand saw it */
             continue;
         }

@@ -26,6 +26,7 @@ static void ctx_free(void *p)
     if (!t)
         return;
     ZSTD_freeCCtx(t->zc);
+    ZSTD_freeCCtx(t->rzc);
     ZSTD_freeDCtx(t->zd);
     free(t->dbuf);
     free(t->lz4_state);
@@ -72,6 +73,8 @@ Ctx *ctx_get(Engine *e)
         tls_ctx = t;
         pthread_setspecific(ctx_key, t);
     }
+    if (!e)
+        return t; /* the secondary codec alone (tier_api.c) */
     int level = __atomic_load_n(&e->zstd_level, __ATOMIC_RELAXED);
     if (t->zlevel != level) {
         if (set_zstd_level(t->zc, level) < 0)
@@ -140,14 +143,45 @@ unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uin
     return KIND_COMPRESSED;
 }
 
-int decompress(Ctx *t, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst)
+int decompress(Engine *e, Ctx *t, unsigned algo, unsigned tier, const uint8_t *src, uint32_t n, uint8_t *dst)
 {
+    if (tier && tier != TIER_PLAIN) {
+        /* a dictionary slot: the caller holds the entry lock of a page
+         * naming it, which keeps it installed (tier.c) */
+        const ZSTD_DDict *dd = tier <= DICT_SLOTS ? __atomic_load_n(&e->ddict[tier], __ATOMIC_ACQUIRE) : NULL;
+        if (!dd || algo != ALGO_ZSTD)
+            return -1;
+        size_t r = ZSTD_decompress_usingDDict(t->zd, dst, PAGE_SIZE, src, n, dd);
+        return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
+    }
     if (algo == ALGO_LZ4) {
         int r = LZ4_decompress_safe((const char *)src, (char *)dst, (int)n, (int)PAGE_SIZE);
         return r == (int)PAGE_SIZE ? 0 : -1;
     }
     size_t r = ZSTD_decompressDCtx(t->zd, dst, PAGE_SIZE, src, n);
     return (!ZSTD_isError(r) && r == PAGE_SIZE) ? 0 : -1;
+}
+
+uint32_t recompress_page(Ctx *t, int level, const ZSTD_CDict *cdict, const uint8_t *page, uint32_t room)
+{
+    if (!t->rzc) {
+        t->rzc = ZSTD_createCCtx();
+        t->rzlevel = INT_MIN;
+        if (!t->rzc)
+            return 0;
+    }
+    if (cdict) {
+        /* the CDict carries the level; the frame as codec.py's, no dictionary id */
+        if (set_zstd_level(t->rzc, level) < 0 || ZSTD_isError(ZSTD_CCtx_refCDict(t->rzc, cdict)))
+            return 0;
+        t->rzlevel = INT_MIN; /* the next page without a dictionary sets it again */
+    } else if (t->rzlevel != level) {
+        if (set_zstd_level(t->rzc, level) < 0)
+            return 0;
+        t->rzlevel = level;
+    }
+    size_t r = ZSTD_compress2(t->rzc, t->rbuf, room, page, PAGE_SIZE);
+    return ZSTD_isError(r) ? 0 : (uint32_t)r;
 }
 
 const char *codec_lz4_version(void) { return LZ4_versionString(); }

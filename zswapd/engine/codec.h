@@ -32,6 +32,9 @@ typedef struct Ctx {
     ZSTD_CCtx *zc;
     ZSTD_DCtx *zd;
     int zlevel; /* level zc is set to; INT_MIN: not yet */
+    ZSTD_CCtx *rzc; /* the secondary codec's (tier.c), made on first use: never a serving thread's */
+    int rzlevel;
+    uint8_t rbuf[FRAME_SIZE]; /* recompressed output */
     uint8_t cbuf[FRAME_SIZE]; /* compressed output */
     uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
     uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
@@ -41,7 +44,8 @@ typedef struct Ctx {
 
 /* Once, at module load: the key whose destructor frees a thread's Ctx. */
 int codec_init(void);
-/* This thread's context, with zstd at the engine's level; NULL: no memory. */
+/* This thread's context, with zstd at the engine's level (e NULL: as it
+ * is); NULL: no memory. */
 Ctx *ctx_get(Engine *e);
 /* 0 if zstd accepts `level`, -1 if not (checked on this thread's context). */
 int codec_check_level(int level);
@@ -49,8 +53,13 @@ int codec_check_level(int level);
  * a same-filled page. */
 unsigned encode(Engine *e, Ctx *t, unsigned algo, const uint8_t *page, const uint8_t **payload, uint32_t *len,
                 uint64_t *word);
-/* n bytes of a compressed object into a 4096-byte page; -1 if they are not one. */
-int decompress(Ctx *t, unsigned algo, const uint8_t *src, uint32_t n, uint8_t *dst);
+/* n bytes of a compressed object of `tier` (entry.h) into a 4096-byte page;
+ * -1 if they are not one. */
+int decompress(Engine *e, Ctx *t, unsigned algo, unsigned tier, const uint8_t *src, uint32_t n, uint8_t *dst);
+/* The secondary codec (tier.c): the page compressed with zstd at `level`
+ * (with cdict, if not NULL) into at most room bytes of t->rbuf; 0 if it
+ * does not fit. */
+uint32_t recompress_page(Ctx *t, int level, const ZSTD_CDict *cdict, const uint8_t *page, uint32_t room);
 const char *codec_lz4_version(void);
 const char *codec_zstd_version(void);
 

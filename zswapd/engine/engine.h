@@ -27,11 +27,14 @@
  *   fuse_server.h  the FUSE threads' shared state
  *   fuse_loop.c    the FUSE threads: reading /dev/fuse, waking, stopping
  *   fuse_ops.c     which requests C serves and how (READ, WRITE, punch)
+ *   tier.h/.c      the recompression tier: a bounded step the store's policy
+ *                  calls off the serving threads, as compact() in pool.c
+ *   tier_api.c     its Python face: recompress_step, census, recompress_page
  * A tier of colder storage (recompression, writeback) belongs in a file of
  * its own beside page.c, with bounded steps the policy calls, as compact()
- * is in pool.c.  engine.h, pool.c, codec.c, page.c and rebuild.c include no
- * Python: what crosses to Python is in module.c, takeover.c, object_api.c
- * and the fuse_*.c files.
+ * is in pool.c.  engine.h, pool.c, codec.c, page.c, tier.c and rebuild.c
+ * include no Python: what crosses to Python is in module.c, takeover.c,
+ * object_api.c, tier_api.c and the fuse_*.c files.
  *
  * Crash consistency: the same order as pool.py and store.py.
  *   write:   new object complete (slot header, payload), then handle-table
@@ -40,6 +43,11 @@
  *   discard: page-table entry zeroed, then the object freed.
  *   compact: copy (slot header, payload), switch the handle entry, free the
  *            old slot.
+ *   recompress: new object complete, then the page-table entry (only if it
+ *            still is the entry the object was read from), then the old
+ *            object freed (tier.c).
+ *   idle stamp, tried bit: one 8-byte store of the entry, naming the same
+ *            object, under the entry lock.
  * A frame is punched only while free.  Locks change none of this: they
  * decide which thread makes a step, never the order of the steps.
  *
@@ -116,11 +124,16 @@
  *              3 huge (a raw page)
  *   bits 2-3   algorithm of a compressed page (codec.ALGORITHMS)
  *   bits 4-16  payload length in bytes
- *   bits 17-31 unused, 0
+ *   bits 17-19 tier: 0 as a write stored it; 1..DICT_SLOTS recompressed with
+ *              zstd and that dictionary slot; TIER_PLAIN recompressed, no
+ *              dictionary (tier.c)
+ *   bit 20     tried: recompression kept the object as it was; not retried
+ *   bits 21-31 idle stamp: last access in IDLE_TICK ticks, mod 2048
  *   bits 32-62 handle (of a same-filled page: the handle holding its word);
  *              with bit 63, the object's location in the backing file in
  *              OBJ_ALIGN units (backing.c)
- *   bit 63     BACKED: the payload lives in the backing file */
+ *   bit 63     BACKED: the payload lives in the backing file; kind,
+ *              algorithm, length and tier still describe it */
 #define KIND_SAME 1u
 #define KIND_COMPRESSED 2u
 #define KIND_HUGE 3u
@@ -129,26 +142,50 @@
 #define ENTRY_ALGO_MASK 0x3ull
 #define ENTRY_LEN_SHIFT 4
 #define ENTRY_LEN_MASK 0x1FFFull
+#define ENTRY_TIER_SHIFT 17
+#define ENTRY_TIER_MASK 0x7ull
+#define DICT_SLOTS 6u
+#define TIER_PLAIN 7u
+#define ENTRY_TRIED (1ull << 20)
+#define ENTRY_IDLE_SHIFT 21
+#define ENTRY_IDLE_MASK 0x7FFull
+#define IDLE_CLAMP 1024u
 #define ENTRY_HANDLE_SHIFT 32
 #define ENTRY_HANDLE_MASK 0x7FFFFFFFull
 #define ENTRY_BACKED (1ull << 63)
-#define ENTRY_UNUSED (0x7FFFull << 17)
+#define ENTRY_UNUSED 0ull
+/* what a page's contents depend on: not the stamp, not tried */
+#define ENTRY_CONTENT_MASK (~(ENTRY_TRIED | ENTRY_IDLE_MASK << ENTRY_IDLE_SHIFT))
 
 static inline unsigned entry_kind(uint64_t entry) { return (unsigned)(entry & ENTRY_KIND_MASK); }
 static inline unsigned entry_algo(uint64_t entry) { return (unsigned)(entry >> ENTRY_ALGO_SHIFT & ENTRY_ALGO_MASK); }
 static inline uint32_t entry_len(uint64_t entry) { return (uint32_t)(entry >> ENTRY_LEN_SHIFT & ENTRY_LEN_MASK); }
+static inline unsigned entry_tier(uint64_t entry) { return (unsigned)(entry >> ENTRY_TIER_SHIFT & ENTRY_TIER_MASK); }
+static inline int entry_tried(uint64_t entry) { return (entry & ENTRY_TRIED) != 0; }
+static inline unsigned entry_idle(uint64_t entry) { return (unsigned)(entry >> ENTRY_IDLE_SHIFT & ENTRY_IDLE_MASK); }
 static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT & ENTRY_HANDLE_MASK); }
 static inline int entry_backed(uint64_t entry) { return (entry & ENTRY_BACKED) != 0; }
 static inline uint32_t entry_loc(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT & ENTRY_HANDLE_MASK); }
+static inline uint64_t entry_with_idle(uint64_t entry, unsigned tick)
+{
+    return (entry & ~(ENTRY_IDLE_MASK << ENTRY_IDLE_SHIFT)) | ((uint64_t)tick & ENTRY_IDLE_MASK) << ENTRY_IDLE_SHIFT;
+}
+/* ticks since the page's last access, modulo the stamp's range */
+static inline unsigned entry_age(uint64_t entry, unsigned now)
+{
+    return (unsigned)((now - entry_idle(entry)) & ENTRY_IDLE_MASK);
+}
 static inline uint64_t make_entry(uint32_t h, unsigned kind, unsigned algo, uint32_t len)
 {
     return (uint64_t)h << ENTRY_HANDLE_SHIFT | (uint64_t)len << ENTRY_LEN_SHIFT | (uint64_t)algo << ENTRY_ALGO_SHIFT |
            kind;
 }
 
-static inline uint64_t make_backed(uint32_t loc, unsigned kind, unsigned algo, uint32_t len)
+/* A backed entry for the object `old` names (kind, algorithm, length, tier;
+ * the stamp and tried bit too) at location `loc` of the backing file. */
+static inline uint64_t make_backed(uint32_t loc, uint64_t old)
 {
-    return ENTRY_BACKED | make_entry(loc, kind, algo, len);
+    return ENTRY_BACKED | (uint64_t)loc << ENTRY_HANDLE_SHIFT | (old & ~(ENTRY_BACKED | ENTRY_HANDLE_MASK << ENTRY_HANDLE_SHIFT));
 }
 
 /* ---- the handle table's word (pool.py's glossary) --------------------------
@@ -209,8 +246,10 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
  * exports the list as TABLES and engine.py asserts it equals state.py's.
  * Entries: DIM_PAGES npages, DIM_HANDLES max_handles + 1 (0 is no handle),
  * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames,
- * DIM_SEGMENTS MAX_SEGMENTS (backing.c). */
-enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_SEGMENTS };
+ * DIM_DICTS DICT_SLOTS + 1 (slot 0 unused), DIM_DICT_BYTES DICT_SLOTS *
+ * DICT_MAX_BYTES (state.py), DIM_SEGMENTS MAX_SEGMENTS (backing.c). */
+enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_DICTS, DIM_DICT_BYTES, DIM_SEGMENTS };
+#define DICT_MAX_BYTES (256u * 1024u)
 #define ENGINE_TABLES(X)                                                                                           \
     X(page, uint64_t, DIM_PAGES)                                                                                   \
     X(handle, uint64_t, DIM_HANDLES)                                                                               \
@@ -226,6 +265,9 @@ enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_SEGMENTS };
     X(hot, uint32_t, DIM_FRAMES)                                                                                   \
     X(cold, uint32_t, DIM_FRAMES)                                                                                  \
     X(handle_stack, uint32_t, DIM_HANDLES)                                                                         \
+    X(dict_head, uint64_t, DIM_DICTS)                                                                              \
+    X(dict_refs, uint64_t, DIM_DICTS)                                                                              \
+    X(dict_bytes, uint8_t, DIM_DICT_BYTES)                                                                         \
     X(segment, uint64_t, DIM_SEGMENTS)
 
 #define TABLE_ENUM(name, type, dim) T_##name,
@@ -236,8 +278,9 @@ enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
  * engine.py asserts the list; the store counts through Engine.count. */
 #define ENGINE_COUNTERS(X)                                                                                         \
     X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages) X(huge_pages)         \
-        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits) X(bd_count) X(bd_reads) X(bd_writes)          \
-            X(segments_cleaned)
+        X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits) X(recompressed) X(recompress_saved)          \
+            X(recompress_skipped) X(recompress_incompressible) X(recompress_cpu_us) X(dictionaries_trained)        \
+                X(bd_count) X(bd_reads) X(bd_writes) X(segments_cleaned)
 
 typedef struct {
 #define TABLE_FIELD(name, type, dim) type *name;
@@ -275,7 +318,19 @@ typedef struct {
     ENGINE_COUNTERS(COUNTER_FIELD)
 #undef COUNTER_FIELD
 
+    /* The dictionaries' digested forms (tier.c): a DDict per installed slot,
+     * shared by every reading thread (read under the entry lock of a page
+     * naming the slot, which keeps the slot installed); the CDict of the
+     * slot and level the recompression step last used (its caller's only). */
+    void *ddict[DICT_SLOTS + 1];
+    void *cdict;
+    unsigned cdict_slot;
+    int cdict_level;
+
     int algo, zstd_level; /* read by each thread's codec context */
+    /* The idle tick now (entry.tick_of of CLOCK_MONOTONIC), stamped on every
+     * write and read; the store sets it, relaxed, as time passes. */
+    unsigned now_tick;
 
     struct Backing *bk; /* the backing file (backing.c); NULL: none attached */
 
@@ -459,7 +514,8 @@ struct Ctx;
 int backing_attach(Engine *e, int fd, uint64_t size);
 void backing_detach(Engine *e);
 /* Bounded steps (the backing lock held inside): objects moved. */
-long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned long long *nbytes);
+long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned idle_ticks,
+                   unsigned long long *nbytes);
 long clean_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned percent, int *freed);
 /* A backed page's payload into t's read buffer: ST_OK (*payload set),
  * ST_CORRUPT (the file does not hold its object there), ST_IO. */

@@ -14,6 +14,7 @@
 
 #include "codec.h"
 #include "fuse_server.h"
+#include "tier.h"
 
 PyObject *PoolError, *PoolFull, *StateError, *CorruptObject;
 
@@ -56,6 +57,7 @@ static void Engine_dealloc(EngineObject *self)
     Engine *e = &self->e;
     engine_release_buffers(self);
     backing_detach(e);
+    dict_free_all(e);
     PyMem_RawFree(e->elock);
     e->elock = NULL;
     if (e->locks_ready) {
@@ -91,6 +93,10 @@ static Py_ssize_t dim_entries(int dim, uint64_t npages, uint32_t max_frames, uin
         return (Py_ssize_t)max_handles + 1;
     case DIM_ZSPAGES:
         return (Py_ssize_t)max_frames + 1;
+    case DIM_DICTS:
+        return DICT_SLOTS + 1;
+    case DIM_DICT_BYTES:
+        return (Py_ssize_t)DICT_SLOTS * DICT_MAX_BYTES;
     case DIM_SEGMENTS:
         return (Py_ssize_t)MAX_SEGMENTS;
     default:
@@ -448,17 +454,17 @@ static PyObject *step_error(Engine *e, long r)
     return raise_status(e, ST_IO);
 }
 
-/* writeback(max_objects, max_bytes) -> (objects moved, bytes appended) */
+/* writeback(max_objects, max_bytes, idle_ticks=0) -> (objects moved, bytes appended) */
 static PyObject *Engine_writeback(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
-    unsigned int max_objects;
+    unsigned int max_objects, idle_ticks = 0;
     unsigned long long max_bytes, nbytes = 0;
     READY(e);
-    if (!PyArg_ParseTuple(args, "IK", &max_objects, &max_bytes))
+    if (!PyArg_ParseTuple(args, "IK|I", &max_objects, &max_bytes, &idle_ticks))
         return NULL;
     long r;
-    NOGIL(r = writeback_step(e, max_objects, max_bytes, &nbytes));
+    NOGIL(r = writeback_step(e, max_objects, max_bytes, idle_ticks, &nbytes));
     if (r < 0)
         return step_error(e, r);
     return Py_BuildValue("lK", r, nbytes);
@@ -599,6 +605,23 @@ static int set_u64_field(EngineObject *self, PyObject *v, void *c)
     return 0;
 }
 
+static PyObject *get_now_tick(EngineObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(LOAD(self->e.now_tick));
+}
+static int set_now_tick(EngineObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "now_tick cannot be deleted");
+        return -1;
+    }
+    unsigned long x = PyLong_AsUnsignedLong(v);
+    if (x == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    STORE(self->e.now_tick, (unsigned)(x & ENTRY_IDLE_MASK));
+    return 0;
+}
+
 static PyObject *get_full(EngineObject *self, void *Py_UNUSED(c))
 {
     Engine *e = &self->e;
@@ -671,6 +694,7 @@ static PyGetSetDef Engine_getset[] = {
     {"huge_objects", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, huge_objects)},
     {"obj_bytes", (getter)get_u64_field, NULL, NULL, (void *)offsetof(Engine, obj_bytes)},
     {"compressions", (getter)get_u64_field, NULL, "pages given to lz4 or zstd", (void *)offsetof(Engine, compressions)},
+    {"now_tick", (getter)get_now_tick, (setter)set_now_tick, "the idle tick stamped on writes and reads", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -708,12 +732,21 @@ static PyMethodDef Engine_methods[] = {
     {"check_pages", (PyCFunction)Engine_check_pages, METH_VARARGS, "check_pages(extents): raise StateError unless every invariant holds"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "release the state's buffers"},
     {"attach_backing", (PyCFunction)Engine_attach_backing, METH_VARARGS, "attach_backing(fd, size)"},
-    {"writeback", (PyCFunction)Engine_writeback, METH_VARARGS, "writeback(max_objects, max_bytes) -> (moved, bytes)"},
+    {"writeback", (PyCFunction)Engine_writeback, METH_VARARGS, "writeback(max_objects, max_bytes, idle_ticks=0) -> (moved, bytes)"},
     {"clean", (PyCFunction)Engine_clean, METH_VARARGS, "clean(max_objects, max_bytes, percent) -> (moved, freed)"},
     {"backing_figures", (PyCFunction)Engine_backing_figures, METH_NOARGS, NULL},
     {"backing_latency", (PyCFunction)Engine_backing_latency, METH_NOARGS, NULL},
     {"rebuild_backing", (PyCFunction)Engine_rebuild_backing, METH_VARARGS, "rebuild_backing(pages, segments) -> bd_count"},
     {"check_backing", (PyCFunction)Engine_check_backing, METH_VARARGS, "check_backing(pages, segments)"},
+    /* the recompression tier (tier_api.c) */
+    {"recompress_step", (PyCFunction)Engine_recompress_step, METH_VARARGS,
+     "recompress_step(first, end, min_len, max_len, idle_ticks, threshold, level, max_pages) -> "
+     "(next, pages, saved, looked, status)"},
+    {"census", (PyCFunction)Engine_census, METH_NOARGS, "census() -> (ages, pages, bytes)"},
+    {"add_dictionary", (PyCFunction)Engine_add_dictionary, METH_O, "add_dictionary(bytes) -> (slot, id)"},
+    {"drop_dictionary", (PyCFunction)Engine_drop_dictionary, METH_O, "drop_dictionary(slot)"},
+    {"dictionaries", (PyCFunction)Engine_dictionaries, METH_NOARGS, "dictionaries() -> [(slot, id, bytes, refs)]"},
+    {"sample", (PyCFunction)Engine_sample, METH_VARARGS, "sample(first, end, idle_ticks, stride, max) -> (pages, next)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -736,7 +769,7 @@ PyTypeObject EngineType = {
  * name each.  engine.py compares them with its own at import and refuses a
  * build that disagrees: one side defines, the other asserts. */
 
-static const char *const dim_names[] = {"pages", "handles", "zspages", "frames", "segments"};
+static const char *const dim_names[] = {"pages", "handles", "zspages", "frames", "dicts", "dict_bytes", "segments"};
 
 static int add_int(PyObject *d, const char *name, unsigned long long v)
 {
@@ -768,7 +801,9 @@ static PyObject *rules(void)
     }
 #define RULE(name) add_int(d, #name, name) < 0 ||
     if (RULE(ENTRY_KIND_MASK) RULE(ENTRY_ALGO_SHIFT) RULE(ENTRY_ALGO_MASK) RULE(ENTRY_LEN_SHIFT)
-            RULE(ENTRY_LEN_MASK) RULE(ENTRY_HANDLE_SHIFT) RULE(ENTRY_UNUSED) RULE(KIND_SAME) RULE(KIND_COMPRESSED)
+            RULE(ENTRY_LEN_MASK) RULE(ENTRY_TIER_SHIFT) RULE(ENTRY_TIER_MASK) RULE(DICT_SLOTS) RULE(DICT_MAX_BYTES) RULE(TIER_PLAIN)
+                RULE(ENTRY_TRIED) RULE(ENTRY_IDLE_SHIFT) RULE(ENTRY_IDLE_MASK) RULE(IDLE_CLAMP)
+                RULE(ENTRY_HANDLE_SHIFT) RULE(ENTRY_UNUSED) RULE(KIND_SAME) RULE(KIND_COMPRESSED)
                 RULE(KIND_HUGE) RULE(ALGO_LZ4) RULE(ALGO_ZSTD) RULE(LOC_HUGE) RULE(LOC_FRAME_MASK)
                     RULE(LOC_ZSPAGE_SHIFT) RULE(LOC_SLOT_MASK) RULE(SLOT_FREE) RULE(SLOT_END) RULE(FRAME_SIZE)
                         RULE(HEADER) RULE(GROUPS) RULE(MAX_FRAMES_PER_ZSPAGE)
@@ -792,6 +827,9 @@ fail:
 
 static PyMethodDef module_methods[] = {
     {"serve_fuse", serve_fuse, METH_VARARGS, "serve_fuse(engine, fds, callback) -> Server: a thread per fd"},
+    {"recompress_page", tier_recompress_page, METH_VARARGS,
+     "recompress_page(page, level, room, dictionary=None) -> bytes | None"},
+    {"train_dictionary", tier_train_dictionary, METH_VARARGS, "train_dictionary(samples, size) -> bytes"},
     {NULL, NULL, 0, NULL},
 };
 

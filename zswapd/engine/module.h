@@ -64,6 +64,16 @@ PyObject *Engine_store_word(EngineObject *self, PyObject *arg);
 PyObject *Engine_word(EngineObject *self, PyObject *arg);
 PyObject *Engine_free_word(EngineObject *self, PyObject *arg);
 
+/* tier_api.c: the recompression tier. */
+PyObject *Engine_recompress_step(EngineObject *self, PyObject *args);
+PyObject *Engine_census(EngineObject *self, PyObject *a);
+PyObject *Engine_add_dictionary(EngineObject *self, PyObject *arg);
+PyObject *Engine_drop_dictionary(EngineObject *self, PyObject *arg);
+PyObject *Engine_dictionaries(EngineObject *self, PyObject *a);
+PyObject *Engine_sample(EngineObject *self, PyObject *args);
+PyObject *tier_recompress_page(PyObject *m, PyObject *args);
+PyObject *tier_train_dictionary(PyObject *m, PyObject *args);
+
 /* fuse_loop.c: readies the FUSE threads' type; serve_fuse() starts them. */
 int fuse_threads_ready(PyObject *module);
 PyObject *serve_fuse(PyObject *module, PyObject *args);

@@ -21,8 +21,11 @@ static void release(Engine *e, uint64_t entry)
         return;
     uint32_t h = entry_handle(entry);
     SUB(e->pages_stored, 1);
+    unsigned tier = entry_tier(entry);
     if (entry_backed(entry)) {
         backing_release(e, entry); /* dead bytes in its segment, for cleaning */
+        if (tier && tier <= DICT_SLOTS)
+            SUB(e->dict_refs[tier], 1);
         return;
     }
     if (kind == KIND_SAME) {
@@ -34,6 +37,8 @@ static void release(Engine *e, uint64_t entry)
         obj_free(e, h, entry_len(entry));
         if (kind == KIND_HUGE)
             SUB(e->huge_pages, 1);
+        if (tier && tier <= DICT_SLOTS)
+            SUB(e->dict_refs[tier], 1); /* after the entry stopped naming it (tier.c) */
     }
 }
 
@@ -118,6 +123,7 @@ static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *pag
     }
     CHECK(idx < e->npages);
     *old = e->page[idx];
+    entry = entry_with_idle(entry, LOAD(e->now_tick)); /* a write is an access */
     __atomic_store_n(&e->page[idx], entry, __ATOMIC_RELEASE); /* the switch */
     if (kind == KIND_SAME)
         ADD(e->same_pages, 1);
@@ -125,6 +131,16 @@ static int store_page_locked(Engine *e, Ctx *t, uint64_t idx, const uint8_t *pag
         ADD(e->huge_pages, 1);
     ADD(e->pages_stored, 1);
     return ST_OK;
+}
+
+/* With page idx's entry lock held: a read is an access.  The entry is
+ * stored again only when the tick moved on: one 8-byte store naming the
+ * same object (crash-safe), about once a minute per page read. */
+static inline void stamp_locked(Engine *e, uint64_t idx, uint64_t entry)
+{
+    unsigned now = LOAD(e->now_tick);
+    if (entry_idle(entry) != (now & ENTRY_IDLE_MASK))
+        __atomic_store_n(&e->page[idx], entry_with_idle(entry, now), __ATOMIC_RELEASE);
 }
 
 /* With page idx's entry lock held: its bytes into dst (4096). */
@@ -137,6 +153,7 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
         memset(dst, 0, PAGE_SIZE);
         return ST_OK;
     }
+    stamp_locked(e, idx, entry);
     uint32_t h = entry_handle(entry);
     if (entry_backed(entry)) {
         /* Under the entry bit nothing can move the object (cleaning
@@ -149,7 +166,7 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
             memcpy(dst, payload, PAGE_SIZE);
             return ST_OK;
         }
-        if (decompress(t, entry_algo(entry), payload, entry_len(entry), dst) != 0) {
+        if (decompress(e, t, entry_algo(entry), entry_tier(entry), payload, entry_len(entry), dst) != 0) {
             ADD(e->failed_reads, 1);
             return ST_CORRUPT;
         }
@@ -168,7 +185,7 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
         return ST_OK;
     }
     obj_copy(e, h, n, t->obuf);
-    if (decompress(t, entry_algo(entry), t->obuf, n, dst) != 0) {
+    if (decompress(e, t, entry_algo(entry), entry_tier(entry), t->obuf, n, dst) != 0) {
         ADD(e->failed_reads, 1);
         return ST_CORRUPT;
     }
@@ -240,41 +257,44 @@ int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len,
     return st;
 }
 
-/* A backed page, read with no lock held: the entry as seen under its bit,
- * then the file (O_DIRECT, this thread's buffer), then the entry again.
- * Cleaning may have moved the object (and punched the old copy) meanwhile:
- * then the entry has changed and the page is read again from where it is
- * now.  An unchanged entry means the copy read was the page's, since a
- * segment is only punched after every entry into it has switched away and
- * is reused only after that; the object's header, which names the page,
- * is checked too. */
+/* A backed page: its blocks read from the file with no lock held (this
+ * thread's buffer, O_DIRECT), then the entry checked again under its bit
+ * and the object decompressed there, as a dictionary's object is (the slot
+ * stays installed while the entry names it).  Cleaning may have moved the
+ * object (and punched the old copy) meanwhile: then the entry's location
+ * has changed and the page is read again from where it is now.  An entry
+ * that names the same object means the copy read was the page's, since a
+ * segment is punched only after every entry into it switched away and is
+ * reused only after that; the object's header, which names the page and
+ * the length, is checked too (backing_load). */
 static int read_backed(Engine *e, Ctx *t, uint64_t idx, uint64_t entry, uint8_t *dst)
 {
     for (;;) {
         const uint8_t *payload;
         int st = backing_load(e, t, idx, entry, &payload);
-        uint64_t now = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
-        if (now != entry) {
-            if (!entry_backed(now)) { /* back in the pool, rewritten or discarded: the locked path */
-                entry_lock(e, idx);
+        entry_lock(e, idx);
+        uint64_t now = e->page[idx];
+        if ((now ^ entry) & ENTRY_CONTENT_MASK) {
+            if (!entry_backed(now)) { /* back in the pool, rewritten or discarded */
                 st = load_page_locked(e, t, idx, dst);
                 entry_unlock(e, idx);
                 return st;
             }
-            entry = now;
+            entry_unlock(e, idx);
+            entry = now; /* moved by cleaning: read it where it is */
             continue;
         }
-        if (st != ST_OK)
-            return st;
-        if (entry_kind(entry) == KIND_HUGE) {
-            memcpy(dst, payload, PAGE_SIZE);
-            return ST_OK;
+        if (st == ST_OK) {
+            stamp_locked(e, idx, now);
+            if (entry_kind(entry) == KIND_HUGE)
+                memcpy(dst, payload, PAGE_SIZE);
+            else if (decompress(e, t, entry_algo(entry), entry_tier(entry), payload, entry_len(entry), dst) != 0) {
+                ADD(e->failed_reads, 1);
+                st = ST_CORRUPT;
+            }
         }
-        if (decompress(t, entry_algo(entry), payload, entry_len(entry), dst) != 0) {
-            ADD(e->failed_reads, 1);
-            return ST_CORRUPT;
-        }
-        return ST_OK;
+        entry_unlock(e, idx);
+        return st;
     }
 }
 
@@ -294,18 +314,23 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         int st = ST_OK;
         entry_lock(e, idx);
         uint64_t entry = e->page[idx];
+        unsigned tier = entry_tier(entry);
         if (entry_backed(entry)) {
             entry_unlock(e, idx);
             st = read_backed(e, t, idx, entry, dst);
-        } else if (entry_kind(entry) == KIND_COMPRESSED) {
+        } else if (entry_kind(entry) == KIND_COMPRESSED && (!tier || tier == TIER_PLAIN)) {
             uint32_t n = entry_len(entry);
             obj_copy(e, entry_handle(entry), n, t->obuf);
+            stamp_locked(e, idx, entry);
             entry_unlock(e, idx);
-            if (decompress(t, entry_algo(entry), t->obuf, n, dst) != 0) {
+            if (decompress(e, t, entry_algo(entry), entry_tier(entry), t->obuf, n, dst) != 0) {
                 ADD(e->failed_reads, 1);
                 st = ST_CORRUPT;
             }
         } else {
+            /* A dictionary's object is decompressed under the entry lock:
+             * while the entry names the slot, the slot stays installed
+             * (tier.c drops only a slot no entry names). */
             st = load_page_locked(e, t, idx, dst);
             entry_unlock(e, idx);
         }

@@ -163,6 +163,19 @@ static int claim_object(Engine *e, Scan *s, uint64_t h, uint32_t n)
     return 0;
 }
 
+/* The dictionary heads (rebuild.py's _check_dicts); their reference counts
+ * start at 0 and the page table's scan counts them. */
+static int rebuild_dicts(Engine *e, Scan *s)
+{
+    for (unsigned slot = 1; slot <= DICT_SLOTS; slot++) {
+        uint64_t head = e->dict_head[slot];
+        e->dict_refs[slot] = 0;
+        if (head && (!(uint32_t)head || (uint32_t)head > DICT_MAX_BYTES || !(head >> 32)))
+            FAIL(s, "dictionary slot %u has a bad head 0x%llx", slot, (unsigned long long)head);
+    }
+    return 0;
+}
+
 /* The page table, as store.rebuild walks it.  counts: stored, same, huge. */
 static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t next, unsigned nalgos,
                                unsigned long long counts[3])
@@ -179,25 +192,40 @@ static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t n
                 FAIL(s, "page %llu: entry 0x%llx has bits set that no entry uses", (unsigned long long)idx,
                      (unsigned long long)entry);
             counts[0]++;
-            if (entry_backed(entry))
-                continue; /* in the backing file: rebuild_segments' part */
+            /* A backed entry's object is in the file (rebuild_segments'
+             * part); its dictionary reference is counted here. */
+            int backed = entry_backed(entry);
             int r;
             char *outer = s->err;
             size_t outer_len = s->errlen;
             s->err = inner;
             s->errlen = sizeof inner;
-            if (kind == KIND_SAME) {
+            if (kind == KIND_SAME && !backed) {
                 r = claim_handle(e, s, h);
                 counts[1]++;
             } else {
                 uint32_t n = entry_len(entry);
+                unsigned tier = entry_tier(entry);
                 if ((kind == KIND_HUGE) != (n == PAGE_SIZE) || entry_algo(entry) >= nalgos) {
                     snprintf(inner, sizeof inner, "entry 0x%llx has a bad length or algorithm for its kind",
                              (unsigned long long)entry);
                     r = -1;
+                } else if (tier && (kind != KIND_COMPRESSED || entry_algo(entry) != ALGO_ZSTD)) {
+                    snprintf(inner, sizeof inner, "entry 0x%llx names tier %u but is not a zstd object",
+                             (unsigned long long)entry, tier);
+                    r = -1;
+                } else if (tier && tier != TIER_PLAIN && !e->dict_head[tier]) {
+                    snprintf(inner, sizeof inner, "entry 0x%llx names dictionary slot %u, which the state does not hold",
+                             (unsigned long long)entry, tier);
+                    r = -1;
                 } else {
-                    r = claim_object(e, s, h, n);
-                    counts[2] += kind == KIND_HUGE;
+                    r = 0;
+                    if (!backed) {
+                        r = claim_object(e, s, h, n);
+                        counts[2] += kind == KIND_HUGE;
+                    }
+                    if (tier && tier != TIER_PLAIN)
+                        e->dict_refs[tier]++;
                 }
             }
             s->err = outer;
@@ -298,7 +326,9 @@ int rebuild_all(Engine *e, const uint64_t *ext, size_t next, unsigned nalgos, un
     } else {
         rebuild_begin(e);
         counts[0] = counts[1] = counts[2] = 0;
-        r = rebuild_claim_pages(e, &s, ext, next, nalgos, counts);
+        r = rebuild_dicts(e, &s);
+        if (r == 0)
+            r = rebuild_claim_pages(e, &s, ext, next, nalgos, counts);
         if (r == 0)
             r = rebuild_finish(e, &s);
     }
@@ -337,6 +367,7 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
     }
     /* The page table: owners, and each owned object against the tables. */
     unsigned long long stored = 0, same = 0, huge_pages = 0, nowners = 0, obj_bytes = 0, huge = 0, nfown = 0;
+    unsigned long long drefs[DICT_SLOTS + 1] = {0};
     for (size_t x = 0; x < next; x++) {
         for (uint64_t idx = ext[2 * x]; idx < ext[2 * x + 1]; idx++) {
             uint64_t entry = e->page[idx];
@@ -346,6 +377,8 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
             uint64_t h = entry_handle(entry);
             if (entry_backed(entry)) {
                 stored++;
+                if (entry_tier(entry) && entry_tier(entry) <= DICT_SLOTS)
+                    drefs[entry_tier(entry)]++;
                 continue; /* check_segments' part */
             }
             if (h <= e->max_handles) {
@@ -359,6 +392,8 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
             stored++;
             same += kind == KIND_SAME;
             huge_pages += kind == KIND_HUGE;
+            if (entry_tier(entry) && entry_tier(entry) <= DICT_SLOTS)
+                drefs[entry_tier(entry)]++;
             nowners++;
             if (!h || h > hm) {
                 errs_add(b, "owned handle %llu is outside 1..%u", (unsigned long long)h, hm);
@@ -579,6 +614,10 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
         errs_add(b, "a free frame is on the hot/cold stacks twice");
     if (nstack + nfown != fm)
         errs_add(b, "%llu free + %llu owned frames != %u made", nstack, nfown, fm);
+    for (unsigned slot = 1; slot <= DICT_SLOTS; slot++)
+        if (drefs[slot] != (unsigned long long)LOAD(e->dict_refs[slot]))
+            errs_add(b, "dictionary slot %u: %llu references counted, %llu entries name it", slot,
+                     (unsigned long long)LOAD(e->dict_refs[slot]), drefs[slot]);
     r = 0;
 out:
     free(own);

@@ -8,6 +8,8 @@
  */
 #include "module.h"
 
+#include "tier.h"
+
 #include <limits.h>
 
 static PyObject *u32_list(const uint32_t *v, int n)
@@ -266,6 +268,8 @@ PyObject *Engine_rebuild(EngineObject *self, PyObject *args)
         PyErr_SetString(StateError, err);
         return NULL;
     }
+    if (dict_load_all(e) < 0) /* the dictionaries' digested forms, for reads */
+        return PyErr_NoMemory();
     return Py_BuildValue("KKK", counts[0], counts[1], counts[2]);
 }
 
