@@ -731,3 +731,66 @@ def test_the_daily_limit_holds_and_full_comes_when_it_is_spent(engine: str, file
     finally:
         store.close()
         os.close(fd)
+
+
+# -- with the recompression tier -----------------------------------------------------------------
+
+
+def _word_pages(n: int) -> list[bytes]:
+    rnd = random.Random(4)
+    vocab = [rnd.randbytes(rnd.randrange(3, 12)) for _ in range(400)]
+    return [b" ".join(rnd.choice(vocab) for _ in range(PAGE))[:PAGE] for _ in range(n)]
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("python", "native"), ("native", "python"), ("native", "native")])
+def test_recompressed_pages_written_back_keep_their_dictionary(writer: str, reader: str, files: Path) -> None:
+    """Pages recompressed with a dictionary, then written back: read back
+    through the dictionary, counted as its references (it cannot be dropped
+    under them), across a takeover by either engine; recompression leaves
+    backed pages alone; oldest pages go first."""
+    npages = 700
+    pages = _word_pages(npages)
+    s = Store(1024 * PAGE, Codec("lz4"), reserve_frames=2, engine=writer)
+    fd = open_backing_file(str(files / "b.img"), 8 * SEG_SIZE)
+    s.attach_backing(fd, 8 * SEG_SIZE, "b.img")
+    try:
+        s.tick(0.0)
+        for i in range(0, npages // 2):
+            s.write(i * PAGE, pages[i])
+        s.tick(3600.0)  # the second half an hour younger
+        for i in range(npages // 2, npages):
+            s.write(i * PAGE, pages[i])
+        slot = s.install_dictionary(s.engine.train(s.training_samples(0, 600), 16 << 10))
+        assert s.recompress(0)["pages"] > 600
+        # Oldest first: the older half goes before any of the younger.
+        moved, _ = s.writeback(200, idle_ticks=30)
+        assert moved == 200 and all(entry.backed(s.table[i]) == (i < 200) for i in range(npages)), moved
+        while s.writeback(256)[0]:
+            pass
+        assert s.c.bd_count == npages
+        named = [i for i in range(npages) if entry.tier(s.table[i]) == slot]
+        assert len(named) > 600 and all(entry.backed(s.table[i]) for i in named)
+        assert [d[3] for d in s.engine.dictionaries()] == [len(named)]
+        with pytest.raises(ValueError):
+            s.engine.drop_dictionary(slot)
+        assert s.recompress(0)["candidates"] == 0  # nothing in the pool to recompress
+        assert s.read(0, npages * PAGE) == b"".join(pages)
+        s.check_invariants()
+        state = State.attach(s.state.fds())
+    finally:
+        s.close()
+    other = Store(1024 * PAGE, Codec("lz4"), reserve_frames=2, state=state, engine=reader)
+    other.attach_backing(fd, 8 * SEG_SIZE)
+    try:
+        assert [d[3] for d in other.engine.dictionaries()] == [len(named)]
+        assert other.read(0, npages * PAGE) == b"".join(pages)
+        other.discard(0, npages * PAGE)
+        assert [d[3] for d in other.engine.dictionaries()] == [0]
+        other.engine.drop_dictionary(slot)
+        while other.clean(256, percent=100) != (0, 0):
+            pass
+        assert other.engine.backing_figures()["segments_used"] == 0
+        other.check_invariants()
+    finally:
+        other.close()
+        os.close(fd)
