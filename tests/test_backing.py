@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import threading
 import traceback
@@ -618,16 +619,49 @@ def test_native_reads_while_writeback_cleaning_and_rewrites_run(files: Path) -> 
 # -- where a backing file may live --------------------------------------------------------------
 
 
-def test_a_backing_file_in_memory_is_refused() -> None:
+def test_a_backing_file_in_memory_is_refused_and_not_left_behind() -> None:
     for d in ("/dev/shm", "/run"):
-        if os.path.isdir(d) and backing.fs_type(os.open(d, os.O_RDONLY)) == 0x01021994:
-            with pytest.raises(BadRequest, match="tmpfs, whose pages live in memory"):
-                open_backing_file(f"{d}/zswapd-test-backing.img", 2 * SEG_SIZE)
-            assert (
-                not os.path.exists(f"{d}/zswapd-test-backing.img") or os.unlink(f"{d}/zswapd-test-backing.img") is None
-            )
+        fd = os.open(d, os.O_RDONLY)
+        tmpfs = backing.fs_type(fd) == 0x01021994
+        os.close(fd)
+        if tmpfs:
+            path = f"{d}/zswapd-test-backing-{os.getpid()}.img"
+            with pytest.raises(BadRequest, match="is on tmpfs, whose pages live in memory"):
+                open_backing_file(path, 2 * SEG_SIZE)
+            assert not os.path.exists(path)
             return
     pytest.fail("no tmpfs to test with (/dev/shm or /run)")
+
+
+@pytest.mark.root
+def test_a_loop_device_is_followed_to_its_file(files: Path) -> None:
+    """A filesystem on a loop device is as good as the loop's file: refused
+    when that is in memory, taken when it is on a disk; and a disk too
+    small for the size is a clear error at start."""
+    cases = [("/dev/shm", "is on /dev/loop"), (str(files), "cannot allocate")]
+    for where, error in cases:
+        image = Path(where) / f"zswapd-test-loop-{os.getpid()}.img"
+        mnt = files / "mnt"
+        mnt.mkdir(exist_ok=True)
+        loop = ""
+        try:
+            with open(image, "wb") as f:
+                f.truncate(16 << 20)
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+            loop = subprocess.run(
+                ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+            ).stdout.strip()
+            subprocess.run(["mount", loop, str(mnt)], check=True, capture_output=True)
+            with pytest.raises(BadRequest, match=error):
+                open_backing_file(str(mnt / "b.img"), 64 << 20)  # more than the 16 MiB filesystem
+            fd = open_backing_file(str(mnt / "b.img"), 2 * SEG_SIZE) if where != "/dev/shm" else -1
+            if fd >= 0:
+                os.close(fd)
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+            if loop:
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+            image.unlink(missing_ok=True)
 
 
 def test_bad_sizes_and_paths_are_clear_errors(files: Path) -> None:

@@ -64,6 +64,7 @@ file may live on) are ``check_backing_path``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -195,27 +196,48 @@ def _block_device_name(dev: int) -> str:
         return ""
 
 
+_LIBC.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
+
+
+def _where(st_dev: int, f_type: int, path: str, depth: int = 0) -> str | None:
+    """Why a file on device ``st_dev`` (filesystem ``f_type``) may not back
+    swap, or None: a memory filesystem, or a zram, nbd or loop device whose
+    storage is (a loop device's file is followed, a few levels deep)."""
+    kind = _MEMORY_FS.get(f_type)
+    if kind is not None:
+        return f"{path} is on {kind}, whose pages live in memory or could be swapped back to zswapd"
+    dev = _block_device_name(st_dev)
+    if dev.startswith(("zram", "nbd")):
+        return f"{path} is on /dev/{dev}, whose storage is memory or the network"
+    if dev.startswith("loop"):
+        try:
+            with open(f"/sys/block/{dev}/loop/backing_file") as f:
+                under = f.read().strip()
+            buf = _Statfs()
+            if _LIBC.statfs(os.fsencode(under), ctypes.byref(buf)) != 0:
+                raise OSError(ctypes.get_errno(), "statfs")
+            st = os.stat(under)
+        except OSError:
+            return f"{path} is on /dev/{dev}, whose backing file cannot be checked"
+        if depth >= 3:
+            return f"{path} is on loop devices nested too deep to check"
+        why = _where(st.st_dev, int(buf.f_type) & 0xFFFFFFFF, under, depth + 1)
+        return f"{path} is on /dev/{dev}, and {why}" if why else None
+    return None
+
+
 def check_backing_fd(fd: int, path: str) -> None:
     """BadRequest unless ``fd`` is a regular file on a disk filesystem: not
     in memory (tmpfs, ramfs), not on a FUSE mount (ours included), not on a
-    loop or zram device (whose backing could be any of those)."""
-    st = os.fstat(fd)
+    zram or nbd device, nor on a loop device whose file is any of those."""
     import stat
 
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise BadRequest(f"[writeback] file {path}: not a regular file")
-    kind = _MEMORY_FS.get(fs_type(fd))
-    if kind is not None:
-        raise BadRequest(
-            f"[writeback] file {path} is on {kind}, whose pages live in memory or could be swapped back to "
-            "zswapd; put it on a disk filesystem (ext4, xfs, btrfs)"
-        )
-    dev = _block_device_name(st.st_dev)
-    if dev.startswith(("loop", "zram", "nbd")):
-        raise BadRequest(
-            f"[writeback] file {path} is on /dev/{dev}, whose storage may itself be in memory or swap; "
-            "put it on a filesystem of a real disk"
-        )
+    why = _where(st.st_dev, fs_type(fd), path)
+    if why:
+        raise BadRequest(f"[writeback] file {why}; put it on a disk filesystem (ext4, xfs, btrfs)")
 
 
 def check_backing_size(size: int) -> None:
@@ -235,6 +257,7 @@ def open_backing_file(path: str, size: int) -> int:
     ``size`` bytes allocated on disk (a full disk fails here, at start, not
     under pressure).  Returns the fd; BadRequest names what is wrong."""
     check_backing_size(size)
+    existed = os.path.lexists(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as e:
@@ -250,6 +273,9 @@ def open_backing_file(path: str, size: int) -> int:
             )
     except BaseException:
         os.close(fd)
+        if not existed:  # refused: leave nothing behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise
     return fd
 
