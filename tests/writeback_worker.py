@@ -23,7 +23,9 @@ def main() -> int:
     mib, rounds = int(sys.argv[1]), int(sys.argv[2])
     c = corpus()
     n = mib * 256
-    buf = mmap.mmap(-1, n * 4096)
+    # Private: MADV_DONTNEED then frees the pages (and their swap slots) and
+    # they read as zeros; a shared mapping would keep them.
+    buf = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     for i in range(n):
         buf[i * 4096 : (i + 1) * 4096] = page(c, i)
     print("filled", flush=True)
