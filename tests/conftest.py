@@ -9,7 +9,6 @@ unmount, cgroup removal, process kill.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -24,14 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from zswapd import libc, swap
 from zswapd.bench import remove_cgroup
 from zswapd.control import request
 from zswapd.pool import CLASSES
 from zswapd.state import State
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-PUNCH = 0x3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+PUNCH = libc.PUNCH_HOLE
+# fallocate(2) with a mode, which Python's os module does not offer.
+fallocate = libc.fallocate
 INJECT = Path(__file__).with_name("inject.py")
 
 
@@ -47,13 +47,6 @@ def corrupt_object(state: State, idx: int) -> None:
         frame = state.view("frame_next")[frame]
     at = frame * 4096 + offset % 4096
     state.arena()[0][at : at + 8] = b"\xff" * 8
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2), which Python's os module does not offer with modes."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -126,20 +119,53 @@ def _fuse_connections_for(mountpoint: str) -> list[str]:
     return out
 
 
+def pids_holding(path: str) -> list[int]:
+    """Processes with an fd open on ``path`` (the instance lock: every
+    process of a daemon, supervisors it adopted included)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), st):
+                        found.append(int(pid))
+                        break
+    return found
+
+
+def kill_instance(pids: list[int]) -> None:
+    """SIGKILL every process of a daemon at once, as a crash of the whole
+    instance would: stopped first, so that none sees another die and acts
+    (a worker would hand its fds to a new supervisor).  Killed in reverse
+    order, supervisor (first) last: its death orphans the worker's process
+    group, and the kernel sends SIGCONT to an orphaned group that has a
+    stopped member."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def force_cleanup(mountpoint: str, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Undo whatever a daemon left behind, in the safe order."""
     target = os.path.join(mountpoint, "swap")
-    loops = []
-    out = subprocess.run(["losetup", "-j", target], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        loops.append(line.split(":")[0])
-    for loop in loops:
+    for loop in swap.loops_backed_by(target):
         subprocess.run(["swapoff", loop], capture_output=True)
         subprocess.run(["losetup", "-d", loop], capture_output=True)
     if proc is not None and proc.poll() is None:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+    # Supervisors a worker started (and their workers) are no child of ours.
+    kill_instance(pids_holding(mountpoint.rstrip("/") + ".lock"))
     for conn in _fuse_connections_for(mountpoint):
         with contextlib.suppress(OSError):
             Path(f"/sys/fs/fuse/connections/{conn}/abort").write_text("1")

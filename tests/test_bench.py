@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import force_cleanup
 
-from zswapd.bench import _describe, create_private, exit_on_signals, private_dir, sample_pages
+from zswapd.bench import create_private, describe_corpus, exit_on_signals, private_dir, sample_pages
+from zswapd.swap import loops_backed_by
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = [sys.executable, "-m", "zswapd", "bench", "device", "--repeat", "1", "--latency-seconds", "1", "--json",
@@ -66,7 +67,7 @@ def test_bench_pool_prints_ratios() -> None:
 def test_corpus_description_counts_same_filled(tmp_path: Path) -> None:
     path = tmp_path / "c.bin"
     path.write_bytes(bytes(4096) * 3 + b"\x07" * 4096 + b"".join(sample_pages(4)))
-    c = _describe(str(path))
+    c = describe_corpus(str(path))
     assert (c.pages, c.zero_pages, c.same_pages) == (8, 3, 4)
 
 
@@ -154,9 +155,8 @@ def test_bench_device_sigterm_mid_run_leaves_nothing() -> None:
                     os.kill(pid, signal.SIGKILL)
             shutil.rmtree(workdir, ignore_errors=True)
         if private is not None and private.exists():
-            out = subprocess.run(["losetup", "-j", str(private / "tmpfs-loop")], capture_output=True, text=True)
-            for line in out.stdout.splitlines():
-                subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+            for loop in loops_backed_by(str(private / "tmpfs-loop")):
+                subprocess.run(["losetup", "-d", loop], check=False)
             shutil.rmtree(private, ignore_errors=True)
 
 

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 from zswapd.config import MAX_FUSE_THREADS, SCHEMA, from_dict
-from zswapd.supervisor import FD_NAMES
+from zswapd.held import FD_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, force_cleanup, memory_cgroup, run_daemon, write_config
+from conftest import Daemon, force_cleanup, kill_instance, memory_cgroup, run_daemon, write_config
 from test_control import raw
 from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, dmesg_lines, run_in_cgroup, swap_used_pages
 
@@ -228,8 +228,7 @@ def test_restart_over_a_killed_instance(tmp_path: Path) -> None:
         worker = int(d.stats()["process"]["worker_pid"])  # type: ignore[index]
         bring_others_home(set())
         assert swap_used_pages(loop) == 0, "swap holds pages: refusing to kill it"
-        for pid in (d.proc.pid, worker):  # every process of the instance
-            os.kill(pid, signal.SIGKILL)
+        kill_instance([d.proc.pid, worker])  # every process of the instance, at once
         d.proc.wait(10)
         wait_for(lambda: not os.path.exists(f"/proc/{worker}"), what="the worker to die")
         assert loop in open("/proc/swaps").read()  # what a kill leaves: swap on a dead device

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, force_cleanup, run_daemon, write_config
+from conftest import Daemon, force_cleanup, kill_instance, run_daemon, write_config
 from test_failclosed import wait_for
 from test_takeover import worker_pid
 
@@ -149,8 +149,10 @@ def test_a_hostile_package_in_the_start_directory_is_never_imported(tmp_path: Pa
 
 def test_reload_then_supervisor_killed_keeps_the_instance_and_every_page(tmp_path: Path) -> None:
     """128 MiB written, `zswapd reload`, the supervisor SIGKILLed: the fresh
-    worker serves on alone and holds the instance lock, so a new `zswapd
-    run` refuses, naming it, and touches nothing: every page reads back."""
+    worker serves on, starts a new supervisor and hands it every fd, lock
+    included, so a new `zswapd run` refuses, naming that supervisor, and
+    touches nothing: every page reads back, and SIGTERM to the new
+    supervisor stops it all cleanly."""
     with run_daemon(tmp_path) as d, killed_at_exit([]) as strays:
         data = pattern(32768)
         write_file(d, data)
@@ -162,17 +164,27 @@ def test_reload_then_supervisor_killed_keeps_the_instance_and_every_page(tmp_pat
         strays.append(worker)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(30)
-        assert worker_pid(d) == worker  # on its own, still serving
+        wait_for(lambda: d.stats()["process"]["supervisor_start"] == "adopted", what="a new supervisor")  # type: ignore[index]
+        process = d.stats()["process"]
+        sup = int(process["supervisor_pid"])  # type: ignore[index]
+        strays.append(sup)
+        assert process["worker_pid"] == worker and process["supervisor_restarts"] == 1, process  # type: ignore[index]
+        with open(f"/proc/{sup}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[1:6] == [b"-I", b"-m", b"zswapd", b"run", b"--adopt"]
         second = start_second(d.config)
         assert second.returncode == 2, second.stderr
-        assert "its supervisor" in second.stderr and "has exited" in second.stderr, second.stderr
-        assert f"pid {worker}" in second.stderr and "refusing" in second.stderr, second.stderr
+        assert f"another zswapd (pid {sup}) already holds" in second.stderr, second.stderr
         assert "Traceback" not in second.stderr
         s = d.stats()
         assert s["pages_stored"] == 32768 and s["process"]["worker_pid"] == worker  # type: ignore[index]
         assert read_file(d, len(data)) == data
         # Released only by the last close: the files stay where they are.
         assert Path(str(d.mountpoint) + ".lock").exists() and Path(d.socket + ".lock").exists()
+        os.kill(sup, signal.SIGTERM)
+        wait_for(lambda: gone(sup) and gone(worker), what="the instance to stop")
+        log = d.logtext()
+        assert "taking over from a supervisor that died" in log and "stopped" in log, log
+        assert not fmount.is_mountpoint(str(d.mountpoint)), log
 
 
 def test_lock_files_are_never_unlinked(tmp_path: Path) -> None:
@@ -217,8 +229,7 @@ def test_symlinked_mountpoint_is_recovered_after_both_processes_die(tmp_path: Pa
     with symlinked_dir(tmp_path) as (link, real):
         with run_daemon(tmp_path, mountpoint=link / "mnt") as d:
             worker = worker_pid(d)
-            for pid in (d.proc.pid, worker):
-                os.kill(pid, signal.SIGKILL)
+            kill_instance([d.proc.pid, worker])
             d.proc.wait(30)
             wait_for(lambda: gone(worker), what="the worker to die")
             with run_daemon(tmp_path, mountpoint=link / "mnt") as d2:

@@ -3,7 +3,6 @@ recovery after the process that wrote it died at any point."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -20,10 +19,12 @@ from conftest import rss_kib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from zswapd import libc
 from zswapd.codec import ALGORITHMS, Codec
 from zswapd.engine import COUNTER_NAMES
 from zswapd.pool import CLASSES, FRAME_SIZE, Pool
 from zswapd.state import (
+    COUNTER_SNAPSHOT,
     LAYOUT_VERSION,
     CrashHook,
     Geometry,
@@ -67,14 +68,18 @@ def test_create_attach_roundtrip_and_header_fields() -> None:
         assert a.load_init() is None
         a.save_init(InitParams(38, 1 << 20, 0x1000, 1 << 40 | 0x4A, 256, 1))
         a.view("page")[7] = 0xDEADBEEF << 32 | 2
-        a.save_counters([5, 6, 7])
+        a.save_counters({"num_reads": 5, "num_writes": 6, "failed_reads": 7})
         b = State.attach(a.fds())
         try:
             assert b.geometry == g
             assert b.algorithms() == ALGORITHMS
             assert b.load_init() == InitParams(38, 1 << 20, 0x1000, 1 << 40 | 0x4A, 256, 1)
             assert b.view("page")[7] == 0xDEADBEEF << 32 | 2
-            assert b.load_counters()[:4] == (5, 6, 7, 0)
+            assert b.load_counters() == {name: 0 for name in COUNTER_SNAPSHOT} | {
+                "num_reads": 5,
+                "num_writes": 6,
+                "failed_reads": 7,
+            }
             assert b.fds() != a.fds()  # attach duplicates: each side closes its own
         finally:
             b.close()
@@ -254,8 +259,7 @@ def test_why_punch_and_not_madvise() -> None:
         assert m[5] == 1
 
         def locked_remove() -> dict[str, int]:
-            libc = ctypes.CDLL(None, use_errno=True)
-            assert libc.mlockall(1 | 2 | 4) == 0
+            libc.mlockall(libc.MCL_CURRENT | libc.MCL_FUTURE | libc.MCL_ONFAULT)
             try:
                 m.madvise(mmap.MADV_REMOVE, 0, 4096)
             except OSError as e:
@@ -274,9 +278,7 @@ def test_punch_works_under_mlockall_onfault() -> None:
     frees the frames, through two locked mappings."""
 
     def locked() -> dict[str, int]:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mlockall(1 | 2 | 4) != 0:
-            raise OSError(ctypes.get_errno(), "mlockall")
+        libc.mlockall(libc.MCL_CURRENT | libc.MCL_FUTURE | libc.MCL_ONFAULT)
         out = _fill_free_trim(reserve=4)
         with open("/proc/self/status") as f:
             out["vmlck"] = int(next(line for line in f if line.startswith("VmLck:")).split()[1])

@@ -617,6 +617,8 @@ def test_kill_all_restarts_on_the_same_connection_and_memfds(boot: Boot) -> None
     old, new = boot.stats("stats_prekill")["process"], boot.stats("stats_kill_all")["process"]
     assert new["supervisor_pid"] == int(after["MainPID"]) != old["supervisor_pid"], (old, new)
     assert new["worker_pid"] != old["worker_pid"], (old, new)
+    assert (old["supervisor_start"], old["supervisor_restarts"]) == ("service", 0), old
+    assert (new["supervisor_start"], new["supervisor_restarts"]) == ("service", 1), new
     # The same connection: same mount id, same device, its fusectl entry.
     assert boot.conn("conn_kill_all") == boot.conn("conn_before")
     # The same memfds (inodes), now held by the new supervisor.
@@ -653,6 +655,9 @@ def test_kill_main_only_systemd_ends_the_worker_before_restarting(boot: Boot) ->
     # The count goes on from the dead supervisor's (the state header keeps it).
     resend = first(r"zswapd\[\d+\]: took over \(restart 2\)", taking_over)
     assert killed < empty < taking_over < resend
+    # systemd restarts the supervisor; the orphaned worker never starts one.
+    assert boot.stats("stats_kill_main")["process"]["supervisor_restarts"] == 2
+    assert not [line for line in lines if "handing it our fds" in line or "--adopt" in line], lines
     assert boot.conn("conn_kill_main") == boot.conn("conn_before")
     assert TAKEOVER in boot.text("journal_kill_main"), boot.text("journal_kill_main")
 

@@ -73,6 +73,10 @@ def wb(d: Daemon) -> dict[str, int]:
     return w
 
 
+def worker_pid(d: Daemon) -> int:
+    return int(d.stats()["process"]["worker_pid"])  # type: ignore[index]
+
+
 def read_lines(proc: subprocess.Popen[str], into: list[str]) -> threading.Thread:
     t = threading.Thread(target=lambda: into.extend(proc.stdout or []), daemon=True)
     t.start()
@@ -145,7 +149,7 @@ def test_worker_kills_during_writeback_cleaning_and_backed_reads(tmp_path: Path,
                 bring_others_home({w.pid, d.proc.pid, old})
                 os.kill(old, signal.SIGKILL)
                 kills += 1
-                wait_for(lambda: int(d.stats()["process"]["worker_pid"]) != old, timeout=60, what="a new worker")  # type: ignore[index]
+                wait_for(lambda old=old: worker_pid(d) != old, timeout=60, what="a new worker")
             w.wait(timeout=1200)
             reader.join(10)
             out = "".join(lines)

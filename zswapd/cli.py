@@ -182,7 +182,13 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
         rec = proc.get("last_recovery_ms")
         lines.append(
             f"engine {s.get('engine', '?')}; supervisor {proc['supervisor_pid']}, worker {proc['worker_pid']}, "
-            f"worker restarts {proc['worker_restarts']}" + (f" (last took {rec:.0f} ms)" if rec is not None else "")
+            f"worker restarts {proc['worker_restarts']}"
+            + (f" (last took {rec:.0f} ms)" if rec is not None else "")
+            + (
+                f"; supervisor restarts {proc['supervisor_restarts']} (this one: {proc.get('supervisor_start', '?')})"
+                if "supervisor_restarts" in proc
+                else ""
+            )
         )
     lines += _tier_lines(s)
     if classes:
@@ -271,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help=f"config file (default {DEFAULT_PATH} if present, else built-in defaults)"
     )
     p_run.add_argument("-v", "--verbose", action="store_true", help="log at debug level, whatever [log] level says")
+    # Internal: a worker whose supervisor died starts a new one with the
+    # socket its fds come on (supervisor.py, "who restarts whom").
+    p_run.add_argument("--adopt", metavar="FD", type=int, help=argparse.SUPPRESS)
     p_stats = sub.add_parser("stats", help="show compression and memory statistics")
     with_target(p_stats)
     p_stats.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -389,7 +398,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         from .process import setup_logging
-        from .supervisor import main_run
+        from .run import main_run
 
         setup_logging(args.verbose)
         # Absolute before the supervisor leaves this directory: a reload's
@@ -402,7 +411,7 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         if not args.verbose:  # -v means debug, whatever [log] level says
             logging.getLogger("zswapd").setLevel(LOG_LEVELS[cfg.log.level])
-        return main_run(cfg, config)
+        return main_run(cfg, config, args.adopt)
     if args.command == "check-config":
         try:
             cfg = load(args.config, strict=True)

@@ -153,6 +153,13 @@ class DeviceConfig:
     mountpoint: str = "/run/zswapd/mnt"
 
 
+# [pool] engine: "auto" (the C engine if built, else Python), "native" (the
+# C engine, zswapd/engine/) or "python" (pool.py, the reference).  Written
+# here, where the supervisor reads it without importing any engine;
+# engine.py takes its list from here.
+ENGINES = ("auto", "native", "python")
+
+
 @dataclass
 class PoolConfig:
     algorithm: str = "lz4"
@@ -160,7 +167,7 @@ class PoolConfig:
     memory_limit: int = -1  # -1 until resolved from "20%"
     accept_percent: int = 90
     reserve: int = 1 << 20
-    engine: str = "auto"  # engine.py: "auto", "native" (zswapd/engine/) or "python" (pool.py)
+    engine: str = "auto"  # one of ENGINES
 
 
 @dataclass
@@ -499,7 +506,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "memory_limit": _limit,
         "accept_percent": _int_in(1, 100),
         "reserve": _reserve,
-        "engine": _choice("auto", "native", "python"),
+        "engine": _choice(*ENGINES),
     },
     "compaction": {
         "background": _bool,

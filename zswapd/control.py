@@ -44,8 +44,9 @@ import trio
 from . import __version__, paths
 from .config import RUNTIME_KEYS, ConfigError, RecompressConfig, check_value
 from .errors import BadRequest
+from .ratelog import RateLimitedLog
 from .recompress import Recompressor, idle_ticks
-from .store import Store
+from .store import METRICS, Store
 
 log = logging.getLogger("zswapd.control")
 
@@ -91,27 +92,6 @@ ACCEPT_RETRY = 0.1
 
 class RequestError(ValueError):
     """A request refused before it reaches a command: the reply's error."""
-
-
-class RateLimitedLog:
-    """At most one message per interval; says how many were held back."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.next = 0.0
-        self.held = 0
-
-    def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now < self.next:
-            self.held += 1
-            return
-        if self.held:
-            msg += f" ({self.held} more like this in the last {self.interval:g} s not logged)"
-            self.held = 0
-        self.next = now + self.interval
-        self.logger.log(level, msg, *args, exc_info=exc_info)
 
 
 def _reject_constant(name: str) -> Any:
@@ -182,13 +162,17 @@ def _check_width(key: str, value: Any) -> None:
         raise RequestError(f"{key} = {value}: out of range; expected at most {MAX_INT} (64 bits)")
 
 
+# A reply that cannot be encoded is a bug a client can hit again and again.
+_encode_log = RateLimitedLog(log)
+
+
 def encode_reply(reply: dict[str, Any]) -> bytes:
     """One reply line.  A reply that is not plain JSON is a bug: it becomes an
     error reply, never a broken line or an exception."""
     try:
         return json.dumps(reply, allow_nan=False).encode() + b"\n"
     except (TypeError, ValueError, RecursionError) as e:
-        log.exception("control reply not encodable")
+        _encode_log(logging.ERROR, "control reply not encodable", exc_info=True)
         return json.dumps({"ok": False, "error": f"internal error: reply not encodable: {e}"}).encode() + b"\n"
 
 
@@ -216,6 +200,8 @@ class Controller:
         self.recompressor: Recompressor | None = None
         self.set_recompress: Callable[[str, Any], None] | None = None
         self.internal_errors = 0
+        # A request that hits a bug can be sent again and again.
+        self._bug_log = RateLimitedLog(log)
 
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
@@ -256,7 +242,8 @@ class Controller:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a bug must not take the daemon down
             self.internal_errors += 1
-            log.exception("control command %s failed", cmd if isinstance(cmd, str) else "(unparsed)")
+            shown = cmd if isinstance(cmd, str) else "(unparsed)"
+            self._bug_log(logging.ERROR, "control command %s failed", shown, exc_info=True)
             return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
 
     async def _cmd_ping(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -315,26 +302,12 @@ class Controller:
         section, name = RUNTIME_KEYS[key]
         checked = check_value("<control>", section, name, value)
         _check_width(key, checked)
-        if name == "memory_limit":
-            result = self.store.set_limit(checked)
-            out: dict[str, Any] = {"key": key, "value": checked, **result}
-            if not result["met"]:
-                out["warning"] = (
-                    f"limit {checked} is below the {self.store.mem_used_total} bytes in use and compaction "
-                    "cannot free enough without dropping data; nothing was dropped, new stores fail until it fits"
-                )
-            return out
         if section == "recompress":
             if self.set_recompress is None:
                 raise RequestError(f"{key}: this server has no recompression policy")
             self.set_recompress(name, checked)
-        elif name == "algorithm":
-            self.store.set_algorithm(algorithm=checked)
-        elif name == "zstd_level":
-            self.store.set_algorithm(zstd_level=checked)
-        else:
-            self.store.set_accept_percent(checked)
-        return {"key": key, "value": checked}
+            return {"key": key, "value": checked}
+        return {"key": key, "value": checked, **self.store.apply_setting(name, checked)}
 
     async def _cmd_writeback(self, req: dict[str, Any]) -> dict[str, Any]:
         """zram's `echo idle > writeback`: one pass, answered when done."""
@@ -654,46 +627,18 @@ class ControlServer:
 def prometheus(s: dict[str, Any]) -> str:
     """Prometheus text exposition of the stats reply."""
     out: list[str] = []
-    gauges = {
-        "orig_data_size": "Bytes of pages stored, uncompressed (zram mm_stat)",
-        "compr_data_size": "Bytes of compressed payload stored",
-        "mem_used_total": "Bytes of pool frames in use",
-        "mem_limit": "Memory limit in bytes (0 = none)",
-        "mem_used_max": "Peak of mem_used_total",
-        "same_pages": "Same-filled pages stored",
-        "huge_pages": "Incompressible pages stored raw",
-        "pages_stored": "Pages stored",
-        "metadata_bytes": "Bytes of metadata (page table, handles, zspages)",
-        "full": "1 while the pool refuses stores",
-        "bd_count": "Pages in the backing file (zram bd_stat)",
-    }
-    counters = {
-        "num_reads": "Read requests served (swap-ins; a request is one or more pages)",
-        "num_writes": "Write requests served (swap-outs; a request is one or more pages)",
-        "pages_compacted": "Frames freed by compaction",
-        "failed_reads": "Failed reads",
-        "failed_writes": "Failed writes",
-        "notify_free": "Pages freed by discard",
-        "compactions": "Compaction runs",
-        "limit_hits": "Stores that hit the memory limit",
-        "bd_reads": "Pages read from the backing file (zram bd_stat)",
-        "bd_writes": "Pages written to the backing file (zram bd_stat)",
-        "segments_cleaned": "Backing file segments cleaned and freed",
-    }
-    for name, help_ in gauges.items():
-        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {int(s[name])}"]
-    for name, help_ in counters.items():
-        out += [
-            f"# HELP zswapd_{name}_total {help_}",
-            f"# TYPE zswapd_{name}_total counter",
-            f"zswapd_{name}_total {int(s[name])}",
-        ]
+    for key, (name, kind, help_) in METRICS.items():
+        metric = f"zswapd_{name}_total" if kind == "counter" else f"zswapd_{name}"
+        out += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}", f"{metric} {int(s[key])}"]
     proc = s.get("process")
     if isinstance(proc, dict):  # a worker under a supervisor (zswapd run)
         out += [
             "# HELP zswapd_worker_restarts_total Workers replaced, by a crash or a reload, since the device was made",
             "# TYPE zswapd_worker_restarts_total counter",
             f"zswapd_worker_restarts_total {int(proc['worker_restarts'])}",
+            "# HELP zswapd_supervisor_restarts_total Supervisors replaced (by systemd, or adopted) since the device was made",
+            "# TYPE zswapd_supervisor_restarts_total counter",
+            f"zswapd_supervisor_restarts_total {int(proc.get('supervisor_restarts', 0))}",
         ]
     wb = s.get("writeback")
     if isinstance(wb, dict):
@@ -720,8 +665,9 @@ def prometheus(s: dict[str, Any]) -> str:
 
 
 def _tier_metrics(s: dict[str, Any]) -> list[str]:
-    """The recompression tier's metrics: the pass counters, pages and bytes
-    per codec, the dictionaries and the idle histogram."""
+    """The recompression tier's metrics: pages recompressed now and the CPU
+    spent, pages and bytes per codec, the dictionaries and the idle
+    histogram (its counters are engine.Counters', exported with the rest)."""
     r = s.get("recompress")
     if not isinstance(r, dict):
         return []
@@ -731,14 +677,6 @@ def _tier_metrics(s: dict[str, Any]) -> list[str]:
         ("recompress_cpu_seconds", "cpu_seconds", "CPU seconds spent recompressing and training"),
     ):
         out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {r[key]}"]
-    for name, key, help_ in (
-        ("recompress_pages", "recompressed", "Pages recompressed"),
-        ("recompress_saved_bytes", "bytes_saved", "Bytes saved by recompression when it happened"),
-        ("recompress_skipped", "skipped", "Pages recompression kept as they were (saving under the threshold)"),
-        ("recompress_incompressible", "incompressible", "Pages the secondary codec could not compress"),
-    ):
-        out += [f"# HELP zswapd_{name}_total {help_}", f"# TYPE zswapd_{name}_total counter"]
-        out.append(f"zswapd_{name}_total {int(r[key])}")
     out += ["# HELP zswapd_codec_pages Pages stored per codec", "# TYPE zswapd_codec_pages gauge"]
     out += ["# HELP zswapd_codec_bytes Payload bytes stored per codec", "# TYPE zswapd_codec_bytes gauge"]
     for c in s.get("codecs", []):
@@ -919,17 +857,18 @@ async def _metrics_accept_loop(
     limits = PeerLimits(METRICS_MAX_PER_UID, METRICS_RATE, METRICS_BURST)
     accept_log = RateLimitedLog(log)
     refuse_log = RateLimitedLog(log)
+    bug_log = RateLimitedLog(log)
 
     async def handler(conn: trio.socket.SocketType, uid: int) -> None:
         nonlocal active, non_root
         stream: trio.SocketStream | None = None
         try:
             stream = trio.SocketStream(conn)
-            await _metrics_exchange(stream, controller, render)
+            await _metrics_exchange(stream, controller, render, bug_log)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:
-            log.exception("metrics request failed")
+            bug_log(logging.ERROR, "metrics request failed", exc_info=True)
         finally:
             active -= 1
             non_root -= uid != 0
@@ -974,7 +913,10 @@ async def _metrics_accept_loop(
 
 
 async def _metrics_exchange(
-    stream: trio.SocketStream, controller: Controller, render: Callable[[dict[str, Any]], str]
+    stream: trio.SocketStream,
+    controller: Controller,
+    render: Callable[[dict[str, Any]], str],
+    bug_log: RateLimitedLog,
 ) -> None:
     head = b""
     with trio.move_on_after(METRICS_TIMEOUT):
@@ -991,7 +933,7 @@ async def _metrics_exchange(
         try:
             body = render(controller.stats()).encode()
         except Exception:
-            log.exception("metrics: rendering the stats failed")
+            bug_log(logging.ERROR, "metrics: rendering the stats failed", exc_info=True)
             response = b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
         else:
             response = (

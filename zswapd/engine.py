@@ -49,12 +49,11 @@ import zstandard
 from . import backing, codec, entry, rebuild
 from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
-from .config import MAX_DICTIONARY_SIZE, MAX_FUSE_THREADS, MAX_IDLE_AGE
+from .config import ENGINES, MAX_DICTIONARY_SIZE, MAX_FUSE_THREADS, MAX_IDLE_AGE
 from .errors import BadRequest, CorruptObject
 from .pool import _CLASS_OF, CLASSES, CLASSES_ID, HUGE_THRESHOLD, Pool, PoolFull, pool_geometry
-from .state import DICT_MAX_BYTES, DICT_SLOTS, TABLES, State, StateError
+from .state import COUNTER_SNAPSHOT, DICT_MAX_BYTES, DICT_SLOTS, TABLES, State, StateError
 
-ENGINES = ("auto", "native", "python")
 # Where a write stopped (Engine.write), for the store's policy to decide on.
 OK, REFUSED, NOROOM = 0, 1, 2
 
@@ -68,53 +67,74 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 log = logging.getLogger("zswapd")
 
 
-def _saved() -> Any:
-    return field(default=0, metadata={"saved": True})
+_SAME = "<same>"
+
+
+def _stat(kind: str, help_: str, metric: str | None = _SAME) -> Any:
+    """A Counters field.  ``kind`` as in Prometheus: "counter" only grows,
+    "gauge" goes up and down; ``help_`` says what it counts (the metrics'
+    HELP line, control.prometheus); ``metric``: the metric's name if not the
+    field's (zswapd_NAME, plus _total for a counter), None for none."""
+    return field(default=0, metadata={"kind": kind, "help": help_, "metric": metric})
 
 
 @dataclass
 class Counters:
-    """The event counters, under zram's stat names.  The C engine keeps the
-    same list (engine.h's ENGINE_COUNTERS, checked at import).  A *saved*
-    counter is snapshotted into the state header (Store.save_counters) and
-    comes back after a takeover; the others are recounted from the page
-    table by the rebuild.  The snapshot is positional (saved counters in
-    this order, then pages_compacted): never reorder, and a new counter is
-    appended unsaved unless the snapshot's layout changes with it."""
+    """The event counters, under zram's stat names, with what each counts.
+    The C engine keeps the same list in the same order (engine.h's
+    ENGINE_COUNTERS, checked at import).  The ones state.COUNTER_SNAPSHOT
+    names are snapshotted into the state header (Store.save_counters) and
+    come back after a takeover; the others are recounted from the page
+    table by the rebuild."""
 
-    num_reads: int = _saved()
-    num_writes: int = _saved()
-    failed_reads: int = _saved()
-    failed_writes: int = _saved()
-    notify_free: int = _saved()
-    same_pages: int = 0
-    huge_pages: int = 0
-    pages_stored: int = 0
-    mem_used_max: int = _saved()
-    compactions: int = _saved()
-    limit_hits: int = _saved()
+    num_reads: int = _stat("counter", "Read requests served (swap-ins; a request is one or more pages)")
+    num_writes: int = _stat("counter", "Write requests served (swap-outs; a request is one or more pages)")
+    failed_reads: int = _stat("counter", "Failed reads")
+    failed_writes: int = _stat("counter", "Failed writes")
+    notify_free: int = _stat("counter", "Pages freed by discard")
+    same_pages: int = _stat("gauge", "Same-filled pages stored")
+    huge_pages: int = _stat("gauge", "Incompressible pages stored raw")
+    pages_stored: int = _stat("gauge", "Pages stored")
+    mem_used_max: int = _stat("gauge", "Peak of mem_used_total")
+    compactions: int = _stat("counter", "Compaction runs")
+    limit_hits: int = _stat("counter", "Stores that hit the memory limit")
     # The recompression tier (tier.c, PythonEngine.recompress_step): pages
     # recompressed and the bytes that saved when it happened; pages tried
     # and kept because they did not save enough, or did not compress below
     # the huge threshold at all.
-    recompressed: int = _saved()
-    recompress_saved: int = _saved()
-    recompress_skipped: int = _saved()
-    recompress_incompressible: int = _saved()
+    recompressed: int = _stat("counter", "Pages recompressed", metric="recompress_pages")
+    recompress_saved: int = _stat(
+        "counter", "Bytes saved by recompression when it happened", metric="recompress_saved_bytes"
+    )
+    recompress_skipped: int = _stat("counter", "Pages recompression kept as they were (saving under the threshold)")
+    recompress_incompressible: int = _stat("counter", "Pages the secondary codec could not compress")
     # CPU the tier's policy spent (steps and training), in microseconds,
-    # measured from its thread's own CPU clock; dictionaries trained.
-    recompress_cpu_us: int = _saved()
-    dictionaries_trained: int = _saved()
+    # measured from its thread's own CPU clock; dictionaries trained.  In
+    # stats' "recompress" section (cpu_seconds, trainings), not metrics of
+    # their own: control's tier metrics export the CPU time in seconds.
+    recompress_cpu_us: int = _stat("counter", "CPU microseconds spent recompressing and training", metric=None)
+    dictionaries_trained: int = _stat("counter", "Dictionaries trained", metric=None)
     # Writeback (backing.py), as zram's bd_stat: pages in the backing file
     # (recounted by the rebuild), pages read from it and written to it.
-    bd_count: int = 0
-    bd_reads: int = _saved()
-    bd_writes: int = _saved()
-    segments_cleaned: int = _saved()
+    bd_count: int = _stat("gauge", "Pages in the backing file (zram bd_stat)")
+    bd_reads: int = _stat("counter", "Pages read from the backing file (zram bd_stat)")
+    bd_writes: int = _stat("counter", "Pages written to the backing file (zram bd_stat)")
+    segments_cleaned: int = _stat(
+        "counter", "Backing file segments cleaned and freed", metric="writeback_segments_cleaned"
+    )
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))
-SAVED_COUNTERS = tuple(f.name for f in fields(Counters) if f.metadata.get("saved"))
+# stats key -> (metric name, kind, help) of the counters exported as metrics,
+# in the order above.
+COUNTER_METRICS = {
+    f.name: (f.name if f.metadata["metric"] == _SAME else f.metadata["metric"], f.metadata["kind"], f.metadata["help"])
+    for f in fields(Counters)
+    if f.metadata["metric"] is not None
+}
+SAVED_COUNTERS = tuple(name for name in COUNTER_NAMES if name in COUNTER_SNAPSHOT)
+# Every name the snapshot keeps is a counter, or the engine's pages_compacted.
+assert set(COUNTER_SNAPSHOT) == {*SAVED_COUNTERS, "pages_compacted"}, COUNTER_SNAPSHOT
 
 
 class _EngineCounters(Counters):

@@ -61,6 +61,9 @@ def assess(s: Mapping[str, Any]) -> list[str]:
         out.append(f"{threads['threads'] - threads['alive']} of {threads['threads']} C FUSE threads stopped")
     if threads.get("bugs"):
         out.append(f"C FUSE threads hit {threads['bugs']} bugs; see the log")
+    proc = s.get("process") or {}
+    if proc.get("supervisor_pid") == 0:
+        out.append("no supervisor: the worker serves alone (a new one is starting, or cannot start: see the log)")
     if s.get("engine_fallback"):
         out.append(f"Python engine: the native engine is not built ({s['engine_fallback']})")
     return out

@@ -1,5 +1,5 @@
 """What every zswapd process sets up, the supervisor and each worker alike:
-logging, systemd notification, no core dumps, memory locking, and the
+logging, no core dumps, memory locking, and the
 signals that must never end or stop a process in the swap path; and what
 the supervisor does first of all: leave the directory it was started from
 and close the fds it was started with (``settle``), and the command line
@@ -7,19 +7,16 @@ of a worker started afresh (``worker_argv``)."""
 
 from __future__ import annotations
 
-import array
-import ctypes
-import functools
 import logging
 import os
 import resource
 import signal
-import socket
 import sys
+
+from . import libc
 
 log = logging.getLogger("zswapd")
 
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PR_SET_DUMPABLE = 4
 PR_SET_IO_FLUSHER = 57
 # A worker's exit status meaning "the FUSE connection is gone": nothing is
@@ -105,55 +102,50 @@ def setup_logging(verbose: bool = False) -> None:
     root.propagate = False
 
 
-def sd_notify(message: str, fds: list[int] | None = None) -> None:
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            s.sendmsg([message.encode()], anc, 0, path)
-    except OSError as e:
-        log.warning("sd_notify failed: %s", e)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def no_core_dumps() -> None:
     """The pool holds other processes' memory: it must never reach a core
     file, and a non-dumpable process cannot be ptrace-attached by non-root."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        log.warning("PR_SET_DUMPABLE refused: %s", os.strerror(ctypes.get_errno()))
+    try:
+        libc.prctl(PR_SET_DUMPABLE, 0)
+    except OSError as e:
+        log.warning("PR_SET_DUMPABLE refused: %s", os.strerror(e.errno or 0))
 
 
 def harden(swap_enabled: bool) -> None:
     """Keep the process able to run while the kernel is swapping to it."""
-    libc = _libc()
     # MCL_ONFAULT: lock pages as they are touched, so the big lazily used
     # tables and arenas cost only what is used.
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        why = os.strerror(ctypes.get_errno())
+    try:
+        libc.mlockall(libc.MCL_CURRENT | libc.MCL_FUTURE | libc.MCL_ONFAULT)
+    except OSError as e:
+        why = os.strerror(e.errno or 0)
         if swap_enabled:
             # Unlocked, our own pages could be swapped out to the swap only
             # we can serve: the first fault on one deadlocks.
             raise StartupError(
                 f"mlockall failed ({why}): refusing to enable swap, because the daemon could be swapped out to "
                 "itself; give it CAP_IPC_LOCK or LimitMEMLOCK=infinity, or set [swap] enable = false"
-            )
+            ) from None
         log.warning("mlockall failed (%s): the daemon itself may be swapped out", why)
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+    try:
+        libc.prctl(PR_SET_IO_FLUSHER, 1)
+    except OSError as e:
         log.warning(
             "PR_SET_IO_FLUSHER refused (%s; needs CAP_SYS_RESOURCE): reclaim inside the daemon may recurse into swap",
-            os.strerror(ctypes.get_errno()),
+            os.strerror(e.errno or 0),
         )
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("-1000")
     except OSError as e:
         log.warning("cannot set oom_score_adj: %s", e)
+
+
+def adopt_argv(adopt_fd: int, config_arg: str | None, verbose: bool) -> list[str]:
+    """A new supervisor a worker starts when its own died (supervisor.py,
+    "who restarts whom"): installed code only, as worker_argv."""
+    argv = [sys.executable, "-I", "-m", "zswapd", "run", "--adopt", str(adopt_fd)]
+    if config_arg:
+        argv += ["--config", config_arg]
+    return argv + (["--verbose"] if verbose else [])

@@ -47,9 +47,11 @@ import mmap
 import os
 import struct
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
+
+from . import libc
 
 MAGIC = b"zswapdST"
 # Bumped on any change to the header or to a table's format or order; an
@@ -69,9 +71,32 @@ MAX_HANDLES = 0x7FFFFFFF
 # segment table is that long whatever the file's size: it is sparse, so
 # only the segments a file has ever used cost memory.
 MAX_SEGMENTS = 1 << 17
-# Event counters kept in the header snapshot; 32 leaves room to add some
-# without a layout change (a new worker reads unknown ones as 0).
+# Event counters kept in the header snapshot, by name: slot i holds
+# COUNTER_SNAPSHOT[i] (engine.Counters' names, and the engine's
+# pages_compacted).  Only ever appended to: 32 slots leave room for more
+# without a layout change (a worker reads a slot it does not name as 0).
 COUNTER_SLOTS = 32
+COUNTER_SNAPSHOT = (
+    "num_reads",
+    "num_writes",
+    "failed_reads",
+    "failed_writes",
+    "notify_free",
+    "mem_used_max",
+    "compactions",
+    "limit_hits",
+    "recompressed",
+    "recompress_saved",
+    "recompress_skipped",
+    "recompress_incompressible",
+    "recompress_cpu_us",
+    "dictionaries_trained",
+    "pages_compacted",
+    "bd_reads",
+    "bd_writes",
+    "segments_cleaned",
+)
+assert len(COUNTER_SNAPSHOT) <= COUNTER_SLOTS
 # Up to this many bytes of ",".join(codec algorithm names): page-table entries
 # name their algorithm by index, so the list must mean the same to every
 # worker that attaches.
@@ -83,8 +108,6 @@ ALGORITHMS_BYTES = 32
 # while it holds a dictionary.
 DICT_SLOTS = 6
 DICT_MAX_BYTES = 256 * 1024
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 _MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 1)
 # Sealed once sized: nobody holding a state fd (a worker, the supervisor,
 # systemd's fd store) can shrink it, which would SIGBUS every mapping, or
@@ -114,6 +137,9 @@ _INIT = struct.Struct("<I I I I Q I I")
 # Zero in a state written before it existed, which is the right reading.
 _RESTARTS_AT = 320
 _RESTARTS = struct.Struct("<Q")
+# The number of supervisors before the one running (stats'
+# supervisor_restarts), written by the supervisor itself with pwrite.
+_SUPERVISOR_RESTARTS_AT = 328
 # The runtime settings in force (what `zswapd set` changes; the algorithm and
 # zstd level are in the fixed fields): a worker that takes over after a crash
 # goes on with them, as zram keeps what was written to its sysfs files.
@@ -285,16 +311,6 @@ class _SteppedView:
     def tolist(self) -> list[int]:
         out: list[int] = self._view.tolist()
         return out
-
-
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
-
-
-_LIBC = _libc()
 
 
 def _address(m: mmap.mmap) -> int:
@@ -489,14 +505,11 @@ class State:
             self.hook.step()
         if count <= 0:
             return
-        if (
-            _LIBC.fallocate(
-                self._fds[1], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first * FRAME_BYTES, count * FRAME_BYTES
-            )
-            != 0
-        ):
-            err = ctypes.get_errno()
-            raise StateError(f"punching frames {first}+{count} out of the arena memfd failed: {os.strerror(err)}")
+        try:
+            libc.fallocate(self._fds[1], libc.PUNCH_HOLE, first * FRAME_BYTES, count * FRAME_BYTES)
+        except OSError as e:
+            why = os.strerror(e.errno or 0)
+            raise StateError(f"punching frames {first}+{count} out of the arena memfd failed: {why}") from None
 
     def arena_allocated_bytes(self) -> int:
         """Bytes of the arena memfd backed by memory (or swap)."""
@@ -521,9 +534,10 @@ class State:
         if not pages:
             return 0
         vec = (ctypes.c_ubyte * pages)()
-        if _LIBC.mincore(self._meta_addr + offset, length, vec) != 0:
-            err = ctypes.get_errno()
-            raise StateError(f"mincore over the metadata failed: {os.strerror(err)}")
+        try:
+            libc.mincore(self._meta_addr + offset, length, vec)
+        except OSError as e:
+            raise StateError(f"mincore over the metadata failed: {os.strerror(e.errno or 0)}") from None
         return (pages - bytes(vec).count(0)) * mmap.PAGESIZE
 
     def extents(self, name: str) -> Iterator[tuple[int, int]]:
@@ -591,16 +605,31 @@ class State:
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)
 
-    def save_counters(self, values: Sequence[int]) -> None:
-        vals = list(values)[:COUNTER_SLOTS]
-        _COUNTERS.pack_into(self._header, _COUNTERS_AT, *(vals + [0] * (COUNTER_SLOTS - len(vals))))
+    def save_counters(self, values: Mapping[str, int]) -> None:
+        """Snapshot the counters COUNTER_SNAPSHOT names (one missing from
+        ``values`` is saved as 0)."""
+        vals = [values.get(name, 0) for name in COUNTER_SNAPSHOT]
+        _COUNTERS.pack_into(self._header, _COUNTERS_AT, *vals, *[0] * (COUNTER_SLOTS - len(vals)))
 
-    def load_counters(self) -> tuple[int, ...]:
-        return tuple(_COUNTERS.unpack_from(self._header, _COUNTERS_AT))
+    def load_counters(self) -> dict[str, int]:
+        """The snapshot, by name: every name COUNTER_SNAPSHOT has."""
+        return dict(zip(COUNTER_SNAPSHOT, _COUNTERS.unpack_from(self._header, _COUNTERS_AT), strict=False))
 
 
 def read_restarts(meta_fd: int) -> int:
     """The worker count a state's header holds (State.save_restarts), read
     with pread: the supervisor calls it without attaching the state."""
-    raw = os.pread(meta_fd, _RESTARTS.size, _RESTARTS_AT)
+    return _read_count(meta_fd, _RESTARTS_AT)
+
+
+def read_supervisor_restarts(meta_fd: int) -> int:
+    return _read_count(meta_fd, _SUPERVISOR_RESTARTS_AT)
+
+
+def write_supervisor_restarts(meta_fd: int, n: int) -> None:
+    os.pwrite(meta_fd, _RESTARTS.pack(n), _SUPERVISOR_RESTARTS_AT)
+
+
+def _read_count(meta_fd: int, at: int) -> int:
+    raw = os.pread(meta_fd, _RESTARTS.size, at)
     return int(_RESTARTS.unpack(raw)[0]) if len(raw) == _RESTARTS.size else 0

@@ -57,7 +57,7 @@ from collections.abc import Callable, Generator
 
 from . import backing, entry
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
-from .engine import COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
+from .engine import COUNTER_METRICS, COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
 from .state import Geometry, State
@@ -110,6 +110,21 @@ SYNC_WRITEBACK_PASSES = 8
 SYNC_CLEAN_DEAD = 10
 # Seconds in a day of the daily limit (UTC days: the meter resets at 00:00 UTC).
 DAY = 86400
+
+# The figures of ``stats()`` a metrics scraper gets (control.prometheus):
+# stats key -> (metric name, kind, help), kind as in Prometheus.  The
+# counters describe themselves (engine.Counters); these are the store's and
+# the pool's.
+METRICS: dict[str, tuple[str, str, str]] = {
+    "orig_data_size": ("orig_data_size", "gauge", "Bytes of pages stored, uncompressed (zram mm_stat)"),
+    "compr_data_size": ("compr_data_size", "gauge", "Bytes of compressed payload stored"),
+    "mem_used_total": ("mem_used_total", "gauge", "Bytes of pool frames in use"),
+    "mem_limit": ("mem_limit", "gauge", "Memory limit in bytes (0 = none)"),
+    "pages_compacted": ("pages_compacted", "counter", "Frames freed by compaction"),
+    **COUNTER_METRICS,
+    "metadata_bytes": ("metadata_bytes", "gauge", "Bytes of metadata (page table, handles, zspages)"),
+    "full": ("full", "gauge", "1 while the pool refuses stores"),
+}
 
 
 StoreError = BadRequest
@@ -232,11 +247,11 @@ class Store:
         pages = list(self.state.extents("page"))
         self.engine.rebuild_pages(pages)
         self.engine.rebuild_backing(pages, list(self.state.extents("segment")))
-        saved = dict(zip(SAVED_COUNTERS, self.state.load_counters(), strict=False))
+        saved = self.state.load_counters()
         c = self.c
         for name in SAVED_COUNTERS:
-            setattr(c, name, saved.get(name, 0))
-        self.engine.pages_compacted = self.state.load_counters()[len(SAVED_COUNTERS)]
+            setattr(c, name, saved[name])
+        self.engine.pages_compacted = saved["pages_compacted"]
         c.mem_used_max = max(c.mem_used_max, self.engine.mem_used_total)
 
     def check_invariants(self) -> None:
@@ -249,7 +264,38 @@ class Store:
     def save_counters(self) -> None:
         """Snapshot the event counters into the state header."""
         c = self.c
-        self.state.save_counters([getattr(c, name) for name in SAVED_COUNTERS] + [self.engine.pages_compacted])
+        self.state.save_counters(
+            {name: getattr(c, name) for name in SAVED_COUNTERS} | {"pages_compacted": self.engine.pages_compacted}
+        )
+
+    # -- runtime settings -----------------------------------------------------
+
+    def apply_setting(self, name: str, value: int | str) -> dict[str, object]:
+        """Apply one runtime setting (config.RUNTIME_KEYS), already checked
+        against the config schema: the one place the control socket's
+        ``set`` and a reload (SIGHUP) change the store.  Returns what the
+        setting did (for memory_limit, ``set_limit``'s figures) and, when it
+        holds but cannot take full effect yet, a ``warning`` for the operator."""
+        if name == "memory_limit":
+            assert isinstance(value, int)
+            out: dict[str, object] = dict(self.set_limit(value))
+            if not out["met"]:
+                out["warning"] = (
+                    f"memory_limit {value} is below the {self.mem_used_total} bytes in use and compaction cannot "
+                    "free enough without dropping data; nothing was dropped, new stores fail until it fits"
+                )
+            return out
+        if name == "accept_percent":
+            assert isinstance(value, int)
+            self.set_accept_percent(value)
+        elif name == "algorithm":
+            self.set_algorithm(algorithm=str(value))
+        elif name == "zstd_level":
+            assert isinstance(value, int)
+            self.set_algorithm(zstd_level=value)
+        else:
+            raise StoreError(f"{name} is not a runtime setting of the store")
+        return {}
 
     # -- limit ----------------------------------------------------------------
 

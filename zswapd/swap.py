@@ -117,14 +117,21 @@ def swapoff_argv(device: str) -> list[str]:
 
 
 def loops_backed_by(path: str) -> list[str]:
-    """Loop devices whose backing file is ``path``."""
+    """Loop devices whose backing file is ``path``: the one answer to "which
+    loop devices use this file" (the daemon, the bench and the tests' clean-up
+    all ask it).  Read from sysfs, where the kernel names each loop device's
+    file by its absolute path; ``path`` is compared as a string, never
+    resolved, since a stat on a file in a FUSE mount with nobody serving it
+    would hang.  Also finds a device a losetup attached but was killed
+    before it printed the name of."""
+    want = os.path.abspath(path)
     out: list[str] = []
     try:
         names = sorted(os.listdir("/sys/block"))
     except OSError:
         return out
     for name in names:
-        if name.startswith("loop") and backing_file(name) == path:
+        if name.startswith("loop") and backing_file(name) == want:
             out.append(f"/dev/{name}")
     return out
 

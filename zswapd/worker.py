@@ -6,9 +6,14 @@ connection died, so the rules below come before anything else in this file.
 
 The rules
 ---------
-1. The worker never closes /dev/fuse itself: the supervisor holds it (and
-   the state memfds) for its whole life.  A worker that dies loses only its
-   volatile indexes; the next one rebuilds them from the state.
+1. The worker never closes /dev/fuse while swap is on, except after a
+   successful swapoff: it exits with swap on only while a supervisor lives
+   to take over (which holds /dev/fuse and the state memfds for its whole
+   life).  A worker that dies then loses only its volatile indexes; the
+   next one rebuilds them from the state.  When its supervisor dies outside
+   systemd, the worker starts a new one and hands it every fd
+   (worker_link.py); who restarts whom, with and without systemd, is in
+   supervisor.py.
 2. Which failures end a worker, and so trigger a takeover: only those that
    escape every guard (a crash in native code, a kill, an OOM kill, a bug in
    start-up before the state is attached).  Every task runs under
@@ -23,10 +28,13 @@ The rules
    The supervisor starts us only after the previous worker was reaped, so no
    request can be served twice.
 4. Signals (the worker runs in its own process group, so a terminal's
-   signals reach only the supervisor): SIGTERM ends the worker after the
-   request in hand (the supervisor's replacement or shutdown); SIGHUP
-   reloads the config and applies what can change at runtime; everything
-   else of the supervisor's ignored list is logged and ignored.  A reload
+   signals reach only the supervisor): the supervisor stops a worker with
+   "stop" on the channel, and the worker ends after the request in hand.
+   SIGTERM from outside is passed to the supervisor, which decides; with
+   no supervisor alive, SIGTERM or SIGINT runs the clean stop here
+   (worker_link.py).  SIGHUP reloads the config and applies what can change
+   at runtime; everything else of the supervisor's ignored list is logged
+   and ignored.  A reload
    that fails (a config refused, a chown refused) is reported once and
    changes nothing; it is not retried until the next SIGHUP.
 5. Nothing here allocates without bound while a write is being served: the
@@ -35,7 +43,6 @@ The rules
 
 from __future__ import annotations
 
-import array
 import functools
 import json
 import logging
@@ -60,11 +67,13 @@ from .engine import native_error
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
+from .held import BACKING, STATE_NAMES, HeldFds
 from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
 from .recompress import Recompressor
 from .state import InitParams, State
 from .store import Store
+from .worker_link import SupervisorLink, watch_pid
 
 log = logging.getLogger("zswapd")
 
@@ -95,11 +104,15 @@ RESTART_BACKOFF_MAX = 30.0
 # back-off: its failure is a new one, not a loop.
 RESTART_RESET_AFTER = 60.0
 
-STOP_SIGNALS = (signal.SIGTERM,)
-RELOAD_SIGNALS = (signal.SIGHUP,)
 # SIGINT too: the worker has its own process group, so it comes only from a
-# deliberate kill, and stopping is the supervisor's decision.
-HANDLED_SIGNALS = STOP_SIGNALS + RELOAD_SIGNALS + (signal.SIGINT, *IGNORED_SIGNALS)
+# deliberate kill, and stopping is the supervisor's decision while one lives.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNALS = (signal.SIGHUP,)
+HANDLED_SIGNALS = STOP_SIGNALS + RELOAD_SIGNALS + IGNORED_SIGNALS
+# WorkerArgs keys of supervisors before held.HeldFds: a reload may start
+# this code under one of them.
+_LEGACY_FDS = {"fuse_fd": "fuse", "control_fd": "control"}
+_LEGACY_LISTS = {"state_fds": "state-", "fuse_clones": "fuse-clone-", "lock_fds": "lock-"}
 
 
 @dataclass
@@ -107,23 +120,23 @@ class WorkerArgs:
     """What the supervisor hands a worker."""
 
     config_arg: str | None
-    fuse_fd: int
-    control_fd: int
-    channel_fd: int
-    state_fds: list[int] = field(default_factory=list)
-    backing_fd: int = -1  # [writeback] file, opened and held by the supervisor
-    fuse_clones: list[int] = field(default_factory=list)  # FUSE_DEV_IOC_CLONEs the supervisor keeps
-    # The instance lock's fds: held, never used, so that the lock lives as
-    # long as any process of the instance (supervisor.py, rule 5).
-    lock_fds: list[int] = field(default_factory=list)
+    # Every fd the supervisor holds but the loop device, by held.py's names.
+    # The lock's are held, never used, so that the lock lives as long as any
+    # process of the instance (supervisor.py, rule 5).
+    fds: dict[str, int] = field(default_factory=dict)
+    channel_fd: int = -1
     # The running device's mountpoint as the supervisor resolved it: a
     # fresh worker reads the config anew, and a path changed there since
     # takes a restart.  Empty from a supervisor older than this field.  (The
     # control socket's path is the one its fd is bound to.)
     mountpoint: str = ""
+    loop: str = ""  # the loop device the supervisor attached, once it has
     restarts: int = 0  # workers before this one on the connection
     died_at_ns: int = 0  # CLOCK_MONOTONIC of the previous worker's death
     supervisor_pid: int = 0
+    supervisor_restarts: int = 0  # supervisors before the one that started us
+    supervisor_start: str = "shell"  # how it started: shell, service, adopted
+    service: bool = False  # a service manager (systemd) restarts the supervisor, not us
     verbose: bool = False
     standby: bool = False  # wait for "go" on the channel before touching anything
 
@@ -131,7 +144,7 @@ class WorkerArgs:
     def takeover(self) -> bool:
         """An earlier worker held this connection (or made the state): this
         one must restore INIT and ask for a resend."""
-        return bool(self.state_fds) or self.restarts > 0
+        return STATE_NAMES[0] in self.fds or self.restarts > 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,22 +154,30 @@ class WorkerArgs:
         # A reload runs newer code than the supervisor that wrote this:
         # keys this version does not know are dropped, not fatal.
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fds = dict(data.get("fds") or {})
+        for key, name in _LEGACY_FDS.items():
+            if isinstance(data.get(key), int) and data[key] >= 0:
+                fds[name] = data[key]
+        for key, prefix in _LEGACY_LISTS.items():
+            names = STATE_NAMES if key == "state_fds" else [f"{prefix}{i}" for i in range(len(data.get(key) or []))]
+            fds.update(zip(names, data.get(key) or []))
+        return cls(**{k: v for k, v in data.items() if k in known and k != "fds"}, fds=fds)
 
 
 class Worker:
-    def __init__(self, cfg: Config, args: WorkerArgs) -> None:
+    def __init__(self, cfg: Config, args: WorkerArgs, supervisor_pidfd: int = -1) -> None:
         cfg = _running_paths(cfg, args)
         self.cfg = cfg
         self.args = args
         self.mountpoint = cfg.device.mountpoint
         self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
+        self.held = HeldFds.adopt(args.fds)
         state = None
         size = cfg.device.size
-        if args.state_fds:
+        if self.held.state:
             # A takeover (rule 3): the device is what the state holds, even
             # if the config now says otherwise.
-            state = State.attach(args.state_fds)
+            state = State.attach(self.held.state)
             size = state.geometry.npages * PAGE_SIZE
             if size != cfg.device.size:
                 log.warning(
@@ -183,9 +204,10 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
-        if args.backing_fd >= 0:
+        backing_fd = args.fds.get(BACKING, -1)
+        if backing_fd >= 0:
             wb = cfg.writeback
-            self.store.attach_backing(args.backing_fd, os.fstat(args.backing_fd).st_size, wb.file, wb.daily_limit)
+            self.store.attach_backing(backing_fd, os.fstat(backing_fd).st_size, wb.file, wb.daily_limit)
         elif self.store.c.bd_count:
             # The supervisor lost the file (restarted without it in the fd
             # store): those pages cannot be read.  Say so; serve the rest.
@@ -209,11 +231,21 @@ class Worker:
         self.signals_ignored = 0
         self.last_recovery_ms: float | None = None
         self.nursery: trio.Nursery  # set by run(), before any task that uses it starts
-        self.channel = socket.socket(fileno=args.channel_fd) if args.channel_fd >= 0 else None
+        self.exit_code = 0
+        self.link = SupervisorLink(
+            args,
+            self.held,
+            supervisor_pidfd,
+            self.mountpoint,
+            self.file,
+            lambda: cfg.control.socket,
+            self._stop,
+            self._handover_info,
+        )
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
         self.controller.metrics_access = cfg.control.metrics_access
         self.controller.extra_stats = self.extra_stats
-        self.controller.replace_worker = lambda: self._tell("replace")
+        self.controller.replace_worker = self._ask_replace
         self.recompressor = Recompressor(
             self.store,
             lambda: self.cfg.recompress,
@@ -257,7 +289,7 @@ class Worker:
             "reloads": self.reloads,
             "signals_ignored": self.signals_ignored,
             "process": {
-                "supervisor_pid": self.args.supervisor_pid or os.getppid(),
+                **self.link.stats(),
                 "worker_pid": os.getpid(),
                 "worker_restarts": self.args.restarts,
                 "last_recovery_ms": self.last_recovery_ms,
@@ -266,13 +298,28 @@ class Worker:
 
     def _tell(self, message: str, fds: list[int] | None = None) -> None:
         """A message to the supervisor over the channel."""
-        if self.channel is None:
-            return
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        try:
-            self.channel.sendmsg([message.encode()], anc)
-        except OSError as e:
-            log.error("cannot reach the supervisor (%s): %s", message, e)
+        self.link.tell(message, fds)
+
+    def _ask_replace(self) -> None:
+        """`zswapd reload`: the supervisor starts the new worker."""
+        if self.link.state != "supervised":
+            log.error("reload: no supervisor lives to start a new worker (%s); try again once one has adopted us",
+                      self.link.state)  # fmt: skip
+        self._tell("replace")
+
+    def _stop(self, code: int) -> None:
+        """End the worker after the request in hand, with exit status ``code``."""
+        self.exit_code = code
+        self.nursery.cancel_scope.cancel()
+
+    def _handover_info(self) -> dict[str, object]:
+        """What a new supervisor gets with our fds (handover.py)."""
+        return {
+            "worker_pid": os.getpid(),
+            "worker_restarts": self.args.restarts,
+            "supervisor_restarts": self.link.restarts,
+            "mountpoint": self.mountpoint,
+        }
 
     # -- the task tree --------------------------------------------------------
 
@@ -312,10 +359,11 @@ class Worker:
                     "in the pool until overwritten, and the memory limit is reached sooner; use backend 'builtin'"
                 )
         else:
-            if not self.args.state_fds:
+            if not self.held.state:
                 # This worker made the state: the supervisor holds it from
                 # now on, before a single page is written.
-                self._tell("state", list(self.store.state.fds()))
+                self.held.state = list(self.store.state.fds())
+                self._tell("state", self.held.state)
             self.store.state.save_restarts(self.args.restarts)
             if self.args.takeover:
                 self._take_over()
@@ -327,8 +375,7 @@ class Worker:
             f"{cfg.pool.memory_limit >> 20} MiB" if cfg.pool.memory_limit else "none",
         )
         server = ControlServer(self.controller, cfg.control.socket)
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(self.args.control_fd)))
-        self.exit_code = 0
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(self.held.control)))
         with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -342,8 +389,13 @@ class Worker:
                         self._guarded, "metrics", lambda: serve_metrics(self.controller, listen, prometheus)
                     )
                 nursery.start_soon(self._guarded, "signals", lambda: self._signals(signals))
+                nursery.start_soon(self._guarded, "supervisor", self.link.run)
                 self._tell("ready")
+                while _EARLY_STOPS:
+                    self._on_signal(_EARLY_STOPS.pop(0))
         sock.close()
+        # For a supervisor that is not our parent: it sees no exit status.
+        self._tell(f"exiting {self.exit_code}")
         return self.exit_code
 
     def _save_init(self, minor: int, max_readahead: int, flags: int) -> None:
@@ -358,7 +410,7 @@ class Worker:
         else:
             log.warning("the state holds no FUSE INIT: the kernel has not sent it yet, or it was lost")
         try:
-            os.write(self.args.fuse_fd, protocol.notify_resend())
+            os.write(self.held.fuse, protocol.notify_resend())
         except OSError as e:
             # Before 6.9 (FUSE 7.40) there is no RESEND: a request the dead
             # worker had read stays unanswered.  Say so; serve the rest.
@@ -377,12 +429,12 @@ class Worker:
         elif self.store.engine.name == "native":
             await self._serve_threads()
         else:
-            await serve(self.args.fuse_fd, self.fs, on_first_reply=self._first_reply)
+            await serve(self.held.fuse, self.fs, on_first_reply=self._first_reply)
         # The connection is gone (aborted, or unmounted with no user left):
         # nothing can be served any more.
         log.info("FUSE session ended")
-        self.exit_code = EXIT_CONNECTION_GONE
-        self.nursery.cancel_scope.cancel()
+        if not self.link.stopped_alone:  # unmounted by our own clean stop: exit 0
+            self._stop(EXIT_CONNECTION_GONE)
 
     async def _serve_threads(self) -> None:
         """C threads serve READ, WRITE and discards without the GIL; every
@@ -392,7 +444,7 @@ class Worker:
         from .fuse.threads import FuseThreads
 
         threads = self.cfg.fuse.serving_threads()
-        self.threads = FuseThreads(self.args.fuse_fd, self.fs, self.store.engine, threads, self.args.fuse_clones)
+        self.threads = FuseThreads(self.held.fuse, self.fs, self.store.engine, threads, self.held.clones)
         log.info("serving FUSE with %d C threads on %d cloned fds", threads, self.threads.stats()["clones"])
         try:
             if self.args.died_at_ns:
@@ -424,8 +476,7 @@ class Worker:
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum in STOP_SIGNALS:
-            log.info("%s: worker stopping", name)
-            self.nursery.cancel_scope.cancel()
+            self.link.stop_signal(signum)
         elif signum in RELOAD_SIGNALS:
             log.info("%s: reloading %s", name, self.cfg.path)
             self.nursery.start_soon(self._guarded, "reload", self.reload, False)
@@ -447,22 +498,11 @@ class Worker:
         applied: list[str] = []
         group = new.control.group
         for section, key, value in runtime:
-            if (section, key) == ("pool", "memory_limit"):
-                assert isinstance(value, int)
-                result = self.store.set_limit(value)
-                if not result["met"]:
-                    log.warning(
-                        "memory_limit %d is below the %d bytes in use; nothing was dropped, new stores fail until it "
-                        "fits",
-                        value,
-                        self.store.mem_used_total,
-                    )
-            elif (section, key) == ("pool", "accept_percent"):
-                self.store.set_accept_percent(int(value))  # type: ignore[call-overload]
-            elif (section, key) == ("pool", "algorithm"):
-                self.store.set_algorithm(algorithm=str(value))
-            elif (section, key) == ("pool", "zstd_level"):
-                self.store.set_algorithm(zstd_level=int(value))  # type: ignore[call-overload]
+            if section == "pool" and (section, key) in config_mod.RUNTIME_KEYS.values():
+                assert isinstance(value, int | str)
+                warning = self.store.apply_setting(key, value).get("warning")
+                if warning:
+                    log.warning("%s", warning)
             elif (section, key) == ("control", "group"):
                 if not self._set_group(gid):
                     group = self.cfg.control.group
@@ -478,10 +518,7 @@ class Worker:
             path=new.path,
             pool=replace(
                 self.cfg.pool,
-                memory_limit=new.pool.memory_limit,
-                accept_percent=new.pool.accept_percent,
-                algorithm=new.pool.algorithm,
-                zstd_level=new.pool.zstd_level,
+                **{k: getattr(new.pool, k) for s, k in config_mod.RUNTIME_KEYS.values() if s == "pool"},
             ),
             compaction=new.compaction,
             recompress=new.recompress,
@@ -656,7 +693,7 @@ def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)
     for sig in HANDLED_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL if sig in STOP_SIGNALS else _early)
+        signal.signal(sig, _early)
     if cfg is None:
         setup_logging(args.verbose)
         no_core_dumps()
@@ -666,7 +703,9 @@ def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
         harden(cfg.swap.enable)
         if args.standby and not _wait_for_go(args):
             return 0
-        worker = Worker(cfg, args)
+        # Before anything slow: a supervisor that dies from here on is seen.
+        supervisor = watch_pid(args.supervisor_pid, parent=True)
+        worker = Worker(cfg, args, supervisor)
     except Exception as e:
         log.error("worker cannot start: %s", e)
         return 2
@@ -704,8 +743,8 @@ def _running_paths(cfg: Config, args: WorkerArgs) -> Config:
     bound to.  A fresh worker's file may name others; they take a restart,
     and the reload's diff reports them."""
     socket_path = cfg.control.socket
-    if args.control_fd >= 0:
-        with socket.socket(fileno=os.dup(args.control_fd)) as bound:
+    if "control" in args.fds:
+        with socket.socket(fileno=os.dup(args.fds["control"])) as bound:
             name = bound.getsockname()
         if isinstance(name, str) and name:
             socket_path = name
@@ -721,8 +760,14 @@ def _running_paths(cfg: Config, args: WorkerArgs) -> Config:
     )
 
 
+# Stop signals that came before trio's receiver was open, handled once it is.
+_EARLY_STOPS: list[int] = []
+
+
 def _early(signum: int, frame: object) -> None:
-    """Before trio's receiver is open: note and ignore."""
+    """Before trio's receiver is open: note a stop, ignore the rest."""
+    if signum in STOP_SIGNALS:
+        _EARLY_STOPS.append(signum)
 
 
 def main_exec() -> int:

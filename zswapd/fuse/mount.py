@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import struct
 
+from .. import libc
+
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def open_fuse() -> int:
@@ -46,27 +42,30 @@ def mount(fd: int, mountpoint: str, fsname: str = "zswapd", subtype: str = "zswa
     # default_permissions makes the kernel enforce the file's 0600 root mode;
     # allow_other is deliberately absent: the file holds swapped-out memory.
     opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
-    rc = _libc.mount(
-        fsname.encode(), mountpoint.encode(), f"fuse.{subtype}".encode(), MS_NOSUID | MS_NODEV, opts.encode()
-    )
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount {mountpoint}: {os.strerror(e)}")
+    libc.mount(fsname, mountpoint, f"fuse.{subtype}", MS_NOSUID | MS_NODEV, opts)
 
 
 def unmount(mountpoint: str) -> bool:
     """Unmount; if the file is still busy, detach lazily.  True if it was
     unmounted at once, False if lazily."""
-    if _libc.umount2(mountpoint.encode(), 0) == 0:
+    try:
+        libc.umount2(mountpoint, 0)
         return True
-    e = ctypes.get_errno()
-    if e == errno.EBUSY:
-        if _libc.umount2(mountpoint.encode(), MNT_DETACH) == 0:
-            return False
-        e = ctypes.get_errno()
-    if e == errno.EINVAL:  # not mounted (any more)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            return _not_mounted(e)
+    try:
+        libc.umount2(mountpoint, MNT_DETACH)
+        return False
+    except OSError as e:
+        return _not_mounted(e)
+
+
+def _not_mounted(e: OSError) -> bool:
+    """True for EINVAL (not mounted, any more); anything else is raised."""
+    if e.errno == errno.EINVAL:
         return True
-    raise OSError(e, f"umount {mountpoint}: {os.strerror(e)}")
+    raise e
 
 
 def _mounts() -> list[tuple[str, str, str]]:

@@ -18,32 +18,14 @@ from collections.abc import Callable
 
 import trio
 
+from ..ratelog import RateLimitedLog
 from .protocol import IN_HEADER, READ_BUFFER, FuseFS, error_reply
 
 log = logging.getLogger("zswapd.fuse")
 
-# A bug hit by every request would otherwise log a traceback per request.
-_LOG_INTERVAL = 10.0
 # After an unexpected read error, before trying again: the error may pass
 # (ENOMEM), and while it lasts this keeps the loop from spinning.
 _READ_RETRY = 0.01
-
-
-class _Throttle:
-    """Lets one report through per interval and counts the ones held back."""
-
-    def __init__(self) -> None:
-        self.after = 0.0
-        self.held = 0
-
-    def due(self) -> int | None:
-        """The count held back since the last report if one is due now, else None."""
-        now = time.monotonic()
-        if now < self.after:
-            self.held += 1
-            return None
-        held, self.held, self.after = self.held, 0, now + _LOG_INTERVAL
-        return held
 
 
 # Longest stretch of serving before other tasks (control, compaction) get a
@@ -66,7 +48,8 @@ async def serve(fd: int, fs: FuseFS, on_first_reply: Callable[[], None] | None =
     view = memoryview(buf)
     last = time.perf_counter()
     spin_until = 0.0
-    read_errors, bugs, write_errors = _Throttle(), _Throttle(), _Throttle()
+    # A bug or an error hit by every request would log a line per request.
+    read_errors, bugs, write_errors = RateLimitedLog(log), RateLimitedLog(log), RateLimitedLog(log)
     while not fs.destroyed:
         try:
             n = os.readv(fd, [buf])
@@ -84,9 +67,7 @@ async def serve(fd: int, fs: FuseFS, on_first_reply: Callable[[], None] | None =
             if e.errno == errno.ENOENT:  # the request was interrupted away
                 continue
             # Anything else: ending here would take the swap area down.
-            held = read_errors.due()
-            if held is not None:
-                log.error("reading /dev/fuse failed: %s; retrying (%d more since the last report)", e, held)
+            read_errors(logging.ERROR, "reading /dev/fuse failed: %s; retrying", e)
             await trio.sleep(_READ_RETRY)
             continue
         try:
@@ -94,15 +75,14 @@ async def serve(fd: int, fs: FuseFS, on_first_reply: Callable[[], None] | None =
         except Exception:
             fs.errors += 1
             fs.internal_errors += 1
-            held = bugs.due()
-            if held is not None:
-                op = IN_HEADER.unpack_from(view, 0)[1] if n >= IN_HEADER.size else -1
-                log.exception(
-                    "bug handling FUSE opcode %d (%d bugs so far, %d not logged); answered EIO, serving on",
-                    op,
-                    fs.internal_errors,
-                    held,
-                )
+            op = IN_HEADER.unpack_from(view, 0)[1] if n >= IN_HEADER.size else -1
+            bugs(
+                logging.ERROR,
+                "bug handling FUSE opcode %d (%d bugs so far); answered EIO, serving on",
+                op,
+                fs.internal_errors,
+                exc_info=True,
+            )
             out = error_reply(view[:n])
         if out is not None:
             try:
@@ -113,9 +93,7 @@ async def serve(fd: int, fs: FuseFS, on_first_reply: Callable[[], None] | None =
             except OSError as e:
                 # ENOENT: the kernel dropped an interrupted request; fine.
                 if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    held = write_errors.due()
-                    if held is not None:
-                        log.error("reply failed: %s (%d more since the last report)", e, held)
+                    write_errors(logging.ERROR, "reply failed: %s", e)
         now = time.perf_counter()
         spin_until = now + _SPIN
         if now - last > _SLICE:

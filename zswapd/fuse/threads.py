@@ -28,6 +28,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from ..ratelog import RateLimitedLog
 from .protocol import IN_HEADER, FuseFS, error_reply
 
 log = logging.getLogger("zswapd")
@@ -49,6 +50,8 @@ class FuseThreads:
         # it inside a read), so they take turns here.
         self._turn = threading.Lock()
         self.bugs = 0
+        # A bug hit by every request would log a traceback per request.
+        self._bug_log = RateLimitedLog(log)
         self._enabled = False
         n = threads or os.cpu_count() or 1
         for c in clones:
@@ -96,7 +99,12 @@ class FuseThreads:
                 self.fs.errors += 1
                 self.fs.internal_errors += 1
                 op = IN_HEADER.unpack_from(req, 0)[1] if len(req) >= IN_HEADER.size else -1
-                log.exception("bug handling FUSE opcode %d handed up by a C thread; answered EIO", op)
+                self._bug_log(
+                    logging.ERROR,
+                    "bug handling FUSE opcode %d handed up by a C thread; answered EIO",
+                    op,
+                    exc_info=True,
+                )
                 reply = error_reply(req)
             self._maybe_enable()
         return reply
@@ -111,7 +119,12 @@ class FuseThreads:
         except Exception:
             # As _handle: a bug ends this write (EIO) and serving goes on.
             self.bugs += 1
-            log.exception("bug in the store's policy for a write stopped with status %d; answered EIO", status)
+            self._bug_log(
+                logging.ERROR,
+                "bug in the store's policy for a write stopped with status %d; answered EIO",
+                status,
+                exc_info=True,
+            )
             raise
 
     def stats(self) -> dict[str, int]:

@@ -1,0 +1,186 @@
+"""``zswapd bench recompress``: the recompression tier on one corpus of real
+memory, in one run: zswapd's ratio after a full pass against zram with lz4
+and against the per-page ceiling on the same pages (bench_ceiling: same
+level, a dictionary trained the daemon's way, the engine's keep rule); the
+pass's pages per CPU-second; and the QD1 4 KiB read p99 of a recompressed
+device against an lz4 one holding the same pages, measured in alternation.
+
+Owns: that benchmark and the dictionary it trains for the ceiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from ..codec import fill_word
+from .corpus import MIB, PAGE, capture_corpus, describe_corpus, exit_on_signals, private_dir
+from .device import fio_randread
+from .report import failed, format_recompress
+from .targets import Target, ZramTarget, ZswapdTarget, cannot_set_up, sh
+
+
+def ceiling_dictionary(pages: list[bytes], size: int, samples: int = 4096) -> bytes:
+    """A dictionary trained as the daemon trains its own (Store.training_
+    samples, engine.train): on up to ``samples`` pages spread evenly over
+    the device, those a write stored compressed (not same-filled, not huge
+    under lz4), with ZDICT_trainFromBuffer (the C engine's, when built)."""
+    from .. import engine as engine_mod
+    from ..bench_ceiling import codec_for
+    from ..codec import is_huge
+    from ..pool import HUGE_THRESHOLD
+
+    native = getattr(engine_mod, "_engine", None)
+
+    compress, _ = codec_for("lz4")
+    stored = [p for p in pages if fill_word(p) is None]
+    stride = max(1, len(stored) // samples)
+    chosen = [p for p in stored[::stride] if not is_huge(len(compress(p)), HUGE_THRESHOLD)][:samples]
+    if native is not None:
+        out: bytes = native.train_dictionary(b"".join(chosen), size)
+        return out
+    training: list[bytes | bytearray | memoryview] = list(chosen)
+    return bytes(zstandard.train_dictionary(size, training).as_bytes())
+
+
+def bench_recompress(
+    corpus_size: int = 128 * MIB,
+    corpus_file: str | None = None,
+    repeat: int = 3,
+    latency_seconds: int = 5,
+    level: int = 8,
+    threshold: int = 128,
+    dictionary_size: int = 112 << 10,
+    as_json: bool = False,
+) -> int:
+    """The recompression tier on one corpus of real memory, in one run:
+    zswapd's ratio (orig_data_size / mem_used_total) after a full pass, against
+    zram with lz4 and against the per-page ceiling on the same pages (same
+    level, a dictionary trained the daemon's way, the engine's keep rule);
+    the pass's pages per CPU-second; and the QD1 4 KiB read p99 of a
+    recompressed device against an lz4 one holding the same pages, the two
+    measured in alternation."""
+    refused = cannot_set_up("zswapd bench recompress")
+    if refused is not None:
+        return refused
+    try:
+        with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
+            results = _bench_recompress(
+                corpus_size, corpus_file, repeat, latency_seconds, level, threshold, dictionary_size, workdir, private
+            )
+    except (OSError, subprocess.CalledProcessError, KeyboardInterrupt, RuntimeError) as e:
+        return failed("zswapd bench recompress", e)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_recompress(results))
+    return 0
+
+
+def _bench_recompress(
+    corpus_size: int,
+    corpus_file: str | None,
+    repeat: int,
+    latency_seconds: int,
+    level: int,
+    threshold: int,
+    dictionary_size: int,
+    workdir: str,
+    private: str,
+) -> dict[str, Any]:
+    from ..bench_ceiling import ceiling, tier
+    from ..control import request
+
+    corpus = (
+        describe_corpus(corpus_file) if corpus_file else capture_corpus(corpus_size, os.path.join(private, "corpus"))
+    )
+    size = -(-corpus.pages * PAGE // MIB) * MIB
+    count = corpus.pages * PAGE // (128 * 1024)
+    nbytes = count * 128 * 1024
+    # Both zswapd devices with the background policy off: the pass is the
+    # one `zswapd recompress` runs, timed and counted by its reply.
+    extra = f"[recompress]\nenable = false\nlevel = {level}\nthreshold = {threshold}\n"
+    extra += f"dictionary_size = {dictionary_size}\n"
+    results: dict[str, Any] = {"corpus": {"pages": corpus.pages, "sources": corpus.sources}}
+    with contextlib.ExitStack() as stack:
+        targets: dict[str, Target] = {}
+        for name in ("recompressed", "lz4"):
+            sub = os.path.join(workdir, name)
+            os.makedirs(sub, exist_ok=True)
+            t: Target = ZswapdTarget(size, "lz4", sub, extra=extra)
+            stack.callback(t.close)
+            targets[name] = t
+        has_zram = Path("/sys/block/zram0").exists() or Path("/sys/class/zram-control").exists()
+        if has_zram:
+            z = ZramTarget(size, "lz4")
+            stack.callback(z.close)
+            targets["zram-lz4"] = z
+        for t in targets.values():
+            sh("dd", f"if={corpus.path}", f"of={t.path}", "bs=128K", f"count={count}", "oflag=direct",
+                "conv=notrunc", "status=none")  # fmt: skip
+            t.compact()
+        for name, t in targets.items():
+            s = t.stats()
+            results[name] = {"ratio_before": s["orig_data_size"] / max(1, s["mem_used_total"])}
+        rec = targets["recompressed"]
+        assert isinstance(rec, ZswapdTarget)
+        reply = request(rec.sock, {"cmd": "recompress", "idle_age": 0}, timeout=3600)
+        if not reply.get("ok"):
+            raise RuntimeError(f"zswapd recompress failed: {reply.get('error')}")
+        rec.compact()
+        s = rec.stats()
+        stats = request(rec.sock, {"cmd": "stats"})
+        r = results["recompressed"]
+        r.update(
+            ratio=s["orig_data_size"] / max(1, s["mem_used_total"]),
+            pages=reply["pages"],
+            candidates=reply["candidates"],
+            bytes_saved=reply["bytes_saved"],
+            seconds=reply["seconds"],
+            cpu_seconds=reply["cpu_seconds"],
+            pages_per_cpu_second=reply["candidates"] / max(1e-9, reply["cpu_seconds"]),
+            dictionary=stats["recompress"]["dictionaries"],
+        )
+        results["lz4"]["ratio"] = results["lz4"]["ratio_before"]
+        if "zram-lz4" in targets:
+            results["zram-lz4"]["ratio"] = results["zram-lz4"]["ratio_before"]
+        verified = subprocess.run(["cmp", "-n", str(nbytes), corpus.path, rec.path], capture_output=True)
+        r["verified"] = verified.returncode == 0
+        # QD1 random 4 KiB reads, recompressed against lz4, alternated
+        lat: dict[str, list[tuple[float, float, float]]] = {"recompressed": [], "lz4": []}
+        for _ in range(repeat):
+            for name in lat:
+                lat[name].append(fio_randread(targets[name].path, nbytes, latency_seconds, workdir))
+        for name, runs in lat.items():
+            results[name]["randread_p50_us"] = statistics.median(x[0] for x in runs)
+            results[name]["randread_p99_us"] = statistics.median(x[1] for x in runs)
+    # The ceiling on the same pages: lz4 as written, then zstd at the level
+    # with a dictionary trained the daemon's way, kept by the engine's rule.
+    data = Path(corpus.path).read_bytes()[:nbytes]
+    pages = [data[i : i + PAGE] for i in range(0, len(data), PAGE)]
+    dictionary = ceiling_dictionary(pages, dictionary_size) if dictionary_size else None
+    primary = ceiling(pages, "lz4")
+    secondary = ceiling(pages, "zstd", level, dictionary)
+    best = tier(primary, secondary, threshold, engine_rule=True)
+    results["ceiling"] = {"lz4": primary.ratio, "tier": best.ratio, "tier_packed": best.packed_ratio,
+                          "recompressed": best.recompressed, "dictionary_bytes": len(dictionary or b"")}  # fmt: skip
+    mine = results["recompressed"]
+    ratios = {
+        "recompressed/lz4 ratio": mine["ratio"] / results["lz4"]["ratio"],
+        "recompressed/ceiling ratio": mine["ratio"] / best.ratio,
+        "recompressed/lz4 randread_p99_us": mine["randread_p99_us"] / results["lz4"]["randread_p99_us"],
+        "recompressed/lz4 randread_p50_us": mine["randread_p50_us"] / results["lz4"]["randread_p50_us"],
+    }
+    if "zram-lz4" in results:
+        ratios["recompressed/zram-lz4 ratio"] = mine["ratio"] / results["zram-lz4"]["ratio"]
+        ratios["lz4/zram-lz4 ratio"] = results["lz4"]["ratio"] / results["zram-lz4"]["ratio"]
+    results["ratios"] = ratios
+    return results

@@ -1,0 +1,114 @@
+"""What a benchmark prints: the tables of ``bench device``, ``bench app`` and
+``bench recompress``, the bar chart of the ratios (``--plot``), and a failed
+run said in one line with its exit status.  No measurement here: the results are dicts the
+benchmarks made (their JSON is the same dict).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+from .corpus import MIB, PAGE
+
+
+def failed(name: str, e: BaseException) -> int:
+    """A bench command's failure, said in one line: its exit status."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{name}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    if isinstance(e, subprocess.CalledProcessError):
+        tool = e.cmd[0] if isinstance(e.cmd, list) else e.cmd
+        print(f"{name}: {tool} failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
+        return 1
+    print(f"{name}: {e}", file=sys.stderr)
+    return 1
+
+
+def format_device(r: dict[str, Any]) -> str:
+    c = r["corpus"]
+    lines = [
+        f"corpus: {c['pages']} pages ({c['pages'] * PAGE / MIB:.0f} MiB) of real process memory; "
+        f"zero {c['zero_share']:.1%}, same-filled {c['same_filled_share']:.1%}; sources {c['sources']}",
+        "codec ceiling (one core): " + ", ".join(f"{k} {v:.0f}" for k, v in r["codec_ceiling"].items()),
+        "",
+    ]
+    targets = [k for k in r if k not in ("corpus", "codec_ceiling", "ratios", "serving", "engine_module")]
+    cols = ["write_MBps", "read_MBps", "randread_p50_us", "randread_p99_us", "ratio", "frag_after_discard",
+            "frag_after_compact", "metadata_B_per_page", "verified"]  # fmt: skip
+    lines.append(f"{'target':14}" + "".join(f"{col:>21}" for col in cols))
+    for t in targets:
+        lines.append(f"{t:14}" + "".join(f"{r[t].get(col, float('nan')):>21.2f}" for col in cols))
+    lines.append("")
+    for name, how in r.get("serving", {}).items():
+        lines.append(f"  {name} served by: {how}")
+    if "engine_module" in r:
+        lines.append(f"  engine module: {r['engine_module']}")
+    for k, v in r["ratios"].items():
+        lines.append(f"  {k:52} {v:8.2f}")
+    return "\n".join(lines)
+
+
+def plot_ratios(r: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'zswapd[plot]'", file=sys.stderr)
+        return
+    items = list(r["ratios"].items())
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(items) + 1))
+    ax.barh([k for k, _ in items], [v for _, v in items])
+    ax.axvline(1.0, color="k", linewidth=0.8)
+    ax.set_xlabel("ratio")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def format_recompress(r: dict[str, Any]) -> str:
+    mine, c = r["recompressed"], r["ceiling"]
+    lines = [
+        f"corpus: {r['corpus']['pages']} pages",
+        f"ratio (orig_data_size / mem_used_total): zswapd lz4 {r['lz4']['ratio']:.3f}, recompressed "
+        f"{mine['ratio']:.3f}" + (f", zram lz4 {r['zram-lz4']['ratio']:.3f}" if "zram-lz4" in r else ""),
+        f"ceiling (per page, same level and dictionary, the engine's keep rule): {c['tier']:.3f} "
+        f"(packed into full zspages {c['tier_packed']:.3f}; lz4 alone {c['lz4']:.3f})",
+        f"pass: {mine['pages']} of {mine['candidates']} candidates recompressed, {mine['bytes_saved']} bytes saved, "
+        f"{mine['cpu_seconds']:.2f} CPU-s ({mine['pages_per_cpu_second']:.0f} pages per CPU-second), "
+        f"{mine['seconds']:.2f} s; verified {mine['verified']}",
+        f"QD1 4 KiB read p50/p99 us: recompressed {mine['randread_p50_us']:.1f}/{mine['randread_p99_us']:.1f}, "
+        f"lz4 {r['lz4']['randread_p50_us']:.1f}/{r['lz4']['randread_p99_us']:.1f}",
+    ]
+    lines += [f"  {k}: {v:.3f}" for k, v in r["ratios"].items()]
+    return "\n".join(lines)
+
+
+def format_app(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['program']}: {' '.join(r['argv'])}",
+        f"input {r['input_bytes'] / MIB:.0f} MiB; peak charge without a limit {r['peak_bytes'] / MIB:.0f} MiB "
+        f"in {r['unlimited_wall_s']:.1f} s; limit {r['limit_bytes'] / MIB:.0f} MiB "
+        f"(working set {r['working_set_over_limit']:.2f}x the limit)",
+        f"zswapd served by: {r['zswapd_serving']}; engine module {r['engine_module']}",
+        "",
+        f"{'target':12}{'runs':>6}{'ok':>5}{'oom':>5}{'timeout':>9}{'wall s':>9}{'pswpin':>10}{'pswpout':>10}",
+    ]
+    for name, t in r["targets"].items():
+        lines.append(
+            f"{name:12}{t['runs']:>6}{t['ok']:>5}{t['oom_killed']:>5}{t['timeouts']:>9}"
+            f"{t.get('wall_s', float('nan')):>9.2f}{t.get('pswpin', float('nan')):>10.0f}"
+            f"{t.get('pswpout', float('nan')):>10.0f}"
+            + (f"  other failures: {t['other_failures']}" if t["other_failures"] else "")
+        )
+    lines.append("")
+    for run in r["runs"]:
+        lines.append(f"  {run['target']:12} {run['status']:14} {run['wall_s']:8.2f} s  pswpin {run['pswpin']}")
+    for k, v in r["ratios"].items():
+        lines.append(f"  {k:58} {v:6.2f}")
+    if r["wrong_output"]:
+        lines.append(f"WRONG OUTPUT in {len(r['wrong_output'])} run(s): the program's output differed from the "
+                     "run without swap")  # fmt: skip
+    return "\n".join(lines)
