@@ -132,6 +132,17 @@ priority = 5
         ("[compaction]\ninterval = 1e999", ["[compaction] interval", "inf", "0.01 to 3600"]),
         ("[compaction]\ninterval = nan", ["[compaction] interval", "nan", "0.01 to 3600"]),
         ("[swap]\npriority = -99999999999999999999999", ["[swap] priority", "from -1 to 32767"]),
+        # [recompress]
+        ("[recompress]\nlevel = 23", ["[recompress] level = 23", "an integer from 1 to 22"]),
+        ("[recompress]\nlevel = 0", ["[recompress] level = 0", "an integer from 1 to 22"]),
+        ("[recompress]\nthreshold = 4097", ["[recompress] threshold = 4097", "an integer from 0 to 4096"]),
+        ('[recompress]\nidle_age = "2d"', ["[recompress] idle_age = '2d'", '"90s", "30m", "2h"', "17 hours"]),
+        ("[recompress]\nidle_age = -1", ["[recompress] idle_age = -1", "from 0 to 61440"]),
+        ('[recompress]\nidle_age = "18h"', ["[recompress] idle_age = '18h'", "from 0 to 61440"]),
+        ("[recompress]\ncpu_percent = 0", ["[recompress] cpu_percent = 0", "from 0.1 to 100"]),
+        ("[recompress]\ncpu_percent = nan", ["[recompress] cpu_percent = nan", "from 0.1 to 100"]),
+        ('[recompress]\ndictionary_size = "512K"', ["[recompress] dictionary_size", "from 1K to 256K"]),
+        ("[recompress]\nenable = 1", ["[recompress] enable = 1", "true or false"]),
         # metrics_listen
         (
             '[control]\nmetrics_listen = ":9100"',
@@ -405,3 +416,12 @@ def test_byte_order_mark_is_accepted_and_offsets_count_it(tmp_path: Path) -> Non
     path.write_bytes(b'\xef\xbb\xbf[log]\nlevel = "\xff"\n')
     with pytest.raises(ConfigError, match=r"line 2 \(level = \.\.\.\): byte 0xff at offset 18 "):
         load(str(path))
+
+
+def test_recompress_section_reads_ages_and_sizes(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, '[recompress]\nidle_age = "30m"\ndictionary_size = "64K"\ncpu_percent = 2.5\n'))
+    assert (cfg.recompress.idle_age, cfg.recompress.dictionary_size, cfg.recompress.cpu_percent) == (1800, 65536, 2.5)
+    cfg = load(write(tmp_path, "[recompress]\nidle_age = 90\ndictionary_size = 0\nenable = false\n"))
+    assert (cfg.recompress.idle_age, cfg.recompress.dictionary_size, cfg.recompress.enable) == (90, 0, False)
+    assert load(write(tmp_path, '[recompress]\nidle_age = "2h"\n')).recompress.idle_age == 7200
+    assert load(write(tmp_path, "")).recompress == load(write(tmp_path, "[recompress]\n")).recompress

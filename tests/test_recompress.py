@@ -26,6 +26,7 @@ from zswapd import entry
 from zswapd.bench import sample_pages
 from zswapd.codec import KIND_COMPRESSED, KIND_HUGE, Codec
 from zswapd.engine import _engine
+from zswapd.errors import DeviceFull
 from zswapd.state import State, StateError
 from zswapd.store import Store, StoreError
 
@@ -510,6 +511,127 @@ def test_rebuild_refuses_a_missing_dictionary_and_check_counts_references(engine
         s.close()
 
 
+# -- the policy and the control command ----------------------------------------------
+
+
+def _policy(s: Store, **cfg: object) -> object:
+    import dataclasses
+
+    from zswapd.config import RecompressConfig
+    from zswapd.recompress import Recompressor
+
+    config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
+    # The round's "now" is the tick the test set (s.engine.now_tick), not
+    # CLOCK_MONOTONIC, whose tick depends on the machine's uptime.
+    return Recompressor(
+        s, lambda: config, lambda: 90, threaded=s.engine.name == "native",
+        clock=lambda: s.engine.now_tick * entry.IDLE_TICK,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_policy_trains_recompresses_and_keeps_its_budget(engine: str) -> None:
+    """A round trains a dictionary and recompresses; the pass sleeps so that
+    its CPU (each step's, on the thread that ran it) is cpu_percent of the
+    time it spans.  trio's mock clock advances only by those sleeps, so the
+    virtual time a round took is exactly what the pacing asked for."""
+    import trio
+    import trio.testing
+
+    pages = _word_corpus(1200, seed=9)
+    s = Store(2048 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        model = _fill(s, pages)
+        rec = _policy(s, idle_age=0, cpu_percent=10.0, dictionary_size=16 << 10)
+        spans: list[float] = []
+
+        async def main() -> None:
+            t = trio.current_time()
+            await rec.round()  # type: ignore[attr-defined]
+            spans.append(trio.current_time() - t)
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        st = s.stats()["recompress"]
+        assert st["trainings"] == 1 and st["pages"] > 1000 and st["dictionaries"], st  # type: ignore[index]
+        cpu = s.c.recompress_cpu_us / 1e6
+        assert cpu > 0
+        # at 10%, the round spans 10 s for each CPU-second it spent (on the
+        # mock clock a step takes no time, so its sleeps are the whole span)
+        assert spans[0] == pytest.approx(cpu * 10, rel=0.05), (spans, cpu)
+        s.check_invariants()
+        assert s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_refused_writes_make_the_policy_take_the_oldest_first_without_budget(engine: str) -> None:
+    import trio
+    import trio.testing
+
+    pages = _word_corpus(400, seed=3)
+    s = Store(512 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        s.engine.now_tick = 10
+        _fill(s, pages[:200])
+        s.engine.now_tick = 50
+        _fill(s, pages[:0])
+        for i, p in enumerate(pages[200:], 200):
+            s.write(i * PAGE, p)
+        s.full = True  # writes refused: the ladder's rung
+        rec = _policy(s, idle_age=3600, cpu_percent=1.0, dictionary_size=0)
+        spans: list[float] = []
+
+        async def main() -> None:
+            t = trio.current_time()
+            out = await rec.run_pass(0, 128, 8, max_pages=100, budget=not s.full, oldest_first=True)  # type: ignore[attr-defined]
+            spans.append(trio.current_time() - t)
+            assert out["candidates"] == 100
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert spans == [0.0]  # no budget while writes are refused
+        taken = {i for i, e in enumerate(_entries(s)) if entry.tier(e) or entry.tried(e)}
+        assert taken == set(range(100))  # the oldest (stamped at tick 10) first
+    finally:
+        s.close()
+
+
+def test_control_recompress_is_root_only_and_answers_with_its_pass() -> None:
+    import trio
+
+    from zswapd.control import Controller
+
+    s = Store(256 * PAGE, Codec("lz4"))
+    try:
+        model = _fill(s, _word_corpus(200, seed=1))
+        c = Controller(s, lambda: {"path": "x"}, "<test>", group_gid=65534)
+
+        def ask(line: bytes, uid: int = 0) -> dict[str, object]:
+            async def go() -> dict[str, object]:
+                return await c.handle(line, uid, 65534, [])
+
+            return trio.run(go)
+
+        assert ask(b'{"cmd": "recompress", "idle_age": 0}', uid=65534) == {
+            "ok": False,
+            "error": "permission denied: recompress needs root",
+        }
+        r = ask(b'{"cmd": "recompress", "idle_age": 0, "max_pages": 50}')
+        assert r["ok"] and r["candidates"] == 50 and r["pages"] == s.stats()["recompress"]["pages"], r  # type: ignore[index]
+        bad = ask(b'{"cmd": "recompress", "threshold": 5000}')
+        assert bad == {
+            "ok": False,
+            "error": "<control>: [recompress] threshold = 5000: expected an integer from 0 to 4096",
+        }
+        assert ask(b'{"cmd": "recompress", "max_pages": -1}')["error"] == (
+            "max_pages = -1: expected a non-negative integer"
+        )
+        assert "no recompression policy" in str(ask(b'{"cmd": "set", "key": "idle_age", "value": "2h"}')["error"])
+        assert s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
 @pytest.mark.skipif(_engine is None, reason="the native engine is not built")
 def test_a_write_racing_the_step_is_never_undone_by_a_reused_handle() -> None:
     """The step compresses a copy of a page's object with no lock held, then
@@ -563,3 +685,286 @@ def test_a_write_racing_the_step_is_never_undone_by_a_reused_handle() -> None:
         store.check_invariants()
     finally:
         store.close()
+
+
+# -- the ladder: compaction, then recompression, then full ------------------------------
+
+
+def _policy_of(s: Store, **cfg: object) -> object:
+    import dataclasses
+
+    from zswapd.config import RecompressConfig
+    from zswapd.recompress import Recompressor
+
+    config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
+    # The round's "now" is the tick the test set (s.engine.now_tick), not
+    # CLOCK_MONOTONIC, whose tick depends on the machine's uptime.
+    return Recompressor(
+        s, lambda: config, lambda: 90, threaded=s.engine.name == "native",
+        clock=lambda: s.engine.now_tick * entry.IDLE_TICK,
+    )  # fmt: skip
+
+
+def _full_of_idle_pages(engine: str) -> tuple[Store, dict[int, bytes]]:
+    return _full_of_idle_pages_of(engine, 96)
+
+
+def _full_of_idle_pages_of(engine: str, frames: int) -> tuple[Store, dict[int, bytes]]:
+    """A store whose memory limit (``frames``) its idle word pages (stamped
+    long ago, compressible by recompression) fill: writes from now on find
+    no room."""
+    s = Store(1024 * PAGE, Codec("lz4"), memory_limit=frames * PAGE, engine=engine)
+    s.engine.now_tick = 10
+    model: dict[int, bytes] = {}
+    for i, p in enumerate(_word_corpus(1024, seed=5)):
+        try:
+            s.write(i * PAGE, p)
+        except DeviceFull:
+            break
+        model[i] = p
+    s.full = False  # as after usage fell below the accept threshold
+    s.engine.full = 0
+    s.engine.now_tick = 200
+    return s, model
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_write_that_finds_no_room_never_recompresses_on_its_thread(engine: str) -> None:
+    """The thread that asks the store's policy where a write stopped is a
+    serving one (a C FUSE thread, with the native engine): it may compact
+    (no allocation), but recompressing there compresses at zstd level 8 on
+    the serving path and allocates the thread's secondary zstd context (and
+    the dictionary's CDict) exactly when memory is short.  The write is
+    refused instead, and the policy's thread takes the rung (next test)."""
+    import trio
+    import trio.testing
+
+    s, model = _full_of_idle_pages(engine)
+    try:
+        rec = _policy_of(s, idle_age=3600, dictionary_size=0)
+
+        async def one_round() -> None:
+            # configures the store as the daemon's policy does, and finds
+            # nothing to do: every page is younger than the idle age
+            await rec.round()  # type: ignore[attr-defined]
+
+        s.engine.now_tick = 10
+        trio.run(one_round, clock=trio.testing.MockClock(autojump_threshold=0))
+        s.engine.now_tick = 200  # now they are old
+        before = s.c.recompressed
+        assert before == 0
+        with pytest.raises(DeviceFull):
+            for i in range(len(model), 1024):
+                s.write(i * PAGE, _words(10_000 + i))
+        assert s.c.recompressed == before, "the write path recompressed on the writing thread"
+        assert s.full
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) -> None:
+    """Usage below the watermark at a round, then a burst of writes fills
+    the store: the first refused write must bring the policy's pass (oldest
+    first, no idle age, no budget) within PRESSED_INTERVAL, not at the end
+    of a ten-second pause."""
+    import time
+
+    import trio
+    import trio.testing
+
+    from zswapd.recompress import PRESSED_INTERVAL, ROUND_INTERVAL
+
+    pages = _word_corpus(400, seed=6)
+    s = Store(1024 * PAGE, Codec("lz4"), memory_limit=1024 * PAGE, engine=engine)
+    try:
+        s.tick(time.monotonic())  # as the policy's rounds stamp: these pages are fresh
+        model = bytearray(_fill(s, pages[:100]))
+        rec = _policy_of(s, idle_age=3600, dictionary_size=0)
+        passes: list[tuple[float, bool]] = []
+        refused_at: list[float] = []
+        run_pass, round_ = rec.run_pass, rec.round  # type: ignore[attr-defined]
+
+        async def main() -> None:
+            # Events, not the clock, order the test: with the native engine
+            # the steps run on threads, and the mock clock jumps while trio
+            # waits for them.
+            first_round, second_pass = trio.Event(), trio.Event()
+
+            async def watched_pass(*args: object, **kw: object) -> object:
+                passes.append((trio.current_time(), bool(kw.get("oldest_first"))))
+                n = len(passes)
+                out = await run_pass(*args, **kw)
+                if n == 2:
+                    second_pass.set()
+                return out
+
+            async def watched_round() -> None:
+                await round_()
+                first_round.set()
+
+            rec.run_pass, rec.round = watched_pass, watched_round  # type: ignore[attr-defined]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rec.run)  # type: ignore[attr-defined]
+                await first_round.wait()
+                assert passes == [(0.0, False)]  # a round, nothing idle, no pressure
+                s.set_limit(24 * PAGE)  # e.g. `zswapd set memory_limit`, then a burst of writes
+                with pytest.raises(DeviceFull):
+                    for i, p in enumerate(pages[100:], 100):
+                        s.write(i * PAGE, p)
+                        model.extend(p)
+                refused_at.append(trio.current_time())
+                await second_pass.wait()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        at, oldest_first = passes[1]
+        assert oldest_first and at - refused_at[0] <= PRESSED_INTERVAL < ROUND_INTERVAL, (passes, refused_at)
+        assert s.c.recompressed > 0
+        assert s.read(0, len(model)) == model
+        s.check_invariants()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_retrain_with_every_slot_pinned_by_pages_leaves_the_policy_running(engine: str) -> None:
+    """Each retraining takes a new slot, and a dictionary is freed only when
+    its last page is rewritten or discarded; idle pages, the very ones it
+    recompressed, can keep all six slots named for days.  The retrain rule
+    then asks for a seventh: the policy must go on recompressing with the
+    current dictionary and not train again for RETRAIN_BACKOFF (a CPU-second
+    each time), instead of failing every round on the full slot table (the
+    pass never ran, the training's CPU was spent and not paced)."""
+    import time
+
+    import trio
+    import trio.testing
+
+    from zswapd.recompress import RETRAIN_BACKOFF
+
+    pages = _word_corpus(600, seed=8)
+    s = Store(1024 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        s.tick(time.monotonic())
+        model = _fill(s, pages)
+        for k in range(entry.DICT_SLOTS):  # six dictionaries, each named by pages
+            s.install_dictionary(bytes([k + 1]) * 64 + b"".join(pages[k * 4 : k * 4 + 4]))
+            assert s.recompress(0, threshold=16, max_pages=8)["pages"] > 0
+        assert len(s.engine.dictionaries()) == entry.DICT_SLOTS
+        assert all(refs for *_, refs in s.engine.dictionaries())
+        s.probe_base, s.probe_recent = (32, 100_000, 50_000), (32, 100_000, 99_000)  # the gain fell: retrain
+        assert s.retrain_wanted()
+        rec = _policy_of(s, idle_age=0, dictionary_size=16 << 10, cpu_percent=100.0)
+        before = s.c.recompressed
+
+        async def main() -> None:
+            await rec.round()  # type: ignore[attr-defined]
+            assert rec.next_training >= trio.current_time() + RETRAIN_BACKOFF / 2  # type: ignore[attr-defined]
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert s.c.recompressed > before  # the round's pass ran, with the current dictionary
+        assert len(s.engine.dictionaries()) == entry.DICT_SLOTS
+        assert s.read(0, len(model)) == model
+        s.check_invariants()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_idle_stamps_do_not_wrap_while_recompression_is_off(engine: str) -> None:
+    """Only a scan clamps a stamp older than IDLE_CLAMP (entry.py), and the
+    scans were the recompression passes: with ``enable = false`` a page
+    idle for 35 hours wrapped to look an hour old in the idle histogram
+    (and to a pass enabled later).  The policy's rounds clamp while off."""
+    import trio
+    import trio.testing
+
+    pages = [_words(i) for i in range(30)]
+    s = Store(64 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        s.engine.now_tick = 100
+        model = _fill(s, pages)
+        rec = _policy_of(s, enable=False)
+        s.engine.now_tick = 100 + entry.IDLE_CLAMP + 100  # 18.7 hours later: a round while off
+
+        async def one_round() -> None:
+            await rec.round()  # type: ignore[attr-defined]
+
+        trio.run(one_round, clock=trio.testing.MockClock(autojump_threshold=0))
+        s.engine.now_tick = (100 + 2100) & entry.IDLE_MASK  # 35 hours after the writes
+        assert s.stats()["idle"][-1]["pages"] == len(pages)  # all in the oldest bucket, none wrapped
+        assert s.c.recompressed == 0 and all(not entry.tier(e) and not entry.tried(e) for e in _entries(s))
+        assert s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zswapd_recompress_under_pressure_does_not_train(engine: str) -> None:
+    """`zswapd recompress` trains a dictionary first if there is none, but a
+    training takes 16 MiB of samples and zstd's trainer's own memory on top,
+    locked in (mlockall): the policy never trains while usage is past the
+    watermark, and neither may the command.  The pass itself runs."""
+    import trio
+
+    from zswapd.control import Controller
+
+    s, model = _full_of_idle_pages_of(engine, 448)
+    try:
+        c = Controller(s, lambda: {"path": "x"}, "<test>")
+        c.recompressor = _policy_of(s, idle_age=0, dictionary_size=16 << 10)  # type: ignore[assignment]
+        assert c.recompressor.pressure()[0]  # type: ignore[attr-defined]
+        assert len(s.training_samples(0)) >= 256 * PAGE  # enough to train on, were it allowed
+
+        async def ask() -> dict[str, object]:
+            return await c.handle(b'{"cmd": "recompress", "idle_age": 0, "max_pages": 64}', 0, 0, [])
+
+        r = trio.run(ask)
+        assert r["ok"] and r["candidates"] and r["dictionary"] is None, r
+        assert s.c.dictionaries_trained == 0 and not s.engine.dictionaries()
+        assert s.read(0, len(model) * PAGE) == b"".join(model[i] for i in range(len(model)))
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_dictionary_is_trained_when_idle_pages_come_a_few_at_a_time(engine: str) -> None:
+    """Training samples idle pages; a round with fewer than TRAIN_MIN_PAGES
+    of them skips training and its pass then recompresses those pages
+    without a dictionary.  If only pages stored by a write were samples,
+    pages going idle at a trickle (fewer per round than the minimum) would
+    never add up and no dictionary would ever be trained: the ones the pass
+    recompressed plainly are idle pages too, and must count."""
+    import trio
+    import trio.testing
+
+    from zswapd.store import TRAIN_MIN_PAGES
+
+    pages = _word_corpus(600, seed=11)
+    per_round = TRAIN_MIN_PAGES // 3
+    s = Store(1024 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        rec = _policy_of(s, idle_age=60, dictionary_size=16 << 10, cpu_percent=100.0)
+        written = 0
+        tick = 100
+
+        async def rounds() -> None:
+            nonlocal written, tick
+            for _ in range(6):
+                for p in pages[written : written + per_round]:  # a batch written now...
+                    s.engine.now_tick = tick
+                    s.write(written * PAGE, p)
+                    written += 1
+                tick += 2  # ...idle by the next round
+                s.engine.now_tick = tick
+                s.tick = lambda _seconds: None  # type: ignore[method-assign]  # the test keeps the clock
+                await rec.round()  # type: ignore[attr-defined]
+
+        trio.run(rounds, clock=trio.testing.MockClock(autojump_threshold=0))
+        r = s.stats()["recompress"]
+        assert r["trainings"] == 1 and r["dictionaries"], r  # type: ignore[index]
+        assert s.read(0, written * PAGE) == b"".join(pages[:written])
+        s.check_invariants()
+    finally:
+        s.close()

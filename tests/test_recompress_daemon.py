@@ -123,7 +123,14 @@ def test_the_policy_recompresses_idle_pages_and_set_changes_it(tmp_path: Path) -
     rc = {"idle_age": 0, "cpu_percent": 100}
     with run_daemon(tmp_path, device={"size": "64M"}, recompress=rc) as d:
         _write(d, data)
-        wait_for(lambda: _rec(d)["pages"] > 4000, timeout=120, what="the policy to recompress the pages")
+        # a round that overlaps the write recompresses its first pages
+        # without a dictionary; the next one trains on them (samples include
+        # them) and the rest go with the dictionary: wait for both
+        wait_for(
+            lambda: _rec(d)["pages"] > 4000 and _rec(d)["trainings"] == 1,
+            timeout=120,
+            what="the policy to train a dictionary and recompress the pages",
+        )
         r = _rec(d)
         assert r["trainings"] == 1 and r["dictionaries"], r
         assert "recompression: training a 114688-byte dictionary on" in d.logtext()
@@ -172,7 +179,10 @@ def test_recompression_under_real_swap_with_a_kill(tmp_path: Path) -> None:
     config = {**SWAP, "recompress": {"idle_age": 0, "cpu_percent": 100}}
     with run_daemon(tmp_path, **config) as d, memory_cgroup("zswapd-test-recompress", CG_LIMIT) as cg:  # type: ignore[arg-type]
         loop = str(d.stats()["device"]["loop"])  # type: ignore[index]
-        rounds = 12
+        # Enough verify rounds to outlive the policy's first rounds (every
+        # 10 s): pages the program keeps in the swap cache verify in about a
+        # second a round, and it must still be running when the kill comes.
+        rounds = 60
         w = run_in_cgroup(cg, [sys.executable, WORKER, "200", str(rounds)])
         lines: list[str] = []
         try:
@@ -180,7 +190,18 @@ def test_recompression_under_real_swap_with_a_kill(tmp_path: Path) -> None:
             assert w.stdout.readline().strip() == "filled"
             reader = read_lines(w, lines)
             wait_for(lambda: swap_used_pages(loop) * PAGE >= 100e6, what="100 MB in our swap")
-            wait_for(lambda: _rec(d)["pages"] > 2000, timeout=120, what="swapped pages recompressed")
+
+            shown = [0.0]
+
+            def progress() -> bool:
+                r = _rec(d)
+                if time.monotonic() > shown[0] + 5:
+                    shown[0] = time.monotonic()
+                    print(f"swap {swap_used_pages(loop)} pages; recompress {r}", flush=True)
+                return int(r["recompressed"]) > 2000  # type: ignore[call-overload]
+
+            wait_for(progress, timeout=240, what="swapped pages recompressed")
+            assert w.poll() is None, "the program ended before the kill: raise rounds"
             old = worker_pid(d)
             bring_others_home({w.pid, d.proc.pid, old})
             os.kill(old, signal.SIGKILL)

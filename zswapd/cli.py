@@ -357,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="device: also run the zswapd of this source tree (e.g. a worktree of the previous commit)",
     )
     p_bench.add_argument("--plot", help="device: write a bar chart of the ratios (needs matplotlib)")
+    p_bench.add_argument(
+        "--budget-percent", type=float, default=2.0, help="recompress: the CPU budget whose keeping is measured"
+    )
+    p_bench.add_argument(
+        "--budget-seconds", type=float, default=60.0, help="recompress: how long it is measured (0: not at all)"
+    )
+    p_bench.add_argument(
+        "--recompress",
+        action="store_true",
+        help="app: zswapd with its recompression on every page (idle_age 0) against it off, instead of tmpfs",
+    )
     p_bench.add_argument("--program", default="sort", choices=["sort", "xz"], help="app: the program to run")
     p_bench.add_argument("--input-size", default="192M", help="app: size of the program's generated input")
     p_bench.add_argument(
@@ -533,7 +544,12 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"zswapd bench: --corpus-size {args.corpus_size!r}: expected a size of 1M or more, e.g. 128M",
                       file=sys.stderr)  # fmt: skip
                 return 2
-            return bench_recompress(corpus_size, args.corpus, args.repeat, args.latency_seconds, as_json=args.json)
+            if not 0.1 <= args.budget_percent <= 100 or args.budget_seconds < 0:
+                print("zswapd bench: --budget-percent: expected 0.1 to 100; --budget-seconds: expected >= 0",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            return bench_recompress(corpus_size, args.corpus, args.repeat, args.latency_seconds, as_json=args.json,
+                                    budget_percent=args.budget_percent, budget_seconds=args.budget_seconds)  # fmt: skip
         if args.what == "app":
             try:
                 input_size = parse_size(args.input_size)
@@ -547,7 +563,7 @@ def _main(argv: list[str] | None = None) -> int:
                 print("zswapd bench: --limit-ratio: expected 1 to 10; --timeout: expected > 0", file=sys.stderr)
                 return 2
             return bench_app(args.program, input_size, args.limit_ratio, args.repeat, algorithms[0], args.timeout,
-                             args.json, args.fuse_threads)  # fmt: skip
+                             args.json, args.fuse_threads, args.recompress)  # fmt: skip
         try:
             corpus_size = parse_size(args.corpus_size)
             if corpus_size < 1 << 20:

@@ -269,7 +269,8 @@ class Controller:
         """A recompression pass now, outside the budget (zram's recompress):
         ``idle_age`` seconds (default [recompress] idle_age), ``max_pages``,
         ``threshold`` bytes.  Trains a dictionary first if there is none
-        and one is configured.  Answers when the pass is done."""
+        and one is configured (not past the watermark).  Answers when the
+        pass is done."""
         rec = self.recompressor
         cfg = rec.config() if rec is not None else RecompressConfig()
         idle = check_value("<control>", "recompress", "idle_age", req.get("idle_age", cfg.idle_age))
@@ -283,7 +284,9 @@ class Controller:
             out["cpu_seconds"] = 0.0
         else:
             self.store.tick(time.monotonic())
-            if cfg.dictionary_size and not self.store.dictionary_slot():
+            # as the policy: no training past the watermark (its samples and
+            # zstd's trainer take tens of MiB, locked in)
+            if cfg.dictionary_size and not self.store.dictionary_slot() and not rec.pressure()[0]:
                 await rec.train(idle_ticks(idle), cfg.dictionary_size, budget=False)
             out = await rec.run_pass(idle_ticks(idle), threshold, cfg.level, max_pages, budget=False)
         dicts = self.store.engine.dictionaries()

@@ -272,9 +272,10 @@ class Engine(Protocol):
         ...
 
     def sample(self, first: int, end: int, idle_ticks: int, stride: int, max_pages: int) -> tuple[bytes, int]:
-        """Up to ``max_pages`` idle pages stored by a write (compressed, tier
-        0), decompressed and concatenated, every ``stride`` pages from
-        ``first``; and the page to go on from.  No idle stamp changes."""
+        """Up to ``max_pages`` idle compressed pages, as a write stored them
+        (tier 0) or recompressed without a dictionary (tier.h's
+        sample_idle), decompressed and concatenated, every ``stride`` pages
+        from ``first``; and the page to go on from.  No idle stamp changes."""
         ...
 
     def train(self, samples: bytes, size: int) -> bytes:
@@ -585,7 +586,7 @@ class PythonEngine(Pool):
             e = self.table[idx]
             if (
                 entry.kind(e) == KIND_COMPRESSED
-                and not entry.tier(e)
+                and entry.tier(e) in (0, entry.TIER_PLAIN)
                 and not e & entry.BACKED
                 and entry.age(e, now) >= idle_ticks
             ):

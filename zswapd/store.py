@@ -8,9 +8,14 @@ page table   one packed 64-bit entry per page, in the state's "page" table:
              kind, algorithm, payload length and handle (entry.py)
 limit        the most frames the pool may use (``mem_used_total``, as zram's
              ``mem_limit``); 0 means no limit.
-full         set when a store could not fit even after compaction; stores are
-             then refused until usage falls below ``accept_percent`` of the
-             limit (zswap's accept threshold), so the edge does not thrash.
+full         set when a store could not fit even after compaction (and the
+             ladder's recompression); stores are then refused until usage
+             falls below ``accept_percent`` of the limit (zswap's accept
+             threshold), so the edge does not thrash.
+idle stamp   a page's last write or read, in minutes, in its entry (entry.py).
+tier         how a page's object is stored: as a write stored it, or
+             recompressed with zstd and perhaps a dictionary (entry.py;
+             the mechanics in engine/tier.c, the policy in recompress.py).
 
 Crash consistency
 -----------------
@@ -86,9 +91,6 @@ TRAIN_MIN_PAGES = 256
 # Probes (one recompressed page in engine.PROBE_EVERY) the retrain rule
 # averages: right after training (the base) and lately (a rolling window).
 RETRAIN_PROBES = 32
-# Candidates the write path's ladder recompresses at most before the store
-# is full: about 20 ms of zstd at level 8, as a synchronous compaction.
-LADDER_PAGES = 256
 # Idle histogram buckets (stats "idle"): lower bounds of age in seconds.
 IDLE_BUCKETS = (0, 5 * 60, 30 * 60, 3600, 2 * 3600, 6 * 3600, entry.IDLE_CLAMP * entry.IDLE_TICK)
 
@@ -194,9 +196,6 @@ class Store:
         self.pool = self.engine
         self.table = state.view("page")
         self.tier_lock = threading.Lock()
-        # The ladder before full (write_stopped): (level, threshold) of its
-        # recompression, None while recompression is off.  The worker sets it.
-        self.ladder: tuple[int, int] | None = None
         # The retrain rule's probes (note_probes): (probes, bytes without the
         # dictionary, bytes with it), right after training and lately.
         self.probe_base = self.probe_recent = (0, 0, 0)
@@ -404,7 +403,12 @@ class Store:
     # The tier lock serialises everything that changes the tier's state:
     # steps, sampling, installing and dropping dictionaries (tier.c relies on
     # one such thread at a time).  The policy's thread or task holds it per
-    # step; the write path only tries it (the ladder, write_stopped).
+    # step.  The write path never recompresses: the thread that asks
+    # write_stopped is a serving one (a C FUSE thread with the native
+    # engine), where compressing at the secondary level, and making that
+    # thread's secondary zstd context and the dictionary's CDict, would
+    # allocate exactly when memory is short.  A refused write wakes the
+    # policy instead (recompress.py, the ladder).
 
     def tick(self, seconds: float) -> None:
         """The time now (CLOCK_MONOTONIC seconds, time.monotonic()), which
@@ -473,6 +477,18 @@ class Store:
         finally:
             self.update_full()
 
+    def clamp_idle(self) -> None:
+        """Restamp every page idle longer than entry.IDLE_CLAMP ticks to
+        exactly that age, so its stamp never wraps to look fresh (entry.py).
+        Each recompression scan does this on its way; this is the scan alone
+        (an empty band of lengths: no candidate, nothing compressed), for
+        while no pass runs."""
+        at = 0
+        while at < self.npages:
+            end = min(at + RECOMPRESS_SCAN, self.npages)
+            with self.tier_lock:
+                at = self.engine.recompress_step(at, end, 1, 0, entry.IDLE_MASK, 0, RECOMPRESS_LEVEL, 1 << 62)[0]
+
     def recompress(
         self,
         idle_ticks: int = 0,
@@ -506,6 +522,12 @@ class Store:
         self.probe_base = self.probe_recent = (0, 0, 0)
         self.drop_unused_dictionaries()
         return slot
+
+    def dictionary_slot_free(self) -> bool:
+        """Whether a new dictionary would find a slot, once those no page
+        names (but the current one) are dropped."""
+        self.drop_unused_dictionaries()
+        return len(self.engine.dictionaries()) < entry.DICT_SLOTS
 
     def drop_unused_dictionaries(self) -> int:
         """Free every dictionary but the current one that no page names."""
@@ -752,11 +774,11 @@ class Store:
             self.full = False
             return True
         if retried:
-            # Compaction made no room: recompress the oldest pages, then
-            # write the oldest back (the ladder's rungs); full only when
-            # neither makes room (no file, the file full or the day's
-            # limit spent).
-            if self._ladder() or self._write_back_for_room():
+            # Compaction made no room: write the oldest pages back (the
+            # ladder's writeback rung; the policy's next round recompresses,
+            # without budget); full only when that makes no room (no file,
+            # the file full or the day's limit spent).
+            if self._write_back_for_room():
                 return True
             self.full = True
             engine.count("failed_writes")
@@ -764,27 +786,6 @@ class Store:
         engine.count("limit_hits")
         self._make_room()
         return True
-
-    def _ladder(self) -> bool:
-        """The ladder's second rung, where compaction made no room: a
-        bounded recompression of the oldest pages (``ladder``: (level,
-        threshold), None when recompression is off), skipped if the tier's
-        thread is at work (it is recompressing already).  True if it made
-        room for the page to try again."""
-        if self.ladder is None or not self.tier_lock.acquire(blocking=False):
-            return False
-        self.tier_lock.release()  # the steps take it, each
-        level, threshold = self.ladder
-        steps = self.recompress_steps(0, threshold, level, max_pages=LADDER_PAGES, oldest_first=True)
-        try:
-            for pages, _saved, _looked in steps:
-                if pages:
-                    self.engine.compact(SYNC_COMPACT_MOVES)
-                if self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
-                    return True
-        finally:
-            steps.close()
-        return False
 
     def write(self, offset: int, data: Buffer) -> int:
         """Write ``data`` at byte ``offset``; partial pages read-modify-write.

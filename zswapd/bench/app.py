@@ -178,12 +178,15 @@ def bench_app(
     timeout: float = 1800,
     as_json: bool = False,
     fuse_threads: int | None = None,
+    recompress: bool = False,
 ) -> int:
     """``program`` on a deterministic input, in a memory cgroup whose limit
     is its measured peak / ``limit_ratio``, with zram, zswapd and a
     tmpfs-backed loop device each as the only swap in turn (the order
     rotating between repetitions); medians of wall time over the runs that
-    finished with the right output."""
+    finished with the right output.  ``recompress``: instead of the tmpfs
+    loop device, zswapd with its recompression policy on every page at once
+    (idle_age 0, the default budget), against zswapd with it off."""
     name = "zswapd bench app"
     if os.geteuid() != 0:
         print(f"{name}: needs root (memory cgroup, zram, swap, FUSE)", file=sys.stderr)
@@ -210,8 +213,9 @@ def bench_app(
         with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
             print(f"{name}: input in {private}, daemons run in {workdir}", file=sys.stderr, flush=True)
             results = _bench_app(
-                program, input_size, limit_ratio, repeat, algorithm, timeout, private, workdir, fuse_threads
-            )
+                program, input_size, limit_ratio, repeat, algorithm, timeout, private, workdir, fuse_threads,
+                recompress,
+            )  # fmt: skip
     except (OSError, subprocess.CalledProcessError, RuntimeError, KeyboardInterrupt) as e:
         return failed(name, e)
     print(json.dumps(results, indent=2) if as_json else format_app(results))
@@ -229,6 +233,7 @@ def _bench_app(
     private: str,
     workdir: str,
     fuse_threads: int | None = None,
+    recompress: bool = False,
 ) -> dict[str, Any]:
     input_path = os.path.join(private, "input")
     make_app_input(input_path, input_size)
@@ -250,6 +255,9 @@ def _bench_app(
     limit = int(peak / limit_ratio) // PAGE * PAGE
     swap_size = -(-2 * peak // MIB) * MIB
     names = {"zram": f"zram-{algorithm}", "zswapd": f"zswapd-{algorithm}", "tmpfs": "tmpfs-loop"}
+    if recompress:
+        names = {"zram": f"zram-{algorithm}", "zswapd": f"zswapd-{algorithm}",
+                 "recompress": f"zswapd-{algorithm}-recompress"}  # fmt: skip
     runs: list[AppRun] = []
     serving = ""
     kinds = list(names)
@@ -258,7 +266,10 @@ def _bench_app(
         # follows the same other target's teardown.
         for kind in kinds[i % 3 :] + kinds[: i % 3]:
             with contextlib.ExitStack() as stack:
-                t = _app_swap(kind, swap_size, algorithm, os.path.join(workdir, f"{kind}-{i}"), private, fuse_threads)
+                t = _app_swap(
+                    kind, swap_size, algorithm, os.path.join(workdir, f"{kind}-{i}"), private, fuse_threads,
+                    recompress_off=recompress,
+                )  # fmt: skip
                 t.name = names[kind]
                 stack.callback(t.close)
                 if swaps() != [t.path]:
@@ -283,22 +294,38 @@ def _bench_app(
                     status = "ok"
                 runs.append(AppRun(i, t.name, status, wall, after["pswpin"] - before["pswpin"],
                                    after["pswpout"] - before["pswpout"], ooms, cg.max_usage(), digest))  # fmt: skip
-    res = _summarise_app(program, argv, input_size, peak, limit, ref_wall, runs, list(names.values()), serving)
+    order = list(names.values())
+    if recompress:  # the ratios: recompress/zram, zswapd/zram, recompress/zswapd
+        order = [names["zram"], names["recompress"], names["zswapd"]]
+    res = _summarise_app(program, argv, input_size, peak, limit, ref_wall, runs, order, serving)
     res["reference_sha256"] = ref_hash
     return res
 
 
 def _app_swap(
-    kind: str, size: int, algorithm: str, workdir: str, private: str, fuse_threads: int | None = None
+    kind: str,
+    size: int,
+    algorithm: str,
+    workdir: str,
+    private: str,
+    fuse_threads: int | None = None,
+    recompress_off: bool = False,
 ) -> Target:
-    """One swap target, on: zram, zswapd (which turns on its own swap), or a
-    loop device over a tmpfs file (the loop layer's floor: no compression,
-    the same block path as zswapd's)."""
+    """One swap target, on: zram, zswapd (which turns on its own swap; with
+    ``recompress_off``, without its recompression policy), zswapd
+    recompressing every page as soon as it can ("recompress"), or a loop
+    device over a tmpfs file (the loop layer's floor: no compression, the
+    same block path as zswapd's)."""
     if kind == "zram":
         return ZramSwap(size, algorithm, APP_PRIORITY)
-    if kind == "zswapd":
+    if kind in ("zswapd", "recompress"):
         os.makedirs(workdir)
-        return ZswapdTarget(size, algorithm, workdir, swap_priority=APP_PRIORITY, fuse_threads=fuse_threads)
+        extra = "[recompress]\nidle_age = 0\n" if kind == "recompress" else ""
+        if kind == "zswapd" and recompress_off:
+            extra = "[recompress]\nenable = false\n"
+        return ZswapdTarget(
+            size, algorithm, workdir, swap_priority=APP_PRIORITY, fuse_threads=fuse_threads, extra=extra
+        )
     return TmpfsLoopSwap(size, private, APP_PRIORITY)
 
 

@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def bench_recompress(
     threshold: int = 128,
     dictionary_size: int = 112 << 10,
     as_json: bool = False,
+    budget_percent: float = 2.0,
+    budget_seconds: float = 60.0,
 ) -> int:
     """The recompression tier on one corpus of real memory, in one run:
     zswapd's ratio (orig_data_size / mem_used_total) after a full pass, against
@@ -67,15 +70,17 @@ def bench_recompress(
     level, a dictionary trained the daemon's way, the engine's keep rule);
     the pass's pages per CPU-second; and the QD1 4 KiB read p99 of a
     recompressed device against an lz4 one holding the same pages, the two
-    measured in alternation."""
+    measured in alternation; then the background policy's CPU against its
+    budget over ``budget_seconds`` (0: skipped) on the lz4 device."""
     refused = cannot_set_up("zswapd bench recompress")
     if refused is not None:
         return refused
     try:
         with exit_on_signals(), private_dir() as private, private_dir(tempfile.gettempdir()) as workdir:
             results = _bench_recompress(
-                corpus_size, corpus_file, repeat, latency_seconds, level, threshold, dictionary_size, workdir, private
-            )
+                corpus_size, corpus_file, repeat, latency_seconds, level, threshold, dictionary_size, workdir, private,
+                budget_percent, budget_seconds,
+            )  # fmt: skip
     except (OSError, subprocess.CalledProcessError, KeyboardInterrupt, RuntimeError) as e:
         return failed("zswapd bench recompress", e)
     if as_json:
@@ -95,6 +100,8 @@ def _bench_recompress(
     dictionary_size: int,
     workdir: str,
     private: str,
+    budget_percent: float = 2.0,
+    budget_seconds: float = 60.0,
 ) -> dict[str, Any]:
     from ..bench_ceiling import ceiling, tier
     from ..control import request
@@ -162,6 +169,11 @@ def _bench_recompress(
         for name, runs in lat.items():
             results[name]["randread_p50_us"] = statistics.median(x[0] for x in runs)
             results[name]["randread_p99_us"] = statistics.median(x[1] for x in runs)
+        if budget_seconds:
+            lz = targets["lz4"]
+            assert isinstance(lz, ZswapdTarget)
+            results["budget"] = _measure_budget(lz.sock, budget_percent, budget_seconds)
+            results["interference"] = _measure_interference(lz.sock, lz.path, nbytes, workdir, repeat)
     # The ceiling on the same pages: lz4 as written, then zstd at the level
     # with a dictionary trained the daemon's way, kept by the engine's rule.
     data = Path(corpus.path).read_bytes()[:nbytes]
@@ -179,8 +191,78 @@ def _bench_recompress(
         "recompressed/lz4 randread_p99_us": mine["randread_p99_us"] / results["lz4"]["randread_p99_us"],
         "recompressed/lz4 randread_p50_us": mine["randread_p50_us"] / results["lz4"]["randread_p50_us"],
     }
+    i = results.get("interference")
+    if i:
+        ratios["policy on/off randread_p50_us"] = i["on_p50_us"] / i["off_p50_us"]
+        ratios["policy on/off randread_p99_us"] = i["on_p99_us"] / i["off_p99_us"]
     if "zram-lz4" in results:
         ratios["recompressed/zram-lz4 ratio"] = mine["ratio"] / results["zram-lz4"]["ratio"]
         ratios["lz4/zram-lz4 ratio"] = results["lz4"]["ratio"] / results["zram-lz4"]["ratio"]
     results["ratios"] = ratios
     return results
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of every thread of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure_budget(sock: str, percent: float, seconds: float) -> dict[str, float]:
+    """The background policy on an idle device full of candidates: its CPU
+    over ``seconds`` against ``percent`` of one core, by its own count
+    (stats cpu_seconds, from the CPU clocks of the threads that ran it) and
+    by the whole worker process's (/proc, which also holds the trio loop
+    and the stats calls)."""
+    from ..control import request
+
+    for key, value in (("recompress_cpu_percent", percent), ("idle_age", 0), ("recompress", True)):
+        reply = request(sock, {"cmd": "set", "key": key, "value": value})
+        if not reply.get("ok"):
+            raise RuntimeError(f"zswapd set {key}: {reply.get('error')}")
+
+    def sample() -> tuple[float, float, float]:
+        s = request(sock, {"cmd": "stats"})
+        return time.monotonic(), float(s["recompress"]["cpu_seconds"]), _process_cpu(s["process"]["worker_pid"])
+
+    deadline = time.monotonic() + 30
+    while sample()[1] == 0.0:  # the policy's next round (every 10 s)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the recompression policy did not start within 30 s")
+        time.sleep(0.2)
+    t0, own0, proc0 = sample()
+    time.sleep(seconds)
+    t1, own1, proc1 = sample()
+    pages = request(sock, {"cmd": "stats"})["recompress"]["recompressed"]
+    return {
+        "percent": percent,
+        "seconds": t1 - t0,
+        "own_cpu_percent": 100 * (own1 - own0) / (t1 - t0),
+        "process_cpu_percent": 100 * (proc1 - proc0) / (t1 - t0),
+        "pages_recompressed": pages,
+    }
+
+
+def _measure_interference(sock: str, dev: str, nbytes: int, workdir: str, pairs: int) -> dict[str, float]:
+    """QD1 4 KiB reads of the device whose pages the policy is recompressing,
+    with it at the default budget and nearly off (0.1%), in alternating
+    windows of INTERFERENCE_SECONDS: what the default costs the hot path.
+    The budget applies from the policy's next step."""
+    from ..config import RecompressConfig
+    from ..control import request
+
+    default = RecompressConfig().cpu_percent
+    runs: dict[str, list[tuple[float, float, float]]] = {"on": [], "off": []}
+    for _ in range(pairs):
+        for state, percent in (("on", default), ("off", 0.1)):
+            request(sock, {"cmd": "set", "key": "recompress_cpu_percent", "value": percent})
+            runs[state].append(fio_randread(dev, nbytes, INTERFERENCE_SECONDS, workdir))
+    out: dict[str, float] = {"percent": default}
+    for state, r in runs.items():
+        out[f"{state}_p50_us"] = statistics.median(x[0] for x in r)
+        out[f"{state}_p99_us"] = statistics.median(x[1] for x in r)
+    return out
+
+
+# Seconds of each window of _measure_interference.
+INTERFERENCE_SECONDS = 8

@@ -82,6 +82,18 @@ def format_recompress(r: dict[str, Any]) -> str:
         f"QD1 4 KiB read p50/p99 us: recompressed {mine['randread_p50_us']:.1f}/{mine['randread_p99_us']:.1f}, "
         f"lz4 {r['lz4']['randread_p50_us']:.1f}/{r['lz4']['randread_p99_us']:.1f}",
     ]
+    b = r.get("budget")
+    if b:
+        lines.append(
+            f"budget {b['percent']:g}% over {b['seconds']:.0f} s: its own CPU clock {b['own_cpu_percent']:.2f}%, "
+            f"the worker process {b['process_cpu_percent']:.2f}% ({b['pages_recompressed']} pages recompressed)"
+        )
+    i = r.get("interference")
+    if i:
+        lines.append(
+            f"QD1 4 KiB read p50/p99 us while the policy recompresses that device at {i['percent']:g}%: "
+            f"{i['on_p50_us']:.1f}/{i['on_p99_us']:.1f}; at 0.1%: {i['off_p50_us']:.1f}/{i['off_p99_us']:.1f}"
+        )
     lines += [f"  {k}: {v:.3f}" for k, v in r["ratios"].items()]
     return "\n".join(lines)
 

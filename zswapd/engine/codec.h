@@ -25,8 +25,9 @@ typedef struct {
 
 /* A thread's codec state: made on the thread's first page (a FUSE thread's
  * at its start), reused for every page after, freed when the thread ends.
- * A dictionary's digested form (ZSTD_CDict/DDict) would be shared by every
- * thread and referenced from here, never copied per thread. */
+ * The dictionaries' digested forms are not here: one ZSTD_DDict per slot,
+ * shared by every thread, and the recompression step's ZSTD_CDict live in
+ * the Engine (tier.c). */
 typedef struct Ctx {
     void *lz4_state;
     ZSTD_CCtx *zc;

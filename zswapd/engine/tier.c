@@ -163,16 +163,21 @@ size_t sample_idle(Engine *e, uint64_t *cursor, uint64_t end, unsigned idle_tick
         end = e->npages;
     for (; idx < end && got < max; idx += stride) {
         uint64_t entry = __atomic_load_n(&e->page[idx], __ATOMIC_ACQUIRE);
-        if (entry_kind(entry) != KIND_COMPRESSED || entry_tier(entry) || entry_backed(entry) ||
+        unsigned tier = entry_tier(entry);
+        /* as a write stored it, or recompressed without a dictionary:
+         * decompressed with no lock held, which a dictionary's object may
+         * not be (its slot could be dropped meanwhile); a backed page's
+         * object is in the file, not the pool */
+        if (entry_kind(entry) != KIND_COMPRESSED || (tier && tier != TIER_PLAIN) || entry_backed(entry) ||
             entry_age(entry, now) < idle_ticks)
-            continue; /* a backed page's object is in the file, not the pool */
+            continue;
         uint32_t n = entry_len(entry);
         entry_lock(e, idx);
         int same = e->page[idx] == entry;
         if (same)
             obj_copy(e, entry_handle(entry), n, t->obuf);
         entry_unlock(e, idx);
-        if (same && decompress(e, t, entry_algo(entry), 0, t->obuf, n, out + got * PAGE_SIZE) == 0)
+        if (same && decompress(e, t, entry_algo(entry), tier, t->obuf, n, out + got * PAGE_SIZE) == 0)
             got++;
     }
     *cursor = idx;

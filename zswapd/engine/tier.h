@@ -47,9 +47,12 @@ void dict_free_all(Engine *e);
 /* ZDICT_trainFromBuffer over nsamples pages; the dictionary's length, 0 if
  * training failed. */
 size_t dict_train(uint8_t *out, size_t cap, const uint8_t *samples, size_t nsamples);
-/* Up to max idle pages stored by a write (tier 0, compressed), decompressed
- * into out, from *cursor to end every stride pages; *cursor left after the
- * last looked at.  Idle stamps are not touched: sampling is no access. */
+/* Up to max idle compressed pages, as a write stored them (tier 0) or
+ * recompressed without a dictionary (TIER_PLAIN: else pages going idle a
+ * few at a time, which the passes recompress plainly while there is no
+ * dictionary, would never add up to a training), decompressed into out,
+ * from *cursor to end every stride pages; *cursor left after the last
+ * looked at.  Idle stamps are not touched: sampling is no access. */
 size_t sample_idle(Engine *e, uint64_t *cursor, uint64_t end, unsigned idle_ticks, uint64_t stride, uint8_t *out,
                    size_t max);
 

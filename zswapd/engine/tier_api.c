@@ -102,15 +102,18 @@ PyObject *Engine_sample(EngineObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "sample: stride must be >= 1 and max at most 2^20 pages");
         return NULL;
     }
-    uint8_t *out = PyMem_RawMalloc(max ? max * PAGE_SIZE : 1);
+    /* Filled in place and cut to what was found: the samples (16 MiB for
+     * a training) are never held twice. */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(max * PAGE_SIZE));
     if (!out)
-        return PyErr_NoMemory();
+        return NULL;
+    uint8_t *buf = (uint8_t *)PyBytes_AS_STRING(out);
     uint64_t cursor = first;
     size_t got;
-    NOGIL(got = sample_idle(e, &cursor, end, idle_ticks, stride, out, max));
-    PyObject *r = Py_BuildValue("y#K", (const char *)out, (Py_ssize_t)(got * PAGE_SIZE), (unsigned long long)cursor);
-    PyMem_RawFree(out);
-    return r;
+    NOGIL(got = sample_idle(e, &cursor, end, idle_ticks, stride, buf, max));
+    if (_PyBytes_Resize(&out, (Py_ssize_t)(got * PAGE_SIZE)) < 0)
+        return NULL;
+    return Py_BuildValue("NK", out, (unsigned long long)cursor);
 }
 
 /* dictionaries() -> [(slot, id, bytes, refs)] of the installed slots */
