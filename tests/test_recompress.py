@@ -314,8 +314,8 @@ def test_rebuild_refuses_a_tier_on_a_page_that_cannot_have_one(engine: str) -> N
         table[1] = good[1] | entry.TIER_PLAIN << entry.TIER_SHIFT
         with pytest.raises(StateError, match="is not a zstd object"):
             Store(16 * PAGE, state=State.attach(s.state.fds()), engine=engine)
-        table[1] = good[1] | 1 << 63
-        with pytest.raises(StateError, match="bits set that no entry uses"):
+        table[1] = good[1] | entry.BACKED  # bit 63: then its bits 32-62 must name an object in the backing file
+        with pytest.raises(StateError, match="backed entry 0x[0-9a-f]+ points past what segment 0 holds"):
             Store(16 * PAGE, state=State.attach(s.state.fds()), engine=engine)
     finally:
         s.close()

@@ -165,6 +165,18 @@ def format_stats(s: dict[str, Any], classes: bool = False) -> str:
         f"failed writes {s['failed_writes']}; metadata {_human(s['metadata_bytes'])}"
         + ("; FULL" if s.get("full") else "")
     )
+    wb = s.get("writeback")
+    if isinstance(wb, dict):
+        lat = wb.get("read_latency_p99_us")
+        limit = wb["daily_limit"]
+        lines.append(
+            f"writeback {wb['file']} ({_human(wb['size'])}): {s.get('bd_count', 0)} pages, live "
+            f"{_human(wb['live_bytes'])}, dead {_human(wb['dead_bytes'])}; read {s.get('bd_reads', 0)}, written "
+            f"{s.get('bd_writes', 0)} pages; segments cleaned {wb['segments_cleaned']}; today "
+            f"{_human(wb['written_today'])}"
+            + (f" of {_human(limit)}" if limit else "")
+            + (f"; read p99 <= {lat} us" if lat is not None else "")
+        )
     proc = s.get("process")
     if proc:
         rec = proc.get("last_recovery_ms")
@@ -294,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count_arg,
         help="keep a page only if it shrinks by B bytes, 0..4096 (default [recompress] threshold)",
     )
+    p_wb = sub.add_parser(
+        "writeback", help="write pool pages back to the backing file now, as zram's writeback; returns when done"
+    )
+    with_target(p_wb)
+    p_wb.add_argument(
+        "--idle-age",
+        metavar="S",
+        type=_idle_arg,
+        help='only pages idle at least this long: seconds, or "90s", "30m", "2h" (default: every page, oldest first)',
+    )
+    p_wb.add_argument("--max-pages", metavar="N", type=_count_arg, help="write back at most N pages (default: all)")
     p_set = sub.add_parser("set", help="change a runtime setting, e.g. memory_limit=1G")
     with_target(p_set)
     p_set.add_argument("assignment", help="KEY=VALUE")
@@ -431,6 +454,17 @@ def _main(argv: list[str] | None = None) -> int:
                 req[key] = getattr(args, key)
         # a pass over a large pool takes a while: it answers when done
         print(recompress_result(_call(args, req, RECOMPRESS_TIMEOUT)))
+    if args.command == "writeback":
+        wreq: dict[str, Any] = {"cmd": "writeback"}
+        if args.idle_age is not None:
+            wreq["idle_age"] = args.idle_age
+        if args.max_pages is not None:
+            wreq["max_pages"] = args.max_pages
+        r = _call(args, wreq, RECOMPRESS_TIMEOUT)
+        print(
+            f"wrote back {r['pages']} pages ({_human(r['bytes'])} in the file) in {r['seconds']:.3f}s"
+            + (f"; stopped: {r['stopped']}" if r.get("stopped") else "")
+        )
         return 0
     if args.command == "set":
         key, sep, value = args.assignment.partition("=")

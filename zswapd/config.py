@@ -236,6 +236,33 @@ class FuseConfig:
         return self.threads or min(MAX_FUSE_THREADS, os.cpu_count() or 1)
 
 
+# [writeback] size: the backing file holds segments of this many bytes
+# (backing.SEG_SIZE, which asserts the two agree); it needs two, the open
+# one and one kept free for cleaning, and at most what a page entry's
+# 31-bit location in 16-byte units addresses.
+WRITEBACK_SEGMENT = 256 << 10
+WRITEBACK_MIN_SIZE = 2 * WRITEBACK_SEGMENT
+WRITEBACK_MAX_SIZE = 32 << 30
+
+
+@dataclass
+class WritebackConfig:
+    """Cold pages written to a backing file (backing.py).  Off by default:
+    it needs a file on a disk, which only the administrator can name."""
+
+    enable: bool = False
+    file: str = ""
+    size: int = 0
+    # Background writeback of pages idle this long (zram's `writeback idle`
+    # after `idle` marking; ChromeOS uses 20-25 h, beyond the 17 h the idle
+    # stamp tells apart, so the oldest it tells: a page idle that long is
+    # one the recompression pass has long had its go at); 0: only before full.
+    idle_age: int = MAX_IDLE_AGE
+    # Bytes written to the file per day at most (zram's writeback_limit);
+    # 0: no limit.  When spent, the pool reports full as without writeback.
+    daily_limit: int = 0
+
+
 @dataclass
 class LogConfig:
     level: str = "info"
@@ -251,6 +278,7 @@ class Config:
     swap: SwapConfig = field(default_factory=SwapConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    writeback: WritebackConfig = field(default_factory=WritebackConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -398,6 +426,25 @@ def _idle_age(v: object) -> int:
     return n
 
 
+def _backing_file(v: object) -> str:
+    if v == "":
+        return ""
+    return _path(v)
+
+
+def _backing_size(v: object) -> int:
+    try:
+        n = parse_size(v)
+    except ValueError:
+        n = -1
+    if n and (not WRITEBACK_MIN_SIZE <= n <= WRITEBACK_MAX_SIZE or n % PAGE):
+        raise ValueError(
+            "a size that is a multiple of the block size (4096 bytes), from 512K (two 256 KiB segments: the "
+            'open one and one kept for cleaning) to 32G (what a page entry addresses), e.g. "8G"'
+        )
+    return n
+
+
 def _percent(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0.1 <= v <= 100:
         raise ValueError("a percentage of one CPU core from 0.1 to 100")
@@ -485,6 +532,13 @@ SCHEMA: dict[str, dict[str, Check]] = {
     # threads: with the native engine, C threads read /dev/fuse and serve
     # READ, WRITE and discards without the GIL.
     "fuse": {"backend": _fuse_backend, "threads": _int_in(0, MAX_FUSE_THREADS)},
+    "writeback": {
+        "enable": _bool,
+        "file": _backing_file,
+        "size": _backing_size,
+        "idle_age": _idle_age,
+        "daily_limit": _small_size,
+    },
     "log": {"level": _choice(*LOG_LEVELS)},
 }
 
@@ -515,6 +569,8 @@ RELOADABLE: frozenset[tuple[str, str]] = frozenset(
         *(("recompress", f.name) for f in fields(RecompressConfig)),
         ("control", "group"),
         ("control", "metrics_access"),
+        ("writeback", "idle_age"),
+        ("writeback", "daily_limit"),
         ("log", "level"),
     }
 )
@@ -559,7 +615,26 @@ def from_dict(data: dict[str, Any], path: str) -> Config:
     return cfg
 
 
+def _check_writeback(cfg: Config) -> None:
+    wb = cfg.writeback
+    if not wb.enable:
+        return
+    for key in ("file", "size"):
+        if not getattr(wb, key):
+            raise ConfigError(
+                f"{cfg.path}: [writeback] enable = true needs [writeback] {key}: "
+                + ("the path of a file on a disk filesystem" if key == "file" else 'its size, e.g. "8G"')
+            )
+    mnt = cfg.device.mountpoint
+    if wb.file == mnt or wb.file.startswith(mnt + "/"):
+        raise ConfigError(
+            f"{cfg.path}: [writeback] file = {wb.file!r}: expected a path outside [device] mountpoint = {mnt!r}: "
+            "swap written back into zswapd's own mount would come back to it"
+        )
+
+
 def _check_apart(cfg: Config) -> None:
+    _check_writeback(cfg)
     mnt, sock = cfg.device.mountpoint, cfg.control.socket
     if sock == mnt or sock.startswith(mnt + "/") or sock == mnt + ".lock":
         raise ConfigError(
@@ -573,7 +648,10 @@ def _check_apart(cfg: Config) -> None:
 def _resolve_paths(cfg: Config) -> None:
     """Strict loading: the daemon's paths as their real paths, each
     checked again by the schema and against the other."""
-    for section, key in (("device", "mountpoint"), ("control", "socket")):
+    keys = [("device", "mountpoint"), ("control", "socket")]
+    if cfg.writeback.enable:
+        keys.append(("writeback", "file"))
+    for section, key in keys:
         part = getattr(cfg, section)
         value = getattr(part, key)
         try:

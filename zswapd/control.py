@@ -36,7 +36,7 @@ import stat
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -84,7 +84,7 @@ MAX_NUMBER = 40
 # The widest integer any setting takes: a 64-bit byte count.
 MAX_INT = (1 << 63) - 1
 READ_ONLY = {"stats", "ping"}
-MUTATING = {"compact", "recompress", "set", "reset_max", "reload"}
+MUTATING = {"compact", "recompress", "set", "reset_max", "reload", "writeback"}
 COMPACT_STEP = 256
 # After a failed accept (EMFILE, ENFILE, ENOBUFS...): wait, then try again.
 ACCEPT_RETRY = 0.1
@@ -192,6 +192,9 @@ class Controller:
         # Set by the worker: ask the supervisor for a worker running the
         # code installed now.  None where there is no supervisor.
         self.replace_worker: Callable[[], None] | None = None
+        # Set by the worker: one writeback pass (max_pages, idle_age) ->
+        # (pages, bytes, why it stopped), run in bounded steps.
+        self.writeback_pass: Callable[[int, int | None], Awaitable[tuple[int, int, str]]] | None = None
         # Set by the worker: the recompression policy, and how `set` changes
         # one of its [recompress] keys.  None: a pass runs on the store alone.
         self.recompressor: Recompressor | None = None
@@ -308,6 +311,18 @@ class Controller:
             self.set_recompress(name, checked)
             return {"key": key, "value": checked}
         return {"key": key, "value": checked, **self.store.apply_setting(name, checked)}
+
+    async def _cmd_writeback(self, req: dict[str, Any]) -> dict[str, Any]:
+        """zram's `echo idle > writeback`: one pass, answered when done."""
+        max_pages, idle_age = req.get("max_pages", 0), req.get("idle_age")
+        for name, v in (("max_pages", max_pages), ("idle_age", idle_age)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_INT):
+                raise RequestError(f"{name} must be an integer >= 0, got {v!r}")
+        if not self.store.backed or self.writeback_pass is None:
+            raise RequestError("no backing file: set [writeback] enable, file and size, and restart zswapd")
+        start = time.monotonic()
+        pages, nbytes, stopped = await self.writeback_pass(max_pages or 0, idle_age)
+        return {"pages": pages, "bytes": nbytes, "stopped": stopped, "seconds": round(time.monotonic() - start, 6)}
 
     async def _cmd_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.replace_worker is None:
@@ -628,6 +643,23 @@ def prometheus(s: dict[str, Any]) -> str:
             "# TYPE zswapd_supervisor_restarts_total counter",
             f"zswapd_supervisor_restarts_total {int(proc.get('supervisor_restarts', 0))}",
         ]
+    wb = s.get("writeback")
+    if isinstance(wb, dict):
+        for name, help_ in (
+            ("size", "Backing file size in bytes"),
+            ("live_bytes", "Bytes of live objects in the backing file"),
+            ("dead_bytes", "Bytes of dead objects in the backing file, for cleaning"),
+            ("written_today", "Bytes written back today (UTC), against daily_limit"),
+            ("daily_limit", "Bytes writeback may write per day (0 = none)"),
+            ("read_latency_p99_us", "Bound of the 99th percentile of backed page reads, microseconds"),
+        ):
+            value = wb.get(name)
+            if value is not None:
+                out += [
+                    f"# HELP zswapd_writeback_{name} {help_}",
+                    f"# TYPE zswapd_writeback_{name} gauge",
+                    f"zswapd_writeback_{name} {int(value)}",
+                ]
     out += ["# HELP zswapd_class_frames_used Frames used per size class", "# TYPE zswapd_class_frames_used gauge"]
     for c in s["classes"]:
         out.append(f'zswapd_class_frames_used{{size="{c["size"]}"}} {c["frames_used"]}')

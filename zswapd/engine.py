@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import zstandard
 
-from . import codec, entry, rebuild
+from . import backing, codec, entry, rebuild
 from . import pool as pool_rules
 from .codec import ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec, fill_page
 from .config import ENGINES, MAX_DICTIONARY_SIZE, MAX_FUSE_THREADS, MAX_IDLE_AGE
@@ -114,6 +114,14 @@ class Counters:
     # their own: control's tier metrics export the CPU time in seconds.
     recompress_cpu_us: int = _stat("counter", "CPU microseconds spent recompressing and training", metric=None)
     dictionaries_trained: int = _stat("counter", "Dictionaries trained", metric=None)
+    # Writeback (backing.py), as zram's bd_stat: pages in the backing file
+    # (recounted by the rebuild), pages read from it and written to it.
+    bd_count: int = _stat("gauge", "Pages in the backing file (zram bd_stat)")
+    bd_reads: int = _stat("counter", "Pages read from the backing file (zram bd_stat)")
+    bd_writes: int = _stat("counter", "Pages written to the backing file (zram bd_stat)")
+    segments_cleaned: int = _stat(
+        "counter", "Backing file segments cleaned and freed", metric="writeback_segments_cleaned"
+    )
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))
@@ -275,6 +283,36 @@ class Engine(Protocol):
         of ``samples`` (zdict.h); ValueError if zstd cannot train on them."""
         ...
 
+    def attach_backing(self, fd: int, size: int) -> None:
+        """Serve and write back with the backing file ``fd`` of ``size``
+        bytes (backing.py); the segment table must fit it (StateError)."""
+        ...
+
+    def writeback(self, max_objects: int, max_bytes: int, idle_ticks: int = 0) -> tuple[int, int]:
+        """One bounded writeback step over pages idle at least ``idle_ticks``:
+        (objects moved, bytes appended)."""
+        ...
+
+    def clean(self, max_objects: int, max_bytes: int, percent: int) -> tuple[int, int]:
+        """One bounded cleaning step: (objects moved, segments freed)."""
+        ...
+
+    def backing_figures(self) -> dict[str, int]:
+        """size, live_bytes, dead_bytes, segments_used, bytes_written."""
+        ...
+
+    def backing_latency(self) -> list[int]:
+        """Reads of backed pages by latency: [<= 1 us, <= 2 us, <= 4 us, ...]."""
+        ...
+
+    def rebuild_backing(self, pages: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int]]) -> int:
+        """After rebuild_pages: the segment table's live bytes recomputed
+        from the backed entries, open and cleaning segments made full;
+        sets and returns bd_count.  StateError for a location no segment
+        holds."""
+        ...
+
+    def check_backing(self, pages: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int]]) -> None: ...
     def trim(self) -> int: ...
     def refill_reserve(self) -> int: ...
     def freeable(self, cls: int) -> int: ...
@@ -327,6 +365,8 @@ class PythonEngine(Pool):
         self._dict_bytes = state.view("dict_bytes")
         self.codec = codec
         self._c = Counters()
+        self.segs = state.view("segment")
+        self.backing: backing.Backing | None = None
         # The page the last write stopped at: (index, its bytes, kind,
         # algorithm, payload), to go on with instead of a second compression.
         self._stopped: tuple[int, bytes, int, int, Buffer | int] | None = None
@@ -362,14 +402,50 @@ class PythonEngine(Pool):
     def close(self) -> None:
         pass
 
+    # -- the backing file (backing.py) ----------------------------------------
+
+    def attach_backing(self, fd: int, size: int) -> None:
+        self.backing = backing.Backing(self, backing.BackingFile(fd, size, self.state.hook))
+
+    def _backing(self) -> backing.Backing:
+        if self.backing is None:
+            raise BadRequest("no backing file is attached")
+        return self.backing
+
+    def writeback(self, max_objects: int, max_bytes: int, idle_ticks: int = 0) -> tuple[int, int]:
+        return self._backing().writeback_step(max_objects, max_bytes, idle_ticks)
+
+    def clean(self, max_objects: int, max_bytes: int, percent: int) -> tuple[int, int]:
+        return self._backing().clean_step(max_objects, max_bytes, percent)
+
+    def backing_figures(self) -> dict[str, int]:
+        return self._backing().figures()
+
+    def backing_latency(self) -> list[int]:
+        return list(self._backing().latency)
+
+    def rebuild_backing(self, pages: Extents, segments: Extents) -> int:
+        self._c.bd_count = rebuild.rebuild_segments(self.table, self.segs, pages, segments)
+        return self._c.bd_count
+
+    def check_backing(self, pages: Extents, segments: Extents) -> None:
+        rebuild.check_segments(self.table, self.segs, pages, segments, self._c.bd_count)
+
     # -- pages --------------------------------------------------------------
 
     def _release(self, e: int) -> None:
         kind = entry.kind(e)
         if not kind:
             return
-        h = entry.handle(e)
         self._c.pages_stored -= 1
+        if e & entry.BACKED:
+            # The object stays in its segment as dead bytes (cleaning's).
+            self.segs[entry.location(e) * backing.OBJ_ALIGN // backing.SEG_SIZE] -= backing.span(entry.length(e))
+            self._c.bd_count -= 1
+            if 0 < entry.tier(e) <= entry.DICT_SLOTS:
+                self._dict_refs[entry.tier(e)] -= 1
+            return
+        h = entry.handle(e)
         if kind == KIND_SAME:
             self.free_word(h)
             self._c.same_pages -= 1
@@ -423,9 +499,12 @@ class PythonEngine(Pool):
         if entry.idle(e) != self.now_tick:  # a read is an access: page.c's stamp_locked
             self.table[idx] = entry.with_idle(e, self.now_tick)
         h = entry.handle(e)
-        if kind == KIND_SAME:
+        if e & entry.BACKED:
+            data: Buffer = self._backing().load(idx, e)
+        elif kind == KIND_SAME:
             return fill_page(self.word(h))
-        data = self.load(h, entry.length(e))
+        else:
+            data = self.load(h, entry.length(e))
         if kind == KIND_HUGE:
             return data
         try:
@@ -508,6 +587,7 @@ class PythonEngine(Pool):
             if (
                 entry.kind(e) == KIND_COMPRESSED
                 and entry.tier(e) in (0, entry.TIER_PLAIN)
+                and not e & entry.BACKED
                 and entry.age(e, now) >= idle_ticks
             ):
                 try:
@@ -583,6 +663,7 @@ class PythonEngine(Pool):
                 kind not in (KIND_COMPRESSED, KIND_HUGE)
                 or entry.tier(e)
                 or entry.tried(e)
+                or e & entry.BACKED
                 or not min_len <= n <= max_len
                 or entry.age(e, now) < idle_ticks
             ):
@@ -777,6 +858,20 @@ def python_rules() -> dict[str, Any]:
         "IDLE_CLAMP": entry.IDLE_CLAMP,
         "ENTRY_HANDLE_SHIFT": entry.HANDLE_SHIFT,
         "ENTRY_UNUSED": entry.UNUSED,
+        "ENTRY_BACKED": entry.BACKED,
+        "SEG_SIZE": backing.SEG_SIZE,
+        "SEG_BLOCK": backing.BLOCK,
+        "OBJ_ALIGN": backing.OBJ_ALIGN,
+        "OBJ_HEADER": backing.OBJ_HEADER,
+        "MAX_SEGMENTS": backing.MAX_SEGMENTS,
+        "MAX_PENDING": backing.MAX_PENDING,
+        "SEG_FILL_SHIFT": backing.SEG_FILL_SHIFT,
+        "SEG_STATE_SHIFT": backing.SEG_STATE_SHIFT,
+        "LAT_BUCKETS": backing.LAT_BUCKETS,
+        "SEG_FREE": backing.SEG_FREE,
+        "SEG_OPEN": backing.SEG_OPEN,
+        "SEG_FULL": backing.SEG_FULL,
+        "SEG_CLEANING": backing.SEG_CLEANING,
         "KIND_SAME": codec.KIND_SAME,
         "KIND_COMPRESSED": codec.KIND_COMPRESSED,
         "KIND_HUGE": codec.KIND_HUGE,
@@ -886,6 +981,13 @@ if _engine is not None:
 
         def check_pages(self, extents: Extents) -> None:
             super().check_pages(list(extents))
+
+        def rebuild_backing(self, pages: Extents, segments: Extents) -> int:
+            count: int = super().rebuild_backing(list(pages), list(segments))
+            return count
+
+        def check_backing(self, pages: Extents, segments: Extents) -> None:
+            super().check_backing(list(pages), list(segments))
 
         def class_stats(self) -> list[dict[str, Any]]:
             return self.reference().class_stats()

@@ -22,8 +22,12 @@ is a change of state.LAYOUT_VERSION).
               age, so a page idle for days does not wrap to look fresh as
               long as a scan runs once per IDLE_CLAMP ticks (17 hours).
   bits 32-62  handle in the pool (of a same-filled page: the handle that
-              holds its fill word and owns no frames)
-  bit 63      unused, 0 (the writeback tier's, by agreement)
+              holds its fill word and owns no frames); when bit 63 is set,
+              the object's location in the backing file instead, in
+              backing.OBJ_ALIGN (16-byte) units: 31 bits address 32 GiB
+  bit 63      BACKED: the payload lives in the backing file (backing.py);
+              kind, algorithm, length and tier still describe it, so a read
+              decompresses it exactly as it would from the pool
 
 The C engine writes the same layout in zswapd/engine/engine.h, with an
 accessor per field; engine.py checks at import that the two agree.
@@ -51,8 +55,10 @@ IDLE_TICK = 60
 # an older page restamps it to this age, so it never wraps.
 IDLE_CLAMP = 1024
 HANDLE_SHIFT = 32
+HANDLE_MASK = 0x7FFFFFFF
+BACKED = 1 << 63
 # Bits no entry uses: a rebuild that finds one set refuses the state.
-UNUSED = 1 << 63
+UNUSED = 0
 # The fields a page's contents depend on: an entry whose other bits (the
 # idle stamp, tried) changed still names the same object.
 CONTENT_MASK = ~(TRIED | IDLE_MASK << IDLE_SHIFT) & (1 << 64) - 1
@@ -83,7 +89,16 @@ def idle(entry: int) -> int:
 
 
 def handle(entry: int) -> int:
-    return entry >> HANDLE_SHIFT
+    return entry >> HANDLE_SHIFT & HANDLE_MASK
+
+
+def backed(entry: int) -> bool:
+    return bool(entry & BACKED)
+
+
+def location(entry: int) -> int:
+    """A backed entry's location in the backing file, in 16-byte units."""
+    return entry >> HANDLE_SHIFT & HANDLE_MASK
 
 
 def with_idle(entry: int, tick: int) -> int:
@@ -109,3 +124,7 @@ def make(handle: int, kind: int, algo: int = 0, length: int = 0, tier: int = 0, 
         | algo << ALGO_SHIFT
         | kind
     )
+
+
+def make_backed(location: int, kind: int, algo: int, length: int, tier: int = 0, stamp: int = 0) -> int:
+    return BACKED | make(location, kind, algo, length, tier, stamp)

@@ -17,6 +17,7 @@ state-meta       the state memfds (state.py): header and tables,
 state-arena      and the compressed objects
 loop             the loop device the swap is on.  The supervisor's alone: a
                  worker holding it would defer the detach at shutdown
+backing          [writeback] file (backing.py), O_DIRECT: pages written back
 lock-N           the instance lock files (startup.InstanceLock); the lock
                  belongs to the open file, so passing the fd passes the lock
 
@@ -38,9 +39,10 @@ CLONE_PREFIX = "fuse-clone-"
 CONTROL = "control"
 STATE_NAMES = ("state-meta", "state-arena")
 LOOP = "loop"
+BACKING = "backing"
 LOCK_PREFIX = "lock-"
 # The names with one fd each; clones and locks are numbered from 0.
-FD_NAMES = (FUSE, CONTROL, *STATE_NAMES, LOOP)
+FD_NAMES = (FUSE, CONTROL, *STATE_NAMES, LOOP, BACKING)
 
 
 def _numbered(name: str, prefix: str) -> int:
@@ -67,6 +69,7 @@ class HeldFds:
     state: list[int] = field(default_factory=list)  # [meta, arena] once the first worker made them
     loop: swap.Loop | None = None
     lock: list[int] = field(default_factory=list)
+    backing: int = -1
 
     def named(self, loop: bool = True, lock: bool = True) -> dict[str, int]:
         """name -> fd, for every fd held (without the loop device or the
@@ -78,6 +81,8 @@ class HeldFds:
         if self.control >= 0:
             out[CONTROL] = self.control
         out.update(zip(STATE_NAMES, self.state))
+        if self.backing >= 0:
+            out[BACKING] = self.backing
         if loop and self.loop is not None:
             out[LOOP] = self.loop.fd
         if lock:
@@ -97,7 +102,7 @@ class HeldFds:
         """From fds received by name (systemd's LISTEN_FDS, a handover, a
         worker's args).  Clones and locks keep their numbers' order; a
         state is taken only whole."""
-        held = cls(fuse=named.get(FUSE, -1), control=named.get(CONTROL, -1))
+        held = cls(fuse=named.get(FUSE, -1), control=named.get(CONTROL, -1), backing=named.get(BACKING, -1))
         held.clones = _in_order(named, CLONE_PREFIX)
         held.lock = _in_order(named, LOCK_PREFIX)
         if all(n in named for n in STATE_NAMES):
@@ -122,3 +127,4 @@ class HeldFds:
         for fd in self.named().values():
             os.close(fd)
         self.fuse, self.clones, self.control, self.state, self.loop, self.lock = -1, [], -1, [], None, []
+        self.backing = -1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-from . import entry
+from . import backing, entry
 from .codec import ALGO_ZSTD, ALGORITHMS, KIND_COMPRESSED, KIND_HUGE, KIND_SAME, PAGE_SIZE
 from .pool import (
     FRAME_SHIFT,
@@ -37,7 +37,7 @@ from .pool import (
     obj_loc,
     slot_next,
 )
-from .state import DICT_MAX_BYTES, DICT_SLOTS, StateError
+from .state import DICT_MAX_BYTES, DICT_SLOTS, MAX_SEGMENTS, StateError
 
 Extents = Sequence[tuple[int, int]]
 
@@ -70,8 +70,9 @@ def rebuild_pages(pool: Pool, table: memoryview, extents: Extents) -> tuple[int,
         if e & entry.UNUSED:
             raise StateError(f"page {idx}: entry {e:#x} has bits set that no entry uses")
         stored += 1
+        backed = e & entry.BACKED  # its object in the file: rebuild_segments' part, its dictionary here
         try:
-            if kind == KIND_SAME:
+            if kind == KIND_SAME and not backed:
                 pool.claim_word(h)
                 same += 1
                 continue
@@ -83,8 +84,9 @@ def rebuild_pages(pool: Pool, table: memoryview, extents: Extents) -> tuple[int,
                 raise StateError(f"entry {e:#x} names tier {tier} but is not a zstd object")
             if tier and tier != entry.TIER_PLAIN and not heads[tier]:
                 raise StateError(f"entry {e:#x} names dictionary slot {tier}, which the state does not hold")
-            pool.claim_object(h, n)
-            huge += kind == KIND_HUGE
+            if not backed:
+                pool.claim_object(h, n)
+                huge += kind == KIND_HUGE
             if tier and tier != entry.TIER_PLAIN:
                 refs[tier] += 1
         except StateError as err:
@@ -101,6 +103,11 @@ def check_pages(pool: Pool, table: memoryview, extents: Extents, counts: tuple[i
     same = huge = stored = 0
     drefs = [0] * (DICT_SLOTS + 1)
     for idx, e, kind, h in _stored(table, extents):
+        if e & entry.BACKED:
+            stored += 1
+            if 0 < entry.tier(e) <= DICT_SLOTS:
+                drefs[entry.tier(e)] += 1
+            continue
         if h in owners:
             raise StateError(f"page {idx} names handle {h}, which another page names too")
         stored += 1
@@ -269,3 +276,77 @@ def check_pool(pool: Pool, owners: Mapping[int, int], last: Sequence[str] = ()) 
         bad(msg)
     if errors:
         raise StateError("pool invariants broken: " + "; ".join(errors))
+
+
+def _segment_words(segs: memoryview, segments: Extents) -> Iterator[tuple[int, int]]:
+    for first, end in segments:
+        for s, w in enumerate(segs[first:end].tolist(), first):
+            if w:
+                yield s, w
+
+
+def _backed(table: memoryview, pages: Extents) -> Iterator[tuple[int, int, int, int]]:
+    """(page, entry, segment, offset in it) of each backed page, checked:
+    a bad length, kind or location raises StateError."""
+    for idx, e, kind, _ in _stored(table, pages):
+        if not e & entry.BACKED:
+            continue
+        n = entry.length(e)
+        off = entry.location(e) * backing.OBJ_ALIGN
+        seg, at = off >> backing.SEG_SHIFT, off & (backing.SEG_SIZE - 1)
+        if (
+            kind not in (KIND_HUGE, KIND_COMPRESSED)
+            or not 0 < n <= PAGE_SIZE
+            or (kind == KIND_HUGE) != (n == PAGE_SIZE)
+        ):
+            raise StateError(f"page {idx}: backed entry {e:#x} has a bad kind or length")
+        if seg >= MAX_SEGMENTS or at + backing.span(n) > backing.SEG_SIZE:
+            raise StateError(f"page {idx}: backed entry {e:#x} names no segment's object")
+        yield idx, e, seg, at
+
+
+def rebuild_segments(table: memoryview, segs: memoryview, pages: Extents, segments: Extents) -> int:
+    """The segment table after a crash (the reference for backing.c's
+    rebuild_segments): every segment in use made full with no live bytes,
+    then each backed page's object counted live in its segment, which must
+    be in use and hold the object below its fill.  Returns bd_count."""
+    for s, w in _segment_words(segs, segments):
+        state = backing.seg_state(w)
+        if state == backing.SEG_FREE:
+            raise StateError(f"segment {s}: free, but its word is {w:#x}")
+        segs[s] = backing.seg_word(0, backing.seg_fill(w), backing.SEG_FULL)
+    count = 0
+    for idx, e, seg, at in _backed(table, pages):
+        w = segs[seg]
+        sp = backing.span(entry.length(e))
+        if backing.seg_state(w) == backing.SEG_FREE or at + sp > backing.seg_fill(w):
+            raise StateError(f"page {idx}: backed entry {e:#x} points past what segment {seg} holds")
+        segs[seg] = w + sp
+        count += 1
+    return count
+
+
+def check_segments(table: memoryview, segs: memoryview, pages: Extents, segments: Extents, bd_count: int) -> None:
+    """The segment table's live bytes and states against the backed pages,
+    and bd_count against their number (backing.c's check_segments)."""
+    live: dict[int, int] = {}
+    count = 0
+    for _idx, e, seg, _at in _backed(table, pages):
+        live[seg] = live.get(seg, 0) + backing.span(entry.length(e))
+        count += 1
+    errors: list[str] = []
+    if count != bd_count:
+        errors.append(f"bd_count {bd_count} != {count} backed pages")
+    seen = set()
+    for s, w in _segment_words(segs, segments):
+        seen.add(s)
+        if backing.seg_state(w) == backing.SEG_FREE:
+            errors.append(f"segment {s} is free but its word is {w:#x}")
+        elif backing.seg_live(w) != live.get(s, 0) or backing.seg_live(w) > backing.seg_fill(w):
+            errors.append(
+                f"segment {s}: live {backing.seg_live(w)}, fill {backing.seg_fill(w)}, pages name {live.get(s, 0)}"
+            )
+    for s in sorted(set(live) - seen)[:4]:
+        errors.append(f"segment {s} is free but pages name {live[s]} bytes in it")
+    if errors:
+        raise StateError("backing invariants broken: " + "; ".join(errors[:20]))

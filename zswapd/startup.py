@@ -214,6 +214,39 @@ def preflight(cfg: Config) -> None:
             swap.preflight()
         except swap.SwapError as e:
             raise StartupError(f"swap is enabled but cannot be set up: {e}") from None
+        warn_kernel_zswap()
+
+
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+
+
+def warn_kernel_zswap() -> None:
+    """The kernel's zswap would sit in front of us: it compresses every page
+    a second time and fills its own pool first (zram's documentation says
+    the same of zram)."""
+    try:
+        with open(ZSWAP_ENABLED) as f:
+            enabled = f.read().strip()
+    except OSError:
+        return
+    if enabled in ("Y", "1"):
+        log.warning(
+            "the kernel's zswap is enabled (%s): it compresses pages before they reach zswapd, a second time, "
+            "and fills its own pool first; boot with zswap.enabled=0 or write N to that file",
+            ZSWAP_ENABLED,
+        )
+
+
+def open_backing(cfg: Config) -> int:
+    """[writeback] file, created afresh (backing.open_backing_file: O_DIRECT,
+    allocated, on a disk filesystem), or StartupError naming what is wrong."""
+    from .backing import open_backing_file
+    from .errors import BadRequest
+
+    try:
+        return open_backing_file(cfg.writeback.file, cfg.writeback.size)
+    except BadRequest as e:
+        raise StartupError(f"{cfg.path}: {e}") from None
 
 
 def write_owner(lock_fds: list[int]) -> None:

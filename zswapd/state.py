@@ -66,6 +66,11 @@ FRAME_BYTES = 4096  # pool.FRAME_SIZE; repeated here because state sits below po
 MAX_FRAMES = (1 << 32) - 2
 # The page table keeps a handle in bits 32-62, so handles fit in 31 bits.
 MAX_HANDLES = 0x7FFFFFFF
+# Segments of the backing file (backing.py): 32 GiB, the most a page
+# entry's 31-bit location in 16-byte units addresses, of 256 KiB.  The
+# segment table is that long whatever the file's size: it is sparse, so
+# only the segments a file has ever used cost memory.
+MAX_SEGMENTS = 1 << 17
 # Event counters kept in the header snapshot, by name: slot i holds
 # COUNTER_SNAPSHOT[i] (engine.Counters' names, and the engine's
 # pages_compacted).  Only ever appended to: 32 slots leave room for more
@@ -87,6 +92,9 @@ COUNTER_SNAPSHOT = (
     "recompress_cpu_us",
     "dictionaries_trained",
     "pages_compacted",
+    "bd_reads",
+    "bd_writes",
+    "segments_cleaned",
 )
 assert len(COUNTER_SNAPSHOT) <= COUNTER_SLOTS
 # Up to this many bytes of ",".join(codec algorithm names): page-table entries
@@ -138,6 +146,11 @@ _SUPERVISOR_RESTARTS_AT = 328
 # valid, accept_percent, memory_limit; valid is 0 in an older state.
 _SETTINGS_AT = 336
 _SETTINGS = struct.Struct("<I I Q")
+# Writeback's daily meter ([writeback] daily_limit): the day (UTC days
+# since the epoch) and the bytes written back in it, so a takeover goes on
+# counting.  valid is 0 in an older state.
+_WRITEBACK_AT = 448
+_WRITEBACK = struct.Struct("<I I Q Q")  # valid, pad, day, bytes written that day
 _COUNTERS_AT = 512
 _COUNTERS = struct.Struct(f"<{COUNTER_SLOTS}Q")
 _DIR_AT = 1024
@@ -203,6 +216,7 @@ TABLES = (
     ("dict_head", "Q", "dicts", True),
     ("dict_refs", "Q", "dicts", False),
     ("dict_bytes", "B", "dict_bytes", True),  # slot s at (s - 1) * DICT_MAX_BYTES
+    ("segment", "Q", "segments", True),  # backing.py: live bytes, fill, state of each segment
 )
 
 
@@ -210,7 +224,7 @@ def dimensions(g: Geometry) -> dict[str, int]:
     """Entries per table, by what the table is indexed by: handles and
     zspages are numbered from 1 (0 means none)."""
     return {"pages": g.npages, "handles": g.max_handles + 1, "zspages": g.max_zspages, "frames": g.max_frames,
-            "dicts": DICT_SLOTS + 1, "dict_bytes": DICT_SLOTS * DICT_MAX_BYTES}  # fmt: skip
+            "dicts": DICT_SLOTS + 1, "dict_bytes": DICT_SLOTS * DICT_MAX_BYTES, "segments": MAX_SEGMENTS}  # fmt: skip
 
 
 def layout(g: Geometry) -> list[Table]:
@@ -579,6 +593,14 @@ class State:
         """(memory_limit, accept_percent) last in force, or None if never saved."""
         valid, accept_percent, memory_limit = _SETTINGS.unpack_from(self._header, _SETTINGS_AT)
         return (int(memory_limit), int(accept_percent)) if valid == 1 else None
+
+    def save_writeback_day(self, day: int, written: int) -> None:
+        _WRITEBACK.pack_into(self._header, _WRITEBACK_AT, 1, 0, day, written)
+
+    def load_writeback_day(self) -> tuple[int, int]:
+        """(day, bytes written back that day), (0, 0) if never saved."""
+        valid, _, day, written = _WRITEBACK.unpack_from(self._header, _WRITEBACK_AT)
+        return (int(day), int(written)) if valid == 1 else (0, 0)
 
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)

@@ -57,9 +57,10 @@ No I/O here beyond the state's own mappings; deterministic.
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 
-from . import entry
+from . import backing, entry
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
 from .engine import COUNTER_METRICS, COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
@@ -102,6 +103,15 @@ SYNC_COMPACT_MOVES = 1 << 14
 # empty step, and a few tries cover a writer that keeps taking slots without
 # spinning on a class that truly has nothing to give.
 COMPACT_RETRIES = 3
+# The ladder before full (write_stopped): objects one synchronous writeback
+# pass may move (a segment's worth of typical objects, a few ms of disk),
+# and the passes one stopped write may take before it reports full.
+SYNC_WRITEBACK_OBJECTS = 256
+SYNC_WRITEBACK_PASSES = 8
+# Cleaning on the write path takes only segments this many percent dead.
+SYNC_CLEAN_DEAD = 10
+# Seconds in a day of the daily limit (UTC days: the meter resets at 00:00 UTC).
+DAY = 86400
 
 # The figures of ``stats()`` a metrics scraper gets (control.prometheus):
 # stats key -> (metric name, kind, help), kind as in Prometheus.  The
@@ -134,6 +144,19 @@ def store_geometry(size: int, reserve_frames: int = 64) -> Geometry:
 
 
 __all__ = ["Counters", "Store", "StoreError", "StoreFull", "store_geometry"]
+
+
+def _quantile(hist: list[int], q: float) -> int | None:
+    """The upper bound (2^i us) of the bucket holding quantile ``q``."""
+    total = sum(hist)
+    if not total:
+        return None
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= q * total:
+            return 1 << i
+    return 1 << (len(hist) - 1)
 
 
 class Store:
@@ -179,6 +202,12 @@ class Store:
         self.accept_percent = accept_percent
         self.full = False
         self.memory_limit = 0
+        # The backing file (attach_backing); none until then.
+        self.backing_path = ""
+        self.backing_size = 0
+        self.daily_limit = 0
+        self.clock: Callable[[], float] = time.time  # the daily meter's clock; tests set it
+        self.wb_day, self.written_today = state.load_writeback_day()
         if attached:
             self.rebuild()
             self.check_invariants()
@@ -214,7 +243,9 @@ class Store:
         The scan is the engine's (rebuild.py's, or the native
         one, which leaves the same bytes); the event counters come back from
         the header snapshot."""
-        self.engine.rebuild_pages(list(self.state.extents("page")))
+        pages = list(self.state.extents("page"))
+        self.engine.rebuild_pages(pages)
+        self.engine.rebuild_backing(pages, list(self.state.extents("segment")))
         saved = self.state.load_counters()
         c = self.c
         for name in SAVED_COUNTERS:
@@ -225,7 +256,9 @@ class Store:
     def check_invariants(self) -> None:
         """Raise StateError unless each live handle is named by exactly one
         page and every pool index agrees with the persistent tables."""
-        self.engine.check_pages(list(self.state.extents("page")))
+        pages = list(self.state.extents("page"))
+        self.engine.check_pages(pages)
+        self.engine.check_backing(pages, list(self.state.extents("segment")))
 
     def save_counters(self) -> None:
         """Snapshot the event counters into the state header."""
@@ -596,6 +629,132 @@ class Store:
         finally:
             steps.close()
 
+    # -- the backing file (backing.py) -------------------------------------------
+
+    def attach_backing(self, fd: int, size: int, path: str = "", daily_limit: int = 0) -> None:
+        """Write back to (and read backed pages from) ``fd``, a backing file
+        of ``size`` bytes that the supervisor opened and holds."""
+        self.engine.attach_backing(fd, size)
+        self.backing_path = path
+        self.backing_size = size
+        self.daily_limit = daily_limit
+
+    @property
+    def backed(self) -> bool:
+        return bool(self.backing_size)
+
+    def _day_budget(self) -> int:
+        """Bytes writeback may still append today (the daily limit's rest)."""
+        day = int(self.clock() // DAY)
+        if day != self.wb_day:
+            self.wb_day, self.written_today = day, 0
+            self.state.save_writeback_day(day, 0)
+        if not self.daily_limit:
+            return 1 << 62
+        return max(0, self.daily_limit - self.written_today)
+
+    def writeback(self, max_objects: int, max_bytes: int = 1 << 62, idle_ticks: int = 0) -> tuple[int, int]:
+        """One bounded writeback step within the daily limit, over pages
+        idle at least ``idle_ticks``: (objects moved, bytes appended).
+        (0, 0) without a file or budget."""
+        if not self.backed:
+            return 0, 0
+        budget = min(max_bytes, self._day_budget())
+        if budget <= 0:
+            return 0, 0
+        moved, nbytes = self.engine.writeback(max_objects, budget, idle_ticks)
+        if nbytes:
+            self.written_today += nbytes
+            self.state.save_writeback_day(self.wb_day, self.written_today)
+        self.update_full()
+        return moved, nbytes
+
+    def clean(
+        self, max_objects: int, max_bytes: int = 1 << 62, percent: int = backing.CLEAN_PERCENT
+    ) -> tuple[int, int]:
+        """One bounded cleaning step: (objects moved, segments freed)."""
+        if not self.backed:
+            return 0, 0
+        return self.engine.clean(max_objects, max_bytes, percent)
+
+    def cleaning_wanted(self, dead_share: int) -> bool:
+        """Dead bytes over ``dead_share`` percent of what the file holds, or
+        at most two free segments left with dead bytes to reclaim."""
+        if not self.backed:
+            return False
+        fig = self.engine.backing_figures()
+        dead, used = fig["dead_bytes"], fig["live_bytes"] + fig["dead_bytes"]
+        free = self.backing_size // backing.SEG_SIZE - fig["segments_used"]
+        return dead * 100 > used * dead_share or (free <= 2 and dead >= backing.SEG_SIZE // 2)
+
+    def backing_full(self) -> bool:
+        """No segment left for writeback (one is kept for cleaning)."""
+        return (
+            self.backed and self.engine.backing_figures()["segments_used"] >= self.backing_size // backing.SEG_SIZE - 1
+        )
+
+    def _write_back_for_room(self) -> bool:
+        """The ladder's writeback rung, on the write path: write the oldest
+        pages back, cleaning first when the file has no free segment, and
+        compact what writeback emptied, until a zspage fits again.  True
+        only if it moved pages out of the pool and that made room, so a
+        write that keeps stopping ends (the pool empties at worst); False
+        when nothing more could go (no file, the file full of live data,
+        the day's limit spent)."""
+        if not self.backed:
+            return False
+        room = self.engine.frame_room()
+        moved_any = False
+        ages = list(IDLE_LADDER) + [0]  # the oldest first
+        for _ in range(SYNC_WRITEBACK_PASSES + len(ages)):
+            moved, _ = self.writeback(SYNC_WRITEBACK_OBJECTS, idle_ticks=ages[0])
+            if not moved:
+                if len(ages) > 1:
+                    ages.pop(0)  # none that old left: the next band
+                    continue
+                if not self.backing_full() or not self._clean_for_room():
+                    break
+                continue
+            moved_any = True
+            self._make_room()
+            if self.engine.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+                break
+        return moved_any and self.engine.frame_room() > room
+
+    def _clean_for_room(self) -> bool:
+        """Clean until a segment is freed (the file being full), only
+        segments with SYNC_CLEAN_DEAD percent or more dead: one nearly all
+        live would cost a segment to free one.  False if none is."""
+        for _ in range(backing.SEG_SIZE // backing.OBJ_ALIGN // SYNC_WRITEBACK_OBJECTS + 1):
+            moved, freed = self.clean(SYNC_WRITEBACK_OBJECTS, percent=100 - SYNC_CLEAN_DEAD)
+            if freed:
+                return True
+            if not moved:
+                return False
+        return False
+
+    def backing_stats(self) -> dict[str, object] | None:
+        if not self.backed:
+            return None
+        fig = self.engine.backing_figures()
+        self._day_budget()
+        return {
+            "file": self.backing_path,
+            "size": self.backing_size,
+            "live_bytes": fig["live_bytes"],
+            "dead_bytes": fig["dead_bytes"],
+            "segments_used": fig["segments_used"],
+            "segments_cleaned": self.c.segments_cleaned,
+            "written_today": self.written_today,
+            "daily_limit": self.daily_limit,
+            "bytes_written": fig["bytes_written"],
+            # Reads of written-back pages (pread of their blocks, O_DIRECT):
+            # the bucket bound (a power of two) under which the median and
+            # the 99th percentile fall, since this worker started.
+            "read_latency_p50_us": _quantile(self.engine.backing_latency(), 0.5),
+            "read_latency_p99_us": _quantile(self.engine.backing_latency(), 0.99),
+        }
+
     # -- byte level -----------------------------------------------------------
 
     def write_stopped(self, status: int, retried: bool) -> bool:
@@ -609,12 +768,19 @@ class Store:
         engine = self.engine
         if status == REFUSED:
             self.update_full()
-            if self.full:
+            if self.full and not self._write_back_for_room():
                 engine.count("failed_writes")
                 return False
+            self.full = False
             return True
         if retried:
-            self.full = True  # the policy's next round recompresses, without budget (the ladder)
+            # Compaction made no room: write the oldest pages back (the
+            # ladder's writeback rung; the policy's next round recompresses,
+            # without budget); full only when that makes no room (no file,
+            # the file full or the day's limit spent).
+            if self._write_back_for_room():
+                return True
+            self.full = True
             engine.count("failed_writes")
             return False
         engine.count("limit_hits")
@@ -711,6 +877,7 @@ class Store:
             "freeable_bytes": pool.freeable_frames() * FRAME_SIZE,
             "classes": pool.class_stats(),
             **self.tier_stats(),
+            "writeback": self.backing_stats(),
         }
 
     def reset_max(self) -> None:

@@ -103,9 +103,9 @@ from . import swap
 from .config import Config
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
-from .held import CLONE_PREFIX, FUSE, STATE_NAMES, HeldFds
+from .held import BACKING, CLONE_PREFIX, FUSE, STATE_NAMES, HeldFds
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, worker_argv
-from .startup import write_owner
+from .startup import open_backing, write_owner
 from .state import read_restarts, read_supervisor_restarts, write_supervisor_restarts
 from .state_mlock import LockedMapping
 from .swap_life import SwapLife
@@ -177,6 +177,7 @@ class Supervisor:
         self.mountpoint = cfg.device.mountpoint
         self.file = os.path.join(self.mountpoint, FILE_NAME.decode())
         self.held = HeldFds()
+        self.torn_down = False  # swap off and unmounted: nothing of the device is left to serve
         self.locked: list[LockedMapping] = []
         self.mounted = False
         self.swap = SwapLife(self.held, self.file, self._wait)
@@ -489,6 +490,7 @@ class Supervisor:
         self._tell_loop("")  # gone: a handover must not pass on a loop device now someone else's
         for name in self.held.stored():
             fd_store_remove(name)  # nothing left for a restart to take over
+        self.torn_down = True  # the backing file goes with the rest (_close)
         if self.mounted:
             lazy = not fmount.unmount(self.mountpoint)
             self.mounted = False
@@ -580,6 +582,10 @@ class Supervisor:
                 sock = bind_control_socket(cfg.control.socket, resolve_group(cfg.control.group))
                 self.held.control = sock.detach()
                 fd_store("control", self.held.control)
+            if cfg.writeback.enable and self.held.backing < 0 and not self.held.state:
+                self.held.backing = open_backing(cfg)
+                fd_store(BACKING, self.held.backing)
+                log.info("backing file %s: %d MiB", cfg.writeback.file, cfg.writeback.size >> 20)
             self.worker = self._watch_handed_over() if self.handover else self._spawn(fresh=False)
             if not self._wait(lambda: self._serving() or self.shutdown_requested or self.connection_gone):
                 return 1
@@ -630,7 +636,14 @@ class Supervisor:
         for m in self.locked:
             m.close()
         self.locked = []
+        backing = self.held.backing >= 0 and self.torn_down
         self.held.close()
+        if backing and self.cfg.writeback.file:
+            # Swap lives one boot: what the file held is discarded with it.
+            try:
+                os.unlink(self.cfg.writeback.file)
+            except OSError as e:
+                log.warning("cannot remove the backing file %s: %s", self.cfg.writeback.file, e)
 
 
 def _bound_path(fd: int) -> str:

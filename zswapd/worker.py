@@ -43,6 +43,7 @@ The rules
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -57,8 +58,8 @@ from typing import Any
 
 import trio
 
+from . import backing, entry, swap
 from . import config as config_mod
-from . import swap
 from .codec import ALGORITHMS, PAGE_SIZE, Codec
 from .config import Config, ConfigError, check_value
 from .control import Controller, ControlServer, prometheus, resolve_group, serve_metrics, set_socket_access
@@ -66,7 +67,7 @@ from .engine import native_error
 from .fuse import protocol
 from .fuse.protocol import FILE_NAME, MAX_PAGES_COUNT, MAX_WRITE, FuseFS
 from .fuse.session import serve
-from .held import STATE_NAMES, HeldFds
+from .held import BACKING, STATE_NAMES, HeldFds
 from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
 from .recompress import Recompressor
@@ -82,6 +83,19 @@ COMPACT_STEP_MOVES = 16
 # (store.COMPACT_RETRIES): long enough for the writer that took the slots to
 # finish its request, short against the housekeeping interval.
 COMPACT_RETRY_PAUSE = 0.01
+# Background writeback and cleaning (_writeback_round): objects per step
+# (a step holds the backing lock for one segment write at most), bytes of
+# segment writes per housekeeping round (a disk's few ms; the daily limit
+# bounds writeback over the day), usage points below the watermark that
+# pressure writeback aims for, and the dead share of the file's used bytes
+# beyond which cleaning runs.
+WRITEBACK_STEP_OBJECTS = 256
+WRITEBACK_ROUND_BYTES = 8 << 20
+WRITEBACK_HYSTERESIS = 5
+CLEAN_DEAD_SHARE = 25
+# Cleaning steps per round: each reads a segment once and moves at most
+# WRITEBACK_STEP_OBJECTS objects, so a round moves at most ~8 segments.
+CLEAN_ROUND_STEPS = 8
 # A failed task restarts after this back-off, doubled per failure up to the
 # cap: quick recovery from a one-off bug, no log flood from a persistent one.
 RESTART_BACKOFF = 0.1
@@ -190,6 +204,16 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
+        backing_fd = args.fds.get(BACKING, -1)
+        if backing_fd >= 0:
+            wb = cfg.writeback
+            self.store.attach_backing(backing_fd, os.fstat(backing_fd).st_size, wb.file, wb.daily_limit)
+        elif self.store.c.bd_count:
+            # The supervisor lost the file (restarted without it in the fd
+            # store): those pages cannot be read.  Say so; serve the rest.
+            log.error(
+                "%d pages live in a backing file this worker was not given: reads of them fail", self.store.c.bd_count
+            )
         self.store.tick(time.monotonic())  # idle stamps from the first request on
         if state is not None:
             log.info(
@@ -230,6 +254,7 @@ class Worker:
         )
         self.controller.recompressor = self.recompressor
         self.controller.set_recompress = self._set_recompress
+        self.controller.writeback_pass = self.writeback_pass
 
     def device_info(self) -> dict[str, Any]:
         loops = swap.loops_backed_by(self.file)
@@ -540,6 +565,8 @@ class Worker:
             store.tick(time.monotonic())
             store.refill_reserve()
             store.save_counters()
+            if store.backed:
+                await self._writeback_round()
             if not cc.background or not store.compaction_wanted(cc.waste_threshold, cc.watermark):
                 continue
             steps = store.compact_steps(COMPACT_STEP_MOVES)
@@ -556,6 +583,76 @@ class Worker:
                     await trio.sleep(0 if moved else COMPACT_RETRY_PAUSE)
             finally:
                 steps.close()
+
+    async def _step(self, fn: Callable[[], Any]) -> Any:
+        """A writeback or cleaning step: on a thread with the native engine
+        (its disk I/O runs without the GIL, the FUSE threads go on), inline
+        with the Python one (whose serving is this thread's)."""
+        if self.store.engine.name == "native":
+            return await trio.to_thread.run_sync(fn)
+        result = fn()
+        await trio.sleep(0)
+        return result
+
+    async def writeback_pass(self, max_pages: int, idle_age: int | None) -> tuple[int, int, str]:
+        """`zswapd writeback`: steps until ``max_pages`` (0: every page the
+        pass finds) idle at least ``idle_age`` seconds (None or 0: any) are
+        written back or nothing more can be; compaction then gives back the
+        frames they left.  Returns (pages, bytes, why it stopped early or "")."""
+        store = self.store
+        ticks = -(-(idle_age or 0) // entry.IDLE_TICK)
+        pages = nbytes = 0
+        stopped = ""
+        while not max_pages or pages < max_pages:
+            want = min(WRITEBACK_STEP_OBJECTS, max_pages - pages) if max_pages else WRITEBACK_STEP_OBJECTS
+            moved, n = await self._step(functools.partial(store.writeback, want, 1 << 62, ticks))
+            pages += moved
+            nbytes += n
+            if not moved:
+                if store.daily_limit and store.written_today + backing.MAX_SPAN > store.daily_limit:
+                    stopped = "the daily limit is spent"
+                elif store.backing_full():
+                    stopped = "the backing file is full"
+                break
+        for _moved in store.compact_steps(COMPACT_STEP_MOVES * 16):
+            await trio.sleep(0)
+        return pages, nbytes, stopped
+
+    async def _writeback_round(self) -> None:
+        """Background writeback and cleaning, each bounded per round
+        (WRITEBACK_ROUND_BYTES of segment writes, CLEAN_ROUND_STEPS of
+        cleaning): under pressure (usage
+        over [compaction] watermark of the limit), write back until usage
+        is WRITEBACK_HYSTERESIS points below it, within the daily limit;
+        then clean when dead bytes pass CLEAN_DEAD_SHARE of what the file
+        holds, or when free segments run short."""
+        store, cc, wb = self.store, self.cfg.compaction, self.cfg.writeback
+        left = WRITEBACK_ROUND_BYTES
+        if wb.idle_age:
+            # Pages idle that long go to the file whatever the pressure:
+            # the pool keeps its room for what is hot (zram's idle writeback).
+            ticks = -(-wb.idle_age // entry.IDLE_TICK)
+            while left > 0:
+                moved, nbytes = await self._step(
+                    functools.partial(store.writeback, WRITEBACK_STEP_OBJECTS, left, ticks)
+                )
+                if not moved:
+                    break
+                left -= nbytes
+        if store.memory_limit and store.mem_used_total * 100 >= store.memory_limit * cc.watermark:
+            target = store.memory_limit * max(1, cc.watermark - WRITEBACK_HYSTERESIS) // 100
+            while left > 0 and store.mem_used_total > target:
+                moved, nbytes = await self._step(functools.partial(store.writeback, WRITEBACK_STEP_OBJECTS, left))
+                if not moved:
+                    break
+                left -= nbytes
+                await self._step(lambda: store.compact(COMPACT_STEP_MOVES * 16))
+        for _ in range(CLEAN_ROUND_STEPS):
+            if not store.cleaning_wanted(CLEAN_DEAD_SHARE):
+                break
+            moved, freed = await self._step(lambda: store.clean(WRITEBACK_STEP_OBJECTS))
+            if not moved and not freed:
+                break
 
 
 def _settings_in_force(

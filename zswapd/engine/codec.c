@@ -28,6 +28,7 @@ static void ctx_free(void *p)
     ZSTD_freeCCtx(t->zc);
     ZSTD_freeCCtx(t->rzc);
     ZSTD_freeDCtx(t->zd);
+    free(t->dbuf);
     free(t->lz4_state);
     free(t);
 }
@@ -57,7 +58,12 @@ Ctx *ctx_get(Engine *e)
         t->lz4_state = malloc((size_t)LZ4_sizeofState());
         t->zc = ZSTD_createCCtx();
         t->zd = ZSTD_createDCtx();
-        if (!t->lz4_state || !t->zc || !t->zd) {
+        /* Made with the rest, at the thread's start: a read of a backed
+         * page allocates nothing. */
+        void *d = NULL;
+        if (posix_memalign(&d, SEG_BLOCK, READ_BUFFER) == 0)
+            t->dbuf = d;
+        if (!t->lz4_state || !t->zc || !t->zd || !t->dbuf) {
             ctx_free(t);
             return NULL;
         }

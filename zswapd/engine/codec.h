@@ -28,7 +28,7 @@ typedef struct {
  * The dictionaries' digested forms are not here: one ZSTD_DDict per slot,
  * shared by every thread, and the recompression step's ZSTD_CDict live in
  * the Engine (tier.c). */
-typedef struct {
+typedef struct Ctx {
     void *lz4_state;
     ZSTD_CCtx *zc;
     ZSTD_DCtx *zd;
@@ -39,6 +39,7 @@ typedef struct {
     uint8_t cbuf[FRAME_SIZE]; /* compressed output */
     uint8_t pbuf[PAGE_SIZE];  /* a page for read-modify-write */
     uint8_t obuf[FRAME_SIZE]; /* an object copied out of the pool */
+    uint8_t *dbuf;            /* READ_BUFFER, block aligned: a backed object read O_DIRECT */
     Stopped stopped;
 } Ctx;
 

@@ -129,8 +129,11 @@
  *              dictionary (tier.c)
  *   bit 20     tried: recompression kept the object as it was; not retried
  *   bits 21-31 idle stamp: last access in IDLE_TICK ticks, mod 2048
- *   bits 32-62 handle (of a same-filled page: the handle holding its word)
- *   bit 63     unused, 0 (the writeback tier's) */
+ *   bits 32-62 handle (of a same-filled page: the handle holding its word);
+ *              with bit 63, the object's location in the backing file in
+ *              OBJ_ALIGN units (backing.c)
+ *   bit 63     BACKED: the payload lives in the backing file; kind,
+ *              algorithm, length and tier still describe it */
 #define KIND_SAME 1u
 #define KIND_COMPRESSED 2u
 #define KIND_HUGE 3u
@@ -148,7 +151,9 @@
 #define ENTRY_IDLE_MASK 0x7FFull
 #define IDLE_CLAMP 1024u
 #define ENTRY_HANDLE_SHIFT 32
-#define ENTRY_UNUSED (1ull << 63)
+#define ENTRY_HANDLE_MASK 0x7FFFFFFFull
+#define ENTRY_BACKED (1ull << 63)
+#define ENTRY_UNUSED 0ull
 /* what a page's contents depend on: not the stamp, not tried */
 #define ENTRY_CONTENT_MASK (~(ENTRY_TRIED | ENTRY_IDLE_MASK << ENTRY_IDLE_SHIFT))
 
@@ -158,7 +163,9 @@ static inline uint32_t entry_len(uint64_t entry) { return (uint32_t)(entry >> EN
 static inline unsigned entry_tier(uint64_t entry) { return (unsigned)(entry >> ENTRY_TIER_SHIFT & ENTRY_TIER_MASK); }
 static inline int entry_tried(uint64_t entry) { return (entry & ENTRY_TRIED) != 0; }
 static inline unsigned entry_idle(uint64_t entry) { return (unsigned)(entry >> ENTRY_IDLE_SHIFT & ENTRY_IDLE_MASK); }
-static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT); }
+static inline uint32_t entry_handle(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT & ENTRY_HANDLE_MASK); }
+static inline int entry_backed(uint64_t entry) { return (entry & ENTRY_BACKED) != 0; }
+static inline uint32_t entry_loc(uint64_t entry) { return (uint32_t)(entry >> ENTRY_HANDLE_SHIFT & ENTRY_HANDLE_MASK); }
 static inline uint64_t entry_with_idle(uint64_t entry, unsigned tick)
 {
     return (entry & ~(ENTRY_IDLE_MASK << ENTRY_IDLE_SHIFT)) | ((uint64_t)tick & ENTRY_IDLE_MASK) << ENTRY_IDLE_SHIFT;
@@ -172,6 +179,13 @@ static inline uint64_t make_entry(uint32_t h, unsigned kind, unsigned algo, uint
 {
     return (uint64_t)h << ENTRY_HANDLE_SHIFT | (uint64_t)len << ENTRY_LEN_SHIFT | (uint64_t)algo << ENTRY_ALGO_SHIFT |
            kind;
+}
+
+/* A backed entry for the object `old` names (kind, algorithm, length, tier;
+ * the stamp and tried bit too) at location `loc` of the backing file. */
+static inline uint64_t make_backed(uint32_t loc, uint64_t old)
+{
+    return ENTRY_BACKED | (uint64_t)loc << ENTRY_HANDLE_SHIFT | (old & ~(ENTRY_BACKED | ENTRY_HANDLE_MASK << ENTRY_HANDLE_SHIFT));
 }
 
 /* ---- the handle table's word (pool.py's glossary) --------------------------
@@ -211,6 +225,7 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
 #define ST_PUNCH 4   /* fallocate(PUNCH_HOLE) on the arena failed */
 #define ST_POLICY 5  /* asking the policy failed (a Python exception, left set) */
 #define ST_NOMEM 6   /* no memory for a thread's codec context */
+#define ST_IO 7      /* the backing file's read or write failed (Backing.err) */
 
 #ifdef ZSWAPD_BOUNDS
 /* The sanitizer build checks every table index: ASan cannot see past the end
@@ -232,8 +247,8 @@ static inline uint32_t free_slot_header(uint32_t next) { return SLOT_FREE | next
  * Entries: DIM_PAGES npages, DIM_HANDLES max_handles + 1 (0 is no handle),
  * DIM_ZSPAGES max_frames + 1 (0 is no zspage), DIM_FRAMES max_frames,
  * DIM_DICTS DICT_SLOTS + 1 (slot 0 unused), DIM_DICT_BYTES DICT_SLOTS *
- * DICT_MAX_BYTES (state.py). */
-enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_DICTS, DIM_DICT_BYTES };
+ * DICT_MAX_BYTES (state.py), DIM_SEGMENTS MAX_SEGMENTS (backing.c). */
+enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_DICTS, DIM_DICT_BYTES, DIM_SEGMENTS };
 #define DICT_MAX_BYTES (256u * 1024u)
 #define ENGINE_TABLES(X)                                                                                           \
     X(page, uint64_t, DIM_PAGES)                                                                                   \
@@ -252,7 +267,8 @@ enum { DIM_PAGES, DIM_HANDLES, DIM_ZSPAGES, DIM_FRAMES, DIM_DICTS, DIM_DICT_BYTE
     X(handle_stack, uint32_t, DIM_HANDLES)                                                                         \
     X(dict_head, uint64_t, DIM_DICTS)                                                                              \
     X(dict_refs, uint64_t, DIM_DICTS)                                                                              \
-    X(dict_bytes, uint8_t, DIM_DICT_BYTES)
+    X(dict_bytes, uint8_t, DIM_DICT_BYTES)                                                                         \
+    X(segment, uint64_t, DIM_SEGMENTS)
 
 #define TABLE_ENUM(name, type, dim) T_##name,
 enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
@@ -263,7 +279,8 @@ enum { ENGINE_TABLES(TABLE_ENUM) NTABLES };
 #define ENGINE_COUNTERS(X)                                                                                         \
     X(num_reads) X(num_writes) X(failed_reads) X(failed_writes) X(notify_free) X(same_pages) X(huge_pages)         \
         X(pages_stored) X(mem_used_max) X(compactions) X(limit_hits) X(recompressed) X(recompress_saved)          \
-            X(recompress_skipped) X(recompress_incompressible) X(recompress_cpu_us) X(dictionaries_trained)
+            X(recompress_skipped) X(recompress_incompressible) X(recompress_cpu_us) X(dictionaries_trained)        \
+                X(bd_count) X(bd_reads) X(bd_writes) X(segments_cleaned)
 
 typedef struct {
 #define TABLE_FIELD(name, type, dim) type *name;
@@ -314,6 +331,8 @@ typedef struct {
     /* The idle tick now (entry.tick_of of CLOCK_MONOTONIC), stamped on every
      * write and read; the store sets it, relaxed, as time passes. */
     unsigned now_tick;
+
+    struct Backing *bk; /* the backing file (backing.c); NULL: none attached */
 
     int full; /* the store's full flag: while set, a page that needs memory is refused */
     int punch_errno;
@@ -459,6 +478,59 @@ int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len,
  * does not decompress (ST_CORRUPT). */
 int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len);
 unsigned long long discard_range(Engine *e, uint64_t first, uint64_t end);
+
+/* ---- backing.c: the backing file (backing.py is the reference) ----------- */
+
+#define SEG_SIZE (256u * 1024)
+#define SEG_SHIFT 18
+#define SEG_BLOCK 4096u
+#define OBJ_ALIGN 16u
+#define OBJ_HEADER 8u
+#define MAX_SEGMENTS (1u << 17)
+#define MAX_PENDING 1024
+#define SEG_LIVE_MASK 0xFFFFFull
+#define SEG_FILL_SHIFT 20
+#define SEG_FILL_MASK 0xFFFFFull
+#define SEG_STATE_SHIFT 40
+#define SEG_FREE 0
+#define SEG_OPEN 1
+#define SEG_FULL 2
+#define SEG_CLEANING 3
+#define READ_BUFFER (2 * SEG_BLOCK) /* an object from a 16-byte boundary spans at most two blocks */
+
+static inline uint32_t obj_span(uint32_t len) { return (OBJ_HEADER + len + OBJ_ALIGN - 1) / OBJ_ALIGN * OBJ_ALIGN; }
+static inline uint32_t seg_live(uint64_t w) { return (uint32_t)(w & SEG_LIVE_MASK); }
+static inline uint32_t seg_fill(uint64_t w) { return (uint32_t)(w >> SEG_FILL_SHIFT & SEG_FILL_MASK); }
+static inline unsigned seg_state(uint64_t w) { return (unsigned)(w >> SEG_STATE_SHIFT & 3); }
+static inline uint64_t seg_word(uint32_t live, uint32_t fill, unsigned state)
+{
+    return (uint64_t)state << SEG_STATE_SHIFT | (uint64_t)fill << SEG_FILL_SHIFT | live;
+}
+/* The segment an entry's location is in. */
+static inline uint32_t loc_segment(uint32_t loc) { return (uint32_t)((uint64_t)loc * OBJ_ALIGN >> SEG_SHIFT); }
+
+struct Ctx;
+/* 0, or -errno (no memory: -ENOMEM; a file too small for the table: -EFBIG). */
+int backing_attach(Engine *e, int fd, uint64_t size);
+void backing_detach(Engine *e);
+/* Bounded steps (the backing lock held inside): objects moved. */
+long writeback_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned idle_ticks,
+                   unsigned long long *nbytes);
+long clean_step(Engine *e, unsigned max_objects, unsigned long long max_bytes, unsigned percent, int *freed);
+/* A backed page's payload into t's read buffer: ST_OK (*payload set),
+ * ST_CORRUPT (the file does not hold its object there), ST_IO. */
+int backing_load(Engine *e, struct Ctx *t, uint64_t idx, uint64_t entry, const uint8_t **payload);
+/* What a backed entry leaves: its object's bytes are dead from now on. */
+void backing_release(Engine *e, uint64_t entry);
+/* figures: size, live, dead, used segments, bytes written; -1 without a file. */
+int backing_figures(Engine *e, unsigned long long out[5]);
+int backing_errno(Engine *e);
+#define LAT_BUCKETS 24 /* backed-read latency, log2 microseconds: up to 8 s */
+int backing_latency(Engine *e, unsigned long long out[LAT_BUCKETS]);
+int rebuild_segments(Engine *e, const uint64_t *pages, size_t npx, const uint64_t *segs, size_t nsx,
+                     unsigned long long *count, char *err, size_t errlen);
+int check_segments(Engine *e, const uint64_t *pages, size_t npx, const uint64_t *segs, size_t nsx, char *err,
+                   size_t errlen);
 
 /* ---- rebuild.c ------------------------------------------------------------- */
 

@@ -7,6 +7,7 @@
  */
 #include "module.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <string.h>
 #include <structmember.h>
@@ -32,6 +33,10 @@ PyObject *raise_status(Engine *e, int st)
     case ST_NOMEM:
         PyErr_SetString(PyExc_MemoryError, "no memory for this thread's compression state");
         break;
+    case ST_IO:
+        errno = backing_errno(e) ? backing_errno(e) : EIO;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "the backing file");
+        break;
     default:
         PyErr_Format(PyExc_RuntimeError, "engine status %d", st);
     }
@@ -51,6 +56,7 @@ static void Engine_dealloc(EngineObject *self)
 {
     Engine *e = &self->e;
     engine_release_buffers(self);
+    backing_detach(e);
     dict_free_all(e);
     PyMem_RawFree(e->elock);
     e->elock = NULL;
@@ -91,6 +97,8 @@ static Py_ssize_t dim_entries(int dim, uint64_t npages, uint32_t max_frames, uin
         return DICT_SLOTS + 1;
     case DIM_DICT_BYTES:
         return (Py_ssize_t)DICT_SLOTS * DICT_MAX_BYTES;
+    case DIM_SEGMENTS:
+        return (Py_ssize_t)MAX_SEGMENTS;
     default:
         return (Py_ssize_t)max_frames;
     }
@@ -398,6 +406,113 @@ static PyObject *Engine_frame_room(EngineObject *self, PyObject *Py_UNUSED(a))
     return PyLong_FromLongLong(frame_room(e));
 }
 
+/* attach_backing(fd, size): the backing file (backing.c); the fd stays the caller's. */
+static PyObject *Engine_attach_backing(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    int fd;
+    unsigned long long size;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "iK", &fd, &size))
+        return NULL;
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = backing_attach(e, fd, size);
+        unlock_all(e);
+    });
+    if (r == -EFBIG) {
+        PyErr_Format(StateError,
+                     "the segment table names segments beyond this backing file's %llu bytes: the file given is "
+                     "smaller than the one the state was written to",
+                     size);
+        return NULL;
+    }
+    if (r == -EBUSY) {
+        PyErr_SetString(PyExc_ValueError, "a backing file is already attached");
+        return NULL;
+    }
+    if (r == -EINVAL) {
+        PyErr_Format(PyExc_ValueError,
+                     "backing file size %llu is not a multiple of %u bytes from two segments (%u bytes) to %llu", size,
+                     SEG_BLOCK, 2 * SEG_SIZE, (unsigned long long)MAX_SEGMENTS * SEG_SIZE);
+        return NULL;
+    }
+    if (r < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *step_error(Engine *e, long r)
+{
+    if (r == -ENXIO) {
+        PyErr_SetString(PyExc_ValueError, "no backing file is attached");
+        return NULL;
+    }
+    if (r == -ENOMEM)
+        return PyErr_NoMemory();
+    return raise_status(e, ST_IO);
+}
+
+/* writeback(max_objects, max_bytes, idle_ticks=0) -> (objects moved, bytes appended) */
+static PyObject *Engine_writeback(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    unsigned int max_objects, idle_ticks = 0;
+    unsigned long long max_bytes, nbytes = 0;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "IK|I", &max_objects, &max_bytes, &idle_ticks))
+        return NULL;
+    long r;
+    NOGIL(r = writeback_step(e, max_objects, max_bytes, idle_ticks, &nbytes));
+    if (r < 0)
+        return step_error(e, r);
+    return Py_BuildValue("lK", r, nbytes);
+}
+
+/* clean(max_objects, max_bytes, percent) -> (objects moved, segments freed) */
+static PyObject *Engine_clean(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    unsigned int max_objects, percent;
+    unsigned long long max_bytes;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "IKI", &max_objects, &max_bytes, &percent))
+        return NULL;
+    long r;
+    int freed = 0;
+    NOGIL(r = clean_step(e, max_objects, max_bytes, percent, &freed));
+    if (r < 0)
+        return step_error(e, r);
+    return Py_BuildValue("li", r, freed);
+}
+
+static PyObject *Engine_backing_figures(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    unsigned long long f[5];
+    READY(e);
+    if (backing_figures(e, f) < 0) {
+        PyErr_SetString(PyExc_ValueError, "no backing file is attached");
+        return NULL;
+    }
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "size", f[0], "live_bytes", f[1], "dead_bytes", f[2],
+                         "segments_used", f[3], "bytes_written", f[4]);
+}
+
+/* backing_latency() -> [reads with latency <= 1, 2, 4, ... us] (LAT_BUCKETS) */
+static PyObject *Engine_backing_latency(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    unsigned long long h[LAT_BUCKETS];
+    READY(e);
+    if (backing_latency(e, h) < 0) {
+        PyErr_SetString(PyExc_ValueError, "no backing file is attached");
+        return NULL;
+    }
+    return u64_list(h, LAT_BUCKETS);
+}
+
 static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(a))
 {
     Engine *e = &self->e;
@@ -407,6 +522,7 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(a))
         lock_all(e);
         engine_release_buffers(self);
         unlock_all(e);
+        backing_detach(e);
     }
     Py_RETURN_NONE;
 }
@@ -615,6 +731,13 @@ static PyMethodDef Engine_methods[] = {
     {"rebuild", (PyCFunction)Engine_rebuild, METH_VARARGS, "rebuild(extents, nalgos) -> (stored, same, huge)"},
     {"check_pages", (PyCFunction)Engine_check_pages, METH_VARARGS, "check_pages(extents): raise StateError unless every invariant holds"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "release the state's buffers"},
+    {"attach_backing", (PyCFunction)Engine_attach_backing, METH_VARARGS, "attach_backing(fd, size)"},
+    {"writeback", (PyCFunction)Engine_writeback, METH_VARARGS, "writeback(max_objects, max_bytes, idle_ticks=0) -> (moved, bytes)"},
+    {"clean", (PyCFunction)Engine_clean, METH_VARARGS, "clean(max_objects, max_bytes, percent) -> (moved, freed)"},
+    {"backing_figures", (PyCFunction)Engine_backing_figures, METH_NOARGS, NULL},
+    {"backing_latency", (PyCFunction)Engine_backing_latency, METH_NOARGS, NULL},
+    {"rebuild_backing", (PyCFunction)Engine_rebuild_backing, METH_VARARGS, "rebuild_backing(pages, segments) -> bd_count"},
+    {"check_backing", (PyCFunction)Engine_check_backing, METH_VARARGS, "check_backing(pages, segments)"},
     /* the recompression tier (tier_api.c) */
     {"recompress_step", (PyCFunction)Engine_recompress_step, METH_VARARGS,
      "recompress_step(first, end, min_len, max_len, idle_ticks, threshold, level, max_pages) -> "
@@ -646,7 +769,7 @@ PyTypeObject EngineType = {
  * name each.  engine.py compares them with its own at import and refuses a
  * build that disagrees: one side defines, the other asserts. */
 
-static const char *const dim_names[] = {"pages", "handles", "zspages", "frames", "dicts", "dict_bytes"};
+static const char *const dim_names[] = {"pages", "handles", "zspages", "frames", "dicts", "dict_bytes", "segments"};
 
 static int add_int(PyObject *d, const char *name, unsigned long long v)
 {
@@ -684,7 +807,10 @@ static PyObject *rules(void)
                 RULE(KIND_HUGE) RULE(ALGO_LZ4) RULE(ALGO_ZSTD) RULE(LOC_HUGE) RULE(LOC_FRAME_MASK)
                     RULE(LOC_ZSPAGE_SHIFT) RULE(LOC_SLOT_MASK) RULE(SLOT_FREE) RULE(SLOT_END) RULE(FRAME_SIZE)
                         RULE(HEADER) RULE(GROUPS) RULE(MAX_FRAMES_PER_ZSPAGE)
-                            RULE(ST_OK) RULE(ST_REFUSED) RULE(ST_NOROOM) RULE(MAX_THREADS)
+                            RULE(ST_OK) RULE(ST_REFUSED) RULE(ST_NOROOM) RULE(MAX_THREADS) RULE(ENTRY_BACKED)
+                                RULE(SEG_SIZE) RULE(SEG_BLOCK) RULE(OBJ_ALIGN) RULE(OBJ_HEADER) RULE(MAX_SEGMENTS)
+                                    RULE(MAX_PENDING) RULE(SEG_FILL_SHIFT) RULE(SEG_STATE_SHIFT) RULE(SEG_FREE)
+                                        RULE(SEG_OPEN) RULE(SEG_FULL) RULE(SEG_CLEANING) RULE(LAT_BUCKETS)
                                 PyDict_SetItemString(d, "TABLES", tables) < 0 ||
         PyDict_SetItemString(d, "COUNTERS", counters) < 0)
         goto fail;

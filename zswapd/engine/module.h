@@ -53,6 +53,8 @@ PyObject *Engine_volatile(EngineObject *self, PyObject *a);
 PyObject *Engine_set_volatile(EngineObject *self, PyObject *d);
 PyObject *Engine_rebuild(EngineObject *self, PyObject *args);
 PyObject *Engine_check_pages(EngineObject *self, PyObject *args);
+PyObject *Engine_rebuild_backing(EngineObject *self, PyObject *args);
+PyObject *Engine_check_backing(EngineObject *self, PyObject *args);
 
 /* object_api.c: the pool's object API, for the pool tests. */
 PyObject *Engine_store(EngineObject *self, PyObject *arg);

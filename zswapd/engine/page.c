@@ -21,6 +21,13 @@ static void release(Engine *e, uint64_t entry)
         return;
     uint32_t h = entry_handle(entry);
     SUB(e->pages_stored, 1);
+    unsigned tier = entry_tier(entry);
+    if (entry_backed(entry)) {
+        backing_release(e, entry); /* dead bytes in its segment, for cleaning */
+        if (tier && tier <= DICT_SLOTS)
+            SUB(e->dict_refs[tier], 1);
+        return;
+    }
     if (kind == KIND_SAME) {
         pool_lock(e);
         drop_handle(e, h);
@@ -30,7 +37,6 @@ static void release(Engine *e, uint64_t entry)
         obj_free(e, h, entry_len(entry));
         if (kind == KIND_HUGE)
             SUB(e->huge_pages, 1);
-        unsigned tier = entry_tier(entry);
         if (tier && tier <= DICT_SLOTS)
             SUB(e->dict_refs[tier], 1); /* after the entry stopped naming it (tier.c) */
     }
@@ -149,6 +155,23 @@ static int load_page_locked(Engine *e, Ctx *t, uint64_t idx, uint8_t *dst)
     }
     stamp_locked(e, idx, entry);
     uint32_t h = entry_handle(entry);
+    if (entry_backed(entry)) {
+        /* Under the entry bit nothing can move the object (cleaning
+         * switches entries under it), so one read is enough. */
+        const uint8_t *payload;
+        int st = backing_load(e, t, idx, entry, &payload);
+        if (st != ST_OK)
+            return st;
+        if (kind == KIND_HUGE) {
+            memcpy(dst, payload, PAGE_SIZE);
+            return ST_OK;
+        }
+        if (decompress(e, t, entry_algo(entry), entry_tier(entry), payload, entry_len(entry), dst) != 0) {
+            ADD(e->failed_reads, 1);
+            return ST_CORRUPT;
+        }
+        return ST_OK;
+    }
     CHECK(h <= e->max_handles);
     if (kind == KIND_SAME) {
         uint64_t w = e->handle[h];
@@ -234,8 +257,49 @@ int write_request(Engine *e, uint64_t offset, const uint8_t *data, uint64_t len,
     return st;
 }
 
+/* A backed page: its blocks read from the file with no lock held (this
+ * thread's buffer, O_DIRECT), then the entry checked again under its bit
+ * and the object decompressed there, as a dictionary's object is (the slot
+ * stays installed while the entry names it).  Cleaning may have moved the
+ * object (and punched the old copy) meanwhile: then the entry's location
+ * has changed and the page is read again from where it is now.  An entry
+ * that names the same object means the copy read was the page's, since a
+ * segment is punched only after every entry into it switched away and is
+ * reused only after that; the object's header, which names the page and
+ * the length, is checked too (backing_load). */
+static int read_backed(Engine *e, Ctx *t, uint64_t idx, uint64_t entry, uint8_t *dst)
+{
+    for (;;) {
+        const uint8_t *payload;
+        int st = backing_load(e, t, idx, entry, &payload);
+        entry_lock(e, idx);
+        uint64_t now = e->page[idx];
+        if ((now ^ entry) & ENTRY_CONTENT_MASK) {
+            if (!entry_backed(now)) { /* back in the pool, rewritten or discarded */
+                st = load_page_locked(e, t, idx, dst);
+                entry_unlock(e, idx);
+                return st;
+            }
+            entry_unlock(e, idx);
+            entry = now; /* moved by cleaning: read it where it is */
+            continue;
+        }
+        if (st == ST_OK) {
+            stamp_locked(e, idx, now);
+            if (entry_kind(entry) == KIND_HUGE)
+                memcpy(dst, payload, PAGE_SIZE);
+            else if (decompress(e, t, entry_algo(entry), entry_tier(entry), payload, entry_len(entry), dst) != 0) {
+                ADD(e->failed_reads, 1);
+                st = ST_CORRUPT;
+            }
+        }
+        entry_unlock(e, idx);
+        return st;
+    }
+}
+
 /* Each page's object is copied out under its entry lock, then decompressed
- * with no lock held. */
+ * with no lock held; a backed one is read from the file with none held. */
 int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
 {
     ADD(e->num_reads, 1);
@@ -251,7 +315,10 @@ int read_range(Engine *e, uint64_t offset, uint8_t *out, uint64_t len)
         entry_lock(e, idx);
         uint64_t entry = e->page[idx];
         unsigned tier = entry_tier(entry);
-        if (entry_kind(entry) == KIND_COMPRESSED && (!tier || tier == TIER_PLAIN)) {
+        if (entry_backed(entry)) {
+            entry_unlock(e, idx);
+            st = read_backed(e, t, idx, entry, dst);
+        } else if (entry_kind(entry) == KIND_COMPRESSED && (!tier || tier == TIER_PLAIN)) {
             uint32_t n = entry_len(entry);
             obj_copy(e, entry_handle(entry), n, t->obuf);
             stamp_locked(e, idx, entry);

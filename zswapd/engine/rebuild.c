@@ -192,12 +192,15 @@ static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t n
                 FAIL(s, "page %llu: entry 0x%llx has bits set that no entry uses", (unsigned long long)idx,
                      (unsigned long long)entry);
             counts[0]++;
+            /* A backed entry's object is in the file (rebuild_segments'
+             * part); its dictionary reference is counted here. */
+            int backed = entry_backed(entry);
             int r;
             char *outer = s->err;
             size_t outer_len = s->errlen;
             s->err = inner;
             s->errlen = sizeof inner;
-            if (kind == KIND_SAME) {
+            if (kind == KIND_SAME && !backed) {
                 r = claim_handle(e, s, h);
                 counts[1]++;
             } else {
@@ -216,8 +219,11 @@ static int rebuild_claim_pages(Engine *e, Scan *s, const uint64_t *ext, size_t n
                              (unsigned long long)entry, tier);
                     r = -1;
                 } else {
-                    r = claim_object(e, s, h, n);
-                    counts[2] += kind == KIND_HUGE;
+                    r = 0;
+                    if (!backed) {
+                        r = claim_object(e, s, h, n);
+                        counts[2] += kind == KIND_HUGE;
+                    }
                     if (tier && tier != TIER_PLAIN)
                         e->dict_refs[tier]++;
                 }
@@ -369,6 +375,12 @@ int check_all(Engine *e, const uint64_t *ext, size_t next, Errs *b, char *fatal,
             if (!kind)
                 continue;
             uint64_t h = entry_handle(entry);
+            if (entry_backed(entry)) {
+                stored++;
+                if (entry_tier(entry) && entry_tier(entry) <= DICT_SLOTS)
+                    drefs[entry_tier(entry)]++;
+                continue; /* check_segments' part */
+            }
             if (h <= e->max_handles) {
                 if (own[h]) {
                     snprintf(fatal, fatlen, "page %llu names handle %llu, which another page names too",

@@ -195,8 +195,15 @@ PyObject *Engine_set_volatile(EngineObject *self, PyObject *d)
     Py_RETURN_NONE;
 }
 
-/* extents: a list of (first, end) page ranges, within the device. */
+/* extents: a list of (first, end) ranges of a table of `limit` entries. */
+static uint64_t *parse_extents_of(PyObject *list, size_t *n, uint64_t limit, const char *what);
+
 static uint64_t *parse_extents(Engine *e, PyObject *list, size_t *n)
+{
+    return parse_extents_of(list, n, e->npages, "the page table");
+}
+
+static uint64_t *parse_extents_of(PyObject *list, size_t *n, uint64_t limit, const char *what)
 {
     PyObject *seq = PySequence_Fast(list, "extents must be a sequence of (first, end)");
     if (!seq)
@@ -212,9 +219,9 @@ static uint64_t *parse_extents(Engine *e, PyObject *list, size_t *n)
         unsigned long long first, end;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &first, &end))
             goto bad;
-        if (first > end || end > e->npages) {
-            PyErr_Format(PyExc_ValueError, "extent %llu..%llu is outside the page table (%llu pages)", first, end,
-                         (unsigned long long)e->npages);
+        if (first > end || end > limit) {
+            PyErr_Format(PyExc_ValueError, "extent %llu..%llu is outside %s (%llu entries)", first, end, what,
+                         (unsigned long long)limit);
             goto bad;
         }
         ext[2 * i] = first;
@@ -293,6 +300,75 @@ PyObject *Engine_check_pages(EngineObject *self, PyObject *args)
     }
     if (b.n) {
         PyErr_Format(StateError, "pool invariants broken: %s", msg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* rebuild_backing(pages, segments) -> bd_count: after rebuild(), the
+ * segment table from the backed entries (backing.c's rebuild_segments). */
+PyObject *Engine_rebuild_backing(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    PyObject *pl, *sl;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "OO", &pl, &sl))
+        return NULL;
+    size_t npx = 0, nsx = 0;
+    uint64_t *px = parse_extents(e, pl, &npx);
+    if (!px)
+        return NULL;
+    uint64_t *sx = parse_extents_of(sl, &nsx, MAX_SEGMENTS, "the segment table");
+    if (!sx) {
+        PyMem_RawFree(px);
+        return NULL;
+    }
+    char err[1024] = "";
+    unsigned long long count = 0;
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = rebuild_segments(e, px, npx, sx, nsx, &count, err, sizeof err);
+        if (r == 0)
+            STORE(e->bd_count, count);
+        unlock_all(e);
+    });
+    PyMem_RawFree(px);
+    PyMem_RawFree(sx);
+    if (r < 0) {
+        PyErr_SetString(StateError, err);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(count);
+}
+
+PyObject *Engine_check_backing(EngineObject *self, PyObject *args)
+{
+    Engine *e = &self->e;
+    PyObject *pl, *sl;
+    READY(e);
+    if (!PyArg_ParseTuple(args, "OO", &pl, &sl))
+        return NULL;
+    size_t npx = 0, nsx = 0;
+    uint64_t *px = parse_extents(e, pl, &npx);
+    if (!px)
+        return NULL;
+    uint64_t *sx = parse_extents_of(sl, &nsx, MAX_SEGMENTS, "the segment table");
+    if (!sx) {
+        PyMem_RawFree(px);
+        return NULL;
+    }
+    char err[4096] = "";
+    int r;
+    NOGIL({
+        lock_all(e);
+        r = check_segments(e, px, npx, sx, nsx, err, sizeof err);
+        unlock_all(e);
+    });
+    PyMem_RawFree(px);
+    PyMem_RawFree(sx);
+    if (r < 0) {
+        PyErr_SetString(StateError, err);
         return NULL;
     }
     Py_RETURN_NONE;

@@ -166,8 +166,10 @@ size_t sample_idle(Engine *e, uint64_t *cursor, uint64_t end, unsigned idle_tick
         unsigned tier = entry_tier(entry);
         /* as a write stored it, or recompressed without a dictionary:
          * decompressed with no lock held, which a dictionary's object may
-         * not be (its slot could be dropped meanwhile) */
-        if (entry_kind(entry) != KIND_COMPRESSED || (tier && tier != TIER_PLAIN) || entry_age(entry, now) < idle_ticks)
+         * not be (its slot could be dropped meanwhile); a backed page's
+         * object is in the file, not the pool */
+        if (entry_kind(entry) != KIND_COMPRESSED || (tier && tier != TIER_PLAIN) || entry_backed(entry) ||
+            entry_age(entry, now) < idle_ticks)
             continue;
         uint32_t n = entry_len(entry);
         entry_lock(e, idx);
@@ -233,8 +235,9 @@ static int switch_if_same_object(Engine *e, Ctx *t, uint64_t idx, uint64_t entry
 int tier_candidate(uint64_t entry, unsigned now, const TierStep *p)
 {
     unsigned kind = entry_kind(entry);
-    if ((kind != KIND_COMPRESSED && kind != KIND_HUGE) || entry_tier(entry) || entry_tried(entry))
-        return 0;
+    if ((kind != KIND_COMPRESSED && kind != KIND_HUGE) || entry_tier(entry) || entry_tried(entry) ||
+        entry_backed(entry))
+        return 0; /* a backed page's object is in the file (backing.c), not the pool */
     uint32_t n = entry_len(entry);
     return n >= p->min_len && n <= p->max_len && entry_age(entry, now) >= p->idle_ticks;
 }
