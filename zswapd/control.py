@@ -675,11 +675,12 @@ def _tier_metrics(s: dict[str, Any]) -> list[str]:
     if not isinstance(r, dict):
         return []
     out: list[str] = []
-    for name, key, help_ in (
-        ("recompressed_pages", "pages", "Pages stored recompressed now"),
-        ("recompress_cpu_seconds", "cpu_seconds", "CPU seconds spent recompressing and training"),
+    for name, key, kind, help_ in (
+        ("recompressed_pages", "pages", "gauge", "Pages stored recompressed now"),
+        # only grows (saved across takeovers): a counter, so rate() applies
+        ("recompress_cpu_seconds_total", "cpu_seconds", "counter", "CPU seconds spent recompressing and training"),
     ):
-        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} gauge", f"zswapd_{name} {r[key]}"]
+        out += [f"# HELP zswapd_{name} {help_}", f"# TYPE zswapd_{name} {kind}", f"zswapd_{name} {r[key]}"]
     out += ["# HELP zswapd_codec_pages Pages stored per codec", "# TYPE zswapd_codec_pages gauge"]
     out += ["# HELP zswapd_codec_bytes Payload bytes stored per codec", "# TYPE zswapd_codec_bytes gauge"]
     for c in s.get("codecs", []):
