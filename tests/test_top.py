@@ -162,10 +162,11 @@ def test_first_frame_in_a_pipe_byte_for_byte() -> None:
 
 def test_recompression_and_writeback_light_up() -> None:
     before = {**copy.deepcopy(BEFORE), "bd_count": 0, "bd_reads": 0, "bd_writes": 0,
-              "recompress": {"pages": 100, "bytes_saved": 100000, "cpu_seconds": 12.0, "dictionaries": []}}  # fmt: skip
+              "recompress": {"pages": 100, "recompressed": 100, "bytes_saved": 100000, "cpu_seconds": 12.0,
+                             "dictionaries": []}}  # fmt: skip
     after = {
         **copy.deepcopy(AFTER), "full": True, "bd_count": 1000, "bd_reads": 10, "bd_writes": 1000,
-        "recompress": {"pages": 300, "bytes_saved": 500000, "cpu_seconds": 12.5,
+        "recompress": {"pages": 300, "recompressed": 300, "bytes_saved": 500000, "cpu_seconds": 12.5,
                        "dictionaries": [{"id": 1, "bytes": 65536, "pages": 300}]},
         "writeback": {"file": "/var/swapback", "size": 1 << 30, "live_bytes": 3 << 20, "dead_bytes": 1 << 20},
     }  # fmt: skip

@@ -59,7 +59,7 @@ RATES = (
     ("compactions", ("compactions",), "counter"),
     ("frames freed", ("pages_compacted",), "counter"),  # by compaction
     ("refused", ("failed_writes",), "counter"),  # writes refused: the pool was full
-    ("recompressed", ("recompress", "pages"), "gauge"),  # pages stored recompressed
+    ("recompressed", ("recompress", "recompressed"), "counter"),  # pages recompressed (ever; rewrites undo some)
     ("recomp cpu", ("recompress", "cpu_seconds"), "cpu"),
     ("written back", ("bd_writes",), "counter"),  # pages
     ("backing reads", ("bd_reads",), "counter"),  # pages
