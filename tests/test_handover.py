@@ -40,7 +40,9 @@ def test_held_fds_round_trip_by_name() -> None:
         named = held.named()
         assert named == {"fuse": fds[0], "fuse-clone-0": fds[1], "fuse-clone-1": fds[2], "control": fds[3],
                          "state-meta": fds[4], "state-arena": fds[5], "lock-0": fds[6], "lock-1": fds[7]}  # fmt: skip
-        assert all(known_name(n) for n in named) and set(FD_NAMES) - {"loop"} <= set(named)
+        assert all(known_name(n) for n in named) and set(FD_NAMES) - {"loop", "backing"} <= set(
+            named
+        )  # those two only when used
         assert "lock-0" not in held.stored() and "lock-0" in held.for_worker()
         # Any order of names (systemd gives them back in its own) makes the same set.
         back = HeldFds.adopt(dict(reversed(list(named.items()))))
@@ -59,9 +61,9 @@ def test_half_a_state_is_none_and_its_fd_is_closed() -> None:
 
 
 def test_unknown_names() -> None:
-    for name in ("fuse-clone-", "fuse-clone-x", "lock", "state", "backing", ""):
+    for name in ("fuse-clone-", "fuse-clone-x", "lock", "state", "swapfile", ""):
         assert not known_name(name), name
-    for name in ("fuse", "fuse-clone-12", "lock-1", "state-arena", "loop", "control"):
+    for name in ("fuse", "fuse-clone-12", "lock-1", "state-arena", "loop", "control", "backing"):
         assert known_name(name), name
 
 
@@ -97,7 +99,7 @@ def test_handover_over_a_socketpair_carries_every_fd_by_name() -> None:
         (handover.MAGIC + b'{"names": ["fuse", "worker-pidfd"], "info": {}}', 1, "names 2 fds but carries 1"),
         (handover.MAGIC + b'{"names": ["fuse", "fuse"], "info": {}}', 2, "names an fd twice"),
         (handover.MAGIC + b'{"names": ["fuse"], "info": {}}', 1, "no pidfd of the worker"),
-        (handover.MAGIC + b'{"names": ["backing", "worker-pidfd"], "info": {}}', 2, "does not know: backing"),
+        (handover.MAGIC + b'{"names": ["swapfile", "worker-pidfd"], "info": {}}', 2, "does not know: swapfile"),
     ],
 )
 def test_a_bad_handover_is_refused_and_closes_every_fd(payload: bytes, nfds: int, error: str) -> None:
@@ -109,7 +111,7 @@ def test_a_bad_handover_is_refused_and_closes_every_fd(payload: bytes, nfds: int
 
 def test_encode_refuses_what_one_message_cannot_carry() -> None:
     with pytest.raises(handover.HandoverError, match="no held fd is named"):
-        handover.encode({"backing": 5}, 6, {})
+        handover.encode({"swapfile": 5}, 6, {})
     many = {f"fuse-clone-{i}": 3 for i in range(handover.MAX_FDS)}
     with pytest.raises(handover.HandoverError, match="at most 253"):
         handover.encode(many, 6, {})

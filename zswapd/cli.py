@@ -454,6 +454,7 @@ def _main(argv: list[str] | None = None) -> int:
                 req[key] = getattr(args, key)
         # a pass over a large pool takes a while: it answers when done
         print(recompress_result(_call(args, req, RECOMPRESS_TIMEOUT)))
+        return 0
     if args.command == "writeback":
         wreq: dict[str, Any] = {"cmd": "writeback"}
         if args.idle_age is not None:
