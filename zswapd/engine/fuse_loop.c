@@ -140,10 +140,16 @@ static int may_spin(Server *s, const struct timespec *last)
     return ns_since(last) < SPIN_NS && !__atomic_load_n(&s->busy, __ATOMIC_RELAXED);
 }
 
+/* O_NONBLOCK belongs to the open file description, which threads sharing
+ * an fd share, and so does *t->nonblock, its cached value.  The reader
+ * token orders the readers' changes, but a thread leaving (server_thread's
+ * end) changes it outside the token: relaxed atomics.  A value that lags
+ * costs at most a read that returns EAGAIN, which the loop retries. */
 static void set_nonblock(Thread *t, int on)
 {
-    if (*t->nonblock != on && fcntl(t->fd, F_SETFL, t->flags | (on ? O_NONBLOCK : 0)) == 0)
-        *t->nonblock = on;
+    if (__atomic_load_n(t->nonblock, __ATOMIC_RELAXED) != on &&
+        fcntl(t->fd, F_SETFL, t->flags | (on ? O_NONBLOCK : 0)) == 0)
+        __atomic_store_n(t->nonblock, on, __ATOMIC_RELAXED);
 }
 
 /* The reader's wait for the next request: spin with non-blocking reads
