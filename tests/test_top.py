@@ -324,6 +324,12 @@ def _spawn_as_nobody(children: list[Pty], args: list[str], rows: int = 30, cols:
     if pid == 0:
         code = 99
         try:
+            # A fork keeps the test process's signal dispositions, which
+            # earlier tests may have changed (a worker run in-process ignores
+            # SIGINT): start from those a fresh `zswapd top` has.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
+                signal.signal(sig, signal.SIG_DFL)
             fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
             os.setgroups([])
             os.setgid(NOGROUP)
