@@ -690,21 +690,6 @@ def test_a_write_racing_the_step_is_never_undone_by_a_reused_handle() -> None:
 # -- the ladder: compaction, then recompression, then full ------------------------------
 
 
-def _policy_of(s: Store, **cfg: object) -> object:
-    import dataclasses
-
-    from zswapd.config import RecompressConfig
-    from zswapd.recompress import Recompressor
-
-    config = dataclasses.replace(RecompressConfig(), **cfg)  # type: ignore[arg-type]
-    # The round's "now" is the tick the test set (s.engine.now_tick), not
-    # CLOCK_MONOTONIC, whose tick depends on the machine's uptime.
-    return Recompressor(
-        s, lambda: config, lambda: 90, threaded=s.engine.name == "native",
-        clock=lambda: s.engine.now_tick * entry.IDLE_TICK,
-    )  # fmt: skip
-
-
 def _full_of_idle_pages(engine: str) -> tuple[Store, dict[int, bytes]]:
     return _full_of_idle_pages_of(engine, 96)
 
@@ -741,7 +726,7 @@ def test_a_write_that_finds_no_room_never_recompresses_on_its_thread(engine: str
 
     s, model = _full_of_idle_pages(engine)
     try:
-        rec = _policy_of(s, idle_age=3600, dictionary_size=0)
+        rec = _policy(s, idle_age=3600, dictionary_size=0)
 
         async def one_round() -> None:
             # configures the store as the daemon's policy does, and finds
@@ -780,7 +765,7 @@ def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) ->
     try:
         s.tick(time.monotonic())  # as the policy's rounds stamp: these pages are fresh
         model = bytearray(_fill(s, pages[:100]))
-        rec = _policy_of(s, idle_age=3600, dictionary_size=0)
+        rec = _policy(s, idle_age=3600, dictionary_size=0)
         passes: list[tuple[float, bool]] = []
         refused_at: list[float] = []
         run_pass, round_ = rec.run_pass, rec.round  # type: ignore[attr-defined]
@@ -855,7 +840,7 @@ def test_a_retrain_with_every_slot_pinned_by_pages_leaves_the_policy_running(eng
         assert all(refs for *_, refs in s.engine.dictionaries())
         s.probe_base, s.probe_recent = (32, 100_000, 50_000), (32, 100_000, 99_000)  # the gain fell: retrain
         assert s.retrain_wanted()
-        rec = _policy_of(s, idle_age=0, dictionary_size=16 << 10, cpu_percent=100.0)
+        rec = _policy(s, idle_age=0, dictionary_size=16 << 10, cpu_percent=100.0)
         before = s.c.recompressed
 
         async def main() -> None:
@@ -885,7 +870,7 @@ def test_idle_stamps_do_not_wrap_while_recompression_is_off(engine: str) -> None
     try:
         s.engine.now_tick = 100
         model = _fill(s, pages)
-        rec = _policy_of(s, enable=False)
+        rec = _policy(s, enable=False)
         s.engine.now_tick = 100 + entry.IDLE_CLAMP + 100  # 18.7 hours later: a round while off
 
         async def one_round() -> None:
@@ -913,7 +898,7 @@ def test_zswapd_recompress_under_pressure_does_not_train(engine: str) -> None:
     s, model = _full_of_idle_pages_of(engine, 448)
     try:
         c = Controller(s, lambda: {"path": "x"}, "<test>")
-        c.recompressor = _policy_of(s, idle_age=0, dictionary_size=16 << 10)  # type: ignore[assignment]
+        c.recompressor = _policy(s, idle_age=0, dictionary_size=16 << 10)  # type: ignore[assignment]
         assert c.recompressor.pressure()[0]  # type: ignore[attr-defined]
         assert len(s.training_samples(0)) >= 256 * PAGE  # enough to train on, were it allowed
 
@@ -945,7 +930,7 @@ def test_a_dictionary_is_trained_when_idle_pages_come_a_few_at_a_time(engine: st
     per_round = TRAIN_MIN_PAGES // 3
     s = Store(1024 * PAGE, Codec("lz4"), engine=engine)
     try:
-        rec = _policy_of(s, idle_age=60, dictionary_size=16 << 10, cpu_percent=100.0)
+        rec = _policy(s, idle_age=60, dictionary_size=16 << 10, cpu_percent=100.0)
         written = 0
         tick = 100
 

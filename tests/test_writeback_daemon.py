@@ -5,7 +5,7 @@ kills while writeback, cleaning and backed reads run; `zswapd writeback`;
 the daily limit; bad setups refused with a clear error.
 
 Privilege: root, /dev/fuse, loop devices, swap and the cgroup-v1 memory
-controller.  Runs in CI (hold /work/notes/suite.lock on a shared machine:
+controller.  Runs in CI (run it alone on a shared machine:
 it swaps for real and kills a swap backend).  The backing file lives on
 the root disk (/var/tmp), never on tmpfs.
 """
