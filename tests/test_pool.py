@@ -18,6 +18,7 @@ from zswapd.pool import (
     FULLNESS_LABELS,
     HUGE_THRESHOLD,
     MAX_FRAMES_PER_ZSPAGE,
+    MOVE_RESERVE,
     PoolError,
     PoolFull,
     build_classes,
@@ -131,6 +132,36 @@ def test_limit_raises_pool_full_and_keeps_data(make_pool: Any) -> None:
     assert pool.frames_used <= 16
     for h, data in stored:
         assert bytes(pool.load(h, len(data))) == data
+
+
+def test_a_move_takes_at_most_the_move_reserve_past_the_limit(make_pool: Any) -> None:
+    """A write's store stops at the limit; a background move's (``over``)
+    may take frames past it, never more than MOVE_RESERVE, whatever the
+    class (huge objects one frame each, zspages of up to 8 frames), and an
+    ``over`` beyond the reserve is refused.  Frees give the frames back."""
+    limit = 16
+    pool = make_pool(1024, 1024, frame_limit=limit, reserve_frames=0)
+    hs = [pool.store(bytes([i + 1]) * FRAME_SIZE) for i in range(limit)]
+    assert pool.frames_used == limit
+    with pytest.raises(PoolFull):
+        pool.store(b"\1" * 100)  # a write's: not one frame past the limit
+    with pytest.raises(PoolError, match="at most"):
+        pool.store(b"\1" * 100, MOVE_RESERVE + 1)
+    rnd = random.Random(3)
+    moved = []
+    with pytest.raises(PoolFull):
+        for _ in range(10_000):
+            n = rnd.choice([FRAME_SIZE, rnd.randrange(1, HUGE_THRESHOLD)])
+            data = rnd.randbytes(n)
+            moved.append((pool.store(data, MOVE_RESERVE), data))
+            assert pool.frames_used <= limit + MOVE_RESERVE
+    assert limit < pool.frames_used <= limit + MOVE_RESERVE
+    assert pool.frame_room() < 0 and pool.frame_room(MOVE_RESERVE) >= 0
+    for h, data in moved:
+        assert bytes(pool.load(h, len(data))) == data
+    for h in hs:
+        pool.free(h, FRAME_SIZE)
+    assert pool.frames_used <= limit
 
 
 def test_allocation_prefers_fullest_zspage(make_pool: Any) -> None:

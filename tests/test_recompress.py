@@ -812,6 +812,131 @@ def test_a_refused_write_wakes_the_policy_for_the_ladder_at_once(engine: str) ->
         s.close()
 
 
+def _nibbles(seed: int) -> bytes:
+    """A page of random nibbles: huge for lz4 (a frame each), about half a
+    page with zstd, so a pool full of them can only shrink by recompression,
+    into a class none of its pages uses yet."""
+    return random.Random(seed).randbytes(PAGE).translate(bytes((b & 15) * 17 for b in range(256)))
+
+
+def _at_the_limit(engine: str, frames: int = 48) -> tuple[Store, dict[int, bytes], int]:
+    """A store at its memory limit, full of idle huge pages that zstd
+    halves, and a write it refuses: (store, pages, the refused page's
+    index).  No class but the huge one has a zspage: a move's new object
+    needs frames first."""
+    s = Store(256 * PAGE, Codec("lz4"), memory_limit=frames * PAGE, engine=engine)
+    s.engine.now_tick = 10
+    model: dict[int, bytes] = {}
+    with pytest.raises(DeviceFull):
+        for i in range(256):
+            s.write(i * PAGE, _nibbles(i))
+            model[i] = _nibbles(i)
+    s.engine.now_tick = 200
+    refused = len(model)
+    with pytest.raises(DeviceFull):
+        s.write(refused * PAGE, _nibbles(refused))  # the write refused
+    assert s.full and s.frames_used == frames and all(entry.kind(s.table[i]) == KIND_HUGE for i in model)
+    return s, model, refused
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_ladder_makes_room_at_the_limit_itself(engine: str) -> None:
+    """Issue #19's ladder at the limit: compaction has nothing to free, a
+    recompression pass without the move reserve moves nothing (its first
+    new object needs a frame past the limit), and the policy's round (writes
+    refused: oldest first, no budget, the reserve) recompresses every page,
+    pays the reserve back by compacting, brings usage under the accept
+    threshold, and the refused write then succeeds.  Usage never passed
+    the limit by more than MOVE_RESERVE (mem_used_max); every page reads
+    back byte for byte."""
+    import trio
+    import trio.testing
+
+    from zswapd.pool import MOVE_RESERVE
+
+    s, model, refused = _at_the_limit(engine)
+    try:
+        limit = s.memory_limit
+        assert s.compact() == 0  # the first rung has nothing to give
+        assert s.recompress(0)["pages"] == 0  # without the reserve: nothing moves
+        assert s.frames_used * PAGE == s.c.mem_used_max == limit
+        rec = _policy(s, idle_age=3600, dictionary_size=0)
+        trio.run(rec.round, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[attr-defined]
+        assert s.c.recompressed == len(model)
+        assert limit < s.c.mem_used_max <= limit + MOVE_RESERVE * PAGE  # the reserve, and no more
+        assert s.mem_used_total * 100 < limit * s.accept_percent and not s.full  # paid back, and more
+        s.write(refused * PAGE, _nibbles(refused))  # the refused write, again: it fits
+        model[refused] = _nibbles(refused)
+        for i, p in model.items():
+            assert s.read(i * PAGE, PAGE) == p, i
+        s.check_invariants()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_step_of_the_ladder_stays_within_the_move_reserve(engine: str) -> None:
+    """The bound, step by step: a pass at the limit in steps of one page,
+    usage after each (a step's peak: its new object is stored before the
+    old one is freed) at most MOVE_RESERVE frames past the limit; the pass
+    ends at or under the limit (paid back); a step asking for more than
+    the reserve is refused."""
+    from zswapd.pool import MOVE_RESERVE
+
+    s, model, _ = _at_the_limit(engine, frames=40)
+    try:
+        limit_frames = s.memory_limit // PAGE
+        peak = 0
+        for _step in s.recompress_steps(0, step_pages=1, oldest_first=True, reserve=True):
+            peak = max(peak, s.frames_used, s.c.mem_used_max // PAGE)
+            assert s.frames_used <= limit_frames + MOVE_RESERVE
+        assert limit_frames < peak <= limit_frames + MOVE_RESERVE
+        assert s.frames_used <= limit_frames
+        assert s.c.recompressed == len(model)
+        with pytest.raises(ValueError, match="at most"):
+            s.engine.recompress_step(0, 1, 1, PAGE, 0, 0, 8, 1, 0, MOVE_RESERVE + 1)
+        for i, p in model.items():
+            assert s.read(i * PAGE, PAGE) == p, i
+        s.check_invariants()
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(_engine is None, reason="the native engine is not built")
+def test_native_ladder_at_the_limit_equals_the_reference_byte_for_byte() -> None:
+    """The ladder's pass (reserve, pay-back compaction) in both engines on
+    clones of one state at its limit, with the C secondary codec: tables,
+    arena, counters and stats equal."""
+    base, model, _ = _at_the_limit("native")
+    try:
+        stores = []
+        for engine in ENGINES:
+            st = Store(
+                256 * PAGE, Codec("lz4"), memory_limit=base.memory_limit, state=_clone(base.state), engine=engine
+            )
+            st.engine.now_tick = 200
+            st.full = True
+            if engine == "python":
+                st.engine.recompress_page = _engine.recompress_page  # type: ignore[attr-defined]
+            stores.append(st)
+        try:
+            results = [list(st.recompress_steps(0, step_pages=4, oldest_first=True, reserve=True)) for st in stores]
+            py, nat = stores
+            assert results[0] == results[1] and py.c.recompressed == len(model)
+            assert _digest(py) == _digest(nat)
+            assert py.engine.reference().volatile() == nat.engine.reference().volatile()
+            a, b = py.stats(), nat.stats()
+            a.pop("engine"), b.pop("engine")
+            assert a == b
+            want = b"".join(model[i] for i in range(len(model)))
+            assert py.read(0, len(want)) == nat.read(0, len(want)) == want
+        finally:
+            for st in stores:
+                st.close()
+    finally:
+        base.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_retrain_with_every_slot_pinned_by_pages_leaves_the_policy_running(engine: str) -> None:
     """Each retraining takes a new slot, and a dictionary is freed only when

@@ -58,6 +58,11 @@ def content(seed: int) -> bytes:
     return rnd.randbytes(n) + bytes(PAGE - n)
 
 
+def nibbles(seed: int) -> bytes:
+    """A page of random nibbles: raw (huge) for lz4, about half a page with zstd."""
+    return random.Random(seed).randbytes(PAGE).translate(bytes((b & 15) * 17 for b in range(256)))
+
+
 # -- layout and attach -----------------------------------------------------------
 
 
@@ -429,6 +434,8 @@ ops_strategy = st.lists(
         st.tuples(st.just("discard"), st.integers(0, SIZE - 1), st.integers(0, 6 * PAGE), st.just(0)),
         st.tuples(st.just("compact"), st.integers(1, 12), st.just(0), st.just(0)),
         st.tuples(st.just("recompress"), st.integers(1, 12), st.just(0), st.just(0)),
+        st.tuples(st.just("ladder"), st.integers(1, 12), st.just(0), st.just(0)),
+        st.tuples(st.just("nibbles"), st.integers(0, NPAGES - 1), st.integers(1, 4), st.integers(0, 10**6)),
         st.tuples(st.just("dictionary"), st.integers(0, 10**6), st.just(0), st.just(0)),
     ),
     min_size=1,
@@ -442,6 +449,9 @@ def _op_bytes(op: Op) -> tuple[int, bytes]:
     if kind == "write":
         n = min(b, NPAGES - a)
         return a * PAGE, b"".join(content(seed + k) for k in range(n))
+    if kind == "nibbles":  # huge for lz4, halved by zstd: the ladder moves them into new zspages
+        n = min(b, NPAGES - a)
+        return a * PAGE, b"".join(nibbles(seed + k) for k in range(n))
     if kind == "unaligned":
         n = min(b, SIZE - a)
         return a, b"".join(content(seed + k) for k in range(n // PAGE + 1))[:n]
@@ -449,6 +459,11 @@ def _op_bytes(op: Op) -> tuple[int, bytes]:
         n = min(b, SIZE - a)
         return a, bytes(n)
     return 0, b""
+
+
+# What each ladder op's pass took past the limit, in bytes (the sweep checks
+# that it did use the move reserve).
+LADDER_PEAKS: list[int] = []
 
 
 def _apply(store: Store, op: Op) -> None:
@@ -459,6 +474,16 @@ def _apply(store: Store, op: Op) -> None:
     if kind == "recompress":
         # a low threshold, so that most candidates move
         store.recompress(0, threshold=16, max_pages=a)
+        return
+    if kind == "ladder":
+        # the ladder's pass at the limit itself: new objects in the move
+        # reserve, paid back by compaction (Store.recompress_steps)
+        store.set_limit(store.mem_used_total)
+        store.reset_max()
+        for _ in store.recompress_steps(0, threshold=16, max_pages=a, oldest_first=True, reserve=True):
+            pass
+        LADDER_PEAKS.append(store.c.mem_used_max - store.memory_limit)
+        store.set_limit(0)
         return
     if kind == "dictionary":
         # a raw-content dictionary of word pages: install it (dropping the
@@ -644,6 +669,34 @@ def test_crash_sweep_over_every_step_of_one_run() -> None:
     assert steps > 300
     assert moved > 0 and named > 0, "the run recompresses pages with a dictionary: the sweep kills those steps too"
     stride = max(1, steps // 300)
+    for n in range(0, steps + 2, stride):
+        _crash_run(ops, n)
+
+
+def test_crash_sweep_over_the_ladder_at_the_limit() -> None:
+    """The ladder's pass at the limit (move reserve, pay-back compaction)
+    between writes and discards, killed at evenly spread steps."""
+    rnd = random.Random(7)
+    ops: list[Op] = []
+    for k in range(5):
+        ops.append(("nibbles", rnd.randrange(NPAGES - 4), 4, rnd.randrange(10**6)))
+        ops.append(("write", rnd.randrange(NPAGES), rnd.randrange(1, 4), rnd.randrange(10**6)))
+        ops.append(("ladder", 12, 0, 0))
+        if k % 2:
+            ops.append(("discard", rnd.randrange(SIZE), rnd.randrange(6 * PAGE), 0))
+    hook = CrashHook()
+    state = State.create(store_geometry(SIZE, 2), ALGORITHMS, hook=hook)
+    store = Store(SIZE, Codec("lz4"), reserve_frames=2, state=state)
+    _prefix(store)
+    hook.arm(1 << 40)
+    LADDER_PEAKS.clear()
+    for op in ops:
+        _apply(store, op)
+    steps = (1 << 40) - hook.left
+    moved = store.c.recompressed
+    store.close()
+    assert moved > 0 and max(LADDER_PEAKS) > 0, LADDER_PEAKS  # the reserve was taken: its steps are swept too
+    stride = max(1, steps // 150)
     for n in range(0, steps + 2, stride):
         _crash_run(ops, n)
 

@@ -239,6 +239,7 @@ class Engine(Protocol):
         level: int,
         max_pages: int,
         slot: int = 0,
+        over: int = 0,
     ) -> tuple[int, int, int, int, int, int, int, int]:
         """Recompress candidates among pages first..end-1 (tier.c; the
         crash order at its top): objects stored by a write, never tried,
@@ -246,7 +247,8 @@ class Engine(Protocol):
         idle_ticks, until max_pages were compressed, with dictionary
         ``slot`` (0: none).  A new object is kept if it is ``threshold``
         bytes smaller and in a smaller size class; otherwise the page is
-        marked tried.  Returns (next page, pages recompressed, bytes saved,
+        marked tried.  New objects may take ``over`` frames past the memory
+        limit (at most pool.MOVE_RESERVE: the ladder's).  Returns (next page, pages recompressed, bytes saved,
         candidates compressed, OK or NOROOM, probes, probe bytes without the
         dictionary, probe bytes with it): one candidate in PROBE_EVERY is
         also compressed without the dictionary, for the retrain rule."""
@@ -269,6 +271,13 @@ class Engine(Protocol):
 
     def dictionaries(self) -> list[tuple[int, int, int, int]]:
         """(slot, id, bytes, pages naming it) of each installed dictionary."""
+        ...
+
+    def broken_dictionaries(self) -> list[int]:
+        """Installed slots zstd refused at the last rebuild (corrupt or
+        truncated bytes in the state): kept, their pages read as corrupt
+        objects, no step uses them, dropped once no page names them
+        (tier.h)."""
         ...
 
     def sample(self, first: int, end: int, idle_ticks: int, stride: int, max_pages: int) -> tuple[bytes, int]:
@@ -317,7 +326,7 @@ class Engine(Protocol):
     def refill_reserve(self) -> int: ...
     def freeable(self, cls: int) -> int: ...
     def freeable_frames(self) -> int: ...
-    def frame_room(self) -> int: ...
+    def frame_room(self, over: int = 0) -> int: ...
     def set_codec(self, codec: Codec) -> None: ...
     def reference(self) -> Pool: ...
     def adopt(self, pool: Pool) -> None: ...
@@ -532,13 +541,23 @@ class PythonEngine(Pool):
         return (slot - 1) * DICT_MAX_BYTES
 
     def _load_dicts(self) -> None:
+        """dict_load_all: a slot zstd refuses stays installed, unloaded
+        (broken_dictionaries)."""
         self._dicts.clear()
         self._cdicts.clear()
         for slot in range(1, entry.DICT_SLOTS + 1):
             head = self._dict_head[slot]
             if head:
                 at, n = self._dict_at(slot), head & 0xFFFFFFFF
-                self._dicts[slot] = zstandard.ZstdCompressionDict(bytes(self._dict_bytes[at : at + n]))
+                d = zstandard.ZstdCompressionDict(bytes(self._dict_bytes[at : at + n]))
+                try:
+                    zstandard.ZstdDecompressor(dict_data=d)  # digests it now, as ZSTD_createDDict
+                except zstandard.ZstdError:
+                    continue
+                self._dicts[slot] = d
+
+    def broken_dictionaries(self) -> list[int]:
+        return [s for s in range(1, entry.DICT_SLOTS + 1) if self._dict_head[s] and s not in self._dicts]
 
     def add_dictionary(self, data: bytes) -> tuple[int, int]:
         n = len(data)
@@ -635,10 +654,13 @@ class PythonEngine(Pool):
         level: int,
         max_pages: int,
         slot: int = 0,
+        over: int = 0,
     ) -> tuple[int, int, int, int, int, int, int, int]:
         if not 1 <= level <= _ZSTD_MAX_LEVEL:
             raise ValueError(f"zstd level {level} is outside 1..{_ZSTD_MAX_LEVEL}")
-        if slot and (slot > entry.DICT_SLOTS or not self._dict_head[slot]):
+        if not 0 <= over <= pool_rules.MOVE_RESERVE:
+            raise ValueError(f"a step may take at most {pool_rules.MOVE_RESERVE} frames past the limit, not {over}")
+        if slot and (slot > entry.DICT_SLOTS or not self._dict_head[slot] or slot not in self._dicts):
             raise ValueError(f"dictionary slot {slot} holds no dictionary")
         tier = slot or entry.TIER_PLAIN
         probes = probe_plain = probe_dict = 0
@@ -697,10 +719,11 @@ class PythonEngine(Pool):
                 idx += 1
                 continue
             try:
-                h2 = self.store(out)  # type: ignore[arg-type]
+                h2 = self.store(out, over)  # type: ignore[arg-type]
             except PoolFull:
                 st = NOROOM
                 break
+            c.mem_used_max = max(c.mem_used_max, self.mem_used_total)  # the move reserve shows
             if slot:
                 self._dict_refs[slot] += 1  # counted before the entry names it
             table[idx] = entry.make(h2, KIND_COMPRESSED, codec.ALGO_ZSTD, m, tier, entry.idle(e))
@@ -887,6 +910,7 @@ def python_rules() -> dict[str, Any]:
         "HEADER": pool_rules.HEADER,
         "GROUPS": pool_rules.GROUPS,
         "MAX_FRAMES_PER_ZSPAGE": pool_rules.MAX_FRAMES_PER_ZSPAGE,
+        "MOVE_RESERVE": pool_rules.MOVE_RESERVE,
         "ST_OK": OK,
         "ST_REFUSED": REFUSED,
         "ST_NOROOM": NOROOM,

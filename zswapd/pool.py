@@ -96,6 +96,14 @@ CLASS_DELTA = 16
 MAX_FRAMES_PER_ZSPAGE = 8
 HEADER = 4
 GROUPS = 10  # fullness groups 1..10; 0 is empty, 11 is full
+# Frames past the memory limit that a background move (the ladder's
+# recompression, store.py) may take for its new objects, never a write: at
+# the limit a smaller class often has no free slot, and a move writes its new
+# copy before it frees the old (crash rule 1).  Two zspages of the longest
+# chain: new objects in two classes before compaction of what the moves
+# freed pays the frames back.  64 KiB, a quarter of the default hot reserve
+# the pool keeps resident anyway.  engine.h's MOVE_RESERVE (checked).
+MOVE_RESERVE = 2 * MAX_FRAMES_PER_ZSPAGE
 GROUP_FULL = GROUPS + 1
 # class_stats' "fullness" histogram: zspages in groups 1..10, then full ones,
 # under the column names of the kernel's /sys/kernel/debug/zsmalloc/*/classes
@@ -299,11 +307,13 @@ class Pool:
 
     # -- frames -------------------------------------------------------------
 
-    def frame_room(self) -> int:
-        """Frames that may still be taken, under both limit and capacity."""
+    def frame_room(self, over: int = 0) -> int:
+        """Frames that may still be taken, under both limit and capacity;
+        ``over``: frames past the limit a background move may take (at most
+        MOVE_RESERVE)."""
         room = self.max_frames - self.frames_used
         if self.frame_limit:
-            room = min(room, self.frame_limit - self.frames_used)
+            room = min(room, self.frame_limit + min(over, MOVE_RESERVE) - self.frames_used)
         return room
 
     def _take_frame(self) -> int:
@@ -462,9 +472,9 @@ class Pool:
             nxt = slot
         self.zs_free[z] = nxt
 
-    def _new_zspage(self, cls: int) -> int:
+    def _new_zspage(self, cls: int, over: int = 0) -> int:
         c = self.classes[cls]
-        if self.frame_room() < c.frames_per_zspage:
+        if self.frame_room(over) < c.frames_per_zspage:
             raise PoolFull(f"no room for a {c.frames_per_zspage}-frame zspage")
         if self._zs_free_top:
             self._zs_free_top -= 1
@@ -568,17 +578,21 @@ class Pool:
 
     # -- public object API ----------------------------------------------------
 
-    def store(self, data: bytes | bytearray | memoryview) -> int:
+    def store(self, data: bytes | bytearray | memoryview, over: int = 0) -> int:
         """Store a payload and return its handle.  A payload of exactly 4096
         bytes is a huge object; anything from ``huge_threshold`` up should be
-        passed as the raw page instead, because packing it gains nothing."""
+        passed as the raw page instead, because packing it gains nothing.
+        ``over``: frames past the limit it may take, for a background move
+        (at most MOVE_RESERVE; 0 for a write)."""
         n = len(data)
+        if not 0 <= over <= MOVE_RESERVE:
+            raise PoolError(f"a move may take at most {MOVE_RESERVE} frames past the limit, not {over}")
         if n > FRAME_SIZE:
             raise PoolError(f"object of {n} bytes is larger than a frame ({FRAME_SIZE})")
         if n == 0:
             raise PoolError("empty object")
         if n == FRAME_SIZE:
-            if self.frame_room() < 1:
+            if self.frame_room(over) < 1:
                 raise PoolFull("no room for a huge object")
             h = self._new_handle(0)
             frame = self._take_frame()
@@ -593,7 +607,7 @@ class Pool:
         cls = _CLASS_OF[n + HEADER]
         # The fullest zspage with a free slot, or a new one.
         mask = self._nonempty[cls]
-        z = self._heads[cls * (GROUPS + 1) + mask.bit_length() - 1] if mask else self._new_zspage(cls)
+        z = self._heads[cls * (GROUPS + 1) + mask.bit_length() - 1] if mask else self._new_zspage(cls, over)
         h = self._new_handle(0)
         slot, frame, off = self._pop_slot(z, cls, h)
         if off + HEADER + n <= FRAME_SIZE:

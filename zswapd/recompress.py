@@ -20,7 +20,10 @@ budget      ``[recompress] cpu_percent`` of one core.  Each step and each
 ladder      before the pool is full: compaction (housekeeping), then this
             policy's passes take the oldest pages first; while writes are
             refused (the store's ``full``) they ignore the budget and the
-            idle age.  A refused write wakes this task within
+            idle age.  Their new objects may take pool.MOVE_RESERVE frames
+            past the limit, which the pass pays back by compacting
+            (Store.recompress_steps), so the ladder works at the limit
+            itself.  A refused write wakes this task within
             PRESSED_INTERVAL: the write path itself never recompresses (it
             is a serving thread; Store.write_stopped).
 
@@ -161,13 +164,15 @@ class Recompressor:
         max_pages: int | None = None,
         budget: bool = True,
         oldest_first: bool = False,
+        reserve: bool = False,
     ) -> dict[str, Any]:
-        """One pass in paced steps; holds ``lock``.  Returns its totals."""
+        """One pass in paced steps; holds ``lock``.  Returns its totals.
+        ``reserve``: the ladder's (Store.recompress_steps)."""
         async with self.lock:
             store = self.store
             dictionary = self.config().dictionary_size > 0
             steps = store.recompress_steps(
-                idle, threshold, level, max_pages, dictionary=dictionary, oldest_first=oldest_first
+                idle, threshold, level, max_pages, dictionary=dictionary, oldest_first=oldest_first, reserve=reserve
             )
             total = {"pages": 0, "bytes_saved": 0, "candidates": 0, "cpu_seconds": 0.0}
             span = _Span()
@@ -255,7 +260,7 @@ class Recompressor:
         now = trio.current_time()
         if cfg.dictionary_size and not pressed and now >= self.next_training and store.retrain_wanted():
             await self.train(idle, cfg.dictionary_size)
-        await self.run_pass(idle, cfg.threshold, cfg.level, budget=not refused, oldest_first=pressed)
+        await self.run_pass(idle, cfg.threshold, cfg.level, budget=not refused, oldest_first=pressed, reserve=pressed)
         store.drop_unused_dictionaries()
 
     async def run(self) -> None:

@@ -64,7 +64,7 @@ from . import backing, entry
 from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
 from .engine import COUNTER_METRICS, COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
-from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, pool_geometry
+from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, MOVE_RESERVE, pool_geometry
 from .state import Geometry, State
 
 # The recompression tier's defaults (docs/benchmarks.md, "ceiling"): zstd
@@ -427,9 +427,27 @@ class Store:
         return bands
 
     def dictionary_slot(self) -> int:
-        """The current dictionary's slot (the newest), 0 if there is none."""
-        dicts = self.engine.dictionaries()
+        """The current dictionary's slot (the newest that zstd could load),
+        0 if there is none."""
+        broken = self.engine.broken_dictionaries()
+        dicts = [d for d in self.engine.dictionaries() if d[0] not in broken]
         return max(dicts, key=lambda d: d[1])[0] if dicts else 0
+
+    def broken_dictionaries(self) -> list[str]:
+        """What a takeover found wrong with the state's dictionaries, one
+        sentence each: a dictionary zstd refuses (corrupt or truncated bytes)
+        costs only the pages recompressed with it, whose reads fail as
+        corrupt objects; the rest is served, the policy trains a new one,
+        and the slot is freed once its last page is rewritten or discarded
+        (tier.h).  Empty when all is well."""
+        broken = self.engine.broken_dictionaries()
+        return [
+            f"recompression dictionary {ident} (slot {slot}, {n} bytes) in the state is corrupt: zstd cannot load "
+            f"it; reads of the {refs} pages recompressed with it fail (I/O errors, failed_reads), every other page "
+            "is served, and the slot is freed when its last page is rewritten or discarded"
+            for slot, ident, n, refs in self.engine.dictionaries()
+            if slot in broken
+        ]
 
     def recompress_steps(
         self,
@@ -440,6 +458,7 @@ class Store:
         step_pages: int = RECOMPRESS_STEP_PAGES,
         dictionary: bool = True,
         oldest_first: bool = False,
+        reserve: bool = False,
     ) -> Generator[tuple[int, int, int], None, None]:
         """One recompression pass in bounded steps (engine.recompress_step),
         yielding (pages recompressed, bytes saved, candidates compressed) of
@@ -448,10 +467,20 @@ class Store:
         ``max_pages`` candidates in all, with the current dictionary if
         ``dictionary`` and there is one.  It ends when every band was
         scanned, when the pool has no room for a new object, or when the
-        caller stops iterating."""
+        caller stops iterating.
+
+        ``reserve`` (the ladder's passes, at the limit): new objects may take
+        up to pool.MOVE_RESERVE frames past the memory limit, and the pass
+        pays them back by compacting what its moves freed (bounded steps,
+        yielded as (0, 0, 0)): when no room is left even so, it compacts and
+        goes on from the same page if that freed frames, and it compacts
+        once more at its end while usage is over the limit.  Without it a
+        pass at the limit moves nothing once the smaller classes have no
+        free slot: a move writes its new copy before it frees the old."""
         if not 0 <= threshold <= PAGE_SIZE:
             raise StoreError(f"recompression threshold must be in 0..{PAGE_SIZE} bytes, got {threshold}")
         left = (1 << 62) if max_pages is None else max_pages
+        over = MOVE_RESERVE if reserve else 0
         slot = self.dictionary_slot() if dictionary else 0
         if oldest_first:
             ages = [a for a in IDLE_LADDER if a >= idle_ticks] + [idle_ticks]
@@ -467,15 +496,39 @@ class Store:
                         if slot and not any(d[0] == slot for d in self.engine.dictionaries()):
                             slot = 0  # dropped meanwhile: go on without
                         at, pages, saved, looked, st, probes, plain, with_dict = self.engine.recompress_step(
-                            at, end, low, max(high, low), age, threshold, level, min(step_pages, left), slot
+                            at, end, low, max(high, low), age, threshold, level, min(step_pages, left), slot, over
                         )
                     self.note_probes(probes, plain, with_dict)
                     left -= looked
                     yield pages, saved, looked
                     if st == NOROOM:
-                        return
+                        # the reserve is spent too: compaction pays it back
+                        # and the pass goes on from this page, or it ends
+                        if not reserve or not (yield from self._pay_back()):
+                            return
+            if reserve:
+                yield from self._pay_back()
         finally:
             self.update_full()
+
+    def _pay_back(self) -> Generator[tuple[int, int, int], None, bool]:
+        """The move reserve paid back: compaction in bounded steps (each
+        yielded as (0, 0, 0)) while usage is over the limit, or, under it,
+        until a zspage of the longest chain fits again.  True if it freed
+        frames."""
+        pool = self.engine
+        before = pool.frames_used
+        budget = SYNC_COMPACT_MOVES
+        steps = self.compact_steps(512)
+        try:
+            for moved in steps:
+                yield 0, 0, 0
+                budget -= moved
+                if budget <= 0 or pool.frame_room() >= MAX_FRAMES_PER_ZSPAGE:
+                    break
+        finally:
+            steps.close()
+        return pool.frames_used < before
 
     def clamp_idle(self) -> None:
         """Restamp every page idle longer than entry.IDLE_CLAMP ticks to

@@ -116,6 +116,15 @@
 #define GROUP_FULL (GROUPS + 1)
 #define MAX_CLASSES 256
 #define MAX_FRAMES_PER_ZSPAGE 8
+/* Frames beyond the memory limit that the ladder's recompression (and only
+ * it: a background move, never a write) may take for new objects: at the
+ * limit a smaller class often has no free slot, and a move needs its new
+ * copy before it frees the old (the crash order).  Two zspages of the
+ * longest chain: room for new objects in two classes before compaction of
+ * what the moves freed pays the frames back (store.py, the ladder).  64 KiB,
+ * a quarter of the hot reserve the pool keeps resident anyway.  pool.py's
+ * MOVE_RESERVE is the same rule (engine.py checks). */
+#define MOVE_RESERVE (2u * MAX_FRAMES_PER_ZSPAGE)
 #define ALGO_LZ4 0
 #define ALGO_ZSTD 1
 
@@ -431,6 +440,9 @@ static inline uint8_t *frame_bytes(Engine *e, uint32_t frame) { return e->arena 
 /* ---- pool.c ---------------------------------------------------------------- */
 
 long long frame_room(const Engine *e);
+/* frame_room with `over` more frames past the limit (0..MOVE_RESERVE): what
+ * a background move may take (MOVE_RESERVE). */
+long long frame_room_over(const Engine *e, unsigned over);
 int punch(Engine *e, uint32_t first, uint32_t count);
 long trim_excess(Engine *e);
 /* Frames beyond the reserve back to the kernel; most requests free nothing
@@ -446,11 +458,24 @@ uint32_t new_handle(Engine *e, uint64_t value);
 void drop_handle(Engine *e, uint32_t h);
 void link_zs(Engine *e, uint32_t z, unsigned cls, unsigned group);
 uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n);
+/* obj_store that may take `over` frames past the limit (a background move). */
+uint32_t obj_store_over(Engine *e, const uint8_t *data, uint32_t n, unsigned over);
 void obj_copy(Engine *e, uint32_t h, uint32_t n, uint8_t *dst);
 void obj_free(Engine *e, uint32_t h, uint32_t n);
 unsigned long long freeable(const Engine *e, unsigned cls);
 unsigned long long freeable_frames(const Engine *e);
 long long compact(Engine *e, unsigned long long budget);
+
+/* mem_used_max (zram's): raised to what the pool uses now, by whichever
+ * thread just took frames (a write, or a recompression's new object). */
+static inline void note_used(Engine *e)
+{
+    unsigned long long used = (unsigned long long)__atomic_load_n(&e->frames_used, __ATOMIC_RELAXED) * FRAME_SIZE;
+    unsigned long long max = __atomic_load_n(&e->mem_used_max, __ATOMIC_RELAXED);
+    while (used > max &&
+           !__atomic_compare_exchange_n(&e->mem_used_max, &max, used, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
 
 /* ---- page.c ---------------------------------------------------------------- */
 

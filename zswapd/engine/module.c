@@ -400,10 +400,14 @@ static PyObject *Engine_freeable_frames(EngineObject *self, PyObject *Py_UNUSED(
     return PyLong_FromUnsignedLongLong(freeable_frames(e));
 }
 
-static PyObject *Engine_frame_room(EngineObject *self, PyObject *Py_UNUSED(a))
+/* frame_room(over=0): over, frames past the limit a background move may take */
+static PyObject *Engine_frame_room(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
-    return PyLong_FromLongLong(frame_room(e));
+    unsigned int over = 0;
+    if (!PyArg_ParseTuple(args, "|I", &over))
+        return NULL;
+    return PyLong_FromLongLong(frame_room_over(e, over));
 }
 
 /* attach_backing(fd, size): the backing file (backing.c); the fd stays the caller's. */
@@ -716,7 +720,7 @@ static PyMethodDef Engine_methods[] = {
     {"count", (PyCFunction)(void (*)(void))Engine_count, METH_FASTCALL, "count(name, n=1): add n to a counter atomically"},
     {"_set_codec", (PyCFunction)Engine_set_codec, METH_VARARGS, "set_codec(algo_id, zstd_level)"},
     /* the pool's object API (object_api.c), for the pool tests */
-    {"store", (PyCFunction)Engine_store, METH_O, NULL},
+    {"store", (PyCFunction)Engine_store, METH_VARARGS, NULL},
     {"load", (PyCFunction)Engine_load, METH_VARARGS, NULL},
     {"free", (PyCFunction)Engine_free, METH_VARARGS, NULL},
     {"store_word", (PyCFunction)Engine_store_word, METH_O, NULL},
@@ -725,7 +729,7 @@ static PyMethodDef Engine_methods[] = {
     /* figures for the store's policy */
     {"freeable", (PyCFunction)Engine_freeable, METH_O, NULL},
     {"freeable_frames", (PyCFunction)Engine_freeable_frames, METH_NOARGS, NULL},
-    {"frame_room", (PyCFunction)Engine_frame_room, METH_NOARGS, NULL},
+    {"frame_room", (PyCFunction)Engine_frame_room, METH_VARARGS, NULL},
     {"volatile", (PyCFunction)Engine_volatile, METH_NOARGS, NULL},
     {"set_volatile", (PyCFunction)Engine_set_volatile, METH_O, NULL},
     {"rebuild", (PyCFunction)Engine_rebuild, METH_VARARGS, "rebuild(extents, nalgos) -> (stored, same, huge)"},
@@ -746,6 +750,8 @@ static PyMethodDef Engine_methods[] = {
     {"add_dictionary", (PyCFunction)Engine_add_dictionary, METH_O, "add_dictionary(bytes) -> (slot, id)"},
     {"drop_dictionary", (PyCFunction)Engine_drop_dictionary, METH_O, "drop_dictionary(slot)"},
     {"dictionaries", (PyCFunction)Engine_dictionaries, METH_NOARGS, "dictionaries() -> [(slot, id, bytes, refs)]"},
+    {"broken_dictionaries", (PyCFunction)Engine_broken_dictionaries, METH_NOARGS,
+     "broken_dictionaries() -> [slot]: installed slots zstd refused at the last rebuild"},
     {"sample", (PyCFunction)Engine_sample, METH_VARARGS, "sample(first, end, idle_ticks, stride, max) -> (pages, next)"},
     {NULL, NULL, 0, NULL},
 };
@@ -806,7 +812,7 @@ static PyObject *rules(void)
                 RULE(ENTRY_HANDLE_SHIFT) RULE(ENTRY_UNUSED) RULE(KIND_SAME) RULE(KIND_COMPRESSED)
                 RULE(KIND_HUGE) RULE(ALGO_LZ4) RULE(ALGO_ZSTD) RULE(LOC_HUGE) RULE(LOC_FRAME_MASK)
                     RULE(LOC_ZSPAGE_SHIFT) RULE(LOC_SLOT_MASK) RULE(SLOT_FREE) RULE(SLOT_END) RULE(FRAME_SIZE)
-                        RULE(HEADER) RULE(GROUPS) RULE(MAX_FRAMES_PER_ZSPAGE)
+                        RULE(HEADER) RULE(GROUPS) RULE(MAX_FRAMES_PER_ZSPAGE) RULE(MOVE_RESERVE)
                             RULE(ST_OK) RULE(ST_REFUSED) RULE(ST_NOROOM) RULE(MAX_THREADS) RULE(ENTRY_BACKED)
                                 RULE(SEG_SIZE) RULE(SEG_BLOCK) RULE(OBJ_ALIGN) RULE(OBJ_HEADER) RULE(MAX_SEGMENTS)
                                     RULE(MAX_PENDING) RULE(SEG_FILL_SHIFT) RULE(SEG_STATE_SHIFT) RULE(SEG_FREE)

@@ -57,7 +57,7 @@ PyObject *Engine_rebuild_backing(EngineObject *self, PyObject *args);
 PyObject *Engine_check_backing(EngineObject *self, PyObject *args);
 
 /* object_api.c: the pool's object API, for the pool tests. */
-PyObject *Engine_store(EngineObject *self, PyObject *arg);
+PyObject *Engine_store(EngineObject *self, PyObject *args);
 PyObject *Engine_load(EngineObject *self, PyObject *args);
 PyObject *Engine_free(EngineObject *self, PyObject *args);
 PyObject *Engine_store_word(EngineObject *self, PyObject *arg);
@@ -70,6 +70,7 @@ PyObject *Engine_census(EngineObject *self, PyObject *a);
 PyObject *Engine_add_dictionary(EngineObject *self, PyObject *arg);
 PyObject *Engine_drop_dictionary(EngineObject *self, PyObject *arg);
 PyObject *Engine_dictionaries(EngineObject *self, PyObject *a);
+PyObject *Engine_broken_dictionaries(EngineObject *self, PyObject *a);
 PyObject *Engine_sample(EngineObject *self, PyObject *args);
 PyObject *tier_recompress_page(PyObject *m, PyObject *args);
 PyObject *tier_train_dictionary(PyObject *m, PyObject *args);

@@ -33,12 +33,15 @@ static int handle_len_args(Engine *e, PyObject *args, unsigned long long *h, uns
     return check_handle(e, *h);
 }
 
-PyObject *Engine_store(EngineObject *self, PyObject *arg)
+/* store(data, over=0): `over` frames past the limit it may take (a
+ * background move's, MOVE_RESERVE at most) */
+PyObject *Engine_store(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
     Py_buffer data;
+    unsigned int over = 0;
     READY(e);
-    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+    if (!PyArg_ParseTuple(args, "y*|I", &data, &over))
         return NULL;
     Py_ssize_t n = data.len;
     PyObject *res = NULL;
@@ -48,9 +51,11 @@ PyObject *Engine_store(EngineObject *self, PyObject *arg)
         PyErr_SetString(PoolError, "empty object");
     } else if (n != (Py_ssize_t)FRAME_SIZE && n + HEADER > FRAME_SIZE) {
         PyErr_Format(PoolError, "object of %zd bytes needs the raw page form (>= %u)", n, e->huge_threshold);
+    } else if (over > MOVE_RESERVE) {
+        PyErr_Format(PoolError, "a move may take at most %u frames past the limit, not %u", MOVE_RESERVE, over);
     } else {
         uint32_t h;
-        NOGIL(h = obj_store(e, data.buf, (uint32_t)n));
+        NOGIL(h = obj_store_over(e, data.buf, (uint32_t)n, over));
         if (!h)
             PyErr_SetString(PoolFull, "no room for the object (frames or handles)");
         else

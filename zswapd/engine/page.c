@@ -42,15 +42,6 @@ static void release(Engine *e, uint64_t entry)
     }
 }
 
-static void note_used(Engine *e)
-{
-    unsigned long long used = (unsigned long long)__atomic_load_n(&e->frames_used, __ATOMIC_RELAXED) * FRAME_SIZE;
-    unsigned long long max = __atomic_load_n(&e->mem_used_max, __ATOMIC_RELAXED);
-    while (used > max &&
-           !__atomic_compare_exchange_n(&e->mem_used_max, &max, used, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-    }
-}
-
 /* Byte `at` of a range with `left` bytes to go: its page (returned), its
  * offset in that page, and how many of the bytes fall in that page. */
 static inline uint64_t span(uint64_t at, uint64_t left, uint32_t *within, uint64_t *take)

@@ -26,19 +26,21 @@
 
 /* ---- frames (pool lock) ---------------------------------------------------- */
 
-long long frame_room(const Engine *e)
+long long frame_room_over(const Engine *e, unsigned over)
 {
     /* Under the pool lock from the allocator, unlocked from Python's
      * frame_room(); frame_limit is set from Python holding none of the locks. */
     long long used = LOAD(e->frames_used), limit = LOAD(e->frame_limit);
     long long room = (long long)e->max_frames - used;
     if (limit) {
-        long long lim = limit - used;
+        long long lim = limit + (over < MOVE_RESERVE ? over : MOVE_RESERVE) - used;
         if (lim < room)
             room = lim;
     }
     return room;
 }
+
+long long frame_room(const Engine *e) { return frame_room_over(e, 0); }
 
 static uint32_t take_frame(Engine *e)
 {
@@ -204,13 +206,14 @@ static void unlink_zs(Engine *e, uint32_t z, unsigned cls)
         e->zs_prev[nxt] = prv;
 }
 
-/* With the class lock held; takes the pool lock for the id and frames. */
-static uint32_t new_zspage(Engine *e, unsigned cls)
+/* With the class lock held; takes the pool lock for the id and frames.
+ * `over`: frames past the limit it may take (frame_room_over). */
+static uint32_t new_zspage(Engine *e, unsigned cls, unsigned over)
 {
     unsigned nf = e->cframes[cls], objs = e->cobjs[cls], size = e->csize[cls];
     uint32_t z, frames[MAX_FRAMES_PER_ZSPAGE];
     pool_lock(e);
-    if (frame_room(e) < (long long)nf) {
+    if (frame_room_over(e, over) < (long long)nf) {
         pool_unlock(e);
         return 0;
     }
@@ -330,13 +333,14 @@ static void get_bytes(Engine *e, uint32_t frame, uint32_t off, uint32_t n, uint8
 
 /* pool.store: returns the handle, 0 when full (PoolFull). n in 1..4096 and
  * either n == 4096 or n + HEADER <= 4096 (checked by callers).  Takes the
- * class lock (and the pool lock inside it). */
-uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
+ * class lock (and the pool lock inside it).  `over`: frames past the limit
+ * it may take, for a background move (MOVE_RESERVE); 0 for a write. */
+uint32_t obj_store_over(Engine *e, const uint8_t *data, uint32_t n, unsigned over)
 {
     if (n == FRAME_SIZE) {
         pool_lock(e);
         uint32_t h = 0, frame = 0;
-        if (frame_room(e) >= 1) {
+        if (frame_room_over(e, over) >= 1) {
             h = new_handle(e, 0);
             if (h)
                 frame = take_frame(e);
@@ -360,7 +364,7 @@ uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
         /* Python takes the zspage before the handle; a full handle table
          * then leaves an empty zspage listed, which is harmless: keep the
          * same order so both engines leave the same tables. */
-        z = new_zspage(e, cls);
+        z = new_zspage(e, cls, over);
         if (!z) {
             class_unlock(e, cls);
             return 0;
@@ -381,6 +385,8 @@ uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n)
     ADD(e->obj_bytes, n);
     return h;
 }
+
+uint32_t obj_store(Engine *e, const uint8_t *data, uint32_t n) { return obj_store_over(e, data, n, 0); }
 
 /* The n payload bytes of handle h into dst.  The caller holds what keeps h
  * alive (the page's entry lock, or is the only thread); a compressed object

@@ -268,7 +268,7 @@ PyObject *Engine_rebuild(EngineObject *self, PyObject *args)
         PyErr_SetString(StateError, err);
         return NULL;
     }
-    if (dict_load_all(e) < 0) /* the dictionaries' digested forms, for reads */
+    if (dict_load_all(e) > 0) /* the dictionaries' digested forms, for reads */
         return PyErr_NoMemory();
     return Py_BuildValue("KKK", counts[0], counts[1], counts[2]);
 }

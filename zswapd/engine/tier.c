@@ -108,10 +108,16 @@ int dict_load_all(Engine *e)
         uint32_t n = (uint32_t)head;
         ZSTD_DDict *dd = head ? ZSTD_createDDict(dict_at(e, s), n) : NULL;
         if (head && !dd)
-            r = -1;
+            r++; /* left installed, unreadable: see tier.h */
         ZSTD_freeDDict(__atomic_exchange_n(&e->ddict[s], dd, __ATOMIC_ACQ_REL));
     }
     return r;
+}
+
+int dict_broken(const Engine *e, unsigned slot)
+{
+    return slot && slot <= DICT_SLOTS && LOAD(e->dict_head[slot]) &&
+           !__atomic_load_n(&e->ddict[slot], __ATOMIC_ACQUIRE);
 }
 
 void dict_free_all(Engine *e)
@@ -250,7 +256,7 @@ int recompress_step(Engine *e, uint64_t *cursor, uint64_t end, const TierStep *p
     const ZSTD_CDict *cd = NULL;
     unsigned tier = TIER_PLAIN;
     if (p->slot) {
-        if (p->slot > DICT_SLOTS || !LOAD(e->dict_head[p->slot]))
+        if (p->slot > DICT_SLOTS || !LOAD(e->dict_head[p->slot]) || dict_broken(e, p->slot))
             return ST_NODICT;
         cd = cdict_for(e, p->slot, p->level);
         if (!cd)
@@ -307,11 +313,12 @@ int recompress_step(Engine *e, uint64_t *cursor, uint64_t end, const TierStep *p
                 ADD(*(m ? &e->recompress_skipped : &e->recompress_incompressible), 1);
             continue;
         }
-        uint32_t h2 = obj_store(e, t->rbuf, m);
+        uint32_t h2 = obj_store_over(e, t->rbuf, m, p->over);
         if (!h2) {
             st = ST_NOROOM; /* this page again at the next step */
             break;
         }
+        note_used(e); /* the move reserve shows in mem_used_max */
         uint64_t next = make_entry(h2, KIND_COMPRESSED, ALGO_ZSTD, m) | (uint64_t)tier << ENTRY_TIER_SHIFT;
         next = entry_with_idle(next, entry_idle(entry));
         if (tier != TIER_PLAIN)

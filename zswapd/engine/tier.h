@@ -13,6 +13,8 @@ typedef struct {
     int level;          /* zstd's */
     unsigned long long max_pages;
     unsigned slot; /* the dictionary's, 0: none (TIER_PLAIN) */
+    unsigned over; /* frames past the memory limit new objects may take: 0, or
+                    * up to MOVE_RESERVE for the ladder's passes (store.py) */
 } TierStep;
 
 /* What a step did: pages recompressed, bytes saved, candidates compressed;
@@ -39,10 +41,16 @@ int recompress_step(Engine *e, uint64_t *cursor, uint64_t end, const TierStep *p
 /* Dictionaries (the tier lock's: see tier.c).  install: 0, -1 bad length
  * or no memory, -2 no free slot; *slot and *id the new one's.  drop: 0, -1
  * no such slot, -2 entries still name it.  load_all: the DDicts of every
- * installed slot (after a rebuild); -1 if one could not be made. */
+ * installed slot (after a rebuild); returns how many zstd refused (corrupt
+ * or truncated bytes in the state, or no memory).  Such a slot stays
+ * installed but *broken* (dict_broken): its pages' reads fail as corrupt
+ * objects (failed_reads), every other page is served, no step may use it,
+ * and it is dropped once no page names it.  Its bytes are left as they
+ * are: the next takeover tries them again. */
 int dict_install(Engine *e, const uint8_t *bytes, uint32_t n, unsigned *slot, uint32_t *id);
 int dict_drop(Engine *e, unsigned slot);
 int dict_load_all(Engine *e);
+int dict_broken(const Engine *e, unsigned slot);
 void dict_free_all(Engine *e);
 /* ZDICT_trainFromBuffer over nsamples pages; the dictionary's length, 0 if
  * training failed. */

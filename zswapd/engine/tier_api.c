@@ -10,24 +10,28 @@
 
 #include "tier.h"
 
-/* recompress_step(first, end, min_len, max_len, idle_ticks, threshold, level, max_pages, slot)
+/* recompress_step(first, end, min_len, max_len, idle_ticks, threshold, level, max_pages, slot, over)
  *   -> (next page, pages recompressed, bytes saved, candidates compressed, status,
  *       probes, probe bytes without the dictionary, probe bytes with it) */
 PyObject *Engine_recompress_step(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
     unsigned long long first, end, max_pages;
-    unsigned int min_len, max_len, idle_ticks, threshold, slot = 0;
+    unsigned int min_len, max_len, idle_ticks, threshold, slot = 0, over = 0;
     int level;
     READY(e);
-    if (!PyArg_ParseTuple(args, "KKIIIIiK|I", &first, &end, &min_len, &max_len, &idle_ticks, &threshold, &level,
-                          &max_pages, &slot))
+    if (!PyArg_ParseTuple(args, "KKIIIIiK|II", &first, &end, &min_len, &max_len, &idle_ticks, &threshold, &level,
+                          &max_pages, &slot, &over))
         return NULL;
+    if (over > MOVE_RESERVE) {
+        PyErr_Format(PyExc_ValueError, "a step may take at most %u frames past the limit, not %u", MOVE_RESERVE, over);
+        return NULL;
+    }
     if (level < 1 || level > ZSTD_maxCLevel()) {
         PyErr_Format(PyExc_ValueError, "zstd level %d is outside 1..%d", level, ZSTD_maxCLevel());
         return NULL;
     }
-    TierStep p = {idle_ticks, min_len, max_len, threshold, level, max_pages, slot};
+    TierStep p = {idle_ticks, min_len, max_len, threshold, level, max_pages, slot, over};
     TierDone d = {0, 0, 0, 0, 0, 0};
     uint64_t cursor = first;
     int st;
@@ -86,6 +90,24 @@ PyObject *Engine_drop_dictionary(EngineObject *self, PyObject *arg)
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* broken_dictionaries() -> [slot]: installed slots zstd refused at the
+ * last rebuild (tier.h: their pages do not read, nothing else is touched) */
+PyObject *Engine_broken_dictionaries(EngineObject *self, PyObject *Py_UNUSED(a))
+{
+    Engine *e = &self->e;
+    READY(e);
+    PyObject *out = PyList_New(0);
+    for (unsigned s = 1; out && s <= DICT_SLOTS; s++) {
+        if (!dict_broken(e, s))
+            continue;
+        PyObject *v = PyLong_FromUnsignedLong(s);
+        if (!v || PyList_Append(out, v) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
 }
 
 /* sample(first, end, idle_ticks, stride, max) -> (pages, next): idle pages
