@@ -480,6 +480,63 @@ def test_takeover_keeps_dictionaries_and_their_pages(writer: str, reader: str) -
         b.close()
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+@pytest.mark.parametrize("reader", ENGINES)
+def test_a_corrupt_dictionary_at_takeover_costs_only_its_own_pages(reader: str, damage: str) -> None:
+    """A dictionary whose bytes in the state zstd refuses (overwritten, or
+    cut short by its head) at a takeover: the new worker serves, with no
+    MemoryError or other exception; the pages recompressed with it read as
+    corrupt objects (failed_reads: an I/O error, as any corrupt object);
+    every other page, those of a sound older dictionary included, reads
+    back byte for byte; the policy trains and uses a new dictionary; and
+    the broken slot is dropped once its last page is rewritten."""
+    from zswapd.errors import CorruptObject
+
+    pages = _word_corpus(500, seed=2)
+    a = Store(512 * PAGE, Codec("lz4"), engine="native")
+    model = _fill(a, pages)
+    good = a.install_dictionary(_trained(a, 300))
+    a.recompress(0, max_pages=100)  # pages 0..99 with the sound dictionary
+    bad = a.install_dictionary(_trained(a, 300))
+    a.recompress(0, max_pages=150)  # the next 150 with the one we damage
+    named = [i for i, e in enumerate(_entries(a)) if entry.tier(e) == bad]
+    assert len(named) == 150 and any(entry.tier(e) == good for e in _entries(a))
+    at = (bad - 1) * (256 << 10)
+    heads = a.state.view("dict_head")
+    if damage == "corrupt":
+        a.state.view("dict_bytes")[at + 8 : at + 4096] = b"\xff" * 4088
+    else:  # its head says fewer bytes than its entropy tables need
+        heads[bad] = heads[bad] >> 32 << 32 | 64
+    b = Store(512 * PAGE, Codec("lz4"), state=State.attach(a.state.fds()), engine=reader)
+    a.close()
+    try:
+        assert b.engine.broken_dictionaries() == [bad]
+        (problem,) = b.broken_dictionaries()
+        assert f"slot {bad}" in problem and "150 pages" in problem and "every other page is served" in problem
+        assert b.dictionary_slot() == good  # the newest one zstd loads
+        for i, p in enumerate(pages):
+            if i in named:
+                with pytest.raises(CorruptObject):
+                    b.read(i * PAGE, PAGE)
+            else:
+                assert b.read(i * PAGE, PAGE) == p, i
+        assert b.c.failed_reads == len(named)
+        b.check_invariants()
+        # the policy goes on: a new dictionary, recompression with it
+        new = b.install_dictionary(_trained(b, 200))
+        assert new not in (good, bad) and b.dictionary_slot() == new
+        assert b.recompress(0)["pages"] > 0
+        # the broken slot goes with its last page
+        for i in named:
+            b.write(i * PAGE, pages[i])
+        b.drop_unused_dictionaries()
+        assert bad not in [d[0] for d in b.engine.dictionaries()] and b.engine.broken_dictionaries() == []
+        assert b.read(0, len(model)) == model
+        b.check_invariants()
+    finally:
+        b.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rebuild_refuses_a_missing_dictionary_and_check_counts_references(engine: str) -> None:
     pages = _word_corpus(300, seed=5)

@@ -215,6 +215,8 @@ class Worker:
                 "%d pages live in a backing file this worker was not given: reads of them fail", self.store.c.bd_count
             )
         self.store.tick(time.monotonic())  # idle stamps from the first request on
+        for problem in self.store.broken_dictionaries():
+            log.error("%s", problem)
         if state is not None:
             log.info(
                 "state attached, rebuilt and checked: %d pages in %.1f ms",

@@ -268,8 +268,10 @@ PyObject *Engine_rebuild(EngineObject *self, PyObject *args)
         PyErr_SetString(StateError, err);
         return NULL;
     }
-    if (dict_load_all(e) > 0) /* the dictionaries' digested forms, for reads */
-        return PyErr_NoMemory();
+    /* The dictionaries' digested forms, for reads.  One zstd refuses is
+     * left broken (tier.h): the store reports it (broken_dictionaries),
+     * and only the pages that name it fail to read. */
+    (void)dict_load_all(e);
     return Py_BuildValue("KKK", counts[0], counts[1], counts[2]);
 }
 
