@@ -568,6 +568,41 @@ def test_rebuild_refuses_a_missing_dictionary_and_check_counts_references(engine
         s.close()
 
 
+def test_recompress_settings_in_the_state_header_and_what_a_takeover_keeps(caplog: pytest.LogCaptureFixture) -> None:
+    """The header keeps the policy's settings in force; a takeover keeps
+    those that differ from the config, ignores (with a warning) a value the
+    schema refuses, and an older state (none saved) gives the config's."""
+    import logging
+
+    from zswapd.config import RecompressConfig
+    from zswapd.worker import _recompress_in_force
+
+    caplog.set_level(logging.INFO, logger="zswapd")
+    configured = RecompressConfig(idle_age=1800)
+    s = Store(64 * PAGE, Codec("lz4"))
+    try:
+        assert s.state.load_recompress() is None
+        assert _recompress_in_force(s.state, configured) == configured
+        s.state.save_recompress(False, 7200, 10, 256, 2.5)
+        assert s.state.load_recompress() == {
+            "enable": False, "idle_age": 7200, "level": 10, "threshold": 256, "cpu_percent": 2.5,
+        }  # fmt: skip
+        b = State.attach(s.state.fds())
+        try:
+            got = _recompress_in_force(b, configured)
+            assert (got.enable, got.idle_age, got.level, got.threshold, got.cpu_percent) == (False, 7200, 10, 256, 2.5)
+            assert got.dictionary_size == configured.dictionary_size
+            assert "[recompress] idle_age 7200 where the config says 1800" in caplog.text
+            b.save_recompress(True, 7200, 99, 256, 2.5)  # a damaged level
+            got = _recompress_in_force(b, configured)
+            assert got.level == configured.level and got.idle_age == 7200
+            assert "ignoring the state header: [recompress] level = 99" in caplog.text
+        finally:
+            b.close()
+    finally:
+        s.close()
+
+
 # -- the policy and the control command ----------------------------------------------
 
 

@@ -146,6 +146,37 @@ def test_the_policy_recompresses_idle_pages_and_set_changes_it(tmp_path: Path) -
         assert d.stop() == 0, d.logtext()
 
 
+def test_recompress_settings_set_at_runtime_survive_a_worker_crash_and_a_reload_applies_the_file(
+    tmp_path: Path,
+) -> None:
+    """As the pool's settings (test_takeover): what `zswapd set` changed of
+    the recompression policy stays in force across a worker crash (the
+    state header keeps it), and a reload, a deliberate re-read, applies the
+    file's, which a later crash then keeps."""
+    kept = "kept the settings in force before the takeover: "
+    with run_daemon(tmp_path, swap={"enable": False}, recompress={"idle_age": "30m"}) as d:
+        for assignment in ("recompress=false", "idle_age=2h", "recompress_level=10", "recompress_threshold=256",
+                           "recompress_cpu_percent=2.5"):  # fmt: skip
+            cli(d, "set", assignment)
+        old = worker_pid(d)
+        os.kill(old, signal.SIGKILL)  # no swap on this device: nobody's pages to lose
+        wait_for(lambda: worker_pid(d) != old, timeout=60, what="a new worker")
+        wait_for(lambda: kept in d.logtext(), timeout=30, what="the new worker's log of what it kept")
+        line = next(x for x in d.logtext().splitlines() if kept in x)
+        for want in ("[recompress] enable False where the config says True", "[recompress] idle_age 7200 where "
+                     "the config says 1800", "[recompress] level 10", "[recompress] threshold 256",
+                     "[recompress] cpu_percent 2.5"):  # fmt: skip
+            assert want in line, line
+        cli(d, "reload")
+        mark = len(d.logtext())
+        old = worker_pid(d)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: worker_pid(d) != old, timeout=60, what="a new worker")
+        wait_for(lambda: "state attached" in d.logtext()[mark:], timeout=30, what="the takeover")
+        assert "[recompress]" not in d.logtext()[mark:], d.logtext()[mark:]  # the file's, since the reload
+        assert d.stop() == 0, d.logtext()
+
+
 def test_a_worker_killed_while_training_and_while_recompressing_loses_nothing(tmp_path: Path) -> None:
     """No swap on this device (a kill costs nobody's pages); the data is
     read back after each takeover."""

@@ -146,6 +146,13 @@ _SUPERVISOR_RESTARTS_AT = 328
 # valid, accept_percent, memory_limit; valid is 0 in an older state.
 _SETTINGS_AT = 336
 _SETTINGS = struct.Struct("<I I Q")
+# The recompression policy's runtime settings in force (`zswapd set`
+# recompress, idle_age, recompress_level, recompress_threshold,
+# recompress_cpu_percent), kept as the pool's above: valid, enable,
+# idle_age (seconds), level, threshold (bytes), pad, cpu_percent.  valid is
+# 0 in an older state.
+_RECOMPRESS_AT = 352
+_RECOMPRESS = struct.Struct("<I I I i I I d")
 # Writeback's daily meter ([writeback] daily_limit): the day (UTC days
 # since the epoch) and the bytes written back in it, so a takeover goes on
 # counting.  valid is 0 in an older state.
@@ -593,6 +600,18 @@ class State:
         """(memory_limit, accept_percent) last in force, or None if never saved."""
         valid, accept_percent, memory_limit = _SETTINGS.unpack_from(self._header, _SETTINGS_AT)
         return (int(memory_limit), int(accept_percent)) if valid == 1 else None
+
+    def save_recompress(self, enable: bool, idle_age: int, level: int, threshold: int, cpu_percent: float) -> None:
+        _RECOMPRESS.pack_into(self._header, _RECOMPRESS_AT, 1, int(enable), idle_age, level, threshold, 0, cpu_percent)
+
+    def load_recompress(self) -> dict[str, object] | None:
+        """The recompression settings last in force, by [recompress] key, or
+        None if never saved."""
+        valid, enable, idle_age, level, threshold, _, cpu = _RECOMPRESS.unpack_from(self._header, _RECOMPRESS_AT)
+        if valid != 1:
+            return None
+        return {"enable": bool(enable), "idle_age": idle_age, "level": level, "threshold": threshold,
+                "cpu_percent": cpu}  # fmt: skip
 
     def save_writeback_day(self, day: int, written: int) -> None:
         _WRITEBACK.pack_into(self._header, _WRITEBACK_AT, 1, 0, day, written)

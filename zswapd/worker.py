@@ -214,6 +214,10 @@ class Worker:
             log.error(
                 "%d pages live in a backing file this worker was not given: reads of them fail", self.store.c.bd_count
             )
+        if state is not None and not args.standby:
+            # the recompression policy's `zswapd set` values too (rule 3)
+            self.cfg = replace(cfg, recompress=_recompress_in_force(state, cfg.recompress))
+        self._save_recompress()
         self.store.tick(time.monotonic())  # idle stamps from the first request on
         for problem in self.store.broken_dictionaries():
             log.error("%s", problem)
@@ -527,6 +531,7 @@ class Worker:
             control=replace(self.cfg.control, group=group, metrics_access=new.control.metrics_access),
             log=new.log,
         )
+        self._save_recompress()
         self.controller.config_path = new.path
         self.reloads += 1
         log.info("reloaded %s: %s", new.path, "; ".join(applied) if applied else "no runtime change")
@@ -535,9 +540,15 @@ class Worker:
 
     def _set_recompress(self, name: str, value: Any) -> None:
         """`zswapd set` of a [recompress] key: the policy reads it at its
-        next round.  Kept until the next reload or restart (the file's
-        value then applies)."""
+        next round.  Kept in the state header, so a worker that takes over
+        after a crash goes on with it, as with the pool's settings; a
+        reload applies the file's value."""
         self.cfg = replace(self.cfg, recompress=replace(self.cfg.recompress, **{name: value}))
+        self._save_recompress()
+
+    def _save_recompress(self) -> None:
+        r = self.cfg.recompress
+        self.store.state.save_recompress(r.enable, r.idle_age, r.level, r.threshold, r.cpu_percent)
 
     def _set_group(self, gid: int | None) -> bool:
         """[control] group: the socket's group and mode, then who may read
@@ -688,6 +699,29 @@ def _settings_in_force(
     if kept:
         log.info("kept the settings in force before the takeover: %s (zswapd reload applies the file)", "; ".join(kept))
     return out["algorithm"], out["zstd_level"], out["memory_limit"], out["accept_percent"]
+
+
+def _recompress_in_force(state: State, configured: config_mod.RecompressConfig) -> config_mod.RecompressConfig:
+    """The recompression settings a dead worker left in the state header
+    (what `zswapd set` changed), where valid; the configured ones
+    otherwise, as _settings_in_force does for the pool's."""
+    saved = state.load_recompress()
+    if saved is None:
+        return configured
+    out: dict[str, Any] = {}
+    kept = []
+    for key, value in saved.items():
+        try:
+            value = check_value("the state header", "recompress", key, value)
+        except ConfigError as e:
+            log.warning("ignoring %s; the config's %s stays", e, key)
+            continue
+        if value != getattr(configured, key):
+            kept.append(f"[recompress] {key} {value!r} where the config says {getattr(configured, key)!r}")
+            out[key] = value
+    if kept:
+        log.info("kept the settings in force before the takeover: %s (zswapd reload applies the file)", "; ".join(kept))
+    return replace(configured, **out)
 
 
 def worker_main(args: WorkerArgs, cfg: Config | None = None) -> int:
