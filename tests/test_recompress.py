@@ -394,6 +394,52 @@ def test_a_dictionary_beats_plain_zstd_and_lives_while_pages_name_it(engine: str
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_dropped_dictionary_gives_its_memory_back(engine: str) -> None:
+    """Measured from what is resident (mincore of the state's dict_bytes):
+    a dictionary's bytes stay resident while pages name it; once its last
+    page is rewritten and it is dropped, they are punched out of the memfd;
+    a takeover releases slots an older worker dropped but left resident."""
+    pages = _word_corpus(500, seed=4)
+    s = Store(512 * PAGE, Codec("lz4"), engine=engine)
+    try:
+        model = _fill(s, pages)
+        resident = lambda: s.state.resident_bytes(["dict_bytes"])  # noqa: E731
+        assert resident() == 0
+        first = s.install_dictionary(_trained(s, 300))
+        size = next(n for slot, _i, n, _r in s.engine.dictionaries() if slot == first)
+        assert resident() >= size // PAGE * PAGE > 0
+        s.recompress(0, max_pages=100)
+        second = s.install_dictionary(_trained(s, 300))  # the current one now
+        s.recompress(0, max_pages=100)
+        both = resident()
+        assert both >= 2 * (size // PAGE * PAGE)
+        named = [i for i, e in enumerate(_entries(s)) if entry.tier(e) == first]
+        assert named and s.drop_unused_dictionaries() == 0  # pages still name it
+        assert resident() == both
+        for i in named:
+            s.write(i * PAGE, pages[i])
+        assert s.drop_unused_dictionaries() == 1
+        assert resident() <= both - size // PAGE * PAGE  # that slot's pages are gone
+        assert [d[0] for d in s.engine.dictionaries()] == [second]
+        assert s.read(0, len(model)) == model
+        s.check_invariants()
+        # a slot dropped (head zeroed) while its bytes stayed resident, as an
+        # older worker left it: the next worker releases them
+        heads = s.state.view("dict_head")
+        third = s.install_dictionary(_trained(s, 300))
+        heads[third] = 0  # dropped, by hand, without the release
+        held = resident()
+        b = Store(512 * PAGE, Codec("lz4"), state=State.attach(s.state.fds()), engine=engine)
+        try:
+            assert b.state.resident_bytes(["dict_bytes"]) < held
+            assert b.read(0, len(model)) == model
+        finally:
+            b.close()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_slots_run_out_and_bad_dictionaries_are_refused(engine: str) -> None:
     s = Store(64 * PAGE, Codec("lz4"), engine=engine)
     try:

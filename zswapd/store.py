@@ -65,7 +65,7 @@ from .codec import ALGORITHMS, KIND_HUGE, KIND_SAME, PAGE_SIZE, Buffer, Codec
 from .engine import COUNTER_METRICS, COUNTER_NAMES, NOROOM, REFUSED, SAVED_COUNTERS, Counters, Engine, make_engine
 from .errors import BadRequest, DeviceFull
 from .pool import CLASSES, FRAME_SIZE, MAX_FRAMES_PER_ZSPAGE, MOVE_RESERVE, pool_geometry
-from .state import Geometry, State
+from .state import DICT_MAX_BYTES, Geometry, State
 
 # The recompression tier's defaults (docs/benchmarks.md, "ceiling"): zstd
 # level 8 is where a dictionary starts to pay on real memory; an object is
@@ -211,6 +211,7 @@ class Store:
         if attached:
             self.rebuild()
             self.check_invariants()
+            self.release_free_dictionaries()
         state.save_codec(self.codec.algo_id, self.codec.zstd_level)
         self.set_limit(memory_limit)
 
@@ -583,15 +584,27 @@ class Store:
         return len(self.engine.dictionaries()) < entry.DICT_SLOTS
 
     def drop_unused_dictionaries(self) -> int:
-        """Free every dictionary but the current one that no page names."""
+        """Free every dictionary but the current one that no page names,
+        and give a dropped one's bytes back to the kernel (its head is
+        zeroed first, so nothing reads them any more)."""
         dropped = 0
         with self.tier_lock:
             current = self.dictionary_slot()
             for slot, _id, _n, refs in self.engine.dictionaries():
                 if slot != current and not refs:
                     self.engine.drop_dictionary(slot)
+                    self.state.release("dict_bytes", (slot - 1) * DICT_MAX_BYTES, DICT_MAX_BYTES)
                     dropped += 1
         return dropped
+
+    def release_free_dictionaries(self) -> None:
+        """The bytes of every free dictionary slot back to the kernel: after a
+        rebuild, for slots a worker dropped before it released them."""
+        with self.tier_lock:
+            held = {d[0] for d in self.engine.dictionaries()}
+            for slot in range(1, entry.DICT_SLOTS + 1):
+                if slot not in held:
+                    self.state.release("dict_bytes", (slot - 1) * DICT_MAX_BYTES, DICT_MAX_BYTES)
 
     def note_probes(self, probes: int, plain: int, with_dict: int) -> None:
         """The retrain rule's measure: the first RETRAIN_PROBES probes after
