@@ -146,6 +146,50 @@ def test_the_policy_recompresses_idle_pages_and_set_changes_it(tmp_path: Path) -
         assert d.stop() == 0, d.logtext()
 
 
+def _nibbles(seed: int) -> bytes:
+    """Huge for lz4 (a frame each), about half a page with zstd."""
+    import random
+
+    return random.Random(seed).randbytes(PAGE).translate(bytes((b & 15) * 17 for b in range(256)))
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_the_ladder_makes_room_for_a_refused_write_at_the_limit(tmp_path: Path, engine: str) -> None:
+    """Through FUSE: a pool at its memory limit, full of pages that only
+    recompression can shrink (no free slot in any smaller class), refuses a
+    write (ENOSPC); the policy's ladder recompresses them within the move
+    reserve and pays it back, and the same write then succeeds.  Every
+    page reads back byte for byte."""
+    import errno
+
+    limit = 1 << 20
+    pool = {"memory_limit": limit, "engine": engine}
+    with run_daemon(tmp_path, swap={"enable": False}, pool=pool, recompress={"dictionary_size": 0}) as d:
+        fd = os.open(d.file, os.O_RDWR)
+        try:
+            written = 0
+            with pytest.raises(OSError) as refused:
+                while True:
+                    os.pwrite(fd, _nibbles(written), written * PAGE)
+                    written += 1
+            assert refused.value.errno == errno.ENOSPC, refused.value
+            assert written >= limit // PAGE - 16, written  # full: a frame each
+            wait_for(
+                lambda: not d.stats()["full"] and _rec(d)["pages"] >= written,
+                timeout=60,
+                what="the ladder to recompress the pages and bring usage under the accept threshold",
+            )
+            s = d.stats()
+            assert limit < int(s["mem_used_max"]) <= limit + 16 * PAGE, s  # type: ignore[call-overload]
+            assert int(s["mem_used_total"]) * 100 < limit * int(s["accept_percent"]), s  # type: ignore[call-overload]
+            assert os.pwrite(fd, _nibbles(written), written * PAGE) == PAGE  # the refused write, again
+            for i in range(written + 1):
+                assert os.pread(fd, PAGE, i * PAGE) == _nibbles(i), i
+        finally:
+            os.close(fd)
+        assert d.stop() == 0, d.logtext()
+
+
 def test_recompress_settings_set_at_runtime_survive_a_worker_crash_and_a_reload_applies_the_file(
     tmp_path: Path,
 ) -> None:
