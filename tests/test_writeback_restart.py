@@ -1,0 +1,240 @@
+"""Written-back pages across every kind of restart outside systemd: `zswapd
+reload`, a worker's death, the supervisor's death (the worker hands every
+fd, the backing file's included, to the supervisor it starts), and both in
+turn.  Each time the backing file is the same file (the same inode, the
+same bytes, held by the supervisor that lives now: never re-created or
+truncated at adoption), the segment table is what it was, and every page
+reads back byte for byte, the backed ones from the file (bd_reads grows).
+The restart under systemd is in tests/test_systemd.py.
+
+Also: a backing file that vanished or changed is a clear error, never a
+silent loss; a second instance cannot take a backing file in use.
+
+Block I/O on the device, swap off: a kill here costs nobody's pages, so no
+test needs to bring other processes' pages home first.
+
+Privilege: root and /dev/fuse.  The backing file lives on the root disk
+(/var/tmp), never on tmpfs.  The test process is a child subreaper (as in
+tests/test_mutual.py), so adopted supervisors are reaped by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, run_daemon
+from test_failclosed import wait_for
+from test_mutual import children, exit_status, pair, zswapd
+from test_writeback_daemon import _fill, disk
+
+from zswapd import backing, libc
+from zswapd.state import State
+
+pytestmark = pytest.mark.root
+
+__all__ = ["disk"]  # a fixture, used by name
+
+MIB = 1 << 20
+PAGES = 2048  # 8 MiB written, about 3.5 MiB compressed: the pool holds it all
+BACKED = 1536  # of which `zswapd writeback` moves this many to the file
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def reap() -> Iterator[list[int]]:
+    """The test process adopts orphans (supervisors a worker started); the
+    pids added are reaped at the end."""
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    pids: list[int] = []
+    try:
+        yield pids
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def config(disk: Path) -> dict[str, dict[str, object]]:
+    return {
+        "pool": {"memory_limit": "16M"},
+        "writeback": {"enable": True, "file": str(disk / "backing"), "size": "64M"},
+    }
+
+
+def stat(d: Daemon, key: str) -> int:
+    return int(d.stats()[key])  # type: ignore[call-overload]
+
+
+def holders(path: Path) -> set[int]:
+    """Processes with an fd on the file at ``path``."""
+    st = path.stat()
+    out = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), st):
+                            out.add(int(pid))
+                            break
+    return out
+
+
+def segments(pid: int) -> dict[int, tuple[int, int, int]]:
+    """The segment table in the state the process ``pid`` holds: segment ->
+    (live, fill, state), an open or cleaning segment read as full (what the
+    rebuild at a takeover makes of it)."""
+    fds: dict[str, int] = {}
+    try:
+        for n in os.listdir(f"/proc/{pid}/fd"):
+            path = f"/proc/{pid}/fd/{n}"
+            with contextlib.suppress(OSError):
+                target = os.readlink(path)
+                for name in ("meta", "arena"):
+                    if target.startswith(f"/memfd:zswapd-{name} "):
+                        fds[name] = os.open(path, os.O_RDWR)
+        st = State.attach([fds["meta"], fds["arena"]])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    try:
+        table = st.view("segment").tolist()
+    finally:
+        st.close()
+    full = {backing.SEG_OPEN: backing.SEG_FULL, backing.SEG_CLEANING: backing.SEG_FULL}
+    out = {}
+    for s, w in enumerate(table):
+        if w:
+            state = backing.seg_state(w)
+            out[s] = (backing.seg_live(w), backing.seg_fill(w), full.get(state, state))
+    return out
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Written:
+    """Pages written to the device and partly written back, and what the
+    backing file held then."""
+
+    def __init__(self, d: Daemon, disk: Path) -> None:
+        self.d = d
+        self.path = disk / "backing"
+        fd = os.open(d.file, os.O_RDWR)
+        try:
+            self.pages = _fill(fd, 0, PAGES, 7)
+        finally:
+            os.close(fd)
+        out = zswapd(d, "writeback", "--max-pages", str(BACKED))
+        assert f"wrote back {BACKED} pages" in out, out
+        assert stat(d, "bd_count") == BACKED
+        self.bd_reads = stat(d, "bd_reads")
+        self.inode = self.path.stat().st_ino
+        self.digest = file_digest(self.path)
+        self.segments = segments(pair(d)[1])
+        self.figures = {k: d.stats()["writeback"][k] for k in ("live_bytes", "dead_bytes", "segments_used")}  # type: ignore[index]
+        assert self.figures["live_bytes"] > 0 and self.segments, (self.figures, self.segments)
+
+    def kept(self) -> None:
+        """The same file, the same bytes, the same segments, held by the
+        processes that live now; every page reads back, the backed ones
+        from the file."""
+        d = self.d
+        sup, worker = pair(d)
+        assert sup and worker
+        assert self.path.stat().st_ino == self.inode, "the backing file was re-created"
+        assert self.path.stat().st_size == 64 * MIB
+        assert file_digest(self.path) == self.digest, "the backing file's contents changed"
+        assert {sup, worker} <= holders(self.path), (sup, worker, holders(self.path))
+        assert segments(worker) == self.segments
+        s = d.stats()
+        assert s["bd_count"] == BACKED, s
+        assert {k: s["writeback"][k] for k in self.figures} == self.figures, s["writeback"]  # type: ignore[index]
+        fd = os.open(d.file, os.O_RDONLY)
+        try:
+            bad = [i for i, p in self.pages.items() if os.pread(fd, 4096, i * 4096) != p]
+        finally:
+            os.close(fd)
+        assert not bad, f"{len(bad)} pages differ, the first {bad[:8]}"
+        s = d.stats()
+        assert int(s["bd_reads"]) >= self.bd_reads + BACKED, (self.bd_reads, s["bd_reads"])  # type: ignore[call-overload]
+        assert s["failed_reads"] == 0, s
+        assert "Traceback" not in d.logtext(), d.logtext()
+
+
+def kill_supervisor(d: Daemon, reap: list[int]) -> None:
+    sup, worker = pair(d)
+    os.kill(sup, signal.SIGKILL)
+    wait_for(lambda: pair(d)[0] not in (0, sup), timeout=60, what="a new supervisor")
+    p = d.stats()["process"]
+    assert p["supervisor_start"] == "adopted" and p["worker_pid"] == worker, p  # type: ignore[index]
+    reap += [sup, int(p["supervisor_pid"])]  # type: ignore[index]
+
+
+def kill_worker(d: Daemon, reap: list[int]) -> None:
+    sup, old = pair(d)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: pair(d)[1] not in (0, old), timeout=60, what="a new worker")
+    assert pair(d)[0] == sup
+    reap.append(old)
+
+
+def stop(d: Daemon, reap: list[int]) -> None:
+    """SIGTERM to whichever supervisor lives; it exits 0 and the backing
+    file goes with it."""
+    sup, _ = pair(d)
+    if sup == d.proc.pid:
+        assert d.stop() == 0, d.logtext()
+    else:
+        os.kill(sup, signal.SIGTERM)
+        assert exit_status(sup, 120) == 0, d.logtext()
+        reap.clear()
+
+
+RESTARTS = ["reload", "worker", "supervisor", "supervisor-then-worker", "worker-then-supervisor"]
+
+
+@pytest.mark.parametrize("restart", RESTARTS)
+def test_written_back_pages_survive_the_restart(tmp_path: Path, disk: Path, reap: list[int], restart: str) -> None:
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        if restart == "reload":
+            sup, old = pair(d)
+            zswapd(d, "reload")
+            assert pair(d)[0] == sup and pair(d)[1] != old
+        elif restart == "worker":
+            kill_worker(d, reap)
+        elif restart == "supervisor":
+            kill_supervisor(d, reap)
+            # The adopted supervisor holds the file: the next worker gets it.
+            w.kept()
+            kill_worker(d, reap)
+        elif restart == "supervisor-then-worker":
+            kill_supervisor(d, reap)
+            kill_worker(d, reap)
+        else:
+            # The supervisor killed while the worker it forked takes over:
+            # that worker starts a supervisor and hands it the file.
+            sup, old = pair(d)
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not (forked := [c for c in children(sup) if c != old]):
+                assert time.monotonic() < deadline, "no new worker"
+            os.kill(sup, signal.SIGKILL)
+            reap += [old, *forked]
+            wait_for(lambda: pair(d)[0] not in (0, sup), timeout=60, what="a supervisor the new worker started")
+            reap.append(pair(d)[0])
+        w.kept()
+        stop(d, reap)
+        assert "Traceback" not in d.logtext(), d.logtext()
+    assert not (disk / "backing").exists(), "the backing file outlived the daemon"
