@@ -21,15 +21,18 @@ tests/test_mutual.py), so adopted supervisors are reaped by it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, run_daemon
+from conftest import Daemon, kill_instance, run_daemon
 from test_failclosed import wait_for
 from test_mutual import children, exit_status, pair, zswapd
 from test_writeback_daemon import _fill, disk
@@ -238,3 +241,178 @@ def test_written_back_pages_survive_the_restart(tmp_path: Path, disk: Path, reap
         stop(d, reap)
         assert "Traceback" not in d.logtext(), d.logtext()
     assert not (disk / "backing").exists(), "the backing file outlived the daemon"
+
+
+def test_a_second_instance_cannot_take_a_backing_file_in_use(tmp_path: Path, disk: Path) -> None:
+    """Another instance configured with the same file is refused before it
+    truncates anything: the file is locked by whoever holds its fd."""
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        with run_daemon(tmp_path, name="second", ready=False, **config(disk)) as d2:  # type: ignore[arg-type]
+            assert d2.proc.wait(60) == 2, d2.logtext()
+            log = d2.logtext()
+        assert f"[writeback] file {disk / 'backing'} is in use by another zswapd instance" in log, log
+        assert "Traceback" not in log, log
+        w.kept()
+        assert d.stop() == 0, d.logtext()
+
+
+# pidfd_getfd(2): the x86_64 (and every newer table's) number.
+SYS_PIDFD_GETFD = 438
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def take_fds(pid: int, backing_file: Path | None) -> dict[str, int]:
+    """The fds the supervisor ``pid`` holds, duplicated into this process
+    by name, as systemd's fd store would hand them back (the control socket
+    aside: the next supervisor binds its own); the backing file only if
+    ``backing_file`` names it."""
+    pidfd = os.pidfd_open(pid)
+    named: dict[str, int] = {}
+    fuse: list[int] = []
+    try:
+        for n in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{n}")
+            if target == "/dev/fuse":
+                name = f"fuse-{len(fuse)}"
+            elif target.startswith(("/memfd:zswapd-meta ", "/memfd:zswapd-arena ")):
+                name = "state-" + target.split("-")[1].split()[0]
+            elif backing_file is not None and target == str(backing_file):
+                name = "backing"
+            else:
+                continue
+            fd = _LIBC.syscall(SYS_PIDFD_GETFD, pidfd, int(n), 0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), f"pidfd_getfd of fd {n} of {pid}")
+            if name.startswith("fuse-"):
+                fuse.append(fd)
+            else:
+                named[name] = fd
+    finally:
+        os.close(pidfd)
+    # The first /dev/fuse fd the supervisor opened is the connection's own,
+    # the rest its clones.
+    named["fuse"] = fuse[0]
+    named.update((f"fuse-clone-{i}", fd) for i, fd in enumerate(fuse[1:]))
+    return named
+
+
+# Starts `zswapd run` as systemd restarts it: the fds at 3, 4, ... and
+# LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES naming them (sd_listen_fds(3)).
+LISTEN = """\
+import fcntl, os, sys
+names, fds = sys.argv[1].split(":"), [int(x) for x in sys.argv[2].split(",")]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(names))
+os.execv(sys.executable, [sys.executable, "-m", "zswapd", *sys.argv[3:]])
+"""
+
+
+@contextlib.contextmanager
+def restarted_as_by_systemd(tmp_path: Path, d: Daemon, disk: Path, handed: dict[str, int]) -> Iterator[Daemon]:
+    """Every process of ``d`` killed at once; a supervisor started on
+    ``handed`` (which this process holds until then, so the FUSE connection
+    lives on), on the same mountpoint."""
+    sup, worker = pair(d)
+    kill_instance([sup, worker])
+    d.proc.wait(10)
+    wait_for(lambda: not os.path.exists(f"/proc/{worker}"), what="the worker to die")
+    names, fds = ":".join(handed), ",".join(map(str, handed.values()))
+    try:
+        with run_daemon(
+            tmp_path,
+            name="restarted",
+            mountpoint=d.mountpoint,
+            command=[sys.executable, "-c", LISTEN, names, fds],
+            pass_fds=tuple(handed.values()),
+            **config(disk),  # type: ignore[arg-type]
+        ) as d2:
+            for fd in handed.values():
+                os.close(fd)
+            handed.clear()
+            yield d2
+    finally:
+        for fd in handed.values():
+            os.close(fd)
+
+
+def test_a_lost_backing_fd_is_reopened_only_if_it_is_the_same_file(tmp_path: Path, disk: Path) -> None:
+    """A supervisor restarted (as systemd does) without the backing file's
+    fd: it opens that very file again by its path, untouched, and every
+    page reads back."""
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        handed = take_fds(pair(d)[0], None)
+        with restarted_as_by_systemd(tmp_path, d, disk, handed) as d2:
+            log = d2.logtext()
+            assert "handed back no backing file: reopened" in log and "Traceback" not in log, log
+            w.d = d2
+            w.kept()
+            assert d2.stop() == 0, d2.logtext()
+    assert not (disk / "backing").exists()
+
+
+def test_a_backing_file_replaced_is_a_clear_error_and_the_rest_is_served(tmp_path: Path, disk: Path) -> None:
+    """The fd lost and the file at the path replaced by another of the same
+    size: not taken for ours.  The log says which file the pages were
+    written to and that their reads fail; they fail with EIO, never read
+    as another file's bytes, and every page in the pool is served."""
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        handed = take_fds(pair(d)[0], None)
+        other = disk / "other"
+        with open(other, "wb") as f:
+            f.truncate(64 * MIB)
+        os.rename(other, disk / "backing")
+        with restarted_as_by_systemd(tmp_path, d, disk, handed) as d2:
+            log = d2.logtext()
+            assert "handed back no backing file, and pages were written back to one" in log, log
+            assert "is not the file the pages were written to" in log, log
+            assert f"{BACKED} pages live in the backing file device" in log and "fail with EIO" in log, log
+            assert_backed_pages_fail_and_the_rest_are_served(d2, w)
+            assert d2.stop() == 0, d2.logtext()
+
+
+def assert_backed_pages_fail_and_the_rest_are_served(d: Daemon, w: Written) -> None:
+    s = d.stats()
+    assert s["bd_count"] == BACKED, s
+    fd = os.open(d.file, os.O_RDONLY)
+    served = failed = 0
+    try:
+        for i, p in w.pages.items():
+            try:
+                got = os.pread(fd, 4096, i * 4096)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                failed += 1
+                continue
+            assert got == p, f"page {i} reads other bytes"
+            served += 1
+    finally:
+        os.close(fd)
+    print(f"{served} pages served, {failed} failed with EIO")
+    assert failed == BACKED and served == PAGES - BACKED, (served, failed)
+    assert "Traceback" not in d.logtext(), d.logtext()
+
+
+def test_a_backing_file_cut_shorter_under_a_takeover_is_a_clear_error(tmp_path: Path, disk: Path) -> None:
+    """The file cut shorter through its path while held, then the worker
+    killed: the next worker says the file is not the one the pages were
+    written to and serves every other page (no crash loop)."""
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        os.truncate(disk / "backing", 1 * MIB)
+        sup, old = pair(d)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: pair(d)[1] not in (0, old), timeout=60, what="a new worker")
+        log = d.logtext()
+        assert "the backing file given is device" in log and f"which {BACKED} pages were written back to" in log, log
+        assert_backed_pages_fail_and_the_rest_are_served(d, w)
+        assert d.stats()["process"]["worker_restarts"] == 1  # type: ignore[index]
+        assert d.stop() == 0, d.logtext()

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
 import struct
@@ -252,10 +253,26 @@ def check_backing_size(size: int) -> None:
         raise BadRequest(f"[writeback] size {size} is beyond the {MAX_FILE_BYTES} bytes (32 GiB) a location addresses")
 
 
+def _lock(fd: int, path: str) -> None:
+    """Take the backing file for this instance: an exclusive flock on its
+    open file, which goes wherever the fd goes (workers, a handover,
+    systemd's fd store) and is released only by the last close.  So a
+    second instance configured with the same file is refused before it
+    truncates the pages of the first."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BadRequest(
+            f"[writeback] file {path} is in use by another zswapd instance (or another process holds a lock on "
+            "it); give each instance a file of its own"
+        ) from None
+
+
 def open_backing_file(path: str, size: int) -> int:
     """Create (or truncate) the backing file at ``path``, O_DIRECT, with
     ``size`` bytes allocated on disk (a full disk fails here, at start, not
-    under pressure).  Returns the fd; BadRequest names what is wrong."""
+    under pressure).  Returns the fd; BadRequest names what is wrong.
+    Never for a file a state names (reopen_backing_file)."""
     check_backing_size(size)
     existed = os.path.lexists(path)
     try:
@@ -263,6 +280,7 @@ def open_backing_file(path: str, size: int) -> int:
     except OSError as e:
         raise BadRequest(f"[writeback] file {path}: cannot open it O_DIRECT for writing: {e.strerror}") from None
     try:
+        _lock(fd, path)
         check_backing_fd(fd, path)
         os.ftruncate(fd, 0)  # whatever it held belongs to no boot of ours
         os.ftruncate(fd, size)
@@ -276,6 +294,39 @@ def open_backing_file(path: str, size: int) -> int:
         if not existed:  # refused: leave nothing behind
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        raise
+    return fd
+
+
+def identity(fd: int) -> tuple[int, int, int]:
+    """(device, inode, size) of the backing file ``fd``: what the state
+    header keeps (state.State.save_backing), so that a takeover can tell the
+    file its pages were written to from any other."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def reopen_backing_file(path: str, want: tuple[int, int, int]) -> int:
+    """The backing file a state's pages were written to, opened again by its
+    path when its fd was lost (not among the fds systemd or a worker handed
+    back): never created, truncated or allocated, and only if it is that
+    very file (``want``: identity() when it was first used) and no other
+    process holds it.  BadRequest says why not."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise BadRequest(f"[writeback] file {path}: cannot open it again: {e.strerror}") from None
+    try:
+        got = identity(fd)
+        if got != want:
+            raise BadRequest(
+                f"[writeback] file {path} is not the file the pages were written to: device {got[0]} inode "
+                f"{got[1]} of {got[2]} bytes, expected device {want[0]} inode {want[1]} of {want[2]} bytes "
+                "(it was removed, replaced or resized)"
+            )
+        _lock(fd, path)
+    except BaseException:
+        os.close(fd)
         raise
     return fd
 
