@@ -416,3 +416,29 @@ def test_a_backing_file_cut_shorter_under_a_takeover_is_a_clear_error(tmp_path: 
         assert_backed_pages_fail_and_the_rest_are_served(d, w)
         assert d.stats()["process"]["worker_restarts"] == 1  # type: ignore[index]
         assert d.stop() == 0, d.logtext()
+
+
+def test_a_worker_stopping_alone_removes_the_backing_file(tmp_path: Path, disk: Path, reap: list[int]) -> None:
+    """The supervisor killed and no new one can start (its config made
+    writable by others): the orphaned worker serves the written-back pages
+    from the file it holds, and a SIGTERM stops it alone, as the supervisor
+    would: the backing file goes too."""
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        sup, worker = pair(d)
+        reap.append(worker)
+        os.chmod(d.config, 0o666)
+        os.kill(sup, signal.SIGKILL)
+        wait_for(lambda: "still without a supervisor" in d.logtext(), timeout=60, what="a refused new supervisor")
+        fd = os.open(d.file, os.O_RDONLY)
+        try:
+            assert all(os.pread(fd, 4096, i * 4096) == p for i, p in w.pages.items())
+        finally:
+            os.close(fd)
+        assert stat(d, "bd_reads") >= w.bd_reads + BACKED
+        os.kill(worker, signal.SIGTERM)
+        assert exit_status(worker, 120) == 0, d.logtext()
+        log = d.logtext()
+        assert f"removed the backing file {disk / 'backing'}" in log and "stopped alone, cleanly" in log, log
+        assert "Traceback" not in log, log
+    assert not (disk / "backing").exists(), "the backing file outlived the daemon"

@@ -659,14 +659,12 @@ class Supervisor:
         for m in self.locked:
             m.close()
         self.locked = []
-        backing = self.held.backing >= 0 and self.torn_down
-        self.held.close()
-        if backing and self.cfg.writeback.file:
-            # Swap lives one boot: what the file held is discarded with it.
+        if self.torn_down:
             try:
-                os.unlink(self.cfg.writeback.file)
+                self.held.remove_backing_file(self.cfg.writeback.file)
             except OSError as e:
                 log.warning("cannot remove the backing file %s: %s", self.cfg.writeback.file, e)
+        self.held.close()
 
 
 def _bound_path(fd: int) -> str:

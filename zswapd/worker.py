@@ -231,6 +231,7 @@ class Worker:
             self.file,
             lambda: cfg.control.socket,
             self._stop,
+            lambda: self.cfg.writeback.file,
             self._handover_info,
         )
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
