@@ -50,6 +50,8 @@
  * The decrement is a release and drop's load an acquire (a release
  * sequence: every earlier decrement is covered by the last one's).  The
  * count's increment in the step needs no order: drop runs on that thread.
+ * tests/test_engine.py's test_native_dictionary_dropped_while_readers_...
+ * runs that loop under TSan: 2-3 reports in 30 s before, none after.
  *
  * No allocation but the calling thread's Ctx (its secondary zstd context is
  * made on first use) and the dictionaries' digested forms, which is why no
