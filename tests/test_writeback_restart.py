@@ -65,9 +65,9 @@ def reap() -> Iterator[list[int]]:
                 os.waitpid(pid, os.WNOHANG)
 
 
-def config(disk: Path) -> dict[str, dict[str, object]]:
+def config(disk: Path, engine: str = "native") -> dict[str, dict[str, object]]:
     return {
-        "pool": {"memory_limit": "16M"},
+        "pool": {"memory_limit": "16M", "engine": engine},
         "writeback": {"enable": True, "file": str(disk / "backing"), "size": "64M"},
     }
 
@@ -207,9 +207,13 @@ def stop(d: Daemon, reap: list[int]) -> None:
 RESTARTS = ["reload", "worker", "supervisor", "supervisor-then-worker", "worker-then-supervisor"]
 
 
+@pytest.mark.parametrize("engine", ["native", "python"])
 @pytest.mark.parametrize("restart", RESTARTS)
-def test_written_back_pages_survive_the_restart(tmp_path: Path, disk: Path, reap: list[int], restart: str) -> None:
-    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+def test_written_back_pages_survive_the_restart(
+    tmp_path: Path, disk: Path, reap: list[int], restart: str, engine: str
+) -> None:
+    with run_daemon(tmp_path, **config(disk, engine)) as d:  # type: ignore[arg-type]
+        assert d.stats()["engine"] == engine
         w = Written(d, disk)
         if restart == "reload":
             sup, old = pair(d)
