@@ -446,3 +446,24 @@ def test_a_worker_stopping_alone_removes_the_backing_file(tmp_path: Path, disk: 
         assert f"removed the backing file {disk / 'backing'}" in log and "stopped alone, cleanly" in log, log
         assert "Traceback" not in log, log
     assert not (disk / "backing").exists(), "the backing file outlived the daemon"
+
+
+def test_a_backing_file_unlinked_while_held_loses_nothing(tmp_path: Path, disk: Path, reap: list[int]) -> None:
+    """The path removed while the daemon runs: the file lives on in the fd
+    the supervisor holds, a takeover gets that fd, every page reads back;
+    at the stop the log says there was nothing left to remove."""
+    with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
+        w = Written(d, disk)
+        os.unlink(disk / "backing")
+        kill_worker(d, reap)
+        fd = os.open(d.file, os.O_RDONLY)
+        try:
+            bad = [i for i, p in w.pages.items() if os.pread(fd, 4096, i * 4096) != p]
+        finally:
+            os.close(fd)
+        assert not bad, f"{len(bad)} pages differ"
+        s = d.stats()
+        assert int(s["bd_reads"]) >= w.bd_reads + BACKED and s["failed_reads"] == 0, s  # type: ignore[call-overload]
+        assert d.stop() == 0, d.logtext()
+        log = d.logtext()
+        assert f"the backing file held is no longer at {disk / 'backing'}" in log and "Traceback" not in log, log

@@ -659,11 +659,14 @@ class Supervisor:
         for m in self.locked:
             m.close()
         self.locked = []
-        if self.torn_down:
+        if self.torn_down and self.held.backing >= 0:
+            path = self.cfg.writeback.file
             try:
-                self.held.remove_backing_file(self.cfg.writeback.file)
+                if not self.held.remove_backing_file(path):
+                    log.warning("the backing file held is no longer at %s (removed, replaced, or the config names "
+                                "another path now): nothing removed", path or "[writeback] file")  # fmt: skip
             except OSError as e:
-                log.warning("cannot remove the backing file %s: %s", self.cfg.writeback.file, e)
+                log.warning("cannot remove the backing file %s: %s", path, e)
         self.held.close()
 
 
