@@ -3,10 +3,14 @@ zswapd (this checkout's, or a baseline's: the source tree ``--baseline-src``
 names, e.g. ``git worktree add ../base COMMIT``), the kernel's zram with the
 same algorithm, and a loop device over a tmpfs file (the loop layer's floor);
 and each of them as the only swap (``ZramSwap``, ``TmpfsLoopSwap``, and
-zswapd turning on its own).
+zswapd turning on its own); and what ``bench tiers`` puts a disk behind
+compressed memory with: a swap file on a disk filesystem
+(``DiskSwapFile``) and the kernel's zswap (``KernelZswap``, whose
+parameters it puts back as it found them).
 
-Owns: ``Target`` and its kinds, what served a zswapd target, and which
-engine build this checkout loads.  Loop devices are found by their file
+Owns: ``Target`` and its kinds, the disk swap file, zswap's parameters
+while a bench has them, what served a zswapd target, and which engine
+build this checkout loads.  Loop devices are found by their file
 (swap.loops_backed_by), so one a killed losetup attached is detached too.
 """
 

@@ -73,8 +73,11 @@ TARGETS = ("zswapd", "zram", "zswap")
 # The compressed tier's swap priority, and the disk swap file's below it.
 TIER_PRIORITY = 100
 FILE_PRIORITY = 10
-# Headroom of the swap areas over the workload's pages: other processes'
-# pages (this VM's DAMON pages out anyone's cold memory into any swap).
+# Headroom of the swap areas over twice the workload's pages: other
+# processes' pages (this VM's DAMON pages out anyone's cold memory into any
+# swap).  Twice, so swap stays under half full: past that (vm_swap_full)
+# the kernel frees a slot at every swap-in, and each target would be
+# measured in the kernel's other regime.
 SWAP_SLACK = 128 * MIB
 # Seconds one run may take before it counts as timed out.
 RUN_TIMEOUT = 900.0
@@ -308,7 +311,7 @@ def _bench_tiers(
     if npages < 256:
         raise RuntimeError(f"the corpus has {npages} pages that are not same-filled; 256 or more are needed")
     ratio = _zram_ratio(pages_path, npages)
-    swap_size = -(-(cold + hot + SWAP_SLACK) // MIB) * MIB
+    swap_size = -(-(2 * (cold + hot) + SWAP_SLACK) // MIB) * MIB
     sizes = Sizes(cold // PAGE * PAGE, hot // PAGE * PAGE, cgroup_limit, tier, percent, mem_total * percent // 100,
                   int(tier * ratio) // PAGE * PAGE, ratio, swap_size, cycles)  # fmt: skip
     swapfile = DiskSwapFile(diskdir, swap_size)
