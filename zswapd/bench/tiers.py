@@ -429,7 +429,8 @@ def _one_run(
             run.detail = {"bd_count": s["bd_count"], "bd_reads": s["bd_reads"], "live_bytes": wb["live_bytes"],
                           "dead_bytes": wb["dead_bytes"], "segments_cleaned": wb["segments_cleaned"],
                           "backing_bytes_written": wb.get("bytes_written"), "mem_used_max": s["mem_used_max"],
-                          "failed_writes": s["failed_writes"], "read_latency_p99_us": wb["read_latency_p99_us"]}  # fmt: skip
+                          "failed_writes": s["failed_writes"], "orig_data_size": s["orig_data_size"],
+                          "read_latency_p99_us": wb["read_latency_p99_us"]}  # fmt: skip
         elif zram is not None and zram_dev is not None:
             mm = (zram_dev / "mm_stat").read_text().split()
             zram_writes = int((zram_dev / "stat").read_text().split()[6]) // 8
