@@ -435,18 +435,20 @@ class KernelZswap:
 
     @staticmethod
     def stats() -> dict[str, Any]:
-        """Pool bytes and pages written back: from debugfs when it is
-        mounted (pool_total_size, written_back_pages, pool_limit_hit),
-        else from /proc/meminfo (Zswap) and /proc/vmstat (zswpwb); ``source``
-        says which."""
+        """Pool bytes, pages held (``pool_pages``) and pages written back:
+        from debugfs when it is mounted (pool_total_size, stored_pages,
+        written_back_pages, pool_limit_hit), else from /proc/meminfo (Zswap,
+        Zswapped) and /proc/vmstat (zswpwb); ``source`` says which."""
         if (ZSWAP_DEBUG / "pool_total_size").exists():
 
             def get(name: str) -> int:
                 return int((ZSWAP_DEBUG / name).read_text())
 
-            return {"source": "debugfs", "pool_bytes": get("pool_total_size"),
+            return {"source": "debugfs", "pool_bytes": get("pool_total_size"), "pool_pages": get("stored_pages"),
                     "written_back": get("written_back_pages"), "pool_limit_hit": get("pool_limit_hit")}  # fmt: skip
         meminfo = {line.split(":")[0]: line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()}
         vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
-        return {"source": "meminfo Zswap, vmstat zswpwb (debugfs not mounted)",
-                "pool_bytes": int(meminfo.get("Zswap", 0)) * 1024, "written_back": int(vmstat.get("zswpwb", 0))}  # fmt: skip
+        return {"source": "meminfo Zswap and Zswapped, vmstat zswpwb (debugfs is not mounted)",
+                "pool_bytes": int(meminfo.get("Zswap", 0)) * 1024,
+                "pool_pages": int(meminfo.get("Zswapped", 0)) * 1024 // PAGE,
+                "written_back": int(vmstat.get("zswpwb", 0))}  # fmt: skip

@@ -443,7 +443,9 @@ def _one_run(
             zs1 = KernelZswap.stats()
             run.written_back = zs1["written_back"] - zs0["written_back"]
             run.pages_to_disk = run.pswpout
-            run.disk_space = swapfile.used()
+            # A page zswap holds has a slot on the file too, never written:
+            # the disk space used is the rest.
+            run.disk_space = max(0, swapfile.used() - zs1["pool_pages"] * PAGE)
             run.tier_bytes = zs1["pool_bytes"]
             run.detail = {k: v - zs0.get(k, 0) for k, v in zs1.items() if k == "pool_limit_hit"}
         assert proc.stdin is not None
