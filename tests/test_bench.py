@@ -256,7 +256,7 @@ def test_bench_tiers_end_to_end() -> None:
         res = json.loads(r.stdout)
         assert [run["target"] for run in res["runs"]] == ["zswapd", "zram", "zswap"]
         for run in res["runs"]:
-            assert run["status"] == "ok", run
+            assert run["status"] == "ok" and run["verify"] == "ok", run
             assert run["hot_bad"] == 0 and run["verified_bad"] == 0, run
         zswapd = res["runs"][0]
         assert zswapd["written_back"] > 0 and zswapd["detail"]["failed_writes"] == 0, zswapd

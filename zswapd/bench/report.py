@@ -152,15 +152,18 @@ def format_tiers(r: dict[str, Any]) -> str:
             f"{t.get('pages_to_disk', nan):>10.0f}{t.get('disk_bytes_per_page_to_disk', nan):>13.0f}"
             f"{t.get('disk_space', nan) / MIB:>16.1f}{t.get('tier_bytes', nan) / MIB:>10.1f}"
             + (f"  failures: {t['failures']}" if t["failures"] else "")
+            + (f"  verification failed after the hot phase: {t['verify_failures']}" if t["verify_failures"] else "")
         )
     lines.append("")
     for run in r["runs"]:
         lines.append(
-            f"  rep {run['rep']} {run['target']:7} {run['status']:10} hot {run['hot_s']:7.2f} s (cycles "
+            f"  rep {run['rep']} {run['target']:7} {run['status']:10} verify {run['verify']:10} hot {run['hot_s']:7.2f} s "
+            "(cycles "
             + " ".join(f"{c:.2f}" for c in run["cycle_s"])
             + f"), disk {run['disk_bytes'] / MIB:.1f} MiB, written back {run['written_back']}, to disk "
             f"{run['pages_to_disk']}, pswpin {run['pswpin']}, pswpout {run['pswpout']}, bad pages "
-            f"{run['hot_bad']}+{run['verified_bad']} {run['detail']}"
+            f"{run['hot_bad']}+{run['verified_bad']}; s: setup {run['setup_s']:.1f}, to hot end {run['run_s']:.1f}, "
+            f"verify {run['verify_s']:.1f}, all {run['wall_s']:.1f}; {run['detail']}"
         )
     for k, v in r["ratios"].items():
         lines.append(f"  {k:58} {v:6.2f}")

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import libc
 from ..codec import fill_word
 from .app import CGROUP_V1, MemCgroup
 from .corpus import MIB, PAGE, capture_corpus, create_private, describe_corpus, exit_on_signals, private_dir
@@ -153,6 +154,25 @@ def _zram_ratio(pages_path: str, pages: int) -> float:
         z.close()
 
 
+@contextlib.contextmanager
+def _pinned(path: str) -> Iterator[None]:
+    """The pages file locked in memory while the bench runs.  It lives on
+    tmpfs (the corpus never reaches a disk); unlocked, reclaim or this VM's
+    DAMON could swap its pages out between runs, and the workload's reads
+    would then swap them in charged to its own cgroup."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        addr = libc.mmap(size, libc.PROT_READ, libc.MAP_SHARED, fd)
+    finally:
+        os.close(fd)
+    try:
+        libc.mlock(addr, size)
+        yield
+    finally:
+        libc.munmap(addr, size)
+
+
 @dataclass
 class Sizes:
     cold: int
@@ -171,7 +191,10 @@ class Sizes:
 class TierRun:
     rep: int
     target: str
-    status: str  # "ok", "oom-killed", "timeout", "bad pages", "exit N"
+    status: str  # the hot phase: "ok", "bad pages", "oom-killed", "timeout", "exit N"
+    # every page compared after the hot phase: "ok", "bad pages", "oom-killed",
+    # "timeout", "exit N", "not reached" (the hot phase failed)
+    verify: str = "not reached"
     hot_s: float = 0.0
     fill_s: float = 0.0
     cycle_s: list[float] = field(default_factory=list)
@@ -184,6 +207,12 @@ class TierRun:
     verified_bad: int = -1
     pswpin: int = 0
     pswpout: int = 0
+    # wall seconds: target and cgroup set up; start to the end of the hot
+    # phase; the verification; the whole run, teardown included
+    setup_s: float = 0.0
+    run_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -282,7 +311,7 @@ def bench_tiers(
     except (OSError, subprocess.CalledProcessError, RuntimeError, KeyboardInterrupt) as e:
         return failed(name, e)
     print(json.dumps(results, indent=2) if as_json else format_tiers(results))
-    bad = [r for r in results["runs"] if r["status"] == "bad pages"]
+    bad = [r for r in results["runs"] if "bad pages" in (r["status"], r["verify"])]
     return 1 if bad or not results["latency"].get("verified", True) else 0
 
 
@@ -310,6 +339,7 @@ def _bench_tiers(
     npages = _pages_file(corpus.path, pages_path)
     if npages < 256:
         raise RuntimeError(f"the corpus has {npages} pages that are not same-filled; 256 or more are needed")
+    stack.enter_context(_pinned(pages_path))
     ratio = _zram_ratio(pages_path, npages)
     swap_size = -(-(2 * (cold + hot) + SWAP_SLACK) // MIB) * MIB
     sizes = Sizes(cold // PAGE * PAGE, hot // PAGE * PAGE, cgroup_limit, tier, percent, mem_total * percent // 100,
@@ -324,11 +354,15 @@ def _bench_tiers(
     for rep in range(repeat):
         # Rotating, so no target always runs first or after the same other.
         for kind in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
+            t0 = time.monotonic()
             run, how = _one_run(kind, rep, sizes, pages_path, swapfile, zswap, disk_stat, workdir, diskdir)
+            run.wall_s = time.monotonic() - t0
             serving = how or serving
             runs.append(run)
-            print(f"  {kind:7} rep {rep}: {run.status}, hot {run.hot_s:.2f} s, disk {run.disk_bytes / MIB:.0f} MiB, "
-                  f"written back {run.written_back}", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"  {kind:7} rep {rep}: {run.status}, verify {run.verify}, hot {run.hot_s:.2f} s, disk "
+                  f"{run.disk_bytes / MIB:.0f} MiB, written back {run.written_back}; seconds: setup {run.setup_s:.1f}, "
+                  f"to the end of the hot phase {run.run_s:.1f}, verify {run.verify_s:.1f}, in all {run.wall_s:.1f}",
+                  file=sys.stderr, flush=True)  # fmt: skip
     latency = _latency(pages_path, npages, latency_size, latency_seconds, repeat, workdir, diskdir, disk_stat)
     res = _summarise(sizes, runs, targets)
     res.update(
@@ -356,6 +390,7 @@ def _one_run(
 ) -> tuple[TierRun, str]:
     """One target, set up, the workload run on it, torn down."""
     serving = ""
+    t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         expected: list[str] = []
         zswapd: ZswapdTarget | None = None
@@ -388,6 +423,8 @@ def _one_run(
         cg = MemCgroup(f"zswapd-bench-tiers-{os.getpid()}-{rep}-{kind}", sizes.cgroup)
         stack.callback(cg.close)
         run = TierRun(rep, kind, "ok")
+        run.setup_s = time.monotonic() - t0
+        t0 = time.monotonic()
         zram_dev = Path(f"/sys/block/{os.path.basename(zram.path)}") if zram else None
         sectors0 = _sectors_written(disk_stat)
         vm0 = _vmstat("pswpin", "pswpout", "zswpwb")
@@ -409,14 +446,13 @@ def _one_run(
                 hot_line = rest
                 break
         if hot_line is None:
-            proc.kill()
-            proc.wait()
-            ooms = cg.oom_kills()
-            run.status = "timeout" if time.monotonic() >= deadline else ("oom-killed" if ooms else
-                                                                         f"exit {proc.returncode}")  # fmt: skip
+            run.status = _ended(proc, cg, deadline)
             return run, serving
         # The end of the hot phase: every page is still where the kernel put it.
+        run.run_s = time.monotonic() - t0
         run.hot_s, run.hot_bad = float(hot_line[0]), int(hot_line[1])
+        if run.hot_bad:
+            run.status = "bad pages"
         run.disk_bytes = (_sectors_written(disk_stat) - sectors0) * 512
         vm1 = _vmstat("pswpin", "pswpout", "zswpwb")
         run.pswpin, run.pswpout = vm1["pswpin"] - vm0["pswpin"], vm1["pswpout"] - vm0["pswpout"]
@@ -451,17 +487,26 @@ def _one_run(
         assert proc.stdin is not None
         proc.stdin.write(b"verify\n")
         proc.stdin.flush()
-        line = lines.next(time.monotonic() + RUN_TIMEOUT)
-        rc = proc.wait(60) if line is not None else None
-        if line is None or not line.startswith("verified"):
-            run.status = "oom-killed" if cg.oom_kills() else "verify did not finish"
-        else:
+        t0 = time.monotonic()
+        deadline = t0 + RUN_TIMEOUT
+        line = lines.next(deadline)
+        if line is not None and line.startswith("verified"):
             run.verified_bad = int(line.split()[2])
-            if run.verified_bad or run.hot_bad:
-                run.status = "bad pages"
-            elif rc:
-                run.status = f"exit {rc}"
+            rc = proc.wait(60)
+            run.verify = "bad pages" if run.verified_bad else (f"exit {rc}" if rc else "ok")
+        else:
+            run.verify = _ended(proc, cg, deadline)
+        run.verify_s = time.monotonic() - t0
     return run, serving
+
+
+def _ended(proc: subprocess.Popen[bytes], cg: MemCgroup, deadline: float) -> str:
+    """Why the workload said no more: killed if it still runs."""
+    timed_out = proc.poll() is None and time.monotonic() >= deadline
+    if proc.poll() is None:
+        proc.kill()
+    rc = proc.wait()
+    return "timeout" if timed_out else ("oom-killed" if cg.oom_kills() else f"exit {rc}")
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
@@ -540,7 +585,8 @@ def _summarise(sizes: Sizes, runs: list[TierRun], targets: tuple[str, ...]) -> d
         its = [r for r in runs if r.target == name]
         ok = [r for r in its if r.status == "ok"]
         t: dict[str, Any] = {"runs": len(its), "ok": len(ok),
-                             "failures": [r.status for r in its if r.status != "ok"]}  # fmt: skip
+                             "failures": [r.status for r in its if r.status != "ok"],
+                             "verify_failures": [r.verify for r in ok if r.verify != "ok"]}  # fmt: skip
         for k in keys:
             values = [getattr(r, k) for r in ok if getattr(r, k) is not None]
             if values:
