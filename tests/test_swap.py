@@ -44,6 +44,15 @@ def run_in_cgroup(cg: Path, argv: list[str], **kw: object) -> subprocess.Popen[s
     return subprocess.Popen(argv, preexec_fn=enter, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload, no-any-return]
 
 
+def device_pages(loop: str) -> tuple[int, int]:
+    """(pages read, pages written) on ``loop`` since it was attached, from
+    /sys/block/*/stat (sectors of 512 bytes).  Counted on our device, not
+    /proc/vmstat's pswpin/pswpout, which count every swap device: another
+    swap on the machine, or DAMON paging anyone out, would skew a ratio."""
+    fields = Path(f"/sys/block/{os.path.basename(loop)}/stat").read_text().split()
+    return int(fields[2]) // 8, int(fields[6]) // 8
+
+
 def swap_used_pages(loop: str) -> int:
     with open("/proc/swaps") as f:
         for line in f:
@@ -89,20 +98,19 @@ def test_swap_under_memory_pressure_verifies_every_byte(tmp_path: Path, engine: 
         assert open(f"/sys/block/{os.path.basename(loop)}/loop/dio").read().strip() == "1"
         with memory_cgroup("zswapd-test-pressure", CG_LIMIT) as cg:
             for rnd in range(3):
-                v0, s0 = vmstat(), d.stats()
+                v0, s0 = device_pages(loop), d.stats()
                 w = run_in_cgroup(cg, [sys.executable, WORKER, "300", "3"])
                 out, _ = w.communicate(timeout=600)
                 assert w.returncode == 0, out
                 assert out.count(": 0 bad pages") == 3, out  # every byte, three times
-                v1, s1 = vmstat(), d.stats()
-                swapped_out = v1["pswpout"] - v0["pswpout"]
-                swapped_in = v1["pswpin"] - v0["pswpin"]
+                v1, s1 = device_pages(loop), d.stats()
+                swapped_in, swapped_out = v1[0] - v0[0], v1[1] - v0[1]
                 writes = int(s1["num_writes"]) - int(s0["num_writes"])  # type: ignore[call-overload]
                 reads = int(s1["num_reads"]) - int(s0["num_reads"])  # type: ignore[call-overload]
                 left, used = wait_drained(d, loop, swapped_out)
                 s2 = d.stats()
                 print(
-                    f"round {rnd}: pswpout +{swapped_out} pswpin +{swapped_in}; daemon writes +{writes} reads +{reads};"
+                    f"round {rnd}: pages swapped out +{swapped_out} in +{swapped_in}; daemon writes +{writes} reads +{reads};"
                     f" peak {s1['mem_used_max']} B; after exit: pool {left} pages, swap uses {used}; ratio "
                     f"{s1['orig_data_size'] / max(1, s1['mem_used_total']):.2f}"  # type: ignore[operator]
                 )
