@@ -139,6 +139,8 @@ def format_tiers(r: dict[str, Any]) -> str:
         f"= {s['zswap_bytes'] / MIB:.0f} MiB, compressor {r['zswap_compressor'] or '-'}",
         f"disk: {r['disk']} (bytes written: its stat field 7 x 512, from the start of a run to the end of its hot "
         f"phase); zswap figures from {r['zswap_stats_source']}",
+        "hot s, disk MiB, written back, to disk, disk space and tier MiB: medians over the runs whose hot phase "
+        "finished (ok); B/page: medians over every run that sent pages to the disk, up to its end or failure",
         f"zswapd served by: {r['zswapd_serving']}",
         "",
         f"{'target':8}{'runs':>5}{'ok':>4}{'hot s':>8}{'disk MiB':>10}{'written back':>14}{'B/page wb':>11}"
@@ -163,7 +165,7 @@ def format_tiers(r: dict[str, Any]) -> str:
             + f"), disk {run['disk_bytes'] / MIB:.1f} MiB, written back {run['written_back']}, to disk "
             f"{run['pages_to_disk']}, pswpin {run['pswpin']}, pswpout {run['pswpout']}, bad pages "
             f"{run['hot_bad']}+{run['verified_bad']}; s: setup {run['setup_s']:.1f}, to hot end {run['run_s']:.1f}, "
-            f"verify {run['verify_s']:.1f}, all {run['wall_s']:.1f}; {run['detail']}"
+            f"verify {run['verify_s']:.1f}, all {run['wall_s']:.1f}; fill {run['fill_s']:.1f} s; {run['detail']}"
         )
     for k, v in r["ratios"].items():
         lines.append(f"  {k:58} {v:6.2f}")

@@ -445,45 +445,52 @@ def _one_run(
             elif word == "hot":
                 hot_line = rest
                 break
+
+        def sample() -> None:
+            """The counters now, into ``run`` (also when the hot phase failed:
+            bytes and pages sent to the disk so far still count per page)."""
+            run.disk_bytes = (_sectors_written(disk_stat) - sectors0) * 512
+            vm1 = _vmstat("pswpin", "pswpout", "zswpwb")
+            run.pswpin, run.pswpout = vm1["pswpin"] - vm0["pswpin"], vm1["pswpout"] - vm0["pswpout"]
+            if zswapd is not None:
+                s = zswapd._request(zswapd.sock, {"cmd": "stats"})
+                wb = s["writeback"]
+                run.written_back = run.pages_to_disk = int(s["bd_writes"])
+                run.disk_space = int(wb["segments_used"]) * (256 << 10)
+                run.tier_bytes = int(s["mem_used_total"])
+                run.detail = {"bd_count": s["bd_count"], "bd_reads": s["bd_reads"], "live_bytes": wb["live_bytes"],
+                              "dead_bytes": wb["dead_bytes"], "segments_cleaned": wb["segments_cleaned"],
+                              "backing_bytes_written": wb.get("bytes_written"), "mem_used_max": s["mem_used_max"],
+                              "failed_writes": s["failed_writes"], "orig_data_size": s["orig_data_size"],
+                              "read_latency_p99_us": wb["read_latency_p99_us"]}  # fmt: skip
+            elif zram is not None and zram_dev is not None:
+                mm = (zram_dev / "mm_stat").read_text().split()
+                zram_writes = int((zram_dev / "stat").read_text().split()[6]) // 8
+                run.tier_bytes = int(mm[2])
+                run.pages_to_disk = max(0, run.pswpout - zram_writes)
+                run.disk_space = swapfile.used()
+                run.detail = {"zram_orig_data_size": int(mm[0]), "zram_mem_used_max": int(mm[4]),
+                              "zram_pages_written": zram_writes, "zram_used": swap_used(zram.path)}  # fmt: skip
+            else:
+                zs1 = KernelZswap.stats()
+                run.written_back = zs1["written_back"] - zs0["written_back"]
+                run.pages_to_disk = run.pswpout
+                # A page zswap holds has a slot on the file too, never written:
+                # the disk space used is the rest.
+                run.disk_space = max(0, swapfile.used() - zs1["pool_pages"] * PAGE)
+                run.tier_bytes = zs1["pool_bytes"]
+                run.detail = {k: v - zs0.get(k, 0) for k, v in zs1.items() if k == "pool_limit_hit"}
+
+        run.run_s = time.monotonic() - t0
         if hot_line is None:
+            sample()
             run.status = _ended(proc, cg, deadline)
             return run, serving
         # The end of the hot phase: every page is still where the kernel put it.
-        run.run_s = time.monotonic() - t0
         run.hot_s, run.hot_bad = float(hot_line[0]), int(hot_line[1])
         if run.hot_bad:
             run.status = "bad pages"
-        run.disk_bytes = (_sectors_written(disk_stat) - sectors0) * 512
-        vm1 = _vmstat("pswpin", "pswpout", "zswpwb")
-        run.pswpin, run.pswpout = vm1["pswpin"] - vm0["pswpin"], vm1["pswpout"] - vm0["pswpout"]
-        if zswapd is not None:
-            s = zswapd._request(zswapd.sock, {"cmd": "stats"})
-            wb = s["writeback"]
-            run.written_back = run.pages_to_disk = int(s["bd_writes"])
-            run.disk_space = int(wb["segments_used"]) * (256 << 10)
-            run.tier_bytes = int(s["mem_used_total"])
-            run.detail = {"bd_count": s["bd_count"], "bd_reads": s["bd_reads"], "live_bytes": wb["live_bytes"],
-                          "dead_bytes": wb["dead_bytes"], "segments_cleaned": wb["segments_cleaned"],
-                          "backing_bytes_written": wb.get("bytes_written"), "mem_used_max": s["mem_used_max"],
-                          "failed_writes": s["failed_writes"], "orig_data_size": s["orig_data_size"],
-                          "read_latency_p99_us": wb["read_latency_p99_us"]}  # fmt: skip
-        elif zram is not None and zram_dev is not None:
-            mm = (zram_dev / "mm_stat").read_text().split()
-            zram_writes = int((zram_dev / "stat").read_text().split()[6]) // 8
-            run.tier_bytes = int(mm[2])
-            run.pages_to_disk = max(0, run.pswpout - zram_writes)
-            run.disk_space = swapfile.used()
-            run.detail = {"zram_orig_data_size": int(mm[0]), "zram_mem_used_max": int(mm[4]),
-                          "zram_pages_written": zram_writes, "zram_used": swap_used(zram.path)}  # fmt: skip
-        else:
-            zs1 = KernelZswap.stats()
-            run.written_back = zs1["written_back"] - zs0["written_back"]
-            run.pages_to_disk = run.pswpout
-            # A page zswap holds has a slot on the file too, never written:
-            # the disk space used is the rest.
-            run.disk_space = max(0, swapfile.used() - zs1["pool_pages"] * PAGE)
-            run.tier_bytes = zs1["pool_bytes"]
-            run.detail = {k: v - zs0.get(k, 0) for k, v in zs1.items() if k == "pool_limit_hit"}
+        sample()
         assert proc.stdin is not None
         proc.stdin.write(b"verify\n")
         proc.stdin.flush()
@@ -592,12 +599,13 @@ def _summarise(sizes: Sizes, runs: list[TierRun], targets: tuple[str, ...]) -> d
             if values:
                 t[k] = statistics.median(values)
         # Disk bytes per page written back, and per page sent to the disk
-        # at all, run by run (zswap also writes the pages its full pool
-        # rejects; zram writes whatever does not fit its slots).
-        per_wb = [r.disk_bytes / r.written_back for r in ok if r.written_back]
+        # at all (zswap also writes the pages its full pool rejects; zram
+        # writes whatever does not fit its slots), run by run: every run,
+        # also one whose hot phase failed, up to where it was sampled.
+        per_wb = [r.disk_bytes / r.written_back for r in its if r.written_back]
         if per_wb:
             t["disk_bytes_per_page_written_back"] = statistics.median(per_wb)
-        per_page = [r.disk_bytes / r.pages_to_disk for r in ok if r.pages_to_disk]
+        per_page = [r.disk_bytes / r.pages_to_disk for r in its if r.pages_to_disk]
         if per_page:
             t["disk_bytes_per_page_to_disk"] = statistics.median(per_page)
         per[name] = t
