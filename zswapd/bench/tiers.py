@@ -620,11 +620,14 @@ def _summarise(sizes: Sizes, runs: list[TierRun], targets: tuple[str, ...]) -> d
             if n != "zswapd" and "hot_s" in per[n]:
                 ratios[f"hot_s zswapd/{n}"] = mine["hot_s"] / per[n]["hot_s"]
     zs = per.get("zswap", {})
-    for k in ("disk_bytes_per_page_written_back", "disk_bytes", "disk_space"):
+    # Per page sent to the disk is the like-for-like figure: zswap writes a
+    # page its full pool rejects exactly as one its shrinker writes back
+    # (4 KiB, uncompressed), and zswpwb counts only the latter.
+    for k in ("disk_bytes_per_page_to_disk", "disk_bytes_per_page_written_back", "disk_bytes", "disk_space"):
         if mine.get(k) and zs.get(k):
             ratios[f"{k} zswapd/zswap"] = mine[k] / zs[k]
     zr = per.get("zram", {})
-    for k in ("disk_bytes", "disk_space"):
+    for k in ("disk_bytes_per_page_to_disk", "disk_bytes", "disk_space"):
         if mine.get(k) and zr.get(k):
             ratios[f"{k} zswapd/zram"] = mine[k] / zr[k]
     return {"sizes": sizes.__dict__, "targets": per, "ratios": ratios}
