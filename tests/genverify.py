@@ -1,8 +1,9 @@
 """A block-device verifier that catches lost writes.
 
-    python tests/genverify.py DEVICE SECONDS [THREADS]
+    python tests/genverify.py DEVICE SECONDS [THREADS [BLOCKS]]
 
-Each thread owns a disjoint region of DEVICE and, with O_DIRECT, writes
+Each thread owns a disjoint region of DEVICE (of its first BLOCKS blocks,
+if given: the rest is left alone, for another checker) and, with O_DIRECT, writes
 random runs of 4 KiB to 512 KiB, discards random runs (BLKDISCARD), and reads
 random runs back.  Every 4 KiB block it writes carries its block number and a
 generation number that grows with every write of that block, so a block that
@@ -111,6 +112,8 @@ def main() -> int:
     fd = os.open(device, os.O_RDWR | os.O_DIRECT)
     size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
     blocks = size // BLOCK
+    if len(sys.argv) > 4:
+        blocks = min(blocks, int(sys.argv[4]))
     per = blocks // threads
     # Start from a known state: every block discarded (zeros).
     fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", 0, per * threads * BLOCK))

@@ -7,7 +7,7 @@ import os
 import lz4.block
 
 from zswapd.bench import sample_pages
-from zswapd.bench_ceiling import ceiling, packed_cost, split, tier, train
+from zswapd.bench.ceiling import ceiling, packed_cost, split, tier, train
 from zswapd.codec import PAGE_SIZE
 from zswapd.pool import CLASSES, HUGE_THRESHOLD
 

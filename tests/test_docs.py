@@ -51,8 +51,9 @@ def test_unit_file_has_what_swap_needs() -> None:
         return [v for line in lines if line.startswith(key + "=") for v in line.split("=", 1)[1].split()]
 
     assert "swap.target" in values("Before")
-    # The supervisor stores five names (fuse, control, state-meta, state-arena,
-    # loop) and a FUSE clone per serving thread, up to [fuse] threads' maximum;
+    # The supervisor stores one fd of each of held.FD_NAMES (fuse, control,
+    # state-meta, state-arena, loop, backing) and a FUSE clone per serving
+    # thread, up to [fuse] threads' maximum;
     # systemd closes any fd beyond the maximum.
     store_max = values("FileDescriptorStoreMax")
     assert len(store_max) == 1 and int(store_max[0]) >= len(FD_NAMES) + MAX_FUSE_THREADS, store_max

@@ -961,3 +961,24 @@ def test_takeover_settings_come_from_the_header_and_a_damaged_one_is_ignored() -
         assert _settings_in_force(state, "lz4", 3, 64 << 20, 90) == ("zstd", 3, 48 << 20, 90)
     finally:
         state.close()
+
+
+def test_locked_mapping_locks_only_resident_pages() -> None:
+    """The supervisor's mlock of the state (state_mlock.py, through
+    libc.py's prototypes): the pages written are locked, the holes are not
+    touched (mlock over a hole would allocate it)."""
+    from zswapd.state_mlock import LockedMapping
+
+    fd = os.memfd_create("zswapd-test-mlock")
+    try:
+        os.ftruncate(fd, 64 * 4096)
+        os.pwrite(fd, b"x" * 3 * 4096, 8 * 4096)
+        m = LockedMapping(fd)
+        try:
+            assert m.lock_resident() == 3
+            assert os.fstat(fd).st_blocks * 512 == 3 * 4096  # the holes stayed holes
+        finally:
+            m.close()
+        assert m.addr == 0 and m.lock_resident() == 0
+    finally:
+        os.close(fd)

@@ -39,7 +39,11 @@ catch a lost or stale write, while it
   - reloads (`systemctl reload`: a new worker, the same supervisor) and sends
     SIGHUP (the config only).
 After each step one O_DIRECT read through the loop device measures how long
-I/O stalled.  If the runner never detaches its loop device (a hang), the
+I/O stalled.  Before all that, pages written to the end of the file (which
+genverify leaves alone) are written back to the backing file ([writeback],
+on a directory of the host's disk bound in); they are read back byte for
+byte (tests/blockpages.py) after the first kill and after everything else,
+from the same backing file the fd store gave back.  If the runner never detaches its loop device (a hang), the
 fixture does, after the container is gone.  DeviceAllow= is not enforced in
 the container.
 """
@@ -54,6 +58,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +76,13 @@ FILE = "/run/zswapd/mnt/swap"
 # The mount unit PID 1 makes of the daemon's default mountpoint.
 MOUNT_UNIT = "run-zswapd-mnt.mount"
 MIB = 1 << 20
+# The backing file's directory in the container, and the pages written back
+# to it: the last WB_PAGES of the 64 MiB device, which genverify leaves alone.
+WB_DIR = "/var/lib/zswapd-wb"
+WB_FILE = f"{WB_DIR}/backing"
+DEVICE_PAGES = 64 * 256
+WB_PAGES = 1024
+WB_FIRST = DEVICE_PAGES - WB_PAGES
 # A run takes about 12 s; a hang (a deadlock on the FUSE mount) should not
 # cost five minutes.
 BOOT_TIMEOUT = 150
@@ -88,6 +100,12 @@ enable = false
 [fuse]
 # Two clones of the connection go to the fd store and come back.
 threads = 2
+[writeback]
+# On the host's disk (bound in: the container's root is an overlay, which
+# zswapd refuses); the fd store keeps it as "backing".
+enable = true
+file = "@WB_FILE@"
+size = "16M"
 """
 
 TARGET = """\
@@ -181,7 +199,7 @@ held() {
     pid=$(systemctl show -p MainPID --value zswapd.service)
     for fd in /proc/$pid/fd/*; do
         case $(readlink "$fd") in
-        /memfd:* | /dev/fuse) echo "$(readlink "$fd") $(stat -L -c %i "$fd")" ;;
+        /memfd:* | /dev/fuse | @WB_FILE@) echo "$(readlink "$fd") $(stat -L -c %i "$fd")" ;;
         esac
     done | sort
 }
@@ -201,6 +219,14 @@ step verify systemd-analyze verify /etc/systemd/system/zswapd.service
 until_ok mount_unit 30 mount_unit_active
 step mountinfo_runner cat /proc/self/mountinfo
 step mountinfo_pid1 cat /proc/1/mountinfo
+# Pages written back to the backing file, to be read back after the kills
+# (first, so that only they are written back).
+wb_file() { stat -c '%i %s' @WB_FILE@ && sha256sum <@WB_FILE@; }
+wb_check() { zswapd-python @SRC@/tests/blockpages.py check @FILE@ @WB_FIRST@ @WB_PAGES@ 5; }
+step wb_write zswapd-python @SRC@/tests/blockpages.py write @FILE@ @WB_FIRST@ @WB_PAGES@ 5
+step wb_writeback zswapd writeback
+step stats_wb zswapd stats --json
+step wb_file_before wb_file
 # A page written and read back through the file, from outside the service.
 step file_io sh -c 'head -c 4096 /dev/urandom >/tmp/page &&
     dd if=/tmp/page of=@FILE@ bs=4096 seek=5 conv=notrunc,fsync status=none &&
@@ -216,7 +242,7 @@ step loop sh -c 'for i in $(seq 0 255); do [ -e /dev/loop$i ] || mknod /dev/loop
 if [ "$(cat /out/loop.rc)" = 0 ]; then
     LOOP=$(cat /out/loop.out)
     (
-        zswapd-python @SRC@/tests/genverify.py "$LOOP" @VERIFY_SECONDS@ 4 >/out/genverify.out 2>&1
+        zswapd-python @SRC@/tests/genverify.py "$LOOP" @VERIFY_SECONDS@ 4 @WB_FIRST@ >/out/genverify.out 2>&1
         echo $? >/out/genverify.rc
     ) &
     VERIFIER=$!
@@ -232,6 +258,7 @@ if [ "$(cat /out/loop.rc)" = 0 ]; then
     step held_kill_all held
     step journal_kill_all journal
     step rundir_kill_all ls -A /run/zswapd
+    step wb_check_kill_all wb_check
     # SIGKILL to the supervisor alone: systemd must end the worker before it
     # starts a new supervisor, whose worker then asks for a resend.
     # The orphaned worker serves until systemd kills it: probe after that.
@@ -260,6 +287,9 @@ if [ "$(cat /out/loop.rc)" = 0 ]; then
     sed -i 's/^memory_limit = .*/memory_limit = "48M"/' /etc/zswapd/zswapd.toml
     step hup sh -c 'kill -HUP "$(systemctl show -p MainPID --value zswapd.service)"'
     until_ok stats_hup 30 sh -c 'zswapd stats --json | tee /dev/stderr | grep -q "\"mem_limit\": 50331648"'
+    step wb_check_end wb_check
+    step stats_wb_end zswapd stats --json
+    step wb_file_end wb_file
     # For a failure's diagnosis and the takeover's timeline (realtime, µs).
     step journal_timed journalctl --no-pager -o short-unix _SYSTEMD_UNIT=zswapd.service
     wait "$VERIFIER"
@@ -273,6 +303,7 @@ step mountinfo_stopped cat /proc/self/mountinfo
 step loops_stopped losetup --list --noheadings --output NAME,BACK-FILE
 step procs_stopped pgrep -a -f 'zswapd (run|worker)'
 step rundir_stopped ls -A /run/zswapd
+step wb_stopped ls -A @WB_DIR@
 step restart systemctl start zswapd.service
 step restarted show
 step held_restarted held
@@ -286,6 +317,10 @@ RUNNER = (
     .replace("@MNT@", os.path.dirname(FILE))
     .replace("@SRC@", SRC_IN_CONTAINER)
     .replace("@VERIFY_SECONDS@", str(VERIFY_SECONDS))
+    .replace("@WB_FILE@", WB_FILE)
+    .replace("@WB_DIR@", WB_DIR)
+    .replace("@WB_FIRST@", str(WB_FIRST))
+    .replace("@WB_PAGES@", str(WB_PAGES))
 )
 
 
@@ -296,6 +331,7 @@ class Boot:
     rc: int
     seconds: float
     leaked_loop: str | None = None
+    wb_left: list[str] | None = None  # what the backing file's directory held after poweroff
 
     def text(self, name: str) -> str:
         path = self.out / f"{name}.out"
@@ -426,7 +462,7 @@ def _populate(root: Path) -> None:
     (etc / "test-runner.service").write_text(RUNNER_UNIT)
     conf = root / "etc" / "zswapd"
     conf.mkdir(parents=True, exist_ok=True)
-    (conf / "zswapd.toml").write_text(CONFIG)
+    (conf / "zswapd.toml").write_text(CONFIG.replace("@WB_FILE@", WB_FILE))
     wrappers = {
         "usr/local/bin/zswapd-python": f'#!/bin/sh\nPYTHONPATH={SRC_IN_CONTAINER} exec {sys.executable} "$@"\n',
         "usr/local/bin/zswapd": '#!/bin/sh\nexec /usr/local/bin/zswapd-python -m zswapd "$@"\n',
@@ -440,6 +476,7 @@ def _populate(root: Path) -> None:
         path.write_text(text)
         path.chmod(0o755)
     (root / SRC_IN_CONTAINER.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (root / WB_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -469,6 +506,17 @@ def boot_container(base: Path) -> Boot:
         pytest.fail("systemd-nspawn not found: install the Debian package systemd-container (.ci/run does)")
     out = base / "out"
     out.mkdir()
+    # The backing file's directory: on the host's disk, never tmpfs.
+    wb = Path(tempfile.mkdtemp(prefix="zswapd-nspawn-wb-", dir="/var/tmp"))
+    try:
+        boot = _boot(nspawn, base, out, wb)
+        boot.wb_left = sorted(os.listdir(wb))
+    finally:
+        shutil.rmtree(wb, ignore_errors=True)
+    return boot
+
+
+def _boot(nspawn: str, base: Path, out: Path, wb: Path) -> Boot:
     with _overlay(base) as root:
         _populate(root)
         argv = [
@@ -485,6 +533,7 @@ def boot_container(base: Path) -> Boot:
             # itself has it: not on this VM), and nspawn's default set lacks.
             "--capability=CAP_IPC_LOCK,CAP_SYS_RESOURCE",
             f"--bind={out}:/out",
+            f"--bind={wb}:{WB_DIR}",
             f"--bind-ro={ROOT}:{SRC_IN_CONTAINER}",
             *_python_binds(),
             "--console=read-only",
@@ -581,7 +630,7 @@ def test_mount_is_visible_outside_the_service(boot: Boot) -> None:
 
 # What the supervisor keeps in systemd's fd store, swap off: no loop device of
 # its own.  The loop device the verifier writes through is the runner's.
-STORED = "control, fuse, fuse-clone-0, fuse-clone-1, state-arena, state-meta"
+STORED = "backing, control, fuse, fuse-clone-0, fuse-clone-1, state-arena, state-meta"
 TAKEOVER = f"taking over from a supervisor that died: {STORED} from systemd's fd store"
 
 
@@ -600,10 +649,40 @@ def test_verifier_through_loop_device_loses_nothing(boot: Boot) -> None:
     assert boot.ok("detach"), boot.text("detach")
 
 
+def test_written_back_pages_survive_every_restart_from_the_fd_store(boot: Boot) -> None:
+    """Pages written back to the backing file before the kills read back
+    byte for byte after `systemctl kill -s KILL` (the new supervisor took
+    "backing" back from the fd store) and after the supervisor's kills, the
+    crash loop and the reload: from the same file (inode), whose bytes
+    nothing changed, and which the daemon removes at every stop."""
+    assert boot.ok("wb_write") and boot.ok("wb_writeback"), boot.text("wb_write") + boot.text("wb_writeback")
+    before = boot.stats("stats_wb")
+    assert before["bd_count"] == WB_PAGES and before["writeback"]["file"] == WB_FILE, before
+    for name in ("wb_check_kill_all", "wb_check_end"):
+        assert boot.ok(name) and f"checked {WB_PAGES} pages: 0 bad" in boot.text(name), (name, boot.text(name))
+    after = boot.stats("stats_wb_end")
+    print(f"bd_count {before['bd_count']} -> {after['bd_count']}, bd_reads {before['bd_reads']} -> {after['bd_reads']}")
+    assert after["bd_count"] == before["bd_count"], (before, after)
+    assert after["bd_reads"] >= before["bd_reads"] + WB_PAGES and after["failed_reads"] == 0, (before, after)
+    assert {k: after["writeback"][k] for k in ("live_bytes", "dead_bytes", "segments_used")} == {
+        k: before["writeback"][k] for k in ("live_bytes", "dead_bytes", "segments_used")
+    }, (before["writeback"], after["writeback"])
+    assert boot.ok("wb_file_end") and boot.text("wb_file_end") == boot.text("wb_file_before"), (
+        boot.text("wb_file_before"),
+        boot.text("wb_file_end"),
+    )
+    assert WB_FILE in boot.text("held_before"), boot.text("held_before")
+    journal = boot.text("journal_kill_all") + boot.text("journal_kill_main")
+    assert "backing file this worker was not given" not in journal, journal
+    # Removed at `systemctl stop`, made afresh at the next start, removed at poweroff.
+    assert boot.ok("wb_stopped") and boot.text("wb_stopped").strip() == "", boot.text("wb_stopped")
+    assert boot.wb_left == [], boot.wb_left
+
+
 def test_fd_store_holds_the_named_fds(boot: Boot) -> None:
     show = boot.show("show_prekill")
     assert show.get("FileDescriptorStoreMax") == "96", show
-    assert show.get("NFileDescriptorStore") == "6", f"expected {STORED}: {show}"
+    assert show.get("NFileDescriptorStore") == str(len(STORED.split(", "))), f"expected {STORED}: {show}"
 
 
 def test_kill_all_restarts_on_the_same_connection_and_memfds(boot: Boot) -> None:
@@ -669,7 +748,7 @@ def test_crash_loop_beyond_the_default_start_limit(boot: Boot) -> None:
     show = boot.show("show_crash_loop")
     assert boot.ok("stats_crash_loop"), boot.text("stats_crash_loop")
     assert show.get("ActiveState") == "active" and show.get("NRestarts") == "6", show
-    assert show.get("NFileDescriptorStore") == "6", show
+    assert show.get("NFileDescriptorStore") == str(len(STORED.split(", "))), show
     # Every supervisor death was a worker restart too, counted across them.
     assert boot.stats("stats_crash_loop")["process"]["worker_restarts"] == 6
 

@@ -65,7 +65,7 @@ file may live on) are ``check_backing_path``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import fcntl
 import mmap
 import os
 import struct
@@ -73,7 +73,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import config, entry
+from . import config, entry, libc
 from .codec import KIND_COMPRESSED, KIND_HUGE, PAGE_SIZE
 from .errors import BadRequest, CorruptObject
 from .state import MAX_SEGMENTS as MAX_SEGMENTS
@@ -157,36 +157,8 @@ _MEMORY_FS = {
 }
 
 
-class _Statfs(ctypes.Structure):
-    _fields_ = [
-        ("f_type", ctypes.c_long),
-        ("f_bsize", ctypes.c_long),
-        ("f_blocks", ctypes.c_ulong),
-        ("f_bfree", ctypes.c_ulong),
-        ("f_bavail", ctypes.c_ulong),
-        ("f_files", ctypes.c_ulong),
-        ("f_ffree", ctypes.c_ulong),
-        ("f_fsid", ctypes.c_int * 2),
-        ("f_namelen", ctypes.c_long),
-        ("f_frsize", ctypes.c_long),
-        ("f_flags", ctypes.c_long),
-        ("f_spare", ctypes.c_long * 4),
-    ]
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
-_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-
 def fs_type(fd: int) -> int:
-    buf = _Statfs()
-    if _LIBC.fstatfs(fd, ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(buf.f_type) & 0xFFFFFFFF
+    return libc.fs_type(fd)
 
 
 def _block_device_name(dev: int) -> str:
@@ -194,9 +166,6 @@ def _block_device_name(dev: int) -> str:
         return os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
     except OSError:
         return ""
-
-
-_LIBC.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
 
 
 def _where(st_dev: int, f_type: int, path: str, depth: int = 0) -> str | None:
@@ -213,15 +182,13 @@ def _where(st_dev: int, f_type: int, path: str, depth: int = 0) -> str | None:
         try:
             with open(f"/sys/block/{dev}/loop/backing_file") as f:
                 under = f.read().strip()
-            buf = _Statfs()
-            if _LIBC.statfs(os.fsencode(under), ctypes.byref(buf)) != 0:
-                raise OSError(ctypes.get_errno(), "statfs")
+            under_type = libc.fs_type(under)
             st = os.stat(under)
         except OSError:
             return f"{path} is on /dev/{dev}, whose backing file cannot be checked"
         if depth >= 3:
             return f"{path} is on loop devices nested too deep to check"
-        why = _where(st.st_dev, int(buf.f_type) & 0xFFFFFFFF, under, depth + 1)
+        why = _where(st.st_dev, under_type, under, depth + 1)
         return f"{path} is on /dev/{dev}, and {why}" if why else None
     return None
 
@@ -252,10 +219,26 @@ def check_backing_size(size: int) -> None:
         raise BadRequest(f"[writeback] size {size} is beyond the {MAX_FILE_BYTES} bytes (32 GiB) a location addresses")
 
 
+def _lock(fd: int, path: str) -> None:
+    """Take the backing file for this instance: an exclusive flock on its
+    open file, which goes wherever the fd goes (workers, a handover,
+    systemd's fd store) and is released only by the last close.  So a
+    second instance configured with the same file is refused before it
+    truncates the pages of the first."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BadRequest(
+            f"[writeback] file {path} is in use by another zswapd instance (or another process holds a lock on "
+            "it); give each instance a file of its own"
+        ) from None
+
+
 def open_backing_file(path: str, size: int) -> int:
     """Create (or truncate) the backing file at ``path``, O_DIRECT, with
     ``size`` bytes allocated on disk (a full disk fails here, at start, not
-    under pressure).  Returns the fd; BadRequest names what is wrong."""
+    under pressure).  Returns the fd; BadRequest names what is wrong.
+    Never for a file a state names (reopen_backing_file)."""
     check_backing_size(size)
     existed = os.path.lexists(path)
     try:
@@ -263,19 +246,54 @@ def open_backing_file(path: str, size: int) -> int:
     except OSError as e:
         raise BadRequest(f"[writeback] file {path}: cannot open it O_DIRECT for writing: {e.strerror}") from None
     try:
+        _lock(fd, path)
         check_backing_fd(fd, path)
         os.ftruncate(fd, 0)  # whatever it held belongs to no boot of ours
         os.ftruncate(fd, size)
-        if _LIBC.fallocate(fd, 0, 0, size) != 0:
-            err = ctypes.get_errno()
+        try:
+            libc.fallocate(fd, 0, 0, size)
+        except OSError as e:
             raise BadRequest(
-                f"[writeback] file {path}: cannot allocate {size} bytes on its filesystem: {os.strerror(err)}"
-            )
+                f"[writeback] file {path}: cannot allocate {size} bytes on its filesystem: {os.strerror(e.errno or 0)}"
+            ) from None
     except BaseException:
         os.close(fd)
         if not existed:  # refused: leave nothing behind
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        raise
+    return fd
+
+
+def identity(fd: int) -> tuple[int, int, int]:
+    """(device, inode, size) of the backing file ``fd``: what the state
+    header keeps (state.State.save_backing), so that a takeover can tell the
+    file its pages were written to from any other."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def reopen_backing_file(path: str, want: tuple[int, int, int]) -> int:
+    """The backing file a state's pages were written to, opened again by its
+    path when its fd was lost (not among the fds systemd or a worker handed
+    back): never created, truncated or allocated, and only if it is that
+    very file (``want``: identity() when it was first used) and no other
+    process holds it.  BadRequest says why not."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise BadRequest(f"[writeback] file {path}: cannot open it again: {e.strerror}") from None
+    try:
+        got = identity(fd)
+        if got != want:
+            raise BadRequest(
+                f"[writeback] file {path} is not the file the pages were written to: device {got[0]} inode "
+                f"{got[1]} of {got[2]} bytes, expected device {want[0]} inode {want[1]} of {want[2]} bytes "
+                "(it was removed, replaced or resized)"
+            )
+        _lock(fd, path)
+    except BaseException:
+        os.close(fd)
         raise
     return fd
 
@@ -312,9 +330,10 @@ class BackingFile:
     def punch(self, offset: int, n: int) -> None:
         if self.hook is not None:
             self.hook.step()
-        if _LIBC.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"punching the backing file at {offset}+{n}: {os.strerror(err)}")
+        try:
+            libc.fallocate(self.fd, libc.PUNCH_HOLE, offset, n)
+        except OSError as e:
+            raise OSError(e.errno, f"punching the backing file at {offset}+{n}: {os.strerror(e.errno or 0)}") from None
 
 
 @dataclass

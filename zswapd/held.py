@@ -115,6 +115,21 @@ class HeldFds:
             held.loop = swap.Loop(os.readlink(f"/proc/self/fd/{named[LOOP]}"), named[LOOP])
         return held
 
+    def remove_backing_file(self, path: str) -> bool:
+        """Unlink ``path`` if it is the backing file held: swap lives one
+        boot, so at a stop (after swapoff) its contents go.  Only that very
+        file (the same inode): a path that now names another file is left
+        alone.  True if removed; OSError if it cannot be."""
+        if self.backing < 0 or not path:
+            return False
+        try:
+            same = os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(self.backing))
+        except FileNotFoundError:
+            return False
+        if same:
+            os.unlink(path)
+        return same
+
     def close_loop(self) -> None:
         if self.loop is not None:
             os.close(self.loop.fd)

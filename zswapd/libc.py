@@ -1,7 +1,7 @@
 """libc through ctypes, once: the one handle (``LIBC``) and thin wrappers for
 the calls Python's ``os`` and ``mmap`` modules do not offer (fallocate with
-modes, mincore, mlock, mlockall, prctl, mount, umount2, and an mmap whose
-address a caller can pass on to them).
+modes, mincore, mlock, mlockall, prctl, mount, umount2, statfs's filesystem
+type, and an mmap whose address a caller can pass on to them).
 
 Each wrapper raises ``OSError`` with the call's errno and the name of what
 failed; the caller decides whether that is fatal, a warning or expected.
@@ -13,9 +13,31 @@ from __future__ import annotations
 import ctypes
 import os
 
+
+class Statfs(ctypes.Structure):
+    """struct statfs (x86_64 and the other 64-bit Linux ABIs)."""
+
+    _fields_ = [
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
+    ]
+
+
 # The libc this process already runs on (dlopen(NULL)): the same symbols
 # Python itself uses, no second copy loaded.
 LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(Statfs)]
+LIBC.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(Statfs)]
 LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 LIBC.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -49,6 +71,19 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with ``mode`` (os.posix_fallocate takes none)."""
     if LIBC.fallocate(fd, mode, offset, length) != 0:
         raise _error("fallocate")
+
+
+def fs_type(where: int | str) -> int:
+    """The filesystem type (statfs f_type, e.g. TMPFS_MAGIC) of the open
+    file ``where`` (an fd) or of the path ``where``."""
+    buf = Statfs()
+    if isinstance(where, int):
+        r = LIBC.fstatfs(where, ctypes.byref(buf))
+    else:
+        r = LIBC.statfs(os.fsencode(where), ctypes.byref(buf))
+    if r != 0:
+        raise _error(f"statfs {where}")
+    return int(buf.f_type) & 0xFFFFFFFF
 
 
 def mincore(addr: int, length: int, vec: ctypes.Array[ctypes.c_ubyte]) -> None:

@@ -249,6 +249,20 @@ def open_backing(cfg: Config) -> int:
         raise StartupError(f"{cfg.path}: {e}") from None
 
 
+def reopen_backing(cfg: Config, want: tuple[int, int, int]) -> int:
+    """[writeback] file opened again, untouched, if it is the file ``want``
+    names (backing.reopen_backing_file), or StartupError naming why not."""
+    from .backing import reopen_backing_file
+    from .errors import BadRequest
+
+    if not cfg.writeback.file:
+        raise StartupError(f"{cfg.path}: [writeback] file is not set, so the backing file cannot be found again")
+    try:
+        return reopen_backing_file(cfg.writeback.file, want)
+    except BadRequest as e:
+        raise StartupError(f"{cfg.path}: {e}") from None
+
+
 def write_owner(lock_fds: list[int]) -> None:
     """Name this process as the lock's owner in the files held by
     ``lock_fds`` (a supervisor that adopted the lock: a refused second

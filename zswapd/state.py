@@ -151,8 +151,15 @@ _SETTINGS = struct.Struct("<I I Q")
 # counting.  valid is 0 in an older state.
 _WRITEBACK_AT = 448
 _WRITEBACK = struct.Struct("<I I Q Q")  # valid, pad, day, bytes written that day
+# The backing file the pages were written back to (backing.identity): a
+# takeover given another file, or none, says so instead of reading garbage;
+# a supervisor that lost the fd reopens the file by path only if it is this
+# one.  valid is 0 in an older state and before writeback was first used.
+_BACKING_AT = 480
+_BACKING = struct.Struct("<I I Q Q Q")  # valid, pad, st_dev, st_ino, size
 _COUNTERS_AT = 512
 _COUNTERS = struct.Struct(f"<{COUNTER_SLOTS}Q")
+assert _WRITEBACK_AT + _WRITEBACK.size <= _BACKING_AT and _BACKING_AT + _BACKING.size <= _COUNTERS_AT
 _DIR_AT = 1024
 _DIR = struct.Struct("<12s 4s Q Q")  # name, format, offset in meta, entries
 _MAX_TABLES = (HEADER_BYTES - _DIR_AT) // _DIR.size
@@ -602,6 +609,14 @@ class State:
         valid, _, day, written = _WRITEBACK.unpack_from(self._header, _WRITEBACK_AT)
         return (int(day), int(written)) if valid == 1 else (0, 0)
 
+    def save_backing(self, ident: tuple[int, int, int]) -> None:
+        _BACKING.pack_into(self._header, _BACKING_AT, 1, 0, *ident)
+
+    def load_backing(self) -> tuple[int, int, int] | None:
+        """(device, inode, size) of the backing file, or None if none was used."""
+        valid, _, dev, ino, size = _BACKING.unpack_from(self._header, _BACKING_AT)
+        return (int(dev), int(ino), int(size)) if valid == 1 else None
+
     def save_restarts(self, n: int) -> None:
         _RESTARTS.pack_into(self._header, _RESTARTS_AT, n)
 
@@ -620,6 +635,16 @@ def read_restarts(meta_fd: int) -> int:
     """The worker count a state's header holds (State.save_restarts), read
     with pread: the supervisor calls it without attaching the state."""
     return _read_count(meta_fd, _RESTARTS_AT)
+
+
+def read_backing(meta_fd: int) -> tuple[int, int, int] | None:
+    """State.load_backing with pread: for the supervisor, which does not
+    attach the state."""
+    raw = os.pread(meta_fd, _BACKING.size, _BACKING_AT)
+    if len(raw) != _BACKING.size:
+        return None
+    valid, _, dev, ino, size = _BACKING.unpack(raw)
+    return (int(dev), int(ino), int(size)) if valid == 1 else None
 
 
 def read_supervisor_restarts(meta_fd: int) -> int:

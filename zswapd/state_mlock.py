@@ -12,7 +12,7 @@ import mmap
 import os
 import re
 
-from .libc import LIBC
+from . import libc
 
 log = logging.getLogger("zswapd")
 
@@ -20,9 +20,8 @@ log = logging.getLogger("zswapd")
 class LockedMapping:
     """A memfd mapped here, whose resident pages are mlocked (supervisor.py, rule 3).
     mlock over a hole would allocate it, so only runs that mincore reports
-    resident are locked."""
-
-    PROT_READ, MAP_SHARED = 1, 1
+    resident are locked.  The calls are libc.py's, whose prototypes are
+    declared there once."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -32,45 +31,40 @@ class LockedMapping:
         self.addr = 0
         self.warned = False
         if self.size:
-            libc = LIBC
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_long,
-            ]
-            addr = libc.mmap(None, self.size, self.PROT_READ, self.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap of state memfd: {os.strerror(ctypes.get_errno())}")
-            self.addr = int(addr)
+            try:
+                self.addr = libc.mmap(self.size, libc.PROT_READ, libc.MAP_SHARED, fd)
+            except OSError as e:
+                raise OSError(e.errno, f"mmap of state memfd: {os.strerror(e.errno or 0)}") from None
 
     def lock_resident(self) -> int:
         """mlock every resident page; returns how many are resident."""
         if not self.addr:
             return 0
-        libc = LIBC
-        if libc.mincore(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size), self.vec) != 0:
+        try:
+            libc.mincore(self.addr, self.size, self.vec)
+        except OSError as e:
             if not self.warned:
                 self.warned = True
                 log.warning("mincore of the state refused (%s): its pages are locked only while a worker runs",
-                            os.strerror(ctypes.get_errno()))  # fmt: skip
+                            os.strerror(e.errno or 0))  # fmt: skip
             return 0
         count = 0
         for m in _RUN.finditer(memoryview(self.vec).cast("B")):
             start, end = m.span()
-            at = ctypes.c_void_p(self.addr + start * mmap.PAGESIZE)
-            if libc.mlock(at, ctypes.c_size_t((end - start) * mmap.PAGESIZE)) != 0:
-                log.warning("mlock of state pages failed: %s", os.strerror(ctypes.get_errno()))
+            try:
+                libc.mlock(self.addr + start * mmap.PAGESIZE, (end - start) * mmap.PAGESIZE)
+            except OSError as e:
+                log.warning("mlock of state pages failed: %s", os.strerror(e.errno or 0))
                 break
             count += end - start
         return count
 
     def close(self) -> None:
         if self.addr:
-            LIBC.munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
+            try:
+                libc.munmap(self.addr, self.size)
+            except OSError as e:  # a bug if ever; not one to end the supervisor over
+                log.warning("munmap of state memfd: %s", e)
             self.addr = 0
 
 

@@ -104,9 +104,9 @@ from .config import Config
 from .fuse import mount as fmount
 from .fuse.protocol import FILE_NAME
 from .held import BACKING, CLONE_PREFIX, FUSE, STATE_NAMES, HeldFds
-from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, worker_argv
-from .startup import open_backing, write_owner
-from .state import read_restarts, read_supervisor_restarts, write_supervisor_restarts
+from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, StartupError, worker_argv
+from .startup import open_backing, reopen_backing, write_owner
+from .state import read_backing, read_restarts, read_supervisor_restarts, write_supervisor_restarts
 from .state_mlock import LockedMapping
 from .swap_life import SwapLife
 from .systemd import fd_store, fd_store_remove, sd_notify, under_service_manager
@@ -524,6 +524,8 @@ class Supervisor:
         if self.held.state:
             self.locked = [LockedMapping(fd) for fd in self.held.state]
             self._lock_state()
+            if self.held.backing < 0:
+                self._reopen_backing(source)
         if self.held.loop:
             self.swap.on = swap.swap_used_kib(self.held.loop.path) is not None
         meta = self.held.state[0] if self.held.state else -1
@@ -539,6 +541,27 @@ class Supervisor:
             self.worker_restarts = read_restarts(meta) + 1 if meta >= 0 else 0
             self.died_at_ns = time.monotonic_ns()
         self.ever_served = meta >= 0
+
+    def _reopen_backing(self, source: str) -> None:
+        """The state names a backing file its pages were written back to,
+        but ``source`` did not hand its fd back: open that very file again
+        by its path (never created, truncated or allocated: run() does that
+        only for a new state), or say loudly why not.  Its pages are then
+        unreadable (EIO, worker.py) and every other page is served."""
+        want = read_backing(self.held.state[0])
+        if want is None:
+            return  # no page was ever written back
+        try:
+            self.held.backing = reopen_backing(self.cfg, want)
+        except StartupError as e:
+            log.critical("%s handed back no backing file, and pages were written back to one: %s", source, e)
+            return
+        fd_store(BACKING, self.held.backing)
+        log.warning(
+            "%s handed back no backing file: reopened %s, the very file the pages were written back to",
+            source,
+            self.cfg.writeback.file,
+        )
 
     def _tell_loop(self, path: str) -> None:
         if self.worker is not None:
@@ -636,14 +659,15 @@ class Supervisor:
         for m in self.locked:
             m.close()
         self.locked = []
-        backing = self.held.backing >= 0 and self.torn_down
-        self.held.close()
-        if backing and self.cfg.writeback.file:
-            # Swap lives one boot: what the file held is discarded with it.
+        if self.torn_down and self.held.backing >= 0:
+            path = self.cfg.writeback.file
             try:
-                os.unlink(self.cfg.writeback.file)
+                if not self.held.remove_backing_file(path):
+                    log.warning("the backing file held is no longer at %s (removed, replaced, or the config names "
+                                "another path now): nothing removed", path or "[writeback] file")  # fmt: skip
             except OSError as e:
-                log.warning("cannot remove the backing file %s: %s", self.cfg.writeback.file, e)
+                log.warning("cannot remove the backing file %s: %s", path, e)
+        self.held.close()
 
 
 def _bound_path(fd: int) -> str:

@@ -71,7 +71,7 @@ from .held import BACKING, STATE_NAMES, HeldFds
 from .paths import UnsafePath
 from .process import EXIT_CONNECTION_GONE, IGNORED_SIGNALS, harden, no_core_dumps, setup_logging
 from .recompress import Recompressor
-from .state import InitParams, State
+from .state import InitParams, State, StateError
 from .store import Store
 from .worker_link import SupervisorLink, watch_pid
 
@@ -204,16 +204,7 @@ class Worker:
             state=state,
             engine=cfg.pool.engine,
         )
-        backing_fd = args.fds.get(BACKING, -1)
-        if backing_fd >= 0:
-            wb = cfg.writeback
-            self.store.attach_backing(backing_fd, os.fstat(backing_fd).st_size, wb.file, wb.daily_limit)
-        elif self.store.c.bd_count:
-            # The supervisor lost the file (restarted without it in the fd
-            # store): those pages cannot be read.  Say so; serve the rest.
-            log.error(
-                "%d pages live in a backing file this worker was not given: reads of them fail", self.store.c.bd_count
-            )
+        self._attach_backing(args.fds.get(BACKING, -1))
         self.store.tick(time.monotonic())  # idle stamps from the first request on
         if state is not None:
             log.info(
@@ -240,6 +231,7 @@ class Worker:
             self.file,
             lambda: cfg.control.socket,
             self._stop,
+            lambda: self.cfg.writeback.file,
             self._handover_info,
         )
         self.controller = Controller(self.store, self.device_info, cfg.path, resolve_group(cfg.control.group))
@@ -320,6 +312,48 @@ class Worker:
             "supervisor_restarts": self.link.restarts,
             "mountpoint": self.mountpoint,
         }
+
+    def _attach_backing(self, fd: int) -> None:
+        """Serve and write back with the backing file ``fd`` the supervisor
+        holds, if it is the one the state's pages were written to.  A file
+        lost, another file, or one cut shorter is said loudly, never read
+        as if it held our pages; the worker serves everything else either
+        way (a worker dying here would only be started again, for ever,
+        while every request waits)."""
+        store, wb = self.store, self.cfg.writeback
+        backed = store.c.bd_count
+        was = store.state.load_backing()
+        if fd < 0:
+            if backed:
+                log.critical(
+                    "%d pages live in the backing file %s, but this worker was not given it (the supervisor's log "
+                    "says why): reads of them fail with EIO; every other page is served",
+                    backed,
+                    _described(was),
+                )
+            return
+        ident = backing.identity(fd)
+        if backed and was is not None and ident != was:
+            log.critical(
+                "the backing file given is %s, not %s, which %d pages were written back to: not using it; reads "
+                "of those pages fail with EIO, every other page is served",
+                _described(ident),
+                _described(was),
+                backed,
+            )
+            return
+        try:
+            store.attach_backing(fd, ident[2], wb.file, wb.daily_limit)
+        except (StateError, OSError, ValueError) as e:  # ValueError: a size no backing file has
+            log.critical(
+                "cannot use the backing file %s: %s; reads of the %d pages written back to it fail with EIO, "
+                "every other page is served",
+                wb.file or _described(ident),
+                e,
+                backed,
+            )
+            return
+        store.state.save_backing(ident)
 
     # -- the task tree --------------------------------------------------------
 
@@ -735,6 +769,14 @@ def _wait_for_go(args: WorkerArgs) -> bool:
     args.died_at_ns = int(go.get("died_at_ns", args.died_at_ns))
     args.restarts = int(go.get("restarts", args.restarts))
     return True
+
+
+def _described(ident: tuple[int, int, int] | None) -> str:
+    """A backing file by its identity (backing.identity), for the log."""
+    if ident is None:
+        return "(unknown: the state does not name it)"
+    dev, ino, size = ident
+    return f"device {os.major(dev)}:{os.minor(dev)} inode {ino} ({size} bytes)"
 
 
 def _running_paths(cfg: Config, args: WorkerArgs) -> Config:

@@ -88,6 +88,7 @@ class SupervisorLink:
         file: str,
         control_path: Callable[[], str],
         on_stop: Callable[[int], None],
+        backing_path: Callable[[], str],
         info: Callable[[], dict[str, object]],
     ) -> None:
         self.args = args
@@ -100,6 +101,7 @@ class SupervisorLink:
         self.mountpoint = mountpoint
         self.file = file
         self.control_path = control_path
+        self.backing_path = backing_path  # [writeback] file, removed at a stop alone if it is the one held
         self.on_stop = on_stop  # ends the worker with this exit status
         self.info = info  # what a new supervisor gets besides the fds
         self.channel: socket.socket | None = None
@@ -355,6 +357,11 @@ class SupervisorLink:
                 log.info("unmounted %s%s", self.mountpoint, "" if at_once else " (lazily: still busy)")
             with contextlib.suppress(OSError):
                 os.unlink(self.control_path())
+            try:
+                if self.held.remove_backing_file(self.backing_path()):
+                    log.info("removed the backing file %s", self.backing_path())
+            except OSError as e:
+                log.warning("cannot remove the backing file %s: %s", self.backing_path(), e)
             log.info("stopped alone, cleanly")
             self.on_stop(0)
         finally:

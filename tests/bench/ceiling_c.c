@@ -1,7 +1,7 @@
 /* The per-page ceiling through the system's liblz4 and libzstd, the ones the
  * C engine links: sizes, one-core speeds, per-page decompression latency and
  * what a dictionary costs (CDict/DDict memory, training time).  The Python
- * side (zswapd/bench_ceiling.py) computes the same sizes through
+ * side (zswapd/bench/ceiling.py) computes the same sizes through
  * python-zstandard, which bundles its own libzstd; this tool says what the
  * engine's own library does.
  *

@@ -10,15 +10,17 @@ run; ``docs/benchmarks.md`` says how to read them.  One module per job:
              target, alternated, medians, ratios;
 ``app``      ``bench app``: a real program swapping in a memory cgroup;
 ``recompress`` ``bench recompress``: the recompression tier against zram
-             and the per-page ceiling (bench_ceiling);
+             and the per-page ceiling;
+``ceiling``  the per-page ceiling of a codec, level and dictionary, with no
+             pool around it (also ``python -m zswapd.bench.ceiling``);
 ``pool``     ``bench pool``: the store against bare lz4, in process;
 ``tiers``    ``bench tiers``: writeback against zram with a disk swap file
              and the kernel's zswap, on an LRU-inversion workload
              (``tiers_workload``, a program of its own);
 ``report``   the tables and the chart they print.
 
-The names below are the package's interface (the CLI, the tests and
-bench_ceiling import them from here).
+The names below are the package's interface (the CLI and the tests
+import them from here).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``zswapd bench recompress``: the recompression tier on one corpus of real
 memory, in one run: zswapd's ratio after a full pass against zram with lz4
-and against the per-page ceiling on the same pages (bench_ceiling: same
+and against the per-page ceiling on the same pages (ceiling.py: same
 level, a dictionary trained the daemon's way, the engine's keep rule); the
 pass's pages per CPU-second; and the QD1 4 KiB read p99 of a recompressed
 device against an lz4 one holding the same pages, measured in alternation.
@@ -35,9 +35,9 @@ def ceiling_dictionary(pages: list[bytes], size: int, samples: int = 4096) -> by
     the device, those a write stored compressed (not same-filled, not huge
     under lz4), with ZDICT_trainFromBuffer (the C engine's, when built)."""
     from .. import engine as engine_mod
-    from ..bench_ceiling import codec_for
     from ..codec import is_huge
     from ..pool import HUGE_THRESHOLD
+    from .ceiling import codec_for
 
     native = getattr(engine_mod, "_engine", None)
 
@@ -103,8 +103,8 @@ def _bench_recompress(
     budget_percent: float = 2.0,
     budget_seconds: float = 60.0,
 ) -> dict[str, Any]:
-    from ..bench_ceiling import ceiling, tier
     from ..control import request
+    from .ceiling import ceiling, tier
 
     corpus = (
         describe_corpus(corpus_file) if corpus_file else capture_corpus(corpus_size, os.path.join(private, "corpus"))

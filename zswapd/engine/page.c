@@ -13,6 +13,15 @@
 
 #include <string.h>
 
+/* A dictionary slot's count of naming entries, one less.  A release: the
+ * dictionary's last readers (under this page's entry lock, which the
+ * caller took after them) happen before tier.c's dict_drop, whose acquire
+ * load sees the count reach 0, frees the DDict (tier.c, "readers"). */
+static inline void unref_dict(Engine *e, unsigned tier)
+{
+    __atomic_sub_fetch(&e->dict_refs[tier], 1, __ATOMIC_RELEASE);
+}
+
 /* Free what an entry named; the entry no longer names it (crash rules 1, 2). */
 static void release(Engine *e, uint64_t entry)
 {
@@ -25,7 +34,7 @@ static void release(Engine *e, uint64_t entry)
     if (entry_backed(entry)) {
         backing_release(e, entry); /* dead bytes in its segment, for cleaning */
         if (tier && tier <= DICT_SLOTS)
-            SUB(e->dict_refs[tier], 1);
+            unref_dict(e, tier);
         return;
     }
     if (kind == KIND_SAME) {
@@ -38,7 +47,7 @@ static void release(Engine *e, uint64_t entry)
         if (kind == KIND_HUGE)
             SUB(e->huge_pages, 1);
         if (tier && tier <= DICT_SLOTS)
-            SUB(e->dict_refs[tier], 1); /* after the entry stopped naming it (tier.c) */
+            unref_dict(e, tier); /* after the entry stopped naming it (tier.c) */
     }
 }
 

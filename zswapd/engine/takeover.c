@@ -307,22 +307,33 @@ PyObject *Engine_check_pages(EngineObject *self, PyObject *args)
 
 /* rebuild_backing(pages, segments) -> bd_count: after rebuild(), the
  * segment table from the backed entries (backing.c's rebuild_segments). */
+/* The (pages, segments) extent lists rebuild_backing and check_backing
+ * take, parsed: 0, or -1 with the exception set and nothing to free. */
+static int parse_backing_args(Engine *e, PyObject *args, uint64_t **px, size_t *npx, uint64_t **sx, size_t *nsx)
+{
+    PyObject *pl, *sl;
+    if (!PyArg_ParseTuple(args, "OO", &pl, &sl))
+        return -1;
+    *npx = *nsx = 0;
+    *px = parse_extents(e, pl, npx);
+    if (!*px)
+        return -1;
+    *sx = parse_extents_of(sl, nsx, MAX_SEGMENTS, "the segment table");
+    if (!*sx) {
+        PyMem_RawFree(*px);
+        return -1;
+    }
+    return 0;
+}
+
 PyObject *Engine_rebuild_backing(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
-    PyObject *pl, *sl;
     READY(e);
-    if (!PyArg_ParseTuple(args, "OO", &pl, &sl))
+    size_t npx, nsx;
+    uint64_t *px, *sx;
+    if (parse_backing_args(e, args, &px, &npx, &sx, &nsx) < 0)
         return NULL;
-    size_t npx = 0, nsx = 0;
-    uint64_t *px = parse_extents(e, pl, &npx);
-    if (!px)
-        return NULL;
-    uint64_t *sx = parse_extents_of(sl, &nsx, MAX_SEGMENTS, "the segment table");
-    if (!sx) {
-        PyMem_RawFree(px);
-        return NULL;
-    }
     char err[1024] = "";
     unsigned long long count = 0;
     int r;
@@ -345,19 +356,11 @@ PyObject *Engine_rebuild_backing(EngineObject *self, PyObject *args)
 PyObject *Engine_check_backing(EngineObject *self, PyObject *args)
 {
     Engine *e = &self->e;
-    PyObject *pl, *sl;
     READY(e);
-    if (!PyArg_ParseTuple(args, "OO", &pl, &sl))
+    size_t npx, nsx;
+    uint64_t *px, *sx;
+    if (parse_backing_args(e, args, &px, &npx, &sx, &nsx) < 0)
         return NULL;
-    size_t npx = 0, nsx = 0;
-    uint64_t *px = parse_extents(e, pl, &npx);
-    if (!px)
-        return NULL;
-    uint64_t *sx = parse_extents_of(sl, &nsx, MAX_SEGMENTS, "the segment table");
-    if (!sx) {
-        PyMem_RawFree(px);
-        return NULL;
-    }
     char err[4096] = "";
     int r;
     NOGIL({

@@ -36,6 +36,23 @@
  * install, drop and the step run on one thread at a time (the store's tier
  * lock): refs of a slot rise only there, so refs 0 seen there stays 0.
  *
+ * Readers and the free (the one-off ThreadSanitizer report in
+ * ZSTD_freeDDict, examined): a reader loads ddict[slot] and decompresses
+ * under the entry lock of a page naming the slot, so while it does, the
+ * entry cannot change and refs stays >= 1: drop cannot free that DDict,
+ * and no takeover replaces one under it (dict_load_all runs only in the
+ * rebuild, before any thread serves).  What was missing was the ordering,
+ * not the exclusion: the chain reader's unlock -> writer's lock -> the
+ * writer's refs decrement (release(), page.c) -> drop's load of 0 -> free
+ * had two relaxed links, so the reader's accesses to the DDict were not
+ * ordered before the free in the C11 model (benign on x86, a data race all
+ * the same, which TSan reports when no GIL handoff happens to order them).
+ * The decrement is a release and drop's load an acquire (a release
+ * sequence: every earlier decrement is covered by the last one's).  The
+ * count's increment in the step needs no order: drop runs on that thread.
+ * tests/test_engine.py's test_native_dictionary_dropped_while_readers_...
+ * runs that loop under TSan: 2-3 reports in 30 s before, none after.
+ *
  * No allocation but the calling thread's Ctx (its secondary zstd context is
  * made on first use) and the dictionaries' digested forms, which is why no
  * serving thread calls this.
@@ -90,7 +107,7 @@ int dict_drop(Engine *e, unsigned slot)
 {
     if (!slot || slot > DICT_SLOTS || !LOAD(e->dict_head[slot]))
         return -1;
-    if (LOAD(e->dict_refs[slot]))
+    if (__atomic_load_n(&e->dict_refs[slot], __ATOMIC_ACQUIRE)) /* pairs with page.c's unref_dict */
         return -2;
     __atomic_store_n(&e->dict_head[slot], 0, __ATOMIC_RELEASE); /* first */
     if (e->cdict_slot == slot)

@@ -30,9 +30,9 @@ links (``libzstd_version`` says which).  Training goes through
 ZDICT_optimizeTrainFromBuffer_fastCover; with no ``steps``/``threads`` it
 uses d=8, steps=4 and level 3, the parameters ZDICT_trainFromBuffer uses.
 
-    python -m zswapd.bench_ceiling CORPUS [--levels 1,3,8] [--dict-kib 64] ...
+    python -m zswapd.bench.ceiling CORPUS [--levels 1,3,8] [--dict-kib 64] ...
 
-CORPUS is a file of raw pages (``zswapd.bench.capture_corpus`` makes one);
+CORPUS is a file of raw pages (``corpus.capture_corpus`` makes one);
 ``--capture SIZE`` captures one instead, under the bench's privacy rules.
 """
 
@@ -53,8 +53,8 @@ from typing import Any
 import lz4.block
 import zstandard
 
-from .codec import PAGE_SIZE, fill_word, is_huge
-from .pool import _CLASS_OF, CLASSES, FRAME_SIZE, HEADER, HUGE_THRESHOLD
+from ..codec import PAGE_SIZE, fill_word, is_huge
+from ..pool import _CLASS_OF, CLASSES, FRAME_SIZE, HEADER, HUGE_THRESHOLD
 
 MIB = 1 << 20
 libzstd_version = ".".join(map(str, zstandard.ZSTD_VERSION))
@@ -315,7 +315,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zswapd.bench_ceiling", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m zswapd.bench.ceiling", description=__doc__.split("\n\n")[0])
     ap.add_argument("corpus", nargs="?", help="file of raw 4 KiB pages")
     ap.add_argument("--capture", metavar="MiB", type=int, help="capture this much real memory instead")
     ap.add_argument("--test-pages", type=int, default=16384)
@@ -328,10 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (a.corpus is None) == (a.capture is None):
         ap.error("give either CORPUS or --capture MiB")
     if a.capture is not None:
-        from . import bench
+        from .corpus import capture_corpus, exit_on_signals, private_dir
 
-        with bench.exit_on_signals(), bench.private_dir() as private:
-            corpus = bench.capture_corpus(a.capture * MIB, os.path.join(private, "corpus"))
+        with exit_on_signals(), private_dir() as private:
+            corpus = capture_corpus(a.capture * MIB, os.path.join(private, "corpus"))
             pages = load_pages(corpus.path)
     else:
         pages = load_pages(a.corpus)
