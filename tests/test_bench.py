@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import force_cleanup
 
-from zswapd.bench import create_private, describe_corpus, exit_on_signals, private_dir, sample_pages
+from zswapd.bench import create_private, describe_corpus, exit_on_signals, private_dir, remove_cgroup, sample_pages
 from zswapd.swap import loops_backed_by
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,3 +203,98 @@ def test_bench_app_end_to_end() -> None:
     assert not swaps and not leftovers
     assert Path("/sys/block/zram0/disksize").read_text().strip() == "0"
     _nothing_left(private, workdir)
+
+
+TIERS = [sys.executable, "-m", "zswapd", "bench", "tiers", "--repeat", "1", "--cold", "24M", "--hot", "16M",
+         "--cgroup-limit", "16M", "--tier-memory", "8M", "--cycles", "2", "--corpus-size", "8M",
+         "--latency-size", "4M", "--latency-seconds", "1", "--json"]  # fmt: skip
+ZSWAP = Path("/sys/module/zswap/parameters")
+
+
+def _zswap_params() -> dict[str, str]:
+    return {p.name: p.read_text() for p in ZSWAP.iterdir() if p.is_file()}
+
+
+def _tiers_dirs(stderr: str) -> tuple[Path, Path, Path]:
+    m = re.search(r"pages in (\S+), daemons run in (\S+), disk files in (\S+)", stderr)
+    assert m, stderr
+    return Path(m.group(1)), Path(m.group(2)), Path(m.group(3))
+
+
+def _tiers_cleanup_checked(stderr: str, swaps_before: list[str], zswap_before: dict[str, str]) -> None:
+    """Whatever the bench left (cleaned up here, then asserted absent)."""
+    private, workdir, diskdir = _tiers_dirs(stderr)
+    leftovers = [p.name for p in Path("/sys/fs/cgroup/memory").iterdir() if p.name.startswith("zswapd-bench-tiers")]
+    swaps = _swaps()
+    zswap_after = _zswap_params()
+    for dev in set(swaps) - set(swaps_before):  # only if the bench failed to clean up after itself
+        subprocess.run(["swapoff", dev], check=False)
+    if zswap_after != zswap_before:
+        (ZSWAP / "enabled").write_text(zswap_before["enabled"])
+    for mnt in workdir.glob("*/mnt"):
+        force_cleanup(str(mnt))
+    for name in leftovers:
+        remove_cgroup(Path("/sys/fs/cgroup/memory") / name)
+    left_disk = diskdir.exists()
+    shutil.rmtree(diskdir, ignore_errors=True)
+    assert swaps == swaps_before and not leftovers and zswap_after == zswap_before and not left_disk
+    assert Path("/sys/block/zram0/disksize").read_text().strip() == "0"
+    _nothing_left(private, workdir)
+
+
+@pytest.mark.root
+def test_bench_tiers_end_to_end() -> None:
+    """The LRU-inversion workload on zswapd with writeback, on zram with a
+    disk swap file and on the kernel's zswap, small: every run ends with
+    every page verified, zswapd wrote pages back, the written-back reads
+    verify, and swap, zswap's parameters, zram, cgroups, files and daemons
+    are as they were after."""
+    swaps_before, zswap_before = _swaps(), _zswap_params()
+    r = subprocess.run(TIERS, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    try:
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert [run["target"] for run in res["runs"]] == ["zswapd", "zram", "zswap"]
+        for run in res["runs"]:
+            assert run["status"] == "ok" and run["verify"] == "ok", run
+            assert run["hot_bad"] == 0 and run["verified_bad"] == 0, run
+        zswapd = res["runs"][0]
+        assert zswapd["written_back"] > 0 and zswapd["detail"]["failed_writes"] == 0, zswapd
+        assert res["sizes"]["tier"] == 8 << 20 and res["sizes"]["zswap_percent"] >= 1
+        lat = res["latency"]
+        assert lat["verified"] and lat["written_back"] == lat["pages"], lat
+        assert lat["readback"]["bd_reads"] >= lat["pages"], lat
+        assert {"zswapd-backed", "disk-file"} <= set(lat)
+    finally:
+        _tiers_cleanup_checked(r.stderr, swaps_before, zswap_before)
+
+
+@pytest.mark.root
+def test_bench_tiers_sigterm_while_zswap_is_on_restores_it() -> None:
+    """SIGTERM while the zswap target runs: the bench exits 128+SIGTERM
+    without a traceback, with zswap's parameters as it found them, the swap
+    file off and removed, the cgroup gone."""
+    swaps_before, zswap_before = _swaps(), _zswap_params()
+    proc = subprocess.Popen(TIERS + ["--targets", "zswap", "--cycles", "50"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, cwd=ROOT)  # fmt: skip
+    first = rest = ""
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        _tiers_dirs(first)
+        deadline = time.monotonic() + 300
+        while (ZSWAP / "enabled").read_text().strip() != "Y" or not [
+            p for p in Path("/sys/fs/cgroup/memory").iterdir() if p.name.startswith("zswapd-bench-tiers")
+        ]:
+            assert proc.poll() is None and time.monotonic() < deadline, first
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(300) == 128 + signal.SIGTERM, rest
+        assert "Traceback" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _tiers_cleanup_checked(first + rest, swaps_before, zswap_before)

@@ -333,10 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="device",
-        choices=["device", "pool", "app", "recompress"],
+        choices=["device", "pool", "app", "recompress", "tiers"],
         help="device: real memory pages through zswapd, zram and a tmpfs loop device; pool: the store against bare "
         "lz4; app: a program swapping in a memory cgroup; recompress: the recompression tier's ratio against zram "
-        "lz4 and the per-page ceiling, its CPU and its read latency (default: device)",
+        "lz4 and the per-page ceiling, its CPU and its read latency; tiers: zswapd's writeback against zram with a "
+        "swap file and the kernel's zswap, on an LRU-inversion workload (default: device)",
     )
     p_bench.add_argument("--pages", type=int, default=20000, help="pool: pages to store")
     p_bench.add_argument("--corpus", help="device, recompress: a file of raw 4 KiB pages instead of captured memory")
@@ -379,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="device, app: [fuse] threads of zswapd and of the --baseline-src build (default: each one's own default)",
     )
     p_bench.add_argument("--timeout", type=float, default=1800, help="app: seconds before a run counts as timed out")
+    p_bench.add_argument("--cold", default="768M", help="tiers: the cold set, touched once")
+    p_bench.add_argument("--hot", default="512M", help="tiers: the hot set, cycled over")
+    p_bench.add_argument("--cgroup-limit", default="128M", help="tiers: the workload's memory cgroup limit")
+    p_bench.add_argument(
+        "--tier-memory",
+        help="tiers: memory of the compressed tier, every target (default: 1%% of RAM, the least zswap's "
+        "max_pool_percent gives; zswap gets the nearest whole percent)",
+    )
+    p_bench.add_argument("--cycles", type=int, default=3, help="tiers: passes over the hot set")
+    p_bench.add_argument("--latency-size", default="64M", help="tiers: pages written back for the read latency")
+    p_bench.add_argument(
+        "--disk-dir", default="/var/tmp", help="tiers: where the backing file and the swap file go (a disk filesystem)"
+    )
+    p_bench.add_argument(
+        "--targets", default="zswapd,zram,zswap", help="tiers: comma-separated, from zswapd,zram,zswap"
+    )
     p_top = sub.add_parser("top", help="live view of memory, rates, tiers and size classes (keys: q, c, s)")
     with_target(p_top)
     p_top.add_argument(
@@ -514,7 +531,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"mem_used_max = {r['mem_used_max']}")
         return 0
     if args.command == "bench":
-        from .bench import bench_app, bench_device, bench_pool, bench_recompress
+        from .bench import bench_app, bench_device, bench_pool, bench_recompress, bench_tiers
         from .config import parse_size
 
         algorithms = tuple(a for a in args.algorithms.split(",") if a)
@@ -551,6 +568,28 @@ def _main(argv: list[str] | None = None) -> int:
                 return 2
             return bench_recompress(corpus_size, args.corpus, args.repeat, args.latency_seconds, as_json=args.json,
                                     budget_percent=args.budget_percent, budget_seconds=args.budget_seconds)  # fmt: skip
+        if args.what == "tiers":
+            sizes: dict[str, int] = {}
+            for opt, text in (("--cold", args.cold), ("--hot", args.hot), ("--cgroup-limit", args.cgroup_limit),
+                              ("--tier-memory", args.tier_memory or "0"), ("--latency-size", args.latency_size),
+                              ("--corpus-size", args.corpus_size)):  # fmt: skip
+                try:
+                    sizes[opt] = parse_size(text)
+                except ValueError:
+                    sizes[opt] = -1
+                if sizes[opt] < (0 if opt == "--tier-memory" else 1 << 20):
+                    print(f"zswapd bench: {opt} {text!r}: expected a size of 1M or more, e.g. 128M", file=sys.stderr)
+                    return 2
+            targets = tuple(t for t in args.targets.split(",") if t)
+            if not targets or not set(targets) <= {"zswapd", "zram", "zswap"} or len(set(targets)) != len(targets):
+                print(f"zswapd bench: --targets {args.targets!r}: expected some of zswapd,zram,zswap", file=sys.stderr)
+                return 2
+            if args.cycles < 1:
+                print(f"zswapd bench: --cycles {args.cycles}: expected a positive number", file=sys.stderr)
+                return 2
+            return bench_tiers(sizes["--cold"], sizes["--hot"], sizes["--cgroup-limit"], sizes["--tier-memory"],
+                               args.cycles, args.repeat, args.latency_seconds, sizes["--latency-size"],
+                               sizes["--corpus-size"], args.corpus, args.disk_dir, targets, args.json)  # fmt: skip
         if args.what == "app":
             try:
                 input_size = parse_size(args.input_size)

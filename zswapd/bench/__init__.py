@@ -14,6 +14,9 @@ run; ``docs/benchmarks.md`` says how to read them.  One module per job:
 ``ceiling``  the per-page ceiling of a codec, level and dictionary, with no
              pool around it (also ``python -m zswapd.bench.ceiling``);
 ``pool``     ``bench pool``: the store against bare lz4, in process;
+``tiers``    ``bench tiers``: writeback against zram with a disk swap file
+             and the kernel's zswap, on an LRU-inversion workload
+             (``tiers_workload``, a program of its own);
 ``report``   the tables and the chart they print.
 
 The names below are the package's interface (the CLI and the tests
@@ -28,6 +31,7 @@ from .device import bench_device, run_targets
 from .pool import bench_pool, sample_pages
 from .recompress import bench_recompress
 from .targets import Target, TmpfsLoopTarget, ZramTarget, ZswapdTarget
+from .tiers import bench_tiers
 
 __all__ = [
     "MIB",
@@ -41,6 +45,7 @@ __all__ = [
     "bench_device",
     "bench_pool",
     "bench_recompress",
+    "bench_tiers",
     "capture_corpus",
     "create_private",
     "describe_corpus",

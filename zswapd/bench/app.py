@@ -83,6 +83,11 @@ class MemCgroup:
             self.close()
             raise
 
+    def argv(self, argv: list[str]) -> list[str]:
+        """``argv`` wrapped so that the process joins this cgroup before it
+        execs, so all its memory is charged here."""
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]
+
     def oom_kills(self) -> int:
         for line in (self.path / "memory.oom_control").read_text().splitlines():
             if line.startswith("oom_kill "):
@@ -139,10 +144,7 @@ def _run_app(argv: list[str], cg: MemCgroup, timeout: float, errlog: str) -> tup
     timed_out = False
     with open(errlog, "ab") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg.path / "cgroup.procs"), *argv],
-            stdout=subprocess.PIPE, stderr=err, env=env,
-        )  # fmt: skip
+        proc = subprocess.Popen(cg.argv(argv), stdout=subprocess.PIPE, stderr=err, env=env)
         try:
             assert proc.stdout is not None
             fd = proc.stdout.fileno()

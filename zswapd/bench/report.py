@@ -124,3 +124,62 @@ def format_app(r: dict[str, Any]) -> str:
         lines.append(f"WRONG OUTPUT in {len(r['wrong_output'])} run(s): the program's output differed from the "
                      "run without swap")  # fmt: skip
     return "\n".join(lines)
+
+
+def format_tiers(r: dict[str, Any]) -> str:
+    s = r["sizes"]
+    lines = [
+        f"corpus: {r['corpus']['pages']} pages of real process memory, {r['corpus']['stored_pages']} not same-filled "
+        f"(the workload's pages); zram lz4 ratio on them {s['zram_ratio']:.2f}",
+        f"workload: cold {s['cold'] / MIB:.0f} MiB touched once, then {s['cycles']} cycles over hot "
+        f"{s['hot'] / MIB:.0f} MiB (every page read, checked and written) in a {s['cgroup'] / MIB:.0f} MiB memory "
+        "cgroup",
+        f"compressed tier memory M = {s['tier'] / MIB:.0f} MiB: zswapd memory_limit; zram disksize "
+        f"{s['zram_disksize'] / MIB:.0f} MiB (M x ratio); zswap max_pool_percent {s['zswap_percent']} "
+        f"= {s['zswap_bytes'] / MIB:.0f} MiB, compressor {r['zswap_compressor'] or '-'}",
+        f"disk: {r['disk']} (bytes written: its stat field 7 x 512, from the start of a run to the end of its hot "
+        f"phase); zswap figures from {r['zswap_stats_source']}",
+        "hot s, disk MiB, written back, to disk, disk space and tier MiB: medians over the runs whose hot phase "
+        "finished (ok); B/page: medians over every run that sent pages to the disk, up to its end or failure",
+        f"zswapd served by: {r['zswapd_serving']}",
+        "",
+        f"{'target':8}{'runs':>5}{'ok':>4}{'hot s':>8}{'disk MiB':>10}{'written back':>14}{'B/page wb':>11}"
+        f"{'to disk':>10}{'B/page disk':>13}{'disk space MiB':>16}{'tier MiB':>10}",
+    ]
+    nan = float("nan")
+    for name, t in r["targets"].items():
+        lines.append(
+            f"{name:8}{t['runs']:>5}{t['ok']:>4}{t.get('hot_s', nan):>8.2f}{t.get('disk_bytes', nan) / MIB:>10.1f}"
+            f"{t.get('written_back', nan):>14.0f}{t.get('disk_bytes_per_page_written_back', nan):>11.0f}"
+            f"{t.get('pages_to_disk', nan):>10.0f}{t.get('disk_bytes_per_page_to_disk', nan):>13.0f}"
+            f"{t.get('disk_space', nan) / MIB:>16.1f}{t.get('tier_bytes', nan) / MIB:>10.1f}"
+            + (f"  failures: {t['failures']}" if t["failures"] else "")
+            + (f"  verification failed after the hot phase: {t['verify_failures']}" if t["verify_failures"] else "")
+        )
+    lines.append("")
+    for run in r["runs"]:
+        lines.append(
+            f"  rep {run['rep']} {run['target']:7} {run['status']:10} verify {run['verify']:10} hot {run['hot_s']:7.2f} s "
+            "(cycles "
+            + " ".join(f"{c:.2f}" for c in run["cycle_s"])
+            + f"), disk {run['disk_bytes'] / MIB:.1f} MiB, written back {run['written_back']}, to disk "
+            f"{run['pages_to_disk']}, pswpin {run['pswpin']}, pswpout {run['pswpout']}, bad pages "
+            f"{run['hot_bad']}+{run['verified_bad']}; s: setup {run['setup_s']:.1f}, to hot end {run['run_s']:.1f}, "
+            f"verify {run['verify_s']:.1f}, all {run['wall_s']:.1f}; fill {run['fill_s']:.1f} s; {run['detail']}"
+        )
+    for k, v in r["ratios"].items():
+        lines.append(f"  {k:58} {v:6.2f}")
+    lat = r["latency"]
+    if lat:
+        b, d, rb = lat["zswapd-backed"], lat["disk-file"], lat["readback"]
+        lines += [
+            "",
+            f"QD1 4 KiB O_DIRECT random reads, {lat['pages']} pages, all {lat['written_back']} written back "
+            f"(verified {lat['verified']}): zswapd device p50/p99 {b['p50_us']:.1f}/{b['p99_us']:.1f} us, a file on the "
+            f"same disk {d['p50_us']:.1f}/{d['p99_us']:.1f} us; p99 ratio {lat['p99 zswapd-backed/disk-file']:.2f}; "
+            f"the daemon's own backed-read p99 bound {b['daemon_read_p99_us']} us",
+            f"read-back policy: after reading every page once, pages in the file {rb['bd_count_before']} -> "
+            f"{rb['bd_count_after']} ({rb['bd_reads']} backed reads), pool {rb['pool_bytes_before']} -> "
+            f"{rb['pool_bytes_after']} bytes; after the fio runs {b['bd_count_after_fio']} in the file",
+        ]
+    return "\n".join(lines)

@@ -3,10 +3,14 @@ zswapd (this checkout's, or a baseline's: the source tree ``--baseline-src``
 names, e.g. ``git worktree add ../base COMMIT``), the kernel's zram with the
 same algorithm, and a loop device over a tmpfs file (the loop layer's floor);
 and each of them as the only swap (``ZramSwap``, ``TmpfsLoopSwap``, and
-zswapd turning on its own).
+zswapd turning on its own); and what ``bench tiers`` puts a disk behind
+compressed memory with: a swap file on a disk filesystem
+(``DiskSwapFile``) and the kernel's zswap (``KernelZswap``, whose
+parameters it puts back as it found them).
 
-Owns: ``Target`` and its kinds, what served a zswapd target, and which
-engine build this checkout loads.  Loop devices are found by their file
+Owns: ``Target`` and its kinds, the disk swap file, zswap's parameters
+while a bench has them, what served a zswapd target, and which engine
+build this checkout loads.  Loop devices are found by their file
 (swap.loops_backed_by), so one a killed losetup attached is detached too.
 """
 
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..swap import loops_backed_by
 from .corpus import PAGE, create_private
@@ -137,12 +142,17 @@ class ZswapdTarget(Target):
         swap_priority: int | None = None,
         fuse_threads: int | None = None,
         extra: str = "",
+        memory_limit: int = 0,
+        background: bool = False,
     ) -> None:
         """``src``: run the zswapd of that source tree instead of this one
         (a baseline, e.g. the previous commit, measured in the same run).
         ``swap_priority``: the daemon turns its device on as swap.
         ``fuse_threads``: [fuse] threads (default: the daemon's own default).
-        ``extra``: more TOML, whole sections, appended to the config."""
+        ``extra``: more TOML, whole sections, appended to the config.
+        ``memory_limit``: [pool] memory_limit (0: none).  ``background``:
+        [compaction] background as the daemon ships it (on), instead of off
+        so that only the bench's own requests compact."""
         from ..control import request
 
         self.name = "zswapd" if backend == "builtin" else f"zswapd-{backend}"
@@ -162,7 +172,7 @@ class ZswapdTarget(Target):
         with os.fdopen(create_private(cfg), "w") as f:
             f.write(
                 f'[device]\nsize = {size}\nmountpoint = "{self.mnt}"\n[pool]\nalgorithm = "{algorithm}"\n'
-                f"memory_limit = 0\n[swap]\n{swap}\n[compaction]\nbackground = false\n"
+                f"memory_limit = {memory_limit}\n[swap]\n{swap}\n[compaction]\nbackground = {str(background).lower()}\n"
                 f'[control]\nsocket = "{self.sock}"\n[fuse]\n'
                 # the default named by no name: a --baseline-src tree may call it "native"
                 + (f'backend = "{backend}"\n' if backend != "builtin" else "")
@@ -324,3 +334,121 @@ def pyfuse3_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class DiskSwapFile:
+    """A swap file on a disk filesystem (``directory``), made once
+    (fallocate, mkswap) and turned on and off around each run that uses it:
+    behind zram at a lower priority, or behind the kernel's zswap.
+    close() turns it off and removes it."""
+
+    def __init__(self, directory: str, size: int) -> None:
+        self.path = os.path.join(directory, "swapfile")
+        fd = create_private(self.path)  # 0600: swapon warns about anything looser
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        try:
+            sh("mkswap", self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def on(self, priority: int) -> None:
+        sh("swapon", "--priority", str(priority), self.path)
+
+    def off(self) -> None:
+        if self.path in swaps():
+            sh("swapoff", self.path)
+
+    def used(self) -> int:
+        """Bytes of it in use now (/proc/swaps)."""
+        return swap_used(self.path)
+
+    def close(self) -> None:
+        if self.path in swaps():
+            subprocess.run(["swapoff", self.path], capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def swap_used(path: str) -> int:
+    """Bytes of swap area ``path`` in use now (/proc/swaps, KiB), 0 if off."""
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        parts = line.split()
+        if parts[0] == path:
+            return int(parts[3]) * 1024
+    return 0
+
+
+ZSWAP = Path("/sys/module/zswap/parameters")
+ZSWAP_DEBUG = Path("/sys/kernel/debug/zswap")
+# What KernelZswap sets, and so saves and restores, in the order it sets
+# them; enabled last, so zswap turns on with the rest already in place.
+ZSWAP_PARAMS = ("compressor", "max_pool_percent", "accept_threshold_percent", "shrinker_enabled", "enabled")
+
+
+class KernelZswap:
+    """The kernel's zswap, on for one run: enable() saves its parameters and
+    sets them, restore() puts back what it found (enabled first, so it is
+    off before anything else changes).  The caller turns restore() into a
+    clean-up on every way out."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, str] = {}
+        self.compressor = ""
+
+    @staticmethod
+    def available() -> bool:
+        return all((ZSWAP / p).exists() for p in ZSWAP_PARAMS)
+
+    def enable(self, max_pool_percent: int, compressors: tuple[str, ...] = ("lzo-rle", "lzo")) -> None:
+        """zswap on with its shrinker, a pool of ``max_pool_percent`` of
+        RAM, and the first of ``compressors`` the crypto API offers."""
+        if not self.saved:
+            self.saved = {p: (ZSWAP / p).read_text().strip() for p in ZSWAP_PARAMS}
+        for name in compressors:
+            try:
+                (ZSWAP / "compressor").write_text(name)
+            except OSError:
+                continue
+            break
+        self.compressor = (ZSWAP / "compressor").read_text().strip()
+        (ZSWAP / "max_pool_percent").write_text(str(max_pool_percent))
+        (ZSWAP / "shrinker_enabled").write_text("Y")
+        (ZSWAP / "enabled").write_text("Y")
+
+    def restore(self) -> None:
+        """Put back every saved parameter, enabled first; a parameter that
+        cannot be written back does not stop the others."""
+        errors = []
+        for name in reversed(ZSWAP_PARAMS):
+            if name in self.saved:
+                try:
+                    (ZSWAP / name).write_text(self.saved[name])
+                except OSError as e:
+                    errors.append(f"{name}={self.saved[name]}: {e.strerror}")
+        self.saved = {}
+        if errors:
+            raise OSError(f"zswap parameters not restored: {', '.join(errors)}")
+
+    @staticmethod
+    def stats() -> dict[str, Any]:
+        """Pool bytes, pages held (``pool_pages``) and pages written back:
+        from debugfs when it is mounted (pool_total_size, stored_pages,
+        written_back_pages, pool_limit_hit), else from /proc/meminfo (Zswap,
+        Zswapped) and /proc/vmstat (zswpwb); ``source`` says which."""
+        if (ZSWAP_DEBUG / "pool_total_size").exists():
+
+            def get(name: str) -> int:
+                return int((ZSWAP_DEBUG / name).read_text())
+
+            return {"source": "debugfs", "pool_bytes": get("pool_total_size"), "pool_pages": get("stored_pages"),
+                    "written_back": get("written_back_pages"), "pool_limit_hit": get("pool_limit_hit")}  # fmt: skip
+        meminfo = {line.split(":")[0]: line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()}
+        vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+        return {"source": "meminfo Zswap and Zswapped, vmstat zswpwb (debugfs is not mounted)",
+                "pool_bytes": int(meminfo.get("Zswap", 0)) * 1024,
+                "pool_pages": int(meminfo.get("Zswapped", 0)) * 1024 // PAGE,
+                "written_back": int(vmstat.get("zswpwb", 0))}  # fmt: skip
