@@ -274,3 +274,20 @@ def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):  # a cgroup that stays busy is left, as before
             remove_cgroup(path)
+
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+
+
+@pytest.fixture
+def subreaper() -> Iterator[list[int]]:
+    """The test process adopts orphans; the pids it adds are reaped at the end."""
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    reap: list[int] = []
+    try:
+        yield reap
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
+        for pid in reap:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)

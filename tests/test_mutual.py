@@ -30,27 +30,10 @@ from test_failclosed import bring_others_home, wait_for
 from test_swap import CG_LIMIT, SWAP, WORKER, assert_clean, run_in_cgroup, swap_used_pages
 from test_takeover import read_lines
 
-from zswapd import libc
-
 pytestmark = pytest.mark.root
 
-PR_SET_CHILD_SUBREAPER = 36
 # What a lost page or a dead swap device prints in dmesg.
 DMESG_BAD = ("Read-error on swap-device", "Write-error on swap-device", "I/O error, dev loop")
-
-
-@pytest.fixture
-def subreaper() -> Iterator[list[int]]:
-    """The test process adopts orphans; the pids it adds are reaped at the end."""
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
-    reap: list[int] = []
-    try:
-        yield reap
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
-        for pid in reap:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
 
 
 def exit_status(pid: int, timeout: float = 120) -> int:

@@ -32,12 +32,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, kill_instance, run_daemon
+from conftest import Daemon, kill_instance, pids_holding, run_daemon
 from test_failclosed import wait_for
 from test_mutual import children, exit_status, pair, zswapd
 from test_writeback_daemon import _fill, disk
 
-from zswapd import backing, libc
+from zswapd import backing
 from zswapd.state import State
 
 pytestmark = pytest.mark.root
@@ -47,22 +47,6 @@ __all__ = ["disk"]  # a fixture, used by name
 MIB = 1 << 20
 PAGES = 2048  # 8 MiB written, about 3.5 MiB compressed: the pool holds it all
 BACKED = 1536  # of which `zswapd writeback` moves this many to the file
-PR_SET_CHILD_SUBREAPER = 36
-
-
-@pytest.fixture
-def reap() -> Iterator[list[int]]:
-    """The test process adopts orphans (supervisors a worker started); the
-    pids added are reaped at the end."""
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
-    pids: list[int] = []
-    try:
-        yield pids
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
 
 
 def config(disk: Path, engine: str = "native") -> dict[str, dict[str, object]]:
@@ -74,21 +58,6 @@ def config(disk: Path, engine: str = "native") -> dict[str, dict[str, object]]:
 
 def stat(d: Daemon, key: str) -> int:
     return int(d.stats()[key])  # type: ignore[call-overload]
-
-
-def holders(path: Path) -> set[int]:
-    """Processes with an fd on the file at ``path``."""
-    st = path.stat()
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            with contextlib.suppress(OSError):
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    with contextlib.suppress(OSError):
-                        if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), st):
-                            out.add(int(pid))
-                            break
-    return out
 
 
 def segments(pid: int) -> dict[int, tuple[int, int, int]]:
@@ -158,7 +127,7 @@ class Written:
         assert self.path.stat().st_ino == self.inode, "the backing file was re-created"
         assert self.path.stat().st_size == 64 * MIB
         assert file_digest(self.path) == self.digest, "the backing file's contents changed"
-        assert {sup, worker} <= holders(self.path), (sup, worker, holders(self.path))
+        assert {sup, worker} <= set(pids_holding(str(self.path))), (sup, worker, set(pids_holding(str(self.path))))
         assert segments(worker) == self.segments
         s = d.stats()
         assert s["bd_count"] == BACKED, s
@@ -175,24 +144,24 @@ class Written:
         assert "Traceback" not in d.logtext(), d.logtext()
 
 
-def kill_supervisor(d: Daemon, reap: list[int]) -> None:
+def kill_supervisor(d: Daemon, subreaper: list[int]) -> None:
     sup, worker = pair(d)
     os.kill(sup, signal.SIGKILL)
     wait_for(lambda: pair(d)[0] not in (0, sup), timeout=60, what="a new supervisor")
     p = d.stats()["process"]
     assert p["supervisor_start"] == "adopted" and p["worker_pid"] == worker, p  # type: ignore[index]
-    reap += [sup, int(p["supervisor_pid"])]  # type: ignore[index]
+    subreaper += [sup, int(p["supervisor_pid"])]  # type: ignore[index]
 
 
-def kill_worker(d: Daemon, reap: list[int]) -> None:
+def kill_worker(d: Daemon, subreaper: list[int]) -> None:
     sup, old = pair(d)
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: pair(d)[1] not in (0, old), timeout=60, what="a new worker")
     assert pair(d)[0] == sup
-    reap.append(old)
+    subreaper.append(old)
 
 
-def stop(d: Daemon, reap: list[int]) -> None:
+def stop(d: Daemon, subreaper: list[int]) -> None:
     """SIGTERM to whichever supervisor lives; it exits 0 and the backing
     file goes with it."""
     sup, _ = pair(d)
@@ -201,7 +170,7 @@ def stop(d: Daemon, reap: list[int]) -> None:
     else:
         os.kill(sup, signal.SIGTERM)
         assert exit_status(sup, 120) == 0, d.logtext()
-        reap.clear()
+        subreaper.clear()
 
 
 RESTARTS = ["reload", "worker", "supervisor", "supervisor-then-worker", "worker-then-supervisor"]
@@ -210,7 +179,7 @@ RESTARTS = ["reload", "worker", "supervisor", "supervisor-then-worker", "worker-
 @pytest.mark.parametrize("engine", ["native", "python"])
 @pytest.mark.parametrize("restart", RESTARTS)
 def test_written_back_pages_survive_the_restart(
-    tmp_path: Path, disk: Path, reap: list[int], restart: str, engine: str
+    tmp_path: Path, disk: Path, subreaper: list[int], restart: str, engine: str
 ) -> None:
     with run_daemon(tmp_path, **config(disk, engine)) as d:  # type: ignore[arg-type]
         assert d.stats()["engine"] == engine
@@ -220,15 +189,15 @@ def test_written_back_pages_survive_the_restart(
             zswapd(d, "reload")
             assert pair(d)[0] == sup and pair(d)[1] != old
         elif restart == "worker":
-            kill_worker(d, reap)
+            kill_worker(d, subreaper)
         elif restart == "supervisor":
-            kill_supervisor(d, reap)
+            kill_supervisor(d, subreaper)
             # The adopted supervisor holds the file: the next worker gets it.
             w.kept()
-            kill_worker(d, reap)
+            kill_worker(d, subreaper)
         elif restart == "supervisor-then-worker":
-            kill_supervisor(d, reap)
-            kill_worker(d, reap)
+            kill_supervisor(d, subreaper)
+            kill_worker(d, subreaper)
         else:
             # The supervisor killed while the worker it forked takes over:
             # that worker starts a supervisor and hands it the file.
@@ -238,11 +207,11 @@ def test_written_back_pages_survive_the_restart(
             while not (forked := [c for c in children(sup) if c != old]):
                 assert time.monotonic() < deadline, "no new worker"
             os.kill(sup, signal.SIGKILL)
-            reap += [old, *forked]
+            subreaper += [old, *forked]
             wait_for(lambda: pair(d)[0] not in (0, sup), timeout=60, what="a supervisor the new worker started")
-            reap.append(pair(d)[0])
+            subreaper.append(pair(d)[0])
         w.kept()
-        stop(d, reap)
+        stop(d, subreaper)
         assert "Traceback" not in d.logtext(), d.logtext()
     assert not (disk / "backing").exists(), "the backing file outlived the daemon"
 
@@ -422,7 +391,7 @@ def test_a_backing_file_cut_shorter_under_a_takeover_is_a_clear_error(tmp_path: 
         assert d.stop() == 0, d.logtext()
 
 
-def test_a_worker_stopping_alone_removes_the_backing_file(tmp_path: Path, disk: Path, reap: list[int]) -> None:
+def test_a_worker_stopping_alone_removes_the_backing_file(tmp_path: Path, disk: Path, subreaper: list[int]) -> None:
     """The supervisor killed and no new one can start (its config made
     writable by others): the orphaned worker serves the written-back pages
     from the file it holds, and a SIGTERM stops it alone, as the supervisor
@@ -430,7 +399,7 @@ def test_a_worker_stopping_alone_removes_the_backing_file(tmp_path: Path, disk: 
     with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
         w = Written(d, disk)
         sup, worker = pair(d)
-        reap.append(worker)
+        subreaper.append(worker)
         os.chmod(d.config, 0o666)
         os.kill(sup, signal.SIGKILL)
         wait_for(lambda: "still without a supervisor" in d.logtext(), timeout=60, what="a refused new supervisor")
@@ -448,14 +417,14 @@ def test_a_worker_stopping_alone_removes_the_backing_file(tmp_path: Path, disk: 
     assert not (disk / "backing").exists(), "the backing file outlived the daemon"
 
 
-def test_a_backing_file_unlinked_while_held_loses_nothing(tmp_path: Path, disk: Path, reap: list[int]) -> None:
+def test_a_backing_file_unlinked_while_held_loses_nothing(tmp_path: Path, disk: Path, subreaper: list[int]) -> None:
     """The path removed while the daemon runs: the file lives on in the fd
     the supervisor holds, a takeover gets that fd, every page reads back;
     at the stop the log says there was nothing left to remove."""
     with run_daemon(tmp_path, **config(disk)) as d:  # type: ignore[arg-type]
         w = Written(d, disk)
         os.unlink(disk / "backing")
-        kill_worker(d, reap)
+        kill_worker(d, subreaper)
         fd = os.open(d.file, os.O_RDONLY)
         try:
             bad = [i for i, p in w.pages.items() if os.pread(fd, 4096, i * 4096) != p]
